@@ -1,0 +1,1 @@
+//! `cluster`: a Raft-replicated rolling-update orchestrator.

@@ -1,0 +1,2 @@
+//! The `cluster` binary.
+fn main() {}
