@@ -1,1 +1,20 @@
 //! `cluster`: a Raft-replicated rolling-update orchestrator.
+//!
+//! Every node runs one binary containing an openraft node and an agent. Module map
+//! (see ARCHITECTURE.md for the invariants):
+//!
+//! - [`cli`]: clap definitions, validated configuration, commands; the only place that prints.
+//! - [`node`]: composition root of a running node; the Control operations it serves.
+//! - [`raft`]: openraft glue: types, the gRPC network, configuration, replication view.
+//! - [`store`]: sled log store and state machine (the only module that sees sled).
+//! - [`state`]: the replicated data model and its pure `apply`.
+//! - [`rpc`]: gRPC servers, client and channel pool (the only module that sees prost/tonic).
+//! - [`api`]: the Control service's domain types, shared by server, client and CLI.
+
+pub mod api;
+pub mod cli;
+pub mod node;
+pub mod raft;
+pub mod rpc;
+pub mod state;
+pub mod store;

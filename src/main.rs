@@ -1,2 +1,21 @@
-//! The `cluster` binary.
-fn main() {}
+//! The `cluster` binary: parse, run, and map the outcome to an exit code. Nothing else.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    match cluster::cli::run() {
+        Ok(code) => code,
+        Err(error) => {
+            // Our error messages already name their cause; print a cause only when it adds words.
+            let mut message = error.to_string();
+            for cause in error.chain().skip(1) {
+                let cause = cause.to_string();
+                if !message.contains(&cause) {
+                    message = format!("{message}: {cause}");
+                }
+            }
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

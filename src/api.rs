@@ -1,0 +1,112 @@
+//! The Control service's requests, replies and errors as domain types.
+//!
+//! The node implements these, `rpc` carries them over gRPC, the CLI prints them. Keeping
+//! them free of prost types lets `--json` output be a documented, stable schema.
+
+use serde::{Deserialize, Serialize};
+
+/// What went wrong, in terms a caller can act on. `rpc` maps these to gRPC codes and back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Cannot reach the node, no leader yet, or the node is shutting down: retry later.
+    Unavailable,
+    /// The request itself is wrong: fix it before retrying.
+    InvalidArgument,
+    NotFound,
+    /// The cluster is not in a state that allows the request (e.g. target not a voter).
+    FailedPrecondition,
+    AlreadyExists,
+    DeadlineExceeded,
+    Internal,
+}
+
+/// An error a Control call returns. `message` names the thing and the fix.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unavailable, message)
+    }
+    pub fn precondition(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::FailedPrecondition, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+}
+
+/// One member as `cluster status` shows it. Field names are the `--json` schema.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub addr: String,
+    /// "voter" or "learner".
+    pub role: String,
+    /// "leader", "follower", "candidate", "learner", "shutdown" or "unreachable".
+    pub state: String,
+    /// Build hash of the binary the node runs ("dev" outside a release); "" until it reports.
+    pub build_hash: String,
+    /// Milliseconds since the node last acknowledged the leader (leader's monotonic clock).
+    pub last_ack_ms: Option<u64>,
+    /// Highest log index the leader knows the node holds.
+    pub matched_index: Option<u64>,
+    /// Highest log index the node has applied, as it reports itself.
+    pub applied_index: Option<u64>,
+    pub protocol: u32,
+    pub boot_id: String,
+    pub started_at_ms: u64,
+}
+
+/// The cluster as one member sees it (the leader's view unless the leader is unreachable).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub nodes: Vec<NodeStatus>,
+    /// The node whose view this is.
+    pub answered_by: u64,
+    pub cluster_id: String,
+    pub commit_index: Option<u64>,
+    pub last_log_index: Option<u64>,
+}
+
+/// A committed write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteOutcome {
+    pub response: crate::state::Response,
+    pub log_index: u64,
+}
+
+/// A node asking to become a member.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinRequest {
+    pub id: u64,
+    pub addr: String,
+    /// The cluster the joining node already belongs to, "" when it is new.
+    pub cluster_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinAccepted {
+    pub cluster_id: String,
+    pub leader: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferDone {
+    pub leader: u64,
+    pub term: u64,
+    pub elapsed_ms: u64,
+}

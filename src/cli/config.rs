@@ -1,0 +1,221 @@
+//! `node run` configuration: flags and an optional TOML file resolved into a validated
+//! `NodeConfig` in one place (flags win over the file).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Deserialize;
+
+use crate::node::NodeConfig;
+use crate::raft::Timing;
+
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// This node's id: a unique number, never reused for another machine
+    #[arg(long)]
+    pub id: Option<u64>,
+    /// Address to listen on, e.g. 127.0.0.1:7101 (port 0: any free port, written to
+    /// <data-dir>/node.addr)
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Address other nodes reach this one at, if not --listen (needed with 0.0.0.0)
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Directory for the Raft log and state (created if missing; one node per directory)
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Start a new cluster with this node as its first voter (harmless on restart)
+    #[arg(long, conflicts_with = "join")]
+    pub bootstrap: bool,
+    /// Join the cluster through any member at this address (harmless on restart)
+    #[arg(long, value_name = "ADDR")]
+    pub join: Option<String>,
+    /// TOML file with any of the settings above; flags win
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Leader heartbeat period in milliseconds [default: 100]
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// Minimum election timeout in milliseconds; the maximum is twice this [default: 300]
+    #[arg(long)]
+    pub election_timeout_ms: Option<u64>,
+}
+
+/// The TOML form of `RunArgs`. Unknown keys are errors: a typo must not be ignored.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    id: Option<u64>,
+    listen: Option<SocketAddr>,
+    advertise: Option<String>,
+    data_dir: Option<PathBuf>,
+    bootstrap: Option<bool>,
+    join: Option<String>,
+    heartbeat_ms: Option<u64>,
+    election_timeout_ms: Option<u64>,
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "config file {} is malformed: {}",
+            path.display(),
+            e.to_string().trim_end()
+        )
+    })
+}
+
+/// Merges flags over the config file and validates the result.
+pub fn resolve(args: RunArgs) -> anyhow::Result<NodeConfig> {
+    let file = match &args.config {
+        Some(path) => read_file(path)?,
+        None => FileConfig::default(),
+    };
+    let config_path = args.config.clone();
+    let missing = |flag: &str, key: &str| match &config_path {
+        Some(path) => anyhow::anyhow!("--{flag} is required (or `{key}` in {})", path.display()),
+        None => anyhow::anyhow!("--{flag} is required"),
+    };
+    let id = args.id.or(file.id).ok_or_else(|| missing("id", "id"))?;
+    let listen = args
+        .listen
+        .or(file.listen)
+        .ok_or_else(|| missing("listen", "listen"))?;
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .ok_or_else(|| missing("data-dir", "data_dir"))?;
+    let join = args.join.or(file.join);
+    // A flag --join overrides a file's bootstrap = true, and vice versa.
+    let bootstrap = args.bootstrap || (file.bootstrap.unwrap_or(false) && join.is_none());
+    if bootstrap && join.is_some() {
+        bail!(
+            "--bootstrap and --join exclude each other: bootstrap the first node, join the others"
+        );
+    }
+    let defaults = Timing::default();
+    let heartbeat_ms = args
+        .heartbeat_ms
+        .or(file.heartbeat_ms)
+        .unwrap_or(defaults.heartbeat.as_millis() as u64);
+    let election_ms = args
+        .election_timeout_ms
+        .or(file.election_timeout_ms)
+        .unwrap_or(defaults.election_timeout.as_millis() as u64);
+    if heartbeat_ms == 0 {
+        bail!("--heartbeat-ms must be at least 1");
+    }
+    if election_ms < heartbeat_ms * 2 {
+        bail!(
+            "--election-timeout-ms ({election_ms}) must be at least twice --heartbeat-ms \
+             ({heartbeat_ms}), or followers start elections between heartbeats"
+        );
+    }
+    if let Some(advertise) = &args.advertise.as_ref().or(file.advertise.as_ref()) {
+        if advertise.parse::<SocketAddr>().is_err() && !advertise.contains(':') {
+            bail!("--advertise {advertise:?} must be host:port");
+        }
+    }
+    Ok(NodeConfig {
+        id,
+        listen,
+        advertise: args.advertise.or(file.advertise),
+        data_dir,
+        bootstrap,
+        join,
+        timing: Timing {
+            heartbeat: Duration::from_millis(heartbeat_ms),
+            election_timeout: Duration::from_millis(election_ms),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let (_dir, path) = file(
+            "id = 1\nlisten = \"127.0.0.1:7101\"\ndata_dir = \"/tmp/a\"\nheartbeat_ms = 50\nelection_timeout_ms = 500\n",
+        );
+        let config = resolve(RunArgs {
+            id: Some(2),
+            config: Some(path),
+            election_timeout_ms: Some(400),
+            ..RunArgs::default()
+        })
+        .unwrap();
+        assert_eq!(config.id, 2);
+        assert_eq!(config.listen.to_string(), "127.0.0.1:7101");
+        assert_eq!(config.timing.heartbeat, Duration::from_millis(50));
+        assert_eq!(config.timing.election_timeout, Duration::from_millis(400));
+    }
+
+    #[test]
+    fn a_join_flag_overrides_a_bootstrap_file() {
+        let (_dir, path) =
+            file("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/a\"\nbootstrap = true\n");
+        let config = resolve(RunArgs {
+            join: Some("127.0.0.1:2".into()),
+            config: Some(path),
+            ..RunArgs::default()
+        })
+        .unwrap();
+        assert!(!config.bootstrap);
+        assert_eq!(config.join.as_deref(), Some("127.0.0.1:2"));
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let cases: Vec<(&str, RunArgs, &str)> = vec![
+            ("no id", RunArgs::default(), "--id is required"),
+            (
+                "timeouts",
+                RunArgs {
+                    id: Some(1),
+                    listen: Some("127.0.0.1:1".parse().unwrap()),
+                    data_dir: Some("/tmp/x".into()),
+                    heartbeat_ms: Some(100),
+                    election_timeout_ms: Some(150),
+                    ..RunArgs::default()
+                },
+                "at least twice",
+            ),
+        ];
+        for (name, args, expected) in cases {
+            let err = resolve(args).unwrap_err().to_string();
+            assert!(err.contains(expected), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn malformed_and_unknown_keys_are_errors() {
+        for (text, expected) in [
+            ("id = \"one\"", "malformed"),
+            ("idd = 1", "unknown field"),
+            ("listen = \"nope\"", "malformed"),
+        ] {
+            let (_dir, path) = file(text);
+            let err = resolve(RunArgs {
+                config: Some(path),
+                ..RunArgs::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Command-line interface: clap definitions, resolution of flags and config files into
+//! validated configuration, and the commands. The only module that prints to stdout.
+
+mod config;
+mod output;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::rpc::ControlClient;
+
+/// Exit status for "the operation ran and said no" (missing key, failed check).
+pub const EXIT_FAILURE: u8 = 1;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cluster",
+    version,
+    about = "A Raft-replicated rolling-update orchestrator",
+    long_about = "A Raft-replicated rolling-update orchestrator.\n\n\
+        Every host runs `cluster node run`; the nodes elect a leader with Raft and keep \
+        a replicated record of the cluster. Other commands talk to any node (--node or \
+        CLUSTER_NODE, default 127.0.0.1:7100); a node forwards what needs the leader.\n\n\
+        Start a cluster:\n  \
+        cluster node run --id 1 --listen 127.0.0.1:7101 --data-dir /tmp/n1 --bootstrap\n  \
+        cluster node run --id 2 --listen 127.0.0.1:7102 --data-dir /tmp/n2 --join 127.0.0.1:7101\n  \
+        cluster status --node 127.0.0.1:7101"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run this machine's node (what systemd starts on every host)
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Show the leader, the term, and every member's role, state, build and replication
+    Status(StatusArgs),
+    /// Operate Raft leadership
+    #[command(subcommand)]
+    Leader(LeaderCommand),
+    /// Read and write the replicated key/value map
+    #[command(subcommand)]
+    Kv(KvCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// Run a node in the foreground until SIGTERM or SIGINT (then shut down gracefully)
+    #[command(
+        long_about = "Run a node in the foreground until SIGTERM or SIGINT.\n\n\
+        Every flag can also be set in a TOML file given with --config (keys: id, listen, \
+        advertise, data_dir, bootstrap, join, heartbeat_ms, election_timeout_ms); flags win.\n\n\
+        The first node of a new cluster starts with --bootstrap; every other node starts \
+        with --join <address of any member>. Restarting a node with the same --data-dir \
+        rejoins with its state; --bootstrap and --join are then harmless."
+    )]
+    Run(config::RunArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct Target {
+    /// Address (host:port) of any member of the cluster
+    #[arg(long, env = "CLUSTER_NODE", default_value = "127.0.0.1:7100")]
+    node: String,
+}
+
+impl Target {
+    fn client(&self) -> anyhow::Result<ControlClient> {
+        Ok(ControlClient::new(&self.node)?)
+    }
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Print JSON: {leader, term, nodes[{id, addr, role, state, build_hash, last_ack_ms,
+    /// matched_index, ...}], ...}
+    #[arg(long)]
+    json: bool,
+    /// Show the asked node's own view instead of the leader's
+    #[arg(long)]
+    local: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum LeaderCommand {
+    /// Hand leadership to an up-to-date voter; returns once it leads
+    #[command(
+        long_about = "Hand leadership to an up-to-date voter (a planned hand-off, \
+        not an election): the leader stops taking writes, lets <ID> catch up, and tells it \
+        to campaign at once. Returns once <ID> leads, or fails with the reason: not a \
+        voter, not caught up, or unreachable. Writes in flight are retried by the nodes."
+    )]
+    Transfer {
+        /// Id of the voter that should lead
+        id: u64,
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON: {leader, term, elapsed_ms}
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KvCommand {
+    /// Store a value; returns once a majority has committed it
+    Put {
+        key: String,
+        value: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print a value (a linearizable read); exit 1 if the key does not exist
+    Get {
+        key: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Parses arguments and runs the command; `main` maps the result to an exit code.
+pub fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    let is_node = matches!(cli.command, Command::Node(_));
+    init_tracing(if is_node { "info" } else { "warn" });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(dispatch(cli.command))
+}
+
+fn init_tracing(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Node(NodeCommand::Run(args)) => {
+            let config = config::resolve(args)?;
+            crate::node::run(config, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status(args) => {
+            let status = args.target.client()?.status(args.local).await?;
+            if args.json {
+                output::print_json(&status)?;
+            } else {
+                output::print_status(&status);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Leader(LeaderCommand::Transfer { id, target, json }) => {
+            let done = target
+                .client()?
+                .timeout(Duration::from_secs(30))
+                .transfer_leader(id)
+                .await?;
+            if json {
+                output::print_json(&done)?;
+            } else {
+                println!(
+                    "node {} leads (term {}), hand-off took {} ms",
+                    done.leader, done.term, done.elapsed_ms
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kv(KvCommand::Put { key, value, target }) => {
+            target.client()?.kv_put(&key, &value).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kv(KvCommand::Get { key, target }) => match target.client()?.kv_get(&key).await? {
+            Some(value) => {
+                println!("{value}");
+                Ok(ExitCode::SUCCESS)
+            }
+            None => {
+                eprintln!("key {key:?} not found");
+                Ok(ExitCode::from(EXIT_FAILURE))
+            }
+        },
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the node");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

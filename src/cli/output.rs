@@ -1,0 +1,80 @@
+//! Human and JSON rendering of command results.
+
+use serde::Serialize;
+
+use crate::api::ClusterStatus;
+
+pub fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// A short build hash for tables: enough to tell releases apart.
+fn short_hash(hash: &str) -> &str {
+    if hash.len() > 12 {
+        &hash[..12]
+    } else {
+        hash
+    }
+}
+
+fn or_dash(value: Option<u64>, unit: &str) -> String {
+    value
+        .map(|v| format!("{v}{unit}"))
+        .unwrap_or_else(|| "-".to_string())
+}
+
+pub fn print_status(status: &ClusterStatus) {
+    println!("{}", render_status(status));
+}
+
+pub fn render_status(status: &ClusterStatus) -> String {
+    let leader = status
+        .leader
+        .map(|l| format!("node {l}"))
+        .unwrap_or_else(|| "none (election in progress or quorum lost)".into());
+    let mut out = format!(
+        "cluster {}  leader: {leader}  term: {}  commit: {}  (view of node {})\n",
+        if status.cluster_id.is_empty() {
+            "(unnamed)"
+        } else {
+            &status.cluster_id
+        },
+        status.term,
+        or_dash(status.commit_index, ""),
+        status.answered_by,
+    );
+    let header = [
+        "ID", "ADDR", "ROLE", "STATE", "BUILD", "LAST ACK", "MATCHED", "APPLIED",
+    ];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    for node in &status.nodes {
+        rows.push(vec![
+            node.id.to_string(),
+            node.addr.clone(),
+            node.role.clone(),
+            node.state.clone(),
+            if node.build_hash.is_empty() {
+                "?".into()
+            } else {
+                short_hash(&node.build_hash).into()
+            },
+            or_dash(node.last_ack_ms, " ms"),
+            or_dash(node.matched_index, ""),
+            or_dash(node.applied_index, ""),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|col| rows.iter().map(|r| r[col].len()).max().unwrap_or(0))
+        .collect();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out.trim_end().to_string()
+}

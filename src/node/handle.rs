@@ -1,0 +1,506 @@
+//! What a node does for Control requests: leader routing and forwarding, writes, reads,
+//! membership (join), planned leadership hand-off, and the status view.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use openraft::{BasicNode, ChangeMembers, ReadPolicy, ServerState};
+
+use crate::api::{
+    ApiError, ClusterStatus, ErrorKind, JoinAccepted, JoinRequest, NodeStatus, TransferDone,
+    WriteOutcome,
+};
+use crate::raft::{self, Raft, Timing};
+use crate::rpc::{Channels, ControlClient};
+use crate::state::{Command, NodeInfo};
+use crate::store::StateMachineStore;
+
+/// How many times a Control request may be forwarded before a node waits instead: bounds
+/// ping-pong while leadership moves.
+const MAX_HOPS: u32 = 3;
+
+/// A member lagging more entries than this is "not caught up" for a leadership transfer.
+const TRANSFER_MAX_LAG: u64 = 1_000;
+
+/// How long a joining learner may take to catch up before the join fails.
+const JOIN_CATCH_UP: Duration = Duration::from_secs(60);
+
+/// Everything Control requests need; shared by the gRPC server and the node's own tasks.
+pub struct NodeHandle {
+    pub id: u64,
+    /// The address peers and clients use for this node.
+    pub addr: String,
+    pub raft: Raft,
+    pub sm: StateMachineStore,
+    /// Shared with the Raft network: one connection per peer in the whole process.
+    pub channels: Channels,
+    pub timing: Timing,
+    /// What this node reports about itself (see `Command::RegisterNode`).
+    pub info: NodeInfo,
+}
+
+/// Where a request that needs the leader should go.
+enum Route {
+    Local,
+    Forward(String),
+    NoLeader,
+}
+
+impl NodeHandle {
+    /// How long a request waits for a leader before giving up: several elections.
+    fn leader_wait(&self) -> Duration {
+        (self.timing.election_timeout * 2 * 10).max(Duration::from_secs(5))
+    }
+
+    fn route(&self) -> Route {
+        let metrics = raft::metrics(&self.raft);
+        match metrics.current_leader {
+            Some(leader) if leader == self.id => {
+                if metrics.state == ServerState::Leader {
+                    Route::Local
+                } else {
+                    Route::NoLeader
+                }
+            }
+            Some(leader) => match metrics.membership_config.membership().get_node(&leader) {
+                Some(node) => Route::Forward(node.addr.clone()),
+                None => Route::NoLeader,
+            },
+            None => Route::NoLeader,
+        }
+    }
+
+    /// Runs `local` on the leader: here if this node leads, else forwarded with `remote`.
+    /// `local` returns `Ok(None)` when leadership moved under it; the request is re-routed.
+    async fn on_leader<T, L, LF, R, RF>(
+        &self,
+        hops: u32,
+        what: &str,
+        local: L,
+        remote: R,
+    ) -> Result<T, ApiError>
+    where
+        L: Fn() -> LF,
+        LF: Future<Output = Result<Option<T>, ApiError>>,
+        R: Fn(ControlClient) -> RF,
+        RF: Future<Output = Result<T, ApiError>>,
+    {
+        let deadline = Instant::now() + self.leader_wait();
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            match self.route() {
+                Route::Local => {
+                    if let Some(done) = local().await? {
+                        return Ok(done);
+                    }
+                }
+                Route::Forward(addr) if hops < MAX_HOPS => {
+                    let client = ControlClient::with_channels(&self.channels, &addr)?
+                        .forwarded(hops + 1)
+                        .timeout(deadline.saturating_duration_since(Instant::now()));
+                    match remote(client).await {
+                        Err(e) if e.kind == ErrorKind::Unavailable => {
+                            tracing::debug!(%addr, error = %e, "leader unavailable, re-routing {what}")
+                        }
+                        other => return other,
+                    }
+                }
+                Route::Forward(_) | Route::NoLeader => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(ApiError::unavailable(format!(
+                    "{what}: no leader answered within {:.1} s (asked node {} at {}): \
+                     is a majority of voters running and reachable?",
+                    self.leader_wait().as_secs_f64(),
+                    self.id,
+                    self.addr
+                )));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// Commits `command` through the leader and returns once it is applied there.
+    pub async fn write(&self, command: Command, hops: u32) -> Result<WriteOutcome, ApiError> {
+        self.on_leader(
+            hops,
+            "write",
+            || async {
+                match self.raft.client_write(command.clone()).await {
+                    Ok(reply) => Ok(Some(WriteOutcome {
+                        response: reply.data,
+                        log_index: reply.log_id.index,
+                    })),
+                    Err(e) if e.forward_to_leader().is_some() => Ok(None),
+                    Err(e) => Err(ApiError::unavailable(format!(
+                        "node {}: write failed: {e}",
+                        self.id
+                    ))),
+                }
+            },
+            |mut client| {
+                let command = command.clone();
+                async move { client.write(&command).await }
+            },
+        )
+        .await
+    }
+
+    /// A linearizable read of one key (the leader confirms its leadership with a quorum).
+    pub async fn kv_get(&self, key: &str, hops: u32) -> Result<Option<String>, ApiError> {
+        self.on_leader(
+            hops,
+            "read",
+            || async {
+                match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+                    Ok(_) => Ok(Some(self.sm.read(|s| s.kv.get(key).cloned()))),
+                    Err(e) if e.forward_to_leader().is_some() => Ok(None),
+                    Err(e) => Err(ApiError::unavailable(format!(
+                        "node {}: read failed: {e}",
+                        self.id
+                    ))),
+                }
+            },
+            |mut client| async move { client.kv_get(key).await },
+        )
+        .await
+    }
+
+    /// Adds a node: as a learner, then, once it holds the leader's log, as a voter.
+    pub async fn join(&self, request: JoinRequest, hops: u32) -> Result<JoinAccepted, ApiError> {
+        if request.addr.is_empty() {
+            return Err(ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!("node {} asked to join without an address", request.id),
+            ));
+        }
+        self.on_leader(
+            hops,
+            "join",
+            || self.join_here(&request),
+            |mut client| {
+                let request = request.clone();
+                async move { client.join(&request).await }
+            },
+        )
+        .await
+    }
+
+    async fn join_here(&self, request: &JoinRequest) -> Result<Option<JoinAccepted>, ApiError> {
+        let cluster_id = self.sm.read(|s| s.cluster_id.clone());
+        if !request.cluster_id.is_empty() && request.cluster_id != cluster_id {
+            return Err(ApiError::precondition(format!(
+                "node {} ({}) already belongs to cluster {}, and this is cluster {}: \
+                 a node joins one cluster for life; start it with a fresh --data-dir to join this one",
+                request.id, request.addr, request.cluster_id, cluster_id
+            )));
+        }
+        let accepted = JoinAccepted {
+            cluster_id: cluster_id.clone(),
+            leader: self.id,
+        };
+        let metrics = raft::metrics(&self.raft);
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        if let Some((other, _)) = membership
+            .nodes()
+            .find(|(id, node)| **id != request.id && node.addr == request.addr)
+        {
+            return Err(ApiError::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "address {} already belongs to member {other}: give node {} its own address",
+                    request.addr, request.id
+                ),
+            ));
+        }
+        match membership.get_node(&request.id) {
+            Some(node) if node.addr != request.addr => {
+                return Err(ApiError::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "node id {} is already a member at {}: choose another --id for {}",
+                        request.id, node.addr, request.addr
+                    ),
+                ))
+            }
+            Some(_) if voters.contains(&request.id) => return Ok(Some(accepted)),
+            Some(_) => {}
+            None => {
+                let node = BasicNode {
+                    addr: request.addr.clone(),
+                };
+                match self.raft.add_learner(request.id, node, true).await {
+                    Ok(_) => {}
+                    Err(e) if e.forward_to_leader().is_some() => return Ok(None),
+                    Err(e) => {
+                        return Err(ApiError::unavailable(format!(
+                            "adding node {} as a learner failed: {e}",
+                            request.id
+                        )))
+                    }
+                }
+            }
+        }
+        self.wait_caught_up(request).await?;
+        let add = ChangeMembers::AddVoterIds(BTreeSet::from([request.id]));
+        match self.raft.change_membership(add, false).await {
+            Ok(_) => Ok(Some(accepted)),
+            Err(e) if e.forward_to_leader().is_some() => Ok(None),
+            Err(e) => Err(ApiError::unavailable(format!(
+                "promoting node {} to voter failed: {e}",
+                request.id
+            ))),
+        }
+    }
+
+    /// Waits until the learner holds everything the leader had when the wait began.
+    async fn wait_caught_up(&self, request: &JoinRequest) -> Result<(), ApiError> {
+        let target = raft::metrics(&self.raft).last_log_index.unwrap_or(0);
+        let deadline = Instant::now() + JOIN_CATCH_UP;
+        loop {
+            let matched = raft::replication(&self.raft)
+                .get(&request.id)
+                .and_then(|r| r.matched_index);
+            if matched.is_some_and(|m| m >= target) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ApiError::new(
+                    ErrorKind::DeadlineExceeded,
+                    format!(
+                        "node {} at {} did not catch up within {} s (holds index {:?} of {target}): \
+                         can the leader reach that address?",
+                        request.id,
+                        request.addr,
+                        JOIN_CATCH_UP.as_secs(),
+                        matched
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Hands leadership to voter `to` and returns once it leads.
+    pub async fn transfer_leader(&self, to: u64, hops: u32) -> Result<TransferDone, ApiError> {
+        self.on_leader(
+            hops,
+            "leader transfer",
+            || self.transfer_here(to),
+            |mut client| async move { client.transfer_leader(to).await },
+        )
+        .await
+    }
+
+    async fn transfer_here(&self, to: u64) -> Result<Option<TransferDone>, ApiError> {
+        let started = Instant::now();
+        let metrics = raft::metrics(&self.raft);
+        if to == self.id {
+            return Ok(Some(TransferDone {
+                leader: to,
+                term: metrics.current_term,
+                elapsed_ms: 0,
+            }));
+        }
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let Some(node) = membership.get_node(&to) else {
+            return Err(ApiError::new(
+                ErrorKind::NotFound,
+                format!("node {to} is not a member of this cluster (voters: {voters:?})"),
+            ));
+        };
+        if !voters.contains(&to) {
+            return Err(ApiError::precondition(format!(
+                "node {to} ({}) is a learner, not a voter: only voters can lead (voters: {voters:?})",
+                node.addr
+            )));
+        }
+        let replication = raft::replication(&self.raft)
+            .get(&to)
+            .copied()
+            .unwrap_or_default();
+        let stale_after = self.timing.election_timeout * 2;
+        match replication.last_ack {
+            Some(age) if age <= stale_after => {}
+            age => {
+                return Err(ApiError::unavailable(format!(
+                    "node {to} ({}) is unreachable: last acknowledged the leader {} (limit {} ms): is it running?",
+                    node.addr,
+                    age.map(|a| format!("{} ms ago", a.as_millis()))
+                        .unwrap_or_else(|| "never".into()),
+                    stale_after.as_millis()
+                )))
+            }
+        }
+        let last = metrics.last_log_index.unwrap_or(0);
+        let lag = last.saturating_sub(replication.matched_index.unwrap_or(0));
+        if lag > TRANSFER_MAX_LAG {
+            return Err(ApiError::precondition(format!(
+                "node {to} ({}) is not caught up: {lag} entries behind the leader (limit {TRANSFER_MAX_LAG}); retry when it has caught up",
+                node.addr
+            )));
+        }
+        self.raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("node {}: {e}", self.id)))?;
+        let timeout = self.timing.election_timeout * 2 * 3 + Duration::from_secs(1);
+        let moved = self
+            .raft
+            .wait(Some(timeout))
+            .metrics(
+                |m| m.current_leader == Some(to),
+                format!("leadership moves to {to}"),
+            )
+            .await;
+        match moved {
+            Ok(metrics) => Ok(Some(TransferDone {
+                leader: to,
+                term: metrics.current_term,
+                elapsed_ms: started.elapsed().as_millis() as u64,
+            })),
+            Err(_) => {
+                let now = raft::metrics(&self.raft).current_leader;
+                Err(ApiError::new(
+                    ErrorKind::DeadlineExceeded,
+                    format!(
+                        "leadership did not move to node {to} within {} ms (current leader: {}); \
+                         the cluster stays available, retry or pick another voter",
+                        timeout.as_millis(),
+                        now.map(|l| l.to_string()).unwrap_or_else(|| "none".into())
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// The cluster as the leader sees it; this node's view with `local_only` or when the
+    /// leader cannot be asked.
+    pub async fn status(&self, local_only: bool, hops: u32) -> Result<ClusterStatus, ApiError> {
+        if local_only {
+            return Ok(self.local_status());
+        }
+        match self.route() {
+            Route::Local => Ok(self.leader_status().await),
+            Route::Forward(addr) if hops < MAX_HOPS => {
+                let forwarded = ControlClient::with_channels(&self.channels, &addr)?
+                    .forwarded(hops + 1)
+                    .timeout(Duration::from_secs(3))
+                    .status(false)
+                    .await;
+                match forwarded {
+                    Ok(status) => Ok(status),
+                    Err(e) => {
+                        tracing::debug!(%addr, error = %e, "leader did not answer status");
+                        Ok(self.local_status())
+                    }
+                }
+            }
+            _ => Ok(self.local_status()),
+        }
+    }
+
+    /// The leader's view, with each member's own state and applied index asked for.
+    async fn leader_status(&self) -> ClusterStatus {
+        let mut status = self.local_status();
+        let asks = status.nodes.iter().filter(|n| n.id != self.id).map(|n| {
+            let addr = n.addr.clone();
+            let id = n.id;
+            let channels = self.channels.clone();
+            async move {
+                let reply = match ControlClient::with_channels(&channels, &addr) {
+                    Ok(client) => {
+                        client
+                            .timeout(Duration::from_millis(500))
+                            .status(true)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                (id, reply)
+            }
+        });
+        let replies: BTreeMap<u64, _> = futures::future::join_all(asks).await.into_iter().collect();
+        for node in status.nodes.iter_mut().filter(|n| n.id != self.id) {
+            match replies.get(&node.id) {
+                Some(Ok(theirs)) => {
+                    if let Some(me) = theirs.nodes.iter().find(|m| m.id == node.id) {
+                        node.state = me.state.clone();
+                        node.applied_index = me.applied_index;
+                    }
+                }
+                _ => node.state = "unreachable".into(),
+            }
+        }
+        status
+    }
+
+    /// This node's own view, from its Raft metrics and applied state.
+    fn local_status(&self) -> ClusterStatus {
+        let metrics = raft::metrics(&self.raft);
+        let replication = raft::replication(&self.raft);
+        let state = self.sm.state();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let nodes = membership
+            .nodes()
+            .map(|(id, node)| {
+                let info = state.nodes.get(id).cloned().unwrap_or_default();
+                let repl = replication.get(id).copied().unwrap_or_default();
+                let raft_state = if *id == self.id {
+                    server_state_name(metrics.state)
+                } else if Some(*id) == metrics.current_leader {
+                    "leader"
+                } else {
+                    "unknown"
+                };
+                NodeStatus {
+                    id: *id,
+                    addr: node.addr.clone(),
+                    role: if voters.contains(id) {
+                        "voter"
+                    } else {
+                        "learner"
+                    }
+                    .into(),
+                    state: raft_state.into(),
+                    build_hash: info.build_hash,
+                    last_ack_ms: repl.last_ack.map(|age| age.as_millis() as u64),
+                    matched_index: repl.matched_index,
+                    applied_index: if *id == self.id {
+                        metrics.last_applied.as_ref().map(|l| l.index)
+                    } else {
+                        None
+                    },
+                    protocol: info.protocol,
+                    boot_id: info.boot_id,
+                    started_at_ms: info.started_at_ms,
+                }
+            })
+            .collect();
+        ClusterStatus {
+            leader: metrics.current_leader,
+            term: metrics.current_term,
+            nodes,
+            answered_by: self.id,
+            cluster_id: state.cluster_id,
+            commit_index: metrics.cluster_committed.as_ref().map(|l| l.index),
+            last_log_index: metrics.last_log_index,
+        }
+    }
+}
+
+fn server_state_name(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}

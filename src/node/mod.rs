@@ -1,0 +1,312 @@
+//! The composition root of a node: open the store, start Raft, serve gRPC, join or
+//! bootstrap, report itself to the cluster, and shut down gracefully.
+//!
+//! `run` takes its shutdown signal as an argument (the CLI passes SIGTERM/SIGINT), so the
+//! same code runs under systemd, under `cluster supervise`, and inside tests.
+
+mod handle;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use openraft::BasicNode;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use handle::NodeHandle;
+
+use crate::api::{ErrorKind, JoinRequest};
+use crate::raft::network::{Network, RaftHandler};
+use crate::raft::{Raft, Timing};
+use crate::rpc::{Channels, ControlClient};
+use crate::state::{Command, NodeInfo, PROTOCOL};
+use crate::store::{self, StoreError};
+
+/// A node's validated configuration (see `cli` for where it comes from).
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This node's Raft id: unique in the cluster, never reused for another machine.
+    pub id: u64,
+    /// Where to listen; port 0 picks a free port (written to `<data-dir>/node.addr`).
+    pub listen: SocketAddr,
+    /// The address peers should use, when it differs from `listen` (e.g. listening on 0.0.0.0).
+    pub advertise: Option<String>,
+    pub data_dir: PathBuf,
+    /// Initialize a new cluster with this node as its first voter (harmless on restart).
+    pub bootstrap: bool,
+    /// Address of any member to ask for admission.
+    pub join: Option<String>,
+    pub timing: Timing,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("data dir {path} is not usable: {source}: create it, or give the node a writable --data-dir")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}: is another node running there? pick another --listen port")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listening on {0} needs --advertise <host:port>: the address other nodes can reach this one at")]
+    NeedAdvertise(SocketAddr),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("invalid Raft timing: {0}")]
+    Timing(String),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("cannot join the cluster through {via}: {message}")]
+    Join { via: String, message: String },
+    #[error("the gRPC server stopped: {0}")]
+    Serve(String),
+}
+
+/// Runs a node until `shutdown` completes, then stops it gracefully (exit status 0).
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    prepare_data_dir(&config.data_dir)?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| NodeError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let addr = match &config.advertise {
+        Some(advertise) => advertise.clone(),
+        None if bound.ip().is_unspecified() => return Err(NodeError::NeedAdvertise(bound)),
+        None => bound.to_string(),
+    };
+    let (log_store, sm) = store::open(&config.data_dir).await?;
+    write_atomically(&config.data_dir.join("node.addr"), addr.as_bytes()).map_err(|source| {
+        NodeError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        }
+    })?;
+
+    let channels = Channels::default();
+    let network = Network {
+        id: config.id,
+        channels: channels.clone(),
+    };
+    let raft_config =
+        crate::raft::config(config.timing).map_err(|e| NodeError::Timing(e.to_string()))?;
+    let raft = Raft::new(config.id, raft_config, network, log_store, sm.clone())
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+
+    let node = Arc::new(NodeHandle {
+        id: config.id,
+        addr: addr.clone(),
+        raft: raft.clone(),
+        sm: sm.clone(),
+        channels,
+        timing: config.timing,
+        info: NodeInfo {
+            addr: addr.clone(),
+            build_hash: running_build_hash(),
+            protocol: PROTOCOL,
+            boot_id: random_hex(8),
+            started_at_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        },
+    });
+    tracing::info!(id = config.id, %addr, build = %node.info.build_hash, "node starting");
+
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let mut server_stop = stop_rx.clone();
+    let server = tokio::spawn(crate::rpc::serve(
+        listener,
+        Arc::new(RaftHandler { raft: raft.clone() }),
+        node.clone(),
+        async move {
+            let _ = server_stop.wait_for(|stop| *stop).await;
+        },
+    ));
+
+    let started = async {
+        if config.bootstrap && !raft.is_initialized().await.unwrap_or(true) {
+            let members = BTreeMap::from([(config.id, BasicNode { addr: addr.clone() })]);
+            raft.initialize(members)
+                .await
+                .map_err(|e| NodeError::Raft(format!("bootstrap failed: {e}")))?;
+            tracing::info!(id = config.id, "bootstrapped a new cluster");
+        }
+        if let Some(via) = &config.join {
+            join_cluster(&node, via).await?;
+        }
+        Ok::<_, NodeError>(())
+    };
+    let outcome = tokio::select! {
+        result = started => result,
+        _ = stop_rx.wait_for(|stop| *stop) => Ok(()),
+    };
+    let reporter = tokio::spawn(report_self(node.clone(), stop_rx.clone()));
+
+    let outcome = match outcome {
+        Err(e) => Err(e),
+        Ok(()) => {
+            tokio::pin!(shutdown);
+            tokio::pin!(server);
+            tokio::select! {
+                _ = &mut shutdown => Ok(()),
+                result = &mut server => Err(NodeError::Serve(match result {
+                    Ok(Ok(())) => "exited".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                })),
+            }
+        }
+    };
+
+    tracing::info!(id = config.id, "node shutting down");
+    let _ = stop_tx.send(true);
+    let _ = reporter.await;
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown");
+    }
+    drop(node);
+    sm.flush().await;
+    outcome
+}
+
+/// Creates the data dir and proves it writable before anything else touches it.
+fn prepare_data_dir(dir: &Path) -> Result<(), NodeError> {
+    let fail = |source| NodeError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let probe = dir.join(".write-probe");
+    std::fs::write(&probe, b"").map_err(fail)?;
+    std::fs::remove_file(&probe).map_err(fail)?;
+    Ok(())
+}
+
+/// Asks the member at `via` to admit this node, unless it already is a member.
+async fn join_cluster(node: &NodeHandle, via: &str) -> Result<(), NodeError> {
+    let is_member = crate::raft::metrics(&node.raft)
+        .membership_config
+        .membership()
+        .get_node(&node.id)
+        .is_some();
+    if is_member {
+        tracing::info!(id = node.id, "already a member; rejoining with local state");
+        return Ok(());
+    }
+    let request = JoinRequest {
+        id: node.id,
+        addr: node.addr.clone(),
+        cluster_id: node.sm.read(|s| s.cluster_id.clone()),
+    };
+    let fail = |message: String| NodeError::Join {
+        via: via.to_string(),
+        message,
+    };
+    let client = ControlClient::with_channels(&node.channels, via).map_err(|e| fail(e.message))?;
+    // The member may itself be starting up: retry "unavailable" for a while.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match client
+            .clone()
+            .timeout(Duration::from_secs(90))
+            .join(&request)
+            .await
+        {
+            Ok(accepted) => {
+                tracing::info!(
+                    id = node.id,
+                    cluster = %accepted.cluster_id,
+                    leader = accepted.leader,
+                    "joined the cluster as a voter"
+                );
+                return Ok(());
+            }
+            Err(e) if e.kind == ErrorKind::Unavailable && Instant::now() < deadline => {
+                tracing::warn!(error = %e, "join: retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(fail(e.message)),
+        }
+    }
+}
+
+/// Names the cluster if nobody has yet, and reports this node's `NodeInfo` once per start.
+async fn report_self(node: Arc<NodeHandle>, mut stop: watch::Receiver<bool>) {
+    let work = async {
+        loop {
+            if node.sm.read(|s| s.cluster_id.is_empty()) {
+                // Every member may propose a name; the first one applied wins for good.
+                let name = Command::InitCluster {
+                    cluster_id: random_hex(8),
+                };
+                if let Err(e) = node.write(name, 0).await {
+                    tracing::debug!(error = %e, "naming the cluster: retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+            let report = Command::RegisterNode {
+                id: node.id,
+                info: node.info.clone(),
+            };
+            match node.write(report, 0).await {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reporting to the cluster: retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = work => tracing::info!(id = node.id, "reported to the cluster"),
+        _ = stop.wait_for(|stop| *stop) => {}
+    }
+}
+
+/// The build hash of the running binary: `buildHash` from the version.json of the release
+/// it runs from (`<release>/bin/cluster` next to `<release>/version.json`), else "dev".
+pub fn running_build_hash() -> String {
+    let from_release = || -> Option<String> {
+        let exe = std::env::current_exe().ok()?;
+        let release = exe.parent()?.parent()?;
+        let text = std::fs::read_to_string(release.join("version.json")).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+        Some(json.get("buildHash")?.as_str()?.to_string())
+    };
+    from_release().unwrap_or_else(|| "dev".to_string())
+}
+
+fn random_hex(bytes: usize) -> String {
+    let raw: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    hex::encode(raw)
+}
+
+/// Writes `path` so that readers see the old or the new content, never a torn one.
+fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(content)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

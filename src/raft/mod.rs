@@ -1,0 +1,89 @@
+//! openraft glue: type declarations, the gRPC network, the Raft configuration, and the
+//! per-member replication view (acknowledgement ages, matched indexes) read from metrics.
+
+pub mod network;
+pub mod typ;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::Instant as _;
+use openraft::{Config, SnapshotPolicy};
+
+pub use typ::{Raft, TypeConfig};
+
+/// Timing of one node. Every member of a cluster should use the same values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// Leader heartbeat period.
+    pub heartbeat: Duration,
+    /// Minimum election timeout; the maximum is twice this. Failover after a leader crash
+    /// takes about the maximum (the followers' lease) plus one random timeout.
+    pub election_timeout: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(100),
+            election_timeout: Duration::from_millis(300),
+        }
+    }
+}
+
+/// Builds and validates openraft's configuration for `timing`.
+pub fn config(timing: Timing) -> Result<Arc<Config>, openraft::ConfigError> {
+    let heartbeat_ms = timing.heartbeat.as_millis() as u64;
+    let election_ms = timing.election_timeout.as_millis() as u64;
+    let config = Config {
+        cluster_name: "cluster".to_string(),
+        heartbeat_interval: heartbeat_ms,
+        election_timeout_min: election_ms,
+        election_timeout_max: election_ms * 2,
+        // A follower that was paused or partitioned must not depose a healthy leader.
+        enable_pre_vote: Some(true),
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        ..Default::default()
+    };
+    Ok(Arc::new(config.validate()?))
+}
+
+/// What the leader knows about one member's replication.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Replication {
+    /// Time since the member acknowledged the last heartbeat or append it answered, on the
+    /// leader's monotonic clock. `None`: never acknowledged (or this node is not leader).
+    pub last_ack: Option<Duration>,
+    /// Highest log index known to be stored on the member.
+    pub matched_index: Option<u64>,
+}
+
+/// The leader's replication view of every member; empty on a non-leader.
+pub fn replication(raft: &Raft) -> BTreeMap<u64, Replication> {
+    let metrics = raft.metrics();
+    let metrics = metrics.borrow_watched();
+    let mut view = BTreeMap::new();
+    if let Some(heartbeat) = &metrics.heartbeat {
+        for (id, instant) in heartbeat {
+            view.entry(*id)
+                .or_insert_with(Replication::default)
+                .last_ack = instant.as_ref().map(|t| t.elapsed());
+        }
+    }
+    if let Some(replication) = &metrics.replication {
+        for (id, matched) in replication {
+            view.entry(*id)
+                .or_insert_with(Replication::default)
+                .matched_index = matched.as_ref().map(|log_id| log_id.index);
+        }
+    }
+    view
+}
+
+/// A copy of the current metrics (the watch guard is not `Send`; never hold it across awaits).
+pub fn metrics(raft: &Raft) -> typ::RaftMetrics {
+    raft.metrics().borrow_watched().clone()
+}

@@ -1,0 +1,166 @@
+//! The Control client: what the CLI, tests and forwarding nodes use to talk to a node.
+
+use std::time::Duration;
+
+use tonic::transport::Channel;
+
+use super::pb::control_client::ControlClient as PbClient;
+use super::pb::{self};
+use super::server::HOPS;
+use super::status::from_status;
+use super::{Channels, MAX_MESSAGE_BYTES};
+use crate::api::{
+    ApiError, ClusterStatus, ErrorKind, JoinAccepted, JoinRequest, TransferDone, WriteOutcome,
+};
+use crate::state::Command;
+
+/// A client for one node's Control service. Cheap to clone.
+#[derive(Clone)]
+pub struct ControlClient {
+    addr: String,
+    client: PbClient<Channel>,
+    /// How often the request was forwarded already (set by forwarding nodes).
+    hops: u32,
+    timeout: Duration,
+}
+
+impl ControlClient {
+    /// A client for `addr` (host:port). Connects on first use.
+    pub fn new(addr: &str) -> Result<Self, ApiError> {
+        Self::with_channels(&Channels::default(), addr)
+    }
+
+    /// A client sharing `channels` with other users in this process.
+    pub fn with_channels(channels: &Channels, addr: &str) -> Result<Self, ApiError> {
+        let channel = channels.get(addr).map_err(|e| {
+            ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!("{e}: expected host:port, e.g. 127.0.0.1:7100"),
+            )
+        })?;
+        let client = PbClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self {
+            addr: addr.to_string(),
+            client,
+            hops: 0,
+            timeout: Duration::from_secs(15),
+        })
+    }
+
+    /// Marks requests as forwarded `hops` times (nodes use this to bound forwarding chains).
+    pub fn forwarded(mut self, hops: u32) -> Self {
+        self.hops = hops;
+        self
+    }
+
+    /// The deadline of each request (default 15 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.timeout);
+        if self.hops > 0 {
+            if let Ok(value) = self.hops.to_string().parse() {
+                request.metadata_mut().insert(HOPS, value);
+            }
+        }
+        request
+    }
+
+    fn error(&self, status: tonic::Status) -> ApiError {
+        from_status(&self.addr, status)
+    }
+
+    /// The cluster as the leader sees it (or this node, with `local_only`).
+    pub async fn status(&mut self, local_only: bool) -> Result<ClusterStatus, ApiError> {
+        let request = self.request(pb::StatusRequest { local_only });
+        let reply = self
+            .client
+            .status(request)
+            .await
+            .map_err(|s| self.error(s))?;
+        Ok(reply.into_inner().into())
+    }
+
+    /// Proposes `command`; returns once it is committed and applied on the leader.
+    pub async fn write(&mut self, command: &Command) -> Result<WriteOutcome, ApiError> {
+        let bytes = serde_json::to_vec(command).map_err(|e| ApiError::internal(e.to_string()))?;
+        let request = self.request(pb::WriteRequest { command: bytes });
+        let reply = self
+            .client
+            .write(request)
+            .await
+            .map_err(|s| self.error(s))?
+            .into_inner();
+        let response = serde_json::from_slice(&reply.response)
+            .map_err(|e| ApiError::internal(format!("undecodable response: {e}")))?;
+        Ok(WriteOutcome {
+            response,
+            log_index: reply.log_index,
+        })
+    }
+
+    pub async fn kv_put(&mut self, key: &str, value: &str) -> Result<WriteOutcome, ApiError> {
+        self.write(&Command::KvPut {
+            key: key.to_string(),
+            value: value.to_string(),
+        })
+        .await
+    }
+
+    /// A linearizable read: reflects every write acknowledged before it was issued.
+    pub async fn kv_get(&mut self, key: &str) -> Result<Option<String>, ApiError> {
+        let request = self.request(pb::KvGetRequest {
+            key: key.to_string(),
+        });
+        let reply = self
+            .client
+            .kv_get(request)
+            .await
+            .map_err(|s| self.error(s))?;
+        Ok(reply.into_inner().value)
+    }
+
+    pub async fn join(&mut self, join: &JoinRequest) -> Result<JoinAccepted, ApiError> {
+        let request = self.request(pb::JoinRequest {
+            id: join.id,
+            addr: join.addr.clone(),
+            cluster_id: join.cluster_id.clone(),
+        });
+        let reply = self
+            .client
+            .join(request)
+            .await
+            .map_err(|s| self.error(s))?
+            .into_inner();
+        Ok(JoinAccepted {
+            cluster_id: reply.cluster_id,
+            leader: reply.leader,
+        })
+    }
+
+    /// Hands leadership to voter `to`; returns once `to` leads.
+    pub async fn transfer_leader(&mut self, to: u64) -> Result<TransferDone, ApiError> {
+        let request = self.request(pb::TransferLeaderRequest { to });
+        let reply = self
+            .client
+            .transfer_leader(request)
+            .await
+            .map_err(|s| self.error(s))?
+            .into_inner();
+        Ok(TransferDone {
+            leader: reply.leader,
+            term: reply.term,
+            elapsed_ms: reply.elapsed_ms,
+        })
+    }
+}

@@ -1,0 +1,271 @@
+//! The gRPC server of a node: the Raft service (bytes in, bytes out) and the Control service.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+use super::pb::control_server::{Control, ControlServer};
+use super::pb::raft_server::{Raft, RaftServer};
+use super::pb::{self, RaftReply, RaftRequest};
+use super::status::to_status;
+use super::{RaftRpc, MAX_MESSAGE_BYTES};
+use crate::api;
+use crate::node::NodeHandle;
+
+/// Decodes, handles and encodes one Raft RPC; implemented by `raft::network`.
+pub trait RaftRpcHandler: Send + Sync + 'static {
+    /// Ok: the encoded reply. Err: why this node could not handle it.
+    fn handle(
+        &self,
+        rpc: RaftRpc,
+        payload: Vec<u8>,
+        data: Vec<u8>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, String>>;
+}
+
+/// Serves both services on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    raft: Arc<dyn RaftRpcHandler>,
+    node: Arc<NodeHandle>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let raft = RaftServer::new(RaftService { handler: raft })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let control = ControlServer::new(ControlService { node })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(raft)
+        .add_service(control)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+struct RaftService {
+    handler: Arc<dyn RaftRpcHandler>,
+}
+
+impl RaftService {
+    async fn dispatch(
+        &self,
+        rpc: RaftRpc,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let RaftRequest { payload, data } = request.into_inner();
+        let reply = match self.handler.handle(rpc, payload, data).await {
+            Ok(payload) => RaftReply {
+                payload,
+                error: String::new(),
+            },
+            Err(error) => RaftReply {
+                payload: Vec::new(),
+                error,
+            },
+        };
+        Ok(Response::new(reply))
+    }
+}
+
+#[tonic::async_trait]
+impl Raft for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        self.dispatch(RaftRpc::AppendEntries, request).await
+    }
+    async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        self.dispatch(RaftRpc::Vote, request).await
+    }
+    async fn pre_vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        self.dispatch(RaftRpc::PreVote, request).await
+    }
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        self.dispatch(RaftRpc::InstallSnapshot, request).await
+    }
+    async fn transfer_leader(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        self.dispatch(RaftRpc::TransferLeader, request).await
+    }
+}
+
+/// Metadata key counting how often a Control request was forwarded, to bound forwarding.
+pub const HOPS: &str = "x-cluster-hops";
+
+fn hops<T>(request: &Request<T>) -> u32 {
+    request
+        .metadata()
+        .get(HOPS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+struct ControlService {
+    node: Arc<NodeHandle>,
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        let hops = hops(&request);
+        let local_only = request.into_inner().local_only;
+        let status = self
+            .node
+            .status(local_only, hops)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(status.into()))
+    }
+
+    async fn write(
+        &self,
+        request: Request<pb::WriteRequest>,
+    ) -> Result<Response<pb::WriteReply>, Status> {
+        let hops = hops(&request);
+        let command = serde_json::from_slice(&request.into_inner().command).map_err(|e| {
+            to_status(api::ApiError::new(
+                api::ErrorKind::InvalidArgument,
+                format!("undecodable command: {e}"),
+            ))
+        })?;
+        let outcome = self.node.write(command, hops).await.map_err(to_status)?;
+        let response = serde_json::to_vec(&outcome.response)
+            .map_err(|e| to_status(api::ApiError::internal(e.to_string())))?;
+        Ok(Response::new(pb::WriteReply {
+            response,
+            log_index: outcome.log_index,
+        }))
+    }
+
+    async fn kv_get(
+        &self,
+        request: Request<pb::KvGetRequest>,
+    ) -> Result<Response<pb::KvGetReply>, Status> {
+        let hops = hops(&request);
+        let key = request.into_inner().key;
+        let value = self.node.kv_get(&key, hops).await.map_err(to_status)?;
+        Ok(Response::new(pb::KvGetReply { value }))
+    }
+
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinReply>, Status> {
+        let hops = hops(&request);
+        let pb::JoinRequest {
+            id,
+            addr,
+            cluster_id,
+        } = request.into_inner();
+        let accepted = self
+            .node
+            .join(
+                api::JoinRequest {
+                    id,
+                    addr,
+                    cluster_id,
+                },
+                hops,
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::JoinReply {
+            cluster_id: accepted.cluster_id,
+            leader: accepted.leader,
+        }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderReply>, Status> {
+        let hops = hops(&request);
+        let to = request.into_inner().to;
+        let done = self
+            .node
+            .transfer_leader(to, hops)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::TransferLeaderReply {
+            leader: done.leader,
+            term: done.term,
+            elapsed_ms: done.elapsed_ms,
+        }))
+    }
+}
+
+impl From<api::ClusterStatus> for pb::StatusReply {
+    fn from(status: api::ClusterStatus) -> Self {
+        pb::StatusReply {
+            leader: status.leader,
+            term: status.term,
+            answered_by: status.answered_by,
+            cluster_id: status.cluster_id,
+            commit_index: status.commit_index,
+            last_log_index: status.last_log_index,
+            nodes: status
+                .nodes
+                .into_iter()
+                .map(|n| pb::NodeStatus {
+                    id: n.id,
+                    addr: n.addr,
+                    role: n.role,
+                    state: n.state,
+                    build_hash: n.build_hash,
+                    last_ack_ms: n.last_ack_ms,
+                    matched_index: n.matched_index,
+                    protocol: n.protocol,
+                    boot_id: n.boot_id,
+                    started_at_ms: n.started_at_ms,
+                    applied_index: n.applied_index,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<pb::StatusReply> for api::ClusterStatus {
+    fn from(reply: pb::StatusReply) -> Self {
+        api::ClusterStatus {
+            leader: reply.leader,
+            term: reply.term,
+            answered_by: reply.answered_by,
+            cluster_id: reply.cluster_id,
+            commit_index: reply.commit_index,
+            last_log_index: reply.last_log_index,
+            nodes: reply
+                .nodes
+                .into_iter()
+                .map(|n| api::NodeStatus {
+                    id: n.id,
+                    addr: n.addr,
+                    role: n.role,
+                    state: n.state,
+                    build_hash: n.build_hash,
+                    last_ack_ms: n.last_ack_ms,
+                    matched_index: n.matched_index,
+                    applied_index: n.applied_index,
+                    protocol: n.protocol,
+                    boot_id: n.boot_id,
+                    started_at_ms: n.started_at_ms,
+                })
+                .collect(),
+        }
+    }
+}

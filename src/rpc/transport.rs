@@ -1,0 +1,118 @@
+//! Connections to peers: one lazily connected, reused HTTP/2 channel per address, and the
+//! byte-level Raft RPC client (openraft's types are encoded by `raft::network`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use super::pb::raft_client::RaftClient;
+use super::pb::RaftRequest;
+use super::MAX_MESSAGE_BYTES;
+
+/// How long to wait for a TCP connection to a peer. Short: a dead peer must not hold
+/// up heartbeats to the others, and openraft backs off on `Unreachable` by itself.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// HTTP/2 keepalive: a silently dropped link is noticed within interval + timeout.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The channel pool shared by the Raft network and Control forwarding.
+#[derive(Clone, Default)]
+pub struct Channels {
+    by_addr: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Channels {
+    /// The channel to `addr`, created on first use. Connecting is lazy, so this never blocks.
+    pub fn get(&self, addr: &str) -> Result<Channel, TransportError> {
+        let mut by_addr = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(channel) = by_addr.get(addr) {
+            return Ok(channel.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| TransportError::Unreachable(format!("bad address {addr:?}: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect_lazy();
+        by_addr.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// The Raft RPCs, each a method of the `Raft` gRPC service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RaftRpc {
+    AppendEntries,
+    Vote,
+    PreVote,
+    InstallSnapshot,
+    TransferLeader,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// No answer: connection refused, reset, or not established in time.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The peer answered with an error (it is shutting down, or hit a fatal error).
+    #[error("peer error: {0}")]
+    Remote(String),
+}
+
+/// A Raft client for one peer over its pooled channel.
+#[derive(Clone)]
+pub struct RaftPeer {
+    client: RaftClient<Channel>,
+}
+
+impl RaftPeer {
+    pub fn new(channels: &Channels, addr: &str) -> Result<Self, TransportError> {
+        let client = RaftClient::new(channels.get(addr)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self { client })
+    }
+
+    /// Sends one encoded request and returns the encoded reply.
+    pub async fn call(
+        &mut self,
+        rpc: RaftRpc,
+        payload: Vec<u8>,
+        data: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, TransportError> {
+        let mut request = tonic::Request::new(RaftRequest { payload, data });
+        request.set_timeout(timeout);
+        let call = async {
+            match rpc {
+                RaftRpc::AppendEntries => self.client.append_entries(request).await,
+                RaftRpc::Vote => self.client.vote(request).await,
+                RaftRpc::PreVote => self.client.pre_vote(request).await,
+                RaftRpc::InstallSnapshot => self.client.install_snapshot(request).await,
+                RaftRpc::TransferLeader => self.client.transfer_leader(request).await,
+            }
+        };
+        // The gRPC deadline covers the server; this covers a connection that never completes.
+        let reply = tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| TransportError::Timeout(timeout))?
+            .map_err(|status| match status.code() {
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                    TransportError::Timeout(timeout)
+                }
+                _ => TransportError::Unreachable(status.message().to_string()),
+            })?
+            .into_inner();
+        if !reply.error.is_empty() {
+            return Err(TransportError::Remote(reply.error));
+        }
+        Ok(reply.payload)
+    }
+}

@@ -1,0 +1,337 @@
+//! The replicated state machine on sled: an in-memory `State` mirrored record by record.
+//!
+//! Reads are served from memory; every `apply` call writes the records it touched, the
+//! applied log id and the membership in one atomic sled batch, so after a crash the
+//! persisted state always matches the persisted applied index.
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures::{Stream, TryStreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::io_err;
+use crate::raft::typ::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::state::{Record, Response, State};
+
+const APPLIED: &[u8] = b"applied";
+const MEMBERSHIP: &[u8] = b"membership";
+const SNAPSHOT: &[u8] = b"snapshot";
+
+/// What the state machine holds in memory; also the JSON layout of a snapshot.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+struct Applied {
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership,
+    state: State,
+}
+
+/// A snapshot as stored on disk: its metadata next to its bytes.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+struct Inner {
+    applied: Mutex<Applied>,
+    /// Record key -> JSON value (see `record_key`).
+    records: sled::Tree,
+    /// applied log id, membership, current snapshot.
+    meta: sled::Tree,
+}
+
+/// State-machine handle; cheap to clone, shared by Raft and the node's read paths.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    inner: Arc<Inner>,
+}
+
+fn record_key(record: &Record) -> Vec<u8> {
+    match record {
+        Record::ClusterId => b"cluster_id".to_vec(),
+        // Zero-padded so that sled's byte order is numeric order.
+        Record::Node(id) => format!("node/{id:020}").into_bytes(),
+        Record::Kv(key) => [b"kv/".as_slice(), key.as_bytes()].concat(),
+    }
+}
+
+fn parse_record_key(key: &[u8]) -> Option<Record> {
+    if key == b"cluster_id" {
+        return Some(Record::ClusterId);
+    }
+    if let Some(rest) = key.strip_prefix(b"node/") {
+        return std::str::from_utf8(rest)
+            .ok()?
+            .parse()
+            .ok()
+            .map(Record::Node);
+    }
+    let rest = key.strip_prefix(b"kv/")?;
+    Some(Record::Kv(String::from_utf8(rest.to_vec()).ok()?))
+}
+
+impl StateMachineStore {
+    pub(super) async fn open(db: &sled::Db) -> Result<Self, io::Error> {
+        let records = db.open_tree("sm").map_err(io_err)?;
+        let meta = db.open_tree("sm_meta").map_err(io_err)?;
+        let mut applied = Applied::default();
+        for item in records.iter() {
+            let (key, value) = item.map_err(io_err)?;
+            let record = parse_record_key(&key).ok_or_else(|| {
+                io_err(format!(
+                    "unknown record key {:?}",
+                    String::from_utf8_lossy(&key)
+                ))
+            })?;
+            let value = serde_json::from_slice(&value).map_err(io_err)?;
+            applied.state.load_record(record, value).map_err(io_err)?;
+        }
+        if let Some(bytes) = meta.get(APPLIED).map_err(io_err)? {
+            applied.last_applied = serde_json::from_slice(&bytes).map_err(io_err)?;
+        }
+        if let Some(bytes) = meta.get(MEMBERSHIP).map_err(io_err)? {
+            applied.last_membership = serde_json::from_slice(&bytes).map_err(io_err)?;
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                applied: Mutex::new(applied),
+                records,
+                meta,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Applied> {
+        // A panic while holding the lock would already have taken the node down.
+        self.inner.applied.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of the replicated state as this node has applied it.
+    pub fn state(&self) -> State {
+        self.lock().state.clone()
+    }
+
+    /// Reads part of the state without copying all of it.
+    pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.lock().state)
+    }
+
+    /// Index of the last entry this node applied.
+    pub fn applied_index(&self) -> Option<u64> {
+        self.lock().last_applied.as_ref().map(|id| id.index)
+    }
+
+    /// Flushes everything sled holds in memory (used at graceful shutdown).
+    pub async fn flush(&self) {
+        if let Err(e) = self.inner.records.flush_async().await {
+            tracing::warn!(error = %e, "flushing the store at shutdown");
+        }
+    }
+
+    /// Replaces the whole state (snapshot install) in one atomic batch.
+    fn replace(&self, next: Applied) -> io::Result<()> {
+        let mut batch = sled::Batch::default();
+        for item in self.inner.records.iter() {
+            let (key, _) = item.map_err(io_err)?;
+            batch.remove(key);
+        }
+        for record in next.state.records() {
+            if let Some(value) = next.state.record_value(&record) {
+                batch.insert(
+                    record_key(&record),
+                    serde_json::to_vec(&value).map_err(io_err)?,
+                );
+            }
+        }
+        let meta = self.meta_batch(&next)?;
+        (&self.inner.records, &self.inner.meta)
+            .transaction(|(records, meta_tree)| {
+                records.apply_batch(&batch)?;
+                meta_tree.apply_batch(&meta)?;
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| io_err(format!("{e:?}")))?;
+        *self.lock() = next;
+        Ok(())
+    }
+
+    fn meta_batch(&self, applied: &Applied) -> io::Result<sled::Batch> {
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            APPLIED,
+            serde_json::to_vec(&applied.last_applied).map_err(io_err)?,
+        );
+        batch.insert(
+            MEMBERSHIP,
+            serde_json::to_vec(&applied.last_membership).map_err(io_err)?,
+        );
+        Ok(batch)
+    }
+
+    fn snapshot_of(applied: &Applied) -> io::Result<Snapshot> {
+        let data = serde_json::to_vec(applied).map_err(io_err)?;
+        Ok(Snapshot {
+            meta: SnapshotMeta {
+                last_log_id: applied.last_applied,
+                last_membership: applied.last_membership.clone(),
+            },
+            snapshot: data,
+        })
+    }
+
+    async fn save_snapshot(&self, snapshot: &Snapshot) -> io::Result<()> {
+        let stored = StoredSnapshot {
+            meta: snapshot.meta.clone(),
+            data: snapshot.snapshot.clone(),
+        };
+        self.inner
+            .meta
+            .insert(SNAPSHOT, serde_json::to_vec(&stored).map_err(io_err)?)
+            .map_err(io_err)?;
+        // Logs up to the snapshot may be purged next: the snapshot must be durable first.
+        self.inner.meta.flush_async().await.map_err(io_err)?;
+        self.inner.records.flush_async().await.map_err(io_err)?;
+        Ok(())
+    }
+}
+
+use sled::Transactional;
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        // sled has no point-in-time view: copy the state under the lock, serialize outside it.
+        let copy = self.lock().clone();
+        let snapshot = Self::snapshot_of(&copy)?;
+        self.save_snapshot(&snapshot).await?;
+        Ok(snapshot)
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let applied = self.lock();
+        Ok((applied.last_applied, applied.last_membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        let mut pending = Vec::new();
+        while let Some(item) = entries.try_next().await? {
+            pending.push(item);
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut replies = Vec::with_capacity(pending.len());
+        let mut batch = sled::Batch::default();
+        let meta = {
+            let mut applied = self.lock();
+            let mut touched = Vec::new();
+            for (entry, responder) in pending {
+                applied.last_applied = Some(entry.log_id);
+                let response = match entry.payload {
+                    EntryPayload::Blank => Response::Ok,
+                    EntryPayload::Normal(command) => {
+                        let (response, records) = applied.state.apply(&command);
+                        touched.extend(records);
+                        response
+                    }
+                    EntryPayload::Membership(membership) => {
+                        applied.last_membership =
+                            StoredMembership::new(Some(entry.log_id), membership);
+                        Response::Ok
+                    }
+                };
+                replies.push((responder, response));
+            }
+            touched.sort();
+            touched.dedup();
+            for record in &touched {
+                match applied.state.record_value(record) {
+                    Some(value) => batch.insert(
+                        record_key(record),
+                        serde_json::to_vec(&value).map_err(io_err)?,
+                    ),
+                    None => batch.remove(record_key(record)),
+                }
+            }
+            self.meta_batch(&applied)?
+        };
+        (&self.inner.records, &self.inner.meta)
+            .transaction(|(records, meta_tree)| {
+                records.apply_batch(&batch)?;
+                meta_tree.apply_batch(&meta)?;
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| io_err(format!("applying entries: {e:?}")))?;
+        for (responder, response) in replies {
+            if let Some(responder) = responder {
+                responder.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> Result<(), io::Error> {
+        let next: Applied = serde_json::from_slice(&snapshot).map_err(io_err)?;
+        if next.last_applied != meta.last_log_id {
+            return Err(io_err(format!(
+                "snapshot data is at {:?} but its metadata says {:?}",
+                next.last_applied, meta.last_log_id
+            )));
+        }
+        self.replace(next)?;
+        self.save_snapshot(&Snapshot {
+            meta: meta.clone(),
+            snapshot,
+        })
+        .await
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let Some(bytes) = self.inner.meta.get(SNAPSHOT).map_err(io_err)? else {
+            return Ok(None);
+        };
+        let stored: StoredSnapshot = serde_json::from_slice(&bytes).map_err(io_err)?;
+        Ok(Some(Snapshot {
+            meta: stored.meta,
+            snapshot: stored.data,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_keys_round_trip() {
+        for record in [
+            Record::ClusterId,
+            Record::Node(7),
+            Record::Kv("a/b c".into()),
+            Record::Kv(String::new()),
+        ] {
+            assert_eq!(parse_record_key(&record_key(&record)), Some(record));
+        }
+        assert_eq!(parse_record_key(b"bogus"), None);
+    }
+}
