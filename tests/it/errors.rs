@@ -1,0 +1,115 @@
+//! Bad input and bad situations: a clear message, a non-zero exit, no panic, nothing changed.
+
+use std::time::Duration;
+
+use crate::harness::{cli, wait_for, Cluster, Start, BIN};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_clean_failure(out: &std::process::Output, expected: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(1), "exit 1 for {expected:?}: {err}");
+    assert!(err.contains(expected), "expected {expected:?} in: {err}");
+    assert!(!err.contains("panicked"), "no panic: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_node_is_named() {
+    // Bind and drop a listener: nothing listens on that port afterwards.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let out = cli(&["status", "--node", &addr]);
+    assert_clean_failure(&out, &format!("cannot reach node {addr}"));
+    let out = cli(&["kv", "put", "k", "v", "--node", &addr]);
+    assert_clean_failure(&out, "is it running?");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_in_use_and_a_locked_data_dir_are_refused() {
+    let cluster = Cluster::start(1).await;
+    let busy_port = cluster.addr(1);
+    let other_dir = cluster.dir.path().join("other");
+    let out = cli(&[
+        "node", "run", "--id", "9", "--listen", &busy_port, "--data-dir",
+        other_dir.to_str().unwrap(), "--bootstrap",
+    ]);
+    assert_clean_failure(&out, &format!("cannot listen on {busy_port}"));
+
+    let locked = cluster.nodes[&1].data_dir.to_str().unwrap().to_string();
+    let out = cli(&[
+        "node", "run", "--id", "1", "--listen", "127.0.0.1:0", "--data-dir", &locked,
+    ]);
+    assert_clean_failure(&out, "locked by another process");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_that_cannot_be_written_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"not a dir").unwrap();
+    let out = cli(&[
+        "node", "run", "--id", "1", "--listen", "127.0.0.1:0", "--data-dir",
+        file.join("sub").to_str().unwrap(), "--bootstrap",
+    ]);
+    assert_clean_failure(&out, "is not usable");
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a dir", "nothing changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_config_is_refused_with_its_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    for (text, expected) in [
+        ("id = 1\nlisten = \"127.0.0.1:0\"\ndata_dir = 3\n", "malformed"),
+        ("id = 1\nlisen = \"127.0.0.1:0\"\n", "unknown field `lisen`"),
+        ("id = 1\n", "--listen is required"),
+    ] {
+        std::fs::write(&config, text).unwrap();
+        let out = cli(&["node", "run", "--config", config.to_str().unwrap()]);
+        assert_clean_failure(&out, expected);
+    }
+    let out = cli(&["node", "run", "--config", "/nonexistent/node.toml"]);
+    assert_clean_failure(&out, "cannot read config file /nonexistent/node.toml");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_of_another_cluster_cannot_join() {
+    let mut a = Cluster::start(1).await;
+    // A second, separate cluster whose only node then tries to join the first.
+    let mut b = Cluster::new();
+    b.spawn(1, Start::Bootstrap).await;
+    wait_for("cluster b to be named", Duration::from_secs(10), || async {
+        let status = b.status().await?;
+        (!status.cluster_id.is_empty()).then_some(())
+    })
+    .await;
+    let b_dir = b.nodes[&1].data_dir.clone();
+    assert!(b.terminate(1).success());
+    let out = std::process::Command::new(BIN)
+        .args(["node", "run", "--id", "2", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&b_dir)
+        .args(["--join", &a.addr(1)])
+        .output()
+        .unwrap();
+    assert_clean_failure(&out, "already belongs to cluster");
+    let status = a.status().await.unwrap();
+    assert_eq!(status.nodes.len(), 1, "cluster a is unchanged: {status:?}");
+    a.kill(1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_exit_2_and_help_explains() {
+    let out = cli(&["node", "run", "--bootstrap", "--join", "x:1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let help = cli(&["node", "run", "--help"]);
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("--bootstrap") && text.contains("TOML"), "{text}");
+    let help = cli(&["leader", "transfer", "--help"]);
+    assert!(String::from_utf8_lossy(&help.stdout).contains("not caught up"));
+}

@@ -1,0 +1,352 @@
+//! A multi-process test harness: real `cluster node run` processes on 127.0.0.1 with
+//! OS-assigned ports and temp data dirs, waits on conditions with deadlines, and every
+//! process killed when the harness is dropped (also when a test panics).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use cluster::api::ClusterStatus;
+use cluster::rpc::ControlClient;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cluster");
+
+/// Waits until `check` returns `Some`, polling every 20 ms; panics naming `what` at the deadline.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One node process and its files.
+pub struct NodeProc {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    /// Known after the first start; reused on restart so the membership stays valid.
+    pub addr: Option<String>,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    pub fn addr(&self) -> &str {
+        self.addr.as_deref().expect("node has started once")
+    }
+}
+
+pub enum Start<'a> {
+    Bootstrap,
+    Join(&'a str),
+    /// Restart with the existing data dir and address.
+    Restart,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: BTreeMap<u64, NodeProc>,
+    /// Extra flags for every node (e.g. timing).
+    pub flags: Vec<String>,
+}
+
+impl Cluster {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::Builder::new()
+                .prefix("cluster-it-")
+                .tempdir()
+                .expect("temp dir"),
+            nodes: BTreeMap::new(),
+            flags: Vec::new(),
+        }
+    }
+
+    /// Starts `n` nodes: node 1 bootstraps, the others join through it; waits for n voters.
+    pub async fn start(n: u64) -> Self {
+        let mut cluster = Self::new();
+        cluster.spawn(1, Start::Bootstrap).await;
+        let first = cluster.addr(1);
+        for id in 2..=n {
+            cluster.spawn(id, Start::Join(&first)).await;
+        }
+        cluster.wait_voters(n as usize).await;
+        cluster
+    }
+
+    pub fn addr(&self, id: u64) -> String {
+        self.nodes[&id].addr().to_string()
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes.values().filter_map(|n| n.addr.clone()).collect()
+    }
+
+    pub fn client(&self, id: u64) -> ControlClient {
+        ControlClient::new(&self.addr(id)).expect("client")
+    }
+
+    /// The command line of node `id` for `start` (without spawning it).
+    pub fn command(&mut self, id: u64, start: Start<'_>) -> Command {
+        let data_dir = self.dir.path().join(format!("n{id}"));
+        let log = self.dir.path().join(format!("n{id}.log"));
+        let node = self.nodes.entry(id).or_insert_with(|| NodeProc {
+            id,
+            data_dir: data_dir.clone(),
+            log: log.clone(),
+            addr: None,
+            child: None,
+        });
+        let listen = node.addr.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+        let mut command = Command::new(BIN);
+        command
+            .args(["node", "run", "--id", &id.to_string(), "--listen", &listen])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(&self.flags)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null());
+        match start {
+            Start::Bootstrap => {
+                command.arg("--bootstrap");
+            }
+            Start::Join(via) => {
+                command.args(["--join", via]);
+            }
+            Start::Restart => {}
+        }
+        command
+    }
+
+    /// Spawns node `id` and waits until it listens (its address file appears).
+    pub async fn spawn(&mut self, id: u64, start: Start<'_>) {
+        let mut command = self.command(id, start);
+        let node = self.nodes.get_mut(&id).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .expect("log file");
+        command
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let addr_file = node.data_dir.join("node.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        node.child = Some(command.spawn().expect("spawn cluster binary"));
+        let addr = wait_for(
+            &format!("node {id} to listen"),
+            Duration::from_secs(20),
+            || {
+                let addr_file = addr_file.clone();
+                async move { std::fs::read_to_string(&addr_file).ok() }
+            },
+        )
+        .await;
+        node.addr = Some(addr);
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill(&mut self, id: u64) {
+        let node = self.nodes.get_mut(&id).unwrap();
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and the exit status once the node has shut down.
+    pub fn terminate(&mut self, id: u64) -> ExitStatus {
+        let node = self.nodes.get_mut(&id).unwrap();
+        let mut child = node.child.take().expect("node is running");
+        signal(child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!("node {id} did not exit within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The leader's view, asked through any running node.
+    pub async fn status(&self) -> Option<ClusterStatus> {
+        for node in self.nodes.values() {
+            let Some(addr) = &node.addr else { continue };
+            let Ok(client) = ControlClient::new(addr) else {
+                continue;
+            };
+            if let Ok(status) = client.timeout(Duration::from_secs(2)).status(false).await {
+                if status.leader.is_some() {
+                    return Some(status);
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits until a leader reports `n` voters, each following it.
+    pub async fn wait_voters(&self, n: usize) -> ClusterStatus {
+        wait_for(&format!("{n} voters and a leader"), Duration::from_secs(30), || async {
+            let status = self.status().await?;
+            let voters = status.nodes.iter().filter(|n| n.role == "voter").count();
+            let settled = status
+                .nodes
+                .iter()
+                .all(|n| n.state == "leader" || n.state == "follower");
+            (voters == n && settled).then_some(status)
+        })
+        .await
+    }
+
+    /// Waits for a leader other than `not`.
+    pub async fn wait_leader_other_than(&self, not: u64) -> u64 {
+        wait_for("a new leader", Duration::from_secs(30), || async {
+            let leader = self.status().await?.leader?;
+            (leader != not).then_some(leader)
+        })
+        .await
+    }
+
+    /// The last lines of every node's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for node in self.nodes.values() {
+            let text = std::fs::read_to_string(&node.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            out.push_str(&format!("--- node {} ({}) ---\n", node.id, node.log.display()));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        for node in self.nodes.values_mut() {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) with a pid we spawned; no memory is shared.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+/// Runs the `cluster` binary to completion.
+pub fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cluster binary")
+}
+
+/// What a sequential writer saw.
+#[derive(Debug)]
+pub struct WriterReport {
+    /// Every (key, value) a node acknowledged as committed.
+    pub acked: Vec<(String, String)>,
+    /// Longest time between two consecutive acknowledgements.
+    pub max_gap: Duration,
+    pub failed_attempts: usize,
+}
+
+/// One client writing `prefix-N` keys in sequence until stopped. On an error it moves on to
+/// the next address, as a client with a list of endpoints would.
+pub struct Writer {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<WriterReport>,
+}
+
+/// Request timeout of the writer's client, stated next to every gap figure.
+pub const WRITER_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Writer {
+    pub fn start(addrs: Vec<String>, prefix: &str) -> Self {
+        let (stop, mut stopped) = watch::channel(false);
+        let prefix = prefix.to_string();
+        let task = tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut failed_attempts = 0;
+            let mut max_gap = Duration::ZERO;
+            let mut last_ack = Instant::now();
+            let mut target = 0;
+            let mut n = 0u64;
+            let clients: Vec<ControlClient> = addrs
+                .iter()
+                .map(|addr| ControlClient::new(addr).expect("client").timeout(WRITER_TIMEOUT))
+                .collect();
+            while !*stopped.borrow_and_update() {
+                let key = format!("{prefix}-{n}");
+                let value = format!("v{n}");
+                match clients[target % clients.len()].clone().kv_put(&key, &value).await {
+                    Ok(_) => {
+                        max_gap = max_gap.max(last_ack.elapsed());
+                        last_ack = Instant::now();
+                        acked.push((key, value));
+                        n += 1;
+                    }
+                    Err(_) => {
+                        failed_attempts += 1;
+                        target += 1;
+                        // A refused connection fails at once: do not spin on a dead node.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+            WriterReport {
+                acked,
+                max_gap,
+                failed_attempts,
+            }
+        });
+        Self { stop, task }
+    }
+
+    pub async fn stop(self) -> WriterReport {
+        let _ = self.stop.send(true);
+        self.task.await.expect("writer task")
+    }
+}
+
+/// Checks that every acknowledged write is readable (linearizably) through `addr`.
+pub async fn assert_all_readable(addr: &str, acked: &[(String, String)]) {
+    let client = ControlClient::new(addr).expect("client");
+    for (key, value) in acked {
+        let got = client.clone().kv_get(key).await.expect("read");
+        assert_eq!(got.as_deref(), Some(value.as_str()), "acknowledged write {key} lost");
+    }
+}
+
+pub fn data_dir_of(cluster: &Cluster, id: u64) -> &Path {
+    &cluster.nodes[&id].data_dir
+}

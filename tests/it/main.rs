@@ -1,0 +1,5 @@
+//! The integration suite: one binary, real `cluster` processes on loopback.
+
+mod errors;
+mod harness;
+mod raft;
