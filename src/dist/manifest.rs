@@ -21,7 +21,7 @@ pub const BINARY_PATH: &str = "bin/cluster";
 
 /// Largest chunk a manifest may declare. Sync holds a chunk in memory, so an untrusted
 /// manifest must not be able to ask for a huge one; this is fastcdc's own upper bound and
-/// well above what `scan` produces.
+/// well above what [`super::scan()`] produces.
 pub const MAX_CHUNK_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Linux's PATH_MAX and NAME_MAX: longer names cannot be materialized anyway.

@@ -7,11 +7,14 @@
 //!
 //! - [`manifest`]: the pure core. The [`Manifest`] type, its build hash, and
 //!   [`Manifest::validate`], the sanitizer for manifests that arrive over the network.
+//! - [`scan`](mod@scan): the filesystem edge that walks a directory into a manifest, hashing
+//!   and content-defined chunking files on every core.
 //!
 //! Architecture invariant: `manifest` does no I/O; every path the rest of the system writes
 //! to disk from an untrusted manifest has passed [`Manifest::validate`] first.
 
 pub mod manifest;
+pub mod scan;
 
 use std::path::PathBuf;
 
@@ -19,6 +22,7 @@ pub use manifest::{
     build_hash_of, chunk_offsets, Chunk, Entry, EntryKind, EntrySummary, Limits, Manifest,
     SummaryKind, BINARY_PATH, VERSION_FILE,
 };
+pub use scan::{scan, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN};
 
 /// Everything that can be wrong with a dist or a manifest.
 ///
@@ -304,5 +308,13 @@ impl DistError {
                 | DistError::EntryChanged { .. }
                 | DistError::HashMismatch { .. }
         )
+    }
+
+    /// Wraps `self` with the dist directory it concerns.
+    pub(crate) fn in_dist(self, dir: &std::path::Path) -> DistError {
+        DistError::InDist {
+            dir: dir.to_path_buf(),
+            error: Box::new(self),
+        }
     }
 }
