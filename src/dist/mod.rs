@@ -9,12 +9,14 @@
 //!   [`Manifest::validate`], the sanitizer for manifests that arrive over the network.
 //! - [`scan`](mod@scan): the filesystem edge that walks a directory into a manifest, hashing
 //!   and content-defined chunking files on every core.
+//! - [`version`]: `version.json`, written by `cluster dist stamp` and checked by `verify`.
 //!
 //! Architecture invariant: `manifest` does no I/O; every path the rest of the system writes
 //! to disk from an untrusted manifest has passed [`Manifest::validate`] first.
 
 pub mod manifest;
 pub mod scan;
+pub mod version;
 
 use std::path::PathBuf;
 
@@ -23,6 +25,7 @@ pub use manifest::{
     SummaryKind, BINARY_PATH, VERSION_FILE,
 };
 pub use scan::{scan, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN};
+pub use version::{hash, stamp, verify, VersionInfo};
 
 /// Everything that can be wrong with a dist or a manifest.
 ///
