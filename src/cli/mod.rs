@@ -1,0 +1,3 @@
+//! Command-line interface. (Minimal for now: only the `dist` commands are wired in.)
+
+pub mod dist;
