@@ -10,9 +10,11 @@
 //! - [`state`]: the replicated data model and its pure `apply`.
 //! - [`rpc`]: gRPC servers, client and channel pool (the only module that sees prost/tonic).
 //! - [`api`]: the Control service's domain types, shared by server, client and CLI.
+//! - [`dist`]: release content: manifest and build hash, directory scan, version.json.
 
 pub mod api;
 pub mod cli;
+pub mod dist;
 pub mod node;
 pub mod raft;
 pub mod rpc;

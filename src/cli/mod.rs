@@ -2,6 +2,7 @@
 //! validated configuration, and the commands. The only module that prints to stdout.
 
 mod config;
+mod dist;
 mod output;
 
 use std::process::ExitCode;
@@ -47,6 +48,8 @@ enum Command {
     /// Read and write the replicated key/value map
     #[command(subcommand)]
     Kv(KvCommand),
+    #[command(subcommand, about = dist::ABOUT, long_about = dist::LONG_ABOUT)]
+    Dist(dist::DistCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -130,6 +133,12 @@ enum KvCommand {
 pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let is_node = matches!(cli.command, Command::Node(_));
+    if let Command::Dist(command) = cli.command {
+        // Local file work: no async runtime needed.
+        init_tracing("warn");
+        let code = dist::run(command)?;
+        return Ok(ExitCode::from(u8::try_from(code).unwrap_or(EXIT_FAILURE)));
+    }
     init_tracing(if is_node { "info" } else { "warn" });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -183,6 +192,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             target.client()?.kv_put(&key, &value).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Dist(_) => unreachable!("handled before the runtime starts"),
         Command::Kv(KvCommand::Get { key, target }) => match target.client()?.kv_get(&key).await? {
             Some(value) => {
                 println!("{value}");

@@ -36,14 +36,28 @@ async fn a_port_in_use_and_a_locked_data_dir_are_refused() {
     let busy_port = cluster.addr(1);
     let other_dir = cluster.dir.path().join("other");
     let out = cli(&[
-        "node", "run", "--id", "9", "--listen", &busy_port, "--data-dir",
-        other_dir.to_str().unwrap(), "--bootstrap",
+        "node",
+        "run",
+        "--id",
+        "9",
+        "--listen",
+        &busy_port,
+        "--data-dir",
+        other_dir.to_str().unwrap(),
+        "--bootstrap",
     ]);
     assert_clean_failure(&out, &format!("cannot listen on {busy_port}"));
 
     let locked = cluster.nodes[&1].data_dir.to_str().unwrap().to_string();
     let out = cli(&[
-        "node", "run", "--id", "1", "--listen", "127.0.0.1:0", "--data-dir", &locked,
+        "node",
+        "run",
+        "--id",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &locked,
     ]);
     assert_clean_failure(&out, "locked by another process");
 }
@@ -54,11 +68,22 @@ async fn a_data_dir_that_cannot_be_written_is_refused() {
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"not a dir").unwrap();
     let out = cli(&[
-        "node", "run", "--id", "1", "--listen", "127.0.0.1:0", "--data-dir",
-        file.join("sub").to_str().unwrap(), "--bootstrap",
+        "node",
+        "run",
+        "--id",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        file.join("sub").to_str().unwrap(),
+        "--bootstrap",
     ]);
     assert_clean_failure(&out, "is not usable");
-    assert_eq!(std::fs::read(&file).unwrap(), b"not a dir", "nothing changed");
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"not a dir",
+        "nothing changed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,7 +91,10 @@ async fn malformed_config_is_refused_with_its_location() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("node.toml");
     for (text, expected) in [
-        ("id = 1\nlisten = \"127.0.0.1:0\"\ndata_dir = 3\n", "malformed"),
+        (
+            "id = 1\nlisten = \"127.0.0.1:0\"\ndata_dir = 3\n",
+            "malformed",
+        ),
         ("id = 1\nlisen = \"127.0.0.1:0\"\n", "unknown field `lisen`"),
         ("id = 1\n", "--listen is required"),
     ] {
@@ -92,7 +120,15 @@ async fn a_member_of_another_cluster_cannot_join() {
     let b_dir = b.nodes[&1].data_dir.clone();
     assert!(b.terminate(1).success());
     let out = std::process::Command::new(BIN)
-        .args(["node", "run", "--id", "2", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "node",
+            "run",
+            "--id",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(&b_dir)
         .args(["--join", &a.addr(1)])
         .output()
@@ -109,7 +145,10 @@ async fn usage_errors_exit_2_and_help_explains() {
     assert_eq!(out.status.code(), Some(2));
     let help = cli(&["node", "run", "--help"]);
     let text = String::from_utf8_lossy(&help.stdout);
-    assert!(text.contains("--bootstrap") && text.contains("TOML"), "{text}");
+    assert!(
+        text.contains("--bootstrap") && text.contains("TOML"),
+        "{text}"
+    );
     let help = cli(&["leader", "transfer", "--help"]);
     assert!(String::from_utf8_lossy(&help.stdout).contains("not caught up"));
 }

@@ -140,9 +140,7 @@ impl Cluster {
             .append(true)
             .open(&node.log)
             .expect("log file");
-        command
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+        command.stdout(log.try_clone().unwrap()).stderr(log);
         let addr_file = node.data_dir.join("node.addr");
         let _ = std::fs::remove_file(&addr_file);
         node.child = Some(command.spawn().expect("spawn cluster binary"));
@@ -203,15 +201,19 @@ impl Cluster {
 
     /// Waits until a leader reports `n` voters, each following it.
     pub async fn wait_voters(&self, n: usize) -> ClusterStatus {
-        wait_for(&format!("{n} voters and a leader"), Duration::from_secs(30), || async {
-            let status = self.status().await?;
-            let voters = status.nodes.iter().filter(|n| n.role == "voter").count();
-            let settled = status
-                .nodes
-                .iter()
-                .all(|n| n.state == "leader" || n.state == "follower");
-            (voters == n && settled).then_some(status)
-        })
+        wait_for(
+            &format!("{n} voters and a leader"),
+            Duration::from_secs(30),
+            || async {
+                let status = self.status().await?;
+                let voters = status.nodes.iter().filter(|n| n.role == "voter").count();
+                let settled = status
+                    .nodes
+                    .iter()
+                    .all(|n| n.state == "leader" || n.state == "follower");
+                (voters == n && settled).then_some(status)
+            },
+        )
         .await
     }
 
@@ -230,7 +232,11 @@ impl Cluster {
         for node in self.nodes.values() {
             let text = std::fs::read_to_string(&node.log).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(30).collect();
-            out.push_str(&format!("--- node {} ({}) ---\n", node.id, node.log.display()));
+            out.push_str(&format!(
+                "--- node {} ({}) ---\n",
+                node.id,
+                node.log.display()
+            ));
             for line in tail.into_iter().rev() {
                 out.push_str(line);
                 out.push('\n');
@@ -303,12 +309,20 @@ impl Writer {
             let mut n = 0u64;
             let clients: Vec<ControlClient> = addrs
                 .iter()
-                .map(|addr| ControlClient::new(addr).expect("client").timeout(WRITER_TIMEOUT))
+                .map(|addr| {
+                    ControlClient::new(addr)
+                        .expect("client")
+                        .timeout(WRITER_TIMEOUT)
+                })
                 .collect();
             while !*stopped.borrow_and_update() {
                 let key = format!("{prefix}-{n}");
                 let value = format!("v{n}");
-                match clients[target % clients.len()].clone().kv_put(&key, &value).await {
+                match clients[target % clients.len()]
+                    .clone()
+                    .kv_put(&key, &value)
+                    .await
+                {
                     Ok(_) => {
                         max_gap = max_gap.max(last_ack.elapsed());
                         last_ack = Instant::now();
@@ -343,7 +357,11 @@ pub async fn assert_all_readable(addr: &str, acked: &[(String, String)]) {
     let client = ControlClient::new(addr).expect("client");
     for (key, value) in acked {
         let got = client.clone().kv_get(key).await.expect("read");
-        assert_eq!(got.as_deref(), Some(value.as_str()), "acknowledged write {key} lost");
+        assert_eq!(
+            got.as_deref(),
+            Some(value.as_str()),
+            "acknowledged write {key} lost"
+        );
     }
 }
 

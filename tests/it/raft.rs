@@ -11,7 +11,11 @@ use crate::harness::{
 async fn three_nodes_form_a_cluster_with_one_leader() {
     let cluster = Cluster::start(3).await;
     let out = cli(&["status", "--json", "--node", &cluster.addr(2)]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
     let leader = json["leader"].as_u64().expect("a leader");
     assert!(json["term"].as_u64().unwrap() >= 1);
@@ -35,15 +39,26 @@ async fn three_nodes_form_a_cluster_with_one_leader() {
     assert_eq!(leaders.len(), 1, "exactly one leader: {json}");
     assert_eq!(leaders[0]["id"].as_u64(), Some(leader));
     // Every node reported itself with its build ("dev" outside a release).
-    wait_for("every node to report its build", Duration::from_secs(10), || async {
-        let status = cluster.status().await?;
-        status.nodes.iter().all(|n| n.build_hash == "dev").then_some(())
-    })
+    wait_for(
+        "every node to report its build",
+        Duration::from_secs(10),
+        || async {
+            let status = cluster.status().await?;
+            status
+                .nodes
+                .iter()
+                .all(|n| n.build_hash == "dev")
+                .then_some(())
+        },
+    )
     .await;
 
     let human = cli(&["status", "--node", &cluster.addr(3)]);
     let text = String::from_utf8_lossy(&human.stdout);
-    assert!(text.contains("LAST ACK") && text.contains("leader"), "{text}");
+    assert!(
+        text.contains("LAST ACK") && text.contains("leader"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,7 +66,11 @@ async fn kv_writes_replicate_to_every_node() {
     let cluster = Cluster::start(3).await;
     // Written through a follower or the leader alike: whichever node 3 is.
     let put = cli(&["kv", "put", "colour", "teal", "--node", &cluster.addr(3)]);
-    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
     let index = cluster
         .client(1)
         .kv_put("shape", "round")
@@ -62,11 +81,15 @@ async fn kv_writes_replicate_to_every_node() {
         let get = cli(&["kv", "get", "colour", "--node", &cluster.addr(id)]);
         assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "teal");
         // Replicated, not just readable through the leader: each node applied the write.
-        wait_for(&format!("node {id} to apply {index}"), Duration::from_secs(10), || async {
-            let local = cluster.client(id).status(true).await.ok()?;
-            let me = local.nodes.iter().find(|n| n.id == id)?;
-            (me.applied_index? >= index).then_some(())
-        })
+        wait_for(
+            &format!("node {id} to apply {index}"),
+            Duration::from_secs(10),
+            || async {
+                let local = cluster.client(id).status(true).await.ok()?;
+                let me = local.nodes.iter().find(|n| n.id == id)?;
+                (me.applied_index? >= index).then_some(())
+            },
+        )
         .await;
     }
     let missing = cli(&["kv", "get", "nothing-here", "--node", &cluster.addr(2)]);
@@ -78,7 +101,10 @@ async fn kv_writes_replicate_to_every_node() {
 async fn killing_the_leader_elects_another_and_loses_no_acknowledged_write() {
     let mut cluster = Cluster::start(3).await;
     let old = cluster.status().await.unwrap().leader.unwrap();
-    let survivors: Vec<String> = (1..=3).filter(|id| *id != old).map(|id| cluster.addr(id)).collect();
+    let survivors: Vec<String> = (1..=3)
+        .filter(|id| *id != old)
+        .map(|id| cluster.addr(id))
+        .collect();
     let writer = Writer::start(survivors.clone(), "kill");
     wait_for("some writes", Duration::from_secs(10), || async {
         let status = cluster.status().await?;
@@ -89,9 +115,11 @@ async fn killing_the_leader_elects_another_and_loses_no_acknowledged_write() {
     let new = cluster.wait_leader_other_than(old).await;
     // Keep writing under the new leader for a moment, then check everything.
     let before = cluster.status().await.unwrap().commit_index.unwrap();
-    wait_for("writes under the new leader", Duration::from_secs(10), || async {
-        (cluster.status().await?.commit_index? > before + 20).then_some(())
-    })
+    wait_for(
+        "writes under the new leader",
+        Duration::from_secs(10),
+        || async { (cluster.status().await?.commit_index? > before + 20).then_some(()) },
+    )
     .await;
     let report = writer.stop().await;
     println!(
@@ -116,15 +144,28 @@ async fn leader_transfer_moves_leadership_under_writes_without_loss() {
         (cluster.status().await?.commit_index? > 20).then_some(())
     })
     .await;
-    let out = cli(&["leader", "transfer", &to.to_string(), "--node", &cluster.addr(1), "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&[
+        "leader",
+        "transfer",
+        &to.to_string(),
+        "--node",
+        &cluster.addr(1),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(done["leader"].as_u64(), Some(to));
     assert_eq!(cluster.status().await.unwrap().leader, Some(to));
     let before = cluster.status().await.unwrap().commit_index.unwrap();
-    wait_for("writes under the new leader", Duration::from_secs(10), || async {
-        (cluster.status().await?.commit_index? > before + 20).then_some(())
-    })
+    wait_for(
+        "writes under the new leader",
+        Duration::from_secs(10),
+        || async { (cluster.status().await?.commit_index? > before + 20).then_some(()) },
+    )
     .await;
     let report = writer.stop().await;
     println!(
@@ -150,7 +191,10 @@ async fn a_restarted_node_rejoins_and_catches_up() {
     let leader = cluster.status().await.unwrap().leader.unwrap();
     let victim = if leader == 3 { 2 } else { 3 };
     let status = cluster.terminate(victim);
-    assert!(status.success(), "graceful shutdown exits 0, got {status:?}");
+    assert!(
+        status.success(),
+        "graceful shutdown exits 0, got {status:?}"
+    );
     let mut last = 0;
     for i in 0..50 {
         last = cluster
@@ -161,11 +205,15 @@ async fn a_restarted_node_rejoins_and_catches_up() {
             .log_index;
     }
     cluster.spawn(victim, Start::Restart).await;
-    wait_for("the restarted node to catch up", Duration::from_secs(20), || async {
-        let local = cluster.client(victim).status(true).await.ok()?;
-        let me = local.nodes.iter().find(|n| n.id == victim)?;
-        (me.applied_index? >= last && me.state == "follower").then_some(())
-    })
+    wait_for(
+        "the restarted node to catch up",
+        Duration::from_secs(20),
+        || async {
+            let local = cluster.client(victim).status(true).await.ok()?;
+            let me = local.nodes.iter().find(|n| n.id == victim)?;
+            (me.applied_index? >= last && me.state == "follower").then_some(())
+        },
+    )
     .await;
     assert!(data_dir_of(&cluster, victim).join("raft").exists());
 }
@@ -178,13 +226,23 @@ async fn five_nodes_tolerate_two_dead_voters() {
     let follower = (1..=5).find(|id| *id != leader).unwrap();
     cluster.kill(leader);
     cluster.kill(follower);
-    let alive: Vec<u64> = (1..=5).filter(|id| *id != leader && *id != follower).collect();
+    let alive: Vec<u64> = (1..=5)
+        .filter(|id| *id != leader && *id != follower)
+        .collect();
     cluster.wait_leader_other_than(leader).await;
     let client = cluster.client(alive[0]);
-    client.clone().kv_put("still", "writable").await.expect("write with 2 of 5 dead");
+    client
+        .clone()
+        .kv_put("still", "writable")
+        .await
+        .expect("write with 2 of 5 dead");
     let read = cluster.client(alive[2]).kv_get("still").await.unwrap();
     assert_eq!(read.as_deref(), Some("writable"));
     let status = cluster.status().await.unwrap();
-    let unreachable = status.nodes.iter().filter(|n| n.state == "unreachable").count();
+    let unreachable = status
+        .nodes
+        .iter()
+        .filter(|n| n.state == "unreachable")
+        .count();
     assert_eq!(unreachable, 2, "status shows the dead voters: {status:?}");
 }

@@ -1,0 +1,323 @@
+//! Release content ("dists"): what a dist may contain, its content hash, and version.json.
+//!
+//! A dist is a directory tree holding everything one release of `cluster` needs on a host,
+//! at minimum the binary `bin/cluster`. Its identity is the *build hash*: SHA-256 over the
+//! sorted list of entries (relative path, kind, permission bits, size, content SHA-256),
+//! so it is the same on every machine whatever the mtimes or owners.
+//!
+//! - [`manifest`]: the pure core. The [`Manifest`] type, its build hash, and
+//!   [`Manifest::validate`], the sanitizer for manifests that arrive over the network.
+//! - [`scan`](mod@scan): the filesystem edge that walks a directory into a manifest, hashing
+//!   and content-defined chunking files on every core.
+//! - [`version`]: `version.json`, written by `cluster dist stamp` and checked by `verify`.
+//!
+//! Architecture invariant: `manifest` does no I/O; every path the rest of the system writes
+//! to disk from an untrusted manifest has passed [`Manifest::validate`] first.
+
+pub mod manifest;
+pub mod scan;
+pub mod version;
+
+use std::path::PathBuf;
+
+pub use manifest::{
+    build_hash_of, chunk_offsets, Chunk, Entry, EntryKind, EntrySummary, Limits, Manifest,
+    SummaryKind, BINARY_PATH, VERSION_FILE,
+};
+pub use scan::{scan, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN};
+pub use version::{hash, stamp, verify, VersionInfo};
+
+/// Everything that can be wrong with a dist or a manifest.
+///
+/// Entry-level variants name the entry by its path relative to the dist root; errors found
+/// while looking at a directory on disk are wrapped in [`DistError::InDist`], which names
+/// the directory.
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    /// Context wrapper: `error` happened while reading the dist at `dir`.
+    #[error("dist {}: {error}", dir.display())]
+    InDist {
+        /// The dist root as the caller gave it.
+        dir: PathBuf,
+        /// What went wrong there. Not exposed as `source` because the message above
+        /// already contains it, and error reporters would print it twice.
+        error: Box<DistError>,
+    },
+
+    /// The dist directory itself is absent.
+    #[error("dist directory {} does not exist: pass the directory that contains bin/cluster", dir.display())]
+    DirMissing {
+        /// The path given.
+        dir: PathBuf,
+    },
+
+    /// The dist path exists but is not a directory.
+    #[error("{} is not a directory: a dist is a directory that contains bin/cluster", dir.display())]
+    NotADirectory {
+        /// The path given.
+        dir: PathBuf,
+    },
+
+    /// An I/O operation on a path failed.
+    #[error("cannot {action} {}: {source}: check that it exists and that this user may access it", path.display())]
+    Io {
+        /// What we were doing, as a verb phrase ("read", "list", "rename ... to").
+        action: &'static str,
+        /// The path the operation was on.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+
+    /// A name on disk is not UTF-8; manifests carry paths as strings.
+    #[error("{} is not a UTF-8 path: rename it; dist paths must be UTF-8", path.display())]
+    NonUtf8Path {
+        /// The offending path, relative to the dist root.
+        path: PathBuf,
+    },
+
+    /// Something other than a regular file, directory or symlink.
+    #[error("{path} is a {kind}: a dist may contain only regular files, directories and symlinks; remove it")]
+    UnsupportedFileType {
+        /// Entry path.
+        path: String,
+        /// "FIFO", "socket", "block device", "character device".
+        kind: &'static str,
+    },
+
+    /// A file changed between listing and hashing.
+    #[error("{path} changed while the dist was being scanned ({change}): stop writing to the dist and retry")]
+    ChangedWhileReading {
+        /// Entry path.
+        path: String,
+        /// What changed.
+        change: String,
+    },
+
+    /// `version.json` in the dist root is not a regular file.
+    #[error("{VERSION_FILE} is not a regular file: remove it; `cluster dist stamp` writes it")]
+    VersionFileNotRegular,
+
+    /// A path in a manifest breaks the rules for entry paths.
+    #[error(
+        "entry {path:?}: {problem}: entries must be relative paths of plain names inside the dist"
+    )]
+    BadPath {
+        /// The path as given (debug-quoted in the message so control characters show).
+        path: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+
+    /// The same path appears twice.
+    #[error("entry {path:?} appears more than once: each path may appear once")]
+    DuplicatePath {
+        /// The repeated path.
+        path: String,
+    },
+
+    /// Entries are not in byte-wise path order.
+    #[error("entry {path:?} comes after {previous:?}: entries must be sorted by path")]
+    Unsorted {
+        /// The out-of-order entry.
+        path: String,
+        /// The entry before it.
+        previous: String,
+    },
+
+    /// An entry's parent directory is not listed.
+    #[error(
+        "entry {path:?} has no entry for its parent directory {parent:?}: list every directory"
+    )]
+    MissingParent {
+        /// The entry.
+        path: String,
+        /// Its parent.
+        parent: String,
+    },
+
+    /// An entry's parent is listed but is a file or symlink.
+    #[error("entry {path:?} is inside {parent:?}, which is not a directory: only directories may contain entries")]
+    ParentNotDir {
+        /// The entry.
+        path: String,
+        /// Its parent.
+        parent: String,
+    },
+
+    /// A symlink target that is malformed (absolute, empty, control characters...).
+    #[error("symlink {path:?} -> {target:?}: {problem}: symlinks must be relative and stay inside the dist")]
+    BadSymlink {
+        /// The link's path.
+        path: String,
+        /// Its target.
+        target: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+
+    /// A symlink that resolves outside the dist root.
+    #[error("symlink {path:?} -> {target:?} points outside the dist: symlinks must stay inside the dist")]
+    SymlinkEscapes {
+        /// The link's path.
+        path: String,
+        /// Its target.
+        target: String,
+    },
+
+    /// Permission bits beyond rwx for user/group/other.
+    #[error("entry {path:?} has mode {mode:04o}: {problem}")]
+    BadMode {
+        /// The entry.
+        path: String,
+        /// The mode as given.
+        mode: u32,
+        /// What is wrong and how to fix it.
+        problem: &'static str,
+    },
+
+    /// A file's chunks do not add up to the file.
+    #[error("file {path:?}: chunks add up to {chunk_total} bytes but the file has {size}: the manifest is corrupt; re-scan the dist")]
+    ChunkSizeMismatch {
+        /// The file.
+        path: String,
+        /// Its declared size.
+        size: u64,
+        /// Sum of its chunk sizes (saturating).
+        chunk_total: u64,
+    },
+
+    /// A chunk that is empty or larger than any chunker here produces.
+    #[error("file {path:?}: chunk {index} has {size} bytes, outside 1..={max}: the manifest is corrupt; re-scan the dist")]
+    BadChunkSize {
+        /// The file.
+        path: String,
+        /// Position of the chunk in the file.
+        index: usize,
+        /// Its declared size.
+        size: u64,
+        /// The largest chunk accepted.
+        max: u64,
+    },
+
+    /// A hash that is not 64 lowercase hex characters.
+    #[error("file {path:?}: {what} {hash:?} is not 64 lowercase hex characters: the manifest is corrupt; re-scan the dist")]
+    BadHash {
+        /// The file.
+        path: String,
+        /// "content hash" or "chunk N hash".
+        what: String,
+        /// The value given.
+        hash: String,
+    },
+
+    /// Total file bytes above the configured cap.
+    #[error("the dist holds at least {total} bytes of files, over the limit of {limit}: shrink the dist or raise the size limit")]
+    TooLarge {
+        /// Bytes counted so far (at least this many).
+        total: u64,
+        /// The cap.
+        limit: u64,
+    },
+
+    /// More entries than the configured cap.
+    #[error("the dist has more than {limit} entries: shrink the dist or raise the entry limit")]
+    TooManyEntries {
+        /// The cap.
+        limit: usize,
+    },
+
+    /// No `bin/cluster`.
+    #[error("bin/cluster is missing: a dist must contain the cluster binary at bin/cluster")]
+    MissingBinary,
+
+    /// `bin/cluster` exists but is not a regular file.
+    #[error("bin/cluster is not a regular file: a dist must contain the cluster binary itself at bin/cluster, not a link or directory")]
+    BinaryNotFile,
+
+    /// `bin/cluster` is not executable by its owner.
+    #[error("bin/cluster has mode {mode:04o} and is not executable: chmod +x bin/cluster")]
+    BinaryNotExecutable {
+        /// Its mode.
+        mode: u32,
+    },
+
+    /// A manifest lists `version.json` at the root, which is derived from the manifest.
+    #[error("entry \"{VERSION_FILE}\" may not appear in a manifest: it is written from the manifest by `cluster dist stamp`")]
+    VersionFileInManifest,
+
+    /// `verify` on a dist without version.json.
+    #[error("{VERSION_FILE} is missing: run `cluster dist stamp <dir>` first")]
+    NotStamped,
+
+    /// `version.json` exists but cannot be parsed.
+    #[error("{VERSION_FILE} is not valid: {reason}: re-create it with `cluster dist stamp <dir>`")]
+    BadVersionFile {
+        /// The parse error.
+        reason: String,
+    },
+
+    /// `verify`: an entry recorded in version.json is gone.
+    #[error("{path} is listed in {VERSION_FILE} but missing from the dist: the dist changed after it was stamped; restore it or re-stamp")]
+    EntryMissing {
+        /// The entry.
+        path: String,
+    },
+
+    /// `verify`: an entry on disk is not recorded in version.json.
+    #[error("{path} is in the dist but not listed in {VERSION_FILE}: the dist changed after it was stamped; remove it or re-stamp")]
+    EntryExtra {
+        /// The entry.
+        path: String,
+    },
+
+    /// `verify`: an entry differs from what version.json records.
+    #[error("{path} changed since the dist was stamped ({change}): restore it or re-stamp")]
+    EntryChanged {
+        /// The entry.
+        path: String,
+        /// What differs, e.g. "size 10 -> 12".
+        change: String,
+    },
+
+    /// `verify`: the build hash differs but no entry does (version.json was edited, or has
+    /// no manifest list to compare with).
+    #[error("{VERSION_FILE} records build hash {recorded} but the content hashes to {actual}: re-stamp the dist")]
+    HashMismatch {
+        /// buildHash in version.json.
+        recorded: String,
+        /// Hash of the content on disk.
+        actual: String,
+    },
+}
+
+impl DistError {
+    /// The error without [`DistError::InDist`] context wrappers, for matching on the cause.
+    pub fn innermost(&self) -> &DistError {
+        match self {
+            DistError::InDist { error, .. } => error.innermost(),
+            other => other,
+        }
+    }
+
+    /// True when `verify` ran fine and found that the content does not match version.json
+    /// (as opposed to being unable to check at all). The CLI maps this to exit status 1.
+    pub fn is_mismatch(&self) -> bool {
+        matches!(
+            self.innermost(),
+            DistError::NotStamped
+                | DistError::EntryMissing { .. }
+                | DistError::EntryExtra { .. }
+                | DistError::EntryChanged { .. }
+                | DistError::HashMismatch { .. }
+        )
+    }
+
+    /// Wraps `self` with the dist directory it concerns.
+    pub(crate) fn in_dist(self, dir: &std::path::Path) -> DistError {
+        DistError::InDist {
+            dir: dir.to_path_buf(),
+            error: Box::new(self),
+        }
+    }
+}
