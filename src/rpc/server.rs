@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use super::pb::control_server::{Control, ControlServer};
@@ -40,11 +40,15 @@ pub async fn serve(
     let control = ControlServer::new(ControlService { node })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Nagle's algorithm against delayed ACKs costs ~40 ms per small reply: disable it on
+    // every accepted connection (the builder's tcp_nodelay only covers listeners it binds).
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(std::time::Duration::from_secs(10)));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(raft)
         .add_service(control)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 

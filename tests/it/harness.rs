@@ -199,6 +199,19 @@ impl Cluster {
         None
     }
 
+    /// The leader's view once a leader has committed something in its term.
+    pub async fn leader_status(&self) -> ClusterStatus {
+        wait_for(
+            "a leader with a commit index",
+            Duration::from_secs(30),
+            || async {
+                let status = self.status().await?;
+                status.commit_index.is_some().then_some(status)
+            },
+        )
+        .await
+    }
+
     /// Waits until a leader reports `n` voters, each following it.
     pub async fn wait_voters(&self, n: usize) -> ClusterStatus {
         wait_for(

@@ -100,7 +100,7 @@ async fn kv_writes_replicate_to_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_elects_another_and_loses_no_acknowledged_write() {
     let mut cluster = Cluster::start(3).await;
-    let old = cluster.status().await.unwrap().leader.unwrap();
+    let old = cluster.leader_status().await.leader.unwrap();
     let survivors: Vec<String> = (1..=3)
         .filter(|id| *id != old)
         .map(|id| cluster.addr(id))
@@ -114,7 +114,7 @@ async fn killing_the_leader_elects_another_and_loses_no_acknowledged_write() {
     cluster.kill(old);
     let new = cluster.wait_leader_other_than(old).await;
     // Keep writing under the new leader for a moment, then check everything.
-    let before = cluster.status().await.unwrap().commit_index.unwrap();
+    let before = cluster.leader_status().await.commit_index.unwrap();
     wait_for(
         "writes under the new leader",
         Duration::from_secs(10),
@@ -137,7 +137,7 @@ async fn killing_the_leader_elects_another_and_loses_no_acknowledged_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_transfer_moves_leadership_under_writes_without_loss() {
     let cluster = Cluster::start(3).await;
-    let old = cluster.status().await.unwrap().leader.unwrap();
+    let old = cluster.leader_status().await.leader.unwrap();
     let to = if old == 3 { 2 } else { 3 };
     let writer = Writer::start(cluster.addrs(), "transfer");
     wait_for("some writes", Duration::from_secs(10), || async {
@@ -159,8 +159,8 @@ async fn leader_transfer_moves_leadership_under_writes_without_loss() {
     );
     let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(done["leader"].as_u64(), Some(to));
-    assert_eq!(cluster.status().await.unwrap().leader, Some(to));
-    let before = cluster.status().await.unwrap().commit_index.unwrap();
+    assert_eq!(cluster.leader_status().await.leader, Some(to));
+    let before = cluster.leader_status().await.commit_index.unwrap();
     wait_for(
         "writes under the new leader",
         Duration::from_secs(10),
@@ -188,7 +188,7 @@ async fn leader_transfer_moves_leadership_under_writes_without_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_rejoins_and_catches_up() {
     let mut cluster = Cluster::start(3).await;
-    let leader = cluster.status().await.unwrap().leader.unwrap();
+    let leader = cluster.leader_status().await.leader.unwrap();
     let victim = if leader == 3 { 2 } else { 3 };
     let status = cluster.terminate(victim);
     assert!(
@@ -221,7 +221,7 @@ async fn a_restarted_node_rejoins_and_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_tolerate_two_dead_voters() {
     let mut cluster = Cluster::start(5).await;
-    let leader = cluster.status().await.unwrap().leader.unwrap();
+    let leader = cluster.leader_status().await.leader.unwrap();
     // Kill the leader and one follower: 3 of 5 remain, still a majority.
     let follower = (1..=5).find(|id| *id != leader).unwrap();
     cluster.kill(leader);
@@ -238,7 +238,7 @@ async fn five_nodes_tolerate_two_dead_voters() {
         .expect("write with 2 of 5 dead");
     let read = cluster.client(alive[2]).kv_get("still").await.unwrap();
     assert_eq!(read.as_deref(), Some("writable"));
-    let status = cluster.status().await.unwrap();
+    let status = cluster.leader_status().await;
     let unreachable = status
         .nodes
         .iter()
