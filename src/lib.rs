@@ -9,9 +9,12 @@
 //! - [`store`]: sled log store and state machine (the only module that sees sled).
 //! - [`state`]: the replicated data model and its pure `apply`.
 //! - [`rpc`]: gRPC servers, client and channel pool (the only module that sees prost/tonic).
+//! - [`agent`]: what a node does with releases on its disk: hold, serve, materialize.
 //! - [`api`]: the Control service's domain types, shared by server, client and CLI.
+//! - [`supervise`]: the restart loop for hosts without systemd (and for tests).
 //! - [`dist`]: release content: manifest and build hash, directory scan, version.json.
 
+pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod dist;
@@ -20,3 +23,4 @@ pub mod raft;
 pub mod rpc;
 pub mod state;
 pub mod store;
+pub mod supervise;

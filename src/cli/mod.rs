@@ -48,8 +48,49 @@ enum Command {
     /// Read and write the replicated key/value map
     #[command(subcommand)]
     Kv(KvCommand),
+    /// Run a node and start it again whenever it exits (for hosts without systemd)
+    #[command(long_about = "Run `<data-dir>/current/bin/cluster <ARGS>` and start it again \
+        whenever it exits, so a node that exits to switch releases comes back on the release \
+        `current` now points at. SIGTERM/SIGINT are passed to the node; the supervisor exits \
+        once it has. systemd plays this role in production.\n\n\
+        Example: cluster supervise --data-dir /tmp/n1 -- node run --id 1 --listen 127.0.0.1:7101 --data-dir /tmp/n1 --bootstrap")]
+    Supervise {
+        /// The node's data dir (holds `current`)
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        /// Arguments for the node binary, after `--`
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
     #[command(subcommand, about = dist::ABOUT, long_about = dist::LONG_ABOUT)]
-    Dist(dist::DistCommand),
+    Dist(DistAll),
+}
+
+#[derive(Subcommand, Debug)]
+enum DistAll {
+    #[command(flatten)]
+    Local(dist::DistCommand),
+    /// Upload a dist to a node, sending only the chunks it holds in no release
+    #[command(long_about = "Upload a dist to a node. The node reports which content chunks \
+        it holds in none of its releases; only those cross the network. The dist becomes a \
+        release the node holds (and serves to other nodes); nothing is activated.")]
+    Push {
+        /// The dist directory (contains bin/cluster)
+        dir: std::path::PathBuf,
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON: {hash, fetched_bytes, fetched_chunks, reused_bytes, elapsed_ms}
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the releases a node holds, and which one is current
+    Releases {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON: {hashes, current, previous, free_bytes}
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -132,8 +173,8 @@ enum KvCommand {
 /// Parses arguments and runs the command; `main` maps the result to an exit code.
 pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    let is_node = matches!(cli.command, Command::Node(_));
-    if let Command::Dist(command) = cli.command {
+    let is_node = matches!(cli.command, Command::Node(_) | Command::Supervise { .. });
+    if let Command::Dist(DistAll::Local(command)) = cli.command {
         // Local file work: no async runtime needed.
         init_tracing("warn");
         let code = dist::run(command)?;
@@ -192,7 +233,54 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             target.client()?.kv_put(&key, &value).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Dist(_) => unreachable!("handled before the runtime starts"),
+        Command::Supervise { data_dir, args } => {
+            let status = crate::supervise::run(&data_dir, args).await?;
+            Ok(ExitCode::from(status.code().unwrap_or(0).clamp(0, 255) as u8))
+        }
+        Command::Dist(DistAll::Local(_)) => unreachable!("handled before the runtime starts"),
+        Command::Dist(DistAll::Push { dir, target, json }) => {
+            let limits = crate::dist::Limits::default();
+            let dist = tokio::task::spawn_blocking(move || {
+                crate::agent::upload::LocalDist::scan(&dir, &limits)
+            })
+            .await??;
+            let mut client = crate::rpc::AgentClient::new(&target.node)?;
+            let outcome = crate::agent::upload::push(&mut client, &dist).await?;
+            if json {
+                output::print_json(&outcome)?;
+            } else {
+                println!(
+                    "{}: release {} held by {} (sent {} bytes in {} chunks, reused {} bytes, {} ms)",
+                    dist.dir.display(),
+                    outcome.hash,
+                    target.node,
+                    outcome.fetched_bytes,
+                    outcome.fetched_chunks,
+                    outcome.reused_bytes,
+                    outcome.elapsed_ms
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dist(DistAll::Releases { target, json }) => {
+            let view = crate::rpc::AgentClient::new(&target.node)?.releases().await?;
+            if json {
+                output::print_json(&view)?;
+            } else {
+                for hash in &view.hashes {
+                    let mark = match (&view.current, &view.previous) {
+                        (Some(c), _) if c == hash => "  (current)",
+                        (_, Some(p)) if p == hash => "  (previous)",
+                        _ => "",
+                    };
+                    println!("{hash}{mark}");
+                }
+                if view.hashes.is_empty() {
+                    println!("no releases on {}", target.node);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Kv(KvCommand::Get { key, target }) => match target.client()?.kv_get(&key).await? {
             Some(value) => {
                 println!("{value}");

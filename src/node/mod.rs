@@ -15,10 +15,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::BasicNode;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 pub use handle::NodeHandle;
 
+use crate::agent::Agent;
 use crate::api::{ErrorKind, JoinRequest};
 use crate::raft::network::{Network, RaftHandler};
 use crate::raft::{Raft, Timing};
@@ -61,6 +62,8 @@ pub enum NodeError {
     NeedAdvertise(SocketAddr),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("releases: {0}")]
+    Releases(String),
     #[error("invalid Raft timing: {0}")]
     Timing(String),
     #[error("raft: {0}")]
@@ -93,6 +96,7 @@ pub async fn run(
         None => bound.to_string(),
     };
     let (log_store, sm) = store::open(&config.data_dir).await?;
+    let channels = Channels::default();
     write_atomically(&config.data_dir.join("node.addr"), addr.as_bytes()).map_err(|source| {
         NodeError::DataDir {
             path: config.data_dir.clone(),
@@ -100,7 +104,6 @@ pub async fn run(
         }
     })?;
 
-    let channels = Channels::default();
     let network = Network {
         id: config.id,
         channels: channels.clone(),
@@ -111,6 +114,17 @@ pub async fn run(
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
 
+    let restart = Arc::new(Notify::new());
+    let term_raft = raft.clone();
+    let agent = Arc::new(
+        Agent::open(
+            &config.data_dir,
+            channels.clone(),
+            Arc::new(move || crate::raft::metrics(&term_raft).current_term),
+            restart.clone(),
+        )
+        .map_err(|e| NodeError::Releases(e.to_string()))?,
+    );
     let node = Arc::new(NodeHandle {
         id: config.id,
         addr: addr.clone(),
@@ -137,6 +151,7 @@ pub async fn run(
         listener,
         Arc::new(RaftHandler { raft: raft.clone() }),
         node.clone(),
+        agent,
         async move {
             let _ = server_stop.wait_for(|stop| *stop).await;
         },
@@ -168,6 +183,10 @@ pub async fn run(
             tokio::pin!(server);
             tokio::select! {
                 _ = &mut shutdown => Ok(()),
+                _ = restart.notified() => {
+                    tracing::info!(id = config.id, "restarting: exiting for the supervisor to start the current release");
+                    Ok(())
+                }
                 result = &mut server => Err(NodeError::Serve(match result {
                     Ok(Ok(())) => "exited".to_string(),
                     Ok(Err(e)) => e.to_string(),

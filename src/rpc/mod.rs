@@ -3,11 +3,13 @@
 //! Architecture invariant: this is the only module that sees prost or tonic types.
 //! Errors become gRPC statuses (and back) in exactly one place, `status`.
 
+mod agent;
 mod client;
 mod server;
 mod status;
 mod transport;
 
+pub use agent::AgentClient;
 pub use client::ControlClient;
 pub use server::{serve, RaftRpcHandler};
 pub use transport::{Channels, RaftPeer, RaftRpc, TransportError};

@@ -8,6 +8,8 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
+use super::agent::AgentService;
+use super::pb::agent_server::AgentServer;
 use super::pb::control_server::{Control, ControlServer};
 use super::pb::raft_server::{Raft, RaftServer};
 use super::pb::{self, RaftReply, RaftRequest};
@@ -32,12 +34,16 @@ pub async fn serve(
     listener: TcpListener,
     raft: Arc<dyn RaftRpcHandler>,
     node: Arc<NodeHandle>,
+    agent: Arc<crate::agent::Agent>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let raft = RaftServer::new(RaftService { handler: raft })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let control = ControlServer::new(ControlService { node })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let agent = AgentServer::new(AgentService { agent })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Nagle's algorithm against delayed ACKs costs ~40 ms per small reply: disable it on
@@ -48,6 +54,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(raft)
         .add_service(control)
+        .add_service(agent)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

@@ -3,3 +3,4 @@
 mod errors;
 mod harness;
 mod raft;
+mod releases;

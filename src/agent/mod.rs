@@ -1,0 +1,356 @@
+//! What a node does with releases on its own disk: report what it holds, serve release
+//! content to peers, and materialize a release from a manifest, fetching only the chunks
+//! it holds in no release from peers that have them.
+//!
+//! Architecture invariant: no remote shell. Every operation is typed and works on paths the
+//! release store computes from a validated manifest.
+
+pub mod upload;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::api::{ApiError, ErrorKind, PrepareOutcome, ReleasesView};
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::dist::store::{ReleaseStore, Staging};
+use crate::dist::{Chunk, DistError, Limits, Manifest};
+use crate::rpc::{AgentClient, Channels};
+
+/// The current Raft term of this node, for fencing mutations.
+pub type TermSource = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// A change to a node's releases, issued by a rollout (see `Fence`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mutation {
+    /// `previous` -> what `current` points at: the backup, pinned until commit.
+    PinPrevious,
+    /// `current` -> releases/<hash>.
+    Activate(String),
+    /// `current` -> `previous`.
+    Restore,
+    /// Drop `previous`; keep the newest few old releases.
+    Commit,
+    /// Exit gracefully so the supervisor starts the `current` release.
+    Restart,
+}
+
+/// Who may mutate: the leader term and rollout generation that issued the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Fence {
+    pub generation: u64,
+    pub term: u64,
+}
+
+/// How many old releases `commit` keeps besides the current one.
+pub const KEEP_OLD_RELEASES: usize = 2;
+
+/// The release side of a node. Filesystem work runs on blocking threads.
+#[derive(Clone)]
+pub struct Agent {
+    store: Arc<ReleaseStore>,
+    /// Where `free_bytes` is measured: the data dir's filesystem.
+    data_dir: std::path::PathBuf,
+    channels: Channels,
+    limits: Limits,
+    term: TermSource,
+    /// Notified by `Mutation::Restart`; the node shuts down gracefully and exits.
+    restart: Arc<Notify>,
+    /// Serializes mutations and guards the persisted highest generation.
+    fence_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Maps a release-store error to what a remote caller can act on.
+fn api_error(e: DistError) -> ApiError {
+    let kind = match e.innermost() {
+        DistError::Io { .. } => ErrorKind::Internal,
+        _ if e.is_mismatch() => ErrorKind::FailedPrecondition,
+        _ => ErrorKind::InvalidArgument,
+    };
+    ApiError::new(kind, e.to_string())
+}
+
+impl Agent {
+    /// Opens the release store under `data_dir` (discarding partial staging from a crash).
+    pub fn open(
+        data_dir: &Path,
+        channels: Channels,
+        term: TermSource,
+        restart: Arc<Notify>,
+    ) -> Result<Self, DistError> {
+        Ok(Self {
+            store: Arc::new(ReleaseStore::open(data_dir)?),
+            data_dir: data_dir.to_path_buf(),
+            channels,
+            limits: Limits::default(),
+            term,
+            restart,
+            fence_lock: Arc::default(),
+        })
+    }
+
+    /// Applies `mutation` if `fence` is current: its term is not below this node's term and
+    /// its generation not below the highest this node has accepted (persisted, so a restart
+    /// does not forget it). Idempotent: repeating a mutation gives the same result.
+    pub async fn mutate(&self, fence: Fence, mutation: Mutation) -> Result<ReleasesView, ApiError> {
+        let _serialized = self.fence_lock.lock().await;
+        let node_term = (self.term)();
+        if fence.term < node_term {
+            return Err(ApiError::precondition(format!(
+                "refused {mutation:?}: issued in term {} but this node is in term {node_term}: \
+                 a newer leader exists",
+                fence.term
+            )));
+        }
+        let fence_file = self.data_dir.join("agent-fence.json");
+        let accepted: Fence = std::fs::read(&fence_file)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        if fence.generation < accepted.generation {
+            return Err(ApiError::precondition(format!(
+                "refused {mutation:?}: rollout generation {} is older than generation {} this \
+                 node already follows",
+                fence.generation, accepted.generation
+            )));
+        }
+        if fence != accepted {
+            let bytes = serde_json::to_vec(&fence).map_err(|e| ApiError::internal(e.to_string()))?;
+            crate::dist::store::write_file_atomically(&fence_file, &bytes)
+                .map_err(|e| ApiError::internal(format!("recording the fence: {e}")))?;
+        }
+        let restart = matches!(mutation, Mutation::Restart);
+        let view_after = self
+            .blocking(move |store| {
+                match &mutation {
+                    Mutation::PinPrevious => store.pin_previous()?,
+                    Mutation::Activate(hash) => store.activate(hash)?,
+                    Mutation::Restore => store.restore()?,
+                    Mutation::Commit => {
+                        store.commit(KEEP_OLD_RELEASES)?;
+                    }
+                    Mutation::Restart => {}
+                }
+                Ok(())
+            })
+            .await;
+        view_after?;
+        let view = self.releases().await?;
+        if restart {
+            tracing::info!(generation = fence.generation, "restart requested by the rollout");
+            self.restart.notify_one();
+        }
+        Ok(view)
+    }
+
+    pub fn store(&self) -> &ReleaseStore {
+        &self.store
+    }
+
+    /// Runs release-store work off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&ReleaseStore) -> Result<T, DistError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .map_err(|e| ApiError::internal(format!("release store task failed: {e}")))?
+            .map_err(api_error)
+    }
+
+    pub async fn releases(&self) -> Result<ReleasesView, ApiError> {
+        let data_dir = self.data_dir.clone();
+        self.blocking(move |store| {
+            Ok(ReleasesView {
+                hashes: store.releases()?,
+                current: store.current()?,
+                previous: store.previous()?,
+                free_bytes: free_bytes(&data_dir).unwrap_or(0),
+            })
+        })
+        .await
+    }
+
+    pub async fn manifest(&self, hash: &str) -> Result<Manifest, ApiError> {
+        let hash = hash.to_string();
+        self.blocking(move |store| store.manifest(&hash)).await
+    }
+
+    /// The chunks of `manifest` this node would have to fetch, and their total size.
+    pub async fn missing(&self, manifest: Manifest) -> Result<(Vec<Chunk>, u64), ApiError> {
+        self.blocking(move |store| {
+            let missing = store.missing_chunks(&manifest)?;
+            let bytes = missing.iter().map(|c| c.size).sum();
+            Ok((missing, bytes))
+        })
+        .await
+    }
+
+    /// One chunk's bytes from any release held here (verified before it is served).
+    pub async fn read_chunk(&self, sha256: String) -> Result<Vec<u8>, ApiError> {
+        self.blocking(move |store| store.read_chunk(&sha256)).await
+    }
+
+    /// Materializes `manifest` as a release: local content is reused, missing chunks are
+    /// fetched from `peers` (first peer that has a chunk wins), every byte is verified.
+    pub async fn prepare(
+        &self,
+        manifest: Manifest,
+        peers: Vec<String>,
+    ) -> Result<PrepareOutcome, ApiError> {
+        let started = Instant::now();
+        let total = manifest.total_bytes();
+        let limits = self.limits.clone();
+        let hash = manifest.build_hash();
+        if self.store.has(&hash) {
+            return Ok(PrepareOutcome {
+                hash,
+                fetched_bytes: 0,
+                fetched_chunks: 0,
+                reused_bytes: total,
+                elapsed_ms: started.elapsed().as_millis() as u64,
+            });
+        }
+        let mut staging = self
+            .blocking(move |store| store.begin(&manifest, &limits))
+            .await?;
+        let mut fetched_bytes = 0;
+        let mut fetched_chunks = 0;
+        for peer in &peers {
+            let wanted: Vec<String> = staging.missing().iter().map(|c| c.sha256.clone()).collect();
+            if wanted.is_empty() {
+                break;
+            }
+            let chunks = match AgentClient::with_channels(&self.channels, peer)?
+                .read_chunks(wanted)
+                .await
+            {
+                Ok(chunks) => chunks,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "fetching chunks failed; trying the next peer");
+                    continue;
+                }
+            };
+            let fed = feed(staging, chunks).await;
+            staging = fed.staging;
+            fetched_bytes += fed.bytes;
+            fetched_chunks += fed.chunks;
+            if let Some(e) = fed.error {
+                tracing::warn!(%peer, error = %e, "a peer's chunk stream broke; trying the next peer");
+            }
+        }
+        if !staging.missing().is_empty() {
+            return Err(ApiError::unavailable(format!(
+                "release {hash}: {} chunks ({} bytes) are held by none of the peers {peers:?}: \
+                 upload the dist to one of them first",
+                staging.missing().len(),
+                staging.missing().iter().map(|c| c.size).sum::<u64>()
+            )));
+        }
+        let hash = finish(staging).await?;
+        Ok(PrepareOutcome {
+            hash,
+            fetched_bytes,
+            fetched_chunks,
+            reused_bytes: total.saturating_sub(fetched_bytes),
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Materializes `manifest` from chunks a client streams (an operator uploading a dist).
+    /// Chunks are written to staging as they arrive, never buffered whole.
+    pub async fn upload(
+        &self,
+        manifest: Manifest,
+        chunks: impl Stream<Item = Result<(String, Vec<u8>), ApiError>> + Send + Unpin,
+    ) -> Result<PrepareOutcome, ApiError> {
+        let started = Instant::now();
+        let total = manifest.total_bytes();
+        let limits = self.limits.clone();
+        let staging = self
+            .blocking(move |store| store.begin(&manifest, &limits))
+            .await?;
+        let fed = feed(staging, chunks).await;
+        if let Some(e) = fed.error {
+            return Err(e);
+        }
+        if !fed.staging.missing().is_empty() {
+            return Err(ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "upload ended with {} chunks of the release still missing: send every chunk the node reported missing",
+                    fed.staging.missing().len()
+                ),
+            ));
+        }
+        let hash = finish(fed.staging).await?;
+        Ok(PrepareOutcome {
+            hash,
+            fetched_bytes: fed.bytes,
+            fetched_chunks: fed.chunks,
+            reused_bytes: total.saturating_sub(fed.bytes),
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+}
+
+/// What feeding a chunk stream into staging achieved.
+struct Fed {
+    staging: Staging,
+    bytes: u64,
+    chunks: u64,
+    /// Why the stream stopped early, if it did.
+    error: Option<ApiError>,
+}
+
+/// Writes every chunk of `chunks` into `staging` (verifying each) on a blocking thread.
+async fn feed(
+    mut staging: Staging,
+    mut chunks: impl Stream<Item = Result<(String, Vec<u8>), ApiError>> + Unpin,
+) -> Fed {
+    let (mut bytes, mut count) = (0, 0);
+    while let Some(item) = chunks.next().await {
+        let (sha256, data) = match item {
+            Ok(chunk) => chunk,
+            Err(error) => return Fed { staging, bytes, chunks: count, error: Some(error) },
+        };
+        let size = data.len() as u64;
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = staging.put_chunk(&sha256, &data);
+            (staging, result)
+        })
+        .await;
+        let (back, result) = match joined {
+            Ok(pair) => pair,
+            Err(e) => panic!("release store task failed: {e}"),
+        };
+        staging = back;
+        if let Err(e) = result {
+            return Fed { staging, bytes, chunks: count, error: Some(api_error(e)) };
+        }
+        bytes += size;
+        count += 1;
+    }
+    Fed { staging, bytes, chunks: count, error: None }
+}
+
+async fn finish(staging: Staging) -> Result<String, ApiError> {
+    tokio::task::spawn_blocking(move || staging.finish())
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(api_error)
+}
+
+/// Free bytes available to this process on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into a zeroed struct we own; the path is NUL-terminated.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
+    (rc == 0).then(|| stat.f_bavail as u64 * stat.f_frsize as u64)
+}

@@ -1,0 +1,92 @@
+//! `cluster supervise`: the restart loop for hosts without systemd (and for tests).
+//!
+//! It runs `<data>/current/bin/cluster <args>` and starts it again whenever it exits, so a
+//! node that exits to switch releases comes back on the release `current` now points at.
+//! SIGTERM/SIGINT are passed to the child; the supervisor exits once the child has.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use tokio::process::Command;
+
+/// Environment variable set for the supervised node: it tells the node that exiting is
+/// how it restarts (someone will start it again).
+pub const SUPERVISED_ENV: &str = "CLUSTER_SUPERVISED";
+
+/// Exit status a node uses when it exits to be restarted (on request, e.g. by a rollout).
+pub const EXIT_RESTART: i32 = 75;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    #[error(
+        "{} does not exist: install a release first (cluster dist install <dist> --data-dir {})",
+        .0.display(), .1.display()
+    )]
+    NoRelease(PathBuf, PathBuf),
+    #[error("cannot start {}: {source}", path.display())]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs the node under supervision until SIGTERM/SIGINT; returns the last exit status.
+pub async fn run(data_dir: &Path, args: Vec<String>) -> Result<ExitStatus, SuperviseError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|source| SuperviseError::Spawn {
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| SuperviseError::Spawn {
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
+    // Quick successive crashes back off up to 2 s; a run that lasted 10 s resets the delay.
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let binary = data_dir.join("current/bin/cluster");
+        if !binary.exists() {
+            return Err(SuperviseError::NoRelease(binary, data_dir.to_path_buf()));
+        }
+        let started = Instant::now();
+        let mut child = Command::new(&binary)
+            .args(&args)
+            .env(SUPERVISED_ENV, "1")
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| SuperviseError::Spawn {
+                path: binary.clone(),
+                source,
+            })?;
+        tracing::info!(pid = child.id(), binary = %binary.display(), "started node");
+        let stop = tokio::select! {
+            status = child.wait() => {
+                let status = status.map_err(|source| SuperviseError::Spawn { path: binary.clone(), source })?;
+                tracing::info!(%status, "node exited; starting it again");
+                None
+            }
+            _ = term.recv() => Some(libc::SIGTERM),
+            _ = int.recv() => Some(libc::SIGINT),
+        };
+        if let Some(signal) = stop {
+            if let Some(pid) = child.id() {
+                // SAFETY: kill(2) on our own child's pid.
+                unsafe {
+                    libc::kill(pid as i32, signal);
+                }
+            }
+            let status = child.wait().await.map_err(|source| SuperviseError::Spawn {
+                path: binary.clone(),
+                source,
+            })?;
+            return Ok(status);
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            delay = Duration::from_millis(100);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
