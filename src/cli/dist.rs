@@ -1,16 +1,18 @@
-//! `cluster dist stamp|hash|verify`: the command line over [`crate::dist`].
+//! `cluster dist stamp|hash|verify|install`: the command line over [`crate::dist`].
 
 use std::io::Write;
 use std::path::PathBuf;
 
-use crate::dist::{self, Limits, VersionInfo};
+use serde::Serialize;
+
+use crate::dist::{self, Limits, ReleaseStore, VersionInfo};
 
 /// One-line help for `cluster dist`, for the parent command's `about`.
-pub const ABOUT: &str = "Stamp, hash and verify a release directory (a dist)";
+pub const ABOUT: &str = "Stamp, hash, verify and install a release directory (a dist)";
 
 /// Full help for `cluster dist`, for the parent command's `long_about`.
 pub const LONG_ABOUT: &str = "\
-Stamp, hash and verify a release directory (a dist).
+Stamp, hash, verify and install a release directory (a dist).
 
 A dist is a directory holding everything one release of cluster needs on a host: at least
 the binary bin/cluster, plus any other files, directories and relative symlinks that stay
@@ -63,6 +65,43 @@ an error.")]
         #[arg(long)]
         json: bool,
     },
+
+    /// Install a dist into a node's data directory and make it the current release
+    #[command(long_about = "\
+Install a dist into a node's data directory and make it the current release.
+
+The dist is copied to <data-dir>/releases/<build-hash>/ (files that an installed release
+already has are hard-linked from it), its version.json is written, the copy is verified
+against the build hash, and only then is it renamed into place. <data-dir>/current is then
+pointed at it with an atomic symlink swap; what it pointed at before is printed.
+
+Nothing is restarted and <data-dir>/previous is left as it is: use this to put the first
+release on a host before `cluster node run` starts from <data-dir>/current/bin/cluster, or to
+switch releases by hand on a stopped node. Installing a release that is already there only
+moves current. If the dist is invalid, or
+another process (a running node) has the data directory open, nothing changes.")]
+    Install {
+        /// The dist directory; it must contain bin/cluster
+        dist: PathBuf,
+        /// The node's data directory (created if missing)
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Print the result as JSON: buildHash, currentBefore (null if none), dataDir
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// What `cluster dist install --json` prints.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Installed {
+    /// The release now current.
+    build_hash: String,
+    /// The release current pointed at before, if any.
+    current_before: Option<String>,
+    /// Where it was installed.
+    data_dir: PathBuf,
 }
 
 /// Runs `command`, printing results on stdout; returns the process exit status.
@@ -111,6 +150,36 @@ fn execute(command: DistCommand, out: &mut dyn Write, err: &mut dyn Write) -> an
             }
             Err(error) => Err(error.into()),
         },
+        DistCommand::Install {
+            dist,
+            data_dir,
+            json,
+        } => {
+            let store = ReleaseStore::open(&data_dir)?;
+            let current_before = store.current()?;
+            let build_hash = store.install_dir(&dist, &limits)?;
+            store.activate(&build_hash)?;
+            if json {
+                serde_json::to_writer_pretty(
+                    &mut *out,
+                    &Installed {
+                        build_hash,
+                        current_before,
+                        data_dir,
+                    },
+                )?;
+                writeln!(out)?;
+            } else {
+                writeln!(out, "{build_hash}")?;
+                writeln!(
+                    out,
+                    "current: {} -> {build_hash} (in {})",
+                    current_before.as_deref().unwrap_or("none"),
+                    data_dir.display()
+                )?;
+            }
+            Ok(0)
+        }
     }
 }
 
@@ -173,6 +242,19 @@ mod tests {
         );
         let help = DistCli::command().render_long_help().to_string();
         assert!(help.contains("build hash"), "{help}");
+        assert_eq!(
+            parse(&["install", "d", "--data-dir", "/var/lib/cluster"]),
+            DistCommand::Install {
+                dist: "d".into(),
+                data_dir: "/var/lib/cluster".into(),
+                json: false
+            }
+        );
+        let mut cli = DistCli::command();
+        let install = cli.find_subcommand_mut("install").unwrap();
+        let help = install.render_long_help().to_string();
+        assert!(help.contains("atomic symlink swap"), "{help}");
+        assert!(help.contains("--data-dir"), "{help}");
     }
 
     #[test]
@@ -210,6 +292,81 @@ mod tests {
         assert_eq!(status.unwrap(), 1);
         assert!(out.is_empty());
         assert!(err.contains("extra is in the dist but not listed"), "{err}");
+    }
+
+    #[test]
+    fn install_points_current_at_the_dist() {
+        let data = tempfile::tempdir().unwrap();
+        let data_dir = data.path().join("node");
+        let data_arg = data_dir.to_str().unwrap();
+        let first = sample_dist();
+        let (status, out, _) = exec(&[
+            "install",
+            first.path().to_str().unwrap(),
+            "--data-dir",
+            data_arg,
+        ]);
+        assert_eq!(status.unwrap(), 0);
+        let first_hash = out.lines().next().unwrap().to_owned();
+        assert_eq!(first_hash.len(), 64, "{out}");
+        assert!(
+            out.contains(&format!("current: none -> {first_hash}")),
+            "{out}"
+        );
+        assert!(data_dir.join("current/bin/cluster").is_file());
+        assert!(data_dir.join("current/version.json").is_file());
+
+        let second = sample_dist();
+        fs::write(second.path().join("bin/cluster"), b"binary 2").unwrap();
+        let (status, out, _) = exec(&[
+            "install",
+            second.path().to_str().unwrap(),
+            "--data-dir",
+            data_arg,
+            "--json",
+        ]);
+        assert_eq!(status.unwrap(), 0);
+        let value: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(value["currentBefore"], first_hash.as_str());
+        assert_eq!(value["dataDir"], data_arg);
+        let second_hash = value["buildHash"].as_str().unwrap();
+        assert_ne!(second_hash, first_hash);
+        assert_eq!(
+            fs::read(data_dir.join("current/bin/cluster")).unwrap(),
+            b"binary 2"
+        );
+        assert!(
+            !data_dir.join("previous").exists(),
+            "install does not pin a backup"
+        );
+    }
+
+    #[test]
+    fn install_of_a_bad_dist_changes_nothing() {
+        let data = tempfile::tempdir().unwrap();
+        let good = sample_dist();
+        let data_arg = data.path().to_str().unwrap();
+        exec(&[
+            "install",
+            good.path().to_str().unwrap(),
+            "--data-dir",
+            data_arg,
+        ])
+        .0
+        .unwrap();
+        let before = fs::read_link(data.path().join("current")).unwrap();
+        let bad = sample_dist();
+        fs::remove_file(bad.path().join("bin/cluster")).unwrap();
+        let (status, out, _) = exec(&[
+            "install",
+            bad.path().to_str().unwrap(),
+            "--data-dir",
+            data_arg,
+        ]);
+        let message = status.unwrap_err().to_string();
+        assert!(message.contains("bin/cluster is missing"), "{message}");
+        assert!(out.is_empty());
+        assert_eq!(fs::read_link(data.path().join("current")).unwrap(), before);
     }
 
     #[test]

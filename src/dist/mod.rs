@@ -10,12 +10,16 @@
 //! - [`scan`](mod@scan): the filesystem edge that walks a directory into a manifest, hashing
 //!   and content-defined chunking files on every core.
 //! - [`version`]: `version.json`, written by `cluster dist stamp` and checked by `verify`.
+//! - [`store`]: a node's releases on disk (`<data>/releases/<hash>/`, the `current` and
+//!   `previous` links, `staging/`): install a dist, stage a synced one from chunks, serve
+//!   chunks to peers, activate, restore, commit. Crash-safe; releases are immutable.
 //!
 //! Architecture invariant: `manifest` does no I/O; every path the rest of the system writes
 //! to disk from an untrusted manifest has passed [`Manifest::validate`] first.
 
 pub mod manifest;
 pub mod scan;
+pub mod store;
 pub mod version;
 
 use std::path::PathBuf;
@@ -25,6 +29,7 @@ pub use manifest::{
     SummaryKind, BINARY_PATH, VERSION_FILE,
 };
 pub use scan::{scan, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN};
+pub use store::{ReleaseStore, Staging, DEFAULT_KEEP_OLD};
 pub use version::{hash, stamp, verify, VersionInfo};
 
 /// Everything that can be wrong with a dist or a manifest.
@@ -288,6 +293,136 @@ pub enum DistError {
         recorded: String,
         /// Hash of the content on disk.
         actual: String,
+    },
+
+    /// Another process (or another `ReleaseStore` in this one) has the release store open.
+    #[error("the release store in {} is in use by another process (a running node?): stop it, or use another data directory", data_dir.display())]
+    StoreLocked {
+        /// The node's data directory.
+        data_dir: PathBuf,
+    },
+
+    /// A build hash given to the store is not one: it would not name a directory under
+    /// releases/, and could name one outside it.
+    #[error("{hash:?} is not a build hash: a build hash is 64 lowercase hex characters, as printed by `cluster dist hash`")]
+    NotABuildHash {
+        /// The value given.
+        hash: String,
+    },
+
+    /// A build hash that names no complete release in the store.
+    #[error("release {hash} is not installed in {}: install it first (`cluster dist install <dist> --data-dir <data>`)", data_dir.display())]
+    UnknownRelease {
+        /// The build hash asked for.
+        hash: String,
+        /// The node's data directory.
+        data_dir: PathBuf,
+    },
+
+    /// `<data>/current` is absent where one is needed.
+    #[error("{} does not exist: no release is active; activate one first (`cluster dist install <dist> --data-dir <data>`)", path.display())]
+    NoCurrent {
+        /// The path of the `current` link.
+        path: PathBuf,
+    },
+
+    /// `<data>/previous` is absent, so there is nothing to restore.
+    #[error("{} does not exist: there is no backup to restore; pin one (pin_previous) before activating a new release", path.display())]
+    NoPrevious {
+        /// The path of the `previous` link.
+        path: PathBuf,
+    },
+
+    /// `current` or `previous` is not a symlink to `releases/<build hash>`.
+    #[error("{} is not a link to releases/<build hash> (found {found:?}): remove it and activate a release", path.display())]
+    BadLink {
+        /// The link's path.
+        path: PathBuf,
+        /// What is there: the link's target, or a description of the non-link.
+        found: String,
+    },
+
+    /// A manifest file under `<data>/manifests/` cannot be parsed.
+    #[error("manifest {} is not valid: {reason}: the release store is damaged; remove releases/{hash} and manifests/{hash}.json, then install the release again", path.display())]
+    BadManifestFile {
+        /// The file.
+        path: PathBuf,
+        /// The release it describes.
+        hash: String,
+        /// The parse error.
+        reason: String,
+    },
+
+    /// `put_chunk` got a chunk that the manifest being staged does not list.
+    #[error("chunk {sha256} is not part of release {release}: send only the chunks that Staging::missing lists")]
+    UnknownChunk {
+        /// The chunk's claimed SHA-256.
+        sha256: String,
+        /// The release being staged.
+        release: String,
+    },
+
+    /// `put_chunk` got bytes that are not the chunk they claim to be.
+    #[error("chunk {sha256} arrived corrupt ({problem}): fetch it again, from another node if it repeats")]
+    ChunkMismatch {
+        /// The chunk's claimed SHA-256.
+        sha256: String,
+        /// "1000 bytes, expected 1024" or "content hashes to ...".
+        problem: String,
+    },
+
+    /// `read_chunk` for a chunk in no release held here.
+    #[error("chunk {sha256} is in no release held in {}: ask a node that holds the release", data_dir.display())]
+    ChunkNotHeld {
+        /// The chunk asked for.
+        sha256: String,
+        /// The node's data directory.
+        data_dir: PathBuf,
+    },
+
+    /// Local content that should hold a chunk does not hash to it.
+    #[error("{} does not hold chunk {sha256} at byte {offset} as its manifest says: the release is damaged on disk; remove it and install it again", path.display())]
+    ChunkCorrupt {
+        /// The chunk.
+        sha256: String,
+        /// The file that should hold it.
+        path: PathBuf,
+        /// Where in the file.
+        offset: u64,
+    },
+
+    /// `Staging::finish` before every missing chunk was put.
+    #[error("release {release} cannot be assembled: {count} chunks are still missing: put_chunk every chunk Staging::missing lists first")]
+    ChunksMissing {
+        /// The release being staged.
+        release: String,
+        /// How many chunks are missing.
+        count: usize,
+    },
+
+    /// The assembled tree does not hash to the build hash of its manifest.
+    #[error("the staged release hashes to {actual}, not {expected}: a source changed during the install or a local release is damaged; try again")]
+    StagedMismatch {
+        /// The build hash of the manifest.
+        expected: String,
+        /// The build hash of what was assembled.
+        actual: String,
+    },
+
+    /// A file assembled in staging does not hash to the content hash its manifest gives.
+    #[error("file {path:?} of the staged release does not match its content hash: the manifest's chunks disagree with it, or a held release is damaged; re-scan the dist, or remove the damaged release, and try again")]
+    FileMismatch {
+        /// The entry.
+        path: String,
+    },
+
+    /// A `builtAt` or `gitCommit` value for a release's version.json that is malformed.
+    #[error("{field} {value:?} is not valid: builtAt must be RFC 3339 and gitCommit letters and digits (at most 64), or \"unknown\"")]
+    BadOrigin {
+        /// "builtAt" or "gitCommit".
+        field: &'static str,
+        /// The value given.
+        value: String,
     },
 }
 
