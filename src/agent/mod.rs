@@ -105,7 +105,8 @@ impl Agent {
                 fence.term
             )));
         }
-        let fence_file = self.data_dir.join("agent-fence.json");
+        const FENCE_FILE: &str = "agent-fence.json";
+        let fence_file = self.data_dir.join(FENCE_FILE);
         let accepted: Fence = std::fs::read(&fence_file)
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
@@ -118,8 +119,9 @@ impl Agent {
             )));
         }
         if fence != accepted {
-            let bytes = serde_json::to_vec(&fence).map_err(|e| ApiError::internal(e.to_string()))?;
-            crate::dist::store::write_file_atomically(&fence_file, &bytes)
+            let bytes =
+                serde_json::to_vec(&fence).map_err(|e| ApiError::internal(e.to_string()))?;
+            crate::dist::store::write_atomically(&self.data_dir, FENCE_FILE, &bytes)
                 .map_err(|e| ApiError::internal(format!("recording the fence: {e}")))?;
         }
         let restart = matches!(mutation, Mutation::Restart);
@@ -140,7 +142,10 @@ impl Agent {
         view_after?;
         let view = self.releases().await?;
         if restart {
-            tracing::info!(generation = fence.generation, "restart requested by the rollout");
+            tracing::info!(
+                generation = fence.generation,
+                "restart requested by the rollout"
+            );
             self.restart.notify_one();
         }
         Ok(view)
@@ -204,7 +209,7 @@ impl Agent {
     ) -> Result<PrepareOutcome, ApiError> {
         let started = Instant::now();
         let total = manifest.total_bytes();
-        let limits = self.limits.clone();
+        let limits = self.limits;
         let hash = manifest.build_hash();
         if self.store.has(&hash) {
             return Ok(PrepareOutcome {
@@ -270,7 +275,7 @@ impl Agent {
     ) -> Result<PrepareOutcome, ApiError> {
         let started = Instant::now();
         let total = manifest.total_bytes();
-        let limits = self.limits.clone();
+        let limits = self.limits;
         let staging = self
             .blocking(move |store| store.begin(&manifest, &limits))
             .await?;
@@ -316,7 +321,14 @@ async fn feed(
     while let Some(item) = chunks.next().await {
         let (sha256, data) = match item {
             Ok(chunk) => chunk,
-            Err(error) => return Fed { staging, bytes, chunks: count, error: Some(error) },
+            Err(error) => {
+                return Fed {
+                    staging,
+                    bytes,
+                    chunks: count,
+                    error: Some(error),
+                }
+            }
         };
         let size = data.len() as u64;
         let joined = tokio::task::spawn_blocking(move || {
@@ -330,12 +342,22 @@ async fn feed(
         };
         staging = back;
         if let Err(e) = result {
-            return Fed { staging, bytes, chunks: count, error: Some(api_error(e)) };
+            return Fed {
+                staging,
+                bytes,
+                chunks: count,
+                error: Some(api_error(e)),
+            };
         }
         bytes += size;
         count += 1;
     }
-    Fed { staging, bytes, chunks: count, error: None }
+    Fed {
+        staging,
+        bytes,
+        chunks: count,
+        error: None,
+    }
 }
 
 async fn finish(staging: Staging) -> Result<String, ApiError> {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures::StreamExt;
 
@@ -57,14 +58,21 @@ impl LocalDist {
 
 /// Uploads `dist` to the node behind `client`, sending only the chunks it lacks. Chunks
 /// are read as the upload streams them, so memory stays at one chunk in flight.
-pub async fn push(client: &mut AgentClient, dist: &LocalDist) -> Result<PrepareOutcome, ApiError> {
+pub async fn push(
+    client: &mut AgentClient,
+    dist: &Arc<LocalDist>,
+) -> Result<PrepareOutcome, ApiError> {
     let (missing, _) = client.missing(&dist.manifest).await?;
     let dir = dist.dir.clone();
+    let reader = dist.clone();
     let chunks = futures::stream::iter(missing).map(move |sha256| {
-        let bytes = dist.read_chunk(&sha256).map_err(|e| {
+        let bytes = reader.read_chunk(&sha256).map_err(|e| {
             ApiError::new(
                 ErrorKind::InvalidArgument,
-                format!("dist {} changed while uploading ({e}): re-run the command", dir.display()),
+                format!(
+                    "dist {} changed while uploading ({e}): re-run the command",
+                    dir.display()
+                ),
             )
         })?;
         Ok((sha256, bytes))

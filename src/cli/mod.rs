@@ -49,11 +49,13 @@ enum Command {
     #[command(subcommand)]
     Kv(KvCommand),
     /// Run a node and start it again whenever it exits (for hosts without systemd)
-    #[command(long_about = "Run `<data-dir>/current/bin/cluster <ARGS>` and start it again \
+    #[command(
+        long_about = "Run `<data-dir>/current/bin/cluster <ARGS>` and start it again \
         whenever it exits, so a node that exits to switch releases comes back on the release \
         `current` now points at. SIGTERM/SIGINT are passed to the node; the supervisor exits \
         once it has. systemd plays this role in production.\n\n\
-        Example: cluster supervise --data-dir /tmp/n1 -- node run --id 1 --listen 127.0.0.1:7101 --data-dir /tmp/n1 --bootstrap")]
+        Example: cluster supervise --data-dir /tmp/n1 -- node run --id 1 --listen 127.0.0.1:7101 --data-dir /tmp/n1 --bootstrap"
+    )]
     Supervise {
         /// The node's data dir (holds `current`)
         #[arg(long)]
@@ -71,9 +73,11 @@ enum DistAll {
     #[command(flatten)]
     Local(dist::DistCommand),
     /// Upload a dist to a node, sending only the chunks it holds in no release
-    #[command(long_about = "Upload a dist to a node. The node reports which content chunks \
+    #[command(
+        long_about = "Upload a dist to a node. The node reports which content chunks \
         it holds in none of its releases; only those cross the network. The dist becomes a \
-        release the node holds (and serves to other nodes); nothing is activated.")]
+        release the node holds (and serves to other nodes); nothing is activated."
+    )]
     Push {
         /// The dist directory (contains bin/cluster)
         dir: std::path::PathBuf,
@@ -201,7 +205,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Node(NodeCommand::Run(args)) => {
             let config = config::resolve(args)?;
-            crate::node::run(config, shutdown_signal()).await?;
+            crate::node::run(config, shutdown_signal()?).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(args) => {
@@ -235,15 +239,19 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Supervise { data_dir, args } => {
             let status = crate::supervise::run(&data_dir, args).await?;
-            Ok(ExitCode::from(status.code().unwrap_or(0).clamp(0, 255) as u8))
+            Ok(ExitCode::from(
+                status.code().unwrap_or(0).clamp(0, 255) as u8
+            ))
         }
         Command::Dist(DistAll::Local(_)) => unreachable!("handled before the runtime starts"),
         Command::Dist(DistAll::Push { dir, target, json }) => {
             let limits = crate::dist::Limits::default();
-            let dist = tokio::task::spawn_blocking(move || {
-                crate::agent::upload::LocalDist::scan(&dir, &limits)
-            })
-            .await??;
+            let dist = std::sync::Arc::new(
+                tokio::task::spawn_blocking(move || {
+                    crate::agent::upload::LocalDist::scan(&dir, &limits)
+                })
+                .await??,
+            );
             let mut client = crate::rpc::AgentClient::new(&target.node)?;
             let outcome = crate::agent::upload::push(&mut client, &dist).await?;
             if json {
@@ -263,7 +271,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dist(DistAll::Releases { target, json }) => {
-            let view = crate::rpc::AgentClient::new(&target.node)?.releases().await?;
+            let view = crate::rpc::AgentClient::new(&target.node)?
+                .releases()
+                .await?;
             if json {
                 output::print_json(&view)?;
             } else {
@@ -294,19 +304,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// A future that completes on SIGTERM or SIGINT. The handlers are installed now, before
+/// the node starts, so a signal during startup is a graceful stop, not a kill.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the node");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
+    })
 }

@@ -1105,8 +1105,10 @@ fn sync_dir(dir: &Path) -> Result<(), DistError> {
         .map_err(io_error("sync", dir))
 }
 
-/// Replaces `dir/name` with `bytes`: temporary file, fsync, rename, fsync of `dir`.
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), DistError> {
+/// Replaces `dir/name` with `bytes` so that readers and crashes see the old or the new
+/// content: temporary file in `dir`, fsync, rename, fsync of `dir`. The one atomic file
+/// write of the crate.
+pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), DistError> {
     let target = dir.join(name);
     let temporary = dir.join(random_name(&format!(".{name}.tmp")));
     let written = create_new(&temporary, 0o644).and_then(|mut file| {

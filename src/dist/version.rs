@@ -9,9 +9,8 @@
 //!
 //! The file itself is excluded from the build hash, so stamping never changes the hash.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
+use std::io;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::SystemTime;
@@ -20,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::manifest::{build_hash_of, EntrySummary, Limits, Manifest, VERSION_FILE};
 use super::scan::{check_root, scan};
+use super::store::write_atomically;
 use super::DistError;
 
 /// What `version.json` records about a dist.
@@ -236,51 +236,6 @@ fn git_commit(dir: &Path) -> String {
         }
         _ => "unknown".to_owned(),
     }
-}
-
-/// Replaces `dir/name` with `bytes` so that readers and crashes see the old or the new
-/// content: write a temporary file in the same directory, fsync it, rename it over the
-/// target, fsync the directory so the rename itself is durable.
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), DistError> {
-    let target = dir.join(name);
-    // Unique per process and call; a leftover from a crash shows up in `verify` as an
-    // extra entry, which is the right prompt to delete it.
-    let temporary = dir.join(format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_nanos())
-    ));
-    let io_error = |action, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| DistError::Io {
-            action,
-            path,
-            source,
-        }
-    };
-
-    let written = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&temporary)
-            .map_err(io_error("create", &temporary))?;
-        file.write_all(bytes)
-            .map_err(io_error("write", &temporary))?;
-        file.sync_all().map_err(io_error("sync", &temporary))?;
-        fs::rename(&temporary, &target).map_err(io_error("rename a temporary file to", &target))
-    })();
-    if let Err(error) = written {
-        // Best effort: the temporary may not even exist, and the original error matters more.
-        let _ = fs::remove_file(&temporary);
-        return Err(error);
-    }
-    File::open(dir)
-        .and_then(|directory| directory.sync_all())
-        .map_err(io_error("sync", dir))
 }
 
 #[cfg(test)]

@@ -97,12 +97,12 @@ pub async fn run(
     };
     let (log_store, sm) = store::open(&config.data_dir).await?;
     let channels = Channels::default();
-    write_atomically(&config.data_dir.join("node.addr"), addr.as_bytes()).map_err(|source| {
-        NodeError::DataDir {
+    crate::dist::store::write_atomically(&config.data_dir, "node.addr", addr.as_bytes()).map_err(
+        |e| NodeError::DataDir {
             path: config.data_dir.clone(),
-            source,
-        }
-    })?;
+            source: std::io::Error::other(e.to_string()),
+        },
+    )?;
 
     let network = Network {
         id: config.id,
@@ -145,7 +145,7 @@ pub async fn run(
     });
     tracing::info!(id = config.id, %addr, build = %node.info.build_hash, "node starting");
 
-    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(crate::rpc::serve(
         listener,
@@ -170,16 +170,18 @@ pub async fn run(
         }
         Ok::<_, NodeError>(())
     };
-    let outcome = tokio::select! {
-        result = started => result,
-        _ = stop_rx.wait_for(|stop| *stop) => Ok(()),
+    tokio::pin!(shutdown);
+    // A stop during bootstrap or join is a graceful stop too.
+    let (outcome, stopping) = tokio::select! {
+        result = started => (result, false),
+        _ = &mut shutdown => (Ok(()), true),
     };
     let reporter = tokio::spawn(report_self(node.clone(), stop_rx.clone()));
 
     let outcome = match outcome {
         Err(e) => Err(e),
+        Ok(()) if stopping => Ok(()),
         Ok(()) => {
-            tokio::pin!(shutdown);
             tokio::pin!(server);
             tokio::select! {
                 _ = &mut shutdown => Ok(()),
@@ -318,14 +320,4 @@ pub fn running_build_hash() -> String {
 fn random_hex(bytes: usize) -> String {
     let raw: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
     hex::encode(raw)
-}
-
-/// Writes `path` so that readers see the old or the new content, never a torn one.
-fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(content)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
 }

@@ -76,7 +76,11 @@ impl AgentRpc for AgentService {
             generation: fence.generation,
             term: fence.term,
         };
-        let view = self.agent.mutate(fence, mutation).await.map_err(to_status)?;
+        let view = self
+            .agent
+            .mutate(fence, mutation)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::MutateReply {
             current: view.current.unwrap_or_default(),
             previous: view.previous.unwrap_or_default(),
@@ -152,9 +156,9 @@ impl AgentRpc for AgentService {
         let chunks = parts
             .map_err(|status| ApiError::unavailable(format!("upload stream broke: {status}")))
             .and_then(|part| async move {
-                part.chunk
-                    .map(|c| (c.sha256, c.data))
-                    .ok_or_else(|| ApiError::new(ErrorKind::InvalidArgument, "upload part without a chunk"))
+                part.chunk.map(|c| (c.sha256, c.data)).ok_or_else(|| {
+                    ApiError::new(ErrorKind::InvalidArgument, "upload part without a chunk")
+                })
             });
         let outcome = self
             .agent
@@ -193,7 +197,10 @@ impl AgentClient {
 
     pub fn with_channels(channels: &Channels, addr: &str) -> Result<Self, ApiError> {
         let channel = channels.get(addr).map_err(|e| {
-            ApiError::new(ErrorKind::InvalidArgument, format!("{e}: expected host:port"))
+            ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!("{e}: expected host:port"),
+            )
         })?;
         Ok(Self {
             addr: addr.to_string(),
@@ -282,8 +289,10 @@ impl AgentClient {
     pub async fn read_chunks(
         &mut self,
         sha256: Vec<String>,
-    ) -> Result<impl Stream<Item = Result<(String, Vec<u8>), ApiError>> + Send + Unpin + use<>, ApiError>
-    {
+    ) -> Result<
+        impl Stream<Item = Result<(String, Vec<u8>), ApiError>> + Send + Unpin + use<>,
+        ApiError,
+    > {
         let addr = self.addr.clone();
         let stream = self
             .client
@@ -328,7 +337,9 @@ impl AgentClient {
         if let Some(error) = broke.lock().unwrap_or_else(|p| p.into_inner()).take() {
             return Err(error);
         }
-        Ok(prepare_outcome(reply.map_err(|s| self.error(s))?.into_inner()))
+        Ok(prepare_outcome(
+            reply.map_err(|s| self.error(s))?.into_inner(),
+        ))
     }
 
     /// Asks the node to materialize `manifest`, fetching missing chunks from `peers`.

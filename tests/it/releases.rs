@@ -1,6 +1,7 @@
 //! Releases between real nodes: upload, delta sync from a peer, and untrusted manifests.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use cluster::agent::upload::{push, LocalDist};
 use cluster::api::ErrorKind;
@@ -9,7 +10,8 @@ use cluster::rpc::AgentClient;
 
 use crate::harness::{cli, Cluster};
 
-/// Deterministic pseudo-random bytes (xorshift), so releases compress like binaries do not.
+/// Deterministic pseudo-random bytes (xorshift*, high bits: the low bits of plain xorshift
+/// are too regular for content-defined chunking to find cut points).
 fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed | 1;
     (0..len)
@@ -17,7 +19,7 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
-            state as u8
+            (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
         })
         .collect()
 }
@@ -61,8 +63,8 @@ async fn a_release_syncs_between_nodes_moving_only_missing_chunks() {
     std::fs::write(v2.join("share/file-3.txt"), noise(3000, 1234)).unwrap();
 
     let limits = Limits::default();
-    let local_v1 = LocalDist::scan(&v1, &limits).unwrap();
-    let local_v2 = LocalDist::scan(&v2, &limits).unwrap();
+    let local_v1 = Arc::new(LocalDist::scan(&v1, &limits).unwrap());
+    let local_v2 = Arc::new(LocalDist::scan(&v2, &limits).unwrap());
     let total_v2 = local_v2.manifest.total_bytes();
     let mut node1 = AgentClient::new(&cluster.addr(1)).unwrap();
     let mut node2 = AgentClient::new(&cluster.addr(2)).unwrap();
@@ -70,7 +72,10 @@ async fn a_release_syncs_between_nodes_moving_only_missing_chunks() {
     let first = push(&mut node1, &local_v1).await.expect("upload v1");
     assert_eq!(first.hash, local_v1.manifest.build_hash());
     let again = push(&mut node1, &local_v1).await.expect("upload v1 again");
-    assert_eq!(again.fetched_bytes, 0, "an upload of a held release sends nothing");
+    assert_eq!(
+        again.fetched_bytes, 0,
+        "an upload of a held release sends nothing"
+    );
 
     let synced_v1 = node2
         .prepare(&local_v1.manifest, vec![cluster.addr(1)])
@@ -109,7 +114,11 @@ async fn a_release_syncs_between_nodes_moving_only_missing_chunks() {
         .join("releases")
         .join(&synced_v2.hash);
     let verify = cli(&["dist", "verify", on_disk.to_str().unwrap()]);
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,7 +143,11 @@ async fn an_untrusted_manifest_is_refused_and_changes_nothing() {
     assert!(err.message.contains(".."), "{err}");
 
     assert_eq!(node.releases().await.unwrap(), before);
-    assert_eq!(tree(&cluster.nodes[&1].data_dir), tree_before, "nothing changed on disk");
+    assert_eq!(
+        tree(&cluster.nodes[&1].data_dir),
+        tree_before,
+        "nothing changed on disk"
+    );
 }
 
 /// Every path under `<data>` except the Raft store (which changes on its own).
