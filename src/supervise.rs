@@ -46,6 +46,11 @@ pub async fn run(data_dir: &Path, args: Vec<String>) -> Result<ExitStatus, Super
     // Quick successive crashes back off up to 2 s; a run that lasted 10 s resets the delay.
     let mut delay = Duration::from_millis(100);
     loop {
+        match crate::agent::guard::before_start(data_dir) {
+            Ok(crate::agent::guard::GuardOutcome::Idle) => {}
+            Ok(outcome) => tracing::warn!(?outcome, "boot guard"),
+            Err(e) => tracing::error!(error = %e, "boot guard"),
+        }
         let binary = data_dir.join("current/bin/cluster");
         if !binary.exists() {
             return Err(SuperviseError::NoRelease(binary, data_dir.to_path_buf()));

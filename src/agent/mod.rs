@@ -5,6 +5,7 @@
 //! Architecture invariant: no remote shell. Every operation is typed and works on paths the
 //! release store computes from a validated manifest.
 
+pub mod guard;
 pub mod upload;
 
 use std::path::Path;
@@ -30,10 +31,12 @@ pub enum Mutation {
     PinPrevious,
     /// `current` -> releases/<hash>.
     Activate(String),
-    /// `current` -> `previous`.
-    Restore,
-    /// Drop `previous`; keep the newest few old releases.
-    Commit,
+    /// `current` -> releases/<hash> (the node's build before the rollout), then a restart
+    /// if the running build is not that one. Repeating it is harmless.
+    Restore(String),
+    /// Release <hash> is good on this node. `previous` stays pinned: a revert of the whole
+    /// rollout may still need it.
+    Commit(String),
     /// Exit gracefully so the supervisor starts the `current` release.
     Restart,
 }
@@ -44,9 +47,6 @@ pub struct Fence {
     pub generation: u64,
     pub term: u64,
 }
-
-/// How many old releases `commit` keeps besides the current one.
-pub const KEEP_OLD_RELEASES: usize = 2;
 
 /// The release side of a node. Filesystem work runs on blocking threads.
 #[derive(Clone)]
@@ -59,6 +59,8 @@ pub struct Agent {
     term: TermSource,
     /// Notified by `Mutation::Restart`; the node shuts down gracefully and exits.
     restart: Arc<Notify>,
+    /// Build hash of the running binary ("dev" outside a release).
+    running_build: String,
     /// Serializes mutations and guards the persisted highest generation.
     fence_lock: Arc<tokio::sync::Mutex<()>>,
 }
@@ -80,6 +82,7 @@ impl Agent {
         channels: Channels,
         term: TermSource,
         restart: Arc<Notify>,
+        running_build: String,
     ) -> Result<Self, DistError> {
         Ok(Self {
             store: Arc::new(ReleaseStore::open(data_dir)?),
@@ -88,8 +91,14 @@ impl Agent {
             limits: Limits::default(),
             term,
             restart,
+            running_build,
             fence_lock: Arc::default(),
         })
+    }
+
+    /// Asks the node to exit gracefully so its supervisor starts it again.
+    pub fn request_restart(&self) {
+        self.restart.notify_one();
     }
 
     /// Applies `mutation` if `fence` is current: its term is not below this node's term and
@@ -124,22 +133,55 @@ impl Agent {
             crate::dist::store::write_atomically(&self.data_dir, FENCE_FILE, &bytes)
                 .map_err(|e| ApiError::internal(format!("recording the fence: {e}")))?;
         }
-        let restart = matches!(mutation, Mutation::Restart);
-        let view_after = self
-            .blocking(move |store| {
-                match &mutation {
-                    Mutation::PinPrevious => store.pin_previous()?,
-                    Mutation::Activate(hash) => store.activate(hash)?,
-                    Mutation::Restore => store.restore()?,
-                    Mutation::Commit => {
-                        store.commit(KEEP_OLD_RELEASES)?;
+        let restart = match &mutation {
+            Mutation::Restart => true,
+            Mutation::Restore(hash) => *hash != self.running_build,
+            _ => false,
+        };
+        let data_dir = self.data_dir.clone();
+        let generation = fence.generation;
+        let guard_error = |e: String| DistError::Io {
+            action: "update the boot guard in",
+            path: data_dir.clone(),
+            source: std::io::Error::other(e),
+        };
+        let for_store = mutation.clone();
+        self.blocking(move |store| {
+            match &for_store {
+                Mutation::PinPrevious => store.pin_previous()?,
+                Mutation::Activate(hash) => {
+                    // Arm the guard first: if the new release never comes up, the
+                    // supervisor puts back what runs now, with no leader involved.
+                    let from = store.current()?.unwrap_or_default();
+                    if from != *hash {
+                        let pending = guard::PendingBoot {
+                            generation,
+                            from,
+                            to: hash.clone(),
+                            tries_left: guard::DEFAULT_TRIES,
+                        };
+                        guard::arm(store.data_dir(), &pending).map_err(guard_error)?;
                     }
-                    Mutation::Restart => {}
+                    store.activate(hash)?
                 }
-                Ok(())
-            })
-            .await;
-        view_after?;
+                Mutation::Restore(hash) => {
+                    store.activate(hash)?;
+                    guard::disarm(store.data_dir()).map_err(guard_error)?;
+                }
+                Mutation::Commit(_) => guard::disarm(store.data_dir()).map_err(guard_error)?,
+                Mutation::Restart => {}
+            }
+            Ok(())
+        })
+        .await?;
+        if let Mutation::Commit(hash) = &mutation {
+            if *hash != self.running_build {
+                return Err(ApiError::precondition(format!(
+                    "refused to commit release {hash}: this node runs {}",
+                    self.running_build
+                )));
+            }
+        }
         let view = self.releases().await?;
         if restart {
             tracing::info!(

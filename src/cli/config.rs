@@ -17,8 +17,8 @@ pub struct RunArgs {
     /// This node's id: a unique number, never reused for another machine
     #[arg(long)]
     pub id: Option<u64>,
-    /// Address to listen on, e.g. 127.0.0.1:7101 (port 0: any free port, written to
-    /// <data-dir>/node.addr)
+    /// Address to listen on, e.g. 127.0.0.1:7101 (port 0: any free port the first time,
+    /// written to <data-dir>/node.addr and reused on restart)
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// Address other nodes reach this one at, if not --listen (needed with 0.0.0.0)

@@ -2,8 +2,10 @@
 //! validated configuration, and the commands. The only module that prints to stdout.
 
 mod config;
+mod demo;
 mod dist;
 mod output;
+mod rollout;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -48,6 +50,27 @@ enum Command {
     /// Read and write the replicated key/value map
     #[command(subcommand)]
     Kv(KvCommand),
+    /// Roll a new release across the cluster, one node at a time, leader last
+    #[command(long_about = "Roll a dist across the cluster without losing quorum.\n\n\
+        The dist's missing content is uploaded to the leader. The leader runs preflight \
+        (leadership confirmed by a quorum, how many voters can be lost, every node \
+        reachable, serving and acknowledging, caught up, no rollout active, the dist valid, \
+        disk room), then updates nodes one at a time (learners --max-parallel at a time), \
+        itself last: back up, sync, verify, activate, restart, health poll, stabilize, \
+        commit. A failure restores the node and, with --on-failure revert, every updated \
+        node. Progress is printed until the rollout ends; it is replicated, so a new leader \
+        finishes it if this one dies.\n\n\
+        Exit status: 0 completed (or a dry run that would proceed), 2 preflight refused, \
+        1 the rollout failed or was reverted.")]
+    Update(rollout::UpdateArgs),
+    /// Inspect rollouts: the active one and the history
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
+    /// Start a real 3-node cluster on loopback, roll out a new release, show it, clean up
+    Demo,
+    /// Local clusters on loopback for trying things out
+    #[command(subcommand)]
+    Local(LocalCommand),
     /// Run a node and start it again whenever it exits (for hosts without systemd)
     #[command(
         long_about = "Run `<data-dir>/current/bin/cluster <ARGS>` and start it again \
@@ -66,6 +89,12 @@ enum Command {
     },
     #[command(subcommand, about = dist::ABOUT, long_about = dist::LONG_ABOUT)]
     Dist(DistAll),
+}
+
+#[derive(Subcommand, Debug)]
+enum LocalCommand {
+    /// Start supervised nodes on loopback (releases built from this binary) until Ctrl-C
+    Up(demo::LocalArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -112,10 +141,10 @@ enum NodeCommand {
 }
 
 #[derive(Args, Debug, Clone)]
-struct Target {
+pub struct Target {
     /// Address (host:port) of any member of the cluster
     #[arg(long, env = "CLUSTER_NODE", default_value = "127.0.0.1:7100")]
-    node: String,
+    pub node: String,
 }
 
 impl Target {
@@ -177,7 +206,10 @@ enum KvCommand {
 /// Parses arguments and runs the command; `main` maps the result to an exit code.
 pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    let is_node = matches!(cli.command, Command::Node(_) | Command::Supervise { .. });
+    let is_node = matches!(
+        cli.command,
+        Command::Node(_) | Command::Supervise { .. } | Command::Local(_)
+    );
     if let Command::Dist(DistAll::Local(command)) = cli.command {
         // Local file work: no async runtime needed.
         init_tracing("warn");
@@ -237,6 +269,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             target.client()?.kv_put(&key, &value).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Update(args) => rollout::update(args).await,
+        Command::Rollout(command) => rollout::rollout(command).await,
+        Command::Demo => demo::demo().await,
+        Command::Local(LocalCommand::Up(args)) => demo::local_up(args).await,
         Command::Supervise { data_dir, args } => {
             let status = crate::supervise::run(&data_dir, args).await?;
             Ok(ExitCode::from(

@@ -7,6 +7,11 @@ use std::time::{Duration, Instant};
 
 use openraft::{BasicNode, ChangeMembers, ReadPolicy, ServerState};
 
+use std::sync::Arc;
+
+use crate::agent::Agent;
+use crate::dist::Manifest;
+use crate::rollout::runtime::{self, RolloutView, UpdateOptions, UpdateOutcome};
 use crate::api::{
     ApiError, ClusterStatus, ErrorKind, JoinAccepted, JoinRequest, NodeStatus, TransferDone,
     WriteOutcome,
@@ -38,6 +43,8 @@ pub struct NodeHandle {
     pub timing: Timing,
     /// What this node reports about itself (see `Command::RegisterNode`).
     pub info: NodeInfo,
+    /// The releases on this node's disk.
+    pub agent: Arc<Agent>,
 }
 
 /// Where a request that needs the leader should go.
@@ -379,6 +386,42 @@ impl NodeHandle {
         }
     }
 
+    /// Preflight, plan and (unless a dry run) start of a rolling update, on the leader.
+    pub async fn update(
+        &self,
+        manifest: Manifest,
+        options: UpdateOptions,
+        dry_run: bool,
+        hops: u32,
+    ) -> Result<UpdateOutcome, ApiError> {
+        self.on_leader(
+            hops,
+            "update",
+            || async {
+                if !self.raft.is_leader() {
+                    return Ok(None);
+                }
+                runtime::update(self, &self.agent, manifest.clone(), options.clone(), dry_run)
+                    .await
+                    .map(Some)
+            },
+            |mut client| {
+                let manifest = manifest.clone();
+                let options = options.clone();
+                async move { client.update(&manifest, &options, dry_run).await }
+            },
+        )
+        .await
+    }
+
+    /// The active deployment and the history as this node has applied them.
+    pub fn rollout_view(&self) -> RolloutView {
+        self.sm.read(|s| RolloutView {
+            deployment: s.deployment.clone(),
+            history: s.history.clone(),
+        })
+    }
+
     /// The cluster as the leader sees it; this node's view with `local_only` or when the
     /// leader cannot be asked.
     pub async fn status(&self, local_only: bool, hops: u32) -> Result<ClusterStatus, ApiError> {
@@ -450,7 +493,12 @@ impl NodeHandle {
         let nodes = membership
             .nodes()
             .map(|(id, node)| {
-                let info = state.nodes.get(id).cloned().unwrap_or_default();
+                // This node's own report is live; the replicated one lags a restart.
+                let info = if *id == self.id {
+                    self.info.clone()
+                } else {
+                    state.nodes.get(id).cloned().unwrap_or_default()
+                };
                 let repl = replication.get(id).copied().unwrap_or_default();
                 let raft_state = if *id == self.id {
                     server_state_name(metrics.state)

@@ -80,7 +80,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     prepare_data_dir(&config.data_dir)?;
-    let listener = TcpListener::bind(config.listen)
+    let listen = reuse_recorded_port(&config.data_dir, config.listen);
+    let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| NodeError::Listen {
             addr: config.listen,
@@ -122,6 +123,7 @@ pub async fn run(
             channels.clone(),
             Arc::new(move || crate::raft::metrics(&term_raft).current_term),
             restart.clone(),
+            running_build_hash(),
         )
         .map_err(|e| NodeError::Releases(e.to_string()))?,
     );
@@ -142,6 +144,7 @@ pub async fn run(
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
         },
+        agent: agent.clone(),
     });
     tracing::info!(id = config.id, %addr, build = %node.info.build_hash, "node starting");
 
@@ -151,7 +154,7 @@ pub async fn run(
         listener,
         Arc::new(RaftHandler { raft: raft.clone() }),
         node.clone(),
-        agent,
+        agent.clone(),
         async move {
             let _ = server_stop.wait_for(|stop| *stop).await;
         },
@@ -177,6 +180,11 @@ pub async fn run(
         _ = &mut shutdown => (Ok(()), true),
     };
     let reporter = tokio::spawn(report_self(node.clone(), stop_rx.clone()));
+    let rollouts = tokio::spawn(crate::rollout::runtime::drive(
+        node.clone(),
+        agent.clone(),
+        stop_rx.clone(),
+    ));
 
     let outcome = match outcome {
         Err(e) => Err(e),
@@ -201,12 +209,28 @@ pub async fn run(
     tracing::info!(id = config.id, "node shutting down");
     let _ = stop_tx.send(true);
     let _ = reporter.await;
+    let _ = rollouts.await;
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }
     drop(node);
     sm.flush().await;
     outcome
+}
+
+/// Port 0 means "any free port" the first time; on a restart the node takes the port it
+/// recorded in `<data-dir>/node.addr`, because its address is part of the membership.
+fn reuse_recorded_port(data_dir: &Path, listen: SocketAddr) -> SocketAddr {
+    if listen.port() != 0 {
+        return listen;
+    }
+    let recorded = std::fs::read_to_string(data_dir.join("node.addr"))
+        .ok()
+        .and_then(|text| text.trim().parse::<SocketAddr>().ok());
+    match recorded {
+        Some(addr) if addr.ip() == listen.ip() => addr,
+        _ => listen,
+    }
 }
 
 /// Creates the data dir and proves it writable before anything else touches it.

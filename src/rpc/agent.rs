@@ -68,8 +68,8 @@ impl AgentRpc for AgentService {
         let mutation = match op {
             pb::MutateOp::PinPrevious => Mutation::PinPrevious,
             pb::MutateOp::Activate => Mutation::Activate(request.hash),
-            pb::MutateOp::Restore => Mutation::Restore,
-            pb::MutateOp::Commit => Mutation::Commit,
+            pb::MutateOp::Restore => Mutation::Restore(request.hash),
+            pb::MutateOp::Commit => Mutation::Commit(request.hash),
             pb::MutateOp::Restart => Mutation::Restart,
         };
         let fence = Fence {
@@ -223,8 +223,8 @@ impl AgentClient {
         let (op, hash) = match mutation {
             Mutation::PinPrevious => (pb::MutateOp::PinPrevious, String::new()),
             Mutation::Activate(hash) => (pb::MutateOp::Activate, hash),
-            Mutation::Restore => (pb::MutateOp::Restore, String::new()),
-            Mutation::Commit => (pb::MutateOp::Commit, String::new()),
+            Mutation::Restore(hash) => (pb::MutateOp::Restore, hash),
+            Mutation::Commit(hash) => (pb::MutateOp::Commit, hash),
             Mutation::Restart => (pb::MutateOp::Restart, String::new()),
         };
         let reply = self

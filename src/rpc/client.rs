@@ -12,6 +12,8 @@ use super::{Channels, MAX_MESSAGE_BYTES};
 use crate::api::{
     ApiError, ClusterStatus, ErrorKind, JoinAccepted, JoinRequest, TransferDone, WriteOutcome,
 };
+use crate::dist::Manifest;
+use crate::rollout::runtime::{RolloutView, UpdateOptions, UpdateOutcome};
 use crate::state::Command;
 
 /// A client for one node's Control service. Cheap to clone.
@@ -161,6 +163,53 @@ impl ControlClient {
             leader: reply.leader,
             term: reply.term,
             elapsed_ms: reply.elapsed_ms,
+        })
+    }
+
+    /// Preflight and plan (and, unless `dry_run`, start) a rolling update on the leader.
+    pub async fn update(
+        &mut self,
+        manifest: &Manifest,
+        options: &UpdateOptions,
+        dry_run: bool,
+    ) -> Result<UpdateOutcome, ApiError> {
+        let encode = |e: serde_json::Error| ApiError::internal(e.to_string());
+        let request = self.request(pb::UpdateRequest {
+            manifest: serde_json::to_vec(manifest).map_err(encode)?,
+            options: serde_json::to_vec(options).map_err(encode)?,
+            dry_run,
+        });
+        let reply = self
+            .client
+            .update(request)
+            .await
+            .map_err(|s| self.error(s))?
+            .into_inner();
+        let decode = |e: serde_json::Error| ApiError::internal(format!("undecodable reply: {e}"));
+        Ok(UpdateOutcome {
+            report: serde_json::from_slice(&reply.report).map_err(decode)?,
+            plan: serde_json::from_slice(&reply.plan).map_err(decode)?,
+            generation: reply.generation,
+        })
+    }
+
+    /// The active deployment and the history, as the asked node has applied them.
+    pub async fn rollout(&mut self) -> Result<RolloutView, ApiError> {
+        let request = self.request(pb::RolloutRequest {});
+        let reply = self
+            .client
+            .rollout(request)
+            .await
+            .map_err(|s| self.error(s))?
+            .into_inner();
+        let decode = |e: serde_json::Error| ApiError::internal(format!("undecodable reply: {e}"));
+        Ok(RolloutView {
+            deployment: if reply.deployment.is_empty() {
+                None
+            } else {
+                Some(serde_json::from_slice(&reply.deployment).map_err(decode)?)
+            },
+            history: serde_json::from_slice(&reply.history).map_err(decode)?,
         })
     }
 }

@@ -128,8 +128,55 @@ struct ControlService {
     node: Arc<NodeHandle>,
 }
 
+fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Status> {
+    serde_json::to_vec(value).map_err(|e| to_status(api::ApiError::internal(e.to_string())))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, Status> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        to_status(api::ApiError::new(
+            api::ErrorKind::InvalidArgument,
+            format!("undecodable {what}: {e}"),
+        ))
+    })
+}
+
 #[tonic::async_trait]
 impl Control for ControlService {
+    async fn update(
+        &self,
+        request: Request<pb::UpdateRequest>,
+    ) -> Result<Response<pb::UpdateReply>, Status> {
+        let hops = hops(&request);
+        let request = request.into_inner();
+        let manifest = from_json(&request.manifest, "manifest")?;
+        let options = from_json(&request.options, "update options")?;
+        let outcome = self
+            .node
+            .update(manifest, options, request.dry_run, hops)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::UpdateReply {
+            report: to_json(&outcome.report)?,
+            plan: to_json(&outcome.plan)?,
+            generation: outcome.generation,
+        }))
+    }
+
+    async fn rollout(
+        &self,
+        _: Request<pb::RolloutRequest>,
+    ) -> Result<Response<pb::RolloutReply>, Status> {
+        let view = self.node.rollout_view();
+        Ok(Response::new(pb::RolloutReply {
+            deployment: match &view.deployment {
+                Some(deployment) => to_json(deployment)?,
+                None => Vec::new(),
+            },
+            history: to_json(&view.history)?,
+        }))
+    }
+
     async fn status(
         &self,
         request: Request<pb::StatusRequest>,

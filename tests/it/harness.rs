@@ -61,6 +61,9 @@ pub struct Cluster {
     pub nodes: BTreeMap<u64, NodeProc>,
     /// Extra flags for every node (e.g. timing).
     pub flags: Vec<String>,
+    /// Run nodes under `cluster supervise` from `<data>/current/bin/cluster`, with this
+    /// dist installed as their first release.
+    pub supervised: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -72,7 +75,21 @@ impl Cluster {
                 .expect("temp dir"),
             nodes: BTreeMap::new(),
             flags: Vec::new(),
+            supervised: None,
         }
+    }
+
+    /// Like `start`, but every node runs under `cluster supervise` on release `dist`.
+    pub async fn start_supervised(n: u64, dist: &Path) -> Self {
+        let mut cluster = Self::new();
+        cluster.supervised = Some(dist.to_path_buf());
+        cluster.spawn(1, Start::Bootstrap).await;
+        let first = cluster.addr(1);
+        for id in 2..=n {
+            cluster.spawn(id, Start::Join(&first)).await;
+        }
+        cluster.wait_voters(n as usize).await;
+        cluster
     }
 
     /// Starts `n` nodes: node 1 bootstraps, the others join through it; waits for n voters.
@@ -112,6 +129,19 @@ impl Cluster {
         });
         let listen = node.addr.clone().unwrap_or_else(|| "127.0.0.1:0".into());
         let mut command = Command::new(BIN);
+        if let Some(dist) = &self.supervised {
+            if !data_dir.join("current").exists() {
+                let out = cli(&[
+                    "dist",
+                    "install",
+                    dist.to_str().unwrap(),
+                    "--data-dir",
+                    data_dir.to_str().unwrap(),
+                ]);
+                assert!(out.status.success(), "install: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            command.arg("supervise").arg("--data-dir").arg(&data_dir).arg("--");
+        }
         command
             .args(["node", "run", "--id", &id.to_string(), "--listen", &listen])
             .arg("--data-dir")
@@ -156,12 +186,11 @@ impl Cluster {
         node.addr = Some(addr);
     }
 
-    /// SIGKILL: no shutdown, no flush.
+    /// SIGKILL to the node's process group (supervisor included): no shutdown, no flush.
     pub fn kill(&mut self, id: u64) {
         let node = self.nodes.get_mut(&id).unwrap();
         if let Some(mut child) = node.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_group(&mut child);
         }
     }
 
@@ -266,11 +295,18 @@ impl Drop for Cluster {
         }
         for node in self.nodes.values_mut() {
             if let Some(mut child) = node.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
+                kill_group(&mut child);
             }
         }
     }
+}
+
+fn kill_group(child: &mut Child) {
+    // SAFETY: killpg(2) on a process group we created.
+    unsafe {
+        libc::killpg(child.id() as i32, libc::SIGKILL);
+    }
+    let _ = child.wait();
 }
 
 pub fn signal(pid: u32, signal: i32) {
@@ -380,4 +416,37 @@ pub async fn assert_all_readable(addr: &str, acked: &[(String, String)]) {
 
 pub fn data_dir_of(cluster: &Cluster, id: u64) -> &Path {
     &cluster.nodes[&id].data_dir
+}
+
+/// A dist whose `bin/cluster` is the binary under test, plus `extra` files; stamped.
+/// Returns its build hash.
+pub fn make_release(dir: &Path, extra: &[(&str, &str)]) -> String {
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::copy(BIN, dir.join("bin/cluster")).unwrap();
+    write_extra(dir, extra);
+    stamp(dir)
+}
+
+/// A dist whose `bin/cluster` is a shell script (e.g. one that exits at once).
+pub fn make_script_release(dir: &Path, script: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    let binary = dir.join("bin/cluster");
+    std::fs::write(&binary, script).unwrap();
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    stamp(dir)
+}
+
+fn write_extra(dir: &Path, extra: &[(&str, &str)]) {
+    for (path, content) in extra {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+}
+
+fn stamp(dir: &Path) -> String {
+    let out = cli(&["dist", "stamp", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "stamp: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

@@ -4,3 +4,4 @@ mod errors;
 mod harness;
 mod raft;
 mod releases;
+mod rollout;

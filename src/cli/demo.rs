@@ -1,0 +1,228 @@
+//! `cluster demo` and `cluster local up`: a real supervised cluster on loopback.
+//!
+//! Each node gets a data dir with a release installed from a dist built out of the running
+//! binary, and runs under `cluster supervise`, exactly as a host without systemd would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use super::rollout::{update, FailureMode, UpdateArgs};
+use super::Target;
+use crate::dist::{stamp, Limits, ReleaseStore};
+use crate::rpc::ControlClient;
+
+#[derive(Args, Debug)]
+pub struct LocalArgs {
+    /// Number of nodes
+    #[arg(short = 'n', long = "nodes", default_value_t = 3)]
+    pub nodes: u64,
+    /// Directory for the nodes' data dirs and logs [default: a new temp dir, removed on exit]
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// Supervisor processes of a local cluster; stopped (SIGTERM, then wait) on drop.
+struct LocalCluster {
+    root: PathBuf,
+    /// Remove `root` on drop (it was a temp dir we made).
+    owned: bool,
+    supervisors: Vec<Child>,
+    addrs: Vec<String>,
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for child in &self.supervisors {
+            // SAFETY: kill(2) on our own children.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+        }
+        for child in &mut self.supervisors {
+            let _ = child.wait();
+        }
+        if self.owned {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// Builds a dist from the running binary in `dir`, plus `extra` files; returns its hash.
+fn make_dist(dir: &Path, extra: &[(&str, &str)]) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = std::env::current_exe().context("finding the running binary")?;
+    std::fs::create_dir_all(dir.join("bin"))?;
+    let binary = dir.join("bin/cluster");
+    std::fs::copy(&exe, &binary)
+        .with_context(|| format!("copying {} into the dist", exe.display()))?;
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755))?;
+    for (path, content) in extra {
+        let path = dir.join(path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, content)?;
+    }
+    Ok(stamp(dir, &Limits::default())?.build_hash)
+}
+
+fn wait_for_file(path: &Path, deadline: Instant) -> anyhow::Result<String> {
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if !text.is_empty() {
+                return Ok(text);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{} did not appear in time", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts `nodes` supervised nodes on release `dist` and waits for a leader and n voters.
+async fn start(nodes: u64, dir: Option<PathBuf>, dist: &Path) -> anyhow::Result<LocalCluster> {
+    let (root, owned) = match dir {
+        Some(dir) => (dir, false),
+        None => (
+            tempfile::Builder::new()
+                .prefix("cluster-local-")
+                .tempdir()?
+                .keep(),
+            true,
+        ),
+    };
+    let mut cluster = LocalCluster {
+        root: root.clone(),
+        owned,
+        supervisors: Vec::new(),
+        addrs: Vec::new(),
+    };
+    let exe = std::env::current_exe()?;
+    for id in 1..=nodes {
+        let data = root.join(format!("n{id}"));
+        let store = ReleaseStore::open(&data)?;
+        let hash = store.install_dir(dist, &Limits::default())?;
+        store.activate(&hash)?;
+        drop(store);
+        let _ = std::fs::remove_file(data.join("node.addr"));
+        let log = std::fs::File::create(root.join(format!("n{id}.log")))?;
+        let mut args: Vec<String> = vec![
+            "supervise".into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--".into(),
+            "node".into(),
+            "run".into(),
+            "--id".into(),
+            id.to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+        ];
+        match cluster.addrs.first() {
+            None => args.push("--bootstrap".into()),
+            Some(first) => args.extend(["--join".into(), first.clone()]),
+        }
+        let child = Command::new(&exe)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting a supervisor")?;
+        cluster.supervisors.push(child);
+        let addr = wait_for_file(
+            &data.join("node.addr"),
+            Instant::now() + Duration::from_secs(30),
+        )?;
+        println!("node {id}: {addr} (data {})", data.display());
+        cluster.addrs.push(addr);
+    }
+    let client = ControlClient::new(&cluster.addrs[0])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(status) = client.clone().timeout(Duration::from_secs(2)).status(false).await {
+            let voters = status.nodes.iter().filter(|n| n.role == "voter").count() as u64;
+            let reported = status.nodes.iter().all(|n| !n.build_hash.is_empty());
+            if status.leader.is_some() && voters == nodes && reported {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the cluster did not form within 60 s; logs are in {}", root.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(cluster)
+}
+
+async fn print_status(addr: &str) -> anyhow::Result<()> {
+    let status = ControlClient::new(addr)?.status(false).await?;
+    println!("{}", super::output::render_status(&status));
+    Ok(())
+}
+
+/// `cluster demo`: three supervised nodes, two releases, a rolling update, clean up.
+pub async fn demo() -> anyhow::Result<ExitCode> {
+    let work = tempfile::Builder::new().prefix("cluster-demo-").tempdir()?;
+    println!("== building two releases from this binary");
+    let v1 = work.path().join("dist-v1");
+    let v2 = work.path().join("dist-v2");
+    let h1 = make_dist(&v1, &[("share/motd", "release one\n")])?;
+    let h2 = make_dist(&v2, &[("share/motd", "release two\n")])?;
+    println!("v1 {h1}\nv2 {h2}");
+    println!("== starting 3 supervised nodes on v1");
+    let cluster = start(3, Some(work.path().join("nodes")), &v1).await?;
+    let first = cluster.addrs[0].clone();
+    print_status(&first).await?;
+    println!("== cluster update --dist {}", v2.display());
+    let code = update(UpdateArgs {
+        dist: v2,
+        target: Target { node: first.clone() },
+        dry_run: false,
+        json: false,
+        max_parallel: 1,
+        on_failure: FailureMode::Revert,
+        allow_downtime: false,
+        health_deadline_ms: 30_000,
+        poll_interval_ms: 200,
+        stabilize_ms: 2_000,
+        stale_ack_ms: None,
+    })
+    .await?;
+    println!("== final status");
+    // Any node: the one asked first may have just restarted.
+    for addr in &cluster.addrs {
+        if print_status(addr).await.is_ok() {
+            break;
+        }
+    }
+    drop(cluster);
+    Ok(code)
+}
+
+/// `cluster local up`: start supervised nodes and keep them until Ctrl-C.
+pub async fn local_up(args: LocalArgs) -> anyhow::Result<ExitCode> {
+    if args.nodes == 0 {
+        bail!("-n must be at least 1");
+    }
+    let dists = tempfile::Builder::new().prefix("cluster-dist-").tempdir()?;
+    let dist = dists.path().join("dist");
+    let hash = make_dist(&dist, &[])?;
+    println!("release {hash}");
+    let cluster = start(args.nodes, args.dir, &dist).await?;
+    print_status(&cluster.addrs[0]).await?;
+    println!(
+        "\nexport CLUSTER_NODE={}   # then: cluster status, cluster update --dist <dir>\nCtrl-C stops every node.",
+        cluster.addrs[0]
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    drop(cluster);
+    Ok(ExitCode::SUCCESS)
+}
