@@ -11,12 +11,14 @@
 //! - [`rpc`]: gRPC servers, client and channel pool (the only module that sees prost/tonic).
 //! - [`api`]: the Control service's domain types, shared by server, client and CLI.
 //! - [`dist`]: release content: manifest and build hash, directory scan, version.json.
+//! - [`rollout`]: the rolling update's pure core: preflight, plan, engine (no I/O).
 
 pub mod api;
 pub mod cli;
 pub mod dist;
 pub mod node;
 pub mod raft;
+pub mod rollout;
 pub mod rpc;
 pub mod state;
 pub mod store;
