@@ -8,10 +8,13 @@
 //!
 //! - [`preflight`]: may a rollout start? Every check, with the node and figure that failed.
 //! - [`plan`](mod@plan): learners in batches, voter followers one at a time, leader last.
+//! - [`engine`]: the state machine that drives a deployment: events in, actions out.
 
+pub mod engine;
 pub mod plan;
 pub mod preflight;
 
+pub use engine::{Action, AgentOp, Engine, Event, Health, Now, OpKind, Summary};
 pub use plan::{plan, Plan, PlannedNode, Start};
 pub use preflight::{preflight, Check, Options, Report, Snapshot};
 

@@ -576,7 +576,8 @@ pub(crate) mod tests {
                     m.reachable = false;
                     m.unreachable_reason = Some("connection refused".into());
                 },
-                detail: "node 3 (127.0.0.1:7103) did not answer: connection refused: is it running?",
+                detail: "node 3 (127.0.0.1:7103) did not answer: connection refused: is it \
+                         running?",
             },
             Case {
                 name: "node not serving",
@@ -597,7 +598,8 @@ pub(crate) mod tests {
                 check: "acks",
                 options: Options::default(),
                 break_it: |s| node(s, 3).last_ack_ms = Some(4200),
-                detail: "node 3 (127.0.0.1:7103) last acked 4200 ms ago (limit 200 ms): is it running?",
+                detail: "node 3 (127.0.0.1:7103) last acked 4200 ms ago (limit 200 ms): is it \
+                         running?",
             },
             Case {
                 name: "stale against a configured limit",
@@ -624,7 +626,8 @@ pub(crate) mod tests {
                     ..Options::default()
                 },
                 break_it: |s| node(s, 2).matched_index = Some(117),
-                detail: "node 2 (127.0.0.1:7102) is 3 entries behind the leader (has 117 of 120, limit 0)",
+                detail: "node 2 (127.0.0.1:7102) is 3 entries behind the leader (has 117 of 120, \
+                         limit 0)",
             },
             Case {
                 name: "rollout already active",
@@ -651,7 +654,8 @@ pub(crate) mod tests {
                 check: "disk",
                 options: Options::default(),
                 break_it: |s| node(s, 2).free_bytes = 12 << 20,
-                detail: "node 2 (127.0.0.1:7102) must fetch 48.0 MiB for the release but has 12.0 MiB free",
+                detail: "node 2 (127.0.0.1:7102) must fetch 48.0 MiB for the release but has \
+                         12.0 MiB free",
             },
             Case {
                 name: "old protocol",
