@@ -13,6 +13,7 @@
 //! - [`api`]: the Control service's domain types, shared by server, client and CLI.
 //! - [`supervise`]: the restart loop for hosts without systemd (and for tests).
 //! - [`dist`]: release content: manifest and build hash, directory scan, version.json.
+//! - [`rollout`]: the rolling update's pure core: preflight, plan, engine (no I/O).
 
 pub mod agent;
 pub mod api;
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod dist;
 pub mod node;
 pub mod raft;
+pub mod rollout;
 pub mod rpc;
 pub mod state;
 pub mod store;

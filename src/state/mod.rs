@@ -5,15 +5,33 @@
 //!
 //! Compatibility: log entries carry `Command`s as JSON, and binaries of two releases
 //! read each other's entries during a rollout. Fields are `#[serde(default)]`; a new
-//! command kind is only proposed once every member reports a `protocol` that knows it.
+//! command kind is only proposed once every member reports a `protocol` that knows it
+//! (see [`Command::required_protocol`]).
+//!
+//! - [`deployment`]: the rollout's replicated record (deployment, history) and its rules.
+
+pub mod deployment;
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use deployment::{
+    Deployment, DeploymentState, Handoff, HistoryEntry, NodeStep, OnFailure, Phase, Role, Starter,
+    Strategy, HISTORY_LIMIT, MAX_HANDOFF_ATTEMPTS,
+};
+
 /// The protocol number this binary speaks: the set of command kinds it can apply.
-pub const PROTOCOL: u32 = 1;
+///
+/// - 1: `InitCluster`, `RegisterNode`, `KvPut`, `KvDelete`.
+/// - 2: adds the rollout commands `BeginDeployment`, `SetNodePhase`,
+///   `SetDeploymentState` and `RecordHandoff`. A binary speaking 1 cannot decode them,
+///   so they are proposed only once every member reports 2 or more.
+pub const PROTOCOL: u32 = 2;
+
+/// The protocol that introduced the rollout commands.
+pub const ROLLOUT_PROTOCOL: u32 = 2;
 
 /// What a node reports about itself when it starts.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
@@ -52,6 +70,59 @@ pub enum Command {
     KvDelete {
         key: String,
     },
+    /// Starts a rolling update: a compare-and-set on "no deployment active" and on
+    /// `deployment.generation == last_generation + 1` (protocol 2).
+    BeginDeployment {
+        deployment: Deployment,
+    },
+    /// Moves one node of the active deployment to `phase`; ignored (rejected) for any
+    /// other generation, and a duplicate changes nothing (protocol 2).
+    SetNodePhase {
+        generation: u64,
+        node: u64,
+        phase: Phase,
+        /// Why the node left the happy path; `None` keeps the reason already recorded.
+        #[serde(default)]
+        error: Option<String>,
+        #[serde(default)]
+        at_ms: u64,
+    },
+    /// Moves the active deployment to `state`; a terminal state moves it to history
+    /// (protocol 2).
+    SetDeploymentState {
+        generation: u64,
+        state: DeploymentState,
+        #[serde(default)]
+        reason: Option<String>,
+        #[serde(default)]
+        at_ms: u64,
+    },
+    /// Persists a leader's intent to hand leadership to an updated voter, before it
+    /// tries, so a restart or a failed transfer does not lose count (protocol 2).
+    RecordHandoff {
+        generation: u64,
+        from: u64,
+        to: u64,
+        attempt: u32,
+        #[serde(default)]
+        at_ms: u64,
+    },
+}
+
+impl Command {
+    /// The lowest protocol a member must speak to apply this command.
+    pub fn required_protocol(&self) -> u32 {
+        match self {
+            Command::InitCluster { .. }
+            | Command::RegisterNode { .. }
+            | Command::KvPut { .. }
+            | Command::KvDelete { .. } => 1,
+            Command::BeginDeployment { .. }
+            | Command::SetNodePhase { .. }
+            | Command::SetDeploymentState { .. }
+            | Command::RecordHandoff { .. } => ROLLOUT_PROTOCOL,
+        }
+    }
 }
 
 impl fmt::Display for Command {
@@ -63,6 +134,28 @@ impl fmt::Display for Command {
             }
             Command::KvPut { key, .. } => write!(f, "kv-put {key}"),
             Command::KvDelete { key } => write!(f, "kv-delete {key}"),
+            Command::BeginDeployment { deployment } => write!(
+                f,
+                "begin-deployment {} -> {}",
+                deployment.generation,
+                deployment::short_hash(&deployment.target_hash)
+            ),
+            Command::SetNodePhase {
+                generation,
+                node,
+                phase,
+                ..
+            } => write!(f, "set-node-phase {generation} node {node} {phase}"),
+            Command::SetDeploymentState {
+                generation, state, ..
+            } => write!(f, "set-deployment-state {generation} {state}"),
+            Command::RecordHandoff {
+                generation,
+                from,
+                to,
+                attempt,
+                ..
+            } => write!(f, "record-handoff {generation} {from} -> {to} #{attempt}"),
         }
     }
 }
@@ -83,9 +176,17 @@ pub enum Record {
     ClusterId,
     Node(u64),
     Kv(String),
+    /// The active deployment without its manifest: rewritten on every step.
+    Deployment,
+    /// The active deployment's manifest: written once per deployment, because it can be
+    /// megabytes and steps would otherwise rewrite it each time.
+    DeploymentManifest,
+    /// One finished deployment, by generation.
+    History(u64),
+    LastGeneration,
 }
 
-/// The whole replicated state. `deployment` and `history` join it with the rollout.
+/// The whole replicated state.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(default)]
 pub struct State {
@@ -93,6 +194,12 @@ pub struct State {
     pub cluster_id: String,
     pub nodes: BTreeMap<u64, NodeInfo>,
     pub kv: BTreeMap<String, String>,
+    /// The rollout under way, if any: at most one at a time (the lifecycle lock).
+    pub deployment: Option<Deployment>,
+    /// Finished deployments, oldest first, at most [`HISTORY_LIMIT`].
+    pub history: Vec<HistoryEntry>,
+    /// Generation of the newest deployment ever begun; the next must be one more.
+    pub last_generation: u64,
 }
 
 impl State {
@@ -120,6 +227,116 @@ impl State {
                 }
                 (Response::Ok, vec![Record::Kv(key.clone())])
             }
+            Command::BeginDeployment { deployment } => self.begin_deployment(deployment),
+            Command::SetNodePhase {
+                generation,
+                node,
+                phase,
+                error,
+                at_ms,
+            } => self.on_active(*generation, |d| {
+                d.set_node_phase(*node, *phase, error.as_deref(), *at_ms)
+            }),
+            Command::SetDeploymentState {
+                generation,
+                state,
+                reason,
+                at_ms,
+            } => self.on_active(*generation, |d| {
+                d.set_state(*state, reason.as_deref(), *at_ms)
+            }),
+            Command::RecordHandoff {
+                generation,
+                from,
+                to,
+                attempt,
+                at_ms,
+            } => self.on_active(*generation, |d| {
+                d.record_handoff(*from, *to, *attempt, *at_ms)
+            }),
+        }
+    }
+
+    fn begin_deployment(&mut self, deployment: &Deployment) -> (Response, Vec<Record>) {
+        if let Some(active) = &self.deployment {
+            return rejected(format!(
+                "rollout generation {} to {} is already {} (started by {}): wait for it to \
+                 finish, or abort it with `cluster rollout abort`",
+                active.generation,
+                deployment::short_hash(&active.target_hash),
+                active.state,
+                active.started_by,
+            ));
+        }
+        let next = self.last_generation + 1;
+        if deployment.generation != next {
+            return rejected(format!(
+                "rollout generation {} is not the next one (expected {next}): another \
+                 rollout began meanwhile; re-read the state and plan again",
+                deployment.generation
+            ));
+        }
+        if let Err(reason) = deployment.validate_new() {
+            return rejected(reason);
+        }
+        self.deployment = Some(deployment.clone());
+        self.last_generation = next;
+        (
+            Response::Ok,
+            vec![
+                Record::Deployment,
+                Record::DeploymentManifest,
+                Record::LastGeneration,
+            ],
+        )
+    }
+
+    /// Runs `change` on the active deployment if `generation` names it, then moves a
+    /// deployment that reached a terminal state into history. `change` leaves the
+    /// deployment untouched when it returns `Err`.
+    fn on_active(
+        &mut self,
+        generation: u64,
+        change: impl FnOnce(&mut Deployment) -> Result<bool, String>,
+    ) -> (Response, Vec<Record>) {
+        let deployment = match &mut self.deployment {
+            Some(active) if active.generation == generation => active,
+            Some(active) => {
+                return rejected(format!(
+                    "stale rollout generation {generation}: generation {} is active",
+                    active.generation
+                ))
+            }
+            None => {
+                let finished = self.history.iter().find(|h| h.generation == generation);
+                return rejected(match finished {
+                    Some(entry) => format!(
+                        "rollout generation {generation} already finished ({})",
+                        entry.outcome
+                    ),
+                    None => format!("no rollout is active (generation {generation} asked)"),
+                });
+            }
+        };
+        match change(deployment) {
+            Err(reason) => rejected(reason),
+            Ok(false) => (Response::Ok, vec![]),
+            Ok(true) if deployment.state.is_terminal() => {
+                let entry = HistoryEntry::of(deployment);
+                self.deployment = None;
+                let mut touched = vec![
+                    Record::Deployment,
+                    Record::DeploymentManifest,
+                    Record::History(entry.generation),
+                ];
+                self.history.push(entry);
+                while self.history.len() > HISTORY_LIMIT {
+                    let dropped = self.history.remove(0);
+                    touched.push(Record::History(dropped.generation));
+                }
+                (Response::Ok, touched)
+            }
+            Ok(true) => (Response::Ok, vec![Record::Deployment]),
         }
     }
 
@@ -129,6 +346,23 @@ impl State {
             Record::ClusterId => Some(serde_json::Value::String(self.cluster_id.clone())),
             Record::Node(id) => self.nodes.get(id).map(|n| serde_json::to_value(n).ok())?,
             Record::Kv(key) => self.kv.get(key).cloned().map(serde_json::Value::String),
+            Record::Deployment => {
+                let mut value = serde_json::to_value(self.deployment.as_ref()?).ok()?;
+                if let Some(fields) = value.as_object_mut() {
+                    fields.remove("manifest");
+                }
+                Some(value)
+            }
+            Record::DeploymentManifest => self
+                .deployment
+                .as_ref()
+                .and_then(|d| serde_json::to_value(&d.manifest).ok()),
+            Record::History(generation) => self
+                .history
+                .iter()
+                .find(|h| h.generation == *generation)
+                .and_then(|h| serde_json::to_value(h).ok()),
+            Record::LastGeneration => Some(self.last_generation.into()),
         }
     }
 
@@ -137,6 +371,11 @@ impl State {
         let mut all = vec![Record::ClusterId];
         all.extend(self.nodes.keys().map(|id| Record::Node(*id)));
         all.extend(self.kv.keys().map(|k| Record::Kv(k.clone())));
+        if self.deployment.is_some() {
+            all.extend([Record::Deployment, Record::DeploymentManifest]);
+        }
+        all.extend(self.history.iter().map(|h| Record::History(h.generation)));
+        all.push(Record::LastGeneration);
         all
     }
 
@@ -154,6 +393,31 @@ impl State {
             Record::Kv(key) => {
                 self.kv.insert(key, serde_json::from_value(value)?);
             }
+            // The two halves of the deployment may load in either order.
+            Record::Deployment => {
+                let mut deployment: Deployment = serde_json::from_value(value)?;
+                if let Some(loaded) = self.deployment.take() {
+                    deployment.manifest = loaded.manifest;
+                }
+                self.deployment = Some(deployment);
+            }
+            Record::DeploymentManifest => {
+                self.deployment
+                    .get_or_insert_with(Deployment::default)
+                    .manifest = serde_json::from_value(value)?;
+            }
+            Record::History(_) => {
+                let entry: HistoryEntry = serde_json::from_value(value)?;
+                let at = self
+                    .history
+                    .partition_point(|h| h.generation < entry.generation);
+                if self.history.get(at).map(|h| h.generation) == Some(entry.generation) {
+                    self.history[at] = entry;
+                } else {
+                    self.history.insert(at, entry);
+                }
+            }
+            Record::LastGeneration => self.last_generation = serde_json::from_value(value)?,
         }
         Ok(())
     }
@@ -162,6 +426,10 @@ impl State {
     pub fn min_protocol(&self) -> Option<u32> {
         self.nodes.values().map(|n| n.protocol).min()
     }
+}
+
+fn rejected(reason: String) -> (Response, Vec<Record>) {
+    (Response::Rejected { reason }, vec![])
 }
 
 #[cfg(test)]
@@ -244,6 +512,444 @@ mod tests {
             assert_eq!(response, Response::Ok, "{}", case.name);
             assert_eq!(touched, case.touched, "{}", case.name);
             assert!((case.check)(&state), "{}", case.name);
+        }
+    }
+
+    fn deployment(generation: u64, phases: &[(u64, Phase)]) -> Deployment {
+        let mut deployment = Deployment {
+            generation,
+            target_hash: "ab".repeat(32),
+            previous_hash: "cd".repeat(32),
+            ..Deployment::default()
+        };
+        for (id, phase) in phases {
+            deployment.order.push(*id);
+            let mut step = NodeStep::pending(Role::Voter, format!("127.0.0.1:710{id}"), "cd");
+            step.phase = *phase;
+            deployment.nodes.insert(*id, step);
+        }
+        deployment
+    }
+
+    fn active(deployment: Deployment) -> State {
+        State {
+            last_generation: deployment.generation,
+            deployment: Some(deployment),
+            ..State::default()
+        }
+    }
+
+    fn set_phase(generation: u64, node: u64, phase: Phase) -> Command {
+        Command::SetNodePhase {
+            generation,
+            node,
+            phase,
+            error: None,
+            at_ms: 5,
+        }
+    }
+
+    fn set_state(generation: u64, state: DeploymentState) -> Command {
+        Command::SetDeploymentState {
+            generation,
+            state,
+            reason: Some("because".into()),
+            at_ms: 9,
+        }
+    }
+
+    /// What applying a rollout command must do.
+    enum Expect {
+        /// Accepted, touching exactly these records.
+        Ok(Vec<Record>),
+        /// Refused with a reason containing this text; the state must not change.
+        Rejected(&'static str),
+    }
+
+    #[test]
+    fn rollout_commands_table() {
+        use DeploymentState as S;
+        use Phase as P;
+        struct Case {
+            name: &'static str,
+            before: State,
+            command: Command,
+            expect: Expect,
+            check: fn(&State) -> bool,
+        }
+        let fresh = deployment(1, &[(1, P::Pending), (2, P::Pending)]);
+        let running = active(deployment(4, &[(1, P::Committed), (2, P::Sync)]));
+        let all_committed = active(deployment(4, &[(1, P::Committed), (2, P::Committed)]));
+        let mut reverting = deployment(4, &[(1, P::Committed), (2, P::Health)]);
+        reverting.state = S::Reverting;
+        let reverting = active(reverting);
+        let mut paused = deployment(4, &[(1, P::Pending)]);
+        paused.state = S::Paused;
+        let paused = active(paused);
+        let finished = {
+            let mut state = all_committed.clone();
+            state.apply(&set_state(4, S::Completed));
+            state
+        };
+        let full_history = {
+            let mut state = all_committed.clone();
+            state.history = (1..=HISTORY_LIMIT as u64)
+                .map(|generation| HistoryEntry {
+                    generation,
+                    ..HistoryEntry::default()
+                })
+                .collect();
+            state.deployment.as_mut().unwrap().generation = 60;
+            state.last_generation = 60;
+            state
+        };
+        let handoff_ready = active(deployment(4, &[(1, P::Committed), (2, P::Pending)]));
+
+        let cases = vec![
+            Case {
+                name: "begin takes the lock and the next generation",
+                before: State::default(),
+                command: Command::BeginDeployment {
+                    deployment: fresh.clone(),
+                },
+                expect: Expect::Ok(vec![
+                    Record::Deployment,
+                    Record::DeploymentManifest,
+                    Record::LastGeneration,
+                ]),
+                check: |s| s.last_generation == 1 && s.deployment.is_some(),
+            },
+            Case {
+                name: "begin while a rollout is active names the active generation",
+                before: running.clone(),
+                command: Command::BeginDeployment {
+                    deployment: deployment(5, &[(1, P::Pending)]),
+                },
+                expect: Expect::Rejected("rollout generation 4 to abababababab is already running"),
+                check: |s| s.last_generation == 4,
+            },
+            Case {
+                name: "begin must use the next generation",
+                before: finished.clone(),
+                command: Command::BeginDeployment {
+                    deployment: deployment(4, &[(1, P::Pending)]),
+                },
+                expect: Expect::Rejected("generation 4 is not the next one (expected 5)"),
+                check: |s| s.deployment.is_none(),
+            },
+            Case {
+                name: "begin refuses a deployment with nothing to do",
+                before: State::default(),
+                command: Command::BeginDeployment {
+                    deployment: deployment(1, &[]),
+                },
+                expect: Expect::Rejected("updates no node"),
+                check: |s| s.last_generation == 0,
+            },
+            Case {
+                name: "begin refuses nodes that already started",
+                before: State::default(),
+                command: Command::BeginDeployment {
+                    deployment: deployment(1, &[(1, P::Sync)]),
+                },
+                expect: Expect::Rejected("node 1 starts in phase sync"),
+                check: |s| s.deployment.is_none(),
+            },
+            Case {
+                name: "a node moves forward",
+                before: running.clone(),
+                command: set_phase(4, 2, P::Activate),
+                expect: Expect::Ok(vec![Record::Deployment]),
+                check: |s| s.deployment.as_ref().unwrap().phase(2) == Phase::Activate,
+            },
+            Case {
+                name: "starting a node counts the attempt and the start time",
+                before: active(deployment(4, &[(1, P::Pending)])),
+                command: set_phase(4, 1, P::Backup),
+                expect: Expect::Ok(vec![Record::Deployment]),
+                check: |s| {
+                    let step = &s.deployment.as_ref().unwrap().nodes[&1];
+                    step.attempt == 1 && step.started_ms == Some(5)
+                },
+            },
+            Case {
+                name: "a duplicate phase changes nothing",
+                before: running.clone(),
+                command: set_phase(4, 2, P::Sync),
+                expect: Expect::Ok(vec![]),
+                check: |s| s.deployment.as_ref().unwrap().phase(2) == Phase::Sync,
+            },
+            Case {
+                name: "a phase for a stale generation is refused",
+                before: running.clone(),
+                command: set_phase(3, 2, P::Activate),
+                expect: Expect::Rejected("stale rollout generation 3: generation 4 is active"),
+                check: |s| s.deployment.as_ref().unwrap().phase(2) == Phase::Sync,
+            },
+            Case {
+                name: "a phase for a finished rollout is refused",
+                before: finished.clone(),
+                command: set_phase(4, 2, P::Restoring),
+                expect: Expect::Rejected("rollout generation 4 already finished (completed)"),
+                check: |s| s.deployment.is_none(),
+            },
+            Case {
+                name: "a node never moves back",
+                before: running.clone(),
+                command: set_phase(4, 2, P::Backup),
+                expect: Expect::Rejected("node 2 (127.0.0.1:7102) cannot move from sync to backup"),
+                check: |s| s.deployment.as_ref().unwrap().phase(2) == Phase::Sync,
+            },
+            Case {
+                name: "a node outside the rollout is refused",
+                before: running.clone(),
+                command: set_phase(4, 9, P::Backup),
+                expect: Expect::Rejected("node 9 is not part of rollout generation 4"),
+                check: |s| !s.deployment.as_ref().unwrap().nodes.contains_key(&9),
+            },
+            Case {
+                name: "no node starts while paused",
+                before: paused.clone(),
+                command: set_phase(4, 1, P::Backup),
+                expect: Expect::Rejected(
+                    "cannot move to backup while rollout generation 4 is paused",
+                ),
+                check: |s| s.deployment.as_ref().unwrap().phase(1) == Phase::Pending,
+            },
+            Case {
+                name: "no node moves forward while reverting",
+                before: reverting.clone(),
+                command: set_phase(4, 2, P::Stabilize),
+                expect: Expect::Rejected(
+                    "cannot move to stabilize while rollout generation 4 is reverting",
+                ),
+                check: |s| s.deployment.as_ref().unwrap().phase(2) == Phase::Health,
+            },
+            Case {
+                name: "a committed node is restored while reverting, keeping its reason",
+                before: reverting.clone(),
+                command: Command::SetNodePhase {
+                    generation: 4,
+                    node: 1,
+                    phase: P::Restoring,
+                    error: Some("revert".into()),
+                    at_ms: 7,
+                },
+                expect: Expect::Ok(vec![Record::Deployment]),
+                check: |s| {
+                    let step = &s.deployment.as_ref().unwrap().nodes[&1];
+                    step.phase == Phase::Restoring && step.error.as_deref() == Some("revert")
+                },
+            },
+            Case {
+                name: "pausing keeps the rollout active",
+                before: running.clone(),
+                command: set_state(4, S::Paused),
+                expect: Expect::Ok(vec![Record::Deployment]),
+                check: |s| {
+                    let d = s.deployment.as_ref().unwrap();
+                    d.state == S::Paused && d.reason.as_deref() == Some("because")
+                },
+            },
+            Case {
+                name: "the same state twice changes nothing",
+                before: reverting.clone(),
+                command: set_state(4, S::Reverting),
+                expect: Expect::Ok(vec![]),
+                check: |s| s.deployment.is_some(),
+            },
+            Case {
+                name: "a state for a stale generation is refused",
+                before: running.clone(),
+                command: set_state(2, S::Failed),
+                expect: Expect::Rejected("stale rollout generation 2"),
+                check: |s| s.deployment.as_ref().unwrap().state == S::Running,
+            },
+            Case {
+                name: "completed is refused while a node is not committed",
+                before: running.clone(),
+                command: set_state(4, S::Completed),
+                expect: Expect::Rejected("cannot be completed: node 2 is sync"),
+                check: |s| s.deployment.is_some() && s.history.is_empty(),
+            },
+            Case {
+                name: "reverted is refused while a node is not restored",
+                before: reverting.clone(),
+                command: set_state(4, S::Reverted),
+                expect: Expect::Rejected("cannot be reverted: node 1 is committed"),
+                check: |s| s.deployment.is_some(),
+            },
+            Case {
+                name: "an illegal state move is refused",
+                before: reverting.clone(),
+                command: set_state(4, S::Running),
+                expect: Expect::Rejected("cannot move from reverting to running"),
+                check: |s| s.deployment.as_ref().unwrap().state == S::Reverting,
+            },
+            Case {
+                name: "completing moves the rollout to history and frees the lock",
+                before: all_committed.clone(),
+                command: set_state(4, S::Completed),
+                expect: Expect::Ok(vec![
+                    Record::Deployment,
+                    Record::DeploymentManifest,
+                    Record::History(4),
+                ]),
+                check: |s| {
+                    s.deployment.is_none()
+                        && s.last_generation == 4
+                        && s.history.len() == 1
+                        && s.history[0].outcome == S::Completed
+                        && s.history[0].finished_ms == Some(9)
+                        && s.history[0].reason.as_deref() == Some("because")
+                },
+            },
+            Case {
+                name: "history keeps the newest entries only",
+                before: full_history,
+                command: set_state(60, S::Completed),
+                expect: Expect::Ok(vec![
+                    Record::Deployment,
+                    Record::DeploymentManifest,
+                    Record::History(60),
+                    Record::History(1),
+                ]),
+                check: |s| {
+                    s.history.len() == HISTORY_LIMIT
+                        && s.history[0].generation == 2
+                        && s.history.last().unwrap().generation == 60
+                },
+            },
+            Case {
+                name: "a hand-off intent is recorded",
+                before: handoff_ready.clone(),
+                command: Command::RecordHandoff {
+                    generation: 4,
+                    from: 2,
+                    to: 1,
+                    attempt: 1,
+                    at_ms: 3,
+                },
+                expect: Expect::Ok(vec![Record::Deployment]),
+                check: |s| s.deployment.as_ref().unwrap().handoff_attempts(2) == 1,
+            },
+            Case {
+                name: "a repeated hand-off attempt changes nothing",
+                before: {
+                    let mut state = handoff_ready.clone();
+                    state.apply(&Command::RecordHandoff {
+                        generation: 4,
+                        from: 2,
+                        to: 1,
+                        attempt: 2,
+                        at_ms: 3,
+                    });
+                    state
+                },
+                command: Command::RecordHandoff {
+                    generation: 4,
+                    from: 2,
+                    to: 1,
+                    attempt: 1,
+                    at_ms: 3,
+                },
+                expect: Expect::Ok(vec![]),
+                check: |s| s.deployment.as_ref().unwrap().handoff_attempts(2) == 2,
+            },
+            Case {
+                name: "a hand-off to a node that is not updated is refused",
+                before: running.clone(),
+                command: Command::RecordHandoff {
+                    generation: 4,
+                    from: 1,
+                    to: 2,
+                    attempt: 1,
+                    at_ms: 3,
+                },
+                expect: Expect::Rejected("cannot hand leadership to node 2 (sync)"),
+                check: |s| s.deployment.as_ref().unwrap().handoff.is_none(),
+            },
+            Case {
+                name: "a hand-off for a stale generation is refused",
+                before: handoff_ready.clone(),
+                command: Command::RecordHandoff {
+                    generation: 3,
+                    from: 2,
+                    to: 1,
+                    attempt: 1,
+                    at_ms: 3,
+                },
+                expect: Expect::Rejected("stale rollout generation 3"),
+                check: |s| s.deployment.as_ref().unwrap().handoff.is_none(),
+            },
+        ];
+        for case in cases {
+            let mut state = case.before.clone();
+            let (response, touched) = state.apply(&case.command);
+            match case.expect {
+                Expect::Ok(records) => {
+                    assert_eq!(response, Response::Ok, "{}", case.name);
+                    assert_eq!(touched, records, "{}", case.name);
+                }
+                Expect::Rejected(text) => {
+                    let Response::Rejected { reason } = response else {
+                        panic!("{}: accepted", case.name)
+                    };
+                    assert!(reason.contains(text), "{}: {reason}", case.name);
+                    assert!(touched.is_empty(), "{}", case.name);
+                    assert_eq!(
+                        state, case.before,
+                        "{}: a refusal changed the state",
+                        case.name
+                    );
+                }
+            }
+            assert!((case.check)(&state), "{}", case.name);
+        }
+    }
+
+    #[test]
+    fn rollout_commands_need_protocol_two() {
+        let begin = Command::BeginDeployment {
+            deployment: Deployment::default(),
+        };
+        assert_eq!(begin.required_protocol(), ROLLOUT_PROTOCOL);
+        assert_eq!(set_phase(1, 1, Phase::Sync).required_protocol(), 2);
+        assert_eq!(Command::KvDelete { key: "k".into() }.required_protocol(), 1);
+        const { assert!(PROTOCOL >= ROLLOUT_PROTOCOL) };
+    }
+
+    #[test]
+    fn deployment_records_split_the_manifest_and_round_trip() {
+        let mut state = State::default();
+        let mut begun = deployment(1, &[(1, Phase::Pending), (2, Phase::Pending)]);
+        begun.manifest = crate::dist::Manifest::from_unsorted(vec![crate::dist::Entry {
+            path: "bin".into(),
+            kind: crate::dist::EntryKind::Dir { mode: 0o755 },
+        }]);
+        let (response, _) = state.apply(&Command::BeginDeployment { deployment: begun });
+        assert_eq!(response, Response::Ok);
+        state.apply(&set_phase(1, 1, Phase::Backup));
+        let without_manifest = state.record_value(&Record::Deployment).unwrap();
+        assert!(without_manifest.get("manifest").is_none());
+        // One finished deployment in history next to the active one.
+        state.history.push(HistoryEntry {
+            generation: 0,
+            outcome: DeploymentState::Reverted,
+            ..HistoryEntry::default()
+        });
+        // Storage returns records in key order; load them both ways round.
+        for reversed in [false, true] {
+            let mut records = state.records();
+            if reversed {
+                records.reverse();
+            }
+            let mut restored = State::default();
+            for record in records {
+                let value = state.record_value(&record).unwrap();
+                restored.load_record(record, value).unwrap();
+            }
+            assert_eq!(restored, state, "reversed: {reversed}");
         }
     }
 

@@ -55,12 +55,27 @@ fn record_key(record: &Record) -> Vec<u8> {
         // Zero-padded so that sled's byte order is numeric order.
         Record::Node(id) => format!("node/{id:020}").into_bytes(),
         Record::Kv(key) => [b"kv/".as_slice(), key.as_bytes()].concat(),
+        Record::Deployment => b"deployment".to_vec(),
+        Record::DeploymentManifest => b"deployment_manifest".to_vec(),
+        Record::History(generation) => format!("history/{generation:020}").into_bytes(),
+        Record::LastGeneration => b"last_generation".to_vec(),
     }
 }
 
 fn parse_record_key(key: &[u8]) -> Option<Record> {
-    if key == b"cluster_id" {
-        return Some(Record::ClusterId);
+    match key {
+        b"cluster_id" => return Some(Record::ClusterId),
+        b"deployment" => return Some(Record::Deployment),
+        b"deployment_manifest" => return Some(Record::DeploymentManifest),
+        b"last_generation" => return Some(Record::LastGeneration),
+        _ => {}
+    }
+    if let Some(rest) = key.strip_prefix(b"history/") {
+        return std::str::from_utf8(rest)
+            .ok()?
+            .parse()
+            .ok()
+            .map(Record::History);
     }
     if let Some(rest) = key.strip_prefix(b"node/") {
         return std::str::from_utf8(rest)
@@ -329,9 +344,14 @@ mod tests {
             Record::Node(7),
             Record::Kv("a/b c".into()),
             Record::Kv(String::new()),
+            Record::Deployment,
+            Record::DeploymentManifest,
+            Record::History(12),
+            Record::LastGeneration,
         ] {
             assert_eq!(parse_record_key(&record_key(&record)), Some(record));
         }
         assert_eq!(parse_record_key(b"bogus"), None);
+        assert_eq!(parse_record_key(b"history/x"), None);
     }
 }

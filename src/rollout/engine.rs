@@ -1,0 +1,1141 @@
+//! The rollout engine: the replicated deployment, one event and the time in; actions out.
+//!
+//! Pure, in the style of openraft's `Engine`: [`Engine::step`] decides, a runtime acts.
+//! The replicated [`Deployment`] is the source of truth; the engine only keeps what a
+//! freshly elected leader may lose without harm (which operation or poll it is waiting
+//! for, when it started waiting). Any persisted deployment therefore has a sensible next
+//! action, and a new leader resumes (or reverts) from wherever the old one stopped.
+//!
+//! # Rules
+//!
+//! 1. **Persist, then act.** A node enters a phase by a generation-gated
+//!    `SetNodePhase` proposal *before* the agent operation of that phase is sent, so the
+//!    replicated phase is never behind what was done to the node. Agent operations are
+//!    idempotent; a resumed phase repeats its operation.
+//! 2. **Per node:** `Backup` (pin the running release) -> `Sync` (fetch and verify) ->
+//!    `Activate` (ask the node which build it runs; if not the target, activate and
+//!    restart it) -> `Health` (poll until serving the target build, caught up and acking,
+//!    within the health deadline) -> `Stabilize` (healthy on every poll and on one boot
+//!    for the window) -> agent `Commit` -> `Committed`. The commit is persisted only after
+//!    the agent disarmed its boot guard, so a committed node never reverts by itself.
+//! 3. **Order:** waves from [`super::plan::waves`] over the deployment's order with this
+//!    leader moved last; a wave starts when the previous ones are committed. A voter
+//!    starts only when no other node is unsettled, a learner only when no voter is and
+//!    fewer than `max_parallel` learners are.
+//! 4. **Leader last:** when only this leader is left, it polls an updated voter and, once
+//!    one is healthy, persists a `RecordHandoff` intent and asks for a leadership
+//!    transfer; the new leader updates the old one as a follower. If the transfer fails
+//!    the engine asks the runtime to restart this node, on its current build, so another
+//!    voter leads. With no updated voter, or after [`MAX_HANDOFF_ATTEMPTS`], the leader
+//!    updates itself in place; its own restart ends its leadership.
+//! 5. **Failure** (an operation error, a missed health deadline, an unhealthy poll or a
+//!    new boot id while stabilizing) moves the node to `Restoring` and the deployment to
+//!    `Reverting` (`on_failure = revert`) or `Halting` (`halt`). Nodes caught mid-update
+//!    are restored once their operation answers; when reverting, committed nodes are then
+//!    restored newest first, voters one at a time, this leader last. A restore repeats
+//!    the agent's `Restore` until the node is healthy on its previous build, or the
+//!    deadline marks it `Failed`; a failed voter stops further voter restores (the
+//!    cluster cannot afford a second voter down).
+//! 6. **Finish:** `Completed` when every node is committed; `Reverted` when every
+//!    touched node is restored; otherwise `Failed`. The terminal proposal is followed by
+//!    [`Action::Finish`] with the summary.
+//!
+//! # Contract with the runtime
+//!
+//! - Create one engine per leadership term; on [`Event::LeadershipLost`] (or when the
+//!   deployment leaves the replicated state) drop it.
+//! - Call [`Engine::step`] with the deployment as currently applied on this node, and
+//!   execute the returned actions in order; a `Propose` must be committed before the
+//!   next action runs. If a proposal is refused or fails, skip the rest of the batch,
+//!   call [`Engine::resync`], and step again with the refreshed deployment.
+//! - Answer every `Agent` and `PollHealth` action exactly once, echoing its
+//!   [`RequestId`]; a transport error or timeout is an `Err` answer. Report a failed
+//!   leadership transfer as [`Event::TransferFailed`]. `Tick` at least every
+//!   `poll_interval_ms`; `now.monotonic_ms` never goes backwards within one engine.
+//! - Agents execute a node's operations one at a time and refuse a mutation whose
+//!   request id (term first, then sequence) is lower than the last one they executed, or
+//!   whose generation is stale. Request ids grow across leaders and across
+//!   [`Engine::resync`], so an operation delayed in the network can never undo a newer
+//!   one.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::plan::waves;
+use crate::state::deployment::{short_hash, MAX_HANDOFF_ATTEMPTS};
+use crate::state::{Command, Deployment, DeploymentState, HistoryEntry, OnFailure, Phase, Role};
+
+/// The time of a step: one clock for decisions, one for display.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Now {
+    /// This leader's monotonic clock: deadlines and windows are measured on it.
+    pub monotonic_ms: u64,
+    /// Wall clock (unix ms), only copied into proposals for operators to read.
+    pub unix_ms: u64,
+}
+
+/// Something the runtime learned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Time passed: check deadlines, send due polls, resume what is pending.
+    Tick,
+    /// An agent answered the [`Action::Agent`] with this `id`.
+    StepDone {
+        node: u64,
+        id: RequestId,
+        /// `Err` carries the agent's (or transport's) message.
+        result: Result<(), String>,
+    },
+    /// The answer to the [`Action::PollHealth`] with this `id`; `Err`: the node could
+    /// not be asked.
+    HealthObserved {
+        node: u64,
+        id: RequestId,
+        health: Result<Health, String>,
+    },
+    /// A [`Action::TransferLeadership`] did not hand leadership over.
+    TransferFailed { to: u64, reason: String },
+    /// This node no longer leads: the engine goes quiet.
+    LeadershipLost,
+}
+
+/// Names one request so its answer cannot be mistaken for another's: a previous leader's
+/// operation may still answer after this leader sent the same kind of operation.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RequestId {
+    /// The term of the leader whose engine sent it.
+    pub term: u64,
+    /// Counts the engine's requests.
+    pub seq: u64,
+}
+
+/// What a node reported about itself, merged with the leader's view of it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct Health {
+    /// The process accepts requests.
+    pub serving: bool,
+    /// Build hash of the running binary.
+    pub build_hash: String,
+    /// Changes on every process start: a change while stabilizing means a crash.
+    pub boot_id: String,
+    /// A Raft member whose applied index reached the leader's commit index as of the
+    /// node's restart.
+    pub caught_up: bool,
+    /// Age of the node's last acknowledgement on the leader's clock (`Some(0)` for the
+    /// leader itself); `None`: never acknowledged.
+    pub last_ack_ms: Option<u64>,
+    /// Why the node's own health check (`health_command`) fails; `None` when it passes.
+    pub problem: Option<String>,
+}
+
+/// A typed operation on one node's agent. Every one is idempotent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AgentOp {
+    /// Pin the running release (`hash`) as `previous`, the restore target.
+    PinPrevious { hash: String },
+    /// Fetch the chunks of release `hash` the node lacks (from `sources` first: nodes that
+    /// already hold it) and verify every byte against the deployment's manifest.
+    Prepare { hash: String, sources: Vec<u64> },
+    /// Point `current` at release `hash` and arm the boot guard; no restart.
+    Activate { hash: String },
+    /// Restart gracefully into `current`.
+    Restart,
+    /// Point `current` back at release `hash` (the pinned `previous`, or already
+    /// `current` when the update never got that far), disarm the boot guard, and restart
+    /// if the running build is not `hash`.
+    Restore { hash: String },
+    /// Disarm the boot guard: release `hash` is good. `previous` stays pinned, because a
+    /// revert of the whole deployment may still need it.
+    Commit { hash: String },
+}
+
+impl AgentOp {
+    pub fn kind(&self) -> OpKind {
+        match self {
+            AgentOp::PinPrevious { .. } => OpKind::PinPrevious,
+            AgentOp::Prepare { .. } => OpKind::Prepare,
+            AgentOp::Activate { .. } => OpKind::Activate,
+            AgentOp::Restart => OpKind::Restart,
+            AgentOp::Restore { .. } => OpKind::Restore,
+            AgentOp::Commit { .. } => OpKind::Commit,
+        }
+    }
+}
+
+/// Which operation an answer belongs to.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OpKind {
+    PinPrevious,
+    Prepare,
+    Activate,
+    Restart,
+    Restore,
+    Commit,
+}
+
+impl fmt::Display for OpKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OpKind::PinPrevious => "pin-previous",
+            OpKind::Prepare => "prepare",
+            OpKind::Activate => "activate",
+            OpKind::Restart => "restart",
+            OpKind::Restore => "restore",
+            OpKind::Commit => "commit",
+        })
+    }
+}
+
+/// What the runtime must do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Replicate this command and wait until it is committed.
+    Propose(Command),
+    /// Send `op` to `node`'s agent, fenced by the deployment's generation and by `id`,
+    /// whose `term` is this leader's (agents refuse a lower id or a stale generation).
+    /// Answer with [`Event::StepDone`].
+    Agent {
+        node: u64,
+        id: RequestId,
+        generation: u64,
+        op: AgentOp,
+    },
+    /// Ask `node` how it is; answer with [`Event::HealthObserved`].
+    PollHealth { node: u64, id: RequestId },
+    /// Hand leadership to `to`; on failure answer with [`Event::TransferFailed`].
+    TransferLeadership { to: u64 },
+    /// Restart this node's process on its current build (a failed hand-off: another
+    /// voter should lead). The intent is already persisted.
+    RestartSelf { reason: String },
+    /// The deployment reached a terminal state (already proposed just before).
+    Finish(Summary),
+}
+
+/// The outcome of a deployment, for the final report.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub generation: u64,
+    pub outcome: DeploymentState,
+    pub target_hash: String,
+    pub reason: Option<String>,
+    /// Committed on the target build.
+    pub updated: Vec<u64>,
+    /// Back on their previous build (with why they left the happy path, if they did).
+    pub restored: Vec<NodeOutcome>,
+    /// Could not be restored, or stopped mid-way: need an operator.
+    pub failed: Vec<NodeOutcome>,
+    /// Never touched.
+    pub untouched: Vec<u64>,
+}
+
+/// One node in a [`Summary`].
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeOutcome {
+    pub node: u64,
+    pub addr: String,
+    pub reason: Option<String>,
+}
+
+impl Summary {
+    /// The summary of a finished deployment.
+    pub fn of(entry: &HistoryEntry) -> Self {
+        let mut summary = Summary {
+            generation: entry.generation,
+            outcome: entry.outcome,
+            target_hash: entry.target_hash.clone(),
+            reason: entry.reason.clone(),
+            ..Summary::default()
+        };
+        for id in &entry.order {
+            let Some(step) = entry.nodes.get(id) else {
+                continue;
+            };
+            let outcome = NodeOutcome {
+                node: *id,
+                addr: step.addr.clone(),
+                reason: step.error.clone(),
+            };
+            match step.phase {
+                Phase::Committed => summary.updated.push(*id),
+                Phase::Restored => summary.restored.push(outcome),
+                Phase::Pending => summary.untouched.push(*id),
+                _ => summary.failed.push(outcome),
+            }
+        }
+        summary
+    }
+}
+
+/// The decision-maker of one leader for one deployment.
+#[derive(Debug)]
+pub struct Engine {
+    /// The node this engine runs on: the leader.
+    me: u64,
+    /// The leader's term: the first part of every request id.
+    term: u64,
+    /// Deployment the volatile state below belongs to.
+    generation: Option<u64>,
+    tracks: BTreeMap<u64, Track>,
+    handoff: HandoffTrack,
+    /// Requests sent so far (see [`RequestId`]).
+    requests: u64,
+    /// Finished, restarting, or no longer leading: no more actions.
+    done: bool,
+}
+
+/// What this leader is waiting for on one node. Lost on a leader change, by design:
+/// the next leader rebuilds it from the persisted phase.
+#[derive(Debug, Default)]
+struct Track {
+    /// The phase the timers below belong to; a different persisted phase resets them.
+    phase: Phase,
+    /// Operation sent and not answered. Survives a phase change: a node is never sent a
+    /// second operation while one is outstanding.
+    op: Option<(RequestId, OpKind)>,
+    /// Operation to send next, once `not_before_ms` has passed.
+    next_op: Option<OpKind>,
+    not_before_ms: u64,
+    /// Poll sent and not answered, and the phase it was sent in (an answer for an older
+    /// phase is discarded).
+    poll: Option<(RequestId, Phase)>,
+    next_poll_ms: u64,
+    /// When this leader began the phase: deadlines and windows count from here.
+    since_ms: u64,
+    /// Boot id seen when the node passed health, to catch a restart while stabilizing.
+    boot_id: Option<String>,
+    /// Why the node is not yet good enough, for the failure message.
+    last_problem: Option<String>,
+}
+
+impl Track {
+    fn reset(&mut self, phase: Phase, now_ms: u64, poll_interval_ms: u64) {
+        self.phase = phase;
+        self.next_op = match phase {
+            Phase::Backup => Some(OpKind::PinPrevious),
+            Phase::Sync => Some(OpKind::Prepare),
+            Phase::Restoring => Some(OpKind::Restore),
+            _ => None,
+        };
+        self.not_before_ms = now_ms;
+        // The node was just seen healthy when it enters the window: look again later.
+        self.next_poll_ms = if phase == Phase::Stabilize {
+            now_ms + poll_interval_ms
+        } else {
+            now_ms
+        };
+        self.since_ms = now_ms;
+        if phase != Phase::Stabilize {
+            self.boot_id = None;
+        }
+        self.last_problem = None;
+    }
+}
+
+/// This leader handing leadership over before updating itself.
+#[derive(Debug, Default)]
+struct HandoffTrack {
+    /// When it started looking for a healthy updated voter.
+    since_ms: Option<u64>,
+    /// Index into the candidates, advanced past an unhealthy one.
+    candidate: usize,
+    /// The candidate whose health poll is outstanding.
+    polling: Option<u64>,
+    /// Transfer requested; waiting for leadership to go (or a failure).
+    sent: bool,
+    last_problem: Option<String>,
+}
+
+/// One step's working set: the deployment as it will be once this step's proposals are
+/// applied, and the actions so far.
+struct Cx {
+    view: Deployment,
+    out: Vec<Action>,
+    now: Now,
+}
+
+impl Engine {
+    /// An engine for leader `me` in `term`.
+    pub fn new(me: u64, term: u64) -> Self {
+        Self {
+            me,
+            term,
+            generation: None,
+            tracks: BTreeMap::new(),
+            handoff: HandoffTrack::default(),
+            requests: 0,
+            done: false,
+        }
+    }
+
+    /// Forgets what this engine was waiting for, as if it had just been elected, but
+    /// keeps counting requests: answers to earlier requests are ignored from now on.
+    /// For when the runtime could not carry out a step's actions (a refused proposal).
+    pub fn resync(&mut self) {
+        self.tracks.clear();
+        self.handoff = HandoffTrack::default();
+        self.done = false;
+    }
+
+    /// Decides what to do after `event`, given `deployment` as replicated.
+    pub fn step(&mut self, deployment: &Deployment, event: Event, now: Now) -> Vec<Action> {
+        if self.generation != Some(deployment.generation) {
+            self.resync();
+            self.generation = Some(deployment.generation);
+        }
+        if self.done {
+            return Vec::new();
+        }
+        let mut cx = Cx {
+            view: without_manifest(deployment),
+            out: Vec::new(),
+            now,
+        };
+        self.sync_tracks(&cx);
+        match event {
+            Event::Tick => {}
+            Event::StepDone { node, id, result } => self.on_step_done(&mut cx, node, id, result),
+            Event::HealthObserved { node, id, health } => self.on_health(&mut cx, node, id, health),
+            Event::TransferFailed { to, reason } => self.on_transfer_failed(&mut cx, to, reason),
+            Event::LeadershipLost => {
+                self.done = true;
+                return Vec::new();
+            }
+        }
+        if !self.done {
+            self.drive(&mut cx);
+        }
+        cx.out
+    }
+
+    fn sync_tracks(&mut self, cx: &Cx) {
+        let now = cx.now.monotonic_ms;
+        let interval = cx.view.strategy.poll_interval_ms;
+        for (id, step) in &cx.view.nodes {
+            let track = self.tracks.entry(*id).or_default();
+            if track.phase != step.phase {
+                track.reset(step.phase, now, interval);
+            }
+        }
+    }
+
+    // ---- events -------------------------------------------------------------------
+
+    fn on_step_done(&mut self, cx: &mut Cx, node: u64, id: RequestId, result: Result<(), String>) {
+        let now = cx.now.monotonic_ms;
+        let interval = cx.view.strategy.poll_interval_ms;
+        let phase = cx.view.phase(node);
+        let Some(track) = self.tracks.get_mut(&node) else {
+            return;
+        };
+        let kind = match track.op {
+            Some((sent, kind)) if sent == id => kind,
+            // Not the outstanding request: a previous leader's, or a duplicate.
+            _ => return,
+        };
+        track.op = None;
+        if !op_belongs(phase, kind) {
+            return;
+        }
+        if phase == Phase::Restoring {
+            match result {
+                Ok(()) => {
+                    // The node restarted (if it had to): its health deadline starts now.
+                    track.since_ms = now;
+                    track.next_poll_ms = now;
+                }
+                Err(error) => {
+                    // Transient or not, repeating a restore is safe; the deadline decides.
+                    track.next_op = Some(OpKind::Restore);
+                    track.not_before_ms = now + interval;
+                    track.last_problem = Some(format!("restore failed: {error}"));
+                }
+            }
+            return;
+        }
+        if cx.view.state.is_stopping() {
+            let error = result.err().map(|e| format!("{kind} failed: {e}"));
+            self.set_phase(cx, node, Phase::Restoring, error);
+            return;
+        }
+        match (kind, result) {
+            (OpKind::PinPrevious, Ok(())) => self.set_phase(cx, node, Phase::Sync, None),
+            (OpKind::Prepare, Ok(())) => self.set_phase(cx, node, Phase::Activate, None),
+            (OpKind::Activate, Ok(())) => track.next_op = Some(OpKind::Restart),
+            (OpKind::Restart, result) => {
+                // The process may exit before it answers: whether the restart happened
+                // is for the health poll to tell, within the deadline.
+                self.set_phase(cx, node, Phase::Health, None);
+                if let Err(error) = result {
+                    self.track(node).last_problem = Some(format!("restart answered: {error}"));
+                }
+            }
+            (OpKind::Commit, Ok(())) => self.set_phase(cx, node, Phase::Committed, None),
+            (kind, Err(error)) => self.fail(cx, node, format!("{kind} failed: {error}")),
+            (OpKind::Restore, Ok(())) => {}
+        }
+    }
+
+    fn on_health(&mut self, cx: &mut Cx, node: u64, id: RequestId, health: Result<Health, String>) {
+        let now = cx.now.monotonic_ms;
+        let strategy = cx.view.strategy.clone();
+        let phase = cx.view.phase(node);
+        let Some(track) = self.tracks.get_mut(&node) else {
+            return;
+        };
+        let polled_in = match track.poll {
+            Some((sent, phase)) if sent == id => phase,
+            _ => return,
+        };
+        track.poll = None;
+        track.next_poll_ms = now + strategy.poll_interval_ms;
+        if polled_in != phase {
+            return;
+        }
+        let target = cx.view.target_hash.clone();
+        match phase {
+            Phase::Activate if track.op.is_none() && track.next_op.is_none() => match &health {
+                Ok(h) if h.serving && h.build_hash == target => {
+                    // Already runs the target: the restart happened before a leader change.
+                    self.set_phase(cx, node, Phase::Health, None);
+                }
+                Ok(_) => track.next_op = Some(OpKind::Activate),
+                Err(error) => track.last_problem = Some(format!("unreachable: {error}")),
+            },
+            Phase::Health => match judge(&health, &target, strategy.stale_ack_ms) {
+                Ok(boot_id) => {
+                    track.boot_id = Some(boot_id);
+                    self.set_phase(cx, node, Phase::Stabilize, None);
+                }
+                Err(problem) => track.last_problem = Some(problem),
+            },
+            Phase::Stabilize => match judge(&health, &target, strategy.stale_ack_ms) {
+                Err(problem) => self.fail(
+                    cx,
+                    node,
+                    format!("unhealthy during the stabilization window: {problem}"),
+                ),
+                Ok(boot_id) => match track.boot_id.clone() {
+                    Some(seen) if seen != boot_id => self.fail(
+                        cx,
+                        node,
+                        format!(
+                            "restarted during the stabilization window (boot {seen} -> \
+                             {boot_id}): is it crash-looping?"
+                        ),
+                    ),
+                    _ => {
+                        track.boot_id = Some(boot_id);
+                        if now.saturating_sub(track.since_ms) >= strategy.stabilize_ms {
+                            track.next_op = Some(OpKind::Commit);
+                        }
+                    }
+                },
+            },
+            Phase::Restoring if track.op.is_none() && track.next_op.is_none() => {
+                let from = cx.view.nodes[&node].from_hash.clone();
+                match judge(&health, &from, strategy.stale_ack_ms) {
+                    Ok(_) => self.set_phase(cx, node, Phase::Restored, None),
+                    Err(problem) => track.last_problem = Some(problem),
+                }
+            }
+            Phase::Committed if self.handoff.polling == Some(node) => {
+                self.handoff.polling = None;
+                self.on_candidate_health(cx, node, &health);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_candidate_health(&mut self, cx: &mut Cx, node: u64, health: &Result<Health, String>) {
+        if cx.view.state != DeploymentState::Running || cx.view.phase(self.me) != Phase::Pending {
+            return;
+        }
+        match judge(health, &cx.view.target_hash, cx.view.strategy.stale_ack_ms) {
+            Ok(_) => {
+                let attempt = cx.view.handoff_attempts(self.me) + 1;
+                let intent = Command::RecordHandoff {
+                    generation: cx.view.generation,
+                    from: self.me,
+                    to: node,
+                    attempt,
+                    at_ms: cx.now.unix_ms,
+                };
+                self.project(cx, intent);
+                cx.out.push(Action::TransferLeadership { to: node });
+                self.handoff.sent = true;
+            }
+            Err(problem) => {
+                self.handoff.last_problem = Some(format!("{}: {problem}", cx.view.describe(node)));
+                self.handoff.candidate += 1;
+            }
+        }
+    }
+
+    fn on_transfer_failed(&mut self, cx: &mut Cx, to: u64, reason: String) {
+        if !self.handoff.sent {
+            return;
+        }
+        let attempts = cx.view.handoff_attempts(self.me);
+        cx.out.push(Action::RestartSelf {
+            reason: format!(
+                "could not hand leadership to node {to}: {reason}; restarting on the current \
+                 build so an updated voter leads (hand-off attempt {attempts} of \
+                 {MAX_HANDOFF_ATTEMPTS})"
+            ),
+        });
+        self.done = true;
+    }
+
+    // ---- driving ------------------------------------------------------------------
+
+    fn drive(&mut self, cx: &mut Cx) {
+        match cx.view.state {
+            DeploymentState::Running | DeploymentState::Paused => self.drive_forward(cx),
+            DeploymentState::Halting | DeploymentState::Reverting => self.drive_stopping(cx),
+            _ => self.done = true,
+        }
+    }
+
+    fn drive_forward(&mut self, cx: &mut Cx) {
+        // A leader that recorded a node's failure but died before stopping the deployment.
+        let failed = cx.view.nodes.iter().find(|(_, step)| {
+            matches!(
+                step.phase,
+                Phase::Restoring | Phase::Restored | Phase::Failed
+            )
+        });
+        if let Some((id, step)) = failed {
+            let reason = format!(
+                "{} failed: {}",
+                cx.view.describe(*id),
+                step.error.as_deref().unwrap_or("no reason recorded")
+            );
+            self.stop(cx, reason);
+            return self.drive_stopping(cx);
+        }
+        for node in nodes_where(&cx.view, Phase::is_updating) {
+            self.advance(cx, node);
+            if cx.view.state.is_stopping() {
+                return self.drive_stopping(cx);
+            }
+        }
+        if cx.view.state != DeploymentState::Running {
+            return;
+        }
+        if cx.view.nodes.values().all(|s| s.phase == Phase::Committed) {
+            self.set_state(cx, DeploymentState::Completed, None);
+            return;
+        }
+        let order = self.effective_order(&cx.view);
+        let roles: Vec<(u64, Role)> = order
+            .iter()
+            .map(|id| (*id, cx.view.nodes[id].role))
+            .collect();
+        let waves = waves(&roles, cx.view.strategy.max_parallel);
+        let Some(wave) = waves
+            .into_iter()
+            .find(|wave| wave.iter().any(|id| cx.view.phase(*id) != Phase::Committed))
+        else {
+            return;
+        };
+        if wave == [self.me] && cx.view.phase(self.me) == Phase::Pending {
+            return self.leader_last(cx);
+        }
+        for node in wave {
+            if cx.view.phase(node) == Phase::Pending && self.may_start(&cx.view, node) {
+                self.set_phase(cx, node, Phase::Backup, None);
+                self.advance(cx, node);
+            }
+        }
+    }
+
+    /// Only this leader is left: hand leadership to an updated voter, or update in place.
+    fn leader_last(&mut self, cx: &mut Cx) {
+        let me = self.me;
+        let now = cx.now.monotonic_ms;
+        let candidates: Vec<u64> = self
+            .effective_order(&cx.view)
+            .into_iter()
+            .rev()
+            .filter(|id| {
+                *id != me
+                    && cx.view.nodes[id].role == Role::Voter
+                    && cx.view.phase(*id) == Phase::Committed
+            })
+            .collect();
+        if candidates.is_empty() || cx.view.handoff_attempts(me) >= MAX_HANDOFF_ATTEMPTS {
+            // No updated voter can lead meanwhile (or hand-offs keep failing): the restart
+            // in this node's own pipeline ends its leadership instead.
+            if self.may_start(&cx.view, me) {
+                self.set_phase(cx, me, Phase::Backup, None);
+                self.advance(cx, me);
+            }
+            return;
+        }
+        if self.handoff.sent || self.handoff.polling.is_some() {
+            return;
+        }
+        let since = *self.handoff.since_ms.get_or_insert(now);
+        let deadline = cx.view.strategy.health_deadline_ms;
+        if now.saturating_sub(since) > deadline {
+            let reason = format!(
+                "node {me} found no healthy updated voter to take over leadership within \
+                 {deadline} ms: {}",
+                self.handoff.last_problem.as_deref().unwrap_or("no answer")
+            );
+            self.stop(cx, reason);
+            return self.drive_stopping(cx);
+        }
+        let candidate = candidates[self.handoff.candidate % candidates.len()];
+        let track = self.track(candidate);
+        if track.poll.is_none() && now >= track.next_poll_ms {
+            let id = self.next_request();
+            self.track(candidate).poll = Some((id, Phase::Committed));
+            self.handoff.polling = Some(candidate);
+            cx.out.push(Action::PollHealth {
+                node: candidate,
+                id,
+            });
+        }
+    }
+
+    fn drive_stopping(&mut self, cx: &mut Cx) {
+        // Nodes caught mid-update are restored once their outstanding operation answers.
+        for node in nodes_where(&cx.view, Phase::is_updating) {
+            if self.track(node).op.is_none() {
+                self.set_phase(cx, node, Phase::Restoring, None);
+            }
+        }
+        for node in nodes_where(&cx.view, |p| p == Phase::Restoring) {
+            self.advance(cx, node);
+        }
+        if cx.view.state == DeploymentState::Reverting {
+            self.start_reverts(cx);
+        }
+        let busy = cx
+            .view
+            .nodes
+            .values()
+            .any(|s| s.phase.is_updating() || s.phase == Phase::Restoring);
+        let reverting = cx.view.state == DeploymentState::Reverting;
+        if busy || reverting && self.next_revert(&cx.view).is_some() {
+            return;
+        }
+        self.finish_stopping(cx);
+    }
+
+    /// Starts restoring committed nodes, newest first, as far as the limits allow.
+    fn start_reverts(&mut self, cx: &mut Cx) {
+        while let Some(node) = self.next_revert(&cx.view) {
+            if !self.may_restore(&cx.view, node) {
+                return;
+            }
+            self.set_phase(cx, node, Phase::Restoring, None);
+            self.advance(cx, node);
+        }
+    }
+
+    /// The next committed node to restore, newest first and this leader last; `None`
+    /// when none is left that may ever be restored (a failed voter blocks the voters).
+    fn next_revert(&self, view: &Deployment) -> Option<u64> {
+        let voter_failed = view
+            .nodes
+            .values()
+            .any(|s| s.role == Role::Voter && s.phase == Phase::Failed);
+        let restorable = |id: &u64| {
+            let step = &view.nodes[id];
+            step.phase == Phase::Committed && !(voter_failed && step.role == Role::Voter)
+        };
+        let mut order = self.effective_order(view);
+        let me_last = order.last() == Some(&self.me);
+        if me_last {
+            order.pop();
+        }
+        if let Some(node) = order.iter().rev().find(|id| restorable(id)) {
+            return Some(*node);
+        }
+        let others_settled = view
+            .nodes
+            .iter()
+            .all(|(id, s)| *id == self.me || !s.phase.is_updating() && s.phase != Phase::Restoring);
+        (me_last && restorable(&self.me) && others_settled).then_some(self.me)
+    }
+
+    fn finish_stopping(&mut self, cx: &mut Cx) {
+        let view = &cx.view;
+        let mut reason = view.reason.clone().unwrap_or_else(|| "stopped".into());
+        let failed: Vec<String> = view
+            .nodes
+            .iter()
+            .filter(|(_, s)| s.phase == Phase::Failed)
+            .map(|(id, s)| {
+                format!(
+                    "{} could not be restored ({})",
+                    view.describe(*id),
+                    s.error.as_deref().unwrap_or("no reason recorded")
+                )
+            })
+            .collect();
+        let left: Vec<String> = view
+            .nodes
+            .iter()
+            .filter(|(_, s)| s.phase == Phase::Committed)
+            .map(|(id, _)| id.to_string())
+            .collect();
+        for failure in &failed {
+            reason.push_str("; ");
+            reason.push_str(failure);
+        }
+        if !left.is_empty() {
+            reason.push_str(&format!(
+                "; left on build {}: node {}",
+                short_hash(&view.target_hash),
+                left.join(", ")
+            ));
+        }
+        let outcome =
+            if view.state == DeploymentState::Reverting && failed.is_empty() && left.is_empty() {
+                DeploymentState::Reverted
+            } else {
+                DeploymentState::Failed
+            };
+        self.set_state(cx, outcome, Some(reason));
+    }
+
+    /// Sends a node's next operation or poll, or fails it at its deadline.
+    fn advance(&mut self, cx: &mut Cx, node: u64) {
+        let now = cx.now.monotonic_ms;
+        let phase = cx.view.phase(node);
+        let deadline = cx.view.strategy.health_deadline_ms;
+        let track = self.track(node);
+        if track.op.is_some() {
+            return;
+        }
+        if let Some(kind) = track.next_op {
+            if now >= track.not_before_ms {
+                track.next_op = None;
+                let id = self.next_request();
+                self.track(node).op = Some((id, kind));
+                cx.out.push(Action::Agent {
+                    node,
+                    id,
+                    generation: cx.view.generation,
+                    op: agent_op(&cx.view, node, kind),
+                });
+                return;
+            }
+        }
+        if now.saturating_sub(track.since_ms) > deadline {
+            let last = track
+                .last_problem
+                .clone()
+                .unwrap_or_else(|| "no answer".into());
+            match phase {
+                Phase::Activate => {
+                    return self.fail(
+                        cx,
+                        node,
+                        format!("did not answer within {deadline} ms: {last}"),
+                    )
+                }
+                Phase::Health => {
+                    let why = format!(
+                        "not healthy on build {} within {deadline} ms: {last}",
+                        short_hash(&cx.view.target_hash)
+                    );
+                    return self.fail(cx, node, why);
+                }
+                Phase::Restoring => {
+                    let step = &cx.view.nodes[&node];
+                    let why = format!(
+                        "not healthy on build {} within {deadline} ms of its restore: {last}",
+                        short_hash(&step.from_hash)
+                    );
+                    let error = match &step.error {
+                        Some(first) => format!("{first}; then {why}"),
+                        None => why,
+                    };
+                    return self.set_phase(cx, node, Phase::Failed, Some(error));
+                }
+                _ => {}
+            }
+        }
+        let polls = matches!(
+            phase,
+            Phase::Activate | Phase::Health | Phase::Stabilize | Phase::Restoring
+        );
+        if polls && track.next_op.is_none() && track.poll.is_none() && now >= track.next_poll_ms {
+            let id = self.next_request();
+            self.track(node).poll = Some((id, phase));
+            cx.out.push(Action::PollHealth { node, id });
+        }
+    }
+
+    // ---- helpers ------------------------------------------------------------------
+
+    /// A failed node is restored and the deployment stops.
+    fn fail(&mut self, cx: &mut Cx, node: u64, why: String) {
+        let reason = format!(
+            "{} failed in {}: {why}",
+            cx.view.describe(node),
+            cx.view.phase(node)
+        );
+        self.set_phase(cx, node, Phase::Restoring, Some(why));
+        self.stop(cx, reason);
+    }
+
+    /// Stops a running or paused deployment as its failure policy says.
+    fn stop(&mut self, cx: &mut Cx, reason: String) {
+        if matches!(
+            cx.view.state,
+            DeploymentState::Running | DeploymentState::Paused
+        ) {
+            let next = match cx.view.strategy.on_failure {
+                OnFailure::Revert => DeploymentState::Reverting,
+                OnFailure::Halt => DeploymentState::Halting,
+            };
+            self.set_state(cx, next, Some(reason));
+        }
+    }
+
+    fn set_phase(&mut self, cx: &mut Cx, node: u64, phase: Phase, error: Option<String>) {
+        let command = Command::SetNodePhase {
+            generation: cx.view.generation,
+            node,
+            phase,
+            error,
+            at_ms: cx.now.unix_ms,
+        };
+        if self.project(cx, command) {
+            let (now, interval) = (cx.now.monotonic_ms, cx.view.strategy.poll_interval_ms);
+            self.track(node).reset(phase, now, interval);
+        }
+    }
+
+    fn set_state(&mut self, cx: &mut Cx, state: DeploymentState, reason: Option<String>) {
+        let command = Command::SetDeploymentState {
+            generation: cx.view.generation,
+            state,
+            reason,
+            at_ms: cx.now.unix_ms,
+        };
+        if self.project(cx, command) && state.is_terminal() {
+            cx.out
+                .push(Action::Finish(Summary::of(&HistoryEntry::of(&cx.view))));
+            self.done = true;
+        }
+    }
+
+    /// Applies `command` to the step's view with the same rules `State::apply` uses, and
+    /// proposes it if it changes anything.
+    fn project(&mut self, cx: &mut Cx, command: Command) -> bool {
+        let view = &mut cx.view;
+        let applied = match &command {
+            Command::SetNodePhase {
+                node,
+                phase,
+                error,
+                at_ms,
+                ..
+            } => view.set_node_phase(*node, *phase, error.as_deref(), *at_ms),
+            Command::SetDeploymentState {
+                state,
+                reason,
+                at_ms,
+                ..
+            } => view.set_state(*state, reason.as_deref(), *at_ms),
+            Command::RecordHandoff {
+                from,
+                to,
+                attempt,
+                at_ms,
+                ..
+            } => view.record_handoff(*from, *to, *attempt, *at_ms),
+            _ => Err(format!("the engine does not propose {command}")),
+        };
+        debug_assert!(
+            applied.is_ok(),
+            "the engine proposed what State::apply refuses: {command}: {applied:?}"
+        );
+        if applied == Ok(true) {
+            cx.out.push(Action::Propose(command));
+            return true;
+        }
+        false
+    }
+
+    fn next_request(&mut self) -> RequestId {
+        self.requests += 1;
+        RequestId {
+            term: self.term,
+            seq: self.requests,
+        }
+    }
+
+    fn track(&mut self, node: u64) -> &mut Track {
+        self.tracks.entry(node).or_default()
+    }
+
+    /// The deployment's order with this leader moved last.
+    fn effective_order(&self, view: &Deployment) -> Vec<u64> {
+        let mut order: Vec<u64> = view
+            .order
+            .iter()
+            .copied()
+            .filter(|id| *id != self.me)
+            .collect();
+        if view.nodes.contains_key(&self.me) {
+            order.push(self.me);
+        }
+        order
+    }
+
+    /// A voter starts alone; a learner only beside fewer than `max_parallel` learners.
+    fn may_start(&self, view: &Deployment, node: u64) -> bool {
+        let others = view.nodes.iter().filter(|(id, _)| **id != node);
+        match view.nodes[&node].role {
+            Role::Voter => others.clone().all(|(_, s)| !s.phase.is_unsettled()),
+            Role::Learner => {
+                let busy_voter = others
+                    .clone()
+                    .any(|(_, s)| s.role == Role::Voter && s.phase.is_unsettled());
+                let busy_learners = others
+                    .filter(|(_, s)| s.role == Role::Learner && in_progress(s.phase))
+                    .count();
+                !busy_voter && busy_learners < view.strategy.max_parallel.max(1)
+            }
+        }
+    }
+
+    /// A voter is restored only while no other voter is unsettled (a failed one counts:
+    /// it may be down for good); learners up to `max_parallel` at once (a failed one
+    /// does not count: nothing more happens to it).
+    fn may_restore(&self, view: &Deployment, node: u64) -> bool {
+        let others = view.nodes.iter().filter(|(id, _)| **id != node);
+        match view.nodes[&node].role {
+            Role::Voter => others
+                .filter(|(_, s)| s.role == Role::Voter)
+                .all(|(_, s)| !s.phase.is_unsettled()),
+            Role::Learner => {
+                others
+                    .filter(|(_, s)| s.role == Role::Learner && in_progress(s.phase))
+                    .count()
+                    < view.strategy.max_parallel.max(1)
+            }
+        }
+    }
+}
+
+/// Being updated or restored right now: what `max_parallel` limits.
+fn in_progress(phase: Phase) -> bool {
+    phase.is_updating() || phase == Phase::Restoring
+}
+
+/// Whether an answer to `kind` moves a node in `phase`.
+fn op_belongs(phase: Phase, kind: OpKind) -> bool {
+    matches!(
+        (phase, kind),
+        (Phase::Backup, OpKind::PinPrevious)
+            | (Phase::Sync, OpKind::Prepare)
+            | (Phase::Activate, OpKind::Activate | OpKind::Restart)
+            | (Phase::Stabilize, OpKind::Commit)
+            | (Phase::Restoring, OpKind::Restore)
+    )
+}
+
+/// The operation `kind` for `node` in `view`.
+fn agent_op(view: &Deployment, node: u64, kind: OpKind) -> AgentOp {
+    let target = view.target_hash.clone();
+    let from = view.nodes[&node].from_hash.clone();
+    match kind {
+        OpKind::PinPrevious => AgentOp::PinPrevious { hash: from },
+        OpKind::Prepare => AgentOp::Prepare {
+            hash: target,
+            // Committed nodes hold the verified release: fetching from them spreads load.
+            sources: view
+                .order
+                .iter()
+                .copied()
+                .filter(|id| *id != node && view.phase(*id) == Phase::Committed)
+                .collect(),
+        },
+        OpKind::Activate => AgentOp::Activate { hash: target },
+        OpKind::Restart => AgentOp::Restart,
+        OpKind::Restore => AgentOp::Restore { hash: from },
+        OpKind::Commit => AgentOp::Commit { hash: target },
+    }
+}
+
+/// Healthy on build `expected`: serving it, caught up and acking. Returns the boot id.
+fn judge(
+    health: &Result<Health, String>,
+    expected: &str,
+    stale_ack_ms: u64,
+) -> Result<String, String> {
+    let health = health
+        .as_ref()
+        .map_err(|error| format!("unreachable: {error}"))?;
+    if !health.serving {
+        return Err("not serving requests".into());
+    }
+    if health.build_hash != expected {
+        return Err(format!(
+            "runs build {}, expected {}",
+            short_hash(&health.build_hash),
+            short_hash(expected)
+        ));
+    }
+    if !health.caught_up {
+        return Err("not caught up with the leader's log".into());
+    }
+    match health.last_ack_ms {
+        None => return Err("has not acknowledged the leader".into()),
+        Some(last_ack_age) if last_ack_age > stale_ack_ms => {
+            return Err(format!(
+                "last acked {last_ack_age} ms ago (limit {stale_ack_ms} ms)"
+            ))
+        }
+        Some(_) => {}
+    }
+    if let Some(problem) = &health.problem {
+        return Err(format!("health check: {problem}"));
+    }
+    Ok(health.boot_id.clone())
+}
+
+/// Nodes whose phase satisfies `wanted`, by id.
+fn nodes_where(view: &Deployment, wanted: impl Fn(Phase) -> bool) -> Vec<u64> {
+    view.nodes
+        .iter()
+        .filter(|(_, step)| wanted(step.phase))
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+/// A copy without the manifest: the engine never reads it, and it can be megabytes.
+fn without_manifest(deployment: &Deployment) -> Deployment {
+    Deployment {
+        generation: deployment.generation,
+        target_hash: deployment.target_hash.clone(),
+        previous_hash: deployment.previous_hash.clone(),
+        manifest: Default::default(),
+        strategy: deployment.strategy.clone(),
+        state: deployment.state,
+        order: deployment.order.clone(),
+        nodes: deployment.nodes.clone(),
+        started_by: deployment.started_by,
+        issued_by_term: deployment.issued_by_term,
+        started_ms: deployment.started_ms,
+        finished_ms: deployment.finished_ms,
+        reason: deployment.reason.clone(),
+        handoff: deployment.handoff.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,642 @@
+//! The replicated record of a rolling update: the active deployment and finished history.
+//!
+//! Pure data plus the transition rules every member applies identically. The rollout
+//! engine uses the same methods to project the effect of its own proposals, so what the
+//! engine assumes and what `State::apply` accepts cannot drift apart.
+//!
+//! Timestamps (`*_ms`) are the proposing leader's wall clock, for display only: no
+//! decision on any node compares them with another clock.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dist::Manifest;
+
+/// How many finished deployments `State::history` keeps; older ones are dropped.
+pub const HISTORY_LIMIT: usize = 50;
+
+/// How often a leader may try to hand leadership over before updating itself in place.
+pub const MAX_HANDOFF_ATTEMPTS: u32 = 3;
+
+/// One rolling update, from `BeginDeployment` until it reaches a terminal state.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct Deployment {
+    /// Strictly increasing across deployments; every step command names it, so a step
+    /// proposed for an older deployment can never change this one.
+    pub generation: u64,
+    /// Build hash every node runs when the deployment completes.
+    pub target_hash: String,
+    /// What the cluster ran before (the leader's build at start), for status and history.
+    /// Each node's own revert target is [`NodeStep::from_hash`].
+    pub previous_hash: String,
+    /// The target release's content; nodes sync the chunks they lack from it.
+    pub manifest: Manifest,
+    /// Pace and failure policy, fixed at start so every leader follows the same one.
+    pub strategy: Strategy,
+    pub state: DeploymentState,
+    /// Nodes in the planned order (learners, voter followers, the leader at start last).
+    pub order: Vec<u64>,
+    /// Progress of every node in `order`.
+    pub nodes: BTreeMap<u64, NodeStep>,
+    pub started_by: Starter,
+    /// Term of the leader that began the deployment (for operators; agents fence on the
+    /// term of whichever leader sends them a mutation).
+    pub issued_by_term: u64,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+    /// Why the deployment stopped being `Running` (first failure, operator request, ...).
+    pub reason: Option<String>,
+    /// Set when a leader with nothing left to update but itself tried to hand over
+    /// leadership: survives the leader's restart so the next leader (or this one, once
+    /// re-elected) knows how often it was tried.
+    pub handoff: Option<Handoff>,
+}
+
+/// How a deployment proceeds and when it gives up.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(default)]
+pub struct Strategy {
+    /// Learners updated at once. Voters always go one at a time so quorum holds.
+    pub max_parallel: usize,
+    pub on_failure: OnFailure,
+    /// How long a restarted (or restored) node may take to report healthy.
+    pub health_deadline_ms: u64,
+    /// Pause between health polls of one node.
+    pub poll_interval_ms: u64,
+    /// How long a healthy node must stay healthy on one boot before it is committed.
+    pub stabilize_ms: u64,
+    /// A member whose last acknowledgement is older than this counts as unhealthy
+    /// (resolved from the heartbeat, 2 x heartbeat by default, when the deployment starts).
+    pub stale_ack_ms: u64,
+    /// The operator accepted losing quorum while a voter restarts (clusters of 1 or 2
+    /// voters); recorded so every leader knows the deployment was started with it.
+    pub allow_downtime: bool,
+}
+
+impl Default for Strategy {
+    fn default() -> Self {
+        Self {
+            max_parallel: 1,
+            on_failure: OnFailure::Revert,
+            health_deadline_ms: 60_000,
+            poll_interval_ms: 500,
+            stabilize_ms: 10_000,
+            // 2 x the default 100 ms heartbeat.
+            stale_ack_ms: 200,
+            allow_downtime: false,
+        }
+    }
+}
+
+/// What a failed node does to the rest of the deployment (the failed node itself is
+/// always restored).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Restore every node already updated, newest first.
+    #[default]
+    Revert,
+    /// Leave committed nodes on the new build; only nodes caught mid-update are restored.
+    Halt,
+}
+
+/// Lifecycle of a deployment. The last four are terminal: reaching one moves the
+/// deployment into `State::history`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentState {
+    /// Nodes are being updated.
+    #[default]
+    Running,
+    /// No node is started; nodes already under way finish (or fail) their update.
+    Paused,
+    /// A node failed under `OnFailure::Halt`: nodes caught mid-update are restored, then
+    /// the deployment ends `Failed`. Distinct from `Running` so status never claims a
+    /// stopping rollout is progressing, and so a new leader knows not to start nodes.
+    Halting,
+    /// A node failed under `OnFailure::Revert` (or an operator asked to revert): every
+    /// updated node is restored, newest first.
+    Reverting,
+    Completed,
+    /// Ended with nodes left on the new build or a node that could not be restored.
+    Failed,
+    /// Every node that was touched runs its previous build again.
+    Reverted,
+    /// Stopped by an operator without a revert.
+    Aborted,
+}
+
+impl DeploymentState {
+    /// True once nothing more happens to the deployment.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Completed | Self::Failed | Self::Reverted | Self::Aborted
+        )
+    }
+
+    /// Whether `self -> next` is a legal move. Terminal states go nowhere.
+    pub fn can_move_to(self, next: DeploymentState) -> bool {
+        use DeploymentState::*;
+        match self {
+            Running => matches!(
+                next,
+                Paused | Halting | Reverting | Completed | Failed | Aborted
+            ),
+            Paused => matches!(next, Running | Halting | Reverting | Failed | Aborted),
+            Halting => matches!(next, Reverting | Failed | Aborted),
+            Reverting => matches!(next, Reverted | Failed | Aborted),
+            Completed | Failed | Reverted | Aborted => false,
+        }
+    }
+
+    /// Restoring nodes rather than updating them.
+    pub fn is_stopping(self) -> bool {
+        matches!(self, Self::Halting | Self::Reverting)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Halting => "halting",
+            Self::Reverting => "reverting",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Reverted => "reverted",
+            Self::Aborted => "aborted",
+        }
+    }
+}
+
+impl fmt::Display for DeploymentState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who began a deployment.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Starter {
+    /// `cluster update`.
+    #[default]
+    Operator,
+    /// The leader noticed a new build in its watched dist directory.
+    Automatic,
+}
+
+impl fmt::Display for Starter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Operator => "operator",
+            Self::Automatic => "automatic",
+        })
+    }
+}
+
+/// A member's vote status when the deployment was planned.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Counts for quorum: updated one at a time.
+    #[default]
+    Voter,
+    /// Receives the log but does not vote: may be updated in parallel.
+    Learner,
+}
+
+/// Where one node is in its update.
+///
+/// Verification of the synced content is part of `Sync` (the agent only reports success
+/// once every byte matches the manifest and the release's build hash is the target), so
+/// a separate `Verify` phase would add a replicated write without adding a decision.
+/// Activation and restart share `Activate` for the same reason: the engine decides what
+/// to do next by asking the node which build it runs, not by which of the two happened.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Not touched: runs `from_hash` and nothing was pinned or activated.
+    #[default]
+    Pending,
+    /// Pinning the running release as `previous`, the restore target.
+    Backup,
+    /// Fetching the missing content and verifying it against the build hash.
+    Sync,
+    /// Pointing `current` at the target and restarting into it.
+    Activate,
+    /// Waiting, up to the health deadline, for the node to serve on the target build.
+    Health,
+    /// Watching the node stay healthy, on one boot, for the stabilization window.
+    Stabilize,
+    /// Runs the target; the node's boot guard is cleared.
+    Committed,
+    /// Swapping back to `from_hash`, restarting, and waiting for health on it.
+    Restoring,
+    /// Runs `from_hash` again and is healthy.
+    Restored,
+    /// Could not be restored: needs an operator.
+    Failed,
+}
+
+impl Phase {
+    /// Between `Pending` and `Committed`: the node is being changed by the update.
+    pub fn is_updating(self) -> bool {
+        matches!(
+            self,
+            Self::Backup | Self::Sync | Self::Activate | Self::Health | Self::Stabilize
+        )
+    }
+
+    /// The node may be down or on an unverified build right now: a voter in such a phase
+    /// is one the cluster must be able to lose.
+    pub fn is_unsettled(self) -> bool {
+        self.is_updating() || matches!(self, Self::Restoring | Self::Failed)
+    }
+
+    /// Whether `self -> next` is a legal move. Only forward moves are legal, so a
+    /// duplicated or late proposal can never move a node back.
+    pub fn can_move_to(self, next: Phase) -> bool {
+        use Phase::*;
+        matches!(
+            (self, next),
+            (Pending, Backup)
+                | (Backup, Sync)
+                | (Sync, Activate)
+                | (Activate, Health)
+                | (Health, Stabilize)
+                | (Stabilize, Committed)
+                | (Restoring, Restored | Failed)
+                | (
+                    Backup | Sync | Activate | Health | Stabilize | Committed,
+                    Restoring
+                )
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Backup => "backup",
+            Self::Sync => "sync",
+            Self::Activate => "activate",
+            Self::Health => "health",
+            Self::Stabilize => "stabilize",
+            Self::Committed => "committed",
+            Self::Restoring => "restoring",
+            Self::Restored => "restored",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One node's progress through the deployment.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct NodeStep {
+    /// Captured at plan time: decides how many may be updated at once.
+    pub role: Role,
+    /// Captured at plan time, so messages name the node the way `status` does.
+    pub addr: String,
+    /// The build the node ran when the deployment was planned: its restore target.
+    pub from_hash: String,
+    pub phase: Phase,
+    /// How many times the node's update was started (entered `Backup`).
+    pub attempt: u32,
+    /// Why the node left the happy path; kept through the restore that follows.
+    pub error: Option<String>,
+    /// When the node's update started (entered `Backup`).
+    pub started_ms: Option<u64>,
+    /// When the node reached `Committed`, `Restored` or `Failed`.
+    pub finished_ms: Option<u64>,
+}
+
+impl NodeStep {
+    /// A node of the plan, not yet touched.
+    pub fn pending(role: Role, addr: impl Into<String>, from_hash: impl Into<String>) -> Self {
+        Self {
+            role,
+            addr: addr.into(),
+            from_hash: from_hash.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A leader's persisted intent to hand leadership to an updated voter.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct Handoff {
+    /// The leader that wants to be updated.
+    pub from: u64,
+    /// The updated voter it tried to hand over to.
+    pub to: u64,
+    /// Attempts so far; at [`MAX_HANDOFF_ATTEMPTS`] the leader updates itself in place.
+    pub attempts: u32,
+    pub at_ms: u64,
+}
+
+/// A finished deployment as `rollout history` shows it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct HistoryEntry {
+    pub generation: u64,
+    pub target_hash: String,
+    pub previous_hash: String,
+    pub strategy: Strategy,
+    /// One of the terminal states.
+    pub outcome: DeploymentState,
+    pub reason: Option<String>,
+    pub started_by: Starter,
+    pub issued_by_term: u64,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+    pub order: Vec<u64>,
+    /// Per-node outcome and timings.
+    pub nodes: BTreeMap<u64, NodeStep>,
+}
+
+impl HistoryEntry {
+    /// The history record of `deployment` (the manifest is dropped: the hash names it).
+    pub fn of(deployment: &Deployment) -> Self {
+        Self {
+            generation: deployment.generation,
+            target_hash: deployment.target_hash.clone(),
+            previous_hash: deployment.previous_hash.clone(),
+            strategy: deployment.strategy.clone(),
+            outcome: deployment.state,
+            reason: deployment.reason.clone(),
+            started_by: deployment.started_by,
+            issued_by_term: deployment.issued_by_term,
+            started_ms: deployment.started_ms,
+            finished_ms: deployment.finished_ms,
+            order: deployment.order.clone(),
+            nodes: deployment.nodes.clone(),
+        }
+    }
+}
+
+impl Deployment {
+    /// Checks that a deployment proposed by `BeginDeployment` is well-formed and fresh.
+    pub fn validate_new(&self) -> Result<(), String> {
+        if self.target_hash.is_empty() {
+            return Err("the deployment names no target build hash".into());
+        }
+        if self.order.is_empty() {
+            return Err(format!(
+                "the deployment to {} updates no node: every node already runs it",
+                short_hash(&self.target_hash)
+            ));
+        }
+        if self.state != DeploymentState::Running {
+            return Err(format!(
+                "a deployment must start running, not {}",
+                self.state
+            ));
+        }
+        if self.strategy.max_parallel == 0 {
+            return Err("max_parallel must be at least 1".into());
+        }
+        if self.order.len() != self.nodes.len()
+            || self.order.iter().any(|id| !self.nodes.contains_key(id))
+        {
+            return Err("the deployment's order and its nodes name different members".into());
+        }
+        if let Some((id, step)) = self.nodes.iter().find(|(_, s)| s.phase != Phase::Pending) {
+            return Err(format!(
+                "node {id} starts in phase {}, not pending",
+                step.phase
+            ));
+        }
+        Ok(())
+    }
+
+    /// The node's step, or a message naming the node and the generation.
+    fn step_mut(&mut self, node: u64) -> Result<&mut NodeStep, String> {
+        let generation = self.generation;
+        self.nodes
+            .get_mut(&node)
+            .ok_or_else(|| format!("node {node} is not part of rollout generation {generation}"))
+    }
+
+    /// Moves `node` to `phase`. `Ok(false)`: it already was there (a duplicate), nothing
+    /// changed. `Err`: the move is illegal and nothing changed.
+    pub fn set_node_phase(
+        &mut self,
+        node: u64,
+        phase: Phase,
+        error: Option<&str>,
+        at_ms: u64,
+    ) -> Result<bool, String> {
+        let state = self.state;
+        let generation = self.generation;
+        let step = self.step_mut(node)?;
+        if step.phase == phase {
+            return Ok(false);
+        }
+        if !step.phase.can_move_to(phase) {
+            return Err(format!(
+                "node {node} ({}) cannot move from {} to {} in rollout generation {generation}",
+                step.addr, step.phase, phase
+            ));
+        }
+        // Stale leaders' proposals must not push a node forward once the deployment is
+        // stopping, nor start a node while it is paused.
+        let allowed = match phase {
+            Phase::Backup => state == DeploymentState::Running,
+            Phase::Restoring | Phase::Restored | Phase::Failed => true,
+            _ => !state.is_stopping(),
+        };
+        if !allowed {
+            return Err(format!(
+                "node {node} ({}) cannot move to {phase} while rollout generation \
+                 {generation} is {state}",
+                step.addr
+            ));
+        }
+        step.phase = phase;
+        if let Some(error) = error {
+            step.error = Some(error.to_string());
+        }
+        match phase {
+            Phase::Backup => {
+                step.attempt += 1;
+                step.started_ms = Some(at_ms);
+            }
+            Phase::Committed | Phase::Restored | Phase::Failed => step.finished_ms = Some(at_ms),
+            _ => {}
+        }
+        Ok(true)
+    }
+
+    /// Moves the deployment to `state`. Terminal states are refused unless the nodes
+    /// bear them out, so history never claims more than happened.
+    pub fn set_state(
+        &mut self,
+        state: DeploymentState,
+        reason: Option<&str>,
+        at_ms: u64,
+    ) -> Result<bool, String> {
+        if self.state == state {
+            return Ok(false);
+        }
+        if !self.state.can_move_to(state) {
+            return Err(format!(
+                "rollout generation {} cannot move from {} to {state}",
+                self.generation, self.state
+            ));
+        }
+        let not_in = |allowed: &[Phase]| {
+            self.nodes
+                .iter()
+                .find(|(_, step)| !allowed.contains(&step.phase))
+                .map(|(id, step)| (*id, step.phase))
+        };
+        let blocker = match state {
+            DeploymentState::Completed => not_in(&[Phase::Committed]),
+            DeploymentState::Reverted => not_in(&[Phase::Pending, Phase::Restored]),
+            _ => None,
+        };
+        if let Some((id, phase)) = blocker {
+            return Err(format!(
+                "rollout generation {} cannot be {state}: node {id} is {phase}",
+                self.generation
+            ));
+        }
+        self.state = state;
+        if let Some(reason) = reason {
+            self.reason = Some(reason.to_string());
+        }
+        if state.is_terminal() {
+            self.finished_ms = Some(at_ms);
+        }
+        Ok(true)
+    }
+
+    /// Records attempt `attempt` of `from` handing leadership to `to`. Older attempts are
+    /// duplicates and change nothing.
+    pub fn record_handoff(
+        &mut self,
+        from: u64,
+        to: u64,
+        attempt: u32,
+        at_ms: u64,
+    ) -> Result<bool, String> {
+        let generation = self.generation;
+        let from_phase = self.step_mut(from)?.phase;
+        let to_phase = self.step_mut(to)?.phase;
+        if from_phase != Phase::Pending || to_phase != Phase::Committed {
+            return Err(format!(
+                "rollout generation {generation}: node {from} ({from_phase}) cannot hand \
+                 leadership to node {to} ({to_phase}); the leader must be pending and the \
+                 new leader committed"
+            ));
+        }
+        if self.handoff.as_ref().is_some_and(|h| h.attempts >= attempt) {
+            return Ok(false);
+        }
+        self.handoff = Some(Handoff {
+            from,
+            to,
+            attempts: attempt,
+            at_ms,
+        });
+        Ok(true)
+    }
+
+    /// Hand-off attempts `leader` has made so far.
+    pub fn handoff_attempts(&self, leader: u64) -> u32 {
+        match &self.handoff {
+            Some(handoff) if handoff.from == leader => handoff.attempts,
+            _ => 0,
+        }
+    }
+
+    /// The node's phase (`Pending` for a node outside the deployment).
+    pub fn phase(&self, node: u64) -> Phase {
+        self.nodes.get(&node).map(|s| s.phase).unwrap_or_default()
+    }
+
+    /// How `node` is named in messages: `node 3 (127.0.0.1:7103)`.
+    pub fn describe(&self, node: u64) -> String {
+        match self.nodes.get(&node) {
+            Some(step) if !step.addr.is_empty() => format!("node {node} ({})", step.addr),
+            _ => format!("node {node}"),
+        }
+    }
+}
+
+/// The first 12 hex digits: enough to tell builds apart in messages.
+pub fn short_hash(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phase_moves_are_forward_only() {
+        use Phase::*;
+        let all = [
+            Pending, Backup, Sync, Activate, Health, Stabilize, Committed, Restoring, Restored,
+            Failed,
+        ];
+        let legal: Vec<(Phase, Phase)> = all
+            .iter()
+            .flat_map(|a| all.iter().map(move |b| (*a, *b)))
+            .filter(|(a, b)| a.can_move_to(*b))
+            .collect();
+        assert_eq!(
+            legal,
+            vec![
+                (Pending, Backup),
+                (Backup, Sync),
+                (Backup, Restoring),
+                (Sync, Activate),
+                (Sync, Restoring),
+                (Activate, Health),
+                (Activate, Restoring),
+                (Health, Stabilize),
+                (Health, Restoring),
+                (Stabilize, Committed),
+                (Stabilize, Restoring),
+                (Committed, Restoring),
+                (Restoring, Restored),
+                (Restoring, Failed),
+            ]
+        );
+    }
+
+    #[test]
+    fn terminal_states_go_nowhere() {
+        use DeploymentState::*;
+        for from in [Completed, Failed, Reverted, Aborted] {
+            for to in [
+                Running, Paused, Halting, Reverting, Completed, Failed, Reverted, Aborted,
+            ] {
+                assert!(!from.can_move_to(to), "{from} -> {to}");
+            }
+        }
+    }
+
+    #[test]
+    fn old_deployment_json_without_new_fields_decodes() {
+        let json = r#"{"generation":2,"target_hash":"ab","nodes":{"1":{"phase":"sync"}}}"#;
+        let deployment: Deployment = serde_json::from_str(json).unwrap();
+        assert_eq!(deployment.generation, 2);
+        assert_eq!(deployment.state, DeploymentState::Running);
+        assert_eq!(deployment.strategy, Strategy::default());
+        assert_eq!(deployment.nodes[&1].phase, Phase::Sync);
+        assert_eq!(deployment.nodes[&1].role, Role::Voter);
+    }
+}
