@@ -56,7 +56,10 @@ pub fn disarm(data_dir: &Path) -> Result<(), String> {
     match std::fs::remove_file(data_dir.join(PENDING)) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("removing {}: {e}", data_dir.join(PENDING).display())),
+        Err(e) => Err(format!(
+            "removing {}: {e}",
+            data_dir.join(PENDING).display()
+        )),
     }
 }
 

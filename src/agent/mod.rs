@@ -140,7 +140,7 @@ impl Agent {
         };
         let data_dir = self.data_dir.clone();
         let generation = fence.generation;
-        let guard_error = |e: String| DistError::Io {
+        let guard_error = move |e: String| DistError::Io {
             action: "update the boot guard in",
             path: data_dir.clone(),
             source: std::io::Error::other(e),

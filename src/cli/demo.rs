@@ -147,7 +147,12 @@ async fn start(nodes: u64, dir: Option<PathBuf>, dist: &Path) -> anyhow::Result<
     let client = ControlClient::new(&cluster.addrs[0])?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(status) = client.clone().timeout(Duration::from_secs(2)).status(false).await {
+        if let Ok(status) = client
+            .clone()
+            .timeout(Duration::from_secs(2))
+            .status(false)
+            .await
+        {
             let voters = status.nodes.iter().filter(|n| n.role == "voter").count() as u64;
             let reported = status.nodes.iter().all(|n| !n.build_hash.is_empty());
             if status.leader.is_some() && voters == nodes && reported {
@@ -155,7 +160,10 @@ async fn start(nodes: u64, dir: Option<PathBuf>, dist: &Path) -> anyhow::Result<
             }
         }
         if Instant::now() > deadline {
-            bail!("the cluster did not form within 60 s; logs are in {}", root.display());
+            bail!(
+                "the cluster did not form within 60 s; logs are in {}",
+                root.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -184,7 +192,9 @@ pub async fn demo() -> anyhow::Result<ExitCode> {
     println!("== cluster update --dist {}", v2.display());
     let code = update(UpdateArgs {
         dist: v2,
-        target: Target { node: first.clone() },
+        target: Target {
+            node: first.clone(),
+        },
         dry_run: false,
         json: false,
         max_parallel: 1,

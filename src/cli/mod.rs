@@ -51,7 +51,8 @@ enum Command {
     #[command(subcommand)]
     Kv(KvCommand),
     /// Roll a new release across the cluster, one node at a time, leader last
-    #[command(long_about = "Roll a dist across the cluster without losing quorum.\n\n\
+    #[command(
+        long_about = "Roll a dist across the cluster without losing quorum.\n\n\
         The dist's missing content is uploaded to the leader. The leader runs preflight \
         (leadership confirmed by a quorum, how many voters can be lost, every node \
         reachable, serving and acknowledging, caught up, no rollout active, the dist valid, \
@@ -61,7 +62,8 @@ enum Command {
         node. Progress is printed until the rollout ends; it is replicated, so a new leader \
         finishes it if this one dies.\n\n\
         Exit status: 0 completed (or a dry run that would proceed), 2 preflight refused, \
-        1 the rollout failed or was reverted.")]
+        1 the rollout failed or was reverted."
+    )]
     Update(rollout::UpdateArgs),
     /// Inspect rollouts: the active one and the history
     #[command(subcommand)]

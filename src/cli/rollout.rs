@@ -139,7 +139,9 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let outcome = client.update(&dist.manifest, &options, args.dry_run).await?;
+    let outcome = client
+        .update(&dist.manifest, &options, args.dry_run)
+        .await?;
     if !args.json {
         print_report(&outcome.report);
         print_plan(&outcome);
@@ -190,7 +192,11 @@ fn print_report(report: &Report) {
 
 fn print_plan(outcome: &UpdateOutcome) {
     let plan = &outcome.plan;
-    println!("plan: roll out {} (leader {} last)", short(&plan.target_hash), plan.leader);
+    println!(
+        "plan: roll out {} (leader {} last)",
+        short(&plan.target_hash),
+        plan.leader
+    );
     for (index, wave) in plan.waves.iter().enumerate() {
         let nodes: Vec<String> = wave
             .iter()
@@ -198,7 +204,7 @@ fn print_plan(outcome: &UpdateOutcome) {
                 Some(n) => format!(
                     "node {id} ({}, {}, fetch {} bytes)",
                     n.addr,
-                    n.role.as_str(),
+                    format!("{:?}", n.role).to_lowercase(),
                     n.fetch_bytes
                 ),
                 None => format!("node {id}"),
@@ -314,7 +320,11 @@ fn print_summary(entry: &HistoryEntry) {
                 .as_ref()
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default();
-            println!("  node {id} ({}): {}{error}", step.addr, step.phase.as_str());
+            println!(
+                "  node {id} ({}): {}{error}",
+                step.addr,
+                step.phase.as_str()
+            );
         }
     }
 }
@@ -336,7 +346,7 @@ pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
                             d.state.as_str(),
                             short(&d.previous_hash),
                             short(&d.target_hash),
-                            d.started_by.as_str(),
+                            d.started_by,
                             d.issued_by_term
                         );
                         let mut seen = Default::default();

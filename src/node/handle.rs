@@ -10,13 +10,13 @@ use openraft::{BasicNode, ChangeMembers, ReadPolicy, ServerState};
 use std::sync::Arc;
 
 use crate::agent::Agent;
-use crate::dist::Manifest;
-use crate::rollout::runtime::{self, RolloutView, UpdateOptions, UpdateOutcome};
 use crate::api::{
     ApiError, ClusterStatus, ErrorKind, JoinAccepted, JoinRequest, NodeStatus, TransferDone,
     WriteOutcome,
 };
+use crate::dist::Manifest;
 use crate::raft::{self, Raft, Timing};
+use crate::rollout::runtime::{self, RolloutView, UpdateOptions, UpdateOutcome};
 use crate::rpc::{Channels, ControlClient};
 use crate::state::{Command, NodeInfo};
 use crate::store::StateMachineStore;
@@ -401,9 +401,15 @@ impl NodeHandle {
                 if !self.raft.is_leader() {
                     return Ok(None);
                 }
-                runtime::update(self, &self.agent, manifest.clone(), options.clone(), dry_run)
-                    .await
-                    .map(Some)
+                runtime::update(
+                    self,
+                    &self.agent,
+                    manifest.clone(),
+                    options.clone(),
+                    dry_run,
+                )
+                .await
+                .map(Some)
             },
             |mut client| {
                 let manifest = manifest.clone();

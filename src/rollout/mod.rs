@@ -9,10 +9,13 @@
 //! - [`preflight`]: may a rollout start? Every check, with the node and figure that failed.
 //! - [`plan`](mod@plan): learners in batches, voter followers one at a time, leader last.
 //! - [`engine`]: the state machine that drives a deployment: events in, actions out.
+//! - [`runtime`]: the I/O around them (the one module here that does I/O): gathers the
+//!   snapshot, starts deployments, executes the engine's actions on the leader.
 
 pub mod engine;
 pub mod plan;
 pub mod preflight;
+pub mod runtime;
 
 pub use engine::{Action, AgentOp, Engine, Event, Health, Now, OpKind, Summary};
 pub use plan::{plan, Plan, PlannedNode, Start};

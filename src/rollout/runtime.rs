@@ -13,11 +13,11 @@ use openraft::ReadPolicy;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use super::engine::{Action, AgentOp, Engine, Event, Health, Now, OpKind};
+use super::engine::{Action, AgentOp, Engine, Event, Health, Now};
 use super::plan::{plan, Plan, Start};
 use super::preflight::{preflight, ActiveRollout, Member, Options, Report, Snapshot, TargetDist};
 use crate::agent::{Agent, Fence, Mutation};
-use crate::api::{ApiError, ErrorKind};
+use crate::api::ApiError;
 use crate::dist::{Limits, Manifest};
 use crate::node::NodeHandle;
 use crate::raft;
@@ -207,12 +207,7 @@ pub async fn update(
         })
         .map_err(|e| ApiError::precondition(e.to_string()))?;
     let outcome = node
-        .write(
-            Command::BeginDeployment {
-                deployment: Box::new(deployment),
-            },
-            0,
-        )
+        .write(Command::BeginDeployment { deployment }, 0)
         .await?;
     if let Response::Rejected { reason } = outcome.response {
         return Err(ApiError::precondition(reason));
@@ -280,8 +275,8 @@ async fn drive_term(node: &Arc<NodeHandle>, agent: &Arc<Agent>, term: u64) {
                 },
                 Action::Agent {
                     node: target,
+                    id,
                     generation,
-                    term,
                     op,
                 } => {
                     if matches!(op, AgentOp::Restart | AgentOp::Restore { .. }) {
@@ -291,23 +286,25 @@ async fn drive_term(node: &Arc<NodeHandle>, agent: &Arc<Agent>, term: u64) {
                             .unwrap_or(0);
                         commit_at_restart.insert(target, commit);
                     }
-                    let kind = op.kind();
                     let events = events_tx.clone();
                     let node = node.clone();
                     let agent = agent.clone();
                     let deployment = deployment.clone();
                     tokio::spawn(async move {
-                        let fence = Fence { generation, term };
+                        let fence = Fence {
+                            generation,
+                            term: id.term,
+                        };
                         let result =
                             run_agent_op(&node, &agent, &deployment, target, fence, op).await;
                         let _ = events.send(Event::StepDone {
                             node: target,
-                            op: kind,
+                            id,
                             result: result.map_err(|e| e.message),
                         });
                     });
                 }
-                Action::PollHealth { node: target } => {
+                Action::PollHealth { node: target, id } => {
                     let events = events_tx.clone();
                     let node = node.clone();
                     let addr = deployment
@@ -316,11 +313,13 @@ async fn drive_term(node: &Arc<NodeHandle>, agent: &Arc<Agent>, term: u64) {
                         .map(|s| s.addr.clone())
                         .unwrap_or_default();
                     let since = commit_at_restart.get(&target).copied().unwrap_or(0);
-                    let timeout = Duration::from_millis(deployment.strategy.poll_interval_ms.max(500));
+                    let timeout =
+                        Duration::from_millis(deployment.strategy.poll_interval_ms.max(500));
                     tokio::spawn(async move {
                         let health = poll_health(&node, target, &addr, since, timeout).await;
                         let _ = events.send(Event::HealthObserved {
                             node: target,
+                            id,
                             health,
                         });
                     });

@@ -14,7 +14,8 @@ use crate::api::{
 };
 use crate::dist::Manifest;
 use crate::rollout::runtime::{RolloutView, UpdateOptions, UpdateOutcome};
-use crate::state::Command;
+use crate::rollout::{Plan, Report};
+use crate::state::{Command, Deployment, HistoryEntry};
 
 /// A client for one node's Control service. Cheap to clone.
 #[derive(Clone)]
@@ -187,8 +188,8 @@ impl ControlClient {
             .into_inner();
         let decode = |e: serde_json::Error| ApiError::internal(format!("undecodable reply: {e}"));
         Ok(UpdateOutcome {
-            report: serde_json::from_slice(&reply.report).map_err(decode)?,
-            plan: serde_json::from_slice(&reply.plan).map_err(decode)?,
+            report: serde_json::from_slice::<Report>(&reply.report).map_err(decode)?,
+            plan: serde_json::from_slice::<Plan>(&reply.plan).map_err(decode)?,
             generation: reply.generation,
         })
     }
@@ -207,9 +208,9 @@ impl ControlClient {
             deployment: if reply.deployment.is_empty() {
                 None
             } else {
-                Some(serde_json::from_slice(&reply.deployment).map_err(decode)?)
+                Some(serde_json::from_slice::<Deployment>(&reply.deployment).map_err(decode)?)
             },
-            history: serde_json::from_slice(&reply.history).map_err(decode)?,
+            history: serde_json::from_slice::<Vec<HistoryEntry>>(&reply.history).map_err(decode)?,
         })
     }
 }

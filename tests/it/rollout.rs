@@ -34,14 +34,18 @@ fn text(out: &std::process::Output) -> String {
 
 /// Waits until every node reports `hash` as its running build.
 async fn wait_all_on(cluster: &Cluster, hash: &str) {
-    wait_for(&format!("every node on {hash}"), Duration::from_secs(60), || async {
-        let status = cluster.leader_status().await;
-        status
-            .nodes
-            .iter()
-            .all(|n| n.build_hash == hash && (n.state == "leader" || n.state == "follower"))
-            .then_some(())
-    })
+    wait_for(
+        &format!("every node on {hash}"),
+        Duration::from_secs(60),
+        || async {
+            let status = cluster.leader_status().await;
+            status
+                .nodes
+                .iter()
+                .all(|n| n.build_hash == hash && (n.state == "leader" || n.state == "follower"))
+                .then_some(())
+        },
+    )
     .await
 }
 
@@ -70,7 +74,10 @@ async fn a_rolling_update_of_three_nodes_commits_every_node_leader_last() {
     let nodes = json["outcome"]["nodes"].as_object().unwrap();
     let finished = |id: u64| nodes[&id.to_string()]["finished_ms"].as_u64().unwrap();
     for id in (1..=3).filter(|id| *id != leader_before) {
-        assert!(finished(id) <= finished(leader_before), "node {leader_before} (leader) updated last: {json}");
+        assert!(
+            finished(id) <= finished(leader_before),
+            "node {leader_before} (leader) updated last: {json}"
+        );
     }
     println!(
         "3-node rollout: {} ms wall (stabilize 1000 ms per node: 3000 ms of configured waits); \
@@ -99,11 +106,17 @@ async fn a_dry_run_prints_the_plan_and_changes_nothing() {
     let out = update(&cluster.addr(2), &v2, &["--dry-run"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let shown = text(&out);
-    assert!(shown.contains("plan") && shown.contains("leader"), "{shown}");
+    assert!(
+        shown.contains("plan") && shown.contains("leader"),
+        "{shown}"
+    );
     assert!(shown.contains("nothing was changed"), "{shown}");
 
     let releases_after = cli(&["dist", "releases", "--json", "--node", &cluster.addr(1)]);
-    assert_eq!(releases_before.stdout, releases_after.stdout, "no release was uploaded");
+    assert_eq!(
+        releases_before.stdout, releases_after.stdout,
+        "no release was uploaded"
+    );
     assert!(!String::from_utf8_lossy(&releases_after.stdout).contains(&h2));
     let history = cli(&["rollout", "history", "--json", "--node", &cluster.addr(1)]);
     assert_eq!(String::from_utf8_lossy(&history.stdout).trim(), "[]");
@@ -133,7 +146,13 @@ async fn preflight_fails_naming_the_node_that_is_down() {
     // A real request is refused the same way and starts nothing.
     let out = update(&cluster.addr(alive), &v2, &[]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    let status = cli(&["rollout", "status", "--json", "--node", &cluster.addr(alive)]);
+    let status = cli(&[
+        "rollout",
+        "status",
+        "--json",
+        "--node",
+        &cluster.addr(alive),
+    ]);
     assert_eq!(String::from_utf8_lossy(&status.stdout).trim(), "null");
 }
 
@@ -143,12 +162,20 @@ async fn a_release_that_exits_at_once_is_restored_everywhere() {
     let v1 = work.path().join("v1");
     let bad = work.path().join("bad");
     let h1 = make_release(&v1, &[]);
-    make_script_release(&bad, "#!/bin/sh\necho 'this release cannot start' >&2\nexit 1\n");
+    make_script_release(
+        &bad,
+        "#!/bin/sh\necho 'this release cannot start' >&2\nexit 1\n",
+    );
     let cluster = Cluster::start_supervised(3, &v1).await;
     wait_all_on(&cluster, &h1).await;
 
     let out = update(&cluster.addr(1), &bad, &["--json"]);
-    assert_eq!(out.status.code(), Some(1), "the rollout fails: {}", text(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the rollout fails: {}",
+        text(&out)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("update --json");
     assert_eq!(json["outcome"]["outcome"], "reverted", "{json}");
     wait_all_on(&cluster, &h1).await;
@@ -172,8 +199,17 @@ async fn a_second_concurrent_update_gets_a_clear_error() {
     let second = std::thread::spawn(move || update(&b, &v3c, &[]));
     let outs = [first.join().unwrap(), second.join().unwrap()];
     let succeeded = outs.iter().filter(|o| o.status.success()).count();
-    assert_eq!(succeeded, 1, "exactly one runs: {} | {}", text(&outs[0]), text(&outs[1]));
+    assert_eq!(
+        succeeded,
+        1,
+        "exactly one runs: {} | {}",
+        text(&outs[0]),
+        text(&outs[1])
+    );
     let refused = outs.iter().find(|o| !o.status.success()).unwrap();
     let shown = text(refused);
-    assert!(shown.contains("active") || shown.contains("rollout"), "clear error: {shown}");
+    assert!(
+        shown.contains("active") || shown.contains("rollout"),
+        "clear error: {shown}"
+    );
 }
