@@ -118,6 +118,29 @@ enum DistAll {
         #[arg(long)]
         json: bool,
     },
+    /// Have a node fetch a release from a peer, moving only the chunks it lacks
+    #[command(
+        long_about = "Have the node at --node materialize release <HASH>, which the peer \
+        at --from holds. The manifest is read from the peer; the node then fetches from the \
+        peer only the content chunks it holds in none of its releases, verifies every byte, \
+        and keeps the result as a release (and serves it to other nodes). Nothing is \
+        activated. A release the node already holds is not fetched again.\n\n\
+        Example (after `cluster dist push ./dist --node 127.0.0.1:7101`):\n  \
+        cluster dist fetch <HASH> --from 127.0.0.1:7101 --node 127.0.0.1:7102"
+    )]
+    Fetch {
+        /// Build hash of the release (as `cluster dist releases --node <PEER_ADDR>` lists it)
+        hash: String,
+        /// Address (host:port) of the node that holds the release
+        #[arg(long, value_name = "PEER_ADDR")]
+        from: String,
+        /// Address (host:port) of the node that fetches the release and keeps it
+        #[arg(long, env = "CLUSTER_NODE", default_value = "127.0.0.1:7100")]
+        node: String,
+        /// Print JSON: {hash, fetched_bytes, fetched_chunks, reused_bytes, elapsed_ms}
+        #[arg(long)]
+        json: bool,
+    },
     /// List the releases a node holds, and which one is current
     Releases {
         #[command(flatten)]
@@ -300,6 +323,37 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     dist.dir.display(),
                     outcome.hash,
                     target.node,
+                    outcome.fetched_bytes,
+                    outcome.fetched_chunks,
+                    outcome.reused_bytes,
+                    outcome.elapsed_ms
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dist(DistAll::Fetch {
+            hash,
+            from,
+            node,
+            json,
+        }) => {
+            let manifest = crate::rpc::AgentClient::new(&from)?.manifest(&hash).await?;
+            if manifest.build_hash() != hash {
+                anyhow::bail!(
+                    "{from} answered with the manifest of release {}, not {hash}: \
+                     check the hash and that --from is a node of this cluster",
+                    manifest.build_hash()
+                );
+            }
+            let outcome = crate::rpc::AgentClient::new(&node)?
+                .prepare(&manifest, vec![from.clone()])
+                .await?;
+            if json {
+                output::print_json(&outcome)?;
+            } else {
+                println!(
+                    "release {} held by {node} (fetched {} bytes in {} chunks from {from}, reused {} bytes, {} ms)",
+                    outcome.hash,
                     outcome.fetched_bytes,
                     outcome.fetched_chunks,
                     outcome.reused_bytes,

@@ -1,0 +1,253 @@
+#!/usr/bin/env bash
+# Measures what a node-to-node release sync moves, against rsync over loopback.
+#
+# A ~220 MiB base tree (1,000 files of mixed sizes plus a 20 MiB executable bin/cluster of
+# random bytes) is generated deterministically, with three variants of it:
+#   (a) one of the 1,000 files rewritten (same size, new content)
+#   (b) 1 KiB overwritten in the middle of bin/cluster
+#   (c) bin/cluster replaced by different random content
+# Two real nodes run from the release build (two single-node clusters: the agent does not
+# care). Node A holds the base and every variant (`cluster dist push`). For each case and
+# each run, a fresh node B fetches the base from A, then the timed step runs:
+#   cluster dist fetch <variant hash> --from A --node B --json    -> fetched_bytes, wall time
+# rsync (from Debian's package; installed if missing) does the same job: a daemon on a free
+# loopback port exports the variant read-only and
+#   rsync -a --delete --stats rsync://127.0.0.1:PORT/<case>/ DEST/
+# updates a fresh copy of the base ("Total bytes received"/"sent", wall time). Unchanged
+# files keep the base's mtimes, so rsync's quick check skips them, as in a real update.
+# Every figure is the median of RUNS runs (default 3). rsync bytes are what its client
+# received plus sent; cluster bytes are the chunk bytes node B fetched (fetched_bytes), and
+# "manifest" is the size of the release's manifest (JSON with every chunk's hash), which
+# crosses the network besides the chunks.
+#
+#   scripts/bench-sync.sh
+#   CLUSTER_BIN=path/to/cluster RUNS=5 scripts/bench-sync.sh
+#
+# Builds target/release/cluster unless CLUSTER_BIN is set. Binds only to 127.0.0.1 on
+# OS-assigned or checked-free ports; stops every process and removes every file it
+# created on exit.
+set -euo pipefail
+
+case "${1:-}" in
+  -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
+  '') ;;
+  *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+esac
+runs=${RUNS:-3}
+root=$(cd "$(dirname "$0")/.." && pwd)
+
+need_packages=()
+command -v rsync >/dev/null || need_packages+=(rsync)
+command -v openssl >/dev/null || need_packages+=(openssl)
+if [ ${#need_packages[@]} -gt 0 ]; then
+  echo "installing ${need_packages[*]} (apt-get)..."
+  apt-get update -qq && apt-get install -y -qq "${need_packages[@]}" >/dev/null
+fi
+
+if [ -n "${CLUSTER_BIN:-}" ]; then
+  bin=$CLUSTER_BIN
+else
+  echo "building cluster (cargo build --release)..."
+  cargo build --quiet --release --manifest-path "$root/Cargo.toml" --bin cluster
+  bin="$root/target/release/cluster"
+fi
+
+work=$(mktemp -d -t cluster-bench-sync-XXXXXX)
+pids=()
+cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+now_ns() { date +%s%N; }
+ms_since() { echo $(( ($(now_ns) - $1) / 1000000 )); }
+median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+json_num() { sed -n "s/.*\"$1\": *\([0-9][0-9]*\).*/\1/p" "$2" | head -n 1; }
+json_str() { sed -n "s/.*\"$1\": *\"\([^\"]*\)\".*/\1/p" "$2" | head -n 1; }
+
+# Deterministic content: the AES-128-CTR keystream of a fixed key, one stream per seed (the
+# seed is the high half of the counter block, so no two files share keystream).
+key=000102030405060708090a0b0c0d0e0f
+gen() { # gen FILE BYTES SEED
+  head -c "$2" /dev/zero |
+    openssl enc -aes-128-ctr -K "$key" -iv "$(printf '%016x%016x' "$3" 0)" >"$1"
+}
+rng=20240601
+rand_below() { # sets r to a number in [0, $1)
+  rng=$(( rng * 6364136223846793005 + 1442695040888963407 ))
+  r=$(( ((rng >> 33) & 0x7fffffff) % $1 ))
+}
+
+# --- the trees --------------------------------------------------------------------------
+base="$work/base"
+echo "generating the base tree in $base..."
+mkdir -p "$base/bin" "$base/lib"
+seed=1
+gen "$base/bin/cluster" $(( 20 * 1024 * 1024 )) $((seed++))
+chmod 755 "$base/bin/cluster"
+# 1,000 files: 800 small (1-32 KiB), 190 medium (64 KiB-1 MiB), 10 large (6-12 MiB).
+for i in $(seq 0 999); do
+  if [ "$i" -lt 10 ]; then
+    rand_below $(( 6 * 1024 * 1024 )); size=$(( 6 * 1024 * 1024 + r ))
+    path="lib/large-$i.so"
+  elif [ "$i" -lt 200 ]; then
+    rand_below $(( 960 * 1024 )); size=$(( 64 * 1024 + r ))
+    path="share/medium/m-$(printf '%03d' "$i").bin"
+  else
+    rand_below $(( 31 * 1024 )); size=$(( 1024 + r ))
+    path="share/small/d$(( i % 16 ))/s-$(printf '%03d' "$i").txt"
+  fi
+  mkdir -p "$base/$(dirname "$path")"
+  gen "$base/$path" "$size" $((seed++))
+done
+# Fixed mtimes: the copies below keep them, so rsync's quick check can skip unchanged files.
+find "$base" -exec touch -h -d @1700000000 {} +
+
+rewritten=share/medium/m-100.bin
+rewritten_size=$(stat -c %s "$base/$rewritten")
+cases=(a b c)
+declare -A label=(
+  [a]="(a) 1 file rewritten ($(( rewritten_size / 1024 )) KiB)"
+  [b]="(b) 1 KiB changed in bin/cluster"
+  [c]="(c) bin/cluster replaced"
+)
+for c in "${cases[@]}"; do cp -a "$base" "$work/var-$c"; done
+gen "$work/var-a/$rewritten" "$rewritten_size" 100001
+gen "$work/patch" 1024 100002
+dd if="$work/patch" of="$work/var-b/bin/cluster" bs=1024 seek=$(( 10 * 1024 )) count=1 \
+  conv=notrunc status=none
+gen "$work/var-c/bin/cluster" $(( 20 * 1024 * 1024 )) 100003
+release_bytes=$(find "$base" -type f -printf '%s\n' | awk '{ s += $1 } END { print s }')
+echo "base: $(find "$base" -type f | wc -l) files, $release_bytes bytes"
+
+# --- nodes ------------------------------------------------------------------------------
+# start_node NAME: starts a single-node cluster in $work/NAME; sets node_pid and node_addr.
+start_node() {
+  local dir="$work/$1" deadline=$(( $(date +%s) + 30 ))
+  "$bin" node run --id 1 --listen 127.0.0.1:0 --data-dir "$dir" --bootstrap \
+    >"$dir.log" 2>&1 &
+  node_pid=$!
+  pids+=("$node_pid")
+  until [ -s "$dir/node.addr" ]; do
+    if ! kill -0 "$node_pid" 2>/dev/null || [ "$(date +%s)" -ge "$deadline" ]; then
+      echo "node $1 did not start; its log:" >&2; cat "$dir.log" >&2; exit 1
+    fi
+    sleep 0.05
+  done
+  node_addr=$(cat "$dir/node.addr")
+}
+
+# stop_node PID: SIGTERM, then wait up to 30 s for the graceful exit.
+stop_node() {
+  local deadline=$(( $(date +%s) + 30 ))
+  kill -TERM "$1" 2>/dev/null || return 0
+  while kill -0 "$1" 2>/dev/null; do
+    if [ "$(date +%s)" -ge "$deadline" ]; then kill -KILL "$1" 2>/dev/null || true; fi
+    sleep 0.05
+  done
+  wait "$1" 2>/dev/null || true
+  local kept=() pid
+  for pid in "${pids[@]}"; do [ "$pid" = "$1" ] || kept+=("$pid"); done
+  pids=("${kept[@]}")
+}
+
+start_node a
+a_addr=$node_addr
+echo "node A at $a_addr"
+declare -A hash
+"$bin" dist push "$base" --node "$a_addr" --json >"$work/push-base.json"
+base_hash=$(json_str hash "$work/push-base.json")
+for c in "${cases[@]}"; do
+  "$bin" dist push "$work/var-$c" --node "$a_addr" --json >"$work/push-$c.json"
+  hash[$c]=$(json_str hash "$work/push-$c.json")
+done
+
+# --- rsync daemon -------------------------------------------------------------------------
+conf="$work/rsyncd.conf"
+{
+  echo "use chroot = no"
+  echo "uid = $(id -un)"
+  echo "gid = $(id -gn)"
+  for c in "${cases[@]}"; do
+    printf '[%s]\n  path = %s\n  read only = yes\n' "$c" "$work/var-$c"
+  done
+} >"$conf"
+# rsync cannot take an OS-assigned port: try random unprivileged ones until one binds.
+rsync_port=
+for _ in $(seq 1 20); do
+  port=$(( 20000 + RANDOM % 40000 ))
+  rsync --daemon --no-detach --address=127.0.0.1 --port="$port" --config="$conf" \
+    --log-file="$work/rsyncd.log" &
+  rsync_pid=$!
+  deadline=$(( $(date +%s) + 10 ))
+  while kill -0 "$rsync_pid" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do
+    if rsync --contimeout=2 --timeout=2 "rsync://127.0.0.1:$port/" >/dev/null 2>&1; then rsync_port=$port; break; fi
+    sleep 0.05
+  done
+  if [ -n "$rsync_port" ]; then pids+=("$rsync_pid"); break; fi
+  kill -TERM "$rsync_pid" 2>/dev/null || true
+  wait "$rsync_pid" 2>/dev/null || true
+done
+[ -n "$rsync_port" ] || { echo "rsync daemon did not start:" >&2; cat "$work/rsyncd.log" >&2; exit 1; }
+echo "rsync daemon at 127.0.0.1:$rsync_port"
+
+# --- the runs -----------------------------------------------------------------------------
+declare -A out
+for c in "${cases[@]}"; do
+  c_bytes=() c_ms=() r_recv=() r_sent=() r_ms=()
+  for run in $(seq 1 "$runs"); do
+    start_node "b-$c-$run"
+    b_pid=$node_pid b_addr=$node_addr
+    "$bin" dist fetch "$base_hash" --from "$a_addr" --node "$b_addr" --json >/dev/null
+    t0=$(now_ns)
+    "$bin" dist fetch "${hash[$c]}" --from "$a_addr" --node "$b_addr" --json \
+      >"$work/fetch-$c-$run.json"
+    c_ms+=("$(ms_since "$t0")")
+    c_bytes+=("$(json_num fetched_bytes "$work/fetch-$c-$run.json")")
+    c_node_ms=$(json_num elapsed_ms "$work/fetch-$c-$run.json")
+    got=$(json_str hash "$work/fetch-$c-$run.json")
+    [ "$got" = "${hash[$c]}" ] || { echo "case $c: node B holds $got, not ${hash[$c]}" >&2; exit 1; }
+    stop_node "$b_pid"
+    rm -rf "$work/b-$c-$run"
+
+    dest="$work/dest"
+    rm -rf "$dest"
+    cp -a "$base" "$dest"
+    t0=$(now_ns)
+    rsync -a --delete --stats "rsync://127.0.0.1:$rsync_port/$c/" "$dest/" >"$work/rsync-$c-$run.txt"
+    r_ms+=("$(ms_since "$t0")")
+    r_recv+=("$(sed -n 's/^Total bytes received: \([0-9,]*\).*/\1/p' "$work/rsync-$c-$run.txt" | tr -d ,)")
+    r_sent+=("$(sed -n 's/^Total bytes sent: \([0-9,]*\).*/\1/p' "$work/rsync-$c-$run.txt" | tr -d ,)")
+    if [ "$run" = 1 ] && ! diff -r "$work/var-$c" "$dest" >/dev/null; then
+      echo "case $c: rsync's copy differs from the variant" >&2; exit 1
+    fi
+    echo "  case $c run $run: cluster ${c_bytes[-1]} B in ${c_ms[-1]} ms (${c_node_ms} ms on node B);" \
+      "rsync ${r_recv[-1]} B received + ${r_sent[-1]} B sent in ${r_ms[-1]} ms" >&2
+  done
+  manifest=$(stat -c %s "$work/a/manifests/${hash[$c]}.json")
+  out[$c]="$(median "${c_bytes[@]}") $(median "${c_ms[@]}") $(median "${r_recv[@]}") $(median "${r_sent[@]}") $(median "${r_ms[@]}") $manifest"
+done
+
+# --- the table ------------------------------------------------------------------------------
+mb() { awk -v b="$1" 'BEGIN { printf (b >= 1e6 ? "%.1f MB" : "%.3f MB"), b / 1e6 }'; }
+echo
+echo "Release sync over loopback, $(nproc) cores, median of $runs runs:"
+echo
+echo "| case | release size | cluster bytes | cluster ms | rsync bytes | rsync ms | ratio | rsync received + sent | manifest |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+for c in "${cases[@]}"; do
+  read -r cb cms rr rs rms man <<<"${out[$c]}"
+  ratio=$(awk -v a="$cb" -v b="$(( rr + rs ))" 'BEGIN { printf "%.2f", a / b }')
+  echo "| ${label[$c]} | $(mb "$release_bytes") | $(mb "$cb") | $cms | $(mb $(( rr + rs ))) | $rms |" \
+    "$ratio | $(mb "$rr") + $(mb "$rs") | $(mb "$man") |"
+done
+echo
+echo "cluster bytes: chunk bytes node B fetched (fetched_bytes); rsync bytes: Total bytes"
+echo "received + sent by the rsync client; ratio: cluster bytes / rsync bytes; manifest: the"
+echo "release's manifest as node A stores it (JSON), which also crosses the network, not counted"
+echo "in cluster bytes."
