@@ -33,23 +33,25 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-# Starts node $1 with extra flags; waits until it listens and prints its address.
+# Starts node $1 with extra flags and waits until it listens; sets $addr. Not run in a
+# subshell, so the cleanup trap sees every pid.
 start_node() {
   local id=$1; shift
   "$bin" node run --id "$id" --listen 127.0.0.1:0 --data-dir "$dir/n$id" "$@" \
     >"$dir/n$id.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 200); do
-    [ -s "$dir/n$id/node.addr" ] && { cat "$dir/n$id/node.addr"; return; }
+    if [ -s "$dir/n$id/node.addr" ]; then addr=$(cat "$dir/n$id/node.addr"); return; fi
     sleep 0.05
   done
   echo "node $id did not start; its log:" >&2; cat "$dir/n$id.log" >&2; exit 1
 }
 
-first=$(start_node 1 --bootstrap)
+start_node 1 --bootstrap
+first=$addr
 echo "node 1 bootstrapped the cluster at $first"
 for id in $(seq 2 "$nodes"); do
-  addr=$(start_node "$id" --join "$first")
+  start_node "$id" --join "$first"
   echo "node $id at $addr joining through $first"
 done
 export CLUSTER_NODE="$first"

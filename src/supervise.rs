@@ -56,15 +56,24 @@ pub async fn run(data_dir: &Path, args: Vec<String>) -> Result<ExitStatus, Super
             return Err(SuperviseError::NoRelease(binary, data_dir.to_path_buf()));
         }
         let started = Instant::now();
-        let mut child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        command
             .args(&args)
             .env(SUPERVISED_ENV, "1")
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| SuperviseError::Spawn {
-                path: binary.clone(),
-                source,
-            })?;
+            .kill_on_drop(true);
+        // A node outliving its supervisor would be started a second time by the next
+        // supervisor on the same data dir: stop it gracefully when the supervisor dies.
+        // SAFETY: prctl in the child before exec; async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|source| SuperviseError::Spawn {
+            path: binary.clone(),
+            source,
+        })?;
         tracing::info!(pid = child.id(), binary = %binary.display(), "started node");
         let stop = tokio::select! {
             status = child.wait() => {

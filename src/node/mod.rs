@@ -80,24 +80,26 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     prepare_data_dir(&config.data_dir)?;
+    // The store first: "locked by another node" says more than the port that node holds.
+    let (log_store, sm) = store::open(&config.data_dir).await?;
     let listen = reuse_recorded_port(&config.data_dir, config.listen);
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| NodeError::Listen {
-            addr: config.listen,
+            addr: listen,
             source,
         })?;
     let bound = listener.local_addr().map_err(|source| NodeError::Listen {
-        addr: config.listen,
+        addr: listen,
         source,
     })?;
+
+    let channels = Channels::default();
     let addr = match &config.advertise {
         Some(advertise) => advertise.clone(),
         None if bound.ip().is_unspecified() => return Err(NodeError::NeedAdvertise(bound)),
         None => bound.to_string(),
     };
-    let (log_store, sm) = store::open(&config.data_dir).await?;
-    let channels = Channels::default();
     crate::dist::store::write_atomically(&config.data_dir, "node.addr", addr.as_bytes()).map_err(
         |e| NodeError::DataDir {
             path: config.data_dir.clone(),

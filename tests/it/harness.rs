@@ -179,6 +179,17 @@ impl Cluster {
             .open(&node.log)
             .expect("log file");
         command.stdout(log.try_clone().unwrap()).stderr(log);
+        // Its own process group, so killing the group stops a supervisor and its node
+        // together; and killed with the test process even if that dies without unwinding.
+        use std::os::unix::process::CommandExt;
+        command.process_group(0);
+        // SAFETY: prctl in the child before exec; async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let addr_file = node.data_dir.join("node.addr");
         let _ = std::fs::remove_file(&addr_file);
         node.child = Some(command.spawn().expect("spawn cluster binary"));
