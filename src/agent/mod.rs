@@ -41,11 +41,41 @@ pub enum Mutation {
     Restart,
 }
 
-/// Who may mutate: the leader term and rollout generation that issued the request.
+/// Who may mutate: the rollout generation, and the leader term and request sequence
+/// that issued the request (requests of one leader are numbered in order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct Fence {
     pub generation: u64,
     pub term: u64,
+    pub seq: u64,
+}
+
+impl Fence {
+    /// Why a request with this fence must be refused, given the newest one accepted.
+    pub fn refusal(&self, accepted: &Fence, node_term: u64) -> Option<String> {
+        if self.term < node_term {
+            return Some(format!(
+                "issued in term {} but this node is in term {node_term}: a newer leader exists",
+                self.term
+            ));
+        }
+        if self.generation < accepted.generation {
+            return Some(format!(
+                "rollout generation {} is older than generation {} this node already follows",
+                self.generation, accepted.generation
+            ));
+        }
+        if self.generation == accepted.generation
+            && (self.term, self.seq) < (accepted.term, accepted.seq)
+        {
+            return Some(format!(
+                "request {}/{} is older than request {}/{} this node already ran",
+                self.term, self.seq, accepted.term, accepted.seq
+            ));
+        }
+        None
+    }
 }
 
 /// The release side of a node. Filesystem work runs on blocking threads.
@@ -107,24 +137,15 @@ impl Agent {
     pub async fn mutate(&self, fence: Fence, mutation: Mutation) -> Result<ReleasesView, ApiError> {
         let _serialized = self.fence_lock.lock().await;
         let node_term = (self.term)();
-        if fence.term < node_term {
-            return Err(ApiError::precondition(format!(
-                "refused {mutation:?}: issued in term {} but this node is in term {node_term}: \
-                 a newer leader exists",
-                fence.term
-            )));
-        }
         const FENCE_FILE: &str = "agent-fence.json";
         let fence_file = self.data_dir.join(FENCE_FILE);
         let accepted: Fence = std::fs::read(&fence_file)
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
-        if fence.generation < accepted.generation {
+        if let Some(why) = fence.refusal(&accepted, node_term) {
             return Err(ApiError::precondition(format!(
-                "refused {mutation:?}: rollout generation {} is older than generation {} this \
-                 node already follows",
-                fence.generation, accepted.generation
+                "refused {mutation:?}: {why}"
             )));
         }
         if fence != accepted {
@@ -417,4 +438,36 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
     (rc == 0).then(|| stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fence;
+
+    fn fence(generation: u64, term: u64, seq: u64) -> Fence {
+        Fence {
+            generation,
+            term,
+            seq,
+        }
+    }
+
+    #[test]
+    fn fencing_table() {
+        let accepted = fence(2, 5, 10);
+        let cases = [
+            ("same request again", fence(2, 5, 10), 5, true),
+            ("next request", fence(2, 5, 11), 5, true),
+            ("newer leader", fence(2, 6, 0), 6, true),
+            ("newer generation", fence(3, 5, 0), 5, true),
+            ("late answer of the same leader", fence(2, 5, 9), 5, false),
+            ("older leader", fence(2, 4, 99), 5, false),
+            ("term below the node's", fence(2, 5, 11), 6, false),
+            ("older generation", fence(1, 9, 0), 5, false),
+        ];
+        for (name, request, node_term, allowed) in cases {
+            let refusal = request.refusal(&accepted, node_term);
+            assert_eq!(refusal.is_none(), allowed, "{name}: {refusal:?}");
+        }
+    }
 }

@@ -221,12 +221,25 @@ pub async fn update(
 
 /// Drives active deployments whenever this node leads, until `stop`.
 pub async fn drive(node: Arc<NodeHandle>, agent: Arc<Agent>, mut stop: watch::Receiver<bool>) {
+    // One engine per term: its request numbers must keep increasing within the term, or
+    // agents would refuse its requests as older than ones they already ran.
+    let mut engine: Option<Engine> = None;
+    let mut engine_term = 0;
+    // The engine's clock: it must never go backwards for one engine.
+    let epoch = Instant::now();
     loop {
         let leading = node.raft.is_leader() && node.sm.read(|s| s.deployment.is_some());
         if leading {
             let term = raft::metrics(&node.raft).current_term;
+            if engine.is_none() || engine_term != term {
+                engine = Some(Engine::new(node.id, term));
+                engine_term = term;
+            }
+            let current = engine.as_mut().expect("engine set above");
+            // Whatever it was waiting for may have been lost while it was not driving.
+            current.resync();
             tokio::select! {
-                _ = drive_term(&node, &agent, term) => {}
+                _ = drive_term(&node, &agent, term, current, epoch) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
@@ -237,11 +250,15 @@ pub async fn drive(node: Arc<NodeHandle>, agent: Arc<Agent>, mut stop: watch::Re
     }
 }
 
-/// One engine for one leadership term: returns when the deployment is finished, this
-/// node stops leading, or a proposal is refused (a fresh engine then starts over).
-async fn drive_term(node: &Arc<NodeHandle>, agent: &Arc<Agent>, term: u64) {
-    let mut engine = Engine::new(node.id, term);
-    let started = Instant::now();
+/// Drives with `engine` while this node leads in `term`: returns when the deployment is
+/// finished, this node stops leading, or a proposal could not be committed.
+async fn drive_term(
+    node: &Arc<NodeHandle>,
+    agent: &Arc<Agent>,
+    term: u64,
+    engine: &mut Engine,
+    epoch: Instant,
+) {
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<Event>();
     // Leader commit index when each node was last asked to restart: "caught up" means
     // having applied at least that much after coming back.
@@ -255,21 +272,28 @@ async fn drive_term(node: &Arc<NodeHandle>, agent: &Arc<Agent>, term: u64) {
             return;
         };
         let now = Now {
-            monotonic_ms: started.elapsed().as_millis() as u64,
+            monotonic_ms: epoch.elapsed().as_millis() as u64,
             unix_ms: unix_ms(),
         };
         let actions = engine.step(&deployment, next_event, now);
+        let mut refused = false;
         for action in actions {
+            if refused {
+                break;
+            }
             match action {
                 Action::Propose(command) => match node.write(command, 0).await {
                     Ok(outcome) => {
                         if let Response::Rejected { reason } = outcome.response {
-                            tracing::warn!(%reason, "rollout proposal refused; restarting the engine");
-                            return;
+                            // The replicated record moved on (e.g. an operator command):
+                            // skip the rest of this batch and decide again from it.
+                            tracing::info!(%reason, "rollout proposal refused; re-reading the deployment");
+                            engine.resync();
+                            refused = true;
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "rollout proposal failed; restarting the engine");
+                        tracing::warn!(error = %e, "rollout proposal failed; will retry while leading");
                         return;
                     }
                 },
@@ -294,6 +318,7 @@ async fn drive_term(node: &Arc<NodeHandle>, agent: &Arc<Agent>, term: u64) {
                         let fence = Fence {
                             generation,
                             term: id.term,
+                            seq: id.seq,
                         };
                         let result =
                             run_agent_op(&node, &agent, &deployment, target, fence, op).await;
@@ -351,6 +376,10 @@ async fn drive_term(node: &Arc<NodeHandle>, agent: &Arc<Agent>, term: u64) {
                     return;
                 }
             }
+        }
+        if refused {
+            next_event = Event::Tick;
+            continue;
         }
         let tick = Duration::from_millis(deployment.strategy.poll_interval_ms.clamp(20, 200));
         next_event = tokio::select! {

@@ -75,6 +75,7 @@ impl AgentRpc for AgentService {
         let fence = Fence {
             generation: fence.generation,
             term: fence.term,
+            seq: fence.seq,
         };
         let view = self
             .agent
@@ -233,6 +234,7 @@ impl AgentClient {
                 fence: Some(pb::Fence {
                     generation: fence.generation,
                     term: fence.term,
+                    seq: fence.seq,
                 }),
                 op: op as i32,
                 hash,
