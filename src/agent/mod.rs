@@ -189,7 +189,14 @@ impl Agent {
                     store.activate(hash)?;
                     guard::disarm(store.data_dir()).map_err(guard_error)?;
                 }
-                Mutation::Commit(_) => guard::disarm(store.data_dir()).map_err(guard_error)?,
+                Mutation::Commit(_) => {
+                    guard::disarm(store.data_dir()).map_err(guard_error)?;
+                    // Old releases go now; current and the pinned previous always stay.
+                    let deleted = store.prune(crate::dist::DEFAULT_KEEP_OLD)?;
+                    if !deleted.is_empty() {
+                        tracing::info!(?deleted, "removed old releases");
+                    }
+                }
                 Mutation::Restart => {}
             }
             Ok(())

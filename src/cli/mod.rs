@@ -266,11 +266,23 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(args) => {
-            let status = args.target.client()?.status(args.local).await?;
+            let mut client = args.target.client()?;
+            let status = client.status(args.local).await?;
+            // The rollout in progress, if any: what an operator most needs to see.
+            let rollout = client.rollout().await.ok().and_then(|view| view.deployment);
             if args.json {
-                output::print_json(&status)?;
+                let mut json = serde_json::to_value(&status)?;
+                json["rollout"] = match &rollout {
+                    Some(d) => rollout::summary_json(d),
+                    None => serde_json::Value::Null,
+                };
+                output::print_json(&json)?;
             } else {
                 output::print_status(&status);
+                if let Some(deployment) = &rollout {
+                    println!();
+                    rollout::print_active(deployment);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -301,6 +301,41 @@ fn print_progress(
     }
 }
 
+/// The active rollout: header line, then every node's phase.
+pub fn print_active(d: &Deployment) {
+    println!(
+        "rollout {} {}: {} -> {} (started by {}, term {})",
+        d.generation,
+        d.state.as_str(),
+        short(&d.previous_hash),
+        short(&d.target_hash),
+        d.started_by,
+        d.issued_by_term
+    );
+    let mut seen = Default::default();
+    let mut state = d.state.as_str().to_string();
+    print_progress(d, &mut seen, &mut state);
+}
+
+/// The `rollout` key of `cluster status --json`: generation, state, hashes, phases.
+pub fn summary_json(d: &Deployment) -> serde_json::Value {
+    let phases: serde_json::Map<String, serde_json::Value> = d
+        .order
+        .iter()
+        .filter_map(|id| {
+            let step = d.nodes.get(id)?;
+            Some((id.to_string(), serde_json::json!(step.phase.as_str())))
+        })
+        .collect();
+    serde_json::json!({
+        "generation": d.generation,
+        "state": d.state.as_str(),
+        "target_hash": d.target_hash,
+        "previous_hash": d.previous_hash,
+        "phases": phases,
+    })
+}
+
 fn print_summary(entry: &HistoryEntry) {
     println!(
         "rollout {} {}: target {}{}",
@@ -339,20 +374,7 @@ pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
             } else {
                 match &view.deployment {
                     None => println!("no rollout is active"),
-                    Some(d) => {
-                        println!(
-                            "rollout {} {}: {} -> {} (started by {}, term {})",
-                            d.generation,
-                            d.state.as_str(),
-                            short(&d.previous_hash),
-                            short(&d.target_hash),
-                            d.started_by,
-                            d.issued_by_term
-                        );
-                        let mut seen = Default::default();
-                        let mut state = d.state.as_str().to_string();
-                        print_progress(d, &mut seen, &mut state);
-                    }
+                    Some(d) => print_active(d),
                 }
             }
         }

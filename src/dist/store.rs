@@ -311,10 +311,25 @@ impl ReleaseStore {
                 })
             }
         }
+        self.prune_unlocked(keep_old)
+    }
+
+    /// Deletes old releases beyond the newest `keep_old`, never the ones `current` or
+    /// `previous` point at (a rollout may still need `previous` to revert). Returns the
+    /// deleted hashes.
+    pub fn prune(&self, keep_old: usize) -> Result<Vec<String>, DistError> {
+        let _changing = self.lock_changes();
+        self.prune_unlocked(keep_old)
+    }
+
+    fn prune_unlocked(&self, keep_old: usize) -> Result<Vec<String>, DistError> {
         let current = self.current()?;
+        let previous = self.previous()?;
         let mut others = Vec::new();
         for hash in self.releases()? {
-            if current.as_deref() == Some(hash.as_str()) {
+            if current.as_deref() == Some(hash.as_str())
+                || previous.as_deref() == Some(hash.as_str())
+            {
                 continue;
             }
             let dir = self.release_dir(&hash);

@@ -94,7 +94,9 @@ impl NodeHandle {
         RF: Future<Output = Result<T, ApiError>>,
     {
         let deadline = Instant::now() + self.leader_wait();
-        let mut backoff = Duration::from_millis(5);
+        // Short and flat: a leadership hand-off settles in tens of ms, and each retry is
+        // one cheap round trip.
+        let mut backoff = Duration::from_millis(2);
         loop {
             match self.route() {
                 Route::Local => {
@@ -125,7 +127,7 @@ impl NodeHandle {
                 )));
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(100));
+            backoff = (backoff * 2).min(Duration::from_millis(20));
         }
     }
 

@@ -91,6 +91,12 @@ async fn a_rolling_update_of_three_nodes_commits_every_node_leader_last() {
     let history = cli(&["rollout", "history", "--json", "--node", &cluster.addr(2)]);
     let history: serde_json::Value = serde_json::from_slice(&history.stdout).unwrap();
     assert_eq!(history.as_array().unwrap().len(), 1);
+    let status = cli(&["status", "--json", "--node", &cluster.addr(3)]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(
+        status["rollout"].is_null(),
+        "no rollout active after it completed: {status}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

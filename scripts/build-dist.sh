@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Builds a release dist of cluster: the release binary, the systemd unit, version.json.
+#
+#   scripts/build-dist.sh <out-dir>      # e.g. scripts/build-dist.sh /tmp/dist
+#
+# <out-dir> is replaced. The printed build hash identifies the release on every node;
+# roll it out with `cluster update --dist <out-dir>`.
+set -euo pipefail
+
+if [ $# -ne 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
+  sed -n '2,7p' "$0"
+  [ $# -eq 1 ] && exit 0 || exit 2
+fi
+out=$1
+root=$(cd "$(dirname "$0")/.." && pwd)
+
+cargo build --release --locked --manifest-path "$root/Cargo.toml" --bin cluster
+staging="$out.tmp.$$"
+rm -rf "$staging"
+trap 'rm -rf "$staging"' EXIT
+mkdir -p "$staging/bin" "$staging/systemd"
+install -m 0755 "$root/target/release/cluster" "$staging/bin/cluster"
+install -m 0644 "$root/systemd/cluster.service" "$staging/systemd/cluster.service"
+# Stamp with the binary being packaged: the dist describes itself.
+"$staging/bin/cluster" dist stamp "$staging" >/dev/null
+rm -rf "$out"
+mv "$staging" "$out"
+trap - EXIT
+"$out/bin/cluster" dist verify "$out"
