@@ -20,6 +20,8 @@
 pub mod manifest;
 pub mod scan;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod test_data;
 pub mod version;
 
 use std::path::PathBuf;

@@ -424,18 +424,7 @@ mod tests {
     /// Checks that an error is the expected one.
     type Expect = fn(&DistError) -> bool;
 
-    /// Deterministic incompressible bytes (xorshift), so chunking sees realistic data.
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 24) as u8
-            })
-            .collect()
-    }
+    use crate::dist::test_data::noise;
 
     fn digest(data: &[u8]) -> FileDigest {
         let mut buffer = vec![0; READ_BUFFER_BYTES];

@@ -1190,18 +1190,7 @@ mod tests {
     use crate::dist::{hash, stamp, verify};
     use std::time::{Duration, UNIX_EPOCH};
 
-    /// Deterministic incompressible bytes (xorshift), so chunking sees realistic data.
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 24) as u8
-            })
-            .collect()
-    }
+    use crate::dist::test_data::noise;
 
     fn write_file(path: &Path, content: &[u8], mode: u32) {
         fs::create_dir_all(path.parent().unwrap()).unwrap();

@@ -83,25 +83,24 @@ impl Cluster {
     pub async fn start_supervised(n: u64, dist: &Path) -> Self {
         let mut cluster = Self::new();
         cluster.supervised = Some(dist.to_path_buf());
-        cluster.spawn(1, Start::Bootstrap).await;
-        let first = cluster.addr(1);
-        for id in 2..=n {
-            cluster.spawn(id, Start::Join(&first)).await;
-        }
-        cluster.wait_voters(n as usize).await;
+        cluster.form(n).await;
         cluster
     }
 
     /// Starts `n` nodes: node 1 bootstraps, the others join through it; waits for n voters.
     pub async fn start(n: u64) -> Self {
         let mut cluster = Self::new();
-        cluster.spawn(1, Start::Bootstrap).await;
-        let first = cluster.addr(1);
-        for id in 2..=n {
-            cluster.spawn(id, Start::Join(&first)).await;
-        }
-        cluster.wait_voters(n as usize).await;
+        cluster.form(n).await;
         cluster
+    }
+
+    async fn form(&mut self, n: u64) {
+        self.spawn(1, Start::Bootstrap).await;
+        let first = self.addr(1);
+        for id in 2..=n {
+            self.spawn(id, Start::Join(&first)).await;
+        }
+        self.wait_voters(n as usize).await;
     }
 
     pub fn addr(&self, id: u64) -> String {
