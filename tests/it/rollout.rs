@@ -462,3 +462,103 @@ async fn killing_the_leader_mid_rollout_ends_completed_or_reverted() {
         _ => assert_eq!(out.status.code(), Some(1), "{}", text(&out)),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_mid_rollout_that_stays_down_ends_the_rollout() {
+    let work = tempfile::tempdir().unwrap();
+    let v1 = work.path().join("v1");
+    let v2 = work.path().join("v2");
+    let h1 = make_release(&v1, &[("share/motd", "one")]);
+    make_release(&v2, &[("share/motd", "two")]);
+    let mut cluster = Cluster::start_supervised(3, &v1).await;
+    wait_all_on(&cluster, &h1).await;
+    let leader = cluster.leader_status().await.leader.unwrap();
+    let asked = (1..=3).find(|id| *id != leader).unwrap();
+
+    let (addr, dist) = (cluster.addr(asked), v2.clone());
+    let update_thread = std::thread::spawn(move || {
+        let mut args = vec!["update", "--dist", dist.to_str().unwrap(), "--node", &addr];
+        args.extend([
+            "--stabilize-ms",
+            "3000",
+            "--poll-interval-ms",
+            "100",
+            "--health-deadline-ms",
+            "5000",
+            "--json",
+        ]);
+        cli(&args)
+    });
+    wait_for("a node in stabilize", Duration::from_secs(60), || async {
+        let out = cli(&[
+            "rollout",
+            "status",
+            "--json",
+            "--node",
+            &cluster.addr(asked),
+        ]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        json["nodes"]
+            .as_object()?
+            .values()
+            .any(|step| step["phase"] == "stabilize")
+            .then_some(())
+    })
+    .await;
+    let leader = cluster.leader_status().await.leader.unwrap();
+    let killed_at = std::time::Instant::now();
+    cluster.kill(leader);
+    let survivor = (1..=3).find(|id| *id != leader).unwrap();
+    let entry = wait_for(
+        "the rollout to end with its leader gone for good",
+        Duration::from_secs(120),
+        || async { only_history_entry(&cluster.addr(survivor)) },
+    )
+    .await;
+    let ended_after = killed_at.elapsed();
+    let outcome = entry["outcome"].as_str().unwrap().to_string();
+    let reason = entry["reason"].as_str().unwrap_or_default().to_string();
+    // Restoring an updated voter while another is down would cost the quorum, so the
+    // rollout may end `failed` with updated voters left on the new build; it must end,
+    // and say which node it could not handle.
+    assert!(
+        outcome == "failed" || outcome == "reverted",
+        "the rollout ends: {entry}"
+    );
+    if outcome == "failed" {
+        assert!(
+            reason.contains(&format!("node {leader} ")),
+            "the reason names the dead node {leader}: {reason}"
+        );
+    }
+    let status = cli(&[
+        "rollout",
+        "status",
+        "--json",
+        "--node",
+        &cluster.addr(survivor),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&status.stdout).trim(), "null");
+    // The two survivors keep a quorum and serve.
+    wait_for(
+        "the survivors to serve",
+        Duration::from_secs(30),
+        || async {
+            let status = cluster.status().await?;
+            let serving = status
+                .nodes
+                .iter()
+                .filter(|n| n.id != leader && (n.state == "leader" || n.state == "follower"))
+                .count();
+            (serving == 2).then_some(())
+        },
+    )
+    .await;
+    let out = update_thread.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    println!(
+        "leader {leader} killed for good mid-rollout: ended {outcome} {} ms after the kill \
+         ({reason})",
+        ended_after.as_millis()
+    );
+}
