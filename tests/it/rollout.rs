@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use crate::harness::{
-    assert_all_readable, cli, make_release, make_script_release, wait_for, Cluster, Start, Writer,
-    BIN,
+    assert_all_readable, cli, data_dir_of, make_release, make_script_release, wait_for, Cluster,
+    Start, Writer, BIN,
 };
 
 /// Fast pacing for tests: the waits a rollout imposes are its configuration, not its cost.
@@ -561,4 +561,43 @@ async fn a_leader_killed_mid_rollout_that_stays_down_ends_the_rollout() {
          ({reason})",
         ended_after.as_millis()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflight_refuses_while_a_node_fails_its_health_command() {
+    let work = tempfile::tempdir().unwrap();
+    let v1 = work.path().join("v1");
+    let v2 = work.path().join("v2");
+    make_release(&v1, &[]);
+    make_release(&v2, &[("share/new", "x")]);
+    let cluster =
+        Cluster::start_supervised_with(3, &v1, &["--health-command", "test ! -e sick"]).await;
+    let sick = 2;
+    std::fs::write(data_dir_of(&cluster, sick).join("sick"), "").unwrap();
+    // The node reports its own failing check within a few periods.
+    let shown = wait_for(
+        "node 2 to report its failing check",
+        Duration::from_secs(20),
+        || async {
+            let out = cli(&["status", "--local", "--node", &cluster.addr(sick)]);
+            let shown = text(&out);
+            shown
+                .contains(&format!(
+                    "node {sick} is unhealthy: the health command exited 1"
+                ))
+                .then_some(shown)
+        },
+    )
+    .await;
+    println!("{shown}");
+
+    let out = update(&cluster.addr(1), &v2, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let shown = text(&out);
+    assert!(
+        shown.contains(&format!("node {sick}")) && shown.contains("unhealthy"),
+        "preflight names the unhealthy node: {shown}"
+    );
+    let status = cli(&["rollout", "status", "--json", "--node", &cluster.addr(1)]);
+    assert_eq!(String::from_utf8_lossy(&status.stdout).trim(), "null");
 }
