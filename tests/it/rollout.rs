@@ -373,6 +373,28 @@ async fn a_rolling_update_of_five_nodes_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_mid_rollout_ends_completed_or_reverted() {
+    kill_the_leader_mid_rollout(false).await;
+}
+
+/// After the hand-off: the old leader updates as a follower and the new leader (already
+/// on the new build) is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_new_leader_while_the_old_one_updates_ends_completed_or_reverted() {
+    kill_the_leader_mid_rollout(true).await;
+}
+
+/// The active deployment as any reachable node shows it.
+fn active_rollout(cluster: &Cluster) -> Option<serde_json::Value> {
+    cluster.addrs().iter().find_map(|addr| {
+        let out = cli(&["rollout", "status", "--json", "--node", addr]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        json.is_object().then_some(json)
+    })
+}
+
+/// Kills the leader once a node is past its restart (`after_handoff`: once the node that
+/// led at the start is), brings it back, and checks the rollout ends on one build.
+async fn kill_the_leader_mid_rollout(after_handoff: bool) {
     let work = tempfile::tempdir().unwrap();
     let v1 = work.path().join("v1");
     let v2 = work.path().join("v2");
@@ -398,22 +420,17 @@ async fn killing_the_leader_mid_rollout_ends_completed_or_reverted() {
         cli(&args)
     });
 
-    // In flight: some node is past its restart.
+    // In flight: some node (the first leader, after the hand-off) is past its restart.
+    let first_leader = leader.to_string();
     let in_flight = wait_for(
         "a node in health or stabilize",
         Duration::from_secs(60),
         || async {
-            let out = cli(&[
-                "rollout",
-                "status",
-                "--json",
-                "--node",
-                &cluster.addr(asked),
-            ]);
-            let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let json = active_rollout(&cluster)?;
             let nodes = json["nodes"].as_object()?;
             nodes
                 .iter()
+                .filter(|(id, _)| !after_handoff || **id == first_leader)
                 .find(|(_, step)| step["phase"] == "health" || step["phase"] == "stabilize")
                 .map(|(id, step)| format!("node {id} in {}", step["phase"]))
         },
