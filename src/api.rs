@@ -67,6 +67,10 @@ pub struct NodeStatus {
     pub protocol: u32,
     pub boot_id: String,
     pub started_at_ms: u64,
+    /// Why the node's own health check (`--health-command`) fails, as the node itself
+    /// reports; `None` when it passes, when none is set, or for another node's view.
+    #[serde(default)]
+    pub health_problem: Option<String>,
 }
 
 /// The cluster as one member sees it (the leader's view unless the leader is unreachable).

@@ -42,6 +42,11 @@ pub struct RunArgs {
     /// Minimum election timeout in milliseconds; the maximum is twice this [default: 300]
     #[arg(long)]
     pub election_timeout_ms: Option<u64>,
+    /// The node's own health check: run every second with `sh -c` in the data dir; exit 0
+    /// means healthy, otherwise the tail of its stdout/stderr is the reason (a run past
+    /// 5 s is killed and counts as unhealthy). A rolling update waits for it to pass.
+    #[arg(long, value_name = "SHELL COMMAND")]
+    pub health_command: Option<String>,
 }
 
 /// The TOML form of `RunArgs`. Unknown keys are errors: a typo must not be ignored.
@@ -56,6 +61,7 @@ struct FileConfig {
     join: Option<String>,
     heartbeat_ms: Option<u64>,
     election_timeout_ms: Option<u64>,
+    health_command: Option<String>,
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -121,6 +127,13 @@ pub fn resolve(args: RunArgs) -> anyhow::Result<NodeConfig> {
             bail!("--advertise {advertise:?} must be host:port");
         }
     }
+    let health_command = args.health_command.or(file.health_command);
+    if health_command
+        .as_deref()
+        .is_some_and(|c| c.trim().is_empty())
+    {
+        bail!("--health-command is empty: give a shell command, or leave it out");
+    }
     Ok(NodeConfig {
         id,
         listen,
@@ -132,6 +145,7 @@ pub fn resolve(args: RunArgs) -> anyhow::Result<NodeConfig> {
             heartbeat: Duration::from_millis(heartbeat_ms),
             election_timeout: Duration::from_millis(election_ms),
         },
+        health_command,
     })
 }
 
@@ -162,6 +176,44 @@ mod tests {
         assert_eq!(config.listen.to_string(), "127.0.0.1:7101");
         assert_eq!(config.timing.heartbeat, Duration::from_millis(50));
         assert_eq!(config.timing.election_timeout, Duration::from_millis(400));
+    }
+
+    #[test]
+    fn the_health_command_comes_from_the_flag_or_the_file() {
+        let (_dir, path) = file(
+            "id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/a\"\nhealth_command = \"test -e ok\"\n",
+        );
+        let from_file = resolve(RunArgs {
+            config: Some(path.clone()),
+            ..RunArgs::default()
+        })
+        .unwrap();
+        assert_eq!(from_file.health_command.as_deref(), Some("test -e ok"));
+        let from_flag = resolve(RunArgs {
+            config: Some(path),
+            health_command: Some("true".into()),
+            ..RunArgs::default()
+        })
+        .unwrap();
+        assert_eq!(from_flag.health_command.as_deref(), Some("true"));
+        let none = resolve(RunArgs {
+            id: Some(1),
+            listen: Some("127.0.0.1:1".parse().unwrap()),
+            data_dir: Some("/tmp/x".into()),
+            ..RunArgs::default()
+        })
+        .unwrap();
+        assert_eq!(none.health_command, None);
+        let empty = resolve(RunArgs {
+            id: Some(1),
+            listen: Some("127.0.0.1:1".parse().unwrap()),
+            data_dir: Some("/tmp/x".into()),
+            health_command: Some("  ".into()),
+            ..RunArgs::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(empty.contains("--health-command is empty"), "{empty}");
     }
 
     #[test]

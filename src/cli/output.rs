@@ -76,5 +76,10 @@ pub fn render_status(status: &ClusterStatus) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
+    for node in &status.nodes {
+        if let Some(problem) = &node.health_problem {
+            out.push_str(&format!("node {} is unhealthy: {problem}\n", node.id));
+        }
+    }
     out.trim_end().to_string()
 }

@@ -45,6 +45,8 @@ pub struct NodeHandle {
     pub info: NodeInfo,
     /// The releases on this node's disk.
     pub agent: Arc<Agent>,
+    /// The latest result of this node's own health check.
+    pub health: super::HealthState,
 }
 
 /// Where a request that needs the leader should go.
@@ -536,6 +538,12 @@ impl NodeHandle {
                     protocol: info.protocol,
                     boot_id: info.boot_id,
                     started_at_ms: info.started_at_ms,
+                    // Only a node's own check is known here: others report theirs.
+                    health_problem: if *id == self.id {
+                        self.health.problem()
+                    } else {
+                        None
+                    },
                 }
             })
             .collect();

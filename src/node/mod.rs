@@ -5,6 +5,7 @@
 //! same code runs under systemd, under `cluster supervise`, and inside tests.
 
 mod handle;
+mod health;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -18,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
 pub use handle::NodeHandle;
+pub use health::HealthState;
 
 use crate::agent::Agent;
 use crate::api::{ErrorKind, JoinRequest};
@@ -42,6 +44,8 @@ pub struct NodeConfig {
     /// Address of any member to ask for admission.
     pub join: Option<String>,
     pub timing: Timing,
+    /// The node's own health check (`sh -c` in the data dir; exit 0 = healthy).
+    pub health_command: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +133,10 @@ pub async fn run(
         )
         .map_err(|e| NodeError::Releases(e.to_string()))?,
     );
+    let health = match &config.health_command {
+        Some(_) => HealthState::pending(),
+        None => HealthState::default(),
+    };
     let node = Arc::new(NodeHandle {
         id: config.id,
         addr: addr.clone(),
@@ -147,10 +155,19 @@ pub async fn run(
                 .unwrap_or(0),
         },
         agent: agent.clone(),
+        health: health.clone(),
     });
     tracing::info!(id = config.id, %addr, build = %node.info.build_hash, "node starting");
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let health_check = config.health_command.clone().map(|command| {
+        tokio::spawn(health::run(
+            command,
+            config.data_dir.clone(),
+            health,
+            stop_rx.clone(),
+        ))
+    });
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(crate::rpc::serve(
         listener,
@@ -212,6 +229,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = reporter.await;
     let _ = rollouts.await;
+    if let Some(task) = health_check {
+        let _ = task.await;
+    }
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }

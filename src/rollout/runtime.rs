@@ -156,6 +156,7 @@ async fn probe_member(node: &NodeHandle, member: &mut Member, manifest: &Manifes
         member.build_hash = me.build_hash.clone();
         member.protocol = me.protocol;
         member.applied_index = me.applied_index;
+        member.health_problem = me.health_problem.clone();
     }
     let agent = AgentClient::with_channels(&node.channels, &member.addr);
     if let Ok(mut agent) = agent {
@@ -455,7 +456,7 @@ async fn poll_health(
             boot_id: node.info.boot_id.clone(),
             caught_up: true,
             last_ack_ms: Some(0),
-            problem: None,
+            problem: node.health.problem(),
         });
     }
     let status = ControlClient::with_channels(&node.channels, addr)
@@ -480,7 +481,7 @@ async fn poll_health(
         boot_id: me.boot_id.clone(),
         caught_up: applied >= commit_at_restart && me.state != "candidate",
         last_ack_ms,
-        problem: None,
+        problem: me.health_problem.clone(),
     })
 }
 

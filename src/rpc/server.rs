@@ -292,6 +292,7 @@ impl From<api::ClusterStatus> for pb::StatusReply {
                     boot_id: n.boot_id,
                     started_at_ms: n.started_at_ms,
                     applied_index: n.applied_index,
+                    health_problem: n.health_problem,
                 })
                 .collect(),
         }
@@ -322,6 +323,7 @@ impl From<pb::StatusReply> for api::ClusterStatus {
                     protocol: n.protocol,
                     boot_id: n.boot_id,
                     started_at_ms: n.started_at_ms,
+                    health_problem: n.health_problem,
                 })
                 .collect(),
         }

@@ -81,8 +81,16 @@ impl Cluster {
 
     /// Like `start`, but every node runs under `cluster supervise` on release `dist`.
     pub async fn start_supervised(n: u64, dist: &Path) -> Self {
+        Self::start_supervised_with(n, dist, &[]).await
+    }
+
+    /// `start_supervised` with extra `node run` flags for every node (paths in them are
+    /// relative to the node's data dir where the flag runs something there, e.g.
+    /// `--health-command`).
+    pub async fn start_supervised_with(n: u64, dist: &Path, flags: &[&str]) -> Self {
         let mut cluster = Self::new();
         cluster.supervised = Some(dist.to_path_buf());
+        cluster.flags = flags.iter().map(|f| f.to_string()).collect();
         cluster.form(n).await;
         cluster
     }

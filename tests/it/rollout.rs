@@ -1,10 +1,13 @@
 //! Rolling updates with real supervised processes: a good release, a dry run, preflight
-//! refusals, a release that cannot start, and concurrent requests.
+//! refusals, a release that cannot start, one that fails its health check, one that
+//! crash-loops after starting, five nodes, a leader killed mid-rollout, and concurrent
+//! requests.
 
 use std::time::Duration;
 
 use crate::harness::{
-    assert_all_readable, cli, make_release, make_script_release, wait_for, Cluster, Writer,
+    assert_all_readable, cli, data_dir_of, make_release, make_script_release, wait_for, Cluster,
+    Start, Writer, BIN,
 };
 
 /// Fast pacing for tests: the waits a rollout imposes are its configuration, not its cost.
@@ -228,4 +231,396 @@ async fn a_second_concurrent_update_gets_a_clear_error() {
         shown.contains("active") || shown.contains("rollout"),
         "clear error: {shown}"
     );
+}
+
+/// The history entry of the only rollout, as `rollout history --json` on `addr` shows it.
+fn only_history_entry(addr: &str) -> Option<serde_json::Value> {
+    let out = cli(&["rollout", "history", "--json", "--node", addr]);
+    let history: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let entries = history.as_array()?;
+    assert!(entries.len() <= 1, "one rollout was started: {history}");
+    entries.first().cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_failing_its_health_command_is_restored_everywhere() {
+    let work = tempfile::tempdir().unwrap();
+    let v1 = work.path().join("v1");
+    let v2 = work.path().join("v2");
+    let h1 = make_release(&v1, &[]);
+    let h2 = make_release(&v2, &[("share/unhealthy", "this release fails its check")]);
+    // The check runs in the data dir: it looks at the release `current` points at.
+    let cluster = Cluster::start_supervised_with(
+        3,
+        &v1,
+        &["--health-command", "test ! -e current/share/unhealthy"],
+    )
+    .await;
+    wait_all_on(&cluster, &h1).await;
+    // Every node reports its check passing before the update (preflight requires it).
+    for id in 1..=3 {
+        let out = cli(&["status", "--local", "--json", "--node", &cluster.addr(id)]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let me = json["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == id)
+            .unwrap()
+            .clone();
+        assert!(me["health_problem"].is_null(), "node {id}: {me}");
+    }
+
+    let started = std::time::Instant::now();
+    let out = update(&cluster.addr(1), &v2, &["--json"]);
+    let wall = started.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the rollout fails: {}",
+        text(&out)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("update --json");
+    assert_eq!(json["outcome"]["outcome"], "reverted", "{json}");
+    assert!(
+        json["outcome"]
+            .to_string()
+            .contains("health command exited 1"),
+        "the outcome names the failing check: {json}"
+    );
+    wait_all_on(&cluster, &h1).await;
+    assert!(
+        cluster
+            .leader_status()
+            .await
+            .nodes
+            .iter()
+            .all(|n| n.build_hash != h2),
+        "no node runs {h2}"
+    );
+    println!(
+        "health-check failure: reverted in {} ms wall (health deadline 20000 ms)",
+        wall.as_millis()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_crash_loops_after_starting_is_restored() {
+    let work = tempfile::tempdir().unwrap();
+    let v1 = work.path().join("v1");
+    let v2 = work.path().join("v2");
+    let h1 = make_release(&v1, &[]);
+    // The real node, started by a wrapper that kills it 3 s later: it serves, reports
+    // healthy on the new build, then dies, again and again.
+    std::fs::create_dir_all(v2.join("bin")).unwrap();
+    std::fs::copy(BIN, v2.join("bin/cluster.real")).unwrap();
+    make_script_release(
+        &v2,
+        "#!/bin/sh\nd=$(dirname \"$0\")\n( sleep 3; kill $$ ) &\nexec \"$d/cluster.real\" \"$@\"\n",
+    );
+    let cluster = Cluster::start_supervised(3, &v1).await;
+    wait_all_on(&cluster, &h1).await;
+
+    let mut args = vec!["update", "--dist", v2.to_str().unwrap()];
+    let node = cluster.addr(1);
+    args.extend([
+        "--node",
+        &node,
+        "--stabilize-ms",
+        "6000",
+        "--poll-interval-ms",
+        "100",
+        "--health-deadline-ms",
+        "20000",
+        "--json",
+    ]);
+    let started = std::time::Instant::now();
+    let out = cli(&args);
+    let wall = started.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the rollout fails: {}",
+        text(&out)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("update --json");
+    assert_eq!(json["outcome"]["outcome"], "reverted", "{json}");
+    wait_all_on(&cluster, &h1).await;
+    println!(
+        "crash loop after start: reverted in {} ms wall (stabilize 6000 ms, crash after ~3 s)",
+        wall.as_millis()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_of_five_nodes_completes() {
+    let work = tempfile::tempdir().unwrap();
+    let v1 = work.path().join("v1");
+    let v2 = work.path().join("v2");
+    let h1 = make_release(&v1, &[("share/motd", "one")]);
+    let h2 = make_release(&v2, &[("share/motd", "two")]);
+    let cluster = Cluster::start_supervised(5, &v1).await;
+    wait_all_on(&cluster, &h1).await;
+
+    let started = std::time::Instant::now();
+    let out = update(&cluster.addr(2), &v2, &["--json"]);
+    let wall = started.elapsed();
+    assert!(out.status.success(), "update failed: {}", text(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("update --json");
+    assert_eq!(json["outcome"]["outcome"], "completed", "{json}");
+    wait_all_on(&cluster, &h2).await;
+    let status = cluster.leader_status().await;
+    assert_eq!(status.nodes.iter().filter(|n| n.role == "voter").count(), 5);
+    println!(
+        "5-node rollout: {} ms wall (stabilize 1000 ms per node: 5000 ms of configured waits)",
+        wall.as_millis()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_mid_rollout_ends_completed_or_reverted() {
+    kill_the_leader_mid_rollout(false).await;
+}
+
+/// After the hand-off: the old leader updates as a follower and the new leader (already
+/// on the new build) is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_new_leader_while_the_old_one_updates_ends_completed_or_reverted() {
+    kill_the_leader_mid_rollout(true).await;
+}
+
+/// The active deployment as any reachable node shows it.
+fn active_rollout(cluster: &Cluster) -> Option<serde_json::Value> {
+    cluster.addrs().iter().find_map(|addr| {
+        let out = cli(&["rollout", "status", "--json", "--node", addr]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        json.is_object().then_some(json)
+    })
+}
+
+/// Kills the leader once a node is past its restart (`after_handoff`: once the node that
+/// led at the start is), brings it back, and checks the rollout ends on one build.
+async fn kill_the_leader_mid_rollout(after_handoff: bool) {
+    let work = tempfile::tempdir().unwrap();
+    let v1 = work.path().join("v1");
+    let v2 = work.path().join("v2");
+    let h1 = make_release(&v1, &[("share/motd", "one")]);
+    let h2 = make_release(&v2, &[("share/motd", "two")]);
+    let mut cluster = Cluster::start_supervised(3, &v1).await;
+    wait_all_on(&cluster, &h1).await;
+    let leader = cluster.leader_status().await.leader.unwrap();
+    let asked = (1..=3).find(|id| *id != leader).unwrap();
+
+    let (addr, dist) = (cluster.addr(asked), v2.clone());
+    let update_thread = std::thread::spawn(move || {
+        let mut args = vec!["update", "--dist", dist.to_str().unwrap(), "--node", &addr];
+        args.extend([
+            "--stabilize-ms",
+            "3000",
+            "--poll-interval-ms",
+            "100",
+            "--health-deadline-ms",
+            "20000",
+            "--json",
+        ]);
+        cli(&args)
+    });
+
+    // In flight: some node (the first leader, after the hand-off) is past its restart.
+    let first_leader = leader.to_string();
+    let in_flight = wait_for(
+        "a node in health or stabilize",
+        Duration::from_secs(60),
+        || async {
+            let json = active_rollout(&cluster)?;
+            let nodes = json["nodes"].as_object()?;
+            nodes
+                .iter()
+                .filter(|(id, _)| !after_handoff || **id == first_leader)
+                .find(|(_, step)| step["phase"] == "health" || step["phase"] == "stabilize")
+                .map(|(id, step)| format!("node {id} in {}", step["phase"]))
+        },
+    )
+    .await;
+    let leader = cluster.leader_status().await.leader.unwrap();
+    let killed_at = std::time::Instant::now();
+    cluster.kill(leader);
+    println!("killed leader {leader} while {in_flight}");
+    let survivor = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.wait_leader_other_than(leader).await;
+    // The killed node comes back (its supervisor too): a 3-voter rollout needs it.
+    cluster.spawn(leader, Start::Restart).await;
+
+    let entry = wait_for(
+        "the rollout to end after the leader was killed",
+        Duration::from_secs(120),
+        || async { only_history_entry(&cluster.addr(survivor)) },
+    )
+    .await;
+    let ended_after = killed_at.elapsed();
+    let outcome = entry["outcome"].as_str().unwrap().to_string();
+    assert!(
+        outcome == "completed" || outcome == "reverted",
+        "the rollout ends completed or reverted: {entry}"
+    );
+    let status = cli(&[
+        "rollout",
+        "status",
+        "--json",
+        "--node",
+        &cluster.addr(survivor),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&status.stdout).trim(), "null");
+    let expected = if outcome == "completed" { &h2 } else { &h1 };
+    wait_all_on(&cluster, expected).await;
+    let out = update_thread.join().unwrap();
+    println!(
+        "leader killed mid-rollout: ended {outcome} {} ms after the kill; \
+         the update command exited {:?}",
+        ended_after.as_millis(),
+        out.status.code()
+    );
+    match outcome.as_str() {
+        "completed" => assert!(out.status.success(), "{}", text(&out)),
+        _ => assert_eq!(out.status.code(), Some(1), "{}", text(&out)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_mid_rollout_that_stays_down_ends_the_rollout() {
+    let work = tempfile::tempdir().unwrap();
+    let v1 = work.path().join("v1");
+    let v2 = work.path().join("v2");
+    let h1 = make_release(&v1, &[("share/motd", "one")]);
+    make_release(&v2, &[("share/motd", "two")]);
+    let mut cluster = Cluster::start_supervised(3, &v1).await;
+    wait_all_on(&cluster, &h1).await;
+    let leader = cluster.leader_status().await.leader.unwrap();
+    let asked = (1..=3).find(|id| *id != leader).unwrap();
+
+    let (addr, dist) = (cluster.addr(asked), v2.clone());
+    let update_thread = std::thread::spawn(move || {
+        let mut args = vec!["update", "--dist", dist.to_str().unwrap(), "--node", &addr];
+        args.extend([
+            "--stabilize-ms",
+            "3000",
+            "--poll-interval-ms",
+            "100",
+            "--health-deadline-ms",
+            "5000",
+            "--json",
+        ]);
+        cli(&args)
+    });
+    wait_for("a node in stabilize", Duration::from_secs(60), || async {
+        let out = cli(&[
+            "rollout",
+            "status",
+            "--json",
+            "--node",
+            &cluster.addr(asked),
+        ]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        json["nodes"]
+            .as_object()?
+            .values()
+            .any(|step| step["phase"] == "stabilize")
+            .then_some(())
+    })
+    .await;
+    let leader = cluster.leader_status().await.leader.unwrap();
+    let killed_at = std::time::Instant::now();
+    cluster.kill(leader);
+    let survivor = (1..=3).find(|id| *id != leader).unwrap();
+    let entry = wait_for(
+        "the rollout to end with its leader gone for good",
+        Duration::from_secs(120),
+        || async { only_history_entry(&cluster.addr(survivor)) },
+    )
+    .await;
+    let ended_after = killed_at.elapsed();
+    let outcome = entry["outcome"].as_str().unwrap().to_string();
+    let reason = entry["reason"].as_str().unwrap_or_default().to_string();
+    // Restoring an updated voter while another is down would cost the quorum, so the
+    // rollout may end `failed` with updated voters left on the new build; it must end,
+    // and say which node it could not handle.
+    assert!(
+        outcome == "failed" || outcome == "reverted",
+        "the rollout ends: {entry}"
+    );
+    if outcome == "failed" {
+        assert!(
+            reason.contains(&format!("node {leader} ")),
+            "the reason names the dead node {leader}: {reason}"
+        );
+    }
+    let status = cli(&[
+        "rollout",
+        "status",
+        "--json",
+        "--node",
+        &cluster.addr(survivor),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&status.stdout).trim(), "null");
+    // The two survivors keep a quorum and serve.
+    wait_for(
+        "the survivors to serve",
+        Duration::from_secs(30),
+        || async {
+            let status = cluster.status().await?;
+            let serving = status
+                .nodes
+                .iter()
+                .filter(|n| n.id != leader && (n.state == "leader" || n.state == "follower"))
+                .count();
+            (serving == 2).then_some(())
+        },
+    )
+    .await;
+    let out = update_thread.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    println!(
+        "leader {leader} killed for good mid-rollout: ended {outcome} {} ms after the kill \
+         ({reason})",
+        ended_after.as_millis()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflight_refuses_while_a_node_fails_its_health_command() {
+    let work = tempfile::tempdir().unwrap();
+    let v1 = work.path().join("v1");
+    let v2 = work.path().join("v2");
+    make_release(&v1, &[]);
+    make_release(&v2, &[("share/new", "x")]);
+    let cluster =
+        Cluster::start_supervised_with(3, &v1, &["--health-command", "test ! -e sick"]).await;
+    let sick = 2;
+    std::fs::write(data_dir_of(&cluster, sick).join("sick"), "").unwrap();
+    // The node reports its own failing check within a few periods.
+    let shown = wait_for(
+        "node 2 to report its failing check",
+        Duration::from_secs(20),
+        || async {
+            let out = cli(&["status", "--local", "--node", &cluster.addr(sick)]);
+            let shown = text(&out);
+            shown
+                .contains(&format!(
+                    "node {sick} is unhealthy: the health command exited 1"
+                ))
+                .then_some(shown)
+        },
+    )
+    .await;
+    println!("{shown}");
+
+    let out = update(&cluster.addr(1), &v2, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let shown = text(&out);
+    assert!(
+        shown.contains(&format!("node {sick}")) && shown.contains("unhealthy"),
+        "preflight names the unhealthy node: {shown}"
+    );
+    let status = cli(&["rollout", "status", "--json", "--node", &cluster.addr(1)]);
+    assert_eq!(String::from_utf8_lossy(&status.stdout).trim(), "null");
 }
