@@ -30,7 +30,12 @@ pub const EXIT_FAILURE: u8 = 1;
         Start a cluster:\n  \
         cluster node run --id 1 --listen 127.0.0.1:7101 --data-dir /tmp/n1 --bootstrap\n  \
         cluster node run --id 2 --listen 127.0.0.1:7102 --data-dir /tmp/n2 --join 127.0.0.1:7101\n  \
-        cluster status --node 127.0.0.1:7101"
+        cluster status --node 127.0.0.1:7101\n\n\
+        Roll out a release (a directory with bin/cluster):\n  \
+        cluster dist stamp ./dist\n  \
+        cluster update --dist ./dist --dry-run\n  \
+        cluster update --dist ./dist\n\n\
+        Try it all on one machine: cluster demo"
 )]
 pub struct Cli {
     #[command(subcommand)]
