@@ -197,12 +197,7 @@ impl AgentClient {
     }
 
     pub fn with_channels(channels: &Channels, addr: &str) -> Result<Self, ApiError> {
-        let channel = channels.get(addr).map_err(|e| {
-            ApiError::new(
-                ErrorKind::InvalidArgument,
-                format!("{e}: expected host:port"),
-            )
-        })?;
+        let channel = channels.for_client(addr)?;
         Ok(Self {
             addr: addr.to_string(),
             client: PbClient::new(channel)

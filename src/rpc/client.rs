@@ -9,9 +9,7 @@ use super::pb::{self};
 use super::server::HOPS;
 use super::status::from_status;
 use super::{Channels, MAX_MESSAGE_BYTES};
-use crate::api::{
-    ApiError, ClusterStatus, ErrorKind, JoinAccepted, JoinRequest, TransferDone, WriteOutcome,
-};
+use crate::api::{ApiError, ClusterStatus, JoinAccepted, JoinRequest, TransferDone, WriteOutcome};
 use crate::dist::Manifest;
 use crate::rollout::runtime::{RolloutView, UpdateOptions, UpdateOutcome};
 use crate::rollout::{Plan, Report};
@@ -35,12 +33,7 @@ impl ControlClient {
 
     /// A client sharing `channels` with other users in this process.
     pub fn with_channels(channels: &Channels, addr: &str) -> Result<Self, ApiError> {
-        let channel = channels.get(addr).map_err(|e| {
-            ApiError::new(
-                ErrorKind::InvalidArgument,
-                format!("{e}: expected host:port, e.g. 127.0.0.1:7100"),
-            )
-        })?;
+        let channel = channels.for_client(addr)?;
         let client = PbClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

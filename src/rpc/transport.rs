@@ -44,6 +44,18 @@ impl Channels {
     }
 }
 
+impl Channels {
+    /// The channel for a client of `addr`, with an error that tells the user the format.
+    pub(super) fn for_client(&self, addr: &str) -> Result<Channel, crate::api::ApiError> {
+        self.get(addr).map_err(|e| {
+            crate::api::ApiError::new(
+                crate::api::ErrorKind::InvalidArgument,
+                format!("{e}: expected host:port, e.g. 127.0.0.1:7100"),
+            )
+        })
+    }
+}
+
 /// The Raft RPCs, each a method of the `Raft` gRPC service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RaftRpc {

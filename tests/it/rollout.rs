@@ -35,6 +35,32 @@ fn text(out: &std::process::Output) -> String {
     )
 }
 
+/// Runs `cluster update --json` with a 3 s stabilization window on another thread, so a
+/// test can act on the cluster while the rollout is in flight.
+fn update_in_background(
+    addr: String,
+    dist: std::path::PathBuf,
+    health_deadline_ms: u64,
+) -> std::thread::JoinHandle<std::process::Output> {
+    std::thread::spawn(move || {
+        let deadline = health_deadline_ms.to_string();
+        cli(&[
+            "update",
+            "--dist",
+            dist.to_str().unwrap(),
+            "--node",
+            &addr,
+            "--stabilize-ms",
+            "3000",
+            "--poll-interval-ms",
+            "100",
+            "--health-deadline-ms",
+            &deadline,
+            "--json",
+        ])
+    })
+}
+
 /// Waits until every node reports `hash` as its running build.
 async fn wait_all_on(cluster: &Cluster, hash: &str) {
     wait_for(
@@ -412,19 +438,7 @@ async fn kill_the_leader_mid_rollout(after_handoff: bool) {
     let asked = (1..=3).find(|id| *id != leader).unwrap();
 
     let (addr, dist) = (cluster.addr(asked), v2.clone());
-    let update_thread = std::thread::spawn(move || {
-        let mut args = vec!["update", "--dist", dist.to_str().unwrap(), "--node", &addr];
-        args.extend([
-            "--stabilize-ms",
-            "3000",
-            "--poll-interval-ms",
-            "100",
-            "--health-deadline-ms",
-            "20000",
-            "--json",
-        ]);
-        cli(&args)
-    });
+    let update_thread = update_in_background(addr, dist, 20000);
 
     // In flight: some node (the first leader, after the hand-off) is past its restart.
     let first_leader = leader.to_string();
@@ -499,19 +513,7 @@ async fn a_leader_killed_mid_rollout_that_stays_down_ends_the_rollout() {
     let asked = (1..=3).find(|id| *id != leader).unwrap();
 
     let (addr, dist) = (cluster.addr(asked), v2.clone());
-    let update_thread = std::thread::spawn(move || {
-        let mut args = vec!["update", "--dist", dist.to_str().unwrap(), "--node", &addr];
-        args.extend([
-            "--stabilize-ms",
-            "3000",
-            "--poll-interval-ms",
-            "100",
-            "--health-deadline-ms",
-            "5000",
-            "--json",
-        ]);
-        cli(&args)
-    });
+    let update_thread = update_in_background(addr, dist, 5000);
     wait_for("a node in stabilize", Duration::from_secs(60), || async {
         let out = cli(&[
             "rollout",
