@@ -48,7 +48,9 @@ pub async fn run(data_dir: &Path, args: Vec<String>) -> Result<ExitStatus, Super
     loop {
         match crate::agent::guard::before_start(data_dir) {
             Ok(crate::agent::guard::GuardOutcome::Idle) => {}
-            Ok(outcome) => tracing::warn!(?outcome, "boot guard"),
+            Ok(outcome) => {
+                tracing::warn!("boot guard: {}", crate::agent::guard::describe(&outcome))
+            }
             Err(e) => tracing::error!(error = %e, "boot guard"),
         }
         let binary = data_dir.join("current/bin/cluster");

@@ -78,6 +78,21 @@ enum Command {
     /// Local clusters on loopback for trying things out
     #[command(subcommand)]
     Local(LocalCommand),
+    /// Run the boot guard once: what systemd's ExecStartPre does before every start
+    #[command(
+        long_about = "Run the boot guard once, before a node starts (systemd runs it \
+        as ExecStartPre; cluster supervise runs it itself). While a release activated by a \
+        rollout is not yet committed, each start spends one of its tries; when none is left \
+        the guard points `current` back at the previous release and records why, so a \
+        release that cannot start is undone with no leader reachable. A data dir with no \
+        pending upgrade is never touched. Exit 1 with a reason if the record is unreadable \
+        or the release to restore is missing; nothing is changed then."
+    )]
+    Guard {
+        /// The node's data dir (holds `current` and boot.json)
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+    },
     /// Run a node and start it again whenever it exits (for hosts without systemd)
     #[command(
         long_about = "Run `<data-dir>/current/bin/cluster <ARGS>` and start it again \
@@ -315,6 +330,16 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Rollout(command) => rollout::rollout(command).await,
         Command::Demo => demo::demo().await,
         Command::Local(LocalCommand::Up(args)) => demo::local_up(args).await,
+        Command::Guard { data_dir } => match crate::agent::guard::before_start(&data_dir) {
+            Ok(outcome) => {
+                println!("{}", crate::agent::guard::describe(&outcome));
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(reason) => {
+                eprintln!("error: boot guard: {reason}");
+                Ok(ExitCode::from(EXIT_FAILURE))
+            }
+        },
         Command::Supervise { data_dir, args } => {
             let status = crate::supervise::run(&data_dir, args).await?;
             Ok(ExitCode::from(
