@@ -14,7 +14,7 @@ use crate::api::ApiError;
 use crate::dist::Limits;
 use crate::rollout::preflight::Report;
 use crate::rollout::runtime::{UpdateOptions, UpdateOutcome};
-use crate::rpc::{AgentClient, ControlClient};
+use crate::rpc::{AgentClient, Channels, ControlClient};
 use crate::state::{Deployment, DeploymentState, HistoryEntry, OnFailure, Starter, Strategy};
 
 /// Exit status when preflight refuses the update.
@@ -218,40 +218,44 @@ fn print_plan(outcome: &UpdateOutcome) {
 }
 
 /// Polls the rollout of `generation` until it finishes, printing every phase change.
+/// Any member can answer; when the one asked is restarting, the others in the rollout's
+/// own record are asked instead.
 async fn follow(node: &str, generation: u64, print: bool) -> anyhow::Result<HistoryEntry> {
+    /// Consecutive unanswered polls (200 ms apart) before giving up: about 2 minutes.
+    const MAX_FAILURES: u32 = 600;
+    let channels = Channels::default();
     let mut seen: std::collections::BTreeMap<u64, String> = Default::default();
     let mut last_state = String::new();
     let mut addrs = vec![node.to_string()];
+    let mut next = 0;
     let mut failures = 0;
     loop {
-        let addr = addrs[failures % addrs.len()].clone();
-        let view = match ControlClient::new(&addr)?
+        let addr = addrs[next % addrs.len()].clone();
+        let answer = ControlClient::with_channels(&channels, &addr)?
             .timeout(Duration::from_secs(3))
             .rollout()
-            .await
-        {
-            Ok(view) => view,
+            .await;
+        let view = match answer {
+            Ok(view) => {
+                failures = 0;
+                view
+            }
             Err(e) => {
-                // The node asked may be the one restarting: ask the others meanwhile.
                 failures += 1;
-                if failures > 600 {
+                if failures > MAX_FAILURES {
                     anyhow::bail!("lost track of rollout {generation}: {e}");
                 }
-                if let Ok(status) = ControlClient::new(&addr)?.status(false).await {
-                    addrs = status.nodes.iter().map(|n| n.addr.clone()).collect();
-                }
+                next += 1;
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
         };
-        if let Ok(status) = ControlClient::new(&addr)?.status(true).await {
-            let known: Vec<String> = status.nodes.iter().map(|n| n.addr.clone()).collect();
-            if !known.is_empty() {
-                addrs = known;
-            }
-        }
         match view.deployment {
             Some(deployment) if deployment.generation == generation => {
+                addrs = std::iter::once(node.to_string())
+                    .chain(deployment.nodes.values().map(|step| step.addr.clone()))
+                    .collect();
+                next = addrs.iter().position(|a| *a == addr).unwrap_or(0);
                 if print {
                     print_progress(&deployment, &mut seen, &mut last_state);
                 }

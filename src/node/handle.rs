@@ -497,7 +497,9 @@ impl NodeHandle {
     fn local_status(&self) -> ClusterStatus {
         let metrics = raft::metrics(&self.raft);
         let replication = raft::replication(&self.raft);
-        let state = self.sm.state();
+        // Only the node reports and the cluster id: cloning the whole state would copy the
+        // active deployment's manifest on every status call (health polls make many).
+        let (reports, cluster_id) = self.sm.read(|s| (s.nodes.clone(), s.cluster_id.clone()));
         let membership = metrics.membership_config.membership();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let nodes = membership
@@ -507,7 +509,7 @@ impl NodeHandle {
                 let info = if *id == self.id {
                     self.info.clone()
                 } else {
-                    state.nodes.get(id).cloned().unwrap_or_default()
+                    reports.get(id).cloned().unwrap_or_default()
                 };
                 let repl = replication.get(id).copied().unwrap_or_default();
                 let raft_state = if *id == self.id {
@@ -552,7 +554,7 @@ impl NodeHandle {
             term: metrics.current_term,
             nodes,
             answered_by: self.id,
-            cluster_id: state.cluster_id,
+            cluster_id,
             commit_index: metrics.cluster_committed.as_ref().map(|l| l.index),
             last_log_index: metrics.last_log_index,
         }
