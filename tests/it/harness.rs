@@ -285,6 +285,18 @@ impl Cluster {
         .await
     }
 
+    /// Waits until the leader has committed `n` more entries than it had when asked: the
+    /// cluster is taking writes (e.g. from a `Writer`) under its current leader.
+    pub async fn wait_more_commits(&self, n: u64) {
+        let before = self.leader_status().await.commit_index.unwrap_or(0);
+        wait_for(
+            &format!("{n} more commits after index {before}"),
+            Duration::from_secs(10),
+            || async { (self.status().await?.commit_index? > before + n).then_some(()) },
+        )
+        .await
+    }
+
     /// Waits for a leader other than `not`.
     pub async fn wait_leader_other_than(&self, not: u64) -> u64 {
         wait_for("a new leader", Duration::from_secs(30), || async {

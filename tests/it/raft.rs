@@ -106,21 +106,11 @@ async fn killing_the_leader_elects_another_and_loses_no_acknowledged_write() {
         .map(|id| cluster.addr(id))
         .collect();
     let writer = Writer::start(survivors.clone(), "kill");
-    wait_for("some writes", Duration::from_secs(10), || async {
-        let status = cluster.status().await?;
-        (status.commit_index? > 20).then_some(())
-    })
-    .await;
+    cluster.wait_more_commits(20).await;
     cluster.kill(old);
     let new = cluster.wait_leader_other_than(old).await;
     // Keep writing under the new leader for a moment, then check everything.
-    let before = cluster.leader_status().await.commit_index.unwrap();
-    wait_for(
-        "writes under the new leader",
-        Duration::from_secs(10),
-        || async { (cluster.status().await?.commit_index? > before + 20).then_some(()) },
-    )
-    .await;
+    cluster.wait_more_commits(20).await;
     let report = writer.stop().await;
     println!(
         "leader kill -9: longest gap between acknowledged writes {} ms \
@@ -140,10 +130,7 @@ async fn leader_transfer_moves_leadership_under_writes_without_loss() {
     let old = cluster.leader_status().await.leader.unwrap();
     let to = if old == 3 { 2 } else { 3 };
     let writer = Writer::start(cluster.addrs(), "transfer");
-    wait_for("some writes", Duration::from_secs(10), || async {
-        (cluster.status().await?.commit_index? > 20).then_some(())
-    })
-    .await;
+    cluster.wait_more_commits(20).await;
     let out = cli(&[
         "leader",
         "transfer",
@@ -160,13 +147,7 @@ async fn leader_transfer_moves_leadership_under_writes_without_loss() {
     let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(done["leader"].as_u64(), Some(to));
     assert_eq!(cluster.leader_status().await.leader, Some(to));
-    let before = cluster.leader_status().await.commit_index.unwrap();
-    wait_for(
-        "writes under the new leader",
-        Duration::from_secs(10),
-        || async { (cluster.status().await?.commit_index? > before + 20).then_some(()) },
-    )
-    .await;
+    cluster.wait_more_commits(20).await;
     let report = writer.stop().await;
     println!(
         "leader transfer {old} -> {to}: hand-off {} ms, longest gap between acknowledged writes {} ms \
