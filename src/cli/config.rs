@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::node::NodeConfig;
 use crate::raft::Timing;
+use crate::rollout::runtime::AutoConfig;
 
 #[derive(Args, Debug, Default)]
 pub struct RunArgs {
@@ -47,6 +48,30 @@ pub struct RunArgs {
     /// 5 s is killed and counts as unhealthy). A rolling update waits for it to pass.
     #[arg(long, value_name = "SHELL COMMAND")]
     pub health_command: Option<String>,
+    /// While this node leads, roll out by itself every new build that appears in this
+    /// directory (once it has stopped changing for --watch-settle-ms and matches its
+    /// version.json, if it has one). Give every node the same directory path.
+    #[arg(long, value_name = "DIR")]
+    pub watch_dist: Option<PathBuf>,
+    /// How long the watched directory must stay unchanged before its build counts
+    /// [default: 5000]
+    #[arg(long, value_name = "MS")]
+    pub watch_settle_ms: Option<u64>,
+    /// Automatic rollouts: how long each node must stay healthy before it is committed
+    /// [default: 10000]
+    #[arg(long, value_name = "MS")]
+    pub auto_stabilize_ms: Option<u64>,
+    /// Automatic rollouts: how long health is watched after the last commit before the
+    /// rollout completes; 3 failed checks in a row on any node revert it [default: 180000]
+    #[arg(long, value_name = "MS")]
+    pub auto_soak_ms: Option<u64>,
+    /// Automatic rollouts: how long a restarted node may take to report healthy
+    /// [default: 60000]
+    #[arg(long, value_name = "MS")]
+    pub auto_health_deadline_ms: Option<u64>,
+    /// Automatic rollouts: pause between health polls of a node [default: 500]
+    #[arg(long, value_name = "MS")]
+    pub auto_poll_interval_ms: Option<u64>,
 }
 
 /// The TOML form of `RunArgs`. Unknown keys are errors: a typo must not be ignored.
@@ -62,6 +87,12 @@ struct FileConfig {
     heartbeat_ms: Option<u64>,
     election_timeout_ms: Option<u64>,
     health_command: Option<String>,
+    watch_dist: Option<PathBuf>,
+    watch_settle_ms: Option<u64>,
+    auto_stabilize_ms: Option<u64>,
+    auto_soak_ms: Option<u64>,
+    auto_health_deadline_ms: Option<u64>,
+    auto_poll_interval_ms: Option<u64>,
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -134,7 +165,45 @@ pub fn resolve(args: RunArgs) -> anyhow::Result<NodeConfig> {
     {
         bail!("--health-command is empty: give a shell command, or leave it out");
     }
+    let mut auto = AutoConfig {
+        watch_dist: args.watch_dist.or(file.watch_dist),
+        ..AutoConfig::default()
+    };
+    if let Some(dir) = &auto.watch_dist {
+        if dir.as_os_str().is_empty() {
+            bail!("--watch-dist is empty: give a directory, or leave it out");
+        }
+        if dir.exists() && !dir.is_dir() {
+            bail!(
+                "--watch-dist {} is not a directory: give the directory new dists appear in",
+                dir.display()
+            );
+        }
+    }
+    if let Some(ms) = args.watch_settle_ms.or(file.watch_settle_ms) {
+        auto.settle = Duration::from_millis(ms);
+    }
+    let strategy = &mut auto.strategy;
+    if let Some(ms) = args.auto_stabilize_ms.or(file.auto_stabilize_ms) {
+        strategy.stabilize_ms = ms;
+    }
+    if let Some(ms) = args.auto_soak_ms.or(file.auto_soak_ms) {
+        strategy.soak_ms = ms;
+    }
+    if let Some(ms) = args
+        .auto_health_deadline_ms
+        .or(file.auto_health_deadline_ms)
+    {
+        if ms == 0 {
+            bail!("--auto-health-deadline-ms must be at least 1");
+        }
+        strategy.health_deadline_ms = ms;
+    }
+    if let Some(ms) = args.auto_poll_interval_ms.or(file.auto_poll_interval_ms) {
+        strategy.poll_interval_ms = ms.max(10);
+    }
     Ok(NodeConfig {
+        auto,
         id,
         listen,
         advertise: args.advertise.or(file.advertise),

@@ -204,6 +204,7 @@ pub async fn demo() -> anyhow::Result<ExitCode> {
         poll_interval_ms: 200,
         stabilize_ms: 2_000,
         stale_ack_ms: None,
+        soak_ms: 2_000,
     })
     .await?;
     println!("== final status");

@@ -288,20 +288,24 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Status(args) => {
             let mut client = args.target.client()?;
             let status = client.status(args.local).await?;
-            // The rollout in progress, if any: what an operator most needs to see.
-            let rollout = client.rollout().await.ok().and_then(|view| view.deployment);
+            // The rollouts: what an operator most needs to see next to the members.
+            let view = if args.local {
+                client.rollout().await.ok()
+            } else {
+                rollout::leader_view(&args.target).await.ok()
+            };
+            let members: Vec<u64> = status.nodes.iter().map(|n| n.id).collect();
             if args.json {
                 let mut json = serde_json::to_value(&status)?;
-                json["rollout"] = match &rollout {
-                    Some(d) => rollout::summary_json(d),
+                json["rollout"] = match &view {
+                    Some(view) => rollout::status_json(view, &members),
                     None => serde_json::Value::Null,
                 };
                 output::print_json(&json)?;
             } else {
                 output::print_status(&status);
-                if let Some(deployment) = &rollout {
-                    println!();
-                    rollout::print_active(deployment);
+                if let Some(view) = &view {
+                    rollout::print_status(view, &members);
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -13,7 +13,9 @@ use crate::agent::upload::{push, LocalDist};
 use crate::api::ApiError;
 use crate::dist::Limits;
 use crate::rollout::preflight::Report;
-use crate::rollout::runtime::{UpdateOptions, UpdateOutcome};
+use crate::rollout::runtime::{
+    LeaderNotes, Operation, RolloutView, UpdateOptions, UpdateOutcome, DEFAULT_SOAK_MS,
+};
 use crate::rpc::{AgentClient, Channels, ControlClient};
 use crate::state::{Deployment, DeploymentState, HistoryEntry, OnFailure, Starter, Strategy};
 
@@ -62,6 +64,16 @@ pub struct UpdateArgs {
     /// Acknowledgement age above which a node counts as stale [default: 2 x heartbeat]
     #[arg(long)]
     pub stale_ack_ms: Option<u64>,
+    /// After the last node commits, how long every node's health is still watched: 3
+    /// failed checks in a row on any node revert the whole rollout (0: no soak)
+    #[arg(long, default_value_t = DEFAULT_SOAK_MS)]
+    pub soak_ms: u64,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Subcommand, Debug)]
@@ -74,13 +86,42 @@ pub enum RolloutCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Show finished rollouts, oldest first: outcome, reason, per-node results
+    /// Show finished rollouts, oldest first: who started them and why, outcome and
+    /// reason, and every node's result and timings
     History {
         #[command(flatten)]
         target: Target,
         /// Print JSON: the list of history entries
         #[arg(long)]
         json: bool,
+    },
+    /// Pause the active rollout: no further node starts; a node in flight finishes its
+    /// step. Replicated: holds across leader changes.
+    Pause {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Resume a paused rollout
+    Resume {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop the active rollout: nodes caught mid-update are restored; nodes already
+    /// updated stay on the new build unless --revert
+    Abort {
+        #[command(flatten)]
+        target: Target,
+        /// Also bring every updated node back to its previous build
+        #[arg(long)]
+        revert: bool,
+    },
+    /// Switch automatic rollouts (new builds in the leader's --watch-dist, and bringing
+    /// nodes on another build to the cluster's target) on or off, cluster-wide
+    Auto {
+        #[arg(value_enum)]
+        switch: Switch,
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -99,12 +140,15 @@ fn options_of(args: &UpdateArgs) -> UpdateOptions {
             health_deadline_ms: args.health_deadline_ms,
             poll_interval_ms: args.poll_interval_ms.max(10),
             stabilize_ms: args.stabilize_ms,
+            soak_ms: args.soak_ms,
             ..Strategy::default()
         },
         allow_downtime: args.allow_downtime,
         stale_ack_ms: args.stale_ack_ms,
         started_by: Starter::Operator,
         dist_label: args.dist.display().to_string(),
+        trigger: None,
+        skip: Vec::new(),
     }
 }
 
@@ -288,6 +332,14 @@ fn print_progress(
         );
         *last_state = state;
     }
+    if deployment.soak_started_ms().is_some() && !seen.contains_key(&u64::MAX) {
+        println!(
+            "  every node committed: soaking for {} (3 failed health checks in a row on any \
+             node revert the rollout)",
+            ms(deployment.strategy.soak_ms)
+        );
+        seen.insert(u64::MAX, "soak".into());
+    }
     for id in &deployment.order {
         let Some(step) = deployment.nodes.get(id) else {
             continue;
@@ -306,7 +358,7 @@ fn print_progress(
 }
 
 /// The active rollout: header line, then every node's phase.
-pub fn print_active(d: &Deployment) {
+pub fn print_active(d: &Deployment, notes: Option<&LeaderNotes>) {
     println!(
         "rollout {} {}: {} -> {} (started by {}, term {})",
         d.generation,
@@ -316,42 +368,242 @@ pub fn print_active(d: &Deployment) {
         d.started_by,
         d.issued_by_term
     );
-    let mut seen = Default::default();
-    let mut state = d.state.as_str().to_string();
-    print_progress(d, &mut seen, &mut state);
+    if let Some(trigger) = &d.trigger {
+        println!("  why: {trigger}");
+    }
+    if let Some(reason) = &d.reason {
+        println!("  reason: {reason}");
+    }
+    for id in &d.order {
+        if let Some(step) = d.nodes.get(id) {
+            let error = step
+                .error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default();
+            println!(
+                "  node {id} ({}): {}{}{error}",
+                step.addr,
+                step.phase.as_str(),
+                timing(step.started_ms, step.finished_ms)
+            );
+        }
+    }
+    if let Some(notes) = notes {
+        if let Some(waiting) = &notes.waiting {
+            println!("  {waiting}");
+        }
+        if let Some(left) = notes.soak_left_ms {
+            println!(
+                "  soaking: every node committed; {} of health watching left",
+                ms(left)
+            );
+        }
+    }
 }
 
-/// The `rollout` key of `cluster status --json`: generation, state, hashes, phases.
-pub fn summary_json(d: &Deployment) -> serde_json::Value {
-    let phases: serde_json::Map<String, serde_json::Value> = d
-        .order
-        .iter()
-        .filter_map(|id| {
-            let step = d.nodes.get(id)?;
-            Some((id.to_string(), serde_json::json!(step.phase.as_str())))
+/// "12.3 s" or "2m05s".
+fn ms(ms: u64) -> String {
+    if ms < 60_000 {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    } else {
+        format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
+}
+
+/// " (took 3.2 s)" for a finished node step, "" otherwise.
+fn timing(started: Option<u64>, finished: Option<u64>) -> String {
+    match (started, finished) {
+        (Some(start), Some(end)) => format!(" (took {})", ms(end.saturating_sub(start))),
+        _ => String::new(),
+    }
+}
+
+/// The `rollout` key of `cluster status --json`: the active deployment (generation,
+/// state, candidate and previous builds, per-node phase, why it waits), the cluster's
+/// target, the automatic-rollout switch, per-node failure streaks and the last rollback.
+pub fn status_json(view: &RolloutView, members: &[u64]) -> serde_json::Value {
+    let active = view.deployment.as_ref().map(|d| {
+        let nodes: serde_json::Map<String, serde_json::Value> = d
+            .order
+            .iter()
+            .filter_map(|id| {
+                let step = d.nodes.get(id)?;
+                Some((
+                    id.to_string(),
+                    serde_json::json!({
+                        "phase": step.phase.as_str(),
+                        "error": step.error,
+                        "started_ms": step.started_ms,
+                        "finished_ms": step.finished_ms,
+                    }),
+                ))
+            })
+            .collect();
+        let phases: serde_json::Map<String, serde_json::Value> = d
+            .order
+            .iter()
+            .filter_map(|id| {
+                Some((
+                    id.to_string(),
+                    serde_json::json!(d.nodes.get(id)?.phase.as_str()),
+                ))
+            })
+            .collect();
+        serde_json::json!({
+            "generation": d.generation,
+            "state": d.state.as_str(),
+            "started_by": d.started_by.to_string(),
+            "trigger": d.trigger,
+            "reason": d.reason,
+            "candidate_hash": d.target_hash,
+            "target_hash": d.target_hash,
+            "previous_hash": d.previous_hash,
+            "phases": phases,
+            "nodes": nodes,
+            "soaking": d.soak_started_ms().is_some(),
+            "waiting": view.notes.as_ref().and_then(|n| n.waiting.clone()),
+            "soak_left_ms": view.notes.as_ref().and_then(|n| n.soak_left_ms),
         })
+    });
+    let streaks: serde_json::Map<String, serde_json::Value> = members
+        .iter()
+        .map(|id| (id.to_string(), serde_json::json!(failure_streak(view, *id))))
         .collect();
+    let fleet = &view.fleet;
     serde_json::json!({
-        "generation": d.generation,
-        "state": d.state.as_str(),
-        "target_hash": d.target_hash,
-        "previous_hash": d.previous_hash,
-        "phases": phases,
+        "active": active,
+        "generation": view.deployment.as_ref().map(|d| d.generation)
+            .or_else(|| view.history.last().map(|h| h.generation)),
+        "state": view.deployment.as_ref().map(|d| d.state.as_str())
+            .unwrap_or("idle"),
+        "active_hash": fleet.target,
+        "candidate_hash": view.deployment.as_ref().map(|d| d.target_hash.clone()),
+        "previous_hash": view.deployment.as_ref().map(|d| d.previous_hash.clone())
+            .or_else(|| view.history.last().map(|h| h.previous_hash.clone())),
+        "auto": {
+            "enabled": !fleet.auto_disabled,
+            "leader": view.notes.as_ref().map(|n| &n.auto),
+        },
+        "failure_streaks": streaks,
+        "last_rollback": fleet.last_rollback,
     })
+}
+
+/// How many finished rollouts in a row, newest first, `node` failed in.
+fn failure_streak(view: &RolloutView, node: u64) -> u32 {
+    view.history
+        .iter()
+        .rev()
+        .filter(|h| h.nodes.contains_key(&node))
+        .take_while(|h| h.node_failed(node))
+        .count() as u32
+}
+
+/// The rollout part of `cluster status`: what runs, what is under way, what failed.
+pub fn print_status(view: &RolloutView, members: &[u64]) {
+    let fleet = &view.fleet;
+    println!();
+    let target = match &fleet.target {
+        Some(hash) => format!("build {}", short(hash)),
+        None if view.history.iter().any(|h| h.left_mixed()) => {
+            "none: the last rollout left nodes on different builds (run `cluster update`)".into()
+        }
+        None => "none yet (set by the first completed rollout)".into(),
+    };
+    println!("target: {target}");
+    let auto = if fleet.auto_disabled { "off" } else { "on" };
+    match view.notes.as_ref().map(|n| &n.auto) {
+        Some(status) if !status.state.is_empty() => {
+            let watch = status
+                .watch_dist
+                .as_ref()
+                .map(|d| format!(", watching {d}"))
+                .unwrap_or_default();
+            let detail = status
+                .detail
+                .as_ref()
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default();
+            let retry = status
+                .retry_in_ms
+                .map(|ms| format!(" (next try in {})", self::ms(ms)))
+                .unwrap_or_default();
+            println!(
+                "automatic rollouts: {auto}{watch} [{}{detail}{retry}]",
+                status.state
+            );
+        }
+        _ => println!("automatic rollouts: {auto}"),
+    }
+    if let Some(rollback) = &fleet.last_rollback {
+        println!(
+            "last rollback: rollout {} away from {} at {}: {}",
+            rollback.generation,
+            short(&rollback.from_hash),
+            clock(rollback.at_ms),
+            rollback.reason
+        );
+    }
+    for id in members {
+        let streak = failure_streak(view, *id);
+        if streak > 0 {
+            println!("node {id} failed in the last {streak} rollout(s) that included it");
+        }
+    }
+    match &view.deployment {
+        Some(d) => {
+            println!();
+            print_active(d, view.notes.as_ref());
+        }
+        None => println!("no rollout is active"),
+    }
+}
+
+/// A unix-ms time as UTC "2026-11-22 20:41:07".
+fn clock(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rest / 3600,
+        (rest % 3600) / 60,
+        rest % 60
+    )
 }
 
 fn print_summary(entry: &HistoryEntry) {
     println!(
-        "rollout {} {}: target {}{}",
+        "rollout {} {}: {} -> {}, started by {} at {}{}{}",
         entry.generation,
         entry.outcome.as_str(),
+        short(&entry.previous_hash),
         short(&entry.target_hash),
+        entry.started_by,
+        clock(entry.started_ms),
+        entry
+            .finished_ms
+            .map(|end| format!(", took {}", ms(end.saturating_sub(entry.started_ms))))
+            .unwrap_or_default(),
         entry
             .reason
             .as_ref()
             .map(|r| format!(" ({r})"))
             .unwrap_or_default()
     );
+    if let Some(trigger) = &entry.trigger {
+        println!("  why: {trigger}");
+    }
     for id in &entry.order {
         if let Some(step) = entry.nodes.get(id) {
             let error = step
@@ -360,9 +612,10 @@ fn print_summary(entry: &HistoryEntry) {
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default();
             println!(
-                "  node {id} ({}): {}{error}",
+                "  node {id} ({}): {}{}{error}",
                 step.addr,
-                step.phase.as_str()
+                step.phase.as_str(),
+                timing(step.started_ms, step.finished_ms)
             );
         }
     }
@@ -370,17 +623,18 @@ fn print_summary(entry: &HistoryEntry) {
 
 /// Runs `cluster rollout ...`.
 pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
-    match command {
+    let (target, operation) = match command {
         RolloutCommand::Status { target, json } => {
-            let view = target.client()?.rollout().await?;
+            let view = leader_view(&target).await?;
             if json {
                 print_json(&view.deployment)?;
             } else {
                 match &view.deployment {
                     None => println!("no rollout is active"),
-                    Some(d) => print_active(d),
+                    Some(d) => print_active(d, view.notes.as_ref()),
                 }
             }
+            return Ok(ExitCode::SUCCESS);
         }
         RolloutCommand::History { target, json } => {
             let view = target.client()?.rollout().await?;
@@ -393,7 +647,45 @@ pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
                     print_summary(entry);
                 }
             }
+            return Ok(ExitCode::SUCCESS);
+        }
+        RolloutCommand::Pause { target } => (target, Operation::Pause),
+        RolloutCommand::Resume { target } => (target, Operation::Resume),
+        RolloutCommand::Abort { target, revert } => (target, Operation::Abort { revert }),
+        RolloutCommand::Auto { switch, target } => (
+            target,
+            Operation::Auto {
+                enabled: switch == Switch::On,
+            },
+        ),
+    };
+    let done = target
+        .client()?
+        .timeout(Duration::from_secs(30))
+        .operate(operation)
+        .await?;
+    println!("{}", done.message);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The rollout view from the leader (with its notes) when it answers, else from the
+/// asked node.
+pub async fn leader_view(target: &Target) -> anyhow::Result<RolloutView> {
+    let mut client = target.client()?;
+    let view = client.rollout().await?;
+    if view.notes.is_some() {
+        return Ok(view);
+    }
+    let status = client.status(false).await?;
+    let leader = status
+        .leader
+        .and_then(|id| status.nodes.iter().find(|n| n.id == id));
+    if let Some(leader) = leader {
+        if let Ok(theirs) = ControlClient::new(&leader.addr) {
+            if let Ok(view) = theirs.timeout(Duration::from_secs(3)).rollout().await {
+                return Ok(view);
+            }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(view)
 }

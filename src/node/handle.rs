@@ -16,7 +16,9 @@ use crate::api::{
 };
 use crate::dist::Manifest;
 use crate::raft::{self, Raft, Timing};
-use crate::rollout::runtime::{self, RolloutView, UpdateOptions, UpdateOutcome};
+use crate::rollout::runtime::{
+    self, LeaderNotes, Operated, Operation, RolloutView, UpdateOptions, UpdateOutcome,
+};
 use crate::rpc::{Channels, ControlClient};
 use crate::state::{Command, NodeInfo};
 use crate::store::StateMachineStore;
@@ -47,6 +49,8 @@ pub struct NodeHandle {
     pub agent: Arc<Agent>,
     /// The latest result of this node's own health check.
     pub health: super::HealthState,
+    /// What this node, while it leads, knows about rollouts that is not replicated.
+    pub notes: std::sync::Mutex<LeaderNotes>,
 }
 
 /// Where a request that needs the leader should go.
@@ -424,12 +428,37 @@ impl NodeHandle {
         .await
     }
 
-    /// The active deployment and the history as this node has applied them.
+    /// The active deployment and the history as this node has applied them, and, when
+    /// it leads, its notes.
     pub fn rollout_view(&self) -> RolloutView {
-        self.sm.read(|s| RolloutView {
+        let mut view = self.sm.read(|s| RolloutView {
             deployment: s.deployment.clone(),
             history: s.history.clone(),
-        })
+            fleet: s.fleet.clone(),
+            notes: None,
+        });
+        if self.raft.is_leader() {
+            let mut notes = self.notes.lock().expect("notes lock").clone();
+            notes.leader = self.id;
+            view.notes = Some(notes);
+        }
+        view
+    }
+
+    /// Pause, resume, abort or switch automatic rollouts, on the leader.
+    pub async fn operate(&self, operation: Operation, hops: u32) -> Result<Operated, ApiError> {
+        self.on_leader(
+            hops,
+            "rollout operation",
+            || async {
+                if !self.raft.is_leader() {
+                    return Ok(None);
+                }
+                runtime::operate(self, operation).await.map(Some)
+            },
+            |mut client| async move { client.operate(operation).await },
+        )
+        .await
     }
 
     /// The cluster as the leader sees it; this node's view with `local_only` or when the

@@ -46,6 +46,8 @@ pub struct NodeConfig {
     pub timing: Timing,
     /// The node's own health check (`sh -c` in the data dir; exit 0 = healthy).
     pub health_command: Option<String>,
+    /// Automatic rollouts while this node leads.
+    pub auto: crate::rollout::runtime::AutoConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +158,7 @@ pub async fn run(
         },
         agent: agent.clone(),
         health: health.clone(),
+        notes: Default::default(),
     });
     tracing::info!(id = config.id, %addr, build = %node.info.build_hash, "node starting");
 
@@ -204,6 +207,12 @@ pub async fn run(
         agent.clone(),
         stop_rx.clone(),
     ));
+    let automatic = tokio::spawn(crate::rollout::runtime::auto(
+        node.clone(),
+        agent.clone(),
+        config.auto.clone(),
+        stop_rx.clone(),
+    ));
 
     let outcome = match outcome {
         Err(e) => Err(e),
@@ -229,6 +238,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = reporter.await;
     let _ = rollouts.await;
+    let _ = automatic.await;
     if let Some(task) = health_check {
         let _ = task.await;
     }

@@ -282,6 +282,12 @@ pub struct Engine {
     generation: Option<u64>,
     tracks: BTreeMap<u64, Track>,
     handoff: HandoffTrack,
+    soak: SoakTrack,
+    /// The leader's latest view of every member's acknowledgements (empty: unknown, no
+    /// gating). See [`Engine::observe`].
+    liveness: BTreeMap<u64, Liveness>,
+    /// Why no node could be started on the last step, for status.
+    waiting: Option<String>,
     /// Requests sent so far (see [`RequestId`]).
     requests: u64,
     /// Finished, restarting, or no longer leading: no more actions.
@@ -350,6 +356,24 @@ struct HandoffTrack {
     last_problem: Option<String>,
 }
 
+/// One member as the leader's replication metrics see it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Liveness {
+    pub role: Role,
+    /// Age of its last acknowledgement on the leader's clock; `None`: never acked.
+    pub last_ack_ms: Option<u64>,
+}
+
+/// The soak after the last commit, as this leader sees it. Lost on a leader change, by
+/// design: the next leader watches a whole window again (never less than configured).
+#[derive(Debug, Default)]
+struct SoakTrack {
+    /// When this leader began watching.
+    since_ms: Option<u64>,
+    /// Consecutive failed health checks per node.
+    strikes: BTreeMap<u64, u32>,
+}
+
 /// One step's working set: the deployment as it will be once this step's proposals are
 /// applied, and the actions so far.
 struct Cx {
@@ -367,6 +391,9 @@ impl Engine {
             generation: None,
             tracks: BTreeMap::new(),
             handoff: HandoffTrack::default(),
+            soak: SoakTrack::default(),
+            liveness: BTreeMap::new(),
+            waiting: None,
             requests: 0,
             done: false,
         }
@@ -378,7 +405,28 @@ impl Engine {
     pub fn resync(&mut self) {
         self.tracks.clear();
         self.handoff = HandoffTrack::default();
+        // Strikes are kept: losing them would forgive a node that keeps failing.
+        self.soak.since_ms = None;
         self.done = false;
+    }
+
+    /// Updates the leader's view of the members' acknowledgements (call before `step`):
+    /// a node is started only while it and every other voter acknowledge freshly, so an
+    /// update never takes down a voter while another one is already down.
+    pub fn observe(&mut self, liveness: BTreeMap<u64, Liveness>) {
+        self.liveness = liveness;
+    }
+
+    /// Time left in the soak this leader is watching, if it is watching one.
+    pub fn soak_left_ms(&self, deployment: &Deployment, now_ms: u64) -> Option<u64> {
+        let since = self.soak.since_ms?;
+        let watched = now_ms.saturating_sub(since);
+        Some(deployment.strategy.soak_ms.saturating_sub(watched))
+    }
+
+    /// Why the last step could not start the next node, if it could not.
+    pub fn waiting(&self) -> Option<&str> {
+        self.waiting.as_deref()
     }
 
     /// Decides what to do after `event`, given `deployment` as replicated.
@@ -407,6 +455,7 @@ impl Engine {
             }
         }
         if !self.done {
+            self.waiting = None;
             self.drive(&mut cx);
         }
         cx.out
@@ -547,6 +596,9 @@ impl Engine {
                 self.handoff.polling = None;
                 self.on_candidate_health(cx, node, &health);
             }
+            Phase::Committed if self.soak.since_ms.is_some() => {
+                self.on_soak_health(cx, node, &health);
+            }
             _ => {}
         }
     }
@@ -574,6 +626,34 @@ impl Engine {
                 self.handoff.candidate += 1;
             }
         }
+    }
+
+    /// One health check during the soak: a run of failures reverts the whole deployment,
+    /// whatever the failure policy (the "3 strikes after the switch" rule).
+    fn on_soak_health(&mut self, cx: &mut Cx, node: u64, health: &Result<Health, String>) {
+        let (stale_ack_ms, limit) = (
+            cx.view.strategy.stale_ack_ms,
+            cx.view.strategy.soak_strikes.max(1),
+        );
+        let strikes = self.soak.strikes.entry(node).or_default();
+        let problem = match judge(health, &cx.view.target_hash, stale_ack_ms) {
+            Ok(_) => {
+                *strikes = 0;
+                return;
+            }
+            Err(problem) => problem,
+        };
+        *strikes += 1;
+        if *strikes < limit || cx.view.state != DeploymentState::Running {
+            return;
+        }
+        let why = format!(
+            "failed {limit} consecutive health checks during the soak after the last commit: \
+             {problem}"
+        );
+        let reason = format!("{} {why}; reverting every node", cx.view.describe(node));
+        self.set_phase(cx, node, Phase::Restoring, Some(why));
+        self.set_state(cx, DeploymentState::Reverting, Some(reason));
     }
 
     fn on_transfer_failed(&mut self, cx: &mut Cx, to: u64, reason: String) {
@@ -628,8 +708,7 @@ impl Engine {
             return;
         }
         if cx.view.nodes.values().all(|s| s.phase == Phase::Committed) {
-            self.set_state(cx, DeploymentState::Completed, None);
-            return;
+            return self.soak(cx);
         }
         let order = self.effective_order(&cx.view);
         let roles: Vec<(u64, Role)> = order
@@ -647,10 +726,36 @@ impl Engine {
             return self.leader_last(cx);
         }
         for node in wave {
-            if cx.view.phase(node) == Phase::Pending && self.may_start(&cx.view, node) {
+            if cx.view.phase(node) == Phase::Pending
+                && self.may_start(&cx.view, node)
+                && self.live_enough(&cx.view, node)
+            {
                 self.set_phase(cx, node, Phase::Backup, None);
                 self.advance(cx, node);
             }
+        }
+    }
+
+    /// Every node committed: watch their health for the soak window, then complete.
+    fn soak(&mut self, cx: &mut Cx) {
+        let now = cx.now.monotonic_ms;
+        let window = cx.view.strategy.soak_ms;
+        let since = *self.soak.since_ms.get_or_insert(now);
+        if now.saturating_sub(since) >= window {
+            self.set_state(cx, DeploymentState::Completed, None);
+            return;
+        }
+        let interval = cx.view.strategy.poll_interval_ms;
+        for node in cx.view.order.clone() {
+            let track = self.track(node);
+            if track.poll.is_some() || now < track.next_poll_ms {
+                continue;
+            }
+            let id = self.next_request();
+            let track = self.track(node);
+            track.poll = Some((id, Phase::Committed));
+            track.next_poll_ms = now + interval;
+            cx.out.push(Action::PollHealth { node, id });
         }
     }
 
@@ -671,7 +776,7 @@ impl Engine {
         if candidates.is_empty() || cx.view.handoff_attempts(me) >= MAX_HANDOFF_ATTEMPTS {
             // No updated voter can lead meanwhile (or hand-offs keep failing): the restart
             // in this node's own pipeline ends its leadership instead.
-            if self.may_start(&cx.view, me) {
+            if self.may_start(&cx.view, me) && self.live_enough(&cx.view, me) {
                 self.set_phase(cx, me, Phase::Backup, None);
                 self.advance(cx, me);
             }
@@ -801,6 +906,9 @@ impl Engine {
         let outcome =
             if view.state == DeploymentState::Reverting && failed.is_empty() && left.is_empty() {
                 DeploymentState::Reverted
+            } else if view.aborted && failed.is_empty() {
+                // An operator stopped it: nodes left on the new build are what was asked.
+                DeploymentState::Aborted
             } else {
                 DeploymentState::Failed
             };
@@ -1012,6 +1120,35 @@ impl Engine {
         }
     }
 
+    /// `node` acknowledges, and so does every other voter: starting it cannot leave the
+    /// cluster short of quorum (or fail a node that is simply down). Otherwise records
+    /// why the rollout waits.
+    fn live_enough(&mut self, view: &Deployment, node: u64) -> bool {
+        let limit = view.strategy.stale_ack_ms;
+        let stale = |id: &u64, live: &Liveness| {
+            *id != self.me && live.last_ack_ms.is_none_or(|age| age > limit)
+        };
+        let down: Vec<String> = self
+            .liveness
+            .iter()
+            .filter(|(id, live)| (**id == node || live.role == Role::Voter) && stale(id, live))
+            .map(|(id, live)| match live.last_ack_ms {
+                Some(age) => format!("node {id} last acked {age} ms ago"),
+                None => format!("node {id} has not acked"),
+            })
+            .collect();
+        if down.is_empty() {
+            return true;
+        }
+        self.waiting = Some(format!(
+            "waiting to update {}: {} (a node is only updated while it and every other \
+             voter are up)",
+            view.describe(node),
+            down.join(", ")
+        ));
+        false
+    }
+
     /// A voter is restored only while no other voter is unsettled (a failed one counts:
     /// it may be down for good); learners up to `max_parallel` at once (a failed one
     /// does not count: nothing more happens to it).
@@ -1134,6 +1271,8 @@ fn without_manifest(deployment: &Deployment) -> Deployment {
         finished_ms: deployment.finished_ms,
         reason: deployment.reason.clone(),
         handoff: deployment.handoff.clone(),
+        trigger: deployment.trigger.clone(),
+        aborted: deployment.aborted,
     }
 }
 

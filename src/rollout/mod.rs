@@ -1,6 +1,6 @@
 //! The rolling update's decisions: preflight, plan, and the engine that drives a rollout.
 //!
-//! Architecture invariant: `preflight`, `plan` and `engine` do no I/O. They take plain
+//! Architecture invariant: `preflight`, `plan`, `engine` and `auto` do no I/O. They take plain
 //! data (a snapshot the leader gathered, the replicated `Deployment`, an event, the time)
 //! and return plain data (a report, a plan, actions). A runtime, outside these modules,
 //! gathers snapshots, proposes commands to Raft, calls agents and feeds results back as
@@ -9,9 +9,12 @@
 //! - [`preflight`]: may a rollout start? Every check, with the node and figure that failed.
 //! - [`plan`](mod@plan): learners in batches, voter followers one at a time, leader last.
 //! - [`engine`]: the state machine that drives a deployment: events in, actions out.
+//! - [`auto`]: what a leader starts by itself (a new watched build, a node to catch up).
 //! - [`runtime`]: the I/O around them (the one module here that does I/O): gathers the
-//!   snapshot, starts deployments, executes the engine's actions on the leader.
+//!   snapshot, starts deployments, executes the engine's actions on the leader, and runs
+//!   the automatic-rollout loop.
 
+pub mod auto;
 pub mod engine;
 pub mod plan;
 pub mod preflight;

@@ -48,6 +48,8 @@ pub struct Start {
     pub manifest: Manifest,
     pub strategy: Strategy,
     pub started_by: Starter,
+    /// Why it begins, in words (see `Deployment::trigger`).
+    pub trigger: Option<String>,
     /// The current leader's term.
     pub term: u64,
     /// Leader wall clock, for display.
@@ -181,6 +183,8 @@ impl Plan {
             finished_ms: None,
             reason: None,
             handoff: None,
+            trigger: start.trigger,
+            aborted: false,
         })
     }
 
@@ -307,6 +311,7 @@ mod tests {
             manifest,
             strategy: Strategy::default(),
             started_by: Starter::Operator,
+            trigger: None,
             term: 7,
             now_ms: 1000,
         }

@@ -6,6 +6,7 @@
 //! leader could not rebuild, so a leader change only drops an engine, never a rollout.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -13,7 +14,8 @@ use openraft::ReadPolicy;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use super::engine::{Action, AgentOp, Engine, Event, Health, Now};
+use super::auto::{backoff_ms, decide, Decision, Settle, Watched};
+use super::engine::{Action, AgentOp, Engine, Event, Health, Liveness, Now};
 use super::plan::{plan, Plan, Start};
 use super::preflight::{preflight, ActiveRollout, Member, Options, Report, Snapshot, TargetDist};
 use crate::agent::{Agent, Fence, Mutation};
@@ -22,7 +24,10 @@ use crate::dist::{Limits, Manifest};
 use crate::node::NodeHandle;
 use crate::raft;
 use crate::rpc::{AgentClient, ControlClient};
-use crate::state::{Command, Deployment, Response, Role, Starter, Strategy};
+use crate::state::deployment::short_hash;
+use crate::state::{
+    Command, Deployment, DeploymentState, Fleet, Response, Role, Starter, Strategy,
+};
 
 /// What `cluster update` asks for, besides the dist.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
@@ -35,6 +40,10 @@ pub struct UpdateOptions {
     pub started_by: Starter,
     /// Label of the dist for messages (the operator's path).
     pub dist_label: String,
+    /// Why the deployment begins, for history (`None`: the operator's dist).
+    pub trigger: Option<String>,
+    /// Members left out of the plan (nodes that already failed on this build).
+    pub skip: Vec<u64>,
 }
 
 /// The answer to an update request.
@@ -185,7 +194,9 @@ pub async fn update(
         ..Options::default()
     };
     let report = preflight(&snapshot, &preflight_options);
-    let plan = plan(&snapshot, options.strategy.max_parallel.max(1));
+    let mut planned = snapshot.clone();
+    planned.members.retain(|m| !options.skip.contains(&m.id));
+    let plan = plan(&planned, options.strategy.max_parallel.max(1));
     if dry_run || !report.proceed {
         return Ok(UpdateOutcome {
             report,
@@ -203,6 +214,14 @@ pub async fn update(
             manifest,
             strategy,
             started_by: options.started_by,
+            trigger: options.trigger.clone().or_else(|| {
+                (!options.dist_label.is_empty()).then(|| {
+                    format!(
+                        "{} ran `cluster update --dist {}`",
+                        options.started_by, options.dist_label
+                    )
+                })
+            }),
             term: snapshot.term,
             now_ms: unix_ms(),
         })
@@ -243,6 +262,9 @@ pub async fn drive(node: Arc<NodeHandle>, agent: Arc<Agent>, mut stop: watch::Re
                 _ = drive_term(&node, &agent, term, current, epoch) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
+            let mut notes = node.notes.lock().expect("notes lock");
+            notes.waiting = None;
+            notes.soak_left_ms = None;
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -276,7 +298,13 @@ async fn drive_term(
             monotonic_ms: epoch.elapsed().as_millis() as u64,
             unix_ms: unix_ms(),
         };
+        engine.observe(liveness(node));
         let actions = engine.step(&deployment, next_event, now);
+        {
+            let mut notes = node.notes.lock().expect("notes lock");
+            notes.waiting = engine.waiting().map(String::from);
+            notes.soak_left_ms = engine.soak_left_ms(&deployment, now.monotonic_ms);
+        }
         let mut refused = false;
         for action in actions {
             if refused {
@@ -390,6 +418,33 @@ async fn drive_term(
     }
 }
 
+/// Every member's role and acknowledgement age, as this leader sees them.
+fn liveness(node: &NodeHandle) -> BTreeMap<u64, Liveness> {
+    let metrics = raft::metrics(&node.raft);
+    let replication = raft::replication(&node.raft);
+    let membership = metrics.membership_config.membership();
+    let voters: Vec<u64> = membership.voter_ids().collect();
+    membership
+        .nodes()
+        .map(|(id, _)| {
+            let role = if voters.contains(id) {
+                Role::Voter
+            } else {
+                Role::Learner
+            };
+            let last_ack_ms = if *id == node.id {
+                Some(0)
+            } else {
+                replication
+                    .get(id)
+                    .and_then(|r| r.last_ack)
+                    .map(|a| a.as_millis() as u64)
+            };
+            (*id, Liveness { role, last_ack_ms })
+        })
+        .collect()
+}
+
 /// Executes one agent operation on `target` (locally when it is this node).
 async fn run_agent_op(
     node: &NodeHandle,
@@ -487,7 +542,475 @@ async fn poll_health(
 
 /// The active deployment and the history, as `cluster rollout status|history` show them.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
 pub struct RolloutView {
     pub deployment: Option<Deployment>,
     pub history: Vec<crate::state::HistoryEntry>,
+    pub fleet: Fleet,
+    /// Only when the answering node leads.
+    pub notes: Option<LeaderNotes>,
+}
+
+/// What only the leader knows, for status: why its rollout waits, how long the soak has
+/// left, and what its automatic rollouts are doing.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct LeaderNotes {
+    /// The node that wrote these notes (the leader).
+    pub leader: u64,
+    /// Why the active rollout cannot start its next node.
+    pub waiting: Option<String>,
+    /// Time left in the soak after the last commit, while one runs.
+    pub soak_left_ms: Option<u64>,
+    pub auto: AutoStatus,
+}
+
+/// The leader's automatic rollouts: the watched directory and the latest decision.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct AutoStatus {
+    /// The leader's `watch_dist`, if configured.
+    pub watch_dist: Option<String>,
+    /// `idle`, `off`, `settling`, `waiting` (a failed preflight, retried with backoff),
+    /// `started` or `blocked` (a problem only an operator can fix).
+    pub state: String,
+    pub detail: Option<String>,
+    /// Time until the next attempt, while `waiting`.
+    pub retry_in_ms: Option<u64>,
+}
+
+/// An operator's command on rollouts (`cluster rollout pause|resume|abort|auto`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Operation {
+    /// Start no further node; the node in flight finishes its step.
+    Pause,
+    /// Go on after a pause.
+    Resume,
+    /// Stop: restore nodes caught mid-update and, with `revert`, every updated node.
+    Abort { revert: bool },
+    /// Switch automatic rollouts on or off, cluster-wide.
+    Auto { enabled: bool },
+}
+
+/// What an operation did.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Operated {
+    pub message: String,
+    /// The deployment it applied to; 0 for auto on/off.
+    pub generation: u64,
+}
+
+/// Carries out `operation` on the leader: one replicated command.
+pub async fn operate(node: &NodeHandle, operation: Operation) -> Result<Operated, ApiError> {
+    let now = unix_ms();
+    if let Operation::Auto { enabled } = operation {
+        let min = node.sm.read(|s| s.min_protocol()).unwrap_or(0);
+        if min < crate::state::OPERATE_PROTOCOL {
+            return Err(ApiError::precondition(format!(
+                "a member speaks protocol {min}: `rollout auto` needs every member on \
+                 protocol {} (update them first)",
+                crate::state::OPERATE_PROTOCOL
+            )));
+        }
+        let command = Command::SetAutoRollout {
+            enabled,
+            at_ms: now,
+        };
+        commit(node, command).await?;
+        let message = if enabled {
+            "automatic rollouts are on: the leader rolls out new builds in its watched \
+             directory and brings nodes on another build to the target"
+        } else {
+            "automatic rollouts are off: only `cluster update` starts a rollout"
+        };
+        return Ok(Operated {
+            message: message.into(),
+            generation: 0,
+        });
+    }
+    let Some((generation, state)) = node
+        .sm
+        .read(|s| s.deployment.as_ref().map(|d| (d.generation, d.state)))
+    else {
+        return Err(ApiError::precondition(
+            "no rollout is active: nothing to pause, resume or abort",
+        ));
+    };
+    let (command, message) = match operation {
+        Operation::Pause => (
+            Command::SetDeploymentState {
+                generation,
+                state: DeploymentState::Paused,
+                reason: Some("paused by an operator".into()),
+                at_ms: now,
+            },
+            format!(
+                "rollout {generation} paused: no further node starts; a node in flight \
+                 finishes its step (resume with `cluster rollout resume`)"
+            ),
+        ),
+        Operation::Resume => (
+            Command::SetDeploymentState {
+                generation,
+                state: DeploymentState::Running,
+                reason: None,
+                at_ms: now,
+            },
+            format!("rollout {generation} resumed"),
+        ),
+        Operation::Abort { revert } => {
+            let min = node.sm.read(|s| s.min_protocol()).unwrap_or(0);
+            if min < crate::state::OPERATE_PROTOCOL {
+                return Err(ApiError::precondition(format!(
+                    "a member speaks protocol {min}, which cannot apply an abort; pause the \
+                     rollout instead (`cluster rollout pause`)"
+                )));
+            }
+            let reason = if revert {
+                "aborted by an operator, reverting updated nodes"
+            } else {
+                "aborted by an operator"
+            };
+            (
+                Command::AbortDeployment {
+                    generation,
+                    revert,
+                    reason: reason.into(),
+                    at_ms: now,
+                },
+                if revert {
+                    format!(
+                        "rollout {generation} aborted: every updated node is being restored \
+                         to its previous build"
+                    )
+                } else {
+                    format!(
+                        "rollout {generation} aborted: nodes caught mid-update are restored; \
+                         committed nodes stay on the new build"
+                    )
+                },
+            )
+        }
+        Operation::Auto { .. } => unreachable!("handled above"),
+    };
+    if operation == Operation::Resume && state != DeploymentState::Paused {
+        return Err(ApiError::precondition(format!(
+            "rollout {generation} is {state}, not paused: nothing to resume"
+        )));
+    }
+    if operation == Operation::Pause && state == DeploymentState::Paused {
+        return Ok(Operated {
+            message: format!("rollout {generation} is already paused"),
+            generation,
+        });
+    }
+    commit(node, command).await?;
+    Ok(Operated {
+        message,
+        generation,
+    })
+}
+
+/// Replicates `command` and turns a refusal into an error.
+async fn commit(node: &NodeHandle, command: Command) -> Result<(), ApiError> {
+    let outcome = node.write(command, 0).await?;
+    match outcome.response {
+        Response::Rejected { reason } => Err(ApiError::precondition(reason)),
+        Response::Ok => Ok(()),
+    }
+}
+
+/// How a node's leader runs automatic rollouts (from `node run` settings).
+#[derive(Clone, Debug)]
+pub struct AutoConfig {
+    /// The directory whose new builds the leader rolls out by itself.
+    pub watch_dist: Option<PathBuf>,
+    /// How long the watched directory must stay unchanged before its build counts.
+    pub settle: Duration,
+    /// The pace of automatic rollouts (and catch-ups).
+    pub strategy: Strategy,
+}
+
+impl Default for AutoConfig {
+    fn default() -> Self {
+        Self {
+            watch_dist: None,
+            settle: Duration::from_secs(5),
+            strategy: Strategy {
+                soak_ms: DEFAULT_SOAK_MS,
+                ..Strategy::default()
+            },
+        }
+    }
+}
+
+/// The soak `cluster update` and automatic rollouts use unless told otherwise.
+pub const DEFAULT_SOAK_MS: u64 = 180_000;
+
+/// How often the leader looks at its watched directory and the members' builds.
+const AUTO_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The leader's automatic rollouts, until `stop`: every [`AUTO_INTERVAL`], while this
+/// node leads, decide (see [`super::auto`]) and start what the decision says.
+pub async fn auto(
+    node: Arc<NodeHandle>,
+    agent: Arc<Agent>,
+    config: AutoConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let epoch = Instant::now();
+    let settle_ms = config.settle.as_millis() as u64;
+    let mut settle = Settle::default();
+    // The watched directory's fingerprint and what hashing it gave, so a settled
+    // directory is hashed once, not every interval.
+    let mut hashed: Option<(u64, Result<String, String>)> = None;
+    let mut failures = 0u32;
+    let mut retry_at_ms = 0u64;
+    let mut logged = String::new();
+    let label = config.watch_dist.as_ref().map(|d| d.display().to_string());
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(AUTO_INTERVAL) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if !node.raft.is_leader() {
+            failures = 0;
+            continue;
+        }
+        let now = epoch.elapsed().as_millis() as u64;
+        let mut status = AutoStatus {
+            watch_dist: label.clone(),
+            ..AutoStatus::default()
+        };
+        let mut note = None;
+        let watched = match &config.watch_dist {
+            None => None,
+            Some(dir) => {
+                let dir = dir.clone();
+                let fingerprint = tokio::task::spawn_blocking({
+                    let dir = dir.clone();
+                    move || fingerprint(&dir)
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+                match fingerprint {
+                    Err(e) => {
+                        note = Some(format!("cannot read the watched directory: {e}"));
+                        None
+                    }
+                    Ok(None) => None,
+                    Ok(Some(print)) if !settle.observe(print, now, settle_ms) => {
+                        note = Some(format!(
+                            "{} changed recently: waiting {} ms for it to settle",
+                            dir.display(),
+                            settle.left_ms(now, settle_ms)
+                        ));
+                        None
+                    }
+                    Ok(Some(print)) => {
+                        if hashed.as_ref().map(|(p, _)| *p) != Some(print) {
+                            let result = tokio::task::spawn_blocking({
+                                let dir = dir.clone();
+                                move || build_hash_of_complete(&dir)
+                            })
+                            .await
+                            .unwrap_or_else(|e| Err(e.to_string()));
+                            hashed = Some((print, result));
+                        }
+                        match hashed.as_ref().map(|(_, r)| r) {
+                            Some(Ok(hash)) => Some(Watched {
+                                hash: hash.clone(),
+                                dir: dir.display().to_string(),
+                            }),
+                            Some(Err(e)) => {
+                                note = Some(format!(
+                                    "the watched directory is not a complete build: {e}"
+                                ));
+                                None
+                            }
+                            None => None,
+                        }
+                    }
+                }
+            }
+        };
+        let members: Vec<u64> = raft::metrics(&node.raft)
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        let decision = node
+            .sm
+            .read(|s| decide(s, &members, &node.info.build_hash, watched.as_ref()));
+        match decision {
+            Decision::Off => {
+                status.state = "off".into();
+                status.detail =
+                    Some("switched off cluster-wide (`cluster rollout auto on`)".into());
+            }
+            Decision::Busy => {
+                failures = 0;
+                status.state = "idle".into();
+                status.detail = Some("a rollout is active".into());
+            }
+            Decision::Idle => {
+                status.state = if note.is_some() { "settling" } else { "idle" }.into();
+                status.detail = note.clone();
+            }
+            Decision::Blocked { reason } => {
+                status.state = "blocked".into();
+                status.detail = Some(reason);
+            }
+            Decision::Roll { .. } if now < retry_at_ms => {
+                status.state = "waiting".into();
+                status.detail = node.notes.lock().expect("notes lock").auto.detail.clone();
+                status.retry_in_ms = Some(retry_at_ms - now);
+            }
+            Decision::Roll {
+                hash,
+                trigger,
+                skip,
+                from_watch,
+            } => {
+                let dist_label = if from_watch {
+                    label.clone().unwrap_or_default()
+                } else {
+                    format!("the cluster's target {}", short_hash(&hash))
+                };
+                let source = from_watch.then(|| config.watch_dist.clone()).flatten();
+                let started = start_automatic(
+                    &node,
+                    &agent,
+                    source,
+                    &hash,
+                    UpdateOptions {
+                        strategy: config.strategy.clone(),
+                        started_by: Starter::Automatic,
+                        dist_label,
+                        trigger: Some(trigger.clone()),
+                        skip,
+                        ..UpdateOptions::default()
+                    },
+                )
+                .await;
+                match started {
+                    Ok(generation) => {
+                        failures = 0;
+                        retry_at_ms = 0;
+                        status.state = "started".into();
+                        status.detail = Some(format!("rollout {generation}: {trigger}"));
+                        tracing::info!(generation, %trigger, "started an automatic rollout");
+                    }
+                    Err(why) => {
+                        failures += 1;
+                        let wait = backoff_ms(failures);
+                        retry_at_ms = now + wait;
+                        status.state = "waiting".into();
+                        status.detail = Some(format!("{trigger}: {why}"));
+                        status.retry_in_ms = Some(wait);
+                    }
+                }
+            }
+        }
+        // Log each distinct situation once, not every interval.
+        let key = format!("{} {:?}", status.state, status.detail);
+        if key != logged && status.state != "idle" {
+            match status.state.as_str() {
+                "waiting" | "blocked" => tracing::warn!(
+                    state = %status.state,
+                    detail = status.detail.as_deref().unwrap_or(""),
+                    retry_in_ms = status.retry_in_ms,
+                    "automatic rollout"
+                ),
+                _ => tracing::info!(
+                    state = %status.state,
+                    detail = status.detail.as_deref().unwrap_or(""),
+                    "automatic rollout"
+                ),
+            }
+        }
+        logged = key;
+        node.notes.lock().expect("notes lock").auto = status;
+    }
+}
+
+/// Installs the watched build on this leader (when it comes from `source`), then runs
+/// the same preflight and start as `cluster update`. Returns the new generation.
+async fn start_automatic(
+    node: &NodeHandle,
+    agent: &Arc<Agent>,
+    source: Option<PathBuf>,
+    hash: &str,
+    options: UpdateOptions,
+) -> Result<u64, String> {
+    if let Some(dir) = source {
+        let agent = agent.clone();
+        let installed = tokio::task::spawn_blocking(move || {
+            agent.store().install_dir(&dir, &Limits::default())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot install the watched build on the leader: {e}"))?;
+        if installed != hash {
+            return Err(format!(
+                "the watched directory changed while it was installed ({} -> {}): trying again",
+                short_hash(hash),
+                short_hash(&installed)
+            ));
+        }
+    }
+    let manifest = agent.store().manifest(hash).map_err(|e| {
+        format!(
+            "the leader (node {}) does not hold release {}: {e}",
+            node.id,
+            short_hash(hash)
+        )
+    })?;
+    let outcome = update(node, agent, manifest, options, false)
+        .await
+        .map_err(|e| e.message)?;
+    if !outcome.report.proceed {
+        let failed: Vec<String> = outcome
+            .report
+            .failed()
+            .map(|c| format!("{}: {}", c.name, c.detail))
+            .collect();
+        return Err(format!("preflight failed: {}", failed.join("; ")));
+    }
+    Ok(outcome.generation)
+}
+
+/// A cheap fingerprint of a directory tree (paths, kinds, sizes, modes, mtimes) to tell
+/// whether it is still changing; `None` when it does not exist or is empty.
+fn fingerprint(dir: &Path) -> Result<Option<u64>, String> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::MetadataExt;
+    if !dir.exists() {
+        return Ok(None);
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let mut entries = 0u64;
+    for entry in walkdir::WalkDir::new(dir).sort_by_file_name().min_depth(1) {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let meta = entry.path().symlink_metadata().map_err(|e| e.to_string())?;
+        entry.path().hash(&mut hasher);
+        (meta.mode(), meta.len(), meta.mtime(), meta.mtime_nsec()).hash(&mut hasher);
+        entries += 1;
+    }
+    Ok((entries > 0).then(|| hasher.finish()))
+}
+
+/// The build hash of the dist at `dir`, when it is complete: a dist with a version.json
+/// must match it (a build still being copied in does not).
+fn build_hash_of_complete(dir: &Path) -> Result<String, String> {
+    let limits = Limits::default();
+    if dir.join(crate::dist::manifest::VERSION_FILE).exists() {
+        crate::dist::verify(dir, &limits)
+            .map(|info| info.build_hash)
+            .map_err(|e| e.to_string())
+    } else {
+        crate::dist::hash(dir, &limits).map_err(|e| e.to_string())
+    }
 }

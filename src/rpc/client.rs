@@ -11,7 +11,7 @@ use super::status::from_status;
 use super::{Channels, MAX_MESSAGE_BYTES};
 use crate::api::{ApiError, ClusterStatus, JoinAccepted, JoinRequest, TransferDone, WriteOutcome};
 use crate::dist::Manifest;
-use crate::rollout::runtime::{RolloutView, UpdateOptions, UpdateOutcome};
+use crate::rollout::runtime::{Operated, Operation, RolloutView, UpdateOptions, UpdateOutcome};
 use crate::rollout::{Plan, Report};
 use crate::state::{Command, Deployment, HistoryEntry};
 
@@ -204,6 +204,34 @@ impl ControlClient {
                 Some(serde_json::from_slice::<Deployment>(&reply.deployment).map_err(decode)?)
             },
             history: serde_json::from_slice::<Vec<HistoryEntry>>(&reply.history).map_err(decode)?,
+            // Empty from a node that predates them.
+            fleet: if reply.fleet.is_empty() {
+                Default::default()
+            } else {
+                serde_json::from_slice(&reply.fleet).map_err(decode)?
+            },
+            notes: if reply.notes.is_empty() {
+                None
+            } else {
+                Some(serde_json::from_slice(&reply.notes).map_err(decode)?)
+            },
+        })
+    }
+
+    /// Pause, resume or abort the active rollout, or switch automatic rollouts.
+    pub async fn operate(&mut self, operation: Operation) -> Result<Operated, ApiError> {
+        let operation = serde_json::to_vec(&operation)
+            .map_err(|e| ApiError::internal(format!("cannot encode the operation: {e}")))?;
+        let request = self.request(pb::OperateRequest { operation });
+        let reply = self
+            .client
+            .operate(request)
+            .await
+            .map_err(|s| self.error(s))?
+            .into_inner();
+        Ok(Operated {
+            message: reply.message,
+            generation: reply.generation,
         })
     }
 }

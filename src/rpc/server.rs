@@ -174,6 +174,28 @@ impl Control for ControlService {
                 None => Vec::new(),
             },
             history: to_json(&view.history)?,
+            fleet: to_json(&view.fleet)?,
+            notes: match &view.notes {
+                Some(notes) => to_json(notes)?,
+                None => Vec::new(),
+            },
+        }))
+    }
+
+    async fn operate(
+        &self,
+        request: Request<pb::OperateRequest>,
+    ) -> Result<Response<pb::OperateReply>, Status> {
+        let hops = hops(&request);
+        let operation = from_json(&request.into_inner().operation, "rollout operation")?;
+        let done = self
+            .node
+            .operate(operation, hops)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::OperateReply {
+            message: done.message,
+            generation: done.generation,
         }))
     }
 

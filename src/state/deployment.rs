@@ -17,6 +17,9 @@ use crate::dist::Manifest;
 /// How many finished deployments `State::history` keeps; older ones are dropped.
 pub const HISTORY_LIMIT: usize = 50;
 
+/// Consecutive failed health checks during the soak that revert a deployment.
+pub const DEFAULT_SOAK_STRIKES: u32 = 3;
+
 /// How often a leader may try to hand leadership over before updating itself in place.
 pub const MAX_HANDOFF_ATTEMPTS: u32 = 3;
 
@@ -53,6 +56,12 @@ pub struct Deployment {
     /// leadership: survives the leader's restart so the next leader (or this one, once
     /// re-elected) knows how often it was tried.
     pub handoff: Option<Handoff>,
+    /// Why it began, in words: the operator's dist, a new build in the watched directory,
+    /// or a node found on another build than the cluster's target.
+    pub trigger: Option<String>,
+    /// An operator aborted it (`cluster rollout abort`): it ends `aborted`, or `reverted`
+    /// when the abort asked for a revert.
+    pub aborted: bool,
 }
 
 /// How a deployment proceeds and when it gives up.
@@ -74,6 +83,12 @@ pub struct Strategy {
     /// The operator accepted losing quorum while a voter restarts (clusters of 1 or 2
     /// voters); recorded so every leader knows the deployment was started with it.
     pub allow_downtime: bool,
+    /// After the last node commits, how long every node's health is still watched before
+    /// the deployment completes; 0 completes at once. A leader change restarts the window.
+    pub soak_ms: u64,
+    /// Consecutive failed health checks of any one node during the soak that revert the
+    /// whole deployment (the "3 strikes after the switch" rule).
+    pub soak_strikes: u32,
 }
 
 impl Default for Strategy {
@@ -87,6 +102,9 @@ impl Default for Strategy {
             // 2 x the default 100 ms heartbeat.
             stale_ack_ms: 200,
             allow_downtime: false,
+            // Records written before the soak existed decode as "no soak".
+            soak_ms: 0,
+            soak_strikes: DEFAULT_SOAK_STRIKES,
         }
     }
 }
@@ -363,6 +381,10 @@ pub struct HistoryEntry {
     pub order: Vec<u64>,
     /// Per-node outcome and timings.
     pub nodes: BTreeMap<u64, NodeStep>,
+    /// Why it began (see [`Deployment::trigger`]).
+    pub trigger: Option<String>,
+    /// An operator aborted it.
+    pub aborted: bool,
 }
 
 impl HistoryEntry {
@@ -381,7 +403,28 @@ impl HistoryEntry {
             finished_ms: deployment.finished_ms,
             order: deployment.order.clone(),
             nodes: deployment.nodes.clone(),
+            trigger: deployment.trigger.clone(),
+            aborted: deployment.aborted,
         }
+    }
+
+    /// Whether `node` failed in this deployment: could not be restored, or was restored
+    /// after failing itself (not merely reverted because another node failed).
+    pub fn node_failed(&self, node: u64) -> bool {
+        self.nodes.get(&node).is_some_and(|s| {
+            s.phase == Phase::Failed || s.phase == Phase::Restored && s.error.is_some()
+        })
+    }
+
+    /// Nodes this deployment left on its target build while others were not: the
+    /// cluster runs mixed builds afterwards.
+    pub fn left_mixed(&self) -> bool {
+        let committed = self
+            .nodes
+            .values()
+            .filter(|s| s.phase == Phase::Committed)
+            .count();
+        committed > 0 && committed < self.nodes.len()
     }
 }
 
@@ -520,6 +563,38 @@ impl Deployment {
             self.finished_ms = Some(at_ms);
         }
         Ok(true)
+    }
+
+    /// An operator's abort: stop starting nodes; restore the nodes caught mid-update and,
+    /// with `revert`, every updated node too. Repeating it changes nothing.
+    pub fn abort(&mut self, revert: bool, reason: &str, at_ms: u64) -> Result<bool, String> {
+        let generation = self.generation;
+        let next = match (self.state, revert) {
+            (DeploymentState::Reverting, _) | (DeploymentState::Halting, false) => {
+                let changed = !self.aborted;
+                self.aborted = true;
+                return Ok(changed);
+            }
+            (state, _) if state.is_terminal() => {
+                return Err(format!(
+                    "rollout generation {generation} already ended ({state})"
+                ))
+            }
+            (_, true) => DeploymentState::Reverting,
+            (_, false) => DeploymentState::Halting,
+        };
+        self.set_state(next, Some(reason), at_ms)?;
+        self.aborted = true;
+        Ok(true)
+    }
+
+    /// When every node committed and the soak (if any) is under way: the latest commit.
+    pub fn soak_started_ms(&self) -> Option<u64> {
+        let all_committed =
+            !self.nodes.is_empty() && self.nodes.values().all(|s| s.phase == Phase::Committed);
+        (all_committed && self.strategy.soak_ms > 0)
+            .then(|| self.nodes.values().filter_map(|s| s.finished_ms).max())
+            .flatten()
     }
 
     /// Records attempt `attempt` of `from` handing leadership to `to`. Older attempts are

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub use deployment::{
     Deployment, DeploymentState, Handoff, HistoryEntry, NodeStep, OnFailure, Phase, Role, Starter,
-    Strategy, HISTORY_LIMIT, MAX_HANDOFF_ATTEMPTS,
+    Strategy, DEFAULT_SOAK_STRIKES, HISTORY_LIMIT, MAX_HANDOFF_ATTEMPTS,
 };
 
 /// The protocol number this binary speaks: the set of command kinds it can apply.
@@ -28,10 +28,44 @@ pub use deployment::{
 /// - 2: adds the rollout commands `BeginDeployment`, `SetNodePhase`,
 ///   `SetDeploymentState` and `RecordHandoff`. A binary speaking 1 cannot decode them,
 ///   so they are proposed only once every member reports 2 or more.
-pub const PROTOCOL: u32 = 2;
+/// - 3: adds the operator's `SetAutoRollout` and `AbortDeployment`.
+pub const PROTOCOL: u32 = 3;
 
 /// The protocol that introduced the rollout commands.
 pub const ROLLOUT_PROTOCOL: u32 = 2;
+
+/// The protocol that introduced automatic rollouts and operator aborts.
+pub const OPERATE_PROTOCOL: u32 = 3;
+
+/// Cluster-wide rollout settings and the build the cluster is meant to run.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct Fleet {
+    /// `cluster rollout auto off`: no leader starts a rollout by itself (neither for a new
+    /// build in its watched directory nor to bring a node to the target).
+    pub auto_disabled: bool,
+    /// When auto rollouts were last switched (unix ms, for operators).
+    pub auto_changed_ms: u64,
+    /// The build every node is meant to run: set when a deployment completes, cleared
+    /// when one ends with nodes on different builds (then an operator decides). `None`:
+    /// no rollout has set one, or the cluster runs mixed builds.
+    pub target: Option<String>,
+    /// The deployment that set (or cleared) `target`.
+    pub target_generation: u64,
+    /// The most recent deployment that restored nodes to their previous build.
+    pub last_rollback: Option<Rollback>,
+}
+
+/// A deployment that took nodes back to their previous build.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct Rollback {
+    pub generation: u64,
+    /// The build the restored nodes had been updated to.
+    pub from_hash: String,
+    pub reason: String,
+    pub at_ms: u64,
+}
 
 /// What a node reports about itself when it starts.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
@@ -53,6 +87,9 @@ pub struct NodeInfo {
 /// A change to the replicated state. Applied in log order on every member.
 // Externally tagged on purpose: an internally tagged enum buffers its content, and
 // serde cannot then read JSON's string map keys back as the u64 ids of nested maps.
+// `BeginDeployment` is much larger than the rest; commands live briefly (one log entry
+// each), so boxing it would only move the allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Command {
@@ -109,6 +146,20 @@ pub enum Command {
         #[serde(default)]
         at_ms: u64,
     },
+    /// `cluster rollout auto on|off` (protocol 3).
+    SetAutoRollout {
+        enabled: bool,
+        #[serde(default)]
+        at_ms: u64,
+    },
+    /// `cluster rollout abort [--revert]`: stops the active deployment (protocol 3).
+    AbortDeployment {
+        generation: u64,
+        revert: bool,
+        reason: String,
+        #[serde(default)]
+        at_ms: u64,
+    },
 }
 
 impl Command {
@@ -123,6 +174,7 @@ impl Command {
             | Command::SetNodePhase { .. }
             | Command::SetDeploymentState { .. }
             | Command::RecordHandoff { .. } => ROLLOUT_PROTOCOL,
+            Command::SetAutoRollout { .. } | Command::AbortDeployment { .. } => OPERATE_PROTOCOL,
         }
     }
 }
@@ -158,6 +210,20 @@ impl fmt::Display for Command {
                 attempt,
                 ..
             } => write!(f, "record-handoff {generation} {from} -> {to} #{attempt}"),
+            Command::SetAutoRollout { enabled, .. } => {
+                write!(
+                    f,
+                    "set-auto-rollout {}",
+                    if *enabled { "on" } else { "off" }
+                )
+            }
+            Command::AbortDeployment {
+                generation, revert, ..
+            } => write!(
+                f,
+                "abort-deployment {generation}{}",
+                if *revert { " --revert" } else { "" }
+            ),
         }
     }
 }
@@ -186,6 +252,8 @@ pub enum Record {
     /// One finished deployment, by generation.
     History(u64),
     LastGeneration,
+    /// Auto-rollout switch, the committed target, the last rollback.
+    Fleet,
 }
 
 /// The whole replicated state.
@@ -202,6 +270,7 @@ pub struct State {
     pub history: Vec<HistoryEntry>,
     /// Generation of the newest deployment ever begun; the next must be one more.
     pub last_generation: u64,
+    pub fleet: Fleet,
 }
 
 impl State {
@@ -256,7 +325,64 @@ impl State {
             } => self.on_active(*generation, |d| {
                 d.record_handoff(*from, *to, *attempt, *at_ms)
             }),
+            Command::SetAutoRollout { enabled, at_ms } => {
+                if self.fleet.auto_disabled != *enabled {
+                    return (Response::Ok, vec![]);
+                }
+                self.fleet.auto_disabled = !enabled;
+                self.fleet.auto_changed_ms = *at_ms;
+                (Response::Ok, vec![Record::Fleet])
+            }
+            Command::AbortDeployment {
+                generation,
+                revert,
+                reason,
+                at_ms,
+            } => self.on_active(*generation, |d| d.abort(*revert, reason, *at_ms)),
         }
+    }
+
+    /// What a finished deployment means for the cluster's target and rollback record.
+    fn conclude(&mut self, entry: &HistoryEntry) {
+        let committed = |s: &NodeStep| s.phase == Phase::Committed;
+        if entry.nodes.values().all(committed) {
+            self.fleet.target = Some(entry.target_hash.clone());
+            self.fleet.target_generation = entry.generation;
+        } else if entry.nodes.values().any(committed) {
+            self.fleet.target = None;
+            self.fleet.target_generation = entry.generation;
+        }
+        if entry.nodes.values().any(|s| s.phase == Phase::Restored) {
+            self.fleet.last_rollback = Some(Rollback {
+                generation: entry.generation,
+                from_hash: entry.target_hash.clone(),
+                reason: entry
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "no reason recorded".into()),
+                at_ms: entry.finished_ms.unwrap_or(entry.started_ms),
+            });
+        }
+    }
+
+    /// Whether `node` failed on `hash` the last time a deployment to `hash` included it:
+    /// the leader does not bring it to that build again by itself.
+    pub fn failed_on(&self, node: u64, hash: &str) -> bool {
+        self.history
+            .iter()
+            .rev()
+            .find(|h| h.target_hash == hash && h.nodes.contains_key(&node))
+            .is_some_and(|h| h.node_failed(node))
+    }
+
+    /// How many deployments in a row, newest first, `node` failed in.
+    pub fn failure_streak(&self, node: u64) -> u32 {
+        self.history
+            .iter()
+            .rev()
+            .filter(|h| h.nodes.contains_key(&node))
+            .take_while(|h| h.node_failed(node))
+            .count() as u32
     }
 
     fn begin_deployment(&mut self, deployment: &Deployment) -> (Response, Vec<Record>) {
@@ -326,10 +452,12 @@ impl State {
             Ok(true) if deployment.state.is_terminal() => {
                 let entry = HistoryEntry::of(deployment);
                 self.deployment = None;
+                self.conclude(&entry);
                 let mut touched = vec![
                     Record::Deployment,
                     Record::DeploymentManifest,
                     Record::History(entry.generation),
+                    Record::Fleet,
                 ];
                 self.history.push(entry);
                 while self.history.len() > HISTORY_LIMIT {
@@ -365,6 +493,7 @@ impl State {
                 .find(|h| h.generation == *generation)
                 .and_then(|h| serde_json::to_value(h).ok()),
             Record::LastGeneration => Some(self.last_generation.into()),
+            Record::Fleet => serde_json::to_value(&self.fleet).ok(),
         }
     }
 
@@ -378,6 +507,7 @@ impl State {
         }
         all.extend(self.history.iter().map(|h| Record::History(h.generation)));
         all.push(Record::LastGeneration);
+        all.push(Record::Fleet);
         all
     }
 
@@ -420,6 +550,7 @@ impl State {
                 }
             }
             Record::LastGeneration => self.last_generation = serde_json::from_value(value)?,
+            Record::Fleet => self.fleet = serde_json::from_value(value)?,
         }
         Ok(())
     }
@@ -796,9 +927,12 @@ mod tests {
                     Record::Deployment,
                     Record::DeploymentManifest,
                     Record::History(4),
+                    Record::Fleet,
                 ]),
                 check: |s| {
-                    s.deployment.is_none()
+                    s.fleet.target.is_some()
+                        && s.fleet.target_generation == 4
+                        && s.deployment.is_none()
                         && s.last_generation == 4
                         && s.history.len() == 1
                         && s.history[0].outcome == S::Completed
@@ -814,6 +948,7 @@ mod tests {
                     Record::Deployment,
                     Record::DeploymentManifest,
                     Record::History(60),
+                    Record::Fleet,
                     Record::History(1),
                 ]),
                 check: |s| {
@@ -1002,5 +1137,131 @@ mod tests {
         let json = serde_json::to_string(&command).unwrap();
         let back: Command = serde_json::from_str(&json).expect("decodes as it was written");
         assert_eq!(back, command);
+    }
+
+    #[test]
+    fn auto_rollouts_switch_and_aborts_stop_the_active_rollout() {
+        let mut state = State::default();
+        let off = Command::SetAutoRollout {
+            enabled: false,
+            at_ms: 5,
+        };
+        assert_eq!(state.apply(&off), (Response::Ok, vec![Record::Fleet]));
+        assert!(state.fleet.auto_disabled);
+        assert_eq!(state.fleet.auto_changed_ms, 5);
+        assert_eq!(
+            state.apply(&off),
+            (Response::Ok, vec![]),
+            "a repeat changes nothing"
+        );
+        let on = Command::SetAutoRollout {
+            enabled: true,
+            at_ms: 6,
+        };
+        assert_eq!(state.apply(&on), (Response::Ok, vec![Record::Fleet]));
+        assert!(!state.fleet.auto_disabled);
+
+        let abort = |revert| Command::AbortDeployment {
+            generation: 1,
+            revert,
+            reason: "aborted by an operator".into(),
+            at_ms: 7,
+        };
+        let (response, _) = state.apply(&abort(false));
+        assert!(
+            matches!(response, Response::Rejected { .. }),
+            "no rollout is active"
+        );
+
+        let mut deployment = Deployment {
+            generation: 1,
+            target_hash: "new".into(),
+            order: vec![1, 2],
+            ..Deployment::default()
+        };
+        for id in [1, 2] {
+            deployment
+                .nodes
+                .insert(id, NodeStep::pending(Role::Voter, "a", "old"));
+        }
+        let (response, _) = state.apply(&Command::BeginDeployment { deployment });
+        assert_eq!(response, Response::Ok);
+        assert_eq!(state.apply(&abort(false)).0, Response::Ok);
+        let active = state.deployment.as_ref().unwrap();
+        assert_eq!(active.state, DeploymentState::Halting);
+        assert!(active.aborted);
+        assert_eq!(active.reason.as_deref(), Some("aborted by an operator"));
+        // A later abort may still ask for the revert.
+        assert_eq!(state.apply(&abort(true)).0, Response::Ok);
+        assert_eq!(
+            state.deployment.as_ref().unwrap().state,
+            DeploymentState::Reverting
+        );
+        assert_eq!(state.apply(&abort(true)), (Response::Ok, vec![]));
+    }
+
+    #[test]
+    fn a_rollout_that_ends_on_mixed_builds_clears_the_target() {
+        let mut state = State::default();
+        state.fleet.target = Some("old".into());
+        let mut deployment = Deployment {
+            generation: 1,
+            target_hash: "new".into(),
+            order: vec![1, 2],
+            ..Deployment::default()
+        };
+        for id in [1, 2] {
+            deployment
+                .nodes
+                .insert(id, NodeStep::pending(Role::Voter, "a", "old"));
+        }
+        state.apply(&Command::BeginDeployment { deployment });
+        for phase in [
+            Phase::Backup,
+            Phase::Sync,
+            Phase::Activate,
+            Phase::Health,
+            Phase::Stabilize,
+            Phase::Committed,
+        ] {
+            let (response, _) = state.apply(&Command::SetNodePhase {
+                generation: 1,
+                node: 1,
+                phase,
+                error: None,
+                at_ms: 1,
+            });
+            assert_eq!(response, Response::Ok, "{phase}");
+        }
+        let (response, _) = state.apply(&Command::AbortDeployment {
+            generation: 1,
+            revert: false,
+            reason: "aborted by an operator".into(),
+            at_ms: 2,
+        });
+        assert_eq!(response, Response::Ok);
+        let (response, _) = state.apply(&Command::SetDeploymentState {
+            generation: 1,
+            state: DeploymentState::Aborted,
+            reason: None,
+            at_ms: 3,
+        });
+        assert_eq!(response, Response::Ok);
+        assert_eq!(state.fleet.target, None, "node 1 runs new, node 2 old");
+        assert!(state.history[0].left_mixed());
+        assert_eq!(state.failure_streak(1), 0);
+    }
+
+    #[test]
+    fn fleet_records_round_trip_and_old_snapshots_decode() {
+        let mut state = State::default();
+        state.fleet.target = Some("abc".into());
+        state.fleet.auto_disabled = true;
+        let value = state.record_value(&Record::Fleet).unwrap();
+        let mut loaded = State::default();
+        loaded.load_record(Record::Fleet, value).unwrap();
+        assert_eq!(loaded.fleet, state.fleet);
+        let old: State = serde_json::from_str(r#"{"cluster_id":"c","last_generation":3}"#).unwrap();
+        assert_eq!(old.fleet, Fleet::default());
     }
 }

@@ -59,6 +59,7 @@ fn record_key(record: &Record) -> Vec<u8> {
         Record::DeploymentManifest => b"deployment_manifest".to_vec(),
         Record::History(generation) => format!("history/{generation:020}").into_bytes(),
         Record::LastGeneration => b"last_generation".to_vec(),
+        Record::Fleet => b"fleet".to_vec(),
     }
 }
 
@@ -68,6 +69,7 @@ fn parse_record_key(key: &[u8]) -> Option<Record> {
         b"deployment" => return Some(Record::Deployment),
         b"deployment_manifest" => return Some(Record::DeploymentManifest),
         b"last_generation" => return Some(Record::LastGeneration),
+        b"fleet" => return Some(Record::Fleet),
         _ => {}
     }
     if let Some(rest) = key.strip_prefix(b"history/") {
@@ -348,6 +350,7 @@ mod tests {
             Record::DeploymentManifest,
             Record::History(12),
             Record::LastGeneration,
+            Record::Fleet,
         ] {
             assert_eq!(parse_record_key(&record_key(&record)), Some(record));
         }

@@ -11,7 +11,9 @@ use crate::harness::{
 };
 
 /// Fast pacing for tests: the waits a rollout imposes are its configuration, not its cost.
-const FAST: [&str; 6] = [
+const FAST: [&str; 8] = [
+    "--soak-ms",
+    "0",
     "--stabilize-ms",
     "1000",
     "--poll-interval-ms",
@@ -52,6 +54,8 @@ fn update_in_background(
             &addr,
             "--stabilize-ms",
             "3000",
+            "--soak-ms",
+            "0",
             "--poll-interval-ms",
             "100",
             "--health-deadline-ms",
@@ -354,6 +358,8 @@ async fn a_release_that_crash_loops_after_starting_is_restored() {
         &node,
         "--stabilize-ms",
         "6000",
+        "--soak-ms",
+        "0",
         "--poll-interval-ms",
         "100",
         "--health-deadline-ms",

@@ -29,6 +29,8 @@ fn strategy(max_parallel: usize, on_failure: OnFailure) -> Strategy {
         stabilize_ms: 300,
         stale_ack_ms: 200,
         allow_downtime: true,
+        soak_ms: 0,
+        soak_strikes: 3,
     }
 }
 
@@ -42,6 +44,7 @@ fn deployment(voters: &[u64], learners: &[u64], strategy: Strategy) -> Deploymen
             manifest: Manifest::default(),
             strategy,
             started_by: Starter::Operator,
+            trigger: None,
             term: 1,
             now_ms: 0,
         })
@@ -97,6 +100,11 @@ struct Sim {
     next_choice: usize,
     /// Deterministic faults for scenario tests.
     unhealthy_on: BTreeSet<(u64, String)>,
+    /// A node that turns unhealthy once every node committed (during the soak).
+    sick_after_commit: Option<u64>,
+    /// An operator aborts (with revert or not) as soon as this node commits.
+    abort_after: Option<(u64, bool)>,
+    abort_due: bool,
     failing_ops: BTreeSet<(u64, OpKindKey)>,
     transfers_fail: bool,
     // What happened, for assertions.
@@ -149,6 +157,9 @@ impl Sim {
             choices: Vec::new(),
             next_choice: 0,
             unhealthy_on: BTreeSet::new(),
+            sick_after_commit: None,
+            abort_after: None,
+            abort_due: false,
             failing_ops: BTreeSet::new(),
             transfers_fail: false,
             started: Vec::new(),
@@ -276,6 +287,18 @@ impl Sim {
         if response != Response::Ok {
             return Err(format!("State::apply refused {command}: {response:?}"));
         }
+        if let (
+            Some((after, _)),
+            Command::SetNodePhase {
+                node,
+                phase: Phase::Committed,
+                ..
+            },
+        ) = (self.abort_after, &command)
+        {
+            // The operator's command lands between two engine steps.
+            self.abort_due |= after == *node;
+        }
         if let Some(deployment) = &self.state.deployment {
             let unsettled_voters: Vec<u64> = deployment
                 .nodes
@@ -297,6 +320,18 @@ impl Sim {
     }
 
     fn next_event(&mut self) -> Event {
+        if std::mem::take(&mut self.abort_due) {
+            let revert = self.abort_after.unwrap().1;
+            self.trace
+                .push(format!("  operator aborts (revert: {revert})"));
+            let (response, _) = self.state.apply(&Command::AbortDeployment {
+                generation: 1,
+                revert,
+                reason: "aborted by an operator".into(),
+                at_ms: 0,
+            });
+            assert_eq!(response, Response::Ok);
+        }
         if std::mem::take(&mut self.fresh) {
             return Event::Tick;
         }
@@ -405,7 +440,13 @@ impl Sim {
         if (220..235).contains(&choice) {
             return Err("connection refused".into());
         }
-        let unhealthy = self.unhealthy_on.contains(&(node, host.running.clone()));
+        let all_committed = self
+            .state
+            .deployment
+            .as_ref()
+            .is_some_and(|d| d.nodes.values().all(|s| s.phase == Phase::Committed));
+        let sick = self.sick_after_commit == Some(node) && all_committed;
+        let unhealthy = sick || self.unhealthy_on.contains(&(node, host.running.clone()));
         let problem = (unhealthy || (235..250).contains(&choice))
             .then(|| "health_command exited 1".to_string());
         Ok(Health {
@@ -479,6 +520,122 @@ impl Sim {
 
 fn phases(entry: &HistoryEntry) -> Vec<(u64, Phase)> {
     entry.nodes.iter().map(|(id, s)| (*id, s.phase)).collect()
+}
+
+#[test]
+fn a_soak_that_passes_completes_after_its_window() {
+    let mut strategy = strategy(1, OnFailure::Revert);
+    strategy.soak_ms = 2_000;
+    let mut sim = Sim::new(&[1, 2, 3], &[], strategy);
+    let entry = sim.run().unwrap();
+    assert_eq!(entry.outcome, DeploymentState::Completed);
+    let last_commit = entry
+        .nodes
+        .values()
+        .filter_map(|s| s.finished_ms)
+        .max()
+        .unwrap();
+    let completed = entry.finished_ms.unwrap();
+    assert!(
+        completed >= last_commit + 2_000,
+        "completed {} ms after the last commit",
+        completed - last_commit
+    );
+}
+
+#[test]
+fn three_failed_checks_during_the_soak_revert_every_node() {
+    // Even under `halt`: the soak's rule is a revert of the whole rollout.
+    let mut strategy = strategy(1, OnFailure::Halt);
+    strategy.soak_ms = 60_000;
+    let mut sim = Sim::new(&[1, 2, 3], &[4], strategy);
+    sim.sick_after_commit = Some(4);
+    let entry = sim.run().unwrap();
+    assert_eq!(entry.outcome, DeploymentState::Reverted);
+    assert!(entry.nodes.values().all(|s| s.phase == Phase::Restored));
+    let reason = entry.reason.unwrap();
+    assert!(
+        reason.contains("node 4") && reason.contains("3 consecutive health checks during the soak"),
+        "{reason}"
+    );
+    assert!(entry.nodes[&4].error.is_some(), "the sick node keeps why");
+    assert_eq!(sim.restores[0], 4, "the sick node is restored first");
+}
+
+#[test]
+fn an_abort_restores_nothing_committed_and_ends_aborted() {
+    let mut sim = Sim::new(&[1, 2, 3], &[], strategy(1, OnFailure::Revert));
+    sim.abort_after = Some((2, false));
+    let entry = sim.run().unwrap();
+    assert_eq!(entry.outcome, DeploymentState::Aborted);
+    assert!(entry.aborted);
+    assert_eq!(entry.nodes[&1].phase, Phase::Pending);
+    assert_eq!(entry.nodes[&2].phase, Phase::Committed, "committed stays");
+    // Node 3 was started in the same step as node 2's commit: caught mid-update, it is
+    // restored.
+    assert_eq!(entry.nodes[&3].phase, Phase::Restored);
+    let reason = entry.reason.unwrap();
+    assert!(reason.contains("aborted by an operator"), "{reason}");
+    assert!(reason.contains("left on build"), "{reason}");
+}
+
+#[test]
+fn an_abort_with_revert_restores_the_updated_nodes() {
+    let mut sim = Sim::new(&[1, 2, 3], &[], strategy(1, OnFailure::Halt));
+    sim.abort_after = Some((3, true));
+    let entry = sim.run().unwrap();
+    assert_eq!(entry.outcome, DeploymentState::Reverted);
+    assert_eq!(
+        phases(&entry),
+        vec![
+            (1, Phase::Pending),
+            (2, Phase::Restored),
+            (3, Phase::Restored)
+        ]
+    );
+    assert_eq!(sim.restores, vec![3, 2]);
+}
+
+#[test]
+fn no_node_starts_while_another_voter_is_down() {
+    let deployment = deployment(&[1, 2, 3], &[], strategy(1, OnFailure::Revert));
+    let mut engine = Engine::new(1, 1);
+    let live = |age: Option<u64>| Liveness {
+        role: Role::Voter,
+        last_ack_ms: age,
+    };
+    let now = Now::default();
+    engine.observe(BTreeMap::from([
+        (1, live(Some(0))),
+        (2, live(Some(20))),
+        (3, live(Some(5_000))),
+    ]));
+    let actions = engine.step(&deployment, Event::Tick, now);
+    assert!(actions.is_empty(), "{actions:?}");
+    let waiting = engine.waiting().unwrap();
+    assert!(
+        waiting.contains("node 2") && waiting.contains("node 3 last acked 5000 ms ago"),
+        "{waiting}"
+    );
+    // Node 3 is back: node 2 starts.
+    engine.observe(BTreeMap::from([
+        (1, live(Some(0))),
+        (2, live(Some(20))),
+        (3, live(Some(30))),
+    ]));
+    let actions = engine.step(&deployment, Event::Tick, now);
+    assert!(
+        matches!(
+            actions.first(),
+            Some(Action::Propose(Command::SetNodePhase {
+                node: 2,
+                phase: Phase::Backup,
+                ..
+            }))
+        ),
+        "{actions:?}"
+    );
+    assert_eq!(engine.waiting(), None);
 }
 
 #[test]
