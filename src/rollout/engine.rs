@@ -288,6 +288,8 @@ pub struct Engine {
     liveness: BTreeMap<u64, Liveness>,
     /// Why no node could be started on the last step, for status.
     waiting: Option<String>,
+    /// The node the rollout waits to start, and since when (this leader's clock).
+    waiting_since: Option<(u64, u64)>,
     /// Requests sent so far (see [`RequestId`]).
     requests: u64,
     /// Finished, restarting, or no longer leading: no more actions.
@@ -394,6 +396,7 @@ impl Engine {
             soak: SoakTrack::default(),
             liveness: BTreeMap::new(),
             waiting: None,
+            waiting_since: None,
             requests: 0,
             done: false,
         }
@@ -726,12 +729,14 @@ impl Engine {
             return self.leader_last(cx);
         }
         for node in wave {
-            if cx.view.phase(node) == Phase::Pending
-                && self.may_start(&cx.view, node)
-                && self.live_enough(&cx.view, node)
-            {
+            if cx.view.phase(node) != Phase::Pending || !self.may_start(&cx.view, node) {
+                continue;
+            }
+            if self.live_enough(cx, node) {
                 self.set_phase(cx, node, Phase::Backup, None);
                 self.advance(cx, node);
+            } else if cx.view.state.is_stopping() {
+                return self.drive_stopping(cx);
             }
         }
     }
@@ -776,9 +781,14 @@ impl Engine {
         if candidates.is_empty() || cx.view.handoff_attempts(me) >= MAX_HANDOFF_ATTEMPTS {
             // No updated voter can lead meanwhile (or hand-offs keep failing): the restart
             // in this node's own pipeline ends its leadership instead.
-            if self.may_start(&cx.view, me) && self.live_enough(&cx.view, me) {
+            if !self.may_start(&cx.view, me) {
+                return;
+            }
+            if self.live_enough(cx, me) {
                 self.set_phase(cx, me, Phase::Backup, None);
                 self.advance(cx, me);
+            } else if cx.view.state.is_stopping() {
+                return self.drive_stopping(cx);
             }
             return;
         }
@@ -1121,31 +1131,71 @@ impl Engine {
     }
 
     /// `node` acknowledges, and so does every other voter: starting it cannot leave the
-    /// cluster short of quorum (or fail a node that is simply down). Otherwise records
-    /// why the rollout waits.
-    fn live_enough(&mut self, view: &Deployment, node: u64) -> bool {
-        let limit = view.strategy.stale_ack_ms;
-        let stale = |id: &u64, live: &Liveness| {
-            *id != self.me && live.last_ack_ms.is_none_or(|age| age > limit)
-        };
-        let down: Vec<String> = self
+    /// cluster short of quorum. Otherwise the rollout waits (and says why), up to the
+    /// health deadline: then a down `node` is started anyway (its first operation fails
+    /// and the failure policy applies), while a down *other* voter halts the rollout
+    /// without touching another node, since restoring or updating a live voter would
+    /// cost the quorum.
+    fn live_enough(&mut self, cx: &mut Cx, node: u64) -> bool {
+        let limit = cx.view.strategy.stale_ack_ms;
+        let deadline = cx.view.strategy.health_deadline_ms;
+        let now = cx.now.monotonic_ms;
+        let down: Vec<(u64, Option<u64>)> = self
             .liveness
             .iter()
-            .filter(|(id, live)| (**id == node || live.role == Role::Voter) && stale(id, live))
-            .map(|(id, live)| match live.last_ack_ms {
+            .filter(|(id, live)| {
+                **id != self.me
+                    && (**id == node || live.role == Role::Voter)
+                    && live.last_ack_ms.is_none_or(|age| age > limit)
+            })
+            .map(|(id, live)| (*id, live.last_ack_ms))
+            .collect();
+        if down.is_empty() {
+            self.waiting_since = None;
+            return true;
+        }
+        let since = match self.waiting_since {
+            Some((waited_for, since)) if waited_for == node => since,
+            _ => {
+                self.waiting_since = Some((node, now));
+                now
+            }
+        };
+        let names: Vec<String> = down
+            .iter()
+            .map(|(id, age)| match age {
                 Some(age) => format!("node {id} last acked {age} ms ago"),
                 None => format!("node {id} has not acked"),
             })
             .collect();
-        if down.is_empty() {
+        let waited = now.saturating_sub(since);
+        if waited <= deadline {
+            self.waiting = Some(format!(
+                "waiting to update {}: {} (a node is only updated while it and every other \
+                 voter are up; {} ms of {deadline} ms waited)",
+                cx.view.describe(node),
+                names.join(", "),
+                waited
+            ));
+            return false;
+        }
+        self.waiting_since = None;
+        if down.iter().all(|(id, _)| *id == node) {
+            // Only the node itself is down: its update fails and the policy applies.
             return true;
         }
-        self.waiting = Some(format!(
-            "waiting to update {}: {} (a node is only updated while it and every other \
-             voter are up)",
-            view.describe(node),
-            down.join(", ")
-        ));
+        let reason = format!(
+            "{} stayed down for more than {deadline} ms: stopped before updating {} (with a \
+             voter down, restarting another would cost the quorum)",
+            names.join(", "),
+            cx.view.describe(node)
+        );
+        if matches!(
+            cx.view.state,
+            DeploymentState::Running | DeploymentState::Paused
+        ) {
+            self.set_state(cx, DeploymentState::Halting, Some(reason));
+        }
         false
     }
 

@@ -2,6 +2,7 @@
 
 mod errors;
 mod harness;
+mod operate;
 mod raft;
 mod releases;
 mod rollout;

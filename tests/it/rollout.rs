@@ -127,9 +127,11 @@ async fn a_rolling_update_of_three_nodes_commits_every_node_leader_last() {
     let status = cli(&["status", "--json", "--node", &cluster.addr(3)]);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(
-        status["rollout"].is_null(),
+        status["rollout"]["active"].is_null(),
         "no rollout active after it completed: {status}"
     );
+    assert_eq!(status["rollout"]["state"], "idle", "{status}");
+    assert_eq!(status["rollout"]["active_hash"], h2.as_str(), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

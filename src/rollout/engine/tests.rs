@@ -639,6 +639,55 @@ fn no_node_starts_while_another_voter_is_down() {
 }
 
 #[test]
+fn a_voter_down_past_the_deadline_halts_without_touching_another_node() {
+    let deployment = deployment(&[1, 2, 3], &[], strategy(1, OnFailure::Revert));
+    let mut engine = Engine::new(1, 1);
+    let live = |age: Option<u64>| Liveness {
+        role: Role::Voter,
+        last_ack_ms: age,
+    };
+    engine.observe(BTreeMap::from([
+        (1, live(Some(0))),
+        (2, live(Some(20))),
+        (3, live(None)),
+    ]));
+    let at = |ms| Now {
+        monotonic_ms: ms,
+        unix_ms: ms,
+    };
+    assert!(engine.step(&deployment, Event::Tick, at(0)).is_empty());
+    assert!(engine.step(&deployment, Event::Tick, at(1_000)).is_empty());
+    let actions = engine.step(&deployment, Event::Tick, at(1_001));
+    let halting = actions.iter().find_map(|a| match a {
+        Action::Propose(Command::SetDeploymentState {
+            state: DeploymentState::Halting,
+            reason,
+            ..
+        }) => reason.clone(),
+        _ => None,
+    });
+    let reason = halting.unwrap_or_else(|| panic!("{actions:?}"));
+    assert!(reason.contains("node 3 has not acked"), "{reason}");
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::Propose(Command::SetNodePhase { .. }))),
+        "no node is touched: {actions:?}"
+    );
+    // It ends in the same step: nothing was mid-update.
+    assert!(
+        actions.iter().any(|a| matches!(
+            a,
+            Action::Propose(Command::SetDeploymentState {
+                state: DeploymentState::Failed,
+                ..
+            })
+        )),
+        "{actions:?}"
+    );
+}
+
+#[test]
 fn three_voters_update_with_the_leader_last_through_a_hand_off() {
     let mut sim = Sim::new(&[1, 2, 3], &[], strategy(1, OnFailure::Revert));
     let entry = sim.run().unwrap();
