@@ -22,17 +22,6 @@ const AUTO: [&str; 10] = [
     "20000",
 ];
 
-fn json(args: &[&str]) -> serde_json::Value {
-    let out = cli(args);
-    assert!(
-        out.status.success(),
-        "cluster {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
-
 /// `cluster status --json` from whichever node answers; `None` while none does.
 fn status(cluster: &Cluster) -> Option<serde_json::Value> {
     cluster.addrs().iter().find_map(|addr| {
@@ -386,7 +375,7 @@ async fn pause_resume_and_abort_hold_across_a_leader_kill() {
     let paused = wait_status(
         &cluster,
         "a new leader, still paused, one node committed",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         |s| {
             s["leader"].as_u64().is_some_and(|l| l != leader)
                 && s["rollout"]["state"] == "paused"
