@@ -332,14 +332,6 @@ fn print_progress(
         );
         *last_state = state;
     }
-    if deployment.soak_started_ms().is_some() && !seen.contains_key(&u64::MAX) {
-        println!(
-            "  every node committed: soaking for {} (3 failed health checks in a row on any \
-             node revert the rollout)",
-            ms(deployment.strategy.soak_ms)
-        );
-        seen.insert(u64::MAX, "soak".into());
-    }
     for id in &deployment.order {
         let Some(step) = deployment.nodes.get(id) else {
             continue;
@@ -354,6 +346,15 @@ fn print_progress(
             println!("  node {id} ({}): {phase}{error}", step.addr);
             seen.insert(*id, phase);
         }
+    }
+    if deployment.soak_started_ms().is_some() && !seen.contains_key(&u64::MAX) {
+        println!(
+            "  every node committed: soaking for {} ({} failed health checks in a row on any \
+             node revert the rollout)",
+            ms(deployment.strategy.soak_ms),
+            deployment.strategy.soak_strikes
+        );
+        seen.insert(u64::MAX, "soak".into());
     }
 }
 
