@@ -1,7 +1,9 @@
 //! The integration suite: one binary, real `cluster` processes on loopback.
 
+mod boot_guard;
 mod errors;
 mod harness;
 mod raft;
 mod releases;
 mod rollout;
+mod systemd;
