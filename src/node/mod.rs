@@ -191,7 +191,7 @@ pub async fn run(
         id = config.id,
         %addr,
         build = %node.info.build_hash,
-        supervision = supervision.name(),
+        supervision = %supervision.name(),
         "node starting"
     );
 
@@ -251,7 +251,7 @@ pub async fn run(
                 _ = restart.notified() => {
                     match supervision {
                         Supervision::None => tracing::info!(id = config.id, "restarting: re-executing the current release after a graceful shutdown"),
-                        _ => tracing::info!(id = config.id, supervision = supervision.name(), "restarting: exiting for the supervisor to start the current release"),
+                        _ => tracing::info!(id = config.id, supervision = %supervision.name(), "restarting: exiting for the supervisor to start the current release"),
                     }
                     Ok(Stopped::Restart)
                 }
