@@ -3,8 +3,9 @@
 # systemd 252 (Debian bookworm, built once by tests/nspawn/rootfs.sh), share the host's
 # network, and run the README's "Production install" block line by line (10.0.0.N:7100 ->
 # 127.0.0.1:<free port>, /tmp/cluster-dist* -> the test's dists). Then a release whose
-# binary exits 1 is rolled out, the leader and the third node are killed once the first
-# follower has activated it, and the follower's boot guard must undo it under systemd.
+# binary exits 1 (and then one that crash-loops) is rolled out, the leader and the third
+# node are killed once the first follower has activated it, and the follower's boot guard
+# must undo it under systemd with no leader anywhere.
 #
 #   tests/nspawn/run.sh          # as root; skips (exit 0) saying why where it cannot run
 #
@@ -78,13 +79,15 @@ cleanup() {
   exit "$status"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'echo "interrupted: cleaning up" >&2; exit 130' INT TERM
 
-# Runs a command in container <n> (all its namespaces, a clean environment).
+# Runs a command in container <n> (all its namespaces, a clean environment). In the
+# background with `wait`, so an interrupt runs the cleanup at once.
 in_c() {
   local n=$1; shift
   timeout 300 nsenter -t "${pid1[$n]}" -a \
-    env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root "$@" </dev/null
+    env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root "$@" </dev/null &
+  wait $!
 }
 # A container's file, read from the host.
 c_path() { echo "/proc/${pid1[$1]}/root$2"; }
@@ -171,7 +174,8 @@ while IFS= read -r line; do
       # The second build ships one more file, as a later checkout would differ.
       extra=''
       [ "$builds" -lt 2 ] || extra=$work/extra-2
-      (cd "$repo" && CLUSTER_DIST_EXTRA=$extra bash -c "$line") </dev/null >"$work/build-$builds.log" 2>&1 ||
+      (cd "$repo" && CLUSTER_DIST_EXTRA=$extra bash -c "$line") </dev/null >"$work/build-$builds.log" 2>&1 &
+      wait $! ||
         fail "$line: $(tail -20 "$work/build-$builds.log")"
       ;;
     any|[0-9])
@@ -218,73 +222,118 @@ for n in 1 2 3; do
 done
 log "update: 3 nodes on ${hash2:0:12}, each restarted once by systemd (NRestarts=1, new MainPID)"
 
-# A release whose binary exits 1 at once, with no leader to restore it.
-mkdir -p "$work/dists/bad/bin"
-printf '#!/bin/sh\necho "this release cannot start" >&2\nexit 1\n' >"$work/dists/bad/bin/cluster"
-chmod 0755 "$work/dists/bad/bin/cluster"
-bad=$("$cli" dist stamp "$work/dists/bad")
-leader=$(status_json | jq -r .leader)
-port_of() { echo "${port[$1]}"; }
-"$cli" update --dist "$work/dists/bad" --node "127.0.0.1:$(port_of "$leader")" \
-  --health-deadline-ms 120000 >"$work/bad-update.log" 2>&1 &
-bg_update=$!
-log "rolling out bad release ${bad:0:12} through leader $leader"
-updated=''
-for _ in $(seq 1 600); do
-  for n in 1 2 3; do
-    [ "$n" != "$leader" ] || continue
-    if [ -e "$(c_path "$n" /var/lib/cluster/boot.json)" ] &&
-      [ "$(basename "$(readlink "$(c_path "$n" /var/lib/cluster/current)")")" = "$bad" ]; then
-      updated=$n
-      break 2
-    fi
-  done
-  sleep 0.1
+# install.sh again with the same flags: nothing changes, the node keeps running.
+pid_before=$(in_c 2 systemctl show -p MainPID --value cluster)
+again=$(in_c 2 sh -c "cd /opt/cluster && scripts/install.sh --dist /opt/dists/cluster-dist --id 2 \
+  --listen 127.0.0.1:${port[2]} --join 127.0.0.1:${port[1]}") || fail "install.sh again: $again"
+for expected in "user cluster exists" "/etc/cluster/node.toml is up to date" \
+  "/etc/systemd/system/cluster.service is up to date" "already runs release $hash2"; do
+  grep -qF "$expected" <<<"$again" || fail "install.sh again does not say \"$expected\": $again"
 done
-[ -n "$updated" ] || fail "no follower activated the bad release: $(cat "$work/bad-update.log")"
-bystander=$((6 - leader - updated))
-restarts_before=$(in_c "$updated" systemctl show -p NRestarts --value cluster)
-for n in "$leader" "$bystander"; do
-  in_c "$n" sh -c 'systemctl kill -s KILL cluster; systemctl stop cluster'
-done
-# The leader may have died before it told the node to restart: the node crashes instead.
-in_c "$updated" systemctl kill -s KILL cluster || true
-log "killed leader $leader and node $bystander; node $updated alone on ${bad:0:12}"
-t0=$(date +%s%N)
-restored=0
-for _ in $(seq 1 600); do
-  if [ -e "$(c_path "$updated" /var/lib/cluster/boot-restored.json)" ] &&
-    [ ! -e "$(c_path "$updated" /var/lib/cluster/boot.json)" ] &&
-    [ "$(basename "$(readlink "$(c_path "$updated" /var/lib/cluster/current)")")" = "$hash2" ]; then
-    restored=1
-    break
-  fi
-  sleep 0.1
-done
-[ "$restored" = 1 ] || fail "node $updated's boot guard did not restore ${hash2:0:12}"
-log "node $updated back on ${hash2:0:12} after $((($(date +%s%N) - t0) / 1000000)) ms, no leader anywhere"
-for n in "$leader" "$bystander"; do
-  state=$(in_c "$n" systemctl is-active cluster || true)
-  [ "$state" != active ] || fail "node $n should be down during the restore"
-done
-journal=$(in_c "$updated" journalctl -u cluster --no-pager)
-grep -qF "did not stay up for 3 starts" <<<"$journal" || fail "node $updated's journal lacks the guard's restore"
-restarts_after=$(in_c "$updated" systemctl show -p NRestarts --value cluster)
-[ $((restarts_after - restarts_before)) -ge 4 ] ||
-  fail "node $updated: $((restarts_after - restarts_before)) restarts (3 tries and the restore need 4)"
+[ "$(in_c 2 systemctl show -p MainPID --value cluster)" = "$pid_before" ] ||
+  fail "install.sh again restarted the node"
+log "install.sh again: nothing changed, node 2 kept running"
 
-for n in "$leader" "$bystander"; do in_c "$n" systemctl start cluster; done
-node_json=''
-for _ in $(seq 1 300); do
-  node_json=$("$cli" status --json --node "127.0.0.1:${port[$updated]}" 2>/dev/null |
-    jq -c --argjson id "$updated" --arg good "$hash2" \
-      'select((.nodes | map(select(.role == "voter" and (.state == "leader" or .state == "follower"))) | length) == 3)
-       | .nodes[] | select(.id == $id and .build_hash == $good and .last_auto_restore != null)' || true)
-  [ -z "$node_json" ] || break
-  sleep 0.2
-done
-[ -n "$node_json" ] || fail "the cluster does not show node $updated's automatic restore: $(status_json)"
-[ "$(jq -r .last_auto_restore.to <<<"$node_json")" = "$bad" ] || fail "restore record: $node_json"
-"$cli" status --node "127.0.0.1:${port[1]}" | grep -F "node $updated restored itself from ${bad:0:12} to ${hash2:0:12}" ||
-  fail "cluster status does not show the restore"
+# Rolls out the bad release in $work/dists/<name>; the moment a follower has activated it,
+# kills the leader and the third node (their units stopped) and crashes the follower's
+# node: alone, with no leader possible, its boot guard must put the good release back.
+undone_with_no_leader() {
+  local name=$1 bad leader updated='' bystander restarts_before restarts_after t0 n state
+  bad=$("$cli" dist stamp "$work/dists/$name")
+  wait_for_no_rollout
+  leader=$(status_json | jq -r .leader)
+  "$cli" update --dist "$work/dists/$name" --node "127.0.0.1:${port[$leader]}" \
+    --health-deadline-ms 30000 >"$work/$name-update.log" 2>&1 &
+  bg_update=$!
+  log "$name: rolling out ${bad:0:12} through leader $leader"
+  for _ in $(seq 1 600); do
+    for n in 1 2 3; do
+      [ "$n" != "$leader" ] || continue
+      if [ -e "$(c_path "$n" /var/lib/cluster/boot.json)" ] &&
+        [ "$(basename "$(readlink "$(c_path "$n" /var/lib/cluster/current)")")" = "$bad" ]; then
+        updated=$n
+        break 2
+      fi
+    done
+    sleep 0.1
+  done
+  [ -n "$updated" ] || fail "$name: no follower activated it: $(cat "$work/$name-update.log")"
+  bystander=$((6 - leader - updated))
+  restarts_before=$(in_c "$updated" systemctl show -p NRestarts --value cluster)
+  for n in "$leader" "$bystander"; do
+    in_c "$n" sh -c 'systemctl kill -s KILL cluster; systemctl stop cluster'
+  done
+  # The leader may have died before it told the node to restart: the node crashes instead.
+  in_c "$updated" systemctl kill -s KILL cluster || true
+  log "$name: killed leader $leader and node $bystander; node $updated alone on ${bad:0:12}"
+  t0=$(date +%s%N)
+  local restored=0
+  for _ in $(seq 1 900); do
+    if [ -e "$(c_path "$updated" /var/lib/cluster/boot-restored.json)" ] &&
+      [ ! -e "$(c_path "$updated" /var/lib/cluster/boot.json)" ] &&
+      [ "$(basename "$(readlink "$(c_path "$updated" /var/lib/cluster/current)")")" = "$hash2" ]; then
+      restored=1
+      break
+    fi
+    sleep 0.1
+  done
+  [ "$restored" = 1 ] || fail "$name: node $updated's boot guard did not restore ${hash2:0:12}"
+  log "$name: node $updated back on ${hash2:0:12} after $((($(date +%s%N) - t0) / 1000000)) ms, no leader anywhere"
+  for n in "$leader" "$bystander"; do
+    state=$(in_c "$n" systemctl is-active cluster || true)
+    [ "$state" != active ] || fail "$name: node $n should be down during the restore"
+  done
+  in_c "$updated" journalctl -u cluster --no-pager | grep -qF "release $bad did not stay up for 3 starts" ||
+    fail "$name: node $updated's journal lacks the guard's restore"
+  restarts_after=$(in_c "$updated" systemctl show -p NRestarts --value cluster)
+  [ $((restarts_after - restarts_before)) -ge 4 ] ||
+    fail "$name: node $updated restarted $((restarts_after - restarts_before)) times (3 tries and the restore need 4)"
+
+  for n in "$leader" "$bystander"; do in_c "$n" systemctl start cluster; done
+  local node_json=''
+  for _ in $(seq 1 300); do
+    node_json=$("$cli" status --json --node "127.0.0.1:${port[$updated]}" 2>/dev/null |
+      jq -c --argjson id "$updated" --arg good "$hash2" --arg bad "$bad" \
+        'select((.nodes | map(select(.role == "voter" and (.state == "leader" or .state == "follower"))) | length) == 3)
+         | .nodes[] | select(.id == $id and .build_hash == $good and .last_auto_restore.to == $bad)' || true)
+    [ -z "$node_json" ] || break
+    sleep 0.2
+  done
+  [ -n "$node_json" ] || fail "$name: the cluster does not show node $updated's automatic restore: $(status_json)"
+  "$cli" status --node "127.0.0.1:${port[$updated]}" | grep -F "node $updated restored itself from ${bad:0:12} to ${hash2:0:12}" ||
+    fail "$name: cluster status does not show the restore"
+  kill "$bg_update" 2>/dev/null || true
+  bg_update=''
+}
+
+# The rollout a test left behind ends (the resumed one fails its health deadline and reverts).
+wait_for_no_rollout() {
+  for _ in $(seq 1 600); do
+    [ "$(status_json 2>/dev/null | jq -r '.rollout == null' || true)" = true ] && return
+    sleep 0.2
+  done
+  fail "a rollout is still active: $(status_json)"
+}
+
+# A release whose binary exits 1 at once.
+mkdir -p "$work/dists/exits-at-once/bin"
+printf '#!/bin/sh\necho "this release cannot start" >&2\nexit 1\n' >"$work/dists/exits-at-once/bin/cluster"
+chmod 0755 "$work/dists/exits-at-once/bin/cluster"
+undone_with_no_leader exits-at-once
+# A release that starts, serves for 2 s, and is killed, again and again.
+mkdir -p "$work/dists/crash-loops/bin"
+cp "$cli" "$work/dists/crash-loops/bin/cluster.real"
+printf '#!/bin/sh\n( sleep 2; kill -9 $$ ) &\nexec "$(dirname "$0")/cluster.real" "$@"\n' >"$work/dists/crash-loops/bin/cluster"
+chmod 0755 "$work/dists/crash-loops/bin/cluster"
+undone_with_no_leader crash-loops
+
+# uninstall.sh keeps the node's data; --purge removes it.
+in_c 3 /opt/cluster/scripts/uninstall.sh >"$work/uninstall.out" 2>&1 || fail "uninstall.sh: $(cat "$work/uninstall.out")"
+[ ! -e "$(c_path 3 /etc/systemd/system/cluster.service)" ] && [ ! -e "$(c_path 3 /usr/local/bin/cluster)" ] &&
+  [ -L "$(c_path 3 /var/lib/cluster/current)" ] || fail "uninstall.sh: $(cat "$work/uninstall.out")"
+[ "$(in_c 3 systemctl is-active cluster || true)" != active ] || fail "uninstall.sh left the node running"
+in_c 3 /opt/cluster/scripts/uninstall.sh --purge >"$work/uninstall.out" 2>&1 || fail "uninstall.sh --purge: $(cat "$work/uninstall.out")"
+[ ! -e "$(c_path 3 /var/lib/cluster)" ] && [ ! -e "$(c_path 3 /etc/cluster)" ] || fail "uninstall.sh --purge: $(cat "$work/uninstall.out")"
+in_c 3 getent passwd cluster >/dev/null && fail "uninstall.sh --purge kept the user"
+log "uninstall.sh kept the data; --purge removed it"
 log "PASSED: README production install under systemd, and the boot guard with no leader"
