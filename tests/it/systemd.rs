@@ -331,3 +331,49 @@ fn install_refuses_bad_flags_with_a_clear_error_and_changes_nothing() {
     assert!(text(&out).contains("version.json"), "{}", text(&out));
     assert_eq!(host_state(), before);
 }
+
+/// The README's production block is what tests/nspawn/run.sh runs; this checks it without
+/// root: every line sits under a host marker the runner knows, and every install.sh line
+/// is accepted by install.sh (as a dry run, on a real dist).
+#[test]
+fn the_readme_production_block_is_runnable_as_written() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let block: Vec<&str> = readme
+        .lines()
+        .skip_while(|line| !line.starts_with("<!-- production-install: tests/nspawn/run.sh"))
+        .skip_while(|line| *line != "```sh")
+        .skip(1)
+        .take_while(|line| *line != "```")
+        .collect();
+    assert!(block.len() > 5, "README.md has the production block");
+    let work = tempfile::tempdir().unwrap();
+    let dist = work.path().join("dist");
+    make_release(&dist, &[]);
+    let mut context = None;
+    let mut installs = 0;
+    for line in block {
+        if let Some(marker) = line.strip_prefix("# ") {
+            let known = ["build host", "any host", "host "]
+                .iter()
+                .find(|m| marker.starts_with(*m));
+            if let Some(known) = known {
+                context = Some(*known);
+            }
+            continue;
+        }
+        assert!(context.is_some(), "{line:?} comes after a host marker");
+        if let Some(install) = line.strip_prefix("sudo scripts/install.sh ") {
+            assert!(context == Some("host "), "{line:?} runs on a host");
+            let mut args: Vec<String> = install
+                .split_whitespace()
+                .map(|arg| arg.replace("/tmp/cluster-dist", dist.to_str().unwrap()))
+                .collect();
+            args.push("--dry-run".into());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = script("install.sh", &args);
+            assert!(out.status.success(), "{line}: {}", text(&out));
+            installs += 1;
+        }
+    }
+    assert_eq!(installs, 3, "three hosts are installed");
+}
