@@ -4,23 +4,31 @@
 #   scripts/build-dist.sh <out-dir>      # e.g. scripts/build-dist.sh /tmp/dist
 #
 # <out-dir> is replaced. The printed build hash identifies the release on every node;
-# roll it out with `cluster update --dist <out-dir>`.
+# roll it out with `cluster update --dist <out-dir>`. Environment: CLUSTER_BUILD_PROFILE
+# (cargo profile, default release), CLUSTER_DIST_EXTRA (a directory whose files are
+# shipped in the dist too, e.g. share/...), CARGO_TARGET_DIR.
 set -euo pipefail
 
 if [ $# -ne 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-  sed -n '2,7p' "$0"
+  sed -n '2,10p' "$0"
   [ $# -eq 1 ] && exit 0 || exit 2
 fi
 out=$1
 root=$(cd "$(dirname "$0")/.." && pwd)
 
-cargo build --release --locked --manifest-path "$root/Cargo.toml" --bin cluster
+profile=${CLUSTER_BUILD_PROFILE:-release}
+cargo build --profile "$profile" --locked --manifest-path "$root/Cargo.toml" --bin cluster
+target=${CARGO_TARGET_DIR:-$root/target}
+case "$profile" in dev) binary=$target/debug/cluster ;; *) binary=$target/$profile/cluster ;; esac
 staging="$out.tmp.$$"
 rm -rf "$staging"
 trap 'rm -rf "$staging"' EXIT
 mkdir -p "$staging/bin" "$staging/systemd"
-install -m 0755 "$root/target/release/cluster" "$staging/bin/cluster"
+install -m 0755 "$binary" "$staging/bin/cluster"
 install -m 0644 "$root/systemd/cluster.service" "$staging/systemd/cluster.service"
+if [ -n "${CLUSTER_DIST_EXTRA:-}" ]; then
+  cp -R "$CLUSTER_DIST_EXTRA"/. "$staging"/
+fi
 # Stamp with the binary being packaged: the dist describes itself.
 "$staging/bin/cluster" dist stamp "$staging" >/dev/null
 rm -rf "$out"

@@ -71,6 +71,13 @@ pub struct NodeStatus {
     /// reports; `None` when it passes, when none is set, or for another node's view.
     #[serde(default)]
     pub health_problem: Option<String>,
+    /// How the node is supervised: "systemd", "supervise" or "none" ("" if unreported).
+    #[serde(default)]
+    pub supervision: String,
+    /// The last time its boot guard put the previous release back with no leader
+    /// involved, until the node is next upgraded.
+    #[serde(default)]
+    pub last_auto_restore: Option<crate::state::AutoRestore>,
 }
 
 /// The cluster as one member sees it (the leader's view unless the leader is unreachable).

@@ -15,7 +15,54 @@ use tokio::process::Command;
 pub const SUPERVISED_ENV: &str = "CLUSTER_SUPERVISED";
 
 /// Exit status a node uses when it exits to be restarted (on request, e.g. by a rollout).
+/// The supervisor starts it again at once; systemd's unit counts it as a clean exit.
 pub const EXIT_RESTART: i32 = 75;
+
+/// Who starts the node again when it exits, which decides how it restarts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Supervision {
+    /// A systemd service (`INVOCATION_ID` set and started by PID 1): exit, systemd
+    /// runs the guard and starts `current`.
+    Systemd,
+    /// `cluster supervise` (it sets `CLUSTER_SUPERVISED`): exit, likewise.
+    Supervise,
+    /// Nobody: the node runs the guard and re-executes `current` itself.
+    None,
+}
+
+impl Supervision {
+    /// Decides from the environment (`var`) and the parent process id. `INVOCATION_ID`
+    /// alone is not enough: processes a user's systemd manager starts (a terminal, say)
+    /// pass it on to everything they run, and a node that wrongly believes a supervisor
+    /// restarts it would just stop. Re-executing is right under any supervisor.
+    pub fn detect(var: impl Fn(&str) -> Option<String>, parent_pid: u32) -> Self {
+        let set = |name: &str| var(name).is_some_and(|v| !v.is_empty());
+        if set(SUPERVISED_ENV) {
+            Supervision::Supervise
+        } else if set("INVOCATION_ID") && parent_pid == 1 {
+            Supervision::Systemd
+        } else {
+            Supervision::None
+        }
+    }
+
+    /// The running process's supervision.
+    pub fn of_this_process() -> Self {
+        Self::detect(
+            |name| std::env::var(name).ok(),
+            std::os::unix::process::parent_id(),
+        )
+    }
+
+    /// "systemd", "supervise" or "none": the form in logs and `cluster status --json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Supervision::Systemd => "systemd",
+            Supervision::Supervise => "supervise",
+            Supervision::None => "none",
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SuperviseError {
@@ -81,6 +128,10 @@ pub async fn run(data_dir: &Path, args: Vec<String>) -> Result<ExitStatus, Super
             status = child.wait() => {
                 let status = status.map_err(|source| SuperviseError::Spawn { path: binary.clone(), source })?;
                 tracing::info!(%status, "node exited; starting it again");
+                if status.code() == Some(EXIT_RESTART) {
+                    // A requested restart, not a crash: no back-off.
+                    delay = Duration::ZERO;
+                }
                 None
             }
             _ = term.recv() => Some(libc::SIGTERM),
@@ -103,6 +154,45 @@ pub async fn run(data_dir: &Path, args: Vec<String>) -> Result<ExitStatus, Super
             delay = Duration::from_millis(100);
         }
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
+        delay = (delay * 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn supervision_is_detected_from_the_environment_and_the_parent() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        type Vars = &'static [(&'static str, &'static str)];
+        let table: [(Vars, u32, Supervision); 6] = [
+            (&[], 1, Supervision::None),
+            (&[("INVOCATION_ID", "ab12")], 1, Supervision::Systemd),
+            // Inherited from a user manager's service (e.g. a terminal): not our supervisor.
+            (&[("INVOCATION_ID", "ab12")], 4242, Supervision::None),
+            (&[("INVOCATION_ID", "")], 1, Supervision::None),
+            (&[(SUPERVISED_ENV, "1")], 4242, Supervision::Supervise),
+            // `cluster supervise` run as a systemd service: supervise is the one that restarts.
+            (
+                &[(SUPERVISED_ENV, "1"), ("INVOCATION_ID", "ab12")],
+                4242,
+                Supervision::Supervise,
+            ),
+        ];
+        for (vars, parent, expected) in table {
+            assert_eq!(
+                Supervision::detect(env(vars), parent),
+                expected,
+                "{vars:?} parent {parent}"
+            );
+        }
     }
 }

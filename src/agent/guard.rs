@@ -3,16 +3,19 @@
 //! Activation arms `<data>/boot.json` {generation, from, to, tries_left}. Before every
 //! start the supervisor (`cluster supervise`, or systemd's `ExecStartPre=cluster guard`)
 //! calls [`before_start`]: while `current` is the pending release each start spends a try;
-//! with none left it points `current` back at `from` by itself and records why in
-//! `<data>/boot-restored.json`. Commit and restore disarm it. A data dir with no
-//! `boot.json` is never touched.
+//! with none left (or with the pending release gone from disk) it points `current` back at
+//! `from` by itself and records why in `<data>/boot-restored.json`, which the node reports
+//! to the cluster until it is next upgraded. Commit and restore disarm it. A data dir with
+//! no `boot.json` is never touched, and the guard never deletes a release.
 
 use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use crate::dist::store::write_atomically;
 use crate::dist::ReleaseStore;
+use crate::state::AutoRestore;
 
 const PENDING: &str = "boot.json";
 const RESTORED: &str = "boot-restored.json";
@@ -38,8 +41,12 @@ pub enum GuardOutcome {
     Idle,
     /// One try spent on the pending release; `tries_left` remain after this start.
     Tried { to: String, tries_left: u32 },
-    /// Out of tries: `current` points at `from` again.
-    Restored { from: String, to: String },
+    /// `current` points at `from` again, for `reason`.
+    Restored {
+        from: String,
+        to: String,
+        reason: String,
+    },
     /// `current` no longer points at the pending release (restored or moved on by
     /// someone else): the stale record was dropped.
     Cleared,
@@ -52,47 +59,58 @@ pub fn describe(outcome: &GuardOutcome) -> String {
         GuardOutcome::Tried { to, tries_left } => {
             format!("starting pending release {to} ({tries_left} tries left after this start)")
         }
-        GuardOutcome::Restored { from, to } => {
-            format!("release {to} used up its tries: current points at {from} again")
-        }
+        GuardOutcome::Restored { reason, .. } => reason.clone(),
         GuardOutcome::Cleared => {
             "the pending release is no longer current: dropped the stale record".into()
         }
     }
 }
 
-/// Records a pending upgrade (called when a release is activated).
+/// Records a pending upgrade (called when a release is activated). A new upgrade makes the
+/// last automatic restore history: its record goes.
 pub fn arm(data_dir: &Path, pending: &PendingBoot) -> Result<(), String> {
     let bytes = serde_json::to_vec_pretty(pending).map_err(|e| e.to_string())?;
-    write_atomically(data_dir, PENDING, &bytes).map_err(|e| e.to_string())
+    write_atomically(data_dir, PENDING, &bytes).map_err(|e| e.to_string())?;
+    remove_if_present(&data_dir.join(RESTORED))
 }
 
 /// Clears the pending upgrade (called on commit and on restore).
 pub fn disarm(data_dir: &Path) -> Result<(), String> {
-    match std::fs::remove_file(data_dir.join(PENDING)) {
+    remove_if_present(&data_dir.join(PENDING))
+}
+
+fn remove_if_present(path: &Path) -> Result<(), String> {
+    match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!(
-            "removing {}: {e}",
-            data_dir.join(PENDING).display()
-        )),
+        Err(e) => Err(format!("removing {}: {e}", path.display())),
     }
 }
 
-/// The last automatic restore, if the guard made one since the node last reported it.
-pub fn take_restored(data_dir: &Path) -> Option<String> {
+/// The last automatic restore, kept until the node is next upgraded (so a node reports it
+/// on every start until then, and a crash before the report commits loses nothing).
+/// `Err` names an unreadable record; the node starts anyway.
+pub fn last_restore(data_dir: &Path) -> Result<Option<AutoRestore>, String> {
     let path = data_dir.join(RESTORED);
-    let text = std::fs::read_to_string(&path).ok()?;
-    let _ = std::fs::remove_file(&path);
-    Some(text)
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| format!("{} is corrupt ({e}): remove it", path.display()))
 }
 
-/// Runs before every start of the node. Never deletes a release.
+/// Runs before every start of the node. Never deletes a release; an `Err` changes nothing.
 pub fn before_start(data_dir: &Path) -> Result<GuardOutcome, String> {
     let path = data_dir.join(PENDING);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(GuardOutcome::Idle),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            check_current(data_dir)?;
+            return Ok(GuardOutcome::Idle);
+        }
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
     let mut pending: PendingBoot = serde_json::from_str(&text).map_err(|e| {
@@ -108,33 +126,84 @@ pub fn before_start(data_dir: &Path) -> Result<GuardOutcome, String> {
         disarm(data_dir)?;
         return Ok(GuardOutcome::Cleared);
     }
-    if pending.tries_left > 0 {
+    let reason = if !store.has(&pending.to) {
+        // Tries cannot help a release that is not there.
+        format!(
+            "release {} is missing from {} (rollout generation {}): the boot guard restored \
+             release {}",
+            pending.to,
+            data_dir.join("releases").display(),
+            pending.generation,
+            pending.from
+        )
+    } else if pending.tries_left > 0 {
         pending.tries_left -= 1;
         arm(data_dir, &pending)?;
         return Ok(GuardOutcome::Tried {
             to: pending.to,
             tries_left: pending.tries_left,
         });
-    }
+    } else {
+        format!(
+            "release {} did not stay up for {DEFAULT_TRIES} starts (rollout generation {}): \
+             the boot guard restored release {}",
+            pending.to, pending.generation, pending.from
+        )
+    };
     if !store.has(&pending.from) {
+        let from = if pending.from.is_empty() {
+            "none was recorded".to_string()
+        } else {
+            format!("{} is not on this node", pending.from)
+        };
         return Err(format!(
-            "release {} failed to start and the release to restore ({}) is not on this node: \
-             install a good release with `cluster dist install`",
-            pending.to, pending.from
+            "release {} cannot start and the release to restore ({from}): install a good \
+             release with `cluster dist install <dist> --data-dir {}`",
+            pending.to,
+            data_dir.display()
         ));
     }
+    let record = AutoRestore {
+        from: pending.from.clone(),
+        to: pending.to.clone(),
+        generation: pending.generation,
+        reason: reason.clone(),
+        at_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    };
+    let bytes = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
+    // The record first: a crash between the two leaves a restore that is recorded and
+    // still pending, which the next start completes.
+    write_atomically(data_dir, RESTORED, &bytes).map_err(|e| e.to_string())?;
     store.activate(&pending.from).map_err(|e| e.to_string())?;
-    let why = format!(
-        "release {} did not stay up for {DEFAULT_TRIES} starts (rollout generation {}); \
-         the boot guard restored release {}",
-        pending.to, pending.generation, pending.from
-    );
-    write_atomically(data_dir, RESTORED, why.as_bytes()).map_err(|e| e.to_string())?;
     disarm(data_dir)?;
     Ok(GuardOutcome::Restored {
         from: pending.from,
         to: pending.to,
+        reason,
     })
+}
+
+/// With no upgrade pending the guard changes nothing, but a `current` that points at a
+/// release missing from disk is named here rather than as a failed exec.
+fn check_current(data_dir: &Path) -> Result<(), String> {
+    let link = data_dir.join("current");
+    let Ok(target) = std::fs::read_link(&link) else {
+        return Ok(());
+    };
+    if data_dir.join(&target).join("bin/cluster").exists() {
+        return Ok(());
+    }
+    Err(format!(
+        "{} points at {}, which holds no bin/cluster and no upgrade is pending: \
+         install a release with `cluster dist install <dist> --data-dir {}` \
+         (`cluster dist releases` lists what the node holds)",
+        link.display(),
+        target.display(),
+        data_dir.display()
+    ))
 }
 
 #[cfg(test)]
@@ -222,16 +291,26 @@ mod tests {
             );
             assert_eq!(current(&data).as_deref(), Some(new.as_str()));
         }
-        assert_eq!(
-            before_start(&data).unwrap(),
-            GuardOutcome::Restored {
-                from: old.clone(),
-                to: new.clone()
-            }
-        );
+        let GuardOutcome::Restored { from, to, reason } = before_start(&data).unwrap() else {
+            panic!("the last start restores")
+        };
+        assert_eq!((from.as_str(), to.as_str()), (old.as_str(), new.as_str()));
+        assert!(reason.contains("did not stay up for 3 starts"), "{reason}");
         assert_eq!(current(&data).as_deref(), Some(old.as_str()));
-        let why = take_restored(&data).expect("the restore is recorded");
-        assert!(why.contains(&new) && why.contains("generation 4"), "{why}");
+        let record = last_restore(&data)
+            .unwrap()
+            .expect("the restore is recorded");
+        assert_eq!(
+            (record.from, record.to, record.generation),
+            (old.clone(), new.clone(), 4)
+        );
+        assert!(
+            record.reason.contains(&new) && record.at_ms > 0,
+            "{}",
+            record.reason
+        );
+        // Kept for the node to report on every start, until the next upgrade.
+        assert!(last_restore(&data).unwrap().is_some());
         // Both releases are still there: the guard never deletes one.
         let held = ReleaseStore::open(&data).unwrap().releases().unwrap();
         assert!(held.contains(&old) && held.contains(&new));
@@ -275,5 +354,91 @@ mod tests {
         assert_eq!(before_start(&data).unwrap(), GuardOutcome::Cleared);
         assert!(!data.join(PENDING).exists());
         assert_eq!(current(&data).as_deref(), Some(old.as_str()));
+    }
+
+    #[test]
+    fn a_corrupt_or_foreign_record_of_any_shape_changes_nothing() {
+        for bad in ["", "null", "[]", r#"{"generation":1}"#, r#"{"from":7}"#] {
+            let (dir, _, new) = armed(0);
+            let data = dir.path().join("data");
+            std::fs::write(data.join(PENDING), bad).unwrap();
+            let before = tree(&data);
+            let err = before_start(&data).unwrap_err();
+            assert!(err.contains("corrupt"), "{bad:?}: {err}");
+            assert_eq!(tree(&data), before, "{bad:?}");
+            assert_eq!(current(&data).as_deref(), Some(new.as_str()));
+        }
+    }
+
+    #[test]
+    fn a_missing_previous_link_does_not_stop_the_restore() {
+        // The record names the release to go back to; the `previous` link is not needed.
+        let (dir, old, _) = armed(0);
+        let data = dir.path().join("data");
+        std::fs::remove_file(data.join("previous")).unwrap();
+        assert!(matches!(
+            before_start(&data).unwrap(),
+            GuardOutcome::Restored { .. }
+        ));
+        assert_eq!(current(&data).as_deref(), Some(old.as_str()));
+    }
+
+    #[test]
+    fn a_pending_release_deleted_from_disk_is_restored_at_once() {
+        let (dir, old, new) = armed(3);
+        let data = dir.path().join("data");
+        std::fs::remove_dir_all(data.join("releases").join(&new)).unwrap();
+        let GuardOutcome::Restored { reason, .. } = before_start(&data).unwrap() else {
+            panic!("no try is spent on a release that is not there")
+        };
+        assert!(reason.contains("is missing"), "{reason}");
+        assert_eq!(current(&data).as_deref(), Some(old.as_str()));
+        assert!(ReleaseStore::open(&data).unwrap().has(&old));
+    }
+
+    #[test]
+    fn a_current_link_to_a_deleted_release_with_nothing_pending_is_an_error_that_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let old = install(&data, dir.path(), "old");
+        let gone = install(&data, dir.path(), "gone");
+        let store = ReleaseStore::open(&data).unwrap();
+        store.activate(&old).unwrap();
+        store.pin_previous().unwrap();
+        store.activate(&gone).unwrap();
+        drop(store);
+        std::fs::remove_dir_all(data.join("releases").join(&gone)).unwrap();
+        let before = tree(&data);
+        let err = before_start(&data).unwrap_err();
+        assert!(
+            err.contains("holds no bin/cluster") && err.contains("cluster dist install"),
+            "{err}"
+        );
+        assert_eq!(tree(&data), before);
+        assert!(ReleaseStore::open(&data).unwrap().has(&old));
+    }
+
+    #[test]
+    fn a_new_upgrade_retires_the_last_restore_record() {
+        let (dir, old, new) = armed(0);
+        let data = dir.path().join("data");
+        before_start(&data).unwrap();
+        assert!(last_restore(&data).unwrap().is_some());
+        let pending = PendingBoot {
+            generation: 5,
+            from: old,
+            to: new,
+            tries_left: 3,
+        };
+        arm(&data, &pending).unwrap();
+        assert_eq!(last_restore(&data).unwrap(), None);
+    }
+
+    #[test]
+    fn a_corrupt_restore_record_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(RESTORED), b"restored").unwrap();
+        let err = last_restore(dir.path()).unwrap_err();
+        assert!(err.contains("corrupt"), "{err}");
     }
 }

@@ -262,6 +262,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(u8::try_from(code).unwrap_or(EXIT_FAILURE)));
     }
     init_tracing(if is_node { "info" } else { "warn" });
+    if let Command::Node(NodeCommand::Run(args)) = cli.command {
+        return run_node(args);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -275,16 +278,14 @@ fn init_tracing(default_level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not in the journal or a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Node(NodeCommand::Run(args)) => {
-            let config = config::resolve(args)?;
-            crate::node::run(config, shutdown_signal()?).await?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Node(_) => unreachable!("run_node runs nodes"),
         Command::Status(args) => {
             let mut client = args.target.client()?;
             let status = client.status(args.local).await?;
@@ -440,6 +441,49 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         },
     }
+}
+
+/// `node run`: runs the node, and restarts it the way its supervision calls for: exit
+/// for a supervisor (systemd, `cluster supervise`), or re-execute `current` when there is
+/// none, once the runtime (and with it every file and lock the node held) is gone.
+fn run_node(args: config::RunArgs) -> anyhow::Result<ExitCode> {
+    use crate::supervise::{Supervision, EXIT_RESTART};
+    let config = config::resolve(args)?;
+    let data_dir = config.data_dir.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let stopped = runtime
+        .block_on(async { anyhow::Ok(crate::node::run(config, shutdown_signal()?).await?) })?;
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    match (stopped, Supervision::of_this_process()) {
+        (crate::node::Stopped::Shutdown, _) => Ok(ExitCode::SUCCESS),
+        (crate::node::Stopped::Restart, Supervision::None) => Err(reexec(&data_dir)),
+        (crate::node::Stopped::Restart, _) => Ok(ExitCode::from(EXIT_RESTART as u8)),
+    }
+}
+
+/// Replaces this process with `<data>/current/bin/cluster` and the same arguments, after
+/// running the boot guard as a supervisor would. Returns only on failure.
+fn reexec(data_dir: &std::path::Path) -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    match crate::agent::guard::before_start(data_dir) {
+        Ok(crate::agent::guard::GuardOutcome::Idle) => {}
+        Ok(outcome) => tracing::warn!("boot guard: {}", crate::agent::guard::describe(&outcome)),
+        Err(e) => tracing::error!(error = %e, "boot guard"),
+    }
+    let binary = data_dir.join("current/bin/cluster");
+    tracing::info!(binary = %binary.display(), "re-executing");
+    let error = std::process::Command::new(&binary)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    anyhow::anyhow!(
+        "restart requested but {} cannot be executed ({error}): run the node under systemd or \
+         `cluster supervise`, or install a release with `cluster dist install <dist> --data-dir {}`",
+        binary.display(),
+        data_dir.display()
+    )
 }
 
 /// A future that completes on SIGTERM or SIGINT. The handlers are installed now, before

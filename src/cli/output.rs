@@ -80,6 +80,15 @@ pub fn render_status(status: &ClusterStatus) -> String {
         if let Some(problem) = &node.health_problem {
             out.push_str(&format!("node {} is unhealthy: {problem}\n", node.id));
         }
+        if let Some(restore) = &node.last_auto_restore {
+            out.push_str(&format!(
+                "node {} restored itself from {} to {}: {}\n",
+                node.id,
+                short_hash(&restore.to),
+                short_hash(&restore.from),
+                restore.reason
+            ));
+        }
     }
     out.trim_end().to_string()
 }

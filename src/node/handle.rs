@@ -569,6 +569,8 @@ impl NodeHandle {
                     protocol: info.protocol,
                     boot_id: info.boot_id,
                     started_at_ms: info.started_at_ms,
+                    supervision: info.supervision,
+                    last_auto_restore: info.last_auto_restore,
                     // Only a node's own check is known here: others report theirs.
                     health_problem: if *id == self.id {
                         self.health.problem()

@@ -28,6 +28,7 @@ use crate::raft::{Raft, Timing};
 use crate::rpc::{Channels, ControlClient};
 use crate::state::{Command, NodeInfo, PROTOCOL};
 use crate::store::{self, StoreError};
+use crate::supervise::Supervision;
 
 /// A node's validated configuration (see `cli` for where it comes from).
 #[derive(Clone, Debug)]
@@ -80,11 +81,21 @@ pub enum NodeError {
     Serve(String),
 }
 
-/// Runs a node until `shutdown` completes, then stops it gracefully (exit status 0).
+/// Why a node that ran stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// `shutdown` completed.
+    Shutdown,
+    /// A rollout asked the node to restart into the release `current` now points at.
+    Restart,
+}
+
+/// Runs a node until `shutdown` completes or a restart is requested, then stops it
+/// gracefully. Restarting is the caller's job (see [`Supervision`]).
 pub async fn run(
     config: NodeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), NodeError> {
+) -> Result<Stopped, NodeError> {
     prepare_data_dir(&config.data_dir)?;
     // The store first: "locked by another node" says more than the port that node holds.
     let (log_store, sm) = store::open(&config.data_dir).await?;
@@ -135,6 +146,23 @@ pub async fn run(
         )
         .map_err(|e| NodeError::Releases(e.to_string()))?,
     );
+    let supervision = Supervision::of_this_process();
+    // Reported on every start until the next upgrade; an unreadable record must not keep
+    // the node down.
+    let last_auto_restore =
+        crate::agent::guard::last_restore(&config.data_dir).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "boot guard record");
+            None
+        });
+    if let Some(restore) = &last_auto_restore {
+        tracing::warn!(
+            from = %restore.to,
+            to = %restore.from,
+            generation = restore.generation,
+            "this node restored itself: {}",
+            restore.reason
+        );
+    }
     let health = match &config.health_command {
         Some(_) => HealthState::pending(),
         None => HealthState::default(),
@@ -155,12 +183,20 @@ pub async fn run(
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
+            supervision: supervision.name().to_string(),
+            last_auto_restore,
         },
         agent: agent.clone(),
         health: health.clone(),
         notes: Default::default(),
     });
-    tracing::info!(id = config.id, %addr, build = %node.info.build_hash, "node starting");
+    tracing::info!(
+        id = config.id,
+        %addr,
+        build = %node.info.build_hash,
+        supervision = %supervision.name(),
+        "node starting"
+    );
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let health_check = config.health_command.clone().map(|command| {
@@ -216,14 +252,17 @@ pub async fn run(
 
     let outcome = match outcome {
         Err(e) => Err(e),
-        Ok(()) if stopping => Ok(()),
+        Ok(()) if stopping => Ok(Stopped::Shutdown),
         Ok(()) => {
             tokio::pin!(server);
             tokio::select! {
-                _ = &mut shutdown => Ok(()),
+                _ = &mut shutdown => Ok(Stopped::Shutdown),
                 _ = restart.notified() => {
-                    tracing::info!(id = config.id, "restarting: exiting for the supervisor to start the current release");
-                    Ok(())
+                    match supervision {
+                        Supervision::None => tracing::info!(id = config.id, "restarting: re-executing the current release after a graceful shutdown"),
+                        _ => tracing::info!(id = config.id, supervision = %supervision.name(), "restarting: exiting for the supervisor to start the current release"),
+                    }
+                    Ok(Stopped::Restart)
                 }
                 result = &mut server => Err(NodeError::Serve(match result {
                     Ok(Ok(())) => "exited".to_string(),

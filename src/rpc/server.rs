@@ -315,6 +315,14 @@ impl From<api::ClusterStatus> for pb::StatusReply {
                     started_at_ms: n.started_at_ms,
                     applied_index: n.applied_index,
                     health_problem: n.health_problem,
+                    supervision: n.supervision,
+                    last_auto_restore: n.last_auto_restore.map(|r| pb::AutoRestore {
+                        from: r.from,
+                        to: r.to,
+                        generation: r.generation,
+                        reason: r.reason,
+                        at_ms: r.at_ms,
+                    }),
                 })
                 .collect(),
         }
@@ -346,6 +354,14 @@ impl From<pb::StatusReply> for api::ClusterStatus {
                     boot_id: n.boot_id,
                     started_at_ms: n.started_at_ms,
                     health_problem: n.health_problem,
+                    supervision: n.supervision,
+                    last_auto_restore: n.last_auto_restore.map(|r| crate::state::AutoRestore {
+                        from: r.from,
+                        to: r.to,
+                        generation: r.generation,
+                        reason: r.reason,
+                        at_ms: r.at_ms,
+                    }),
                 })
                 .collect(),
         }

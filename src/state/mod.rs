@@ -82,6 +82,28 @@ pub struct NodeInfo {
     /// Wall-clock start time of the process (unix ms), for operators only: never
     /// compared across machines for decisions.
     pub started_at_ms: u64,
+    /// How the node is supervised: "systemd", "supervise" or "none" (empty from a binary
+    /// that did not report it).
+    pub supervision: String,
+    /// The last time the node's boot guard put the previous release back by itself, kept
+    /// in the report until the node is next upgraded.
+    pub last_auto_restore: Option<AutoRestore>,
+}
+
+/// A release the boot guard gave up on, as the node reports it (written by the guard to
+/// `<data>/boot-restored.json`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct AutoRestore {
+    /// The release put back.
+    pub from: String,
+    /// The release that did not stay up.
+    pub to: String,
+    /// The rollout generation that activated `to`.
+    pub generation: u64,
+    pub reason: String,
+    /// Wall-clock time of the restore (unix ms), for operators only.
+    pub at_ms: u64,
 }
 
 /// A change to the replicated state. Applied in log order on every member.
@@ -576,6 +598,7 @@ mod tests {
             protocol: PROTOCOL,
             boot_id: "b".into(),
             started_at_ms: 1,
+            ..NodeInfo::default()
         }
     }
 

@@ -64,6 +64,9 @@ pub struct Cluster {
     /// Run nodes under `cluster supervise` from `<data>/current/bin/cluster`, with this
     /// dist installed as their first release.
     pub supervised: Option<PathBuf>,
+    /// With `supervised`: run `<data>/current/bin/cluster` directly, with no supervisor
+    /// (the node re-executes itself to restart).
+    pub unsupervised: bool,
 }
 
 impl Cluster {
@@ -76,6 +79,7 @@ impl Cluster {
             nodes: BTreeMap::new(),
             flags: Vec::new(),
             supervised: None,
+            unsupervised: false,
         }
     }
 
@@ -93,6 +97,25 @@ impl Cluster {
         cluster.flags = flags.iter().map(|f| f.to_string()).collect();
         cluster.form(n).await;
         cluster
+    }
+
+    /// Like `start_supervised`, but each node runs `<data>/current/bin/cluster` itself,
+    /// with no supervisor.
+    pub async fn start_unsupervised_on(n: u64, dist: &Path) -> Self {
+        let mut cluster = Self::new();
+        cluster.supervised = Some(dist.to_path_buf());
+        cluster.unsupervised = true;
+        cluster.form(n).await;
+        cluster
+    }
+
+    /// The process id of node `id` (its supervisor's, when supervised).
+    pub fn pid(&mut self, id: u64) -> Option<u32> {
+        let child = self.nodes.get_mut(&id)?.child.as_mut()?;
+        match child.try_wait() {
+            Ok(None) => Some(child.id()),
+            _ => None,
+        }
     }
 
     /// Starts `n` nodes: node 1 bootstraps, the others join through it; waits for n voters.
@@ -137,6 +160,7 @@ impl Cluster {
         let listen = node.addr.clone().unwrap_or_else(|| "127.0.0.1:0".into());
         let mut command = Command::new(BIN);
         if let Some(dist) = &self.supervised {
+            let binary = data_dir.join("current/bin/cluster");
             if !data_dir.join("current").exists() {
                 let out = cli(&[
                     "dist",
@@ -151,11 +175,15 @@ impl Cluster {
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
-            command
-                .arg("supervise")
-                .arg("--data-dir")
-                .arg(&data_dir)
-                .arg("--");
+            if self.unsupervised {
+                command = Command::new(binary);
+            } else {
+                command
+                    .arg("supervise")
+                    .arg("--data-dir")
+                    .arg(&data_dir)
+                    .arg("--");
+            }
         }
         command
             .args(["node", "run", "--id", &id.to_string(), "--listen", &listen])

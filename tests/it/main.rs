@@ -1,8 +1,10 @@
 //! The integration suite: one binary, real `cluster` processes on loopback.
 
+mod boot_guard;
 mod errors;
 mod harness;
 mod operate;
 mod raft;
 mod releases;
 mod rollout;
+mod systemd;

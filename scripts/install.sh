@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Installs a cluster node on this host, run under systemd (run as root; idempotent).
+#
+#   scripts/install.sh --dist <dir> --id <n> --listen <host:port> (--bootstrap | --join <host:port>)
+#       [--advertise <host:port>] [--health-command <cmd>] [--heartbeat-ms <n>]
+#       [--election-timeout-ms <n>] [--no-start] [--dry-run]
+#
+# Creates the `cluster` system user, /var/lib/cluster and /etc/cluster; installs the dist
+# (a directory made by scripts/build-dist.sh) as the node's first release; installs its
+# binary as the stable /usr/local/bin/cluster (the boot guard and the CLI); writes
+# /etc/cluster/node.toml from the flags; installs, enables and starts systemd/cluster.service.
+# Running it again changes only what differs. A host that already has a release keeps it:
+# later releases are rolled out with `cluster update`. --dry-run prints every step and
+# changes nothing. --no-start installs and enables the unit without starting it.
+set -euo pipefail
+
+usage() { sed -n '2,15p' "$0"; }
+fail() { echo "install.sh: $*" >&2; exit 2; }
+
+data_dir=/var/lib/cluster
+config_dir=/etc/cluster
+config=$config_dir/node.toml
+stable=/usr/local/bin/cluster
+unit_dir=/etc/systemd/system
+unit_src=$(cd "$(dirname "$0")/.." && pwd)/systemd/cluster.service
+user=cluster
+
+dist='' id='' listen='' join='' bootstrap=0 advertise='' health='' heartbeat='' election=''
+start=1 dry=0
+need_value() { [ $# -ge 2 ] && [ -n "$2" ] || fail "$1 needs a value (see --help)"; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dist) need_value "$@"; dist=$2; shift 2 ;;
+    --id) need_value "$@"; id=$2; shift 2 ;;
+    --listen) need_value "$@"; listen=$2; shift 2 ;;
+    --join) need_value "$@"; join=$2; shift 2 ;;
+    --bootstrap) bootstrap=1; shift ;;
+    --advertise) need_value "$@"; advertise=$2; shift 2 ;;
+    --health-command) need_value "$@"; health=$2; shift 2 ;;
+    --heartbeat-ms) need_value "$@"; heartbeat=$2; shift 2 ;;
+    --election-timeout-ms) need_value "$@"; election=$2; shift 2 ;;
+    --no-start) start=0; shift ;;
+    --dry-run) dry=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) fail "unknown argument: $1 (see --help)" ;;
+  esac
+done
+
+# Every check before any change: a bad flag leaves the host as it was.
+[ -n "$dist" ] || fail "--dist <dir> is required: a dist made by scripts/build-dist.sh"
+[ -x "$dist/bin/cluster" ] || fail "$dist/bin/cluster is missing or not executable: build the dist with scripts/build-dist.sh"
+[ -n "$id" ] || fail "--id <n> is required: a unique number per host, never reused"
+[[ "$id" =~ ^[1-9][0-9]{0,18}$ ]] || fail "--id must be a positive whole number, not '$id'"
+[ -n "$listen" ] || fail "--listen <host:port> is required, e.g. --listen 10.0.0.1:7100"
+host_port='^([0-9A-Za-z.-]+|\[[0-9a-fA-F:]+\]):[0-9]{1,5}$'
+[[ "$listen" =~ ^([0-9.]+|\[[0-9a-fA-F:]+\]):[0-9]{1,5}$ ]] || fail "--listen must be an IP address and port, e.g. 10.0.0.1:7100, not '$listen'"
+[ "${listen##*:}" -ge 1 ] && [ "${listen##*:}" -le 65535 ] || fail "--listen needs a port from 1 to 65535 (a host's address is part of the membership), not '$listen'"
+if [ "$bootstrap" = 1 ] && [ -n "$join" ]; then
+  fail "--bootstrap and --join exclude each other: bootstrap the first host, join the others"
+fi
+[ "$bootstrap" = 1 ] || [ -n "$join" ] || fail "give --bootstrap (the first host) or --join <host:port> (any member)"
+[ -z "$join" ] || [[ "$join" =~ $host_port ]] || fail "--join must be host:port of a member, not '$join'"
+[ -z "$advertise" ] || [[ "$advertise" =~ $host_port ]] || fail "--advertise must be host:port, not '$advertise'"
+case "$listen" in
+  0.0.0.0:*|\[::\]:*) [ -n "$advertise" ] || fail "listening on $listen needs --advertise <host:port>: the address other hosts reach this one at" ;;
+esac
+for pair in "heartbeat-ms:$heartbeat" "election-timeout-ms:$election"; do
+  value=${pair#*:}
+  [ -z "$value" ] || [[ "$value" =~ ^[1-9][0-9]{0,8}$ ]] || fail "--${pair%%:*} must be a positive number of milliseconds, not '$value'"
+done
+[ -f "$unit_src" ] || fail "$unit_src is missing: run install.sh from a checkout (it installs systemd/cluster.service)"
+"$dist/bin/cluster" dist verify "$dist" >/dev/null || fail "$dist does not match its version.json: rebuild it with scripts/build-dist.sh"
+if [ "$dry" = 0 ]; then
+  [ "$(id -u)" = 0 ] || fail "run as root (sudo scripts/install.sh ...), or add --dry-run to see the steps"
+  command -v systemctl >/dev/null || fail "systemctl not found: this host does not run systemd (use cluster supervise instead)"
+fi
+
+toml_string() { # a TOML basic string
+  local s=${1//\\/\\\\}
+  s=${s//\"/\\\"}
+  printf '"%s"' "$s"
+}
+node_toml() {
+  echo "# Written by scripts/install.sh; the unit runs: cluster node run --config $config"
+  echo "id = $id"
+  echo "listen = $(toml_string "$listen")"
+  [ -z "$advertise" ] || echo "advertise = $(toml_string "$advertise")"
+  echo "data_dir = $(toml_string "$data_dir")"
+  if [ "$bootstrap" = 1 ]; then echo "bootstrap = true"; else echo "join = $(toml_string "$join")"; fi
+  [ -z "$heartbeat" ] || echo "heartbeat_ms = $heartbeat"
+  [ -z "$election" ] || echo "election_timeout_ms = $election"
+  [ -z "$health" ] || echo "health_command = $(toml_string "$health")"
+}
+
+step() { # step <description> <command...>: runs it, or only says it in a dry run
+  local what=$1; shift
+  if [ "$dry" = 1 ]; then echo "would $what: $*"; else echo "$what"; "$@"; fi
+}
+# Writes stdin to <path> with <mode>, atomically, unless it already holds exactly that.
+put_file() {
+  local path=$1 mode=$2 content
+  content=$(cat)
+  if [ -f "$path" ] && [ "$(cat "$path")" = "$content" ]; then
+    echo "$path is up to date"
+    return
+  fi
+  if [ "$dry" = 1 ]; then
+    echo "would write $path (mode $mode):"
+    printf '%s\n' "$content" | sed 's/^/    /'
+    return
+  fi
+  printf '%s\n' "$content" >"$path.tmp.$$"
+  chmod "$mode" "$path.tmp.$$"
+  mv -f "$path.tmp.$$" "$path"
+  echo "wrote $path"
+}
+
+if getent passwd "$user" >/dev/null; then
+  echo "user $user exists"
+else
+  step "create the system user $user" useradd --system --user-group --home-dir "$data_dir" \
+    --no-create-home --shell /usr/sbin/nologin "$user"
+fi
+step "create $data_dir" install -d -m 0750 "$data_dir"
+step "make $data_dir the service user's" chown "$user:$user" "$data_dir"
+step "create $config_dir" install -d -m 0755 "$config_dir"
+
+if cmp -s "$dist/bin/cluster" "$stable"; then
+  echo "$stable is up to date"
+else
+  step "install the stable binary (boot guard, CLI) as $stable" install -m 0755 "$dist/bin/cluster" "$stable"
+fi
+
+if [ -L "$data_dir/current" ]; then
+  echo "$data_dir already runs release $(basename "$(readlink "$data_dir/current")"): roll out new releases with cluster update"
+else
+  step "install $dist as the first release" "$dist/bin/cluster" dist install "$dist" --data-dir "$data_dir"
+  step "make the release the service user's" chown -R "$user:$user" "$data_dir"
+fi
+
+node_toml | put_file "$config" 0644
+
+if cmp -s "$unit_src" "$unit_dir/cluster.service"; then
+  echo "$unit_dir/cluster.service is up to date"
+else
+  step "install the unit" install -m 0644 "$unit_src" "$unit_dir/cluster.service"
+  step "reload systemd" systemctl daemon-reload
+fi
+step "enable the unit" systemctl enable --quiet cluster.service
+if [ "$start" = 1 ]; then
+  step "start the node" systemctl start cluster.service
+else
+  echo "not starting the node (--no-start): systemctl start cluster.service"
+fi

@@ -1,0 +1,379 @@
+//! The systemd unit and the install scripts, statically: `systemd-analyze verify` on the
+//! unit in a root of its own, and the scripts' dry runs and flag errors (which change
+//! nothing). The unit under a real systemd is tests/nspawn/run.sh.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use crate::harness::make_release;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The absolute paths of the executables a unit's Exec*= lines name.
+fn executables(unit: &str) -> Vec<String> {
+    unit.lines()
+        .filter(|line| line.starts_with("Exec"))
+        .filter_map(|line| line.split_once('='))
+        .filter_map(|(_, command)| {
+            let command = command.trim_start_matches(['-', '@', ':', '+', '!']);
+            command.split_whitespace().next().map(str::to_string)
+        })
+        .collect()
+}
+
+#[test]
+fn the_unit_passes_systemd_analyze_verify_with_no_warning() {
+    let Ok(version) = Command::new("systemd-analyze").arg("--version").output() else {
+        println!("SKIPPED: systemd-analyze is not installed (apt-get install systemd)");
+        return;
+    };
+    assert!(version.status.success());
+    let unit_path = repo().join("systemd/cluster.service");
+    let unit = std::fs::read_to_string(&unit_path).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let system = root.path().join("etc/systemd/system");
+    std::fs::create_dir_all(&system).unwrap();
+    std::fs::copy(&unit_path, system.join("cluster.service")).unwrap();
+    // The distro's units, so dependencies such as network-online.target resolve.
+    let distro_units = Path::new("/usr/lib/systemd/system");
+    std::fs::create_dir_all(root.path().join("usr/lib/systemd")).unwrap();
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(distro_units)
+        .arg(root.path().join("usr/lib/systemd/"))
+        .status();
+    assert!(
+        copied.is_ok_and(|s| s.success()),
+        "copying {distro_units:?}"
+    );
+    let named = executables(&unit);
+    assert_eq!(
+        named,
+        [
+            "/usr/local/bin/cluster",
+            "/var/lib/cluster/current/bin/cluster"
+        ],
+        "the unit runs the guard from the stable binary and the node from `current`"
+    );
+    for exe in &named {
+        let path = root.path().join(exe.trim_start_matches('/'));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", root.path().display()))
+        .arg("cluster.service")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    // Unknown keys and bad values are warnings with exit status 0: any output fails.
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        text(&out)
+    );
+    // And it does catch a bad key: the check is not vacuous.
+    let mut broken = unit.clone();
+    broken.push_str("RestartSecs=1\n");
+    std::fs::write(system.join("cluster.service"), broken).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", root.path().display()))
+        .arg("cluster.service")
+        .output()
+        .unwrap();
+    assert!(
+        !out.stderr.is_empty(),
+        "a bad key is reported: {}",
+        text(&out)
+    );
+}
+
+fn script(name: &str, args: &[&str]) -> Output {
+    Command::new("bash")
+        .arg(repo().join("scripts").join(name))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// What the scripts could touch on this host, to show a dry run or an error changed nothing.
+fn host_state() -> Vec<String> {
+    [
+        "/var/lib/cluster",
+        "/etc/cluster",
+        "/usr/local/bin/cluster",
+        "/etc/systemd/system/cluster.service",
+    ]
+    .iter()
+    .map(|path| {
+        let meta = std::fs::symlink_metadata(path)
+            .map(|m| format!("{:?} {:o}", m.file_type(), m.permissions().mode()))
+            .unwrap_or_else(|_| "absent".into());
+        format!("{path}: {meta}")
+    })
+    .collect()
+}
+
+#[test]
+fn install_dry_run_prints_every_step_and_changes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let dist = work.path().join("dist");
+    make_release(&dist, &[]);
+    let before = host_state();
+    let out = script(
+        "install.sh",
+        &[
+            "--dist",
+            dist.to_str().unwrap(),
+            "--id",
+            "2",
+            "--listen",
+            "10.0.0.2:7100",
+            "--join",
+            "10.0.0.1:7100",
+            "--health-command",
+            "test -e current/bin/cluster",
+            "--dry-run",
+        ],
+    );
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    for expected in [
+        "/usr/local/bin/cluster",
+        "dist install",
+        "/etc/cluster/node.toml",
+        "id = 2",
+        "listen = \"10.0.0.2:7100\"",
+        "join = \"10.0.0.1:7100\"",
+        "data_dir = \"/var/lib/cluster\"",
+        "health_command = \"test -e current/bin/cluster\"",
+        "systemctl enable",
+        "systemctl start cluster.service",
+    ] {
+        assert!(
+            shown.contains(expected),
+            "dry run shows {expected:?}: {shown}"
+        );
+    }
+    assert_eq!(host_state(), before, "a dry run changes nothing");
+
+    // The config it would write is one the node accepts.
+    let toml: String = shown
+        .lines()
+        .skip_while(|line| !line.starts_with("would write /etc/cluster/node.toml"))
+        .skip(1)
+        .take_while(|line| line.starts_with("    "))
+        .map(|line| format!("{}\n", line.trim_start()))
+        .collect();
+    let config = work.path().join("node.toml");
+    std::fs::write(&config, toml.replace("/var/lib/cluster", "/nonexistent/x")).unwrap();
+    let node = crate::harness::cli(&[
+        "node",
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:1",
+        "--election-timeout-ms",
+        "1",
+    ]);
+    let said = text(&node);
+    assert!(
+        !said.contains("malformed") && said.contains("election"),
+        "the written config parses (only the flag given here is refused): {said}"
+    );
+
+    let uninstall = script("uninstall.sh", &["--purge", "--dry-run"]);
+    assert!(uninstall.status.success(), "{}", text(&uninstall));
+    assert_eq!(host_state(), before, "an uninstall dry run changes nothing");
+}
+
+#[test]
+fn install_refuses_bad_flags_with_a_clear_error_and_changes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let dist = work.path().join("dist");
+    make_release(&dist, &[]);
+    let dist = dist.to_str().unwrap();
+    let before = host_state();
+    let cases: [(&[&str], &str); 9] = [
+        (
+            &["--id", "1", "--listen", "10.0.0.1:7100", "--bootstrap"],
+            "--dist",
+        ),
+        (
+            &[
+                "--dist",
+                "/nonexistent",
+                "--id",
+                "1",
+                "--listen",
+                "10.0.0.1:7100",
+                "--bootstrap",
+            ],
+            "missing or not executable",
+        ),
+        (
+            &[
+                "--dist",
+                dist,
+                "--id",
+                "0",
+                "--listen",
+                "10.0.0.1:7100",
+                "--bootstrap",
+            ],
+            "--id",
+        ),
+        (
+            &[
+                "--dist",
+                dist,
+                "--id",
+                "1",
+                "--listen",
+                "somewhere",
+                "--bootstrap",
+            ],
+            "--listen",
+        ),
+        (
+            &[
+                "--dist",
+                dist,
+                "--id",
+                "1",
+                "--listen",
+                "10.0.0.1:0",
+                "--bootstrap",
+            ],
+            "port",
+        ),
+        (
+            &["--dist", dist, "--id", "1", "--listen", "10.0.0.1:7100"],
+            "--bootstrap",
+        ),
+        (
+            &[
+                "--dist",
+                dist,
+                "--id",
+                "1",
+                "--listen",
+                "10.0.0.1:7100",
+                "--bootstrap",
+                "--join",
+                "10.0.0.2:7100",
+            ],
+            "exclude each other",
+        ),
+        (
+            &[
+                "--dist",
+                dist,
+                "--id",
+                "1",
+                "--listen",
+                "0.0.0.0:7100",
+                "--bootstrap",
+            ],
+            "--advertise",
+        ),
+        (
+            &[
+                "--dist",
+                dist,
+                "--id",
+                "1",
+                "--listen",
+                "10.0.0.1:7100",
+                "--bootstrap",
+                "--bogus",
+            ],
+            "unknown argument",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = script("install.sh", args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(expected), "{args:?}: {}", text(&out));
+    }
+    // A dist that does not match its version.json.
+    std::fs::write(Path::new(dist).join("bin/extra"), "tampered").unwrap();
+    let out = script(
+        "install.sh",
+        &[
+            "--dist",
+            dist,
+            "--id",
+            "1",
+            "--listen",
+            "10.0.0.1:7100",
+            "--bootstrap",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("version.json"), "{}", text(&out));
+    assert_eq!(host_state(), before);
+}
+
+/// The README's production block is what tests/nspawn/run.sh runs; this checks it without
+/// root: every line sits under a host marker the runner knows, and every install.sh line
+/// is accepted by install.sh (as a dry run, on a real dist).
+#[test]
+fn the_readme_production_block_is_runnable_as_written() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let block: Vec<&str> = readme
+        .lines()
+        .skip_while(|line| !line.starts_with("<!-- production-install: tests/nspawn/run.sh"))
+        .skip_while(|line| *line != "```sh")
+        .skip(1)
+        .take_while(|line| *line != "```")
+        .collect();
+    assert!(block.len() > 5, "README.md has the production block");
+    let work = tempfile::tempdir().unwrap();
+    let dist = work.path().join("dist");
+    make_release(&dist, &[]);
+    let mut context = None;
+    let mut installs = 0;
+    for line in block {
+        if let Some(marker) = line.strip_prefix("# ") {
+            let known = ["build host", "any host", "host "]
+                .iter()
+                .find(|m| marker.starts_with(*m));
+            if let Some(known) = known {
+                context = Some(*known);
+            }
+            continue;
+        }
+        assert!(context.is_some(), "{line:?} comes after a host marker");
+        if let Some(install) = line.strip_prefix("sudo scripts/install.sh ") {
+            assert!(context == Some("host "), "{line:?} runs on a host");
+            let mut args: Vec<String> = install
+                .split_whitespace()
+                .map(|arg| arg.replace("/tmp/cluster-dist", dist.to_str().unwrap()))
+                .collect();
+            args.push("--dry-run".into());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = script("install.sh", &args);
+            assert!(out.status.success(), "{line}: {}", text(&out));
+            installs += 1;
+        }
+    }
+    assert_eq!(installs, 3, "three hosts are installed");
+}

@@ -1,0 +1,339 @@
+#!/usr/bin/env bash
+# The production install under a real systemd: three systemd-nspawn containers each boot
+# systemd 252 (Debian bookworm, built once by tests/nspawn/rootfs.sh), share the host's
+# network, and run the README's "Production install" block line by line (10.0.0.N:7100 ->
+# 127.0.0.1:<free port>, /tmp/cluster-dist* -> the test's dists). Then a release whose
+# binary exits 1 (and then one that crash-loops) is rolled out, the leader and the third
+# node are killed once the first follower has activated it, and the follower's boot guard
+# must undo it under systemd with no leader anywhere.
+#
+#   tests/nspawn/run.sh          # as root; skips (exit 0) saying why where it cannot run
+#
+# Environment: CLUSTER_BUILD_PROFILE (passed to scripts/build-dist.sh; default release),
+# CLUSTER_TEST_CACHE (where the bookworm root is cached; default /var/cache/cluster-test),
+# KEEP=1 (keep the work dir).
+#
+# Each container runs in cgroups of its own under /sys/fs/cgroup/<controller>/ (never the
+# host's: a systemd manager adopts the cgroup it starts in), is driven with
+# `nsenter -t <its systemd> -a`, and is stopped with `systemctl poweroff`. The trap stops
+# containers, removes their cgroups and the work dir even when a check fails.
+set -euo pipefail
+
+skip() { echo "SKIPPED: tests/nspawn/run.sh: $*"; exit 0; }
+[ "$(id -u)" = 0 ] || skip "needs root (systemd-nspawn boots containers)"
+for tool in systemd-nspawn debootstrap nsenter jq; do
+  command -v "$tool" >/dev/null || skip "$tool is missing (apt-get install systemd-container debootstrap jq)"
+done
+[ -d /sys/fs/cgroup ] || skip "no /sys/fs/cgroup"
+
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+rootfs=$("$repo/tests/nspawn/rootfs.sh")
+work=$(mktemp -d /tmp/cluster-nspawn-XXXXXX)
+tag=cluster-nspawn-$$
+declare -A pid1=() nspawn=() port=()
+bg_update=''
+started=$(date +%s)
+
+log() { echo "[nspawn $(($(date +%s) - started))s] $*"; }
+
+fail() {
+  echo "FAILED: $*" >&2
+  for n in 1 2 3; do
+    [ -n "${pid1[$n]:-}" ] || continue
+    echo "--- container $n: journalctl -u cluster (last 40 lines) ---" >&2
+    in_c "$n" journalctl -u cluster --no-pager -n 40 >&2 || true
+  done
+  exit 1
+}
+
+cleanup() {
+  local status=$?
+  [ -z "$bg_update" ] || kill "$bg_update" 2>/dev/null || true
+  for n in "${!nspawn[@]}"; do
+    if kill -0 "${nspawn[$n]}" 2>/dev/null; then
+      timeout 10 nsenter -t "${pid1[$n]}" -a systemctl poweroff >/dev/null 2>&1 || true
+    fi
+  done
+  for n in "${!nspawn[@]}"; do
+    for _ in $(seq 1 150); do kill -0 "${nspawn[$n]}" 2>/dev/null || break; sleep 0.2; done
+    if kill -0 "${nspawn[$n]}" 2>/dev/null; then
+      echo "container $n did not power off: killing it" >&2
+      kill -KILL "${nspawn[$n]}" 2>/dev/null || true
+    fi
+  done
+  for n in 1 2 3; do
+    for hierarchy in /sys/fs/cgroup/*/; do
+      local cg=$hierarchy$tag-$n
+      [ -d "$cg" ] || continue
+      # Anything left in it (a stuck container) is killed before the cgroup goes.
+      find "$cg" -name cgroup.procs -exec cat {} + 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
+      for _ in $(seq 1 50); do
+        find "$cg" -depth -type d -exec rmdir {} + 2>/dev/null || true
+        [ -d "$cg" ] || break
+        sleep 0.1
+      done
+      [ ! -d "$cg" ] || echo "could not remove cgroup $cg" >&2
+    done
+  done
+  if [ "${KEEP:-0}" = 1 ]; then echo "kept $work"; else rm -rf "$work"; fi
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'echo "interrupted: cleaning up" >&2; exit 130' INT TERM
+
+# Runs a command in container <n> (all its namespaces, a clean environment). In the
+# background with `wait`, so an interrupt runs the cleanup at once.
+in_c() {
+  local n=$1; shift
+  timeout 300 nsenter -t "${pid1[$n]}" -a \
+    env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root "$@" </dev/null &
+  wait $!
+}
+# A container's file, read from the host.
+c_path() { echo "/proc/${pid1[$1]}/root$2"; }
+
+free_port() {
+  local p
+  while :; do
+    p=$(shuf -i 20000-60000 -n 1)
+    ss -Hltn "sport = :$p" | grep -q . || { echo "$p"; return; }
+  done
+}
+
+# Boots container <n> in cgroups of its own.
+boot() {
+  local n=$1 hierarchy cg
+  for hierarchy in /sys/fs/cgroup/*/; do
+    cg=$hierarchy$tag-$n
+    mkdir "$cg"
+    # A v1 cpuset cgroup takes no task before it has cpus and mems.
+    if [ -f "$hierarchy/cpuset.cpus" ]; then
+      cat "$hierarchy/cpuset.cpus" >"$cg/cpuset.cpus"
+      cat "$hierarchy/cpuset.mems" >"$cg/cpuset.mems"
+    fi
+  done
+  (
+    for hierarchy in /sys/fs/cgroup/*/; do echo "$BASHPID" >"$hierarchy$tag-$n/cgroup.procs"; done
+    exec systemd-nspawn -D "$rootfs" -M "$tag-$n" -b --volatile=overlay --register=no \
+      --keep-unit --console=passive \
+      --bind-ro="$repo/scripts:/opt/cluster/scripts" \
+      --bind-ro="$repo/systemd:/opt/cluster/systemd" \
+      --bind-ro="$work/dists:/opt/dists"
+  ) >"$work/console-$n.log" 2>&1 &
+  nspawn[$n]=$!
+  local child=''
+  for _ in $(seq 1 100); do
+    child=$(cat "/proc/${nspawn[$n]}/task/${nspawn[$n]}/children" 2>/dev/null || true)
+    [ -n "$child" ] && [ "$(cat "/proc/${child%% *}/comm" 2>/dev/null)" = systemd ] && break
+    sleep 0.1
+  done
+  [ -n "$child" ] || fail "container $n did not start: $(cat "$work/console-$n.log")"
+  pid1[$n]=${child%% *}
+  # Until systemd listens, systemctl cannot connect at all; then it says how boot went.
+  local state=''
+  for _ in $(seq 1 300); do
+    state=$(in_c "$n" systemctl is-system-running 2>/dev/null || true)
+    case "$state" in initializing|starting|'') sleep 0.1 ;; *) break ;; esac
+  done
+  [ "$state" = running ] || fail "container $n booted '$state': $(in_c "$n" systemctl --failed --no-pager)"
+}
+
+mkdir -p "$work/dists" "$work/extra-2/share/cluster"
+echo "the second build" >"$work/extra-2/share/cluster/NOTES"
+for n in 1 2 3; do port[$n]=$(free_port); done
+log "booting 3 containers from $rootfs"
+for n in 1 2 3; do boot "$n"; done
+log "booted: systemd pids ${pid1[1]} ${pid1[2]} ${pid1[3]}; ports ${port[1]} ${port[2]} ${port[3]}"
+
+map_addresses() {
+  local line=$1 n
+  for n in 1 2 3; do line=${line//10.0.0.$n:7100/127.0.0.1:${port[$n]}}; done
+  echo "$line"
+}
+
+# The README's block, line by line: "# build host" lines run here, "# host N" lines in
+# container N, "# any host" lines in every container.
+readme_block=$(sed -n '/^<!-- production-install: tests/,/^<!-- production-install: end/p' "$repo/README.md" |
+  sed -n '/^```sh$/,/^```$/p' | sed '1d;$d')
+[ -n "$readme_block" ] || fail "README.md has no production-install block"
+context='' builds=0
+declare -A main_pid_before=()
+while IFS= read -r line; do
+  case "$line" in
+    '# build host'*) context=build; continue ;;
+    '# any host'*) context=any; continue ;;
+    '# host '[0-9]*) context=${line#\# host }; context=${context%%[^0-9]*}; continue ;;
+    '#'*|'') continue ;;
+  esac
+  line=$(map_addresses "${line#sudo }")
+  case "$context" in
+    build)
+      line=${line//\/tmp\/cluster-dist/$work/dists/cluster-dist}
+      builds=$((builds + 1))
+      log "build host: $line"
+      # The second build ships one more file, as a later checkout would differ.
+      extra=''
+      [ "$builds" -lt 2 ] || extra=$work/extra-2
+      (cd "$repo" && CLUSTER_DIST_EXTRA=$extra bash -c "$line") </dev/null >"$work/build-$builds.log" 2>&1 &
+      wait $! ||
+        fail "$line: $(tail -20 "$work/build-$builds.log")"
+      ;;
+    any|[0-9])
+      line=${line//\/tmp\/cluster-dist//opt/dists/cluster-dist}
+      hosts=$context
+      [ "$context" != any ] || hosts='1 2 3'
+      if [[ "$line" == "cluster update"* ]]; then
+        for n in 1 2 3; do
+          main_pid_before[$n]=$(in_c "$n" systemctl show -p MainPID --value cluster)
+        done
+      fi
+      for n in $hosts; do
+        log "host $n: $line"
+        in_c "$n" sh -c "cd /opt/cluster && $line" >"$work/host-$n.out" 2>&1 ||
+          fail "host $n: $line: $(tail -30 "$work/host-$n.out")"
+        tail -5 "$work/host-$n.out" | sed 's/^/    /'
+      done
+      ;;
+    *) fail "README line outside a host context: $line" ;;
+  esac
+done <<<"$readme_block"
+
+hash2=$(jq -r .buildHash "$work/dists/cluster-dist-2/version.json")
+hash1=$(jq -r .buildHash "$work/dists/cluster-dist/version.json")
+[ "$hash1" != "$hash2" ] || fail "the two builds have the same hash"
+cli=$work/dists/cluster-dist-2/bin/cluster
+status_json() { "$cli" status --json --node "127.0.0.1:${port[1]}"; }
+status=$(status_json)
+[ "$(jq '[.nodes[] | select(.role == "voter")] | length' <<<"$status")" = 3 ] || fail "not 3 voters: $status"
+[ "$(jq --arg h "$hash2" '[.nodes[] | select(.build_hash == $h and .supervision == "systemd")] | length' <<<"$status")" = 3 ] ||
+  fail "not every node runs $hash2 under systemd: $status"
+for n in 1 2 3; do
+  show=$(in_c "$n" systemctl show -p NRestarts,MainPID cluster)
+  restarts=$(sed -n 's/^NRestarts=//p' <<<"$show")
+  main_pid=$(sed -n 's/^MainPID=//p' <<<"$show")
+  [ "$restarts" = 1 ] || fail "host $n: restarted $restarts times for the update, not once ($show)"
+  [ "$main_pid" != 0 ] && [ "$main_pid" != "${main_pid_before[$n]}" ] ||
+    fail "host $n: MainPID $main_pid (before the update ${main_pid_before[$n]})"
+  journal=$(in_c "$n" journalctl -u cluster --no-pager)
+  for expected in "supervision=systemd" "restarting: exiting for the supervisor" \
+    "starting pending release $hash2"; do
+    grep -qF "$expected" <<<"$journal" || fail "host $n: the journal lacks \"$expected\""
+  done
+done
+log "update: 3 nodes on ${hash2:0:12}, each restarted once by systemd (NRestarts=1, new MainPID)"
+
+# install.sh again with the same flags: nothing changes, the node keeps running.
+pid_before=$(in_c 2 systemctl show -p MainPID --value cluster)
+again=$(in_c 2 sh -c "cd /opt/cluster && scripts/install.sh --dist /opt/dists/cluster-dist --id 2 \
+  --listen 127.0.0.1:${port[2]} --join 127.0.0.1:${port[1]}") || fail "install.sh again: $again"
+for expected in "user cluster exists" "/etc/cluster/node.toml is up to date" \
+  "/etc/systemd/system/cluster.service is up to date" "already runs release $hash2"; do
+  grep -qF "$expected" <<<"$again" || fail "install.sh again does not say \"$expected\": $again"
+done
+[ "$(in_c 2 systemctl show -p MainPID --value cluster)" = "$pid_before" ] ||
+  fail "install.sh again restarted the node"
+log "install.sh again: nothing changed, node 2 kept running"
+
+# Rolls out the bad release in $work/dists/<name>; the moment a follower has activated it,
+# kills the leader and the third node (their units stopped) and crashes the follower's
+# node: alone, with no leader possible, its boot guard must put the good release back.
+undone_with_no_leader() {
+  local name=$1 bad leader updated='' bystander restarts_before restarts_after t0 n state
+  bad=$("$cli" dist stamp "$work/dists/$name")
+  wait_for_no_rollout
+  leader=$(status_json | jq -r .leader)
+  "$cli" update --dist "$work/dists/$name" --node "127.0.0.1:${port[$leader]}" \
+    --health-deadline-ms 30000 >"$work/$name-update.log" 2>&1 &
+  bg_update=$!
+  log "$name: rolling out ${bad:0:12} through leader $leader"
+  for _ in $(seq 1 600); do
+    for n in 1 2 3; do
+      [ "$n" != "$leader" ] || continue
+      if [ -e "$(c_path "$n" /var/lib/cluster/boot.json)" ] &&
+        [ "$(basename "$(readlink "$(c_path "$n" /var/lib/cluster/current)")")" = "$bad" ]; then
+        updated=$n
+        break 2
+      fi
+    done
+    sleep 0.1
+  done
+  [ -n "$updated" ] || fail "$name: no follower activated it: $(cat "$work/$name-update.log")"
+  bystander=$((6 - leader - updated))
+  restarts_before=$(in_c "$updated" systemctl show -p NRestarts --value cluster)
+  for n in "$leader" "$bystander"; do
+    in_c "$n" sh -c 'systemctl kill -s KILL cluster; systemctl stop cluster'
+  done
+  # The leader may have died before it told the node to restart: the node crashes instead.
+  in_c "$updated" systemctl kill -s KILL cluster || true
+  log "$name: killed leader $leader and node $bystander; node $updated alone on ${bad:0:12}"
+  t0=$(date +%s%N)
+  local restored=0
+  for _ in $(seq 1 900); do
+    if [ -e "$(c_path "$updated" /var/lib/cluster/boot-restored.json)" ] &&
+      [ ! -e "$(c_path "$updated" /var/lib/cluster/boot.json)" ] &&
+      [ "$(basename "$(readlink "$(c_path "$updated" /var/lib/cluster/current)")")" = "$hash2" ]; then
+      restored=1
+      break
+    fi
+    sleep 0.1
+  done
+  [ "$restored" = 1 ] || fail "$name: node $updated's boot guard did not restore ${hash2:0:12}"
+  log "$name: node $updated back on ${hash2:0:12} after $((($(date +%s%N) - t0) / 1000000)) ms, no leader anywhere"
+  for n in "$leader" "$bystander"; do
+    state=$(in_c "$n" systemctl is-active cluster || true)
+    [ "$state" != active ] || fail "$name: node $n should be down during the restore"
+  done
+  in_c "$updated" journalctl -u cluster --no-pager | grep -qF "release $bad did not stay up for 3 starts" ||
+    fail "$name: node $updated's journal lacks the guard's restore"
+  restarts_after=$(in_c "$updated" systemctl show -p NRestarts --value cluster)
+  [ $((restarts_after - restarts_before)) -ge 4 ] ||
+    fail "$name: node $updated restarted $((restarts_after - restarts_before)) times (3 tries and the restore need 4)"
+
+  for n in "$leader" "$bystander"; do in_c "$n" systemctl start cluster; done
+  local node_json=''
+  for _ in $(seq 1 300); do
+    node_json=$("$cli" status --json --node "127.0.0.1:${port[$updated]}" 2>/dev/null |
+      jq -c --argjson id "$updated" --arg good "$hash2" --arg bad "$bad" \
+        'select((.nodes | map(select(.role == "voter" and (.state == "leader" or .state == "follower"))) | length) == 3)
+         | .nodes[] | select(.id == $id and .build_hash == $good and .last_auto_restore.to == $bad)' || true)
+    [ -z "$node_json" ] || break
+    sleep 0.2
+  done
+  [ -n "$node_json" ] || fail "$name: the cluster does not show node $updated's automatic restore: $(status_json)"
+  "$cli" status --node "127.0.0.1:${port[$updated]}" | grep -F "node $updated restored itself from ${bad:0:12} to ${hash2:0:12}" ||
+    fail "$name: cluster status does not show the restore"
+  kill "$bg_update" 2>/dev/null || true
+  bg_update=''
+}
+
+# The rollout a test left behind ends (the resumed one fails its health deadline and reverts).
+wait_for_no_rollout() {
+  for _ in $(seq 1 600); do
+    [ "$(status_json 2>/dev/null | jq -r '.rollout == null' || true)" = true ] && return
+    sleep 0.2
+  done
+  fail "a rollout is still active: $(status_json)"
+}
+
+# A release whose binary exits 1 at once.
+mkdir -p "$work/dists/exits-at-once/bin"
+printf '#!/bin/sh\necho "this release cannot start" >&2\nexit 1\n' >"$work/dists/exits-at-once/bin/cluster"
+chmod 0755 "$work/dists/exits-at-once/bin/cluster"
+undone_with_no_leader exits-at-once
+# A release that starts, serves for 2 s, and is killed, again and again.
+mkdir -p "$work/dists/crash-loops/bin"
+cp "$cli" "$work/dists/crash-loops/bin/cluster.real"
+printf '#!/bin/sh\n( sleep 2; kill -9 $$ ) &\nexec "$(dirname "$0")/cluster.real" "$@"\n' >"$work/dists/crash-loops/bin/cluster"
+chmod 0755 "$work/dists/crash-loops/bin/cluster"
+undone_with_no_leader crash-loops
+
+# uninstall.sh keeps the node's data; --purge removes it.
+in_c 3 /opt/cluster/scripts/uninstall.sh >"$work/uninstall.out" 2>&1 || fail "uninstall.sh: $(cat "$work/uninstall.out")"
+[ ! -e "$(c_path 3 /etc/systemd/system/cluster.service)" ] && [ ! -e "$(c_path 3 /usr/local/bin/cluster)" ] &&
+  [ -L "$(c_path 3 /var/lib/cluster/current)" ] || fail "uninstall.sh: $(cat "$work/uninstall.out")"
+[ "$(in_c 3 systemctl is-active cluster || true)" != active ] || fail "uninstall.sh left the node running"
+in_c 3 /opt/cluster/scripts/uninstall.sh --purge >"$work/uninstall.out" 2>&1 || fail "uninstall.sh --purge: $(cat "$work/uninstall.out")"
+[ ! -e "$(c_path 3 /var/lib/cluster)" ] && [ ! -e "$(c_path 3 /etc/cluster)" ] || fail "uninstall.sh --purge: $(cat "$work/uninstall.out")"
+in_c 3 getent passwd cluster >/dev/null && fail "uninstall.sh --purge kept the user"
+log "uninstall.sh kept the data; --purge removed it"
+log "PASSED: README production install under systemd, and the boot guard with no leader"
