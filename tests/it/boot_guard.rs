@@ -21,6 +21,7 @@ impl Background {
             .args(["update", "--dist", dist.to_str().unwrap(), "--node", node])
             // Long waits: the leader must not act on the node again before it is killed.
             .args(["--health-deadline-ms", "120000", "--stabilize-ms", "1000"])
+            .args(["--soak-ms", "0"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -236,6 +237,8 @@ async fn a_node_with_no_supervisor_re_executes_itself_into_the_new_release() {
         &cluster.addr(1),
         "--stabilize-ms",
         "1000",
+        "--soak-ms",
+        "0",
         "--poll-interval-ms",
         "100",
         "--json",
