@@ -70,7 +70,7 @@ enum Command {
         1 the rollout failed or was reverted."
     )]
     Update(rollout::UpdateArgs),
-    /// Inspect rollouts: the active one and the history
+    /// Inspect and operate rollouts: status, history, pause/resume/abort, automatic rollouts on/off
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
     /// Start a real 3-node cluster on loopback, roll out a new release, show it, clean up
