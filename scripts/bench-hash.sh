@@ -2,8 +2,9 @@
 # Measures how fast `cluster dist stamp` hashes a dist, against plain SHA-256 tools over the
 # same files: `openssl dgst -sha256` and `sha256sum`, each as one process fed by
 # `find -print0 | xargs -0` (and, for reference, openssl as two processes, since stamp uses
-# every core). `dist stamp` does more than either: a SHA-256 of every file, FastCDC
-# chunking, and a SHA-256 of every chunk, in one read.
+# every core). `dist stamp` computes what either does (a SHA-256 of every file, on every
+# core) plus the build hash; the FastCDC chunks a release sync needs are computed by
+# `dist push`, `update` and `install`, not by `stamp`.
 #
 # The dist (SIZE_MIB in total, default 1024) is generated deterministically in a temp dir:
 # many small files (1-64 KiB, 1/8 of the bytes), some medium ones (1-8 MiB, 3/8) and four
@@ -16,7 +17,7 @@
 #   scripts/bench-hash.sh 256       # 256 MiB
 #   CLUSTER_BIN=path/to/cluster RUNS=5 scripts/bench-hash.sh
 #
-# Builds target/release/cluster unless CLUSTER_BIN is set; installs openssl and coreutils
+# Builds the release cluster binary unless CLUSTER_BIN is set; installs openssl and coreutils
 # with apt-get if they are missing. Everything it creates is removed on exit.
 set -euo pipefail
 
@@ -43,7 +44,8 @@ if [ -n "${CLUSTER_BIN:-}" ]; then
 else
   echo "building cluster (cargo build --release)..."
   cargo build --quiet --release --manifest-path "$root/Cargo.toml" --bin cluster
-  bin="$root/target/release/cluster"
+  bin="$(cargo metadata --format-version 1 --no-deps --manifest-path "$root/Cargo.toml" |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/cluster"
 fi
 
 work=$(mktemp -d -t cluster-bench-hash-XXXXXX)

@@ -505,7 +505,7 @@ analysis=
   echo "load average $load_at_start at the start, $load_at_end at the end (the machine is"
   echo "shared: other work running at the same time makes figures noisy)."
   echo "cluster $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown) (release build);"
-  echo "etcd $("$etcd_bin" --version 2>/dev/null | sed -n 's/^etcd Version: //p' || true);"
+  [ -z "${etcd_bin:-}" ] || echo "etcd $("$etcd_bin" --version | sed -n 's/^etcd Version: //p');"
   echo "$(rsync --version | head -n 1 | sed 's/  protocol.*//'); $(openssl version | cut -d' ' -f1-2)."
   echo
   echo "Reproduce: \`scripts/bench.sh\` (everything, 3 runs), \`scripts/bench.sh --quick\` (smoke"
