@@ -10,8 +10,8 @@
 # many small files (1-64 KiB, 1/8 of the bytes), some medium ones (1-8 MiB, 3/8) and four
 # large ones (1/8 each, one of them bin/cluster). The page cache is warmed once and nothing
 # is dropped; each measurement is the median of RUNS runs (default 3), the tools taking
-# turns within each run. Besides wall time and MiB/s it reports CPU seconds (user + system of all processes), which other load on a
-# shared machine disturbs less.
+# turns within each run. Besides wall time and MiB/s it reports CPU seconds (user +
+# system of all processes), which other load on a shared machine disturbs less.
 #
 #   scripts/bench-hash.sh           # 1 GiB
 #   scripts/bench-hash.sh 256       # 256 MiB
