@@ -2,7 +2,7 @@
 # Measures `cluster` against its targets and against the tools users would pick instead,
 # and writes the figures to BENCHMARKS.md (see the definitions there).
 #
-#   scripts/bench.sh                      # every benchmark, 3 runs each (about 20 minutes)
+#   scripts/bench.sh                      # every benchmark, 3 runs each (about 15 minutes)
 #   scripts/bench.sh --quick              # 1 run each, small sizes: a smoke run
 #   scripts/bench.sh --only gaps,hash     # some benchmarks (repeatable)
 #   scripts/bench.sh --runs 5 --out FILE  # more runs; write FILE instead of BENCHMARKS.md
