@@ -2,21 +2,22 @@
 # Measures how fast `cluster dist stamp` hashes a dist, against plain SHA-256 tools over the
 # same files: `openssl dgst -sha256` and `sha256sum`, each as one process fed by
 # `find -print0 | xargs -0` (and, for reference, openssl as two processes, since stamp uses
-# every core). `dist stamp` does more than either: a SHA-256 of every file, FastCDC
-# chunking, and a SHA-256 of every chunk, in one read.
+# every core). `dist stamp` computes what either does (a SHA-256 of every file, on every
+# core) plus the build hash; the FastCDC chunks a release sync needs are computed by
+# `dist push`, `update` and `install`, not by `stamp`.
 #
 # The dist (SIZE_MIB in total, default 1024) is generated deterministically in a temp dir:
 # many small files (1-64 KiB, 1/8 of the bytes), some medium ones (1-8 MiB, 3/8) and four
 # large ones (1/8 each, one of them bin/cluster). The page cache is warmed once and nothing
-# is dropped; each measurement is the median of RUNS runs (default 3). Besides wall time and
-# MiB/s it reports CPU seconds (user + system of all processes), which other load on a
-# shared machine disturbs less.
+# is dropped; each measurement is the median of RUNS runs (default 3), the tools taking
+# turns within each run. Besides wall time and MiB/s it reports CPU seconds (user +
+# system of all processes), which other load on a shared machine disturbs less.
 #
 #   scripts/bench-hash.sh           # 1 GiB
 #   scripts/bench-hash.sh 256       # 256 MiB
 #   CLUSTER_BIN=path/to/cluster RUNS=5 scripts/bench-hash.sh
 #
-# Builds target/release/cluster unless CLUSTER_BIN is set; installs openssl and coreutils
+# Builds the release cluster binary unless CLUSTER_BIN is set; installs openssl and coreutils
 # with apt-get if they are missing. Everything it creates is removed on exit.
 set -euo pipefail
 
@@ -43,7 +44,8 @@ if [ -n "${CLUSTER_BIN:-}" ]; then
 else
   echo "building cluster (cargo build --release)..."
   cargo build --quiet --release --manifest-path "$root/Cargo.toml" --bin cluster
-  bin="$root/target/release/cluster"
+  bin="$(cargo metadata --format-version 1 --no-deps --manifest-path "$root/Cargo.toml" |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/cluster"
 fi
 
 work=$(mktemp -d -t cluster-bench-hash-XXXXXX)
@@ -106,20 +108,14 @@ echo "dist: $file_count files ($small_files small, $medium_files medium, 4 large
 echo "warming the page cache..."
 (cd "$dist" && xargs -0 cat <"$files_list" >/dev/null)
 
-# time_runs NAME COMMAND...: runs COMMAND $runs times; sets median_s (wall) and median_cpu
-# (user + system, of every process it ran: less sensitive to other load on the machine).
-time_runs() {
-  local name=$1; shift
-  local walls=() cpus=() TIMEFORMAT='%R %U %S' real user sys
-  for _ in $(seq 1 "$runs"); do
-    { time "$@" >/dev/null 2>"$work/stderr"; } 2>"$work/time"
-    read -r real user sys <"$work/time"
-    walls+=("$real")
-    cpus+=("$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.3f", u + s }')")
-  done
-  median_s=$(median "${walls[@]}")
-  median_cpu=$(median "${cpus[@]}")
-  printf '  %-36s wall: %s s   cpu: %s s\n' "$name" "${walls[*]}" "${cpus[*]}" >&2
+# time_once COMMAND...: runs COMMAND once; sets wall and cpu (user + system, of every
+# process it ran: less sensitive to other load on the machine).
+time_once() {
+  local TIMEFORMAT='%R %U %S' real user sys
+  { time "$@" >/dev/null 2>"$work/stderr"; } 2>"$work/time"
+  read -r real user sys <"$work/time"
+  wall=$real
+  cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.3f", u + s }')
 }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
@@ -137,13 +133,24 @@ openssl_2() (
 )
 sha256sum_1() ( cd "$dist" && xargs -0 sha256sum <"$files_list" )
 
-echo "measuring (median of $runs)..."
+echo "measuring (median of $runs; the tools take turns within each run, so a change in the"
+echo "machine's other load falls on all of them alike)..."
 names=("cluster dist stamp" "openssl dgst -sha256" "sha256sum" "openssl dgst -sha256, 2 processes")
+commands=("$bin dist stamp $dist" openssl_1 sha256sum_1 openssl_2)
+declare -A walls cpus
+for _ in $(seq 1 "$runs"); do
+  for k in "${!names[@]}"; do
+    # shellcheck disable=SC2086 # the stamp command is words on purpose
+    time_once ${commands[$k]}
+    walls[$k]+=" $wall"; cpus[$k]+=" $cpu"
+  done
+done
 medians=() cpu_medians=()
-time_runs "${names[0]}" "$bin" dist stamp "$dist"; medians+=("$median_s"); cpu_medians+=("$median_cpu")
-time_runs "${names[1]}" openssl_1; medians+=("$median_s"); cpu_medians+=("$median_cpu")
-time_runs "${names[2]}" sha256sum_1; medians+=("$median_s"); cpu_medians+=("$median_cpu")
-time_runs "${names[3]}" openssl_2; medians+=("$median_s"); cpu_medians+=("$median_cpu")
+for k in "${!names[@]}"; do
+  # shellcheck disable=SC2086
+  medians+=("$(median ${walls[$k]})"); cpu_medians+=("$(median ${cpus[$k]})")
+  printf '  %-36s wall:%s s   cpu:%s s\n' "${names[$k]}" "${walls[$k]}" "${cpus[$k]}" >&2
+done
 
 mibs() { awk -v b="$bytes" -v s="$1" 'BEGIN { printf "%.0f", b / 1048576 / s }'; }
 cluster_mibs=$(mibs "${medians[0]}")

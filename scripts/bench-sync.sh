@@ -23,7 +23,7 @@
 #   scripts/bench-sync.sh
 #   CLUSTER_BIN=path/to/cluster RUNS=5 scripts/bench-sync.sh
 #
-# Builds target/release/cluster unless CLUSTER_BIN is set. Binds only to 127.0.0.1 on
+# Builds the release cluster binary unless CLUSTER_BIN is set. Binds only to 127.0.0.1 on
 # OS-assigned or checked-free ports; stops every process and removes every file it
 # created on exit.
 set -euo pipefail
@@ -49,7 +49,8 @@ if [ -n "${CLUSTER_BIN:-}" ]; then
 else
   echo "building cluster (cargo build --release)..."
   cargo build --quiet --release --manifest-path "$root/Cargo.toml" --bin cluster
-  bin="$root/target/release/cluster"
+  bin="$(cargo metadata --format-version 1 --no-deps --manifest-path "$root/Cargo.toml" |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/cluster"
 fi
 
 work=$(mktemp -d -t cluster-bench-sync-XXXXXX)

@@ -3,7 +3,8 @@
 //! One pass over each file computes both its SHA-256 and its content-defined chunks
 //! (FastCDC 2020). Files are hashed on every core, largest first, so one big binary does not
 //! finish alone at the end. Everything [`Manifest::validate`] would reject is reported
-//! before any content is read, so a bad dist fails fast.
+//! before any content is read, so a bad dist fails fast. [`scan_summary`] is the same scan
+//! for what the build hash covers only: no chunks, so every byte is hashed once, not twice.
 
 use std::cmp::Reverse;
 use std::fs::{self, OpenOptions};
@@ -16,7 +17,7 @@ use fastcdc::v2020::FastCDC;
 use sha2::{Digest, Sha256};
 use walkdir::WalkDir;
 
-use super::manifest::{Chunk, Entry, EntryKind, Limits, Manifest, VERSION_FILE};
+use super::manifest::{Chunk, Entry, EntryKind, EntrySummary, Limits, Manifest, VERSION_FILE};
 use super::DistError;
 
 /// Smallest chunk FastCDC cuts (except a file's last one).
@@ -40,7 +41,28 @@ const READ_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 /// than `limits` allow. Reads only; never writes.
 pub fn scan(dir: &Path, limits: &Limits) -> Result<Manifest, DistError> {
     check_root(dir)?;
-    scan_contents(dir, limits).map_err(|error| error.in_dist(dir))
+    scan_contents(dir, limits, Digests::ContentAndChunks).map_err(|error| error.in_dist(dir))
+}
+
+/// The rows of the dist's manifest that the build hash covers ([`Manifest::summary`]), with
+/// every check of [`scan`], but each file hashed once, without FastCDC chunks and their
+/// hashes: what `dist stamp`, `dist hash` and `dist verify` need. Moving a release needs
+/// the chunks, so it uses [`scan`].
+pub fn scan_summary(dir: &Path, limits: &Limits) -> Result<Vec<EntrySummary>, DistError> {
+    check_root(dir)?;
+    scan_contents(dir, limits, Digests::ContentOnly)
+        .map(|manifest| manifest.summary())
+        .map_err(|error| error.in_dist(dir))
+}
+
+/// What a scan computes for each file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Digests {
+    /// The file's SHA-256 and its chunks with theirs: a complete, valid manifest.
+    ContentAndChunks,
+    /// The file's SHA-256 only. The manifest has no chunk lists, so it does not validate
+    /// and never leaves this module: [`scan_summary`] turns it into rows at once.
+    ContentOnly,
 }
 
 /// Checks that `dir` exists and is a directory, following a symlink.
@@ -82,7 +104,7 @@ struct FileDigest {
     bytes_read: u64,
 }
 
-fn scan_contents(dir: &Path, limits: &Limits) -> Result<Manifest, DistError> {
+fn scan_contents(dir: &Path, limits: &Limits, digests: Digests) -> Result<Manifest, DistError> {
     let listing = list(dir, limits)?;
 
     // Validate the shape (paths, modes, symlinks, bin/cluster) before reading gigabytes:
@@ -113,7 +135,8 @@ fn scan_contents(dir: &Path, limits: &Limits) -> Result<Manifest, DistError> {
         .iter()
         .filter(|entry| matches!(entry.listed, Listed::File { .. }))
         .collect();
-    let mut digests = digest_files(&files)?.into_iter();
+    let mode = digests;
+    let mut digests = digest_files(&files, mode)?.into_iter();
 
     let entries = listing
         .iter()
@@ -137,8 +160,11 @@ fn scan_contents(dir: &Path, limits: &Limits) -> Result<Manifest, DistError> {
         })
         .collect();
     let manifest = Manifest::from_unsorted(entries);
-    // Cheap, and keeps "scan output always validates" true by construction.
-    manifest.validate(limits)?;
+    // Cheap, and keeps "scan output always validates" true by construction (the skeleton
+    // above already checked everything but the chunks a content-only scan lacks).
+    if mode == Digests::ContentAndChunks {
+        manifest.validate(limits)?;
+    }
     Ok(manifest)
 }
 
@@ -244,7 +270,7 @@ fn list(dir: &Path, limits: &Limits) -> Result<Vec<ListedEntry>, DistError> {
 /// Workers take the next file from a shared index over the files sorted largest first, so
 /// the cores stay busy until the end. After a failure, workers stop taking new files; the
 /// error reported is the one for the first failing path, so it does not depend on timing.
-fn digest_files(files: &[&ListedEntry]) -> Result<Vec<FileDigest>, DistError> {
+fn digest_files(files: &[&ListedEntry], mode: Digests) -> Result<Vec<FileDigest>, DistError> {
     let size_of = |entry: &ListedEntry| match entry.listed {
         Listed::File { size, .. } => size,
         _ => 0,
@@ -267,7 +293,13 @@ fn digest_files(files: &[&ListedEntry]) -> Result<Vec<FileDigest>, DistError> {
                 break;
             };
             let entry = files[index];
-            let result = digest_file(&entry.path, &entry.full_path, size_of(entry), &mut buffer);
+            let result = digest_file(
+                &entry.path,
+                &entry.full_path,
+                size_of(entry),
+                mode,
+                &mut buffer,
+            );
             if result.is_err() {
                 failed.store(true, Ordering::Relaxed);
             }
@@ -312,6 +344,7 @@ fn digest_file(
     path: &str,
     full_path: &Path,
     expected_size: u64,
+    mode: Digests,
     buffer: &mut [u8],
 ) -> Result<FileDigest, DistError> {
     let io_error = |action| {
@@ -336,8 +369,12 @@ fn digest_file(
         });
     }
     // Reading one byte past the listed size is enough to tell that the file grew.
-    let digest = digest_reader((&file).take(expected_size.saturating_add(1)), buffer)
-        .map_err(io_error("read"))?;
+    let reader = (&file).take(expected_size.saturating_add(1));
+    let digest = match mode {
+        Digests::ContentAndChunks => digest_reader(reader, buffer),
+        Digests::ContentOnly => digest_content(reader, buffer),
+    }
+    .map_err(io_error("read"))?;
     if digest.bytes_read != expected_size {
         return Err(DistError::ChangedWhileReading {
             path: path.to_owned(),
@@ -353,6 +390,28 @@ fn digest_file(
         });
     }
     Ok(digest)
+}
+
+/// The SHA-256 of everything `reader` yields, with no chunks.
+fn digest_content<R: Read>(mut reader: R, buffer: &mut [u8]) -> io::Result<FileDigest> {
+    let mut hasher = Sha256::new();
+    let mut bytes_read: u64 = 0;
+    loop {
+        match reader.read(buffer) {
+            Ok(0) => break,
+            Ok(count) => {
+                hasher.update(&buffer[..count]);
+                bytes_read += count as u64;
+            }
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(FileDigest {
+        sha256: hex::encode(hasher.finalize()),
+        chunks: Vec::new(),
+        bytes_read,
+    })
 }
 
 /// One pass over `reader`: the SHA-256 of everything and the FastCDC chunks with theirs.
@@ -417,6 +476,7 @@ fn digest_reader<R: Read>(mut reader: R, buffer: &mut [u8]) -> io::Result<FileDi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dist::manifest::build_hash_of;
     use std::collections::HashSet;
     use std::fs::File;
     use std::os::unix::fs::symlink;
@@ -561,6 +621,29 @@ mod tests {
             }
             other => panic!("not a file: {other:?}"),
         }
+    }
+
+    #[test]
+    fn summary_scan_hashes_like_the_full_scan_and_checks_the_same() {
+        let dist = sample_dist();
+        // Large enough for many chunks, so the two digest paths really differ.
+        write_file(
+            &dist.path().join("lib/big.bin"),
+            &noise(3_000_000, 11),
+            0o644,
+        );
+        let full = scan_default(dist.path()).unwrap();
+        let rows = scan_summary(dist.path(), &Limits::default()).unwrap();
+        assert_eq!(rows, full.summary());
+        assert_eq!(build_hash_of(&rows), full.build_hash());
+
+        fs::remove_file(dist.path().join("bin/cluster")).unwrap();
+        assert_eq!(
+            scan_summary(dist.path(), &Limits::default())
+                .unwrap_err()
+                .to_string(),
+            scan_default(dist.path()).unwrap_err().to_string()
+        );
     }
 
     #[test]

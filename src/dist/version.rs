@@ -17,8 +17,8 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::manifest::{build_hash_of, EntrySummary, Limits, Manifest, VERSION_FILE};
-use super::scan::{check_root, scan};
+use super::manifest::{build_hash_of, EntrySummary, Limits, Manifest, SummaryKind, VERSION_FILE};
+use super::scan::{check_root, scan_summary};
 use super::store::write_atomically;
 use super::DistError;
 
@@ -43,12 +43,23 @@ pub struct VersionInfo {
 impl VersionInfo {
     /// The version record of `manifest`, stamped at `built_at`.
     pub fn describe(manifest: &Manifest, built_at: SystemTime, git_commit: String) -> Self {
-        let rows = manifest.summary();
+        Self::describe_rows(manifest.summary(), built_at, git_commit)
+    }
+
+    /// The version record of a dist whose manifest has `rows`, stamped at `built_at`.
+    pub fn describe_rows(
+        rows: Vec<EntrySummary>,
+        built_at: SystemTime,
+        git_commit: String,
+    ) -> Self {
         VersionInfo {
             build_hash: build_hash_of(&rows),
             built_at: humantime::format_rfc3339_seconds(built_at).to_string(),
             git_commit,
-            files: manifest.file_count(),
+            files: rows
+                .iter()
+                .filter(|row| row.kind == SummaryKind::File)
+                .count() as u64,
             manifest: Some(rows),
         }
     }
@@ -91,8 +102,8 @@ impl VersionInfo {
 /// sees the old file or the new one, never a mix. On error nothing on disk has changed
 /// (except in the unlikely case that only the final directory sync fails, after the rename).
 pub fn stamp(dir: &Path, limits: &Limits) -> Result<VersionInfo, DistError> {
-    let manifest = scan(dir, limits)?;
-    let info = VersionInfo::describe(&manifest, SystemTime::now(), git_commit(dir));
+    let rows = scan_summary(dir, limits)?;
+    let info = VersionInfo::describe_rows(rows, SystemTime::now(), git_commit(dir));
     write_atomically(dir, VERSION_FILE, info.to_file_text().as_bytes())
         .map_err(|error| error.in_dist(dir))?;
     Ok(info)
@@ -100,7 +111,7 @@ pub fn stamp(dir: &Path, limits: &Limits) -> Result<VersionInfo, DistError> {
 
 /// The build hash of the dist at `dir`, without writing anything.
 pub fn hash(dir: &Path, limits: &Limits) -> Result<String, DistError> {
-    Ok(scan(dir, limits)?.build_hash())
+    Ok(build_hash_of(&scan_summary(dir, limits)?))
 }
 
 /// Checks that the content of `dir` still hashes to the `buildHash` in its version.json.
@@ -111,7 +122,7 @@ pub fn hash(dir: &Path, limits: &Limits) -> Result<String, DistError> {
 pub fn verify(dir: &Path, limits: &Limits) -> Result<VersionInfo, DistError> {
     check_root(dir)?;
     let recorded = read_version_file(dir).map_err(|error| error.in_dist(dir))?;
-    let actual_rows = scan(dir, limits)?.summary();
+    let actual_rows = scan_summary(dir, limits)?;
     let actual_hash = build_hash_of(&actual_rows);
     if actual_hash == recorded.build_hash {
         return Ok(recorded);

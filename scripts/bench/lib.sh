@@ -1,0 +1,117 @@
+# Shared helpers of scripts/bench.sh and the scripts under scripts/bench/ (sourced).
+#
+# Expects: $bin (the release `cluster`), $work (a temp dir), $runs. Every process started
+# through `spawn` runs in its own process group, and `bench_cleanup` (the EXIT trap) stops
+# every such group: SIGTERM, up to 10 s for a graceful exit, then SIGKILL.
+
+groups=()
+# Single processes (not groups) to stop on exit.
+pids=()
+
+# spawn LOG COMMAND...: runs COMMAND in the background in a new process group (session);
+# sets spawned_pid (also the group id).
+spawn() {
+  local log=$1; shift
+  setsid "$@" >"$log" 2>&1 </dev/null &
+  spawned_pid=$!
+  groups+=("$spawned_pid")
+}
+
+# stop_group PID: SIGTERM to the group, wait up to 10 s, then SIGKILL.
+stop_group() {
+  local pgid=$1 deadline=$(( $(date +%s) + 10 ))
+  kill -TERM -- "-$pgid" 2>/dev/null || true
+  while kill -0 -- "-$pgid" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.05; done
+  kill -KILL -- "-$pgid" 2>/dev/null || true
+  wait "$pgid" 2>/dev/null || true
+  local kept=() g
+  for g in "${groups[@]}"; do [ "$g" = "$pgid" ] || kept+=("$g"); done
+  groups=("${kept[@]}")
+}
+
+bench_cleanup() {
+  local g p
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for g in "${groups[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
+  for g in "${groups[@]}"; do stop_group "$g"; done
+}
+
+now_ns() { date +%s%N; }
+ms_since() { echo $(( ($(now_ns) - $1) / 1000000 )); }
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+say() { echo "[$(date +%T)] $*" >&2; }
+
+# free_port: a loopback TCP port nothing listens on now (for programs that cannot take port
+# 0; the caller retries if it is taken in between).
+free_port() {
+  local port
+  while :; do
+    port=$(( 20000 + RANDOM % 40000 ))
+    ss -Htln "sport = :$port" | grep -q . || { echo "$port"; return; }
+  done
+}
+
+# make_dist DIR LABEL: a dist with this `cluster` binary and a label file; prints its hash.
+make_dist() {
+  mkdir -p "$1/bin" "$1/share"
+  cp "$bin" "$1/bin/cluster"
+  chmod 755 "$1/bin/cluster"
+  echo "$2" >"$1/share/label"
+  "$bin" dist stamp "$1" | tail -n 1
+}
+
+# local_up DIR N: starts N supervised nodes (`cluster local up`) with data under DIR; waits
+# until they form a cluster; sets up_pid and addrs (comma-separated).
+local_up() {
+  local dir=$1 n=$2 deadline=$(( $(date +%s) + 120 ))
+  mkdir -p "$dir"
+  : >"$dir.log"
+  spawn "$dir.log" "$bin" local up -n "$n" --dir "$dir"
+  up_pid=$spawned_pid
+  until grep -q '^export CLUSTER_NODE=' "$dir.log"; do
+    if ! kill -0 "$up_pid" 2>/dev/null || [ "$(date +%s)" -ge "$deadline" ]; then
+      echo "a local cluster of $n did not start; its log:" >&2; cat "$dir.log" >&2; exit 1
+    fi
+    sleep 0.1
+  done
+  addrs=$(sed -n 's/^node [0-9]*: \([0-9.:]*\) .*/\1/p' "$dir.log" | paste -sd,)
+}
+
+# current_addrs DIR N: the nodes' addresses now (a restarted node listens on a new port).
+current_addrs() {
+  local id out=()
+  for id in $(seq 1 "$2"); do out+=("$(cat "$1/n$id/node.addr")"); done
+  (IFS=,; echo "${out[*]}")
+}
+
+# cluster_status ADDRS: `status --json` from the first node that answers.
+cluster_status() {
+  local addr
+  for addr in ${1//,/ }; do
+    "$bin" status --json --node "$addr" 2>/dev/null && return 0
+  done
+  return 1
+}
+
+# wait_healthy ADDRS N HASH: until a leader and N voters, every one on HASH and following.
+wait_healthy() {
+  local deadline=$(( $(date +%s) + 60 ))
+  until cluster_status "$1" | jq -e --argjson n "$2" --arg h "$3" \
+      '.leader != null and ([.nodes[] | select(.role == "voter" and .build_hash == $h
+        and (.state == "leader" or .state == "follower"))] | length) == $n' >/dev/null 2>&1; do
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      echo "cluster not healthy on $3 within 60 s:" >&2; cluster_status "$1" >&2 || true; exit 1
+    fi
+    sleep 0.1
+  done
+}
+
+# node_pid PGID ID: pid of node ID's `node run` process (not its supervisor) in the group.
+node_pid() {
+  pgrep -g "$1" -f "bin/cluster node run --id $2 " | head -n 1
+}
+
+# proc_cpu_ticks PID: user + system clock ticks of PID so far.
+proc_cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null; }
+proc_rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null; }
