@@ -47,6 +47,8 @@ pub struct NodeConfig {
     pub timing: Timing,
     /// The node's own health check (`sh -c` in the data dir; exit 0 = healthy).
     pub health_command: Option<String>,
+    /// Who restarts the node when it exits (detected once, at start).
+    pub supervision: Supervision,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,7 +146,7 @@ pub async fn run(
         )
         .map_err(|e| NodeError::Releases(e.to_string()))?,
     );
-    let supervision = Supervision::of_this_process();
+    let supervision = config.supervision;
     // Reported on every start until the next upgrade; an unreadable record must not keep
     // the node down.
     let last_auto_restore =
@@ -154,8 +156,8 @@ pub async fn run(
         });
     if let Some(restore) = &last_auto_restore {
         tracing::warn!(
-            from = %restore.to,
-            to = %restore.from,
+            failed = %restore.to,
+            restored = %restore.from,
             generation = restore.generation,
             "this node restored itself: {}",
             restore.reason

@@ -19,8 +19,9 @@ impl Background {
         let log = std::fs::File::create(log).unwrap();
         let child = Command::new(BIN)
             .args(["update", "--dist", dist.to_str().unwrap(), "--node", node])
-            // Long waits: the leader must not act on the node again before it is killed.
-            .args(["--health-deadline-ms", "120000", "--stabilize-ms", "1000"])
+            // Long waits: the leader must not act on the node again before it is killed,
+            // and a crash-looping release must not pass stabilization between crashes.
+            .args(["--health-deadline-ms", "120000", "--stabilize-ms", "30000"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -96,7 +96,7 @@ free_port() {
   local p
   while :; do
     p=$(shuf -i 20000-60000 -n 1)
-    ss -Hltn "sport = :$p" | grep -q . || { echo "$p"; return; }
+    [ -n "$(ss -Hltn "sport = :$p")" ] || { echo "$p"; return; }
   done
 }
 
@@ -283,7 +283,10 @@ undone_with_no_leader() {
     state=$(in_c "$n" systemctl is-active cluster || true)
     [ "$state" != active ] || fail "$name: node $n should be down during the restore"
   done
-  in_c "$updated" journalctl -u cluster --no-pager | grep -qF "release $bad did not stay up for 3 starts" ||
+  # Captured first: grep -q stopping early would fail the pipeline (pipefail, SIGPIPE).
+  local journal
+  journal=$(in_c "$updated" journalctl -u cluster --no-pager)
+  grep -qF "release $bad did not stay up for 3 starts" <<<"$journal" ||
     fail "$name: node $updated's journal lacks the guard's restore"
   restarts_after=$(in_c "$updated" systemctl show -p NRestarts --value cluster)
   [ $((restarts_after - restarts_before)) -ge 4 ] ||
@@ -300,8 +303,10 @@ undone_with_no_leader() {
     sleep 0.2
   done
   [ -n "$node_json" ] || fail "$name: the cluster does not show node $updated's automatic restore: $(status_json)"
-  "$cli" status --node "127.0.0.1:${port[$updated]}" | grep -F "node $updated restored itself from ${bad:0:12} to ${hash2:0:12}" ||
-    fail "$name: cluster status does not show the restore"
+  local human
+  human=$("$cli" status --node "127.0.0.1:${port[$updated]}")
+  grep -F "node $updated restored itself from ${bad:0:12} to ${hash2:0:12}" <<<"$human" ||
+    fail "$name: cluster status does not show the restore: $human"
   kill "$bg_update" 2>/dev/null || true
   bg_update=''
 }
