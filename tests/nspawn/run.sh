@@ -26,6 +26,15 @@ for tool in systemd-nspawn debootstrap nsenter jq; do
 done
 [ -d /sys/fs/cgroup ] || skip "no /sys/fs/cgroup"
 
+# The cgroup hierarchies a container gets a cgroup of its own in: the one unified tree,
+# or every mounted v1 (and hybrid) hierarchy.
+if [ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ]; then
+  hierarchies=(/sys/fs/cgroup/)
+else
+  mapfile -t hierarchies < <(awk '($3 == "cgroup" || $3 == "cgroup2") && $2 ~ "^/sys/fs/cgroup/" { print $2 "/" }' /proc/mounts)
+fi
+[ ${#hierarchies[@]} -gt 0 ] || skip "no cgroup hierarchy is mounted under /sys/fs/cgroup"
+
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 rootfs=$("$repo/tests/nspawn/rootfs.sh")
 work=$(mktemp -d /tmp/cluster-nspawn-XXXXXX)
@@ -62,7 +71,7 @@ cleanup() {
     fi
   done
   for n in 1 2 3; do
-    for hierarchy in /sys/fs/cgroup/*/; do
+    for hierarchy in "${hierarchies[@]}"; do
       local cg=$hierarchy$tag-$n
       [ -d "$cg" ] || continue
       # Anything left in it (a stuck container) is killed before the cgroup goes.
@@ -103,7 +112,7 @@ free_port() {
 # Boots container <n> in cgroups of its own.
 boot() {
   local n=$1 hierarchy cg
-  for hierarchy in /sys/fs/cgroup/*/; do
+  for hierarchy in "${hierarchies[@]}"; do
     cg=$hierarchy$tag-$n
     mkdir "$cg"
     # A v1 cpuset cgroup takes no task before it has cpus and mems.
@@ -113,7 +122,7 @@ boot() {
     fi
   done
   (
-    for hierarchy in /sys/fs/cgroup/*/; do echo "$BASHPID" >"$hierarchy$tag-$n/cgroup.procs"; done
+    for hierarchy in "${hierarchies[@]}"; do echo "$BASHPID" >"$hierarchy$tag-$n/cgroup.procs"; done
     exec systemd-nspawn -D "$rootfs" -M "$tag-$n" -b --volatile=overlay --register=no \
       --keep-unit --console=passive \
       --bind-ro="$repo/scripts:/opt/cluster/scripts" \
