@@ -67,10 +67,18 @@ pub fn describe(outcome: &GuardOutcome) -> String {
 }
 
 /// Records a pending upgrade (called when a release is activated). A new upgrade makes the
-/// last automatic restore history: its record goes.
+/// last automatic restore history: its record goes. A retry of the upgrade the guard undid
+/// (same generation and release, e.g. by a leader resuming the rollout) keeps it.
 pub fn arm(data_dir: &Path, pending: &PendingBoot) -> Result<(), String> {
     let bytes = serde_json::to_vec_pretty(pending).map_err(|e| e.to_string())?;
     write_atomically(data_dir, PENDING, &bytes).map_err(|e| e.to_string())?;
+    let retry = matches!(
+        last_restore(data_dir),
+        Ok(Some(r)) if r.generation == pending.generation && r.to == pending.to
+    );
+    if retry {
+        return Ok(());
+    }
     remove_if_present(&data_dir.join(RESTORED))
 }
 
@@ -419,17 +427,21 @@ mod tests {
     }
 
     #[test]
-    fn a_new_upgrade_retires_the_last_restore_record() {
+    fn a_new_upgrade_retires_the_last_restore_record_and_a_retry_keeps_it() {
         let (dir, old, new) = armed(0);
         let data = dir.path().join("data");
         before_start(&data).unwrap();
         assert!(last_restore(&data).unwrap().is_some());
-        let pending = PendingBoot {
-            generation: 5,
+        let mut pending = PendingBoot {
+            generation: 4,
             from: old,
             to: new,
             tries_left: 3,
         };
+        // The same rollout trying the same release again (a new leader resuming it).
+        arm(&data, &pending).unwrap();
+        assert!(last_restore(&data).unwrap().is_some());
+        pending.generation = 5;
         arm(&data, &pending).unwrap();
         assert_eq!(last_restore(&data).unwrap(), None);
     }

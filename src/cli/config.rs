@@ -215,6 +215,7 @@ pub fn resolve(args: RunArgs) -> anyhow::Result<NodeConfig> {
             election_timeout: Duration::from_millis(election_ms),
         },
         health_command,
+        supervision: crate::supervise::Supervision::of_this_process(),
     })
 }
 

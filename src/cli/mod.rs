@@ -83,10 +83,13 @@ enum Command {
         long_about = "Run the boot guard once, before a node starts (systemd runs it \
         as ExecStartPre; cluster supervise runs it itself). While a release activated by a \
         rollout is not yet committed, each start spends one of its tries; when none is left \
-        the guard points `current` back at the previous release and records why, so a \
-        release that cannot start is undone with no leader reachable. A data dir with no \
-        pending upgrade is never touched. Exit 1 with a reason if the record is unreadable \
-        or the release to restore is missing; nothing is changed then."
+        the guard points `current` back at the previous release and records why (the node \
+        reports it to the cluster: `cluster status`), so a release that cannot start is \
+        undone with no leader reachable; a pending release missing from disk is undone at \
+        once. A data dir with no pending upgrade is never touched, and no release is ever \
+        deleted. Exit 1 with a reason if the record is unreadable, the release to restore \
+        is missing, or `current` points at a release that is not there; nothing is \
+        changed then."
     )]
     Guard {
         /// The node's data dir (holds `current` and boot.json)
@@ -449,7 +452,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 fn run_node(args: config::RunArgs) -> anyhow::Result<ExitCode> {
     use crate::supervise::{Supervision, EXIT_RESTART};
     let config = config::resolve(args)?;
-    let data_dir = config.data_dir.clone();
+    let (data_dir, supervision) = (config.data_dir.clone(), config.supervision);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -457,7 +460,7 @@ fn run_node(args: config::RunArgs) -> anyhow::Result<ExitCode> {
     let stopped = runtime
         .block_on(async { anyhow::Ok(crate::node::run(config, shutdown_signal()?).await?) })?;
     runtime.shutdown_timeout(Duration::from_secs(5));
-    match (stopped, Supervision::of_this_process()) {
+    match (stopped, supervision) {
         (crate::node::Stopped::Shutdown, _) => Ok(ExitCode::SUCCESS),
         (crate::node::Stopped::Restart, Supervision::None) => Err(reexec(&data_dir)),
         (crate::node::Stopped::Restart, _) => Ok(ExitCode::from(EXIT_RESTART as u8)),

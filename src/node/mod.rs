@@ -49,6 +49,8 @@ pub struct NodeConfig {
     pub health_command: Option<String>,
     /// Automatic rollouts while this node leads.
     pub auto: crate::rollout::runtime::AutoConfig,
+    /// Who restarts the node when it exits (detected once, at start).
+    pub supervision: Supervision,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,7 +148,7 @@ pub async fn run(
         )
         .map_err(|e| NodeError::Releases(e.to_string()))?,
     );
-    let supervision = Supervision::of_this_process();
+    let supervision = config.supervision;
     // Reported on every start until the next upgrade; an unreadable record must not keep
     // the node down.
     let last_auto_restore =
@@ -156,8 +158,8 @@ pub async fn run(
         });
     if let Some(restore) = &last_auto_restore {
         tracing::warn!(
-            from = %restore.to,
-            to = %restore.from,
+            failed = %restore.to,
+            restored = %restore.from,
             generation = restore.generation,
             "this node restored itself: {}",
             restore.reason

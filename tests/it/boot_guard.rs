@@ -19,8 +19,11 @@ impl Background {
         let log = std::fs::File::create(log).unwrap();
         let child = Command::new(BIN)
             .args(["update", "--dist", dist.to_str().unwrap(), "--node", node])
-            // Long waits: the leader must not act on the node again before it is killed.
-            .args(["--health-deadline-ms", "120000", "--stabilize-ms", "1000"])
+            // Long waits: the leader must not act on the node again before it is killed,
+            // and a crash-looping release must not pass stabilization between crashes.
+            .args(["--health-deadline-ms", "120000", "--stabilize-ms", "30000"])
+            // Not a staleness test: a loaded machine must not refuse it.
+            .args(["--stale-ack-ms", "2000"])
             .args(["--soak-ms", "0"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -241,6 +244,9 @@ async fn a_node_with_no_supervisor_re_executes_itself_into_the_new_release() {
         "0",
         "--poll-interval-ms",
         "100",
+        // Not a staleness test: a loaded machine must not fail it.
+        "--stale-ack-ms",
+        "2000",
         "--json",
     ]);
     assert!(

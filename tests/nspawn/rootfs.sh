@@ -10,6 +10,8 @@ if [[ -x "$root/lib/systemd/systemd" ]]; then
     exit 0
 fi
 mkdir -p "$cache"
+# What an interrupted build left behind is never used; it goes now.
+rm -rf "$cache"/bookworm-root.partial.*
 tmp=$(mktemp -d "$cache/bookworm-root.partial.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 echo "building $root with debootstrap (about a minute, once)" >&2

@@ -26,6 +26,15 @@ for tool in systemd-nspawn debootstrap nsenter jq; do
 done
 [ -d /sys/fs/cgroup ] || skip "no /sys/fs/cgroup"
 
+# The cgroup hierarchies a container gets a cgroup of its own in: the one unified tree,
+# or every mounted v1 (and hybrid) hierarchy.
+if [ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ]; then
+  hierarchies=(/sys/fs/cgroup/)
+else
+  mapfile -t hierarchies < <(awk '($3 == "cgroup" || $3 == "cgroup2") && $2 ~ "^/sys/fs/cgroup/" { print $2 "/" }' /proc/mounts)
+fi
+[ ${#hierarchies[@]} -gt 0 ] || skip "no cgroup hierarchy is mounted under /sys/fs/cgroup"
+
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 rootfs=$("$repo/tests/nspawn/rootfs.sh")
 work=$(mktemp -d /tmp/cluster-nspawn-XXXXXX)
@@ -62,7 +71,7 @@ cleanup() {
     fi
   done
   for n in 1 2 3; do
-    for hierarchy in /sys/fs/cgroup/*/; do
+    for hierarchy in "${hierarchies[@]}"; do
       local cg=$hierarchy$tag-$n
       [ -d "$cg" ] || continue
       # Anything left in it (a stuck container) is killed before the cgroup goes.
@@ -96,14 +105,14 @@ free_port() {
   local p
   while :; do
     p=$(shuf -i 20000-60000 -n 1)
-    ss -Hltn "sport = :$p" | grep -q . || { echo "$p"; return; }
+    [ -n "$(ss -Hltn "sport = :$p")" ] || { echo "$p"; return; }
   done
 }
 
 # Boots container <n> in cgroups of its own.
 boot() {
   local n=$1 hierarchy cg
-  for hierarchy in /sys/fs/cgroup/*/; do
+  for hierarchy in "${hierarchies[@]}"; do
     cg=$hierarchy$tag-$n
     mkdir "$cg"
     # A v1 cpuset cgroup takes no task before it has cpus and mems.
@@ -113,7 +122,7 @@ boot() {
     fi
   done
   (
-    for hierarchy in /sys/fs/cgroup/*/; do echo "$BASHPID" >"$hierarchy$tag-$n/cgroup.procs"; done
+    for hierarchy in "${hierarchies[@]}"; do echo "$BASHPID" >"$hierarchy$tag-$n/cgroup.procs"; done
     exec systemd-nspawn -D "$rootfs" -M "$tag-$n" -b --volatile=overlay --register=no \
       --keep-unit --console=passive \
       --bind-ro="$repo/scripts:/opt/cluster/scripts" \
@@ -283,7 +292,10 @@ undone_with_no_leader() {
     state=$(in_c "$n" systemctl is-active cluster || true)
     [ "$state" != active ] || fail "$name: node $n should be down during the restore"
   done
-  in_c "$updated" journalctl -u cluster --no-pager | grep -qF "release $bad did not stay up for 3 starts" ||
+  # Captured first: grep -q stopping early would fail the pipeline (pipefail, SIGPIPE).
+  local journal
+  journal=$(in_c "$updated" journalctl -u cluster --no-pager)
+  grep -qF "release $bad did not stay up for 3 starts" <<<"$journal" ||
     fail "$name: node $updated's journal lacks the guard's restore"
   restarts_after=$(in_c "$updated" systemctl show -p NRestarts --value cluster)
   [ $((restarts_after - restarts_before)) -ge 4 ] ||
@@ -300,8 +312,10 @@ undone_with_no_leader() {
     sleep 0.2
   done
   [ -n "$node_json" ] || fail "$name: the cluster does not show node $updated's automatic restore: $(status_json)"
-  "$cli" status --node "127.0.0.1:${port[$updated]}" | grep -F "node $updated restored itself from ${bad:0:12} to ${hash2:0:12}" ||
-    fail "$name: cluster status does not show the restore"
+  local human
+  human=$("$cli" status --node "127.0.0.1:${port[$updated]}")
+  grep -F "node $updated restored itself from ${bad:0:12} to ${hash2:0:12}" <<<"$human" ||
+    fail "$name: cluster status does not show the restore: $human"
   kill "$bg_update" 2>/dev/null || true
   bg_update=''
 }
