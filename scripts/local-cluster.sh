@@ -22,7 +22,7 @@ done
 root=$(cd "$(dirname "$0")/.." && pwd)
 echo "building cluster (cargo build)..."
 cargo build --quiet --manifest-path "$root/Cargo.toml" --bin cluster
-bin="$root/target/debug/cluster"
+bin="${CARGO_TARGET_DIR:-$root/target}/debug/cluster"
 dir=$(mktemp -d -t cluster-local-XXXXXX)
 pids=()
 
