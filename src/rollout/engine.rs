@@ -129,6 +129,9 @@ pub struct Health {
     pub last_ack_ms: Option<u64>,
     /// Why the node's own health check (`health_command`) fails; `None` when it passes.
     pub problem: Option<String>,
+    /// The node's boot guard gave up on this deployment's release and put the previous
+    /// one back (it reports the restore at start): a failure, whatever it runs now.
+    pub guard_restored: Option<String>,
 }
 
 /// A typed operation on one node's agent. Every one is idempotent.
@@ -547,6 +550,12 @@ impl Engine {
         track.next_poll_ms = now + strategy.poll_interval_ms;
         if polled_in != phase {
             return;
+        }
+        if let (Phase::Activate | Phase::Health | Phase::Stabilize, Ok(h)) = (phase, &health) {
+            if let Some(why) = &h.guard_restored {
+                // Activating it again would only start the next round of failed boots.
+                return self.fail(cx, node, why.clone());
+            }
         }
         let target = cx.view.target_hash.clone();
         match phase {

@@ -369,8 +369,10 @@ async fn drive_term(
                     let since = commit_at_restart.get(&target).copied().unwrap_or(0);
                     let timeout =
                         Duration::from_millis(deployment.strategy.poll_interval_ms.max(500));
+                    let undone = (deployment.generation, deployment.target_hash.clone());
                     tokio::spawn(async move {
-                        let health = poll_health(&node, target, &addr, since, timeout).await;
+                        let health =
+                            poll_health(&node, target, &addr, since, timeout, undone).await;
                         let _ = events.send(Event::HealthObserved {
                             node: target,
                             id,
@@ -503,7 +505,22 @@ async fn poll_health(
     addr: &str,
     commit_at_restart: u64,
     timeout: Duration,
+    undone: (u64, String),
 ) -> Result<Health, String> {
+    // The boot guard's restore of this deployment's release, if the node reports one.
+    let guard_restored = |restore: &Option<crate::state::AutoRestore>| {
+        restore
+            .as_ref()
+            .filter(|r| r.generation == undone.0 && r.to == undone.1)
+            .map(|r| {
+                format!(
+                    "its boot guard gave up on build {} and put {} back: {}",
+                    short_hash(&r.to),
+                    short_hash(&r.from),
+                    r.reason
+                )
+            })
+    };
     if target == node.id {
         return Ok(Health {
             serving: true,
@@ -512,6 +529,7 @@ async fn poll_health(
             caught_up: true,
             last_ack_ms: Some(0),
             problem: node.health.problem(),
+            guard_restored: guard_restored(&node.info.last_auto_restore),
         });
     }
     let status = ControlClient::with_channels(&node.channels, addr)
@@ -537,6 +555,7 @@ async fn poll_health(
         caught_up: applied >= commit_at_restart && me.state != "candidate",
         last_ack_ms,
         problem: me.health_problem.clone(),
+        guard_restored: guard_restored(&me.last_auto_restore),
     })
 }
 

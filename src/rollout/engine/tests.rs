@@ -102,6 +102,9 @@ struct Sim {
     unhealthy_on: BTreeSet<(u64, String)>,
     /// A node that turns unhealthy once every node committed (during the soak).
     sick_after_commit: Option<u64>,
+    /// Nodes whose boot guard gives up on the target: once activated, they are back on
+    /// the old release and report the restore.
+    guard_gives_up: BTreeSet<u64>,
     /// An operator aborts (with revert or not) as soon as this node commits.
     abort_after: Option<(u64, bool)>,
     abort_due: bool,
@@ -158,6 +161,7 @@ impl Sim {
             next_choice: 0,
             unhealthy_on: BTreeSet::new(),
             sick_after_commit: None,
+            guard_gives_up: BTreeSet::new(),
             abort_after: None,
             abort_due: false,
             failing_ops: BTreeSet::new(),
@@ -436,6 +440,17 @@ impl Sim {
             self.trace.push(format!("  node {node} crashes"));
             self.restart_process(node);
         }
+        let mut guard_restored = None;
+        if self.guard_gives_up.contains(&node) && self.hosts[&node].current == target() {
+            let host = self.hosts.get_mut(&node).unwrap();
+            host.current = OLD.into();
+            host.running = OLD.into();
+            host.guard_armed = false;
+            host.boot += 1;
+        }
+        if self.guard_gives_up.contains(&node) && self.hosts[&node].boot > 0 {
+            guard_restored = Some("its boot guard gave up on the target".to_string());
+        }
         let host = &self.hosts[&node];
         if (220..235).contains(&choice) {
             return Err("connection refused".into());
@@ -456,6 +471,7 @@ impl Sim {
             caught_up: true,
             last_ack_ms: Some(if node == self.leader { 0 } else { 20 }),
             problem,
+            guard_restored,
         })
     }
 
@@ -520,6 +536,22 @@ impl Sim {
 
 fn phases(entry: &HistoryEntry) -> Vec<(u64, Phase)> {
     entry.nodes.iter().map(|(id, s)| (*id, s.phase)).collect()
+}
+
+#[test]
+fn a_node_whose_boot_guard_gave_up_fails_and_is_not_activated_again() {
+    let mut sim = Sim::new(&[1, 2, 3], &[], strategy(1, OnFailure::Revert));
+    sim.guard_gives_up.insert(2);
+    let entry = sim.run().unwrap();
+    assert_eq!(entry.outcome, DeploymentState::Reverted);
+    let error = entry.nodes[&2].error.clone().unwrap();
+    assert!(error.contains("boot guard gave up"), "{error}");
+    let activations = sim
+        .trace
+        .iter()
+        .filter(|line| line.contains("node: 2") && line.contains("Activate { hash"))
+        .count();
+    assert_eq!(activations, 1, "activated once: {:#?}", sim.trace);
 }
 
 #[test]
@@ -848,6 +880,7 @@ fn a_new_boot_while_stabilizing_fails_the_node() {
         caught_up: true,
         last_ack_ms: Some(5),
         problem: None,
+        guard_restored: None,
     };
     let seen = Event::HealthObserved {
         node: 2,
