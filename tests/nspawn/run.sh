@@ -323,7 +323,7 @@ undone_with_no_leader() {
 # The rollout a test left behind ends (the resumed one fails its health deadline and reverts).
 wait_for_no_rollout() {
   for _ in $(seq 1 600); do
-    [ "$(status_json 2>/dev/null | jq -r '.rollout == null' || true)" = true ] && return
+    [ "$(status_json 2>/dev/null | jq -r '.rollout.active == null' || true)" = true ] && return
     sleep 0.2
   done
   fail "a rollout is still active: $(status_json)"
