@@ -138,11 +138,12 @@ boot() {
   done
   [ -n "$child" ] || fail "container $n did not start: $(cat "$work/console-$n.log")"
   pid1[$n]=${child%% *}
-  # Until systemd listens, systemctl cannot connect at all; then it says how boot went.
+  # Until systemd listens, systemctl cannot connect at all (it prints nothing, or
+  # "offline"); then it says how boot went. A loaded machine can take a while.
   local state=''
-  for _ in $(seq 1 300); do
+  for _ in $(seq 1 600); do
     state=$(in_c "$n" systemctl is-system-running 2>/dev/null || true)
-    case "$state" in initializing|starting|'') sleep 0.1 ;; *) break ;; esac
+    case "$state" in initializing|starting|offline|'') sleep 0.1 ;; *) break ;; esac
   done
   [ "$state" = running ] || fail "container $n booted '$state': $(in_c "$n" systemctl --failed --no-pager)"
 }
