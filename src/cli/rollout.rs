@@ -17,7 +17,10 @@ use crate::rollout::runtime::{
     LeaderNotes, Operation, RolloutView, UpdateOptions, UpdateOutcome, DEFAULT_SOAK_MS,
 };
 use crate::rpc::{AgentClient, Channels, ControlClient};
-use crate::state::{Deployment, DeploymentState, HistoryEntry, OnFailure, Starter, Strategy};
+use crate::state::deployment::failure_streak;
+use crate::state::{
+    Deployment, DeploymentState, HistoryEntry, NodeStep, OnFailure, Starter, Strategy,
+};
 
 /// Exit status when preflight refuses the update.
 pub const EXIT_PREFLIGHT: u8 = 2;
@@ -375,21 +378,7 @@ pub fn print_active(d: &Deployment, notes: Option<&LeaderNotes>) {
     if let Some(reason) = &d.reason {
         println!("  reason: {reason}");
     }
-    for id in &d.order {
-        if let Some(step) = d.nodes.get(id) {
-            let error = step
-                .error
-                .as_ref()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default();
-            println!(
-                "  node {id} ({}): {}{}{error}",
-                step.addr,
-                step.phase.as_str(),
-                timing(step.started_ms, step.finished_ms)
-            );
-        }
-    }
+    print_steps(&d.order, &d.nodes);
     if let Some(notes) = notes {
         if let Some(waiting) = &notes.waiting {
             println!("  {waiting}");
@@ -400,6 +389,26 @@ pub fn print_active(d: &Deployment, notes: Option<&LeaderNotes>) {
                 ms(left)
             );
         }
+    }
+}
+
+/// Every node's phase, error and time taken, in rollout order.
+fn print_steps(order: &[u64], nodes: &std::collections::BTreeMap<u64, NodeStep>) {
+    for id in order {
+        let Some(step) = nodes.get(id) else {
+            continue;
+        };
+        let error = step
+            .error
+            .as_ref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        println!(
+            "  node {id} ({}): {}{}{error}",
+            step.addr,
+            step.phase.as_str(),
+            timing(step.started_ms, step.finished_ms)
+        );
     }
 }
 
@@ -469,7 +478,12 @@ pub fn status_json(view: &RolloutView, members: &[u64]) -> serde_json::Value {
     });
     let streaks: serde_json::Map<String, serde_json::Value> = members
         .iter()
-        .map(|id| (id.to_string(), serde_json::json!(failure_streak(view, *id))))
+        .map(|id| {
+            (
+                id.to_string(),
+                serde_json::json!(failure_streak(&view.history, *id)),
+            )
+        })
         .collect();
     let fleet = &view.fleet;
     serde_json::json!({
@@ -489,16 +503,6 @@ pub fn status_json(view: &RolloutView, members: &[u64]) -> serde_json::Value {
         "failure_streaks": streaks,
         "last_rollback": fleet.last_rollback,
     })
-}
-
-/// How many finished rollouts in a row, newest first, `node` failed in.
-fn failure_streak(view: &RolloutView, node: u64) -> u32 {
-    view.history
-        .iter()
-        .rev()
-        .filter(|h| h.nodes.contains_key(&node))
-        .take_while(|h| h.node_failed(node))
-        .count() as u32
 }
 
 /// The rollout part of `cluster status`: what runs, what is under way, what failed.
@@ -547,7 +551,7 @@ pub fn print_status(view: &RolloutView, members: &[u64]) {
         );
     }
     for id in members {
-        let streak = failure_streak(view, *id);
+        let streak = failure_streak(&view.history, *id);
         if streak > 0 {
             println!("node {id} failed in the last {streak} rollout(s) that included it");
         }
@@ -605,21 +609,7 @@ fn print_summary(entry: &HistoryEntry) {
     if let Some(trigger) = &entry.trigger {
         println!("  why: {trigger}");
     }
-    for id in &entry.order {
-        if let Some(step) = entry.nodes.get(id) {
-            let error = step
-                .error
-                .as_ref()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default();
-            println!(
-                "  node {id} ({}): {}{}{error}",
-                step.addr,
-                step.phase.as_str(),
-                timing(step.started_ms, step.finished_ms)
-            );
-        }
-    }
+    print_steps(&entry.order, &entry.nodes);
 }
 
 /// Runs `cluster rollout ...`.

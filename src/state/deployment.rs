@@ -650,6 +650,17 @@ impl Deployment {
     }
 }
 
+/// How many finished deployments in a row, newest first, `node` failed in (`history`
+/// oldest first, as `State::history`).
+pub fn failure_streak(history: &[HistoryEntry], node: u64) -> u32 {
+    history
+        .iter()
+        .rev()
+        .filter(|h| h.nodes.contains_key(&node))
+        .take_while(|h| h.node_failed(node))
+        .count() as u32
+}
+
 /// The first 12 hex digits: enough to tell builds apart in messages.
 pub fn short_hash(hash: &str) -> &str {
     hash.get(..12).unwrap_or(hash)

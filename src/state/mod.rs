@@ -399,12 +399,7 @@ impl State {
 
     /// How many deployments in a row, newest first, `node` failed in.
     pub fn failure_streak(&self, node: u64) -> u32 {
-        self.history
-            .iter()
-            .rev()
-            .filter(|h| h.nodes.contains_key(&node))
-            .take_while(|h| h.node_failed(node))
-            .count() as u32
+        deployment::failure_streak(&self.history, node)
     }
 
     fn begin_deployment(&mut self, deployment: &Deployment) -> (Response, Vec<Record>) {
