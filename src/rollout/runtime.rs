@@ -623,15 +623,18 @@ pub struct Operated {
 /// Carries out `operation` on the leader: one replicated command.
 pub async fn operate(node: &NodeHandle, operation: Operation) -> Result<Operated, ApiError> {
     let now = unix_ms();
-    if let Operation::Auto { enabled } = operation {
+    // Pause and resume use rollout commands every member knows; the rest are newer.
+    if !matches!(operation, Operation::Pause | Operation::Resume) {
         let min = node.sm.read(|s| s.min_protocol()).unwrap_or(0);
         if min < crate::state::OPERATE_PROTOCOL {
             return Err(ApiError::precondition(format!(
-                "a member speaks protocol {min}: `rollout auto` needs every member on \
-                 protocol {} (update them first)",
+                "a member speaks protocol {min}, which cannot apply this command: update every \
+                 member to protocol {} first (a rollout can still be paused)",
                 crate::state::OPERATE_PROTOCOL
             )));
         }
+    }
+    if let Operation::Auto { enabled } = operation {
         let command = Command::SetAutoRollout {
             enabled,
             at_ms: now,
@@ -679,13 +682,6 @@ pub async fn operate(node: &NodeHandle, operation: Operation) -> Result<Operated
             format!("rollout {generation} resumed"),
         ),
         Operation::Abort { revert } => {
-            let min = node.sm.read(|s| s.min_protocol()).unwrap_or(0);
-            if min < crate::state::OPERATE_PROTOCOL {
-                return Err(ApiError::precondition(format!(
-                    "a member speaks protocol {min}, which cannot apply an abort; pause the \
-                     rollout instead (`cluster rollout pause`)"
-                )));
-            }
             let reason = if revert {
                 "aborted by an operator, reverting updated nodes"
             } else {
