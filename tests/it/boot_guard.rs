@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::harness::{
-    cli, data_dir_of, make_release, make_script_release, wait_for, Cluster, Start, BIN,
+    cli, data_dir_of, make_release, make_script_release, wait_all_on, wait_for, Cluster, Start, BIN,
 };
 
 /// A `cluster update` running in the background, killed when dropped.
@@ -39,22 +39,6 @@ impl Drop for Background {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-async fn wait_all_on(cluster: &Cluster, hash: &str) {
-    wait_for(
-        &format!("every node on {hash}"),
-        Duration::from_secs(60),
-        || async {
-            let status = cluster.leader_status().await;
-            status
-                .nodes
-                .iter()
-                .all(|n| n.build_hash == hash && (n.state == "leader" || n.state == "follower"))
-                .then_some(())
-        },
-    )
-    .await
 }
 
 /// The process ids of `pid`'s children.

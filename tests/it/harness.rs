@@ -520,3 +520,48 @@ fn stamp(dir: &Path) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// Waits until every node reports `hash` as its running build.
+pub async fn wait_all_on(cluster: &Cluster, hash: &str) {
+    wait_for(
+        &format!("every node on {hash}"),
+        Duration::from_secs(60),
+        || async {
+            let status = cluster.leader_status().await;
+            status
+                .nodes
+                .iter()
+                .all(|n| n.build_hash == hash && (n.state == "leader" || n.state == "follower"))
+                .then_some(())
+        },
+    )
+    .await
+}
+
+/// Runs `cluster update --json` with a 3 s stabilization window on another thread, so a
+/// test can act on the cluster while the rollout is in flight.
+pub fn update_in_background(
+    addr: String,
+    dist: std::path::PathBuf,
+    health_deadline_ms: u64,
+) -> std::thread::JoinHandle<std::process::Output> {
+    std::thread::spawn(move || {
+        let deadline = health_deadline_ms.to_string();
+        cli(&[
+            "update",
+            "--dist",
+            dist.to_str().unwrap(),
+            "--node",
+            &addr,
+            "--stabilize-ms",
+            "3000",
+            "--soak-ms",
+            "0",
+            "--poll-interval-ms",
+            "100",
+            "--health-deadline-ms",
+            &deadline,
+            "--json",
+        ])
+    })
+}

@@ -6,7 +6,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::harness::{cli, data_dir_of, make_release, wait_for, Cluster, Start};
+use crate::harness::{
+    cli, data_dir_of, make_release, update_in_background, wait_for, Cluster, Start,
+};
 
 /// Pace of automatic rollouts in these tests (node flags).
 const AUTO: [&str; 10] = [
@@ -210,25 +212,7 @@ async fn nodes_that_were_down_or_on_another_build_are_brought_to_the_target() {
     // A rollout with a long stabilization window; one follower goes down while the other
     // is being updated.
     let addr = cluster.addr(leader);
-    let v2_arg = v2.clone();
-    let update = std::thread::spawn(move || {
-        cli(&[
-            "update",
-            "--dist",
-            v2_arg.to_str().unwrap(),
-            "--node",
-            &addr,
-            "--stabilize-ms",
-            "3000",
-            "--soak-ms",
-            "0",
-            "--poll-interval-ms",
-            "100",
-            "--health-deadline-ms",
-            "30000",
-            "--json",
-        ])
-    });
+    let update = update_in_background(addr, v2.clone(), 30_000);
     let first = wait_status(
         &cluster,
         "a follower being updated",
@@ -338,24 +322,7 @@ async fn pause_resume_and_abort_hold_across_a_leader_kill() {
     operate(&cluster, &["auto", "off"]);
     let leader = status(&cluster).unwrap()["leader"].as_u64().unwrap();
     let addr = cluster.addr(leader);
-    let update = std::thread::spawn(move || {
-        cli(&[
-            "update",
-            "--dist",
-            v2.to_str().unwrap(),
-            "--node",
-            &addr,
-            "--stabilize-ms",
-            "3000",
-            "--soak-ms",
-            "0",
-            "--poll-interval-ms",
-            "100",
-            "--health-deadline-ms",
-            "30000",
-            "--json",
-        ])
-    });
+    let update = update_in_background(addr, v2, 30_000);
     wait_status(
         &cluster,
         "a node in stabilize",

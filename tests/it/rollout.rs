@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use crate::harness::{
-    assert_all_readable, cli, data_dir_of, make_release, make_script_release, wait_for, Cluster,
-    Start, Writer, BIN,
+    assert_all_readable, cli, data_dir_of, make_release, make_script_release, update_in_background,
+    wait_all_on, wait_for, Cluster, Start, Writer, BIN,
 };
 
 /// Fast pacing for tests: the waits a rollout imposes are its configuration, not its cost.
@@ -35,51 +35,6 @@ fn text(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// Runs `cluster update --json` with a 3 s stabilization window on another thread, so a
-/// test can act on the cluster while the rollout is in flight.
-fn update_in_background(
-    addr: String,
-    dist: std::path::PathBuf,
-    health_deadline_ms: u64,
-) -> std::thread::JoinHandle<std::process::Output> {
-    std::thread::spawn(move || {
-        let deadline = health_deadline_ms.to_string();
-        cli(&[
-            "update",
-            "--dist",
-            dist.to_str().unwrap(),
-            "--node",
-            &addr,
-            "--stabilize-ms",
-            "3000",
-            "--soak-ms",
-            "0",
-            "--poll-interval-ms",
-            "100",
-            "--health-deadline-ms",
-            &deadline,
-            "--json",
-        ])
-    })
-}
-
-/// Waits until every node reports `hash` as its running build.
-async fn wait_all_on(cluster: &Cluster, hash: &str) {
-    wait_for(
-        &format!("every node on {hash}"),
-        Duration::from_secs(60),
-        || async {
-            let status = cluster.leader_status().await;
-            status
-                .nodes
-                .iter()
-                .all(|n| n.build_hash == hash && (n.state == "leader" || n.state == "follower"))
-                .then_some(())
-        },
-    )
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
