@@ -296,7 +296,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let view = if args.local {
                 client.rollout().await.ok()
             } else {
-                rollout::leader_view(&args.target).await.ok()
+                rollout::leader_view(&args.target, Some(&status)).await.ok()
             };
             let members: Vec<u64> = status.nodes.iter().map(|n| n.id).collect();
             if args.json {

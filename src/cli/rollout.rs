@@ -10,7 +10,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use super::output::print_json;
 use super::Target;
 use crate::agent::upload::{push, LocalDist};
-use crate::api::ApiError;
+use crate::api::{ApiError, ClusterStatus};
 use crate::dist::Limits;
 use crate::rollout::preflight::Report;
 use crate::rollout::runtime::{
@@ -616,7 +616,7 @@ fn print_summary(entry: &HistoryEntry) {
 pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
     let (target, operation) = match command {
         RolloutCommand::Status { target, json } => {
-            let view = leader_view(&target).await?;
+            let view = leader_view(&target, None).await?;
             if json {
                 print_json(&view.deployment)?;
             } else {
@@ -660,14 +660,25 @@ pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// The rollout view from the leader (with its notes) when it answers, else from the
-/// asked node.
-pub async fn leader_view(target: &Target) -> anyhow::Result<RolloutView> {
+/// asked node. `status`: the cluster's status if the caller already has it (saves asking
+/// for it again to find the leader).
+pub async fn leader_view(
+    target: &Target,
+    status: Option<&ClusterStatus>,
+) -> anyhow::Result<RolloutView> {
     let mut client = target.client()?;
     let view = client.rollout().await?;
     if view.notes.is_some() {
         return Ok(view);
     }
-    let status = client.status(false).await?;
+    let asked;
+    let status = match status {
+        Some(status) => status,
+        None => {
+            asked = client.status(false).await?;
+            &asked
+        }
+    };
     let leader = status
         .leader
         .and_then(|id| status.nodes.iter().find(|n| n.id == id));
