@@ -31,21 +31,14 @@ esac
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 
-need_packages=()
-command -v openssl >/dev/null || need_packages+=(openssl)
-command -v sha256sum >/dev/null || need_packages+=(coreutils)
-if [ ${#need_packages[@]} -gt 0 ]; then
-  echo "installing ${need_packages[*]} (apt-get)..."
-  apt-get update -qq && apt-get install -y -qq "${need_packages[@]}" >/dev/null
-fi
-
+source "$root/scripts/bench/lib.sh"
+install_missing openssl=openssl sha256sum=coreutils
 if [ -n "${CLUSTER_BIN:-}" ]; then
   bin=$CLUSTER_BIN
 else
   echo "building cluster (cargo build --release)..."
-  cargo build --quiet --release --manifest-path "$root/Cargo.toml" --bin cluster
-  bin="$(cargo metadata --format-version 1 --no-deps --manifest-path "$root/Cargo.toml" |
-    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/cluster"
+  release_build "$root" --bin cluster
+  bin=$target_dir/release/cluster
 fi
 
 work=$(mktemp -d -t cluster-bench-hash-XXXXXX)

@@ -36,21 +36,14 @@ esac
 runs=${RUNS:-3}
 root=$(cd "$(dirname "$0")/.." && pwd)
 
-need_packages=()
-command -v rsync >/dev/null || need_packages+=(rsync)
-command -v openssl >/dev/null || need_packages+=(openssl)
-if [ ${#need_packages[@]} -gt 0 ]; then
-  echo "installing ${need_packages[*]} (apt-get)..."
-  apt-get update -qq && apt-get install -y -qq "${need_packages[@]}" >/dev/null
-fi
-
+source "$root/scripts/bench/lib.sh"
+install_missing rsync=rsync openssl=openssl
 if [ -n "${CLUSTER_BIN:-}" ]; then
   bin=$CLUSTER_BIN
 else
   echo "building cluster (cargo build --release)..."
-  cargo build --quiet --release --manifest-path "$root/Cargo.toml" --bin cluster
-  bin="$(cargo metadata --format-version 1 --no-deps --manifest-path "$root/Cargo.toml" |
-    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/cluster"
+  release_build "$root" --bin cluster
+  bin=$target_dir/release/cluster
 fi
 
 work=$(mktemp -d -t cluster-bench-sync-XXXXXX)

@@ -64,17 +64,9 @@ trap 'exit 143' TERM
 load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- tools and build ------------------------------------------------------------------------
-need=()
-for tool in jq rsync openssl; do command -v "$tool" >/dev/null || need+=("$tool"); done
-if [ ${#need[@]} -gt 0 ]; then
-  say "installing ${need[*]} (apt-get)"
-  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+install_missing jq=jq rsync=rsync openssl=openssl
 say "building the release binary and the benchmark clients (cargo build --release)"
-cargo build --quiet --release --locked --manifest-path "$root/Cargo.toml" \
-  --bin cluster --example kv_writer --example rollout_timeline
-target_dir=$(cargo metadata --format-version 1 --no-deps --manifest-path "$root/Cargo.toml" |
-  jq -r .target_directory)
+release_build "$root" --bin cluster --example kv_writer --example rollout_timeline
 bin="$target_dir/release/cluster"
 writer="$target_dir/release/examples/kv_writer"
 timeline="$target_dir/release/examples/rollout_timeline"

@@ -8,6 +8,25 @@ groups=()
 # Single processes (not groups) to stop on exit.
 pids=()
 
+# install_missing COMMAND=PACKAGE...: installs (apt-get) the Debian packages whose command
+# is missing.
+install_missing() {
+  local need=() pair
+  for pair in "$@"; do command -v "${pair%%=*}" >/dev/null || need+=("${pair#*=}"); done
+  [ ${#need[@]} -gt 0 ] || return 0
+  echo "installing ${need[*]} (apt-get)..." >&2
+  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+}
+
+# release_build ROOT [CARGO ARGS...]: `cargo build --release` of the checkout at ROOT;
+# sets target_dir.
+release_build() {
+  local root=$1; shift
+  cargo build --quiet --release --locked --manifest-path "$root/Cargo.toml" "$@"
+  target_dir=$(cargo metadata --format-version 1 --no-deps --manifest-path "$root/Cargo.toml" |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+}
+
 # spawn LOG COMMAND...: runs COMMAND in the background in a new process group (session);
 # sets spawned_pid (also the group id).
 spawn() {
