@@ -1191,17 +1191,7 @@ mod tests {
             "no rollout is active"
         );
 
-        let mut deployment = Deployment {
-            generation: 1,
-            target_hash: "new".into(),
-            order: vec![1, 2],
-            ..Deployment::default()
-        };
-        for id in [1, 2] {
-            deployment
-                .nodes
-                .insert(id, NodeStep::pending(Role::Voter, "a", "old"));
-        }
+        let deployment = deployment(1, &[(1, Phase::Pending), (2, Phase::Pending)]);
         let (response, _) = state.apply(&Command::BeginDeployment { deployment });
         assert_eq!(response, Response::Ok);
         assert_eq!(state.apply(&abort(false)).0, Response::Ok);
@@ -1222,17 +1212,7 @@ mod tests {
     fn a_rollout_that_ends_on_mixed_builds_clears_the_target() {
         let mut state = State::default();
         state.fleet.target = Some("old".into());
-        let mut deployment = Deployment {
-            generation: 1,
-            target_hash: "new".into(),
-            order: vec![1, 2],
-            ..Deployment::default()
-        };
-        for id in [1, 2] {
-            deployment
-                .nodes
-                .insert(id, NodeStep::pending(Role::Voter, "a", "old"));
-        }
+        let deployment = deployment(1, &[(1, Phase::Pending), (2, Phase::Pending)]);
         state.apply(&Command::BeginDeployment { deployment });
         for phase in [
             Phase::Backup,
