@@ -628,20 +628,26 @@ fn an_abort_with_revert_restores_the_updated_nodes() {
     assert_eq!(sim.restores, vec![3, 2]);
 }
 
+/// Voters 1, 2, 3, ... with these acknowledgement ages.
+fn voters(ages: &[Option<u64>]) -> BTreeMap<u64, Liveness> {
+    (1..)
+        .zip(ages)
+        .map(|(id, age)| {
+            let live = Liveness {
+                role: Role::Voter,
+                last_ack_ms: *age,
+            };
+            (id, live)
+        })
+        .collect()
+}
+
 #[test]
 fn no_node_starts_while_another_voter_is_down() {
     let deployment = deployment(&[1, 2, 3], &[], strategy(1, OnFailure::Revert));
     let mut engine = Engine::new(1, 1);
-    let live = |age: Option<u64>| Liveness {
-        role: Role::Voter,
-        last_ack_ms: age,
-    };
     let now = Now::default();
-    engine.observe(BTreeMap::from([
-        (1, live(Some(0))),
-        (2, live(Some(20))),
-        (3, live(Some(5_000))),
-    ]));
+    engine.observe(voters(&[Some(0), Some(20), Some(5_000)]));
     let actions = engine.step(&deployment, Event::Tick, now);
     assert!(actions.is_empty(), "{actions:?}");
     let waiting = engine.waiting().unwrap();
@@ -650,11 +656,7 @@ fn no_node_starts_while_another_voter_is_down() {
         "{waiting}"
     );
     // Node 3 is back: node 2 starts.
-    engine.observe(BTreeMap::from([
-        (1, live(Some(0))),
-        (2, live(Some(20))),
-        (3, live(Some(30))),
-    ]));
+    engine.observe(voters(&[Some(0), Some(20), Some(30)]));
     let actions = engine.step(&deployment, Event::Tick, now);
     assert!(
         matches!(
@@ -674,15 +676,7 @@ fn no_node_starts_while_another_voter_is_down() {
 fn a_voter_down_past_the_deadline_halts_without_touching_another_node() {
     let deployment = deployment(&[1, 2, 3], &[], strategy(1, OnFailure::Revert));
     let mut engine = Engine::new(1, 1);
-    let live = |age: Option<u64>| Liveness {
-        role: Role::Voter,
-        last_ack_ms: age,
-    };
-    engine.observe(BTreeMap::from([
-        (1, live(Some(0))),
-        (2, live(Some(20))),
-        (3, live(None)),
-    ]));
+    engine.observe(voters(&[Some(0), Some(20), None]));
     let at = |ms| Now {
         monotonic_ms: ms,
         unix_ms: ms,
