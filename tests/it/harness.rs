@@ -557,6 +557,9 @@ pub fn update_in_background(
             "3000",
             "--soak-ms",
             "0",
+            // Not a staleness test: a loaded machine's slow acknowledgements must not fail it.
+            "--stale-ack-ms",
+            "2000",
             "--poll-interval-ms",
             "100",
             "--health-deadline-ms",

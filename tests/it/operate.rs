@@ -458,6 +458,8 @@ async fn three_failed_health_checks_during_the_soak_revert_the_rollout() {
             "500",
             "--soak-ms",
             "60000",
+            "--stale-ack-ms",
+            "2000",
             "--poll-interval-ms",
             "100",
             "--health-deadline-ms",
