@@ -1,4 +1,4 @@
-//! Measures how fast `dist::scan` hashes and chunks a dist, in MiB/s.
+//! Measures how fast `release::scan` hashes and chunks a dist, in MiB/s.
 //!
 //! ```text
 //! cargo run --release --example hash_bench            # builds a 1 GiB dist in a temp dir
@@ -15,7 +15,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use cluster::dist::{scan, EntryKind, Limits};
+use cluster::release::{scan, EntryKind, Limits};
 
 const MIB: u64 = 1024 * 1024;
 

@@ -77,7 +77,7 @@ pub struct NodeStatus {
     /// The last time its boot guard put the previous release back with no leader
     /// involved, until the node is next upgraded.
     #[serde(default)]
-    pub last_auto_restore: Option<crate::state::AutoRestore>,
+    pub last_auto_restore: Option<crate::state::GuardRestore>,
 }
 
 /// The cluster as one member sees it (the leader's view unless the leader is unreachable).

@@ -6,23 +6,23 @@
 //! - [`cli`]: clap definitions, validated configuration, commands; the only place that prints.
 //! - [`node`]: composition root of a running node; the Control operations it serves.
 //! - [`raft`]: openraft glue: types, the gRPC network, configuration, replication view.
-//! - [`store`]: sled log store and state machine (the only module that sees sled).
+//! - [`raft_store`]: Raft storage on sled: log store and state machine (the only module that sees sled).
 //! - [`state`]: the replicated data model and its pure `apply`.
 //! - [`rpc`]: gRPC servers, client and channel pool (the only module that sees prost/tonic).
 //! - [`agent`]: what a node does with releases on its disk: hold, serve, materialize.
 //! - [`api`]: the Control service's domain types, shared by server, client and CLI.
 //! - [`supervise`]: the restart loop for hosts without systemd (and for tests).
-//! - [`dist`]: release content: manifest and build hash, directory scan, version.json.
+//! - [`release`]: releases: manifest and build hash, directory scan, version.json.
 //! - [`rollout`]: the rolling update's pure core: preflight, plan, engine (no I/O).
 
 pub mod agent;
 pub mod api;
 pub mod cli;
-pub mod dist;
+pub mod release;
 pub mod node;
 pub mod raft;
 pub mod rollout;
 pub mod rpc;
 pub mod state;
-pub mod store;
+pub mod raft_store;
 pub mod supervise;

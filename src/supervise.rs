@@ -27,7 +27,7 @@ pub enum Supervision {
     /// `cluster supervise` (it sets `CLUSTER_SUPERVISED`): exit, likewise.
     Supervise,
     /// Nobody: the node runs the guard and re-executes `current` itself.
-    None,
+    Unsupervised,
 }
 
 impl Supervision {
@@ -42,7 +42,7 @@ impl Supervision {
         } else if set("INVOCATION_ID") && parent_pid == 1 {
             Supervision::Systemd
         } else {
-            Supervision::None
+            Supervision::Unsupervised
         }
     }
 
@@ -59,7 +59,7 @@ impl Supervision {
         match self {
             Supervision::Systemd => "systemd",
             Supervision::Supervise => "supervise",
-            Supervision::None => "none",
+            Supervision::Unsupervised => "none",
         }
     }
 }
@@ -174,11 +174,11 @@ mod tests {
         };
         type Vars = &'static [(&'static str, &'static str)];
         let table: [(Vars, u32, Supervision); 6] = [
-            (&[], 1, Supervision::None),
+            (&[], 1, Supervision::Unsupervised),
             (&[("INVOCATION_ID", "ab12")], 1, Supervision::Systemd),
             // Inherited from a user manager's service (e.g. a terminal): not our supervisor.
-            (&[("INVOCATION_ID", "ab12")], 4242, Supervision::None),
-            (&[("INVOCATION_ID", "")], 1, Supervision::None),
+            (&[("INVOCATION_ID", "ab12")], 4242, Supervision::Unsupervised),
+            (&[("INVOCATION_ID", "")], 1, Supervision::Unsupervised),
             (&[(SUPERVISED_ENV, "1")], 4242, Supervision::Supervise),
             // `cluster supervise` run as a systemd service: supervise is the one that restarts.
             (

@@ -13,9 +13,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::dist::store::write_atomically;
-use crate::dist::ReleaseStore;
-use crate::state::AutoRestore;
+use crate::release::store::write_atomically;
+use crate::release::ReleaseStore;
+use crate::state::GuardRestore;
 
 const PENDING: &str = "boot.json";
 const RESTORED: &str = "boot-restored.json";
@@ -98,7 +98,7 @@ fn remove_if_present(path: &Path) -> Result<(), String> {
 /// The last automatic restore, kept until the node is next upgraded (so a node reports it
 /// on every start until then, and a crash before the report commits loses nothing).
 /// `Err` names an unreadable record; the node starts anyway.
-pub fn last_restore(data_dir: &Path) -> Result<Option<AutoRestore>, String> {
+pub fn last_restore(data_dir: &Path) -> Result<Option<GuardRestore>, String> {
     let path = data_dir.join(RESTORED);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
@@ -171,7 +171,7 @@ pub fn before_start(data_dir: &Path) -> Result<GuardOutcome, String> {
             data_dir.display()
         ));
     }
-    let record = AutoRestore {
+    let record = GuardRestore {
         from: pending.from.clone(),
         to: pending.to.clone(),
         generation: pending.generation,
@@ -220,7 +220,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::dist::Limits;
+    use crate::release::Limits;
 
     /// Installs a one-file release whose binary prints `tag`; returns its hash.
     fn install(data: &Path, work: &Path, tag: &str) -> String {

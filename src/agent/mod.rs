@@ -17,8 +17,8 @@ use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::dist::store::{ReleaseStore, Staging};
-use crate::dist::{Chunk, DistError, Limits, Manifest};
+use crate::release::store::{ReleaseStore, Staging};
+use crate::release::{Chunk, DistError, Limits, Manifest};
 use crate::rpc::{AgentClient, Channels};
 
 /// The current Raft term of this node, for fencing mutations.
@@ -151,7 +151,7 @@ impl Agent {
         if fence != accepted {
             let bytes =
                 serde_json::to_vec(&fence).map_err(|e| ApiError::internal(e.to_string()))?;
-            crate::dist::store::write_atomically(&self.data_dir, FENCE_FILE, &bytes)
+            crate::release::store::write_atomically(&self.data_dir, FENCE_FILE, &bytes)
                 .map_err(|e| ApiError::internal(format!("recording the fence: {e}")))?;
         }
         let restart = match &mutation {
@@ -192,7 +192,7 @@ impl Agent {
                 Mutation::Commit(_) => {
                     guard::disarm(store.data_dir()).map_err(guard_error)?;
                     // Old releases go now; current and the pinned previous always stay.
-                    let deleted = store.prune(crate::dist::DEFAULT_KEEP_OLD)?;
+                    let deleted = store.prune(crate::release::DEFAULT_KEEP_OLD)?;
                     if !deleted.is_empty() {
                         tracing::info!(?deleted, "removed old releases");
                     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 
 use crate::api::{ApiError, ErrorKind, PrepareOutcome};
-use crate::dist::{chunk_offsets, scan, DistError, EntryKind, Limits, Manifest};
+use crate::release::{chunk_offsets, scan, DistError, EntryKind, Limits, Manifest};
 use crate::rpc::AgentClient;
 
 /// A dist directory on this machine, scanned, with where each chunk's bytes live.

@@ -12,7 +12,7 @@ use clap::Args;
 
 use super::rollout::{update, FailureMode, UpdateArgs};
 use super::Target;
-use crate::dist::{stamp, Limits, ReleaseStore};
+use crate::release::{stamp, Limits, ReleaseStore};
 use crate::rpc::ControlClient;
 
 #[derive(Args, Debug)]

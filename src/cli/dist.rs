@@ -1,11 +1,11 @@
-//! `cluster dist stamp|hash|verify|install`: the command line over [`crate::dist`].
+//! `cluster dist stamp|hash|verify|install`: the command line over [`crate::release`].
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::dist::{self, Limits, ReleaseStore, VersionInfo};
+use crate::release::{self, Limits, ReleaseStore, VersionInfo};
 
 /// One-line help for `cluster dist`, for the parent command's `about`.
 pub const ABOUT: &str = "Stamp, hash, verify and install a release directory (a dist)";
@@ -115,7 +115,7 @@ fn execute(command: DistCommand, out: &mut dyn Write, err: &mut dyn Write) -> an
     let limits = Limits::default();
     match command {
         DistCommand::Stamp { dir, json } => {
-            let info = dist::stamp(&dir, &limits)?;
+            let info = release::stamp(&dir, &limits)?;
             if json {
                 print_json(out, &info)?;
             } else {
@@ -124,10 +124,10 @@ fn execute(command: DistCommand, out: &mut dyn Write, err: &mut dyn Write) -> an
             Ok(0)
         }
         DistCommand::Hash { dir } => {
-            writeln!(out, "{}", dist::hash(&dir, &limits)?)?;
+            writeln!(out, "{}", release::hash(&dir, &limits)?)?;
             Ok(0)
         }
-        DistCommand::Verify { dir, json } => match dist::verify(&dir, &limits) {
+        DistCommand::Verify { dir, json } => match release::verify(&dir, &limits) {
             Ok(info) if json => {
                 print_json(out, &info)?;
                 Ok(0)

@@ -356,7 +356,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Dist(DistAll::Local(_)) => unreachable!("handled before the runtime starts"),
         Command::Dist(DistAll::Push { dir, target, json }) => {
-            let limits = crate::dist::Limits::default();
+            let limits = crate::release::Limits::default();
             let dist = std::sync::Arc::new(
                 tokio::task::spawn_blocking(move || {
                     crate::agent::upload::LocalDist::scan(&dir, &limits)
@@ -462,7 +462,7 @@ fn run_node(args: config::RunArgs) -> anyhow::Result<ExitCode> {
     runtime.shutdown_timeout(Duration::from_secs(5));
     match (stopped, supervision) {
         (crate::node::Stopped::Shutdown, _) => Ok(ExitCode::SUCCESS),
-        (crate::node::Stopped::Restart, Supervision::None) => Err(reexec(&data_dir)),
+        (crate::node::Stopped::Restart, Supervision::Unsupervised) => Err(reexec(&data_dir)),
         (crate::node::Stopped::Restart, _) => Ok(ExitCode::from(EXIT_RESTART as u8)),
     }
 }

@@ -11,7 +11,7 @@ use super::output::print_json;
 use super::Target;
 use crate::agent::upload::{push, LocalDist};
 use crate::api::{ApiError, ClusterStatus};
-use crate::dist::Limits;
+use crate::release::Limits;
 use crate::rollout::preflight::Report;
 use crate::rollout::runtime::{
     LeaderNotes, Operation, RolloutView, UpdateOptions, UpdateOutcome, DEFAULT_SOAK_MS,

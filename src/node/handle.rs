@@ -14,14 +14,14 @@ use crate::api::{
     ApiError, ClusterStatus, ErrorKind, JoinAccepted, JoinRequest, NodeStatus, TransferDone,
     WriteOutcome,
 };
-use crate::dist::Manifest;
+use crate::release::Manifest;
 use crate::raft::{self, Raft, Timing};
 use crate::rollout::runtime::{
     self, LeaderNotes, Operated, Operation, RolloutView, UpdateOptions, UpdateOutcome,
 };
 use crate::rpc::{Channels, ControlClient};
 use crate::state::{Command, NodeInfo};
-use crate::store::StateMachineStore;
+use crate::raft_store::StateMachineStore;
 
 /// How many times a Control request may be forwarded before a node waits instead: bounds
 /// ping-pong while leadership moves.

@@ -27,7 +27,7 @@ use crate::raft::network::{Network, RaftHandler};
 use crate::raft::{Raft, Timing};
 use crate::rpc::{Channels, ControlClient};
 use crate::state::{Command, NodeInfo, PROTOCOL};
-use crate::store::{self, StoreError};
+use crate::raft_store::{self, StoreError};
 use crate::supervise::Supervision;
 
 /// A node's validated configuration (see `cli` for where it comes from).
@@ -100,7 +100,7 @@ pub async fn run(
 ) -> Result<Stopped, NodeError> {
     prepare_data_dir(&config.data_dir)?;
     // The store first: "locked by another node" says more than the port that node holds.
-    let (log_store, sm) = store::open(&config.data_dir).await?;
+    let (log_store, sm) = raft_store::open(&config.data_dir).await?;
     let listen = reuse_recorded_port(&config.data_dir, config.listen);
     let listener = TcpListener::bind(listen)
         .await
@@ -119,7 +119,7 @@ pub async fn run(
         None if bound.ip().is_unspecified() => return Err(NodeError::NeedAdvertise(bound)),
         None => bound.to_string(),
     };
-    crate::dist::store::write_atomically(&config.data_dir, "node.addr", addr.as_bytes()).map_err(
+    crate::release::store::write_atomically(&config.data_dir, "node.addr", addr.as_bytes()).map_err(
         |e| NodeError::DataDir {
             path: config.data_dir.clone(),
             source: std::io::Error::other(e.to_string()),
@@ -261,7 +261,7 @@ pub async fn run(
                 _ = &mut shutdown => Ok(Stopped::Shutdown),
                 _ = restart.notified() => {
                     match supervision {
-                        Supervision::None => tracing::info!(id = config.id, "restarting: re-executing the current release after a graceful shutdown"),
+                        Supervision::Unsupervised => tracing::info!(id = config.id, "restarting: re-executing the current release after a graceful shutdown"),
                         _ => tracing::info!(id = config.id, supervision = %supervision.name(), "restarting: exiting for the supervisor to start the current release"),
                     }
                     Ok(Stopped::Restart)

@@ -10,7 +10,7 @@ openraft::declare_raft_types!(
 );
 
 /// A running Raft node over our sled-backed state machine.
-pub type Raft = openraft::Raft<TypeConfig, crate::store::StateMachineStore>;
+pub type Raft = openraft::Raft<TypeConfig, crate::raft_store::StateMachineStore>;
 
 pub type NodeId = u64;
 pub type Node = openraft::BasicNode;

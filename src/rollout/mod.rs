@@ -22,7 +22,7 @@ pub mod runtime;
 
 pub use engine::{Action, AgentOp, Engine, Event, Health, Now, OpKind, Summary};
 pub use plan::{plan, Plan, PlannedNode, Start};
-pub use preflight::{preflight, Check, Options, Report, Snapshot};
+pub use preflight::{preflight, Check, Options, Report, Survey};
 
 use crate::state::deployment::short_hash;
 

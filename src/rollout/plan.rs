@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::preflight::Snapshot;
+use super::preflight::Survey;
 use super::RolloutError;
-use crate::dist::Manifest;
+use crate::release::Manifest;
 use crate::state::{Deployment, DeploymentState, NodeStep, Role, Starter, Strategy};
 
 /// The order of a rolling update, as `--dry-run` prints it and the deployment records it.
@@ -57,7 +57,7 @@ pub struct Start {
 }
 
 /// Orders the members of `snapshot` for an update to its dist's build hash.
-pub fn plan(snapshot: &Snapshot, max_parallel: usize) -> Plan {
+pub fn plan(snapshot: &Survey, max_parallel: usize) -> Plan {
     let target_hash = snapshot.dist.build_hash.clone();
     let mut nodes = BTreeMap::new();
     let mut already_current = Vec::new();

@@ -1,6 +1,6 @@
 //! Preflight: may a rolling update start? Every check over a snapshot the leader gathers.
 //!
-//! Pure: the runtime collects a [`Snapshot`] (a quorum round trip, the leader's replication
+//! Pure: the runtime collects a [`Survey`] (a quorum round trip, the leader's replication
 //! metrics, one probe per node, the target dist) and [`preflight`] judges it. Every check
 //! is reported, passed or not, and a failing detail names the node and the figure that
 //! failed it, so an operator can act on the report alone.
@@ -20,7 +20,7 @@ pub const DEFAULT_MAX_LOG_LAG: u64 = 100;
 /// runtime, judged here.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(default)]
-pub struct Snapshot {
+pub struct Survey {
     /// The node that gathered the snapshot and would run the rollout.
     pub leader: u64,
     pub term: u64,
@@ -163,7 +163,7 @@ pub fn quorum_size(voters: usize) -> usize {
 
 /// Judges `snapshot`. Checks are independent: each reports on its own concern, and nodes
 /// that did not answer the probe are only reported by `reachable`.
-pub fn preflight(snapshot: &Snapshot, options: &Options) -> Report {
+pub fn preflight(snapshot: &Survey, options: &Options) -> Report {
     let voters = snapshot
         .members
         .iter()
@@ -255,7 +255,7 @@ fn check(name: &str, failures: Vec<String>, pass_detail: String) -> Check {
     }
 }
 
-fn leadership(snapshot: &Snapshot) -> Check {
+fn leadership(snapshot: &Survey) -> Check {
     if snapshot.leadership_confirmed {
         return check(
             "leadership",
@@ -313,7 +313,7 @@ fn quorum_check(voters: usize, quorum: usize, can_lose: usize, options: &Options
     )
 }
 
-fn reachable(snapshot: &Snapshot) -> Check {
+fn reachable(snapshot: &Survey) -> Check {
     let failures = snapshot
         .members
         .iter()
@@ -336,7 +336,7 @@ fn reachable(snapshot: &Snapshot) -> Check {
 /// A check on what each reachable node reported; unreachable nodes are named as not
 /// checked rather than failed twice.
 fn per_reachable_node(
-    snapshot: &Snapshot,
+    snapshot: &Survey,
     check_name: &str,
     what: &str,
     failure: impl Fn(&Member) -> Option<String>,
@@ -364,7 +364,7 @@ fn per_reachable_node(
     check(check_name, failures, pass_detail)
 }
 
-fn acks(snapshot: &Snapshot, options: &Options) -> Check {
+fn acks(snapshot: &Survey, options: &Options) -> Check {
     let limit = options.stale_ack_limit_ms(snapshot.heartbeat_ms);
     let failures = snapshot
         .members
@@ -389,7 +389,7 @@ fn acks(snapshot: &Snapshot, options: &Options) -> Check {
     )
 }
 
-fn caught_up(snapshot: &Snapshot, options: &Options) -> Check {
+fn caught_up(snapshot: &Survey, options: &Options) -> Check {
     let leader_index = snapshot.last_log_index;
     let limit = options.max_log_lag;
     let failures = snapshot
@@ -415,7 +415,7 @@ fn caught_up(snapshot: &Snapshot, options: &Options) -> Check {
     )
 }
 
-fn no_active_rollout(snapshot: &Snapshot) -> Check {
+fn no_active_rollout(snapshot: &Survey) -> Check {
     let failures = snapshot
         .active_rollout
         .iter()
@@ -432,7 +432,7 @@ fn no_active_rollout(snapshot: &Snapshot) -> Check {
     check("no_active_rollout", failures, "no rollout is active".into())
 }
 
-fn dist(snapshot: &Snapshot) -> Check {
+fn dist(snapshot: &Survey) -> Check {
     let dist = &snapshot.dist;
     let failures = match (&dist.error, dist.build_hash.is_empty()) {
         (Some(error), _) => vec![format!("dist {}: {error}", dist.dir)],
@@ -482,13 +482,13 @@ pub(crate) mod tests {
     }
 
     /// A cluster where every check passes: `voters` and `learners` by id, `leader` leads.
-    pub(crate) fn healthy(voters: &[u64], learners: &[u64], leader: u64) -> Snapshot {
+    pub(crate) fn healthy(voters: &[u64], learners: &[u64], leader: u64) -> Survey {
         let members = voters
             .iter()
             .map(|id| member(*id, Role::Voter))
             .chain(learners.iter().map(|id| member(*id, Role::Learner)))
             .collect();
-        Snapshot {
+        Survey {
             leader,
             term: 7,
             leadership_confirmed: true,
@@ -507,7 +507,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn node(snapshot: &mut Snapshot, id: u64) -> &mut Member {
+    fn node(snapshot: &mut Survey, id: u64) -> &mut Member {
         snapshot.members.iter_mut().find(|m| m.id == id).unwrap()
     }
 
@@ -546,7 +546,7 @@ pub(crate) mod tests {
             name: &'static str,
             check: &'static str,
             options: Options,
-            break_it: fn(&mut Snapshot),
+            break_it: fn(&mut Survey),
             detail: &'static str,
         }
         let cases = vec![

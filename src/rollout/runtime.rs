@@ -17,10 +17,10 @@ use tokio::sync::{mpsc, watch};
 use super::auto::{backoff_ms, decide, Decision, Settle, Watched};
 use super::engine::{Action, AgentOp, Engine, Event, Health, Liveness, Now};
 use super::plan::{plan, Plan, Start};
-use super::preflight::{preflight, ActiveRollout, Member, Options, Report, Snapshot, TargetDist};
+use super::preflight::{preflight, ActiveRollout, Member, Options, Report, Survey, TargetDist};
 use crate::agent::{Agent, Fence, Mutation};
 use crate::api::ApiError;
-use crate::dist::{Limits, Manifest};
+use crate::release::{Limits, Manifest};
 use crate::node::NodeHandle;
 use crate::raft;
 use crate::rpc::{AgentClient, ControlClient};
@@ -69,7 +69,7 @@ pub async fn gather_snapshot(
     manifest: &Manifest,
     dist_label: &str,
     dry_run: bool,
-) -> Snapshot {
+) -> Survey {
     let leadership = node
         .raft
         .ensure_linearizable(ReadPolicy::ReadIndex)
@@ -120,7 +120,7 @@ pub async fn gather_snapshot(
                 )
             })
         });
-    Snapshot {
+    Survey {
         leader: node.id,
         term: metrics.current_term,
         leadership_confirmed: leadership.is_ok(),
@@ -508,7 +508,7 @@ async fn poll_health(
     undone: (u64, String),
 ) -> Result<Health, String> {
     // The boot guard's restore of this deployment's release, if the node reports one.
-    let guard_restored = |restore: &Option<crate::state::AutoRestore>| {
+    let guard_restored = |restore: &Option<crate::state::GuardRestore>| {
         restore
             .as_ref()
             .filter(|r| r.generation == undone.0 && r.to == undone.1)
@@ -1021,11 +1021,11 @@ fn fingerprint(dir: &Path) -> Result<Option<u64>, String> {
 /// must match it (a build still being copied in does not).
 fn build_hash_of_complete(dir: &Path) -> Result<String, String> {
     let limits = Limits::default();
-    if dir.join(crate::dist::manifest::VERSION_FILE).exists() {
-        crate::dist::verify(dir, &limits)
+    if dir.join(crate::release::manifest::VERSION_FILE).exists() {
+        crate::release::verify(dir, &limits)
             .map(|info| info.build_hash)
             .map_err(|e| e.to_string())
     } else {
-        crate::dist::hash(dir, &limits).map_err(|e| e.to_string())
+        crate::release::hash(dir, &limits).map_err(|e| e.to_string())
     }
 }

@@ -14,7 +14,7 @@ use super::status::{from_status, to_status};
 use super::{Channels, MAX_MESSAGE_BYTES};
 use crate::agent::{Agent, Fence, Mutation};
 use crate::api::{ApiError, ErrorKind, PrepareOutcome, ReleasesView};
-use crate::dist::Manifest;
+use crate::release::Manifest;
 
 fn decode_manifest(bytes: &[u8]) -> Result<Manifest, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| {

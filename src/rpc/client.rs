@@ -10,7 +10,7 @@ use super::server::HOPS;
 use super::status::from_status;
 use super::{Channels, MAX_MESSAGE_BYTES};
 use crate::api::{ApiError, ClusterStatus, JoinAccepted, JoinRequest, TransferDone, WriteOutcome};
-use crate::dist::Manifest;
+use crate::release::Manifest;
 use crate::rollout::runtime::{Operated, Operation, RolloutView, UpdateOptions, UpdateOutcome};
 use crate::rollout::{Plan, Report};
 use crate::state::{Command, Deployment, HistoryEntry};

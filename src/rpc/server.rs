@@ -355,7 +355,7 @@ impl From<pb::StatusReply> for api::ClusterStatus {
                     started_at_ms: n.started_at_ms,
                     health_problem: n.health_problem,
                     supervision: n.supervision,
-                    last_auto_restore: n.last_auto_restore.map(|r| crate::state::AutoRestore {
+                    last_auto_restore: n.last_auto_restore.map(|r| crate::state::GuardRestore {
                         from: r.from,
                         to: r.to,
                         generation: r.generation,

@@ -12,7 +12,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dist::Manifest;
+use crate::release::Manifest;
 
 /// How many finished deployments `State::history` keeps; older ones are dropped.
 pub const HISTORY_LIMIT: usize = 50;

@@ -87,14 +87,14 @@ pub struct NodeInfo {
     pub supervision: String,
     /// The last time the node's boot guard put the previous release back by itself, kept
     /// in the report until the node is next upgraded.
-    pub last_auto_restore: Option<AutoRestore>,
+    pub last_auto_restore: Option<GuardRestore>,
 }
 
 /// A release the boot guard gave up on, as the node reports it (written by the guard to
 /// `<data>/boot-restored.json`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(default)]
-pub struct AutoRestore {
+pub struct GuardRestore {
     /// The release put back.
     pub from: String,
     /// The release that did not stay up.
@@ -1078,9 +1078,9 @@ mod tests {
     fn deployment_records_split_the_manifest_and_round_trip() {
         let mut state = State::default();
         let mut begun = deployment(1, &[(1, Phase::Pending), (2, Phase::Pending)]);
-        begun.manifest = crate::dist::Manifest::from_unsorted(vec![crate::dist::Entry {
+        begun.manifest = crate::release::Manifest::from_unsorted(vec![crate::release::Entry {
             path: "bin".into(),
-            kind: crate::dist::EntryKind::Dir { mode: 0o755 },
+            kind: crate::release::EntryKind::Dir { mode: 0o755 },
         }]);
         let (response, _) = state.apply(&Command::BeginDeployment { deployment: begun });
         assert_eq!(response, Response::Ok);

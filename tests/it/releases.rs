@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cluster::agent::upload::{push, LocalDist};
 use cluster::api::ErrorKind;
-use cluster::dist::{EntryKind, Limits};
+use cluster::release::{EntryKind, Limits};
 use cluster::rpc::AgentClient;
 
 use crate::harness::{cli, Cluster};

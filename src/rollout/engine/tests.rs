@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use proptest::strategy::Strategy as _;
 
 use super::*;
-use crate::dist::Manifest;
+use crate::release::Manifest;
 use crate::rollout::plan::{plan, Start};
 use crate::rollout::preflight::tests::{healthy, OLD};
 use crate::state::{Response, Starter, State, Strategy};

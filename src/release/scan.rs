@@ -476,7 +476,7 @@ fn digest_reader<R: Read>(mut reader: R, buffer: &mut [u8]) -> io::Result<FileDi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dist::manifest::build_hash_of;
+    use crate::release::manifest::build_hash_of;
     use std::collections::HashSet;
     use std::fs::File;
     use std::os::unix::fs::symlink;
@@ -484,7 +484,7 @@ mod tests {
     /// Checks that an error is the expected one.
     type Expect = fn(&DistError) -> bool;
 
-    use crate::dist::test_data::noise;
+    use crate::release::test_data::noise;
 
     fn digest(data: &[u8]) -> FileDigest {
         let mut buffer = vec![0; READ_BUFFER_BYTES];

@@ -1189,10 +1189,10 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Dist
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dist::{hash, stamp, verify};
+    use crate::release::{hash, stamp, verify};
     use std::time::{Duration, UNIX_EPOCH};
 
-    use crate::dist::test_data::noise;
+    use crate::release::test_data::noise;
 
     fn write_file(path: &Path, content: &[u8], mode: u32) {
         fs::create_dir_all(path.parent().unwrap()).unwrap();
