@@ -1,9 +1,16 @@
-//! The Control service's requests, replies and errors as domain types.
+//! The services' requests, replies and errors as domain types: the one wire and `--json` schema.
 //!
 //! The node implements these, `rpc` carries them over gRPC, the CLI prints them. Keeping
 //! them free of prost types lets `--json` output be a documented, stable schema.
 
 use serde::{Deserialize, Serialize};
+
+pub mod rollout;
+
+pub use rollout::{
+    AutoStatus, Check, LeaderNotes, Operated, Operation, Plan, PlannedNode, Report, RolloutView,
+    UpdateOptions, UpdateOutcome,
+};
 
 /// What went wrong, in terms a caller can act on. `rpc` maps these to gRPC codes and back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

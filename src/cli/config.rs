@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::node::NodeConfig;
 use crate::raft::Timing;
-use crate::rollout::runtime::AutoConfig;
+use crate::rollout::AutoConfig;
 
 #[derive(Args, Debug, Default)]
 pub struct RunArgs {

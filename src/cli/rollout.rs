@@ -10,12 +10,12 @@ use clap::{Args, Subcommand, ValueEnum};
 use super::output::print_json;
 use super::Target;
 use crate::agent::upload::{push, LocalDist};
-use crate::api::{ApiError, ClusterStatus};
-use crate::release::Limits;
-use crate::rollout::preflight::Report;
-use crate::rollout::runtime::{
-    LeaderNotes, Operation, RolloutView, UpdateOptions, UpdateOutcome, DEFAULT_SOAK_MS,
+use crate::api::{
+    ApiError, ClusterStatus, LeaderNotes, Operation, Report, RolloutView, UpdateOptions,
+    UpdateOutcome,
 };
+use crate::release::Limits;
+use crate::rollout::DEFAULT_SOAK_MS;
 use crate::rpc::{AgentClient, Channels, ControlClient};
 use crate::state::deployment::failure_streak;
 use crate::state::{

@@ -11,17 +11,15 @@ use std::sync::Arc;
 
 use crate::agent::Agent;
 use crate::api::{
-    ApiError, ClusterStatus, ErrorKind, JoinAccepted, JoinRequest, NodeStatus, TransferDone,
-    WriteOutcome,
+    ApiError, ClusterStatus, ErrorKind, JoinAccepted, JoinRequest, NodeStatus, Operated, Operation,
+    RolloutView, TransferDone, UpdateOptions, UpdateOutcome, WriteOutcome,
 };
-use crate::release::Manifest;
 use crate::raft::{self, Raft, Timing};
-use crate::rollout::runtime::{
-    self, LeaderNotes, Operated, Operation, RolloutView, UpdateOptions, UpdateOutcome,
-};
-use crate::rpc::{Channels, ControlClient};
-use crate::state::{Command, NodeInfo};
 use crate::raft_store::StateMachineStore;
+use crate::release::Manifest;
+use crate::rollout::{self, Notes};
+use crate::rpc::{Channels, ControlClient, ControlHandler};
+use crate::state::{Command, NodeInfo, Role, State};
 
 /// How many times a Control request may be forwarded before a node waits instead: bounds
 /// ping-pong while leadership moves.
@@ -34,23 +32,25 @@ const TRANSFER_MAX_LAG: u64 = 1_000;
 const JOIN_CATCH_UP: Duration = Duration::from_secs(60);
 
 /// Everything Control requests need; shared by the gRPC server and the node's own tasks.
+/// Its fields are the node module's own: the rest of the crate reaches a node through
+/// the traits it implements (`rpc::ControlHandler`, `rollout::Cluster`).
 pub struct NodeHandle {
-    pub id: u64,
+    pub(super) id: u64,
     /// The address peers and clients use for this node.
-    pub addr: String,
-    pub raft: Raft,
-    pub sm: StateMachineStore,
+    pub(super) addr: String,
+    pub(super) raft: Raft,
+    pub(super) sm: StateMachineStore,
     /// Shared with the Raft network: one connection per peer in the whole process.
-    pub channels: Channels,
-    pub timing: Timing,
+    pub(super) channels: Channels,
+    pub(super) timing: Timing,
     /// What this node reports about itself (see `Command::RegisterNode`).
-    pub info: NodeInfo,
+    pub(super) info: NodeInfo,
     /// The releases on this node's disk.
-    pub agent: Arc<Agent>,
+    pub(super) agent: Arc<Agent>,
     /// The latest result of this node's own health check.
-    pub health: super::HealthState,
+    pub(super) health: super::HealthState,
     /// What this node, while it leads, knows about rollouts that is not replicated.
-    pub notes: std::sync::Mutex<LeaderNotes>,
+    pub(super) notes: Notes,
 }
 
 /// Where a request that needs the leader should go.
@@ -137,12 +137,22 @@ impl NodeHandle {
         }
     }
 
+    fn members_ids(&self) -> Vec<u64> {
+        raft::metrics(&self.raft)
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Commits `command` through the leader and returns once it is applied there.
     pub async fn write(&self, command: Command, hops: u32) -> Result<WriteOutcome, ApiError> {
         self.on_leader(
             hops,
             "write",
             || async {
+                self.sm.read(|s| admit(s, &self.members_ids(), &command))?;
                 match self.raft.client_write(command.clone()).await {
                     Ok(reply) => Ok(Some(WriteOutcome {
                         response: reply.data,
@@ -409,15 +419,9 @@ impl NodeHandle {
                 if !self.raft.is_leader() {
                     return Ok(None);
                 }
-                runtime::update(
-                    self,
-                    &self.agent,
-                    manifest.clone(),
-                    options.clone(),
-                    dry_run,
-                )
-                .await
-                .map(Some)
+                rollout::update::update(self, manifest.clone(), options.clone(), dry_run)
+                    .await
+                    .map(Some)
             },
             |mut client| {
                 let manifest = manifest.clone();
@@ -431,18 +435,7 @@ impl NodeHandle {
     /// The active deployment and the history as this node has applied them, and, when
     /// it leads, its notes.
     pub fn rollout_view(&self) -> RolloutView {
-        let mut view = self.sm.read(|s| RolloutView {
-            deployment: s.deployment.clone(),
-            history: s.history.clone(),
-            fleet: s.fleet.clone(),
-            notes: None,
-        });
-        if self.raft.is_leader() {
-            let mut notes = self.notes.lock().expect("notes lock").clone();
-            notes.leader = self.id;
-            view.notes = Some(notes);
-        }
-        view
+        rollout::operate::view(self, &self.notes)
     }
 
     /// Pause, resume, abort or switch automatic rollouts, on the leader.
@@ -454,7 +447,7 @@ impl NodeHandle {
                 if !self.raft.is_leader() {
                     return Ok(None);
                 }
-                runtime::operate(self, operation).await.map(Some)
+                rollout::operate::operate(self, operation).await.map(Some)
             },
             |mut client| async move { client.operate(operation).await },
         )
@@ -523,45 +516,42 @@ impl NodeHandle {
     }
 
     /// This node's own view, from its Raft metrics and applied state.
-    fn local_status(&self) -> ClusterStatus {
+    pub(super) fn local_status(&self) -> ClusterStatus {
         let metrics = raft::metrics(&self.raft);
-        let replication = raft::replication(&self.raft);
         // Only the node reports and the cluster id: cloning the whole state would copy the
         // active deployment's manifest on every status call (health polls make many).
         let (reports, cluster_id) = self.sm.read(|s| (s.nodes.clone(), s.cluster_id.clone()));
-        let membership = metrics.membership_config.membership();
-        let voters: BTreeSet<u64> = membership.voter_ids().collect();
-        let nodes = membership
-            .nodes()
-            .map(|(id, node)| {
+        let nodes = self
+            .members()
+            .into_iter()
+            .map(|member| {
+                let id = member.id;
                 // This node's own report is live; the replicated one lags a restart.
-                let info = if *id == self.id {
+                let info = if id == self.id {
                     self.info.clone()
                 } else {
-                    reports.get(id).cloned().unwrap_or_default()
+                    reports.get(&id).cloned().unwrap_or_default()
                 };
-                let repl = replication.get(id).copied().unwrap_or_default();
-                let raft_state = if *id == self.id {
+                let raft_state = if id == self.id {
                     server_state_name(metrics.state)
-                } else if Some(*id) == metrics.current_leader {
+                } else if Some(id) == metrics.current_leader {
                     "leader"
                 } else {
                     "unknown"
                 };
                 NodeStatus {
-                    id: *id,
-                    addr: node.addr.clone(),
-                    role: if voters.contains(id) {
-                        "voter"
-                    } else {
-                        "learner"
+                    id,
+                    addr: member.addr,
+                    role: match member.role {
+                        Role::Voter => "voter",
+                        Role::Learner => "learner",
                     }
                     .into(),
                     state: raft_state.into(),
                     build_hash: info.build_hash,
-                    last_ack_ms: repl.last_ack.map(|age| age.as_millis() as u64),
-                    matched_index: repl.matched_index,
-                    applied_index: if *id == self.id {
+                    last_ack_ms: member.last_ack_ms,
+                    matched_index: member.matched_index,
+                    applied_index: if id == self.id {
                         metrics.last_applied.as_ref().map(|l| l.index)
                     } else {
                         None
@@ -572,7 +562,7 @@ impl NodeHandle {
                     supervision: info.supervision,
                     last_auto_restore: info.last_auto_restore,
                     // Only a node's own check is known here: others report theirs.
-                    health_problem: if *id == self.id {
+                    health_problem: if id == self.id {
                         self.health.problem()
                     } else {
                         None
@@ -592,6 +582,28 @@ impl NodeHandle {
     }
 }
 
+/// The one gate every proposal passes before it reaches Raft: a command some member's
+/// protocol cannot apply is refused, because that member would fail to apply the entry
+/// (log entries are the compatibility contract between the binaries of one rollout).
+/// `members` are the current members' ids; a member that has not reported yet counts
+/// only once it has.
+pub(super) fn admit(state: &State, members: &[u64], command: &Command) -> Result<(), ApiError> {
+    let required = command.required_protocol();
+    let behind = members
+        .iter()
+        .filter_map(|id| state.nodes.get(id).map(|info| (*id, info.protocol)))
+        .filter(|(_, protocol)| *protocol < required)
+        .min_by_key(|(_, protocol)| *protocol);
+    match behind {
+        None => Ok(()),
+        Some((id, protocol)) => Err(ApiError::precondition(format!(
+            "refused to propose `{command}`: it needs protocol {required}, and node {id} speaks \
+             protocol {protocol}: update every member to a build that speaks protocol \
+             {required} first (a rollout can still be paused and resumed)"
+        ))),
+    }
+}
+
 fn server_state_name(state: ServerState) -> &'static str {
     match state {
         ServerState::Leader => "leader",
@@ -599,5 +611,45 @@ fn server_state_name(state: ServerState) -> &'static str {
         ServerState::Candidate => "candidate",
         ServerState::Learner => "learner",
         ServerState::Shutdown => "shutdown",
+    }
+}
+
+impl ControlHandler for NodeHandle {
+    async fn update(
+        &self,
+        manifest: Manifest,
+        options: UpdateOptions,
+        dry_run: bool,
+        hops: u32,
+    ) -> Result<UpdateOutcome, ApiError> {
+        NodeHandle::update(self, manifest, options, dry_run, hops).await
+    }
+
+    fn rollout_view(&self) -> RolloutView {
+        NodeHandle::rollout_view(self)
+    }
+
+    async fn operate(&self, operation: Operation, hops: u32) -> Result<Operated, ApiError> {
+        NodeHandle::operate(self, operation, hops).await
+    }
+
+    async fn status(&self, local_only: bool, hops: u32) -> Result<ClusterStatus, ApiError> {
+        NodeHandle::status(self, local_only, hops).await
+    }
+
+    async fn write(&self, command: Command, hops: u32) -> Result<WriteOutcome, ApiError> {
+        NodeHandle::write(self, command, hops).await
+    }
+
+    async fn kv_get(&self, key: String, hops: u32) -> Result<Option<String>, ApiError> {
+        NodeHandle::kv_get(self, &key, hops).await
+    }
+
+    async fn join(&self, request: JoinRequest, hops: u32) -> Result<JoinAccepted, ApiError> {
+        NodeHandle::join(self, request, hops).await
+    }
+
+    async fn transfer_leader(&self, to: u64, hops: u32) -> Result<TransferDone, ApiError> {
+        NodeHandle::transfer_leader(self, to, hops).await
     }
 }

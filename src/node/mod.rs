@@ -4,6 +4,7 @@
 //! `run` takes its shutdown signal as an argument (the CLI passes SIGTERM/SIGINT), so the
 //! same code runs under systemd, under `cluster supervise`, and inside tests.
 
+mod cluster;
 mod handle;
 mod health;
 
@@ -25,9 +26,9 @@ use crate::agent::Agent;
 use crate::api::{ErrorKind, JoinRequest};
 use crate::raft::network::{Network, RaftHandler};
 use crate::raft::{Raft, Timing};
+use crate::raft_store::{self, StoreError};
 use crate::rpc::{Channels, ControlClient};
 use crate::state::{Command, NodeInfo, PROTOCOL};
-use crate::raft_store::{self, StoreError};
 use crate::supervise::Supervision;
 
 /// A node's validated configuration (see `cli` for where it comes from).
@@ -48,7 +49,7 @@ pub struct NodeConfig {
     /// The node's own health check (`sh -c` in the data dir; exit 0 = healthy).
     pub health_command: Option<String>,
     /// Automatic rollouts while this node leads.
-    pub auto: crate::rollout::runtime::AutoConfig,
+    pub auto: crate::rollout::AutoConfig,
     /// Who restarts the node when it exits (detected once, at start).
     pub supervision: Supervision,
 }
@@ -119,12 +120,11 @@ pub async fn run(
         None if bound.ip().is_unspecified() => return Err(NodeError::NeedAdvertise(bound)),
         None => bound.to_string(),
     };
-    crate::release::store::write_atomically(&config.data_dir, "node.addr", addr.as_bytes()).map_err(
-        |e| NodeError::DataDir {
+    crate::release::store::write_atomically(&config.data_dir, "node.addr", addr.as_bytes())
+        .map_err(|e| NodeError::DataDir {
             path: config.data_dir.clone(),
             source: std::io::Error::other(e.to_string()),
-        },
-    )?;
+        })?;
 
     let network = Network {
         id: config.id,
@@ -169,6 +169,7 @@ pub async fn run(
         Some(_) => HealthState::pending(),
         None => HealthState::default(),
     };
+    let notes = crate::rollout::Notes::default();
     let node = Arc::new(NodeHandle {
         id: config.id,
         addr: addr.clone(),
@@ -190,7 +191,7 @@ pub async fn run(
         },
         agent: agent.clone(),
         health: health.clone(),
-        notes: Default::default(),
+        notes: notes.clone(),
     });
     tracing::info!(
         id = config.id,
@@ -240,14 +241,14 @@ pub async fn run(
         _ = &mut shutdown => (Ok(()), true),
     };
     let reporter = tokio::spawn(report_self(node.clone(), stop_rx.clone()));
-    let rollouts = tokio::spawn(crate::rollout::runtime::drive(
+    let rollouts = tokio::spawn(crate::rollout::drive::drive(
         node.clone(),
-        agent.clone(),
+        notes.clone(),
         stop_rx.clone(),
     ));
-    let automatic = tokio::spawn(crate::rollout::runtime::auto(
+    let automatic = tokio::spawn(crate::rollout::watch::run(
         node.clone(),
-        agent.clone(),
+        notes.clone(),
         config.auto.clone(),
         stop_rx.clone(),
     ));

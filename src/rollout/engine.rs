@@ -1314,7 +1314,7 @@ fn nodes_where(view: &Deployment, wanted: impl Fn(Phase) -> bool) -> Vec<u64> {
 }
 
 /// A copy without the manifest: the engine never reads it, and it can be megabytes.
-fn without_manifest(deployment: &Deployment) -> Deployment {
+pub(super) fn without_manifest(deployment: &Deployment) -> Deployment {
     Deployment {
         generation: deployment.generation,
         target_hash: deployment.target_hash.clone(),

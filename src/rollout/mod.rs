@@ -1,28 +1,38 @@
-//! The rolling update's decisions: preflight, plan, and the engine that drives a rollout.
+//! The rolling update: its pure core (preflight, plan, engine, automatic decisions) and
+//! the runtime that carries it out on the leader.
 //!
-//! Architecture invariant: `preflight`, `plan`, `engine` and `auto` do no I/O. They take plain
-//! data (a snapshot the leader gathered, the replicated `Deployment`, an event, the time)
-//! and return plain data (a report, a plan, actions). A runtime, outside these modules,
-//! gathers snapshots, proposes commands to Raft, calls agents and feeds results back as
-//! events. Everything here is tested with tables and proptest, without processes.
+//! Architecture invariant: `preflight`, `plan`, `engine` and `auto` do no I/O. They take
+//! plain data (a survey the leader gathered, the replicated `Deployment`, an event, the
+//! time) and return plain data (a report, a plan, actions), and are tested with tables and
+//! proptest, without processes. The runtime modules (`update`, `drive`, `operate`,
+//! `watch`) do the I/O, and reach the cluster only through the [`Cluster`] trait, which
+//! `node` implements: they never see Raft, gRPC or the node itself.
 //!
 //! - [`preflight`]: may a rollout start? Every check, with the node and figure that failed.
 //! - [`plan`](mod@plan): learners in batches, voter followers one at a time, leader last.
 //! - [`engine`]: the state machine that drives a deployment: events in, actions out.
 //! - [`auto`]: what a leader starts by itself (a new watched build, a node to catch up).
-//! - [`runtime`]: the I/O around them (the one module here that does I/O): gathers the
-//!   snapshot, starts deployments, executes the engine's actions on the leader, and runs
-//!   the automatic-rollout loop.
+//! - [`cluster`]: the seam: what the runtime may ask of the node it runs on.
+//! - [`update`](mod@update): survey, preflight, plan and begin a deployment.
+//! - [`drive`](mod@drive): execute the engine's actions on the leader, feed back events.
+//! - [`operate`](mod@operate): operators' commands and the rollout view.
+//! - [`watch`]: the automatic-rollout loop (watched directory, catch-ups).
 
 pub mod auto;
+pub mod cluster;
+pub mod drive;
 pub mod engine;
+pub mod operate;
 pub mod plan;
 pub mod preflight;
-pub mod runtime;
+pub mod update;
+pub mod watch;
 
+pub use cluster::{Cluster, DiskNeeds, Issuer, MemberView, Notes, RaftView};
 pub use engine::{Action, AgentOp, Engine, Event, Health, Now, OpKind, Summary};
-pub use plan::{plan, Plan, PlannedNode, Start};
-pub use preflight::{preflight, Check, Options, Report, Survey};
+pub use plan::{plan, Start};
+pub use preflight::{preflight, Options, Survey};
+pub use watch::{AutoConfig, DEFAULT_SOAK_MS};
 
 use crate::state::deployment::short_hash;
 

@@ -8,36 +8,11 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-
 use super::preflight::Survey;
 use super::RolloutError;
+pub use crate::api::rollout::{Plan, PlannedNode};
 use crate::release::Manifest;
 use crate::state::{Deployment, DeploymentState, NodeStep, Role, Starter, Strategy};
-
-/// The order of a rolling update, as `--dry-run` prints it and the deployment records it.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-pub struct Plan {
-    pub leader: u64,
-    pub target_hash: String,
-    /// Nodes updated together; each wave starts when the previous one is committed.
-    pub waves: Vec<Vec<u64>>,
-    /// Every node of the waves.
-    pub nodes: BTreeMap<u64, PlannedNode>,
-    /// Members that already run the target: nothing to do on them.
-    pub already_current: Vec<u64>,
-}
-
-/// One node of the plan.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-pub struct PlannedNode {
-    pub role: Role,
-    pub addr: String,
-    /// What it runs now: its restore target.
-    pub from_hash: String,
-    /// Bytes it must fetch (chunks no local release holds).
-    pub fetch_bytes: u64,
-}
 
 /// What a deployment needs beyond the plan: who starts it and how.
 #[derive(Clone, Debug, PartialEq, Eq)]

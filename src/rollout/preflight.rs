@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::format_bytes;
+pub use crate::api::rollout::{Check, Report};
 use crate::state::deployment::short_hash;
 use crate::state::{DeploymentState, Role, ROLLOUT_PROTOCOL};
 
@@ -122,38 +123,6 @@ impl Options {
         self.stale_ack_ms
             .unwrap_or_else(|| heartbeat_ms.saturating_mul(2))
     }
-}
-
-/// The verdict: every check, and whether the rollout may proceed.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-pub struct Report {
-    pub checks: Vec<Check>,
-    pub voters: usize,
-    /// Voters that must agree for the cluster to make progress.
-    pub quorum: usize,
-    /// Voters the cluster can lose and stay available.
-    pub can_lose: usize,
-    /// Every check passed.
-    pub proceed: bool,
-}
-
-impl Report {
-    /// The checks that failed, in report order.
-    pub fn failed(&self) -> impl Iterator<Item = &Check> {
-        self.checks.iter().filter(|check| !check.passed)
-    }
-}
-
-/// One line of the report.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-pub struct Check {
-    /// Stable identifier (part of the `--json` schema): `leadership`, `quorum`,
-    /// `reachable`, `serving`, `healthy`, `acks`, `caught_up`, `no_active_rollout`,
-    /// `dist`, `disk`, `protocol`, `release`.
-    pub name: String,
-    pub passed: bool,
-    /// Why it passed, or every node that failed it with the figure and a fix.
-    pub detail: String,
 }
 
 /// Voters that must agree: a strict majority.

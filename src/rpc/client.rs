@@ -9,10 +9,11 @@ use super::pb::{self};
 use super::server::HOPS;
 use super::status::from_status;
 use super::{Channels, MAX_MESSAGE_BYTES};
-use crate::api::{ApiError, ClusterStatus, JoinAccepted, JoinRequest, TransferDone, WriteOutcome};
+use crate::api::{
+    ApiError, ClusterStatus, JoinAccepted, JoinRequest, Operated, Operation, Plan, Report,
+    RolloutView, TransferDone, UpdateOptions, UpdateOutcome, WriteOutcome,
+};
 use crate::release::Manifest;
-use crate::rollout::runtime::{Operated, Operation, RolloutView, UpdateOptions, UpdateOutcome};
-use crate::rollout::{Plan, Report};
 use crate::state::{Command, Deployment, HistoryEntry};
 
 /// A client for one node's Control service. Cheap to clone.

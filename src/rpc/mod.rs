@@ -11,7 +11,7 @@ mod transport;
 
 pub use agent::AgentClient;
 pub use client::ControlClient;
-pub use server::{serve, RaftRpcHandler};
+pub use server::{serve, ControlHandler, RaftRpcHandler};
 pub use transport::{Channels, RaftPeer, RaftRpc, TransportError};
 
 /// Generated protobuf and tonic code for proto/cluster.proto.

@@ -15,8 +15,12 @@ use super::pb::raft_server::{Raft, RaftServer};
 use super::pb::{self, RaftReply, RaftRequest};
 use super::status::to_status;
 use super::{RaftRpc, MAX_MESSAGE_BYTES};
-use crate::api;
-use crate::node::NodeHandle;
+use crate::api::{
+    self, ApiError, ClusterStatus, JoinAccepted, JoinRequest, Operated, Operation, RolloutView,
+    TransferDone, UpdateOptions, UpdateOutcome, WriteOutcome,
+};
+use crate::release::Manifest;
+use crate::state::Command;
 
 /// Decodes, handles and encodes one Raft RPC; implemented by `raft::network`.
 pub trait RaftRpcHandler: Send + Sync + 'static {
@@ -29,11 +33,62 @@ pub trait RaftRpcHandler: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Vec<u8>, String>>;
 }
 
-/// Serves both services on `listener` until `shutdown` completes.
-pub async fn serve(
+/// What a node does for Control requests; implemented by `node`. `hops` counts how often
+/// the request was forwarded already, to bound forwarding while leadership moves.
+pub trait ControlHandler: Send + Sync + 'static {
+    /// Preflight, plan and (unless `dry_run`) start of a rolling update, on the leader.
+    fn update(
+        &self,
+        manifest: Manifest,
+        options: UpdateOptions,
+        dry_run: bool,
+        hops: u32,
+    ) -> impl Future<Output = Result<UpdateOutcome, ApiError>> + Send;
+    /// The active rollout, the history and, on the leader, its notes.
+    fn rollout_view(&self) -> RolloutView;
+    /// An operator's command on rollouts, on the leader.
+    fn operate(
+        &self,
+        operation: Operation,
+        hops: u32,
+    ) -> impl Future<Output = Result<Operated, ApiError>> + Send;
+    /// The cluster as the leader sees it (this node's view with `local_only`).
+    fn status(
+        &self,
+        local_only: bool,
+        hops: u32,
+    ) -> impl Future<Output = Result<ClusterStatus, ApiError>> + Send;
+    /// Commits `command` through the leader.
+    fn write(
+        &self,
+        command: Command,
+        hops: u32,
+    ) -> impl Future<Output = Result<WriteOutcome, ApiError>> + Send;
+    /// A linearizable read of one key.
+    fn kv_get(
+        &self,
+        key: String,
+        hops: u32,
+    ) -> impl Future<Output = Result<Option<String>, ApiError>> + Send;
+    /// Admits a node to the cluster.
+    fn join(
+        &self,
+        request: JoinRequest,
+        hops: u32,
+    ) -> impl Future<Output = Result<JoinAccepted, ApiError>> + Send;
+    /// Hands leadership to voter `to`.
+    fn transfer_leader(
+        &self,
+        to: u64,
+        hops: u32,
+    ) -> impl Future<Output = Result<TransferDone, ApiError>> + Send;
+}
+
+/// Serves the Raft, Control and Agent services on `listener` until `shutdown` completes.
+pub async fn serve<C: ControlHandler>(
     listener: TcpListener,
     raft: Arc<dyn RaftRpcHandler>,
-    node: Arc<NodeHandle>,
+    node: Arc<C>,
     agent: Arc<crate::agent::Agent>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
@@ -124,8 +179,8 @@ fn hops<T>(request: &Request<T>) -> u32 {
         .unwrap_or(0)
 }
 
-struct ControlService {
-    node: Arc<NodeHandle>,
+struct ControlService<C> {
+    node: Arc<C>,
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Status> {
@@ -142,7 +197,7 @@ fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result
 }
 
 #[tonic::async_trait]
-impl Control for ControlService {
+impl<C: ControlHandler> Control for ControlService<C> {
     async fn update(
         &self,
         request: Request<pb::UpdateRequest>,
@@ -239,7 +294,7 @@ impl Control for ControlService {
     ) -> Result<Response<pb::KvGetReply>, Status> {
         let hops = hops(&request);
         let key = request.into_inner().key;
-        let value = self.node.kv_get(&key, hops).await.map_err(to_status)?;
+        let value = self.node.kv_get(key, hops).await.map_err(to_status)?;
         Ok(Response::new(pb::KvGetReply { value }))
     }
 

@@ -1,0 +1,153 @@
+//! The rollout part of the Control schema: what `cluster update` and `cluster rollout`
+//! send and receive (the `--json` output of those commands is these types).
+//!
+//! Plain data: `rollout` computes them, `rpc` carries them, the CLI prints them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{Deployment, Fleet, HistoryEntry, Role, Starter, Strategy};
+
+/// What `cluster update` asks for, besides the dist.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct UpdateOptions {
+    pub strategy: Strategy,
+    pub allow_downtime: bool,
+    /// `None`: 2 x heartbeat.
+    pub stale_ack_ms: Option<u64>,
+    pub started_by: Starter,
+    /// Label of the dist for messages (the operator's path).
+    pub dist_label: String,
+    /// Why the deployment begins, for history (`None`: the operator's dist).
+    pub trigger: Option<String>,
+    /// Members left out of the plan (nodes that already failed on this build).
+    pub skip: Vec<u64>,
+}
+
+/// The answer to an update request.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct UpdateOutcome {
+    pub report: Report,
+    pub plan: Plan,
+    /// Generation of the started deployment; 0 when nothing was started.
+    pub generation: u64,
+}
+
+/// The verdict: every check, and whether the rollout may proceed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub checks: Vec<Check>,
+    pub voters: usize,
+    /// Voters that must agree for the cluster to make progress.
+    pub quorum: usize,
+    /// Voters the cluster can lose and stay available.
+    pub can_lose: usize,
+    /// Every check passed.
+    pub proceed: bool,
+}
+
+impl Report {
+    /// The checks that failed, in report order.
+    pub fn failed(&self) -> impl Iterator<Item = &Check> {
+        self.checks.iter().filter(|check| !check.passed)
+    }
+}
+
+/// One line of the report.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Check {
+    /// Stable identifier (part of the `--json` schema): `leadership`, `quorum`,
+    /// `reachable`, `serving`, `healthy`, `acks`, `caught_up`, `no_active_rollout`,
+    /// `dist`, `disk`, `protocol`, `release`.
+    pub name: String,
+    pub passed: bool,
+    /// Why it passed, or every node that failed it with the figure and a fix.
+    pub detail: String,
+}
+
+/// The order of a rolling update, as `--dry-run` prints it and the deployment records it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub leader: u64,
+    pub target_hash: String,
+    /// Nodes updated together; each wave starts when the previous one is committed.
+    pub waves: Vec<Vec<u64>>,
+    /// Every node of the waves.
+    pub nodes: BTreeMap<u64, PlannedNode>,
+    /// Members that already run the target: nothing to do on them.
+    pub already_current: Vec<u64>,
+}
+
+/// One node of the plan.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlannedNode {
+    pub role: Role,
+    pub addr: String,
+    /// What it runs now: its restore target.
+    pub from_hash: String,
+    /// Bytes it must fetch (chunks no local release holds).
+    pub fetch_bytes: u64,
+}
+
+/// The active deployment and the history, as `cluster rollout status|history` show them.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct RolloutView {
+    pub deployment: Option<Deployment>,
+    pub history: Vec<HistoryEntry>,
+    pub fleet: Fleet,
+    /// Only when the answering node leads.
+    pub notes: Option<LeaderNotes>,
+}
+
+/// What only the leader knows, for status: why its rollout waits, how long the soak has
+/// left, and what its automatic rollouts are doing.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct LeaderNotes {
+    /// The node that wrote these notes (the leader).
+    pub leader: u64,
+    /// Why the active rollout cannot start its next node.
+    pub waiting: Option<String>,
+    /// Time left in the soak after the last commit, while one runs.
+    pub soak_left_ms: Option<u64>,
+    pub auto: AutoStatus,
+}
+
+/// The leader's automatic rollouts: the watched directory and the latest decision.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
+pub struct AutoStatus {
+    /// The leader's `watch_dist`, if configured.
+    pub watch_dist: Option<String>,
+    /// `idle`, `off`, `settling`, `waiting` (a failed preflight, retried with backoff),
+    /// `started` or `blocked` (a problem only an operator can fix).
+    pub state: String,
+    pub detail: Option<String>,
+    /// Time until the next attempt, while `waiting`.
+    pub retry_in_ms: Option<u64>,
+}
+
+/// An operator's command on rollouts (`cluster rollout pause|resume|abort|auto`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Operation {
+    /// Start no further node; the node in flight finishes its step.
+    Pause,
+    /// Go on after a pause.
+    Resume,
+    /// Stop: restore nodes caught mid-update and, with `revert`, every updated node.
+    Abort { revert: bool },
+    /// Switch automatic rollouts on or off, cluster-wide.
+    Auto { enabled: bool },
+}
+
+/// What an operation did.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Operated {
+    pub message: String,
+    /// The deployment it applied to; 0 for auto on/off.
+    pub generation: u64,
+}

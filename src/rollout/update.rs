@@ -1,0 +1,161 @@
+//! Starting a rolling update on the leader: survey the cluster, judge it (preflight),
+//! plan it, and begin the replicated deployment.
+
+use std::time::Duration;
+
+use super::cluster::Cluster;
+use super::plan::{plan, Start};
+use super::preflight::{preflight, ActiveRollout, Member, Options, Survey, TargetDist};
+use crate::api::{ApiError, UpdateOptions, UpdateOutcome};
+use crate::clock::unix_ms;
+use crate::release::{Limits, Manifest};
+use crate::state::{Command, Response};
+
+/// How long a member may take to answer the survey's probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Gathers what preflight judges, on the leader, with a fresh quorum round trip.
+pub async fn survey<C: Cluster>(
+    cluster: &C,
+    manifest: &Manifest,
+    dist_label: &str,
+    dry_run: bool,
+) -> Survey {
+    let leadership = cluster.confirm_leadership().await;
+    let view = cluster.raft_view();
+    let probes = view.members.iter().map(|m| async move {
+        let mut member = Member {
+            id: m.id,
+            addr: m.addr.clone(),
+            role: m.role,
+            last_ack_ms: m.last_ack_ms,
+            matched_index: m.matched_index,
+            ..Member::default()
+        };
+        probe_member(cluster, &mut member, manifest).await;
+        member
+    });
+    let members = futures::future::join_all(probes).await;
+    let hash = manifest.build_hash();
+    let error = match manifest.validate(&Limits::default()) {
+        Err(e) => Some(e.to_string()),
+        // A dry run uploads nothing: the leader fetching the release is part of the plan.
+        Ok(()) if !dry_run && !cluster.holds_release(&hash).await => Some(format!(
+            "the leader (node {}) does not hold release {hash}: upload the dist to it first",
+            cluster.id()
+        )),
+        Ok(()) => None,
+    };
+    Survey {
+        leader: cluster.id(),
+        term: view.term,
+        leadership_confirmed: leadership.is_ok(),
+        leadership_error: leadership.err(),
+        members,
+        last_log_index: view.last_log_index,
+        heartbeat_ms: cluster.heartbeat_ms(),
+        active_rollout: cluster.read(|s| {
+            s.deployment.as_ref().map(|d| ActiveRollout {
+                generation: d.generation,
+                state: d.state,
+                target_hash: d.target_hash.clone(),
+            })
+        }),
+        dist: TargetDist {
+            dir: dist_label.to_string(),
+            build_hash: hash,
+            files: manifest.file_count(),
+            total_bytes: manifest.total_bytes(),
+            error,
+        },
+    }
+}
+
+/// Asks one member how it is: its own status row, its free disk and what it must fetch.
+async fn probe_member<C: Cluster>(cluster: &C, member: &mut Member, manifest: &Manifest) {
+    let me = match cluster
+        .node_status(member.id, &member.addr, PROBE_TIMEOUT)
+        .await
+    {
+        Ok(me) => me,
+        Err(e) => {
+            member.unreachable_reason = Some(e.message);
+            return;
+        }
+    };
+    member.reachable = true;
+    member.serving = me.state != "shutdown";
+    member.build_hash = me.build_hash;
+    member.protocol = me.protocol;
+    member.applied_index = me.applied_index;
+    member.health_problem = me.health_problem;
+    match cluster.disk_needs(member.id, &member.addr, manifest).await {
+        Ok(needs) => {
+            member.free_bytes = needs.free_bytes;
+            member.needed_bytes = needs.needed_bytes;
+        }
+        Err(e) => member.health_problem = Some(format!("cannot plan the sync: {e}")),
+    }
+}
+
+/// Runs preflight and, unless `dry_run` or preflight fails, starts the deployment.
+pub async fn update<C: Cluster>(
+    cluster: &C,
+    manifest: Manifest,
+    options: UpdateOptions,
+    dry_run: bool,
+) -> Result<UpdateOutcome, ApiError> {
+    let survey = survey(cluster, &manifest, &options.dist_label, dry_run).await;
+    let preflight_options = Options {
+        allow_downtime: options.allow_downtime,
+        stale_ack_ms: options.stale_ack_ms,
+        ..Options::default()
+    };
+    let report = preflight(&survey, &preflight_options);
+    let mut planned = survey.clone();
+    planned.members.retain(|m| !options.skip.contains(&m.id));
+    let plan = plan(&planned, options.strategy.max_parallel.max(1));
+    if dry_run || !report.proceed {
+        return Ok(UpdateOutcome {
+            report,
+            plan,
+            generation: 0,
+        });
+    }
+    let mut strategy = options.strategy.clone();
+    strategy.stale_ack_ms = preflight_options.stale_ack_limit_ms(survey.heartbeat_ms);
+    strategy.allow_downtime = options.allow_downtime;
+    let generation = cluster.read(|s| s.last_generation) + 1;
+    let deployment = plan
+        .deployment(Start {
+            generation,
+            manifest,
+            strategy,
+            started_by: options.started_by,
+            trigger: options.trigger.clone().or_else(|| {
+                (!options.dist_label.is_empty()).then(|| {
+                    format!(
+                        "{} ran `cluster update --dist {}`",
+                        options.started_by, options.dist_label
+                    )
+                })
+            }),
+            term: survey.term,
+            now_ms: unix_ms(),
+        })
+        .map_err(|e| ApiError::precondition(e.to_string()))?;
+    commit(cluster, Command::BeginDeployment { deployment }).await?;
+    Ok(UpdateOutcome {
+        report,
+        plan,
+        generation,
+    })
+}
+
+/// Replicates `command` and turns a refusal into an error.
+pub(super) async fn commit<C: Cluster>(cluster: &C, command: Command) -> Result<(), ApiError> {
+    match cluster.propose(command).await? {
+        Response::Rejected { reason } => Err(ApiError::precondition(reason)),
+        Response::Ok => Ok(()),
+    }
+}
