@@ -653,3 +653,50 @@ impl ControlHandler for NodeHandle {
         NodeHandle::transfer_leader(self, to, hops).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{OPERATE_PROTOCOL, PROTOCOL, ROLLOUT_PROTOCOL};
+
+    fn state(protocols: &[(u64, u32)]) -> State {
+        let mut state = State::default();
+        for (id, protocol) in protocols {
+            state.apply(&Command::RegisterNode {
+                id: *id,
+                info: NodeInfo {
+                    protocol: *protocol,
+                    ..NodeInfo::default()
+                },
+            });
+        }
+        state
+    }
+
+    #[test]
+    fn the_proposal_gate_refuses_what_a_member_cannot_apply() {
+        let auto_off = Command::SetAutoRollout {
+            enabled: false,
+            at_ms: 0,
+        };
+        let kv = Command::KvPut {
+            key: "k".into(),
+            value: "v".into(),
+        };
+        let mixed = state(&[(1, PROTOCOL), (2, ROLLOUT_PROTOCOL), (3, PROTOCOL)]);
+        let refused = admit(&mixed, &[1, 2, 3], &auto_off).unwrap_err();
+        assert_eq!(refused.kind, ErrorKind::FailedPrecondition);
+        assert!(refused.message.contains("node 2"), "{}", refused.message);
+        assert!(
+            refused.message.contains(&format!("protocol {OPERATE_PROTOCOL}")),
+            "{}",
+            refused.message
+        );
+        // Every member knows a kv write.
+        admit(&mixed, &[1, 2, 3], &kv).unwrap();
+        // A node that is no longer a member does not hold the cluster back.
+        admit(&mixed, &[1, 3], &auto_off).unwrap();
+        // Nor does a member that has not reported yet.
+        admit(&state(&[(1, PROTOCOL)]), &[1, 4], &auto_off).unwrap();
+    }
+}
