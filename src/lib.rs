@@ -4,16 +4,20 @@
 //! (see ARCHITECTURE.md for the invariants):
 //!
 //! - [`cli`]: clap definitions, validated configuration, commands; the only place that prints.
-//! - [`node`]: composition root of a running node; the Control operations it serves.
+//! - [`node`]: composition root of a running node; the Control operations it serves and
+//!   the `Cluster` the rollout runtime drives.
 //! - [`raft`]: openraft glue: types, the gRPC network, configuration, replication view.
 //! - [`raft_store`]: Raft storage on sled: log store and state machine (the only module that sees sled).
 //! - [`state`]: the replicated data model and its pure `apply`.
 //! - [`rpc`]: gRPC servers, client and channel pool (the only module that sees prost/tonic).
 //! - [`agent`]: what a node does with releases on its disk: hold, serve, materialize.
-//! - [`api`]: the Control service's domain types, shared by server, client and CLI.
+//! - [`api`]: the services' requests, replies and errors as domain types (the wire and
+//!   `--json` schema), shared by server, client and CLI.
+//! - [`clock`]: the wall clock, for timestamps people read.
 //! - [`supervise`]: the restart loop for hosts without systemd (and for tests).
 //! - [`release`]: releases: manifest and build hash, directory scan, version.json.
-//! - [`rollout`]: the rolling update's pure core: preflight, plan, engine (no I/O).
+//! - [`rollout`]: the rolling update: its pure core (preflight, plan, engine, automatic
+//!   decisions: no I/O) and the runtime that carries it out through [`rollout::Cluster`].
 
 pub mod agent;
 pub mod api;
