@@ -10,8 +10,9 @@ use crate::harness::{
     cli, data_dir_of, make_release, update_in_background, wait_for, Cluster, Start,
 };
 
-/// Pace of automatic rollouts in these tests (node flags).
-const AUTO: [&str; 10] = [
+/// Pace of automatic rollouts in these tests (node flags). Acknowledgements may lag on a
+/// loaded machine: these are not staleness tests.
+const AUTO: [&str; 12] = [
     "--watch-settle-ms",
     "1000",
     "--auto-stabilize-ms",
@@ -22,6 +23,8 @@ const AUTO: [&str; 10] = [
     "100",
     "--auto-health-deadline-ms",
     "20000",
+    "--auto-stale-ack-ms",
+    "2000",
 ];
 
 /// `cluster status --json` from whichever node answers; `None` while none does.
