@@ -503,6 +503,45 @@ pub fn make_script_release(dir: &Path, script: &str) -> String {
     stamp(dir)
 }
 
+/// A dist whose `bin/cluster` runs the binary under test and kills it with `signal` once
+/// it serves (answers `status --local`) on this start, and, with `marker`, once that file
+/// exists in its data dir too: a release that starts, serves, and dies, again on every
+/// start. The wait is a bounded poll, not a fixed delay, so a slow machine neither kills
+/// the node before it serves nor lets it outlive the window a test gives it.
+pub fn make_crash_loop_release(dir: &Path, signal: &str, marker: Option<&str>) -> String {
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::copy(BIN, dir.join("bin/cluster.real")).unwrap();
+    let marker_check = match marker {
+        Some(name) => format!("[ -e \"$data/{name}\" ] && "),
+        None => String::new(),
+    };
+    make_script_release(
+        dir,
+        &format!(
+            r#"#!/bin/sh
+d=$(dirname "$0")
+data='' prev=''
+for arg in "$@"; do
+  [ "$prev" != --data-dir ] || data=$arg
+  prev=$arg
+done
+(
+  polls=0
+  while kill -0 $$ 2>/dev/null && [ $polls -lt 1800 ]; do
+    if {marker_check}"$d/cluster.real" status --local --node "$(cat "$data/node.addr")" >/dev/null 2>&1; then
+      kill -{signal} $$
+      exit 0
+    fi
+    sleep 0.1
+    polls=$((polls + 1))
+  done
+) &
+exec "$d/cluster.real" "$@"
+"#
+        ),
+    )
+}
+
 fn write_extra(dir: &Path, extra: &[(&str, &str)]) {
     for (path, content) in extra {
         let path = dir.join(path);

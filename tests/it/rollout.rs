@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use crate::harness::{
-    assert_all_readable, cli, data_dir_of, make_release, make_script_release, update_in_background,
-    wait_all_on, wait_for, Cluster, Start, Writer, BIN,
+    assert_all_readable, cli, data_dir_of, make_crash_loop_release, make_release,
+    make_script_release, update_in_background, wait_all_on, wait_for, Cluster, Start, Writer,
 };
 
 /// Fast pacing for tests: the waits a rollout imposes are its configuration, not its cost.
@@ -300,36 +300,52 @@ async fn a_release_that_crash_loops_after_starting_is_restored() {
     let v1 = work.path().join("v1");
     let v2 = work.path().join("v2");
     let h1 = make_release(&v1, &[]);
-    // The real node, started by a wrapper that kills it 3 s later: it serves, reports
-    // healthy on the new build, then dies, again and again.
-    std::fs::create_dir_all(v2.join("bin")).unwrap();
-    std::fs::copy(BIN, v2.join("bin/cluster.real")).unwrap();
-    make_script_release(
-        &v2,
-        "#!/bin/sh\nd=$(dirname \"$0\")\n( sleep 3; kill $$ ) &\nexec \"$d/cluster.real\" \"$@\"\n",
-    );
+    // The real node, killed once it serves and its data dir holds `crash`, which is
+    // written once the leader has seen it healthy on the new build: it starts, reports
+    // healthy, then dies during stabilization, again on every start.
+    make_crash_loop_release(&v2, "TERM", Some("crash"));
     let cluster = Cluster::start_supervised(3, &v1).await;
     wait_all_on(&cluster, &h1).await;
 
-    let mut args = vec!["update", "--dist", v2.to_str().unwrap()];
     let node = cluster.addr(1);
-    args.extend([
-        "--node",
-        &node,
-        "--stabilize-ms",
-        "6000",
-        "--soak-ms",
-        "0",
-        "--stale-ack-ms",
-        "2000",
-        "--poll-interval-ms",
-        "100",
-        "--health-deadline-ms",
-        "20000",
-        "--json",
-    ]);
+    let dist = v2.clone();
     let started = std::time::Instant::now();
-    let out = cli(&args);
+    let update = std::thread::spawn(move || {
+        cli(&[
+            "update",
+            "--dist",
+            dist.to_str().unwrap(),
+            "--node",
+            &node,
+            // Long: the crash, not the end of the window, must decide the node's fate.
+            "--stabilize-ms",
+            "60000",
+            "--soak-ms",
+            "0",
+            "--stale-ack-ms",
+            "2000",
+            "--poll-interval-ms",
+            "100",
+            "--health-deadline-ms",
+            "20000",
+            "--json",
+        ])
+    });
+    let stabilizing = wait_for(
+        "a node healthy on the new build, in stabilize",
+        Duration::from_secs(90),
+        || async {
+            let json = active_rollout(&cluster)?;
+            json["nodes"]
+                .as_object()?
+                .iter()
+                .find(|(_, step)| step["phase"] == "stabilize")
+                .and_then(|(id, _)| id.parse::<u64>().ok())
+        },
+    )
+    .await;
+    std::fs::write(data_dir_of(&cluster, stabilizing).join("crash"), "").unwrap();
+    let out = update.join().unwrap();
     let wall = started.elapsed();
     assert_eq!(
         out.status.code(),
@@ -339,9 +355,15 @@ async fn a_release_that_crash_loops_after_starting_is_restored() {
     );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("update --json");
     assert_eq!(json["outcome"]["outcome"], "reverted", "{json}");
+    let reason = json["outcome"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("node {stabilizing} ")),
+        "the reason names the node that crashed: {json}"
+    );
     wait_all_on(&cluster, &h1).await;
     println!(
-        "crash loop after start: reverted in {} ms wall (stabilize 6000 ms, crash after ~3 s)",
+        "crash loop after start: reverted in {} ms wall (node {stabilizing} killed in \
+         stabilize, window 60000 ms)",
         wall.as_millis()
     );
 }

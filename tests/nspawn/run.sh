@@ -335,10 +335,27 @@ mkdir -p "$work/dists/exits-at-once/bin"
 printf '#!/bin/sh\necho "this release cannot start" >&2\nexit 1\n' >"$work/dists/exits-at-once/bin/cluster"
 chmod 0755 "$work/dists/exits-at-once/bin/cluster"
 undone_with_no_leader exits-at-once
-# A release that starts, serves for 2 s, and is killed, again and again.
+# A release that starts, serves, and is killed, again and again: killed once it answers
+# `status --local` on this start (a bounded poll, not a fixed delay, so a slow container
+# neither kills it before it serves nor lets it run on).
 mkdir -p "$work/dists/crash-loops/bin"
 cp "$cli" "$work/dists/crash-loops/bin/cluster.real"
-printf '#!/bin/sh\n( sleep 2; kill -9 $$ ) &\nexec "$(dirname "$0")/cluster.real" "$@"\n' >"$work/dists/crash-loops/bin/cluster"
+cat >"$work/dists/crash-loops/bin/cluster" <<'SCRIPT'
+#!/bin/sh
+d=$(dirname "$0")
+(
+  polls=0
+  while kill -0 $$ 2>/dev/null && [ $polls -lt 1800 ]; do
+    if "$d/cluster.real" status --local --node "$(cat /var/lib/cluster/node.addr)" >/dev/null 2>&1; then
+      kill -9 $$
+      exit 0
+    fi
+    sleep 0.1
+    polls=$((polls + 1))
+  done
+) &
+exec "$d/cluster.real" "$@"
+SCRIPT
 chmod 0755 "$work/dists/crash-loops/bin/cluster"
 undone_with_no_leader crash-loops
 
