@@ -17,17 +17,16 @@ fn assert_clean_failure(out: &std::process::Output, expected: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_node_is_named() {
-    // Bind and drop a listener: nothing listens on that port afterwards.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    // A socket bound but never listening holds the port for the whole test (no other
+    // process can take it, as one could a freed port), and connections to it are refused.
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = reserved.local_addr().unwrap().to_string();
     let out = cli(&["status", "--node", &addr]);
     assert_clean_failure(&out, &format!("cannot reach node {addr}"));
     let out = cli(&["kv", "put", "k", "v", "--node", &addr]);
     assert_clean_failure(&out, "is it running?");
+    drop(reserved);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
