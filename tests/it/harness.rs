@@ -382,6 +382,18 @@ pub fn signal(pid: u32, signal: i32) {
     }
 }
 
+/// For a test that cannot run here (`why`: what is missing and how to get it): outside CI
+/// it says so and the caller returns, skipping; under CI (`CI` set, and not `0` or
+/// `false`, as CI services set it) it fails, because CI must run every test and `.ci/run`
+/// installs what they need.
+pub fn skip_outside_ci(why: &str) {
+    let ci = std::env::var("CI").unwrap_or_default();
+    if !matches!(ci.to_ascii_lowercase().as_str(), "" | "0" | "false") {
+        panic!("{why}: under CI={ci} a test that cannot run fails instead of skipping");
+    }
+    println!("SKIPPED: {why}");
+}
+
 /// Runs the `cluster` binary to completion.
 pub fn cli(args: &[&str]) -> std::process::Output {
     Command::new(BIN)

@@ -20,9 +20,16 @@
 set -euo pipefail
 
 skip() { echo "SKIPPED: tests/nspawn/run.sh: $*"; exit 0; }
+# A missing tool skips outside CI; under CI (CI set, and not 0 or false) it fails: CI must
+# run this, and .ci/run installs the tools as root.
+missing_tool() {
+  case "${CI:-}" in '' | 0 | false | FALSE | False) skip "$*" ;; esac
+  echo "FAILED: tests/nspawn/run.sh: $*: under CI=$CI a missing tool fails instead of skipping" >&2
+  exit 1
+}
 [ "$(id -u)" = 0 ] || skip "needs root (systemd-nspawn boots containers)"
 for tool in systemd-nspawn debootstrap nsenter jq; do
-  command -v "$tool" >/dev/null || skip "$tool is missing (apt-get install systemd-container debootstrap jq)"
+  command -v "$tool" >/dev/null || missing_tool "$tool is missing (apt-get install systemd-container debootstrap jq)"
 done
 [ -d /sys/fs/cgroup ] || skip "no /sys/fs/cgroup"
 
