@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{cli, wait_for, Cluster, Start, BIN};
+use crate::harness::{cli, wait_for, Cluster, Start};
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -118,20 +118,18 @@ async fn a_member_of_another_cluster_cannot_join() {
     .await;
     let b_dir = b.nodes[&1].data_dir.clone();
     assert!(b.terminate(1).success());
-    let out = std::process::Command::new(BIN)
-        .args([
-            "node",
-            "run",
-            "--id",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(&b_dir)
-        .args(["--join", &a.addr(1)])
-        .output()
-        .unwrap();
+    let out = cli(&[
+        "node",
+        "run",
+        "--id",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        b_dir.to_str().unwrap(),
+        "--join",
+        &a.addr(1),
+    ]);
     assert_clean_failure(&out, "already belongs to cluster");
     let status = a.status().await.unwrap();
     assert_eq!(status.nodes.len(), 1, "cluster a is unchanged: {status:?}");

@@ -394,13 +394,40 @@ pub fn skip_outside_ci(why: &str) {
     println!("SKIPPED: {why}");
 }
 
-/// Runs the `cluster` binary to completion.
+/// Longest any one `cli` run may take: past it the process is killed and the test fails,
+/// instead of hanging on a command that should have ended (the longest, `update` with a
+/// soak, takes about a minute).
+pub const CLI_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Runs the `cluster` binary to completion, within [`CLI_DEADLINE`].
 pub fn cli(args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
+    let mut command = Command::new(BIN);
+    command.args(args);
+    output_within(command, CLI_DEADLINE)
+}
+
+/// Runs `command` (stdin empty, output captured) to completion; kills it and panics if it
+/// has not ended within `deadline`.
+pub fn output_within(mut command: Command, deadline: Duration) -> std::process::Output {
+    let shown = format!("{command:?}");
+    let child = command
         .stdin(Stdio::null())
-        .output()
-        .expect("run cluster binary")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
+    let pid = child.id();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match finished.recv_timeout(deadline) {
+        Ok(output) => output.unwrap_or_else(|e| panic!("waiting for {shown}: {e}")),
+        Err(_) => {
+            signal(pid, libc::SIGKILL);
+            panic!("{shown} was still running after {deadline:?}: killed");
+        }
+    }
 }
 
 /// What a sequential writer saw.
