@@ -616,15 +616,18 @@ pub async fn wait_all_on(cluster: &Cluster, hash: &str) {
     .await
 }
 
-/// Runs `cluster update --json` with a 3 s stabilization window on another thread, so a
-/// test can act on the cluster while the rollout is in flight.
+/// Runs `cluster update --json` on another thread, so a test can act on the cluster while
+/// the rollout is in flight. A test that must act while a node stabilizes gives it a
+/// window long enough for a loaded machine to notice and act.
 pub fn update_in_background(
     addr: String,
     dist: std::path::PathBuf,
+    stabilize_ms: u64,
     health_deadline_ms: u64,
 ) -> std::thread::JoinHandle<std::process::Output> {
     std::thread::spawn(move || {
         let deadline = health_deadline_ms.to_string();
+        let stabilize = stabilize_ms.to_string();
         cli(&[
             "update",
             "--dist",
@@ -632,7 +635,7 @@ pub fn update_in_background(
             "--node",
             &addr,
             "--stabilize-ms",
-            "3000",
+            &stabilize,
             "--soak-ms",
             "0",
             // Not a staleness test: a loaded machine's slow acknowledgements must not fail it.

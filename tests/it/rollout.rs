@@ -12,22 +12,32 @@ use crate::harness::{
 
 /// Fast pacing for tests: the waits a rollout imposes are its configuration, not its cost.
 /// Acknowledgements may lag on a loaded machine: these are not staleness tests.
-const FAST: [&str; 10] = [
+const FAST: [&str; 8] = [
     "--stale-ack-ms",
     "2000",
     "--soak-ms",
     "0",
-    "--stabilize-ms",
-    "1000",
     "--poll-interval-ms",
     "100",
     "--health-deadline-ms",
     "20000",
 ];
 
+/// `cluster update` with [`FAST`] pacing and 1 s of stabilization per node.
 fn update(node: &str, dist: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    update_stabilizing(node, dist, 1000, extra)
+}
+
+fn update_stabilizing(
+    node: &str,
+    dist: &std::path::Path,
+    stabilize_ms: u64,
+    extra: &[&str],
+) -> std::process::Output {
+    let stabilize = stabilize_ms.to_string();
     let mut args = vec!["update", "--dist", dist.to_str().unwrap(), "--node", node];
     args.extend(FAST);
+    args.extend(["--stabilize-ms", &stabilize]);
     args.extend(extra);
     cli(&args)
 }
@@ -204,8 +214,10 @@ async fn a_second_concurrent_update_gets_a_clear_error() {
     let cluster = Cluster::start_supervised(3, &v1).await;
     let (a, b) = (cluster.addr(1), cluster.addr(2));
     let (v2c, v3c) = (v2.clone(), v3.clone());
-    let first = std::thread::spawn(move || update(&a, &v2c, &[]));
-    let second = std::thread::spawn(move || update(&b, &v3c, &[]));
+    // 5 s per node: the rollout that wins lasts well past any lag a loaded machine puts
+    // between the two requests, so the other always meets it active.
+    let first = std::thread::spawn(move || update_stabilizing(&a, &v2c, 5000, &[]));
+    let second = std::thread::spawn(move || update_stabilizing(&b, &v3c, 5000, &[]));
     let outs = [first.join().unwrap(), second.join().unwrap()];
     let succeeded = outs.iter().filter(|o| o.status.success()).count();
     assert_eq!(
@@ -428,7 +440,8 @@ async fn kill_the_leader_mid_rollout(after_handoff: bool) {
     let asked = (1..=3).find(|id| *id != leader).unwrap();
 
     let (addr, dist) = (cluster.addr(asked), v2.clone());
-    let update_thread = update_in_background(addr, dist, 20000);
+    // 5 s of stabilization: a window a loaded machine's polls do not miss.
+    let update_thread = update_in_background(addr, dist, 5000, 20000);
 
     // In flight: some node (the first leader, after the hand-off) is past its restart.
     let first_leader = leader.to_string();
@@ -503,7 +516,7 @@ async fn a_leader_killed_mid_rollout_that_stays_down_ends_the_rollout() {
     let asked = (1..=3).find(|id| *id != leader).unwrap();
 
     let (addr, dist) = (cluster.addr(asked), v2.clone());
-    let update_thread = update_in_background(addr, dist, 5000);
+    let update_thread = update_in_background(addr, dist, 3000, 5000);
     wait_for("a node in stabilize", Duration::from_secs(60), || async {
         let out = cli(&[
             "rollout",
