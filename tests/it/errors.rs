@@ -111,7 +111,7 @@ async fn a_member_of_another_cluster_cannot_join() {
     // A second, separate cluster whose only node then tries to join the first.
     let mut b = Cluster::new();
     b.spawn(1, Start::Bootstrap).await;
-    wait_for("cluster b to be named", Duration::from_secs(10), || async {
+    wait_for("cluster b to be named", Duration::from_secs(30), || async {
         let status = b.status().await?;
         (!status.cluster_id.is_empty()).then_some(())
     })

@@ -230,7 +230,7 @@ impl Cluster {
         node.child = Some(command.spawn().expect("spawn cluster binary"));
         let addr = wait_for(
             &format!("node {id} to listen"),
-            Duration::from_secs(20),
+            Duration::from_secs(60),
             || {
                 let addr_file = addr_file.clone();
                 async move { std::fs::read_to_string(&addr_file).ok() }
@@ -253,14 +253,14 @@ impl Cluster {
         let node = self.nodes.get_mut(&id).unwrap();
         let mut child = node.child.take().expect("node is running");
         signal(child.id(), libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
                 return status;
             }
             if Instant::now() >= deadline {
                 let _ = child.kill();
-                panic!("node {id} did not exit within 20 s of SIGTERM");
+                panic!("node {id} did not exit within 60 s of SIGTERM");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -319,7 +319,7 @@ impl Cluster {
         let before = self.leader_status().await.commit_index.unwrap_or(0);
         wait_for(
             &format!("{n} more commits after index {before}"),
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             || async { (self.status().await?.commit_index? > before + n).then_some(()) },
         )
         .await

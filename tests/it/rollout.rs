@@ -605,7 +605,7 @@ async fn preflight_refuses_while_a_node_fails_its_health_command() {
     // The node reports its own failing check within a few periods.
     let shown = wait_for(
         "node 2 to report its failing check",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         || async {
             let out = cli(&["status", "--local", "--node", &cluster.addr(sick)]);
             let shown = text(&out);
