@@ -108,10 +108,15 @@ in_c() {
 # A container's file, read from the host.
 c_path() { echo "/proc/${pid1[$1]}/root$2"; }
 
+# A port free now and unlikely to be taken before a node binds it, minutes later
+# (install.sh needs a fixed port): below the kernel's ephemeral range, which every
+# port-0 bind and outgoing connection on the host draws from.
 free_port() {
-  local p
+  local p ephemeral_low
+  read -r ephemeral_low _ </proc/sys/net/ipv4/ip_local_port_range
+  [ "$ephemeral_low" -gt 11000 ] || fail "the ephemeral port range starts at $ephemeral_low: no room below it"
   while :; do
-    p=$(shuf -i 20000-60000 -n 1)
+    p=$(shuf -i "10000-$((ephemeral_low - 1))" -n 1)
     [ -n "$(ss -Hltn "sport = :$p")" ] || { echo "$p"; return; }
   done
 }
