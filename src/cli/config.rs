@@ -72,6 +72,10 @@ pub struct RunArgs {
     /// Automatic rollouts: pause between health polls of a node [default: 500]
     #[arg(long, value_name = "MS")]
     pub auto_poll_interval_ms: Option<u64>,
+    /// Automatic rollouts: acknowledgement age above which a node counts as stale, in
+    /// preflight and while nodes restart [default: 2 x --heartbeat-ms]
+    #[arg(long, value_name = "MS")]
+    pub auto_stale_ack_ms: Option<u64>,
 }
 
 /// The TOML form of `RunArgs`. Unknown keys are errors: a typo must not be ignored.
@@ -93,6 +97,7 @@ struct FileConfig {
     auto_soak_ms: Option<u64>,
     auto_health_deadline_ms: Option<u64>,
     auto_poll_interval_ms: Option<u64>,
+    auto_stale_ack_ms: Option<u64>,
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -202,6 +207,12 @@ pub fn resolve(args: RunArgs) -> anyhow::Result<NodeConfig> {
     if let Some(ms) = args.auto_poll_interval_ms.or(file.auto_poll_interval_ms) {
         strategy.poll_interval_ms = ms.max(10);
     }
+    if let Some(ms) = args.auto_stale_ack_ms.or(file.auto_stale_ack_ms) {
+        if ms == 0 {
+            bail!("--auto-stale-ack-ms must be at least 1");
+        }
+        auto.stale_ack_ms = Some(ms);
+    }
     Ok(NodeConfig {
         auto,
         id,
@@ -284,6 +295,48 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(empty.contains("--health-command is empty"), "{empty}");
+    }
+
+    #[test]
+    fn the_automatic_rollouts_stale_ack_limit_comes_from_the_flag_or_the_file() {
+        let (_dir, path) = file(
+            "id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/a\"\nauto_stale_ack_ms = 1500\n",
+        );
+        let from_file = resolve(RunArgs {
+            config: Some(path.clone()),
+            ..RunArgs::default()
+        })
+        .unwrap();
+        assert_eq!(from_file.auto.stale_ack_ms, Some(1500));
+        let from_flag = resolve(RunArgs {
+            config: Some(path.clone()),
+            auto_stale_ack_ms: Some(2000),
+            ..RunArgs::default()
+        })
+        .unwrap();
+        assert_eq!(from_flag.auto.stale_ack_ms, Some(2000));
+        let zero = resolve(RunArgs {
+            config: Some(path),
+            auto_stale_ack_ms: Some(0),
+            ..RunArgs::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            zero.contains("--auto-stale-ack-ms must be at least 1"),
+            "{zero}"
+        );
+        let unset = resolve(RunArgs {
+            id: Some(1),
+            listen: Some("127.0.0.1:1".parse().unwrap()),
+            data_dir: Some("/tmp/x".into()),
+            ..RunArgs::default()
+        })
+        .unwrap();
+        assert_eq!(
+            unset.auto.stale_ack_ms, None,
+            "2 x heartbeat, decided in preflight"
+        );
     }
 
     #[test]

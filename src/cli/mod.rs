@@ -179,13 +179,15 @@ enum NodeCommand {
     /// Run a node in the foreground until SIGTERM or SIGINT (then shut down gracefully)
     #[command(
         long_about = "Run a node in the foreground until SIGTERM or SIGINT.\n\n\
-        Every flag can also be set in a TOML file given with --config (keys: id, listen, \
-        advertise, data_dir, bootstrap, join, heartbeat_ms, election_timeout_ms); flags win.\n\n\
+        Every other flag can also be set in a TOML file given with --config, under its name \
+        with _ for - (id, listen, data_dir, heartbeat_ms, auto_stale_ack_ms, ...); flags \
+        win, and unknown keys are errors.\n\n\
         The first node of a new cluster starts with --bootstrap; every other node starts \
         with --join <address of any member>. Restarting a node with the same --data-dir \
         rejoins with its state; --bootstrap and --join are then harmless."
     )]
-    Run(config::RunArgs),
+    // Boxed: the node's flags outweigh every other command's.
+    Run(Box<config::RunArgs>),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -266,7 +268,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     }
     init_tracing(if is_node { "info" } else { "warn" });
     if let Command::Node(NodeCommand::Run(args)) = cli.command {
-        return run_node(args);
+        return run_node(*args);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

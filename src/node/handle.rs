@@ -688,7 +688,9 @@ mod tests {
         assert_eq!(refused.kind, ErrorKind::FailedPrecondition);
         assert!(refused.message.contains("node 2"), "{}", refused.message);
         assert!(
-            refused.message.contains(&format!("protocol {OPERATE_PROTOCOL}")),
+            refused
+                .message
+                .contains(&format!("protocol {OPERATE_PROTOCOL}")),
             "{}",
             refused.message
         );

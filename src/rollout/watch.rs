@@ -26,6 +26,8 @@ pub struct AutoConfig {
     pub settle: Duration,
     /// The pace of automatic rollouts (and catch-ups).
     pub strategy: Strategy,
+    /// Their acknowledgement limit (`None`: 2 x heartbeat), as `cluster update --stale-ack-ms`.
+    pub stale_ack_ms: Option<u64>,
 }
 
 impl Default for AutoConfig {
@@ -37,6 +39,7 @@ impl Default for AutoConfig {
                 soak_ms: DEFAULT_SOAK_MS,
                 ..Strategy::default()
             },
+            stale_ack_ms: None,
         }
     }
 }
@@ -176,6 +179,7 @@ pub async fn run<C: Cluster>(
                     &hash,
                     UpdateOptions {
                         strategy: config.strategy.clone(),
+                        stale_ack_ms: config.stale_ack_ms,
                         started_by: Starter::Automatic,
                         dist_label,
                         trigger: Some(trigger.clone()),

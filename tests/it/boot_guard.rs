@@ -8,7 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::harness::{
-    cli, data_dir_of, make_release, make_script_release, wait_all_on, wait_for, Cluster, Start, BIN,
+    cli, data_dir_of, make_crash_loop_release, make_release, make_script_release, wait_all_on,
+    wait_for, Cluster, Start, BIN,
 };
 
 /// A `cluster update` running in the background, killed when dropped.
@@ -197,13 +198,9 @@ async fn a_release_that_exits_at_once_is_undone_by_the_guard_with_no_leader() {
 async fn a_release_that_crash_loops_after_starting_is_undone_by_the_guard_with_no_leader() {
     let work = tempfile::tempdir().unwrap();
     let bad = work.path().join("bad");
-    // The real node, killed 2 s after each start: it serves, then dies, again and again.
-    std::fs::create_dir_all(bad.join("bin")).unwrap();
-    std::fs::copy(BIN, bad.join("bin/cluster.real")).unwrap();
-    let bad_hash = make_script_release(
-        &bad,
-        "#!/bin/sh\nd=$(dirname \"$0\")\n( sleep 2; kill -9 $$ ) &\nexec \"$d/cluster.real\" \"$@\"\n",
-    );
+    // The real node, killed once it serves on each start: it serves, then dies, again
+    // and again.
+    let bad_hash = make_crash_loop_release(&bad, "KILL", None);
     restored_with_no_leader(&work.path().join("good"), &bad, &bad_hash, work.path()).await;
 }
 

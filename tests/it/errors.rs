@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{cli, wait_for, Cluster, Start, BIN};
+use crate::harness::{cli, wait_for, Cluster, Start};
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -17,17 +17,16 @@ fn assert_clean_failure(out: &std::process::Output, expected: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_node_is_named() {
-    // Bind and drop a listener: nothing listens on that port afterwards.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    // A socket bound but never listening holds the port for the whole test (no other
+    // process can take it, as one could a freed port), and connections to it are refused.
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = reserved.local_addr().unwrap().to_string();
     let out = cli(&["status", "--node", &addr]);
     assert_clean_failure(&out, &format!("cannot reach node {addr}"));
     let out = cli(&["kv", "put", "k", "v", "--node", &addr]);
     assert_clean_failure(&out, "is it running?");
+    drop(reserved);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,27 +111,25 @@ async fn a_member_of_another_cluster_cannot_join() {
     // A second, separate cluster whose only node then tries to join the first.
     let mut b = Cluster::new();
     b.spawn(1, Start::Bootstrap).await;
-    wait_for("cluster b to be named", Duration::from_secs(10), || async {
+    wait_for("cluster b to be named", Duration::from_secs(30), || async {
         let status = b.status().await?;
         (!status.cluster_id.is_empty()).then_some(())
     })
     .await;
     let b_dir = b.nodes[&1].data_dir.clone();
     assert!(b.terminate(1).success());
-    let out = std::process::Command::new(BIN)
-        .args([
-            "node",
-            "run",
-            "--id",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(&b_dir)
-        .args(["--join", &a.addr(1)])
-        .output()
-        .unwrap();
+    let out = cli(&[
+        "node",
+        "run",
+        "--id",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        b_dir.to_str().unwrap(),
+        "--join",
+        &a.addr(1),
+    ]);
     assert_clean_failure(&out, "already belongs to cluster");
     let status = a.status().await.unwrap();
     assert_eq!(status.nodes.len(), 1, "cluster a is unchanged: {status:?}");

@@ -230,7 +230,7 @@ impl Cluster {
         node.child = Some(command.spawn().expect("spawn cluster binary"));
         let addr = wait_for(
             &format!("node {id} to listen"),
-            Duration::from_secs(20),
+            Duration::from_secs(60),
             || {
                 let addr_file = addr_file.clone();
                 async move { std::fs::read_to_string(&addr_file).ok() }
@@ -253,14 +253,14 @@ impl Cluster {
         let node = self.nodes.get_mut(&id).unwrap();
         let mut child = node.child.take().expect("node is running");
         signal(child.id(), libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
                 return status;
             }
             if Instant::now() >= deadline {
                 let _ = child.kill();
-                panic!("node {id} did not exit within 20 s of SIGTERM");
+                panic!("node {id} did not exit within 60 s of SIGTERM");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -319,7 +319,7 @@ impl Cluster {
         let before = self.leader_status().await.commit_index.unwrap_or(0);
         wait_for(
             &format!("{n} more commits after index {before}"),
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             || async { (self.status().await?.commit_index? > before + n).then_some(()) },
         )
         .await
@@ -382,13 +382,52 @@ pub fn signal(pid: u32, signal: i32) {
     }
 }
 
-/// Runs the `cluster` binary to completion.
+/// For a test that cannot run here (`why`: what is missing and how to get it): outside CI
+/// it says so and the caller returns, skipping; under CI (`CI` set, and not `0` or
+/// `false`, as CI services set it) it fails, because CI must run every test and `.ci/run`
+/// installs what they need.
+pub fn skip_outside_ci(why: &str) {
+    let ci = std::env::var("CI").unwrap_or_default();
+    if !matches!(ci.to_ascii_lowercase().as_str(), "" | "0" | "false") {
+        panic!("{why}: under CI={ci} a test that cannot run fails instead of skipping");
+    }
+    println!("SKIPPED: {why}");
+}
+
+/// Longest any one `cli` run may take: past it the process is killed and the test fails,
+/// instead of hanging on a command that should have ended (the longest, `update` with a
+/// soak, takes about a minute).
+pub const CLI_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Runs the `cluster` binary to completion, within [`CLI_DEADLINE`].
 pub fn cli(args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
+    let mut command = Command::new(BIN);
+    command.args(args);
+    output_within(command, CLI_DEADLINE)
+}
+
+/// Runs `command` (stdin empty, output captured) to completion; kills it and panics if it
+/// has not ended within `deadline`.
+pub fn output_within(mut command: Command, deadline: Duration) -> std::process::Output {
+    let shown = format!("{command:?}");
+    let child = command
         .stdin(Stdio::null())
-        .output()
-        .expect("run cluster binary")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
+    let pid = child.id();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match finished.recv_timeout(deadline) {
+        Ok(output) => output.unwrap_or_else(|e| panic!("waiting for {shown}: {e}")),
+        Err(_) => {
+            signal(pid, libc::SIGKILL);
+            panic!("{shown} was still running after {deadline:?}: killed");
+        }
+    }
 }
 
 /// What a sequential writer saw.
@@ -503,6 +542,45 @@ pub fn make_script_release(dir: &Path, script: &str) -> String {
     stamp(dir)
 }
 
+/// A dist whose `bin/cluster` runs the binary under test and kills it with `signal` once
+/// it serves (answers `status --local`) on this start, and, with `marker`, once that file
+/// exists in its data dir too: a release that starts, serves, and dies, again on every
+/// start. The wait is a bounded poll, not a fixed delay, so a slow machine neither kills
+/// the node before it serves nor lets it outlive the window a test gives it.
+pub fn make_crash_loop_release(dir: &Path, signal: &str, marker: Option<&str>) -> String {
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::copy(BIN, dir.join("bin/cluster.real")).unwrap();
+    let marker_check = match marker {
+        Some(name) => format!("[ -e \"$data/{name}\" ] && "),
+        None => String::new(),
+    };
+    make_script_release(
+        dir,
+        &format!(
+            r#"#!/bin/sh
+d=$(dirname "$0")
+data='' prev=''
+for arg in "$@"; do
+  [ "$prev" != --data-dir ] || data=$arg
+  prev=$arg
+done
+(
+  polls=0
+  while kill -0 $$ 2>/dev/null && [ $polls -lt 1800 ]; do
+    if {marker_check}"$d/cluster.real" status --local --node "$(cat "$data/node.addr")" >/dev/null 2>&1; then
+      kill -{signal} $$
+      exit 0
+    fi
+    sleep 0.1
+    polls=$((polls + 1))
+  done
+) &
+exec "$d/cluster.real" "$@"
+"#
+        ),
+    )
+}
+
 fn write_extra(dir: &Path, extra: &[(&str, &str)]) {
     for (path, content) in extra {
         let path = dir.join(path);
@@ -538,15 +616,18 @@ pub async fn wait_all_on(cluster: &Cluster, hash: &str) {
     .await
 }
 
-/// Runs `cluster update --json` with a 3 s stabilization window on another thread, so a
-/// test can act on the cluster while the rollout is in flight.
+/// Runs `cluster update --json` on another thread, so a test can act on the cluster while
+/// the rollout is in flight. A test that must act while a node stabilizes gives it a
+/// window long enough for a loaded machine to notice and act.
 pub fn update_in_background(
     addr: String,
     dist: std::path::PathBuf,
+    stabilize_ms: u64,
     health_deadline_ms: u64,
 ) -> std::thread::JoinHandle<std::process::Output> {
     std::thread::spawn(move || {
         let deadline = health_deadline_ms.to_string();
+        let stabilize = stabilize_ms.to_string();
         cli(&[
             "update",
             "--dist",
@@ -554,7 +635,7 @@ pub fn update_in_background(
             "--node",
             &addr,
             "--stabilize-ms",
-            "3000",
+            &stabilize,
             "--soak-ms",
             "0",
             // Not a staleness test: a loaded machine's slow acknowledgements must not fail it.

@@ -10,8 +10,9 @@ use crate::harness::{
     cli, data_dir_of, make_release, update_in_background, wait_for, Cluster, Start,
 };
 
-/// Pace of automatic rollouts in these tests (node flags).
-const AUTO: [&str; 10] = [
+/// Pace of automatic rollouts in these tests (node flags). Acknowledgements may lag on a
+/// loaded machine: these are not staleness tests.
+const AUTO: [&str; 12] = [
     "--watch-settle-ms",
     "1000",
     "--auto-stabilize-ms",
@@ -22,6 +23,8 @@ const AUTO: [&str; 10] = [
     "100",
     "--auto-health-deadline-ms",
     "20000",
+    "--auto-stale-ack-ms",
+    "2000",
 ];
 
 /// `cluster status --json` from whichever node answers; `None` while none does.
@@ -210,9 +213,10 @@ async fn nodes_that_were_down_or_on_another_build_are_brought_to_the_target() {
     let other = (1..=3).find(|id| *id != leader && *id != follower).unwrap();
 
     // A rollout with a long stabilization window; one follower goes down while the other
-    // is being updated.
+    // is being updated (10 s: it must still be stabilizing when the test has seen it and
+    // stopped the other, or the rollout would already have moved on to that one).
     let addr = cluster.addr(leader);
-    let update = update_in_background(addr, v2.clone(), 30_000);
+    let update = update_in_background(addr, v2.clone(), 10_000, 30_000);
     let first = wait_status(
         &cluster,
         "a follower being updated",
@@ -322,7 +326,9 @@ async fn pause_resume_and_abort_hold_across_a_leader_kill() {
     operate(&cluster, &["auto", "off"]);
     let leader = status(&cluster).unwrap()["leader"].as_u64().unwrap();
     let addr = cluster.addr(leader);
-    let update = update_in_background(addr, v2, 30_000);
+    // 10 s of stabilization: the pause must land while the first node still stabilizes,
+    // however long a loaded machine takes to see it there and send the pause.
+    let update = update_in_background(addr, v2, 10_000, 30_000);
     wait_status(
         &cluster,
         "a node in stabilize",

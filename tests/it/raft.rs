@@ -41,7 +41,7 @@ async fn three_nodes_form_a_cluster_with_one_leader() {
     // Every node reported itself with its build ("dev" outside a release).
     wait_for(
         "every node to report its build",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || async {
             let status = cluster.status().await?;
             status
@@ -83,7 +83,7 @@ async fn kv_writes_replicate_to_every_node() {
         // Replicated, not just readable through the leader: each node applied the write.
         wait_for(
             &format!("node {id} to apply {index}"),
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             || async {
                 let local = cluster.client(id).status(true).await.ok()?;
                 let me = local.nodes.iter().find(|n| n.id == id)?;
@@ -188,7 +188,7 @@ async fn a_restarted_node_rejoins_and_catches_up() {
     cluster.spawn(victim, Start::Restart).await;
     wait_for(
         "the restarted node to catch up",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         || async {
             let local = cluster.client(victim).status(true).await.ok()?;
             let me = local.nodes.iter().find(|n| n.id == victim)?;

@@ -6,28 +6,38 @@
 use std::time::Duration;
 
 use crate::harness::{
-    assert_all_readable, cli, data_dir_of, make_release, make_script_release, update_in_background,
-    wait_all_on, wait_for, Cluster, Start, Writer, BIN,
+    assert_all_readable, cli, data_dir_of, make_crash_loop_release, make_release,
+    make_script_release, update_in_background, wait_all_on, wait_for, Cluster, Start, Writer,
 };
 
 /// Fast pacing for tests: the waits a rollout imposes are its configuration, not its cost.
 /// Acknowledgements may lag on a loaded machine: these are not staleness tests.
-const FAST: [&str; 10] = [
+const FAST: [&str; 8] = [
     "--stale-ack-ms",
     "2000",
     "--soak-ms",
     "0",
-    "--stabilize-ms",
-    "1000",
     "--poll-interval-ms",
     "100",
     "--health-deadline-ms",
     "20000",
 ];
 
+/// `cluster update` with [`FAST`] pacing and 1 s of stabilization per node.
 fn update(node: &str, dist: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    update_stabilizing(node, dist, 1000, extra)
+}
+
+fn update_stabilizing(
+    node: &str,
+    dist: &std::path::Path,
+    stabilize_ms: u64,
+    extra: &[&str],
+) -> std::process::Output {
+    let stabilize = stabilize_ms.to_string();
     let mut args = vec!["update", "--dist", dist.to_str().unwrap(), "--node", node];
     args.extend(FAST);
+    args.extend(["--stabilize-ms", &stabilize]);
     args.extend(extra);
     cli(&args)
 }
@@ -204,8 +214,10 @@ async fn a_second_concurrent_update_gets_a_clear_error() {
     let cluster = Cluster::start_supervised(3, &v1).await;
     let (a, b) = (cluster.addr(1), cluster.addr(2));
     let (v2c, v3c) = (v2.clone(), v3.clone());
-    let first = std::thread::spawn(move || update(&a, &v2c, &[]));
-    let second = std::thread::spawn(move || update(&b, &v3c, &[]));
+    // 5 s per node: the rollout that wins lasts well past any lag a loaded machine puts
+    // between the two requests, so the other always meets it active.
+    let first = std::thread::spawn(move || update_stabilizing(&a, &v2c, 5000, &[]));
+    let second = std::thread::spawn(move || update_stabilizing(&b, &v3c, 5000, &[]));
     let outs = [first.join().unwrap(), second.join().unwrap()];
     let succeeded = outs.iter().filter(|o| o.status.success()).count();
     assert_eq!(
@@ -300,36 +312,52 @@ async fn a_release_that_crash_loops_after_starting_is_restored() {
     let v1 = work.path().join("v1");
     let v2 = work.path().join("v2");
     let h1 = make_release(&v1, &[]);
-    // The real node, started by a wrapper that kills it 3 s later: it serves, reports
-    // healthy on the new build, then dies, again and again.
-    std::fs::create_dir_all(v2.join("bin")).unwrap();
-    std::fs::copy(BIN, v2.join("bin/cluster.real")).unwrap();
-    make_script_release(
-        &v2,
-        "#!/bin/sh\nd=$(dirname \"$0\")\n( sleep 3; kill $$ ) &\nexec \"$d/cluster.real\" \"$@\"\n",
-    );
+    // The real node, killed once it serves and its data dir holds `crash`, which is
+    // written once the leader has seen it healthy on the new build: it starts, reports
+    // healthy, then dies during stabilization, again on every start.
+    make_crash_loop_release(&v2, "TERM", Some("crash"));
     let cluster = Cluster::start_supervised(3, &v1).await;
     wait_all_on(&cluster, &h1).await;
 
-    let mut args = vec!["update", "--dist", v2.to_str().unwrap()];
     let node = cluster.addr(1);
-    args.extend([
-        "--node",
-        &node,
-        "--stabilize-ms",
-        "6000",
-        "--soak-ms",
-        "0",
-        "--stale-ack-ms",
-        "2000",
-        "--poll-interval-ms",
-        "100",
-        "--health-deadline-ms",
-        "20000",
-        "--json",
-    ]);
+    let dist = v2.clone();
     let started = std::time::Instant::now();
-    let out = cli(&args);
+    let update = std::thread::spawn(move || {
+        cli(&[
+            "update",
+            "--dist",
+            dist.to_str().unwrap(),
+            "--node",
+            &node,
+            // Long: the crash, not the end of the window, must decide the node's fate.
+            "--stabilize-ms",
+            "60000",
+            "--soak-ms",
+            "0",
+            "--stale-ack-ms",
+            "2000",
+            "--poll-interval-ms",
+            "100",
+            "--health-deadline-ms",
+            "20000",
+            "--json",
+        ])
+    });
+    let stabilizing = wait_for(
+        "a node healthy on the new build, in stabilize",
+        Duration::from_secs(90),
+        || async {
+            let json = active_rollout(&cluster)?;
+            json["nodes"]
+                .as_object()?
+                .iter()
+                .find(|(_, step)| step["phase"] == "stabilize")
+                .and_then(|(id, _)| id.parse::<u64>().ok())
+        },
+    )
+    .await;
+    std::fs::write(data_dir_of(&cluster, stabilizing).join("crash"), "").unwrap();
+    let out = update.join().unwrap();
     let wall = started.elapsed();
     assert_eq!(
         out.status.code(),
@@ -339,9 +367,15 @@ async fn a_release_that_crash_loops_after_starting_is_restored() {
     );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("update --json");
     assert_eq!(json["outcome"]["outcome"], "reverted", "{json}");
+    let reason = json["outcome"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("node {stabilizing} ")),
+        "the reason names the node that crashed: {json}"
+    );
     wait_all_on(&cluster, &h1).await;
     println!(
-        "crash loop after start: reverted in {} ms wall (stabilize 6000 ms, crash after ~3 s)",
+        "crash loop after start: reverted in {} ms wall (node {stabilizing} killed in \
+         stabilize, window 60000 ms)",
         wall.as_millis()
     );
 }
@@ -406,7 +440,8 @@ async fn kill_the_leader_mid_rollout(after_handoff: bool) {
     let asked = (1..=3).find(|id| *id != leader).unwrap();
 
     let (addr, dist) = (cluster.addr(asked), v2.clone());
-    let update_thread = update_in_background(addr, dist, 20000);
+    // 5 s of stabilization: a window a loaded machine's polls do not miss.
+    let update_thread = update_in_background(addr, dist, 5000, 20000);
 
     // In flight: some node (the first leader, after the hand-off) is past its restart.
     let first_leader = leader.to_string();
@@ -481,7 +516,7 @@ async fn a_leader_killed_mid_rollout_that_stays_down_ends_the_rollout() {
     let asked = (1..=3).find(|id| *id != leader).unwrap();
 
     let (addr, dist) = (cluster.addr(asked), v2.clone());
-    let update_thread = update_in_background(addr, dist, 5000);
+    let update_thread = update_in_background(addr, dist, 3000, 5000);
     wait_for("a node in stabilize", Duration::from_secs(60), || async {
         let out = cli(&[
             "rollout",
@@ -570,7 +605,7 @@ async fn preflight_refuses_while_a_node_fails_its_health_command() {
     // The node reports its own failing check within a few periods.
     let shown = wait_for(
         "node 2 to report its failing check",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         || async {
             let out = cli(&["status", "--local", "--node", &cluster.addr(sick)]);
             let shown = text(&out);

@@ -20,9 +20,16 @@
 set -euo pipefail
 
 skip() { echo "SKIPPED: tests/nspawn/run.sh: $*"; exit 0; }
+# A missing tool skips outside CI; under CI (CI set, and not 0 or false) it fails: CI must
+# run this, and .ci/run installs the tools as root.
+missing_tool() {
+  case "${CI:-}" in '' | 0 | false | FALSE | False) skip "$*" ;; esac
+  echo "FAILED: tests/nspawn/run.sh: $*: under CI=$CI a missing tool fails instead of skipping" >&2
+  exit 1
+}
 [ "$(id -u)" = 0 ] || skip "needs root (systemd-nspawn boots containers)"
 for tool in systemd-nspawn debootstrap nsenter jq; do
-  command -v "$tool" >/dev/null || skip "$tool is missing (apt-get install systemd-container debootstrap jq)"
+  command -v "$tool" >/dev/null || missing_tool "$tool is missing (apt-get install systemd-container debootstrap jq)"
 done
 [ -d /sys/fs/cgroup ] || skip "no /sys/fs/cgroup"
 
@@ -101,10 +108,15 @@ in_c() {
 # A container's file, read from the host.
 c_path() { echo "/proc/${pid1[$1]}/root$2"; }
 
+# A port free now and unlikely to be taken before a node binds it, minutes later
+# (install.sh needs a fixed port): below the kernel's ephemeral range, which every
+# port-0 bind and outgoing connection on the host draws from.
 free_port() {
-  local p
+  local p ephemeral_low
+  read -r ephemeral_low _ </proc/sys/net/ipv4/ip_local_port_range
+  [ "$ephemeral_low" -gt 11000 ] || fail "the ephemeral port range starts at $ephemeral_low: no room below it"
   while :; do
-    p=$(shuf -i 20000-60000 -n 1)
+    p=$(shuf -i "10000-$((ephemeral_low - 1))" -n 1)
     [ -n "$(ss -Hltn "sport = :$p")" ] || { echo "$p"; return; }
   done
 }
@@ -335,10 +347,27 @@ mkdir -p "$work/dists/exits-at-once/bin"
 printf '#!/bin/sh\necho "this release cannot start" >&2\nexit 1\n' >"$work/dists/exits-at-once/bin/cluster"
 chmod 0755 "$work/dists/exits-at-once/bin/cluster"
 undone_with_no_leader exits-at-once
-# A release that starts, serves for 2 s, and is killed, again and again.
+# A release that starts, serves, and is killed, again and again: killed once it answers
+# `status --local` on this start (a bounded poll, not a fixed delay, so a slow container
+# neither kills it before it serves nor lets it run on).
 mkdir -p "$work/dists/crash-loops/bin"
 cp "$cli" "$work/dists/crash-loops/bin/cluster.real"
-printf '#!/bin/sh\n( sleep 2; kill -9 $$ ) &\nexec "$(dirname "$0")/cluster.real" "$@"\n' >"$work/dists/crash-loops/bin/cluster"
+cat >"$work/dists/crash-loops/bin/cluster" <<'SCRIPT'
+#!/bin/sh
+d=$(dirname "$0")
+(
+  polls=0
+  while kill -0 $$ 2>/dev/null && [ $polls -lt 1800 ]; do
+    if "$d/cluster.real" status --local --node "$(cat /var/lib/cluster/node.addr)" >/dev/null 2>&1; then
+      kill -9 $$
+      exit 0
+    fi
+    sleep 0.1
+    polls=$((polls + 1))
+  done
+) &
+exec "$d/cluster.real" "$@"
+SCRIPT
 chmod 0755 "$work/dists/crash-loops/bin/cluster"
 undone_with_no_leader crash-loops
 
