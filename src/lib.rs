@@ -18,11 +18,11 @@
 pub mod agent;
 pub mod api;
 pub mod cli;
-pub mod release;
 pub mod node;
 pub mod raft;
+pub mod raft_store;
+pub mod release;
 pub mod rollout;
 pub mod rpc;
 pub mod state;
-pub mod raft_store;
 pub mod supervise;

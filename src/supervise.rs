@@ -177,7 +177,11 @@ mod tests {
             (&[], 1, Supervision::Unsupervised),
             (&[("INVOCATION_ID", "ab12")], 1, Supervision::Systemd),
             // Inherited from a user manager's service (e.g. a terminal): not our supervisor.
-            (&[("INVOCATION_ID", "ab12")], 4242, Supervision::Unsupervised),
+            (
+                &[("INVOCATION_ID", "ab12")],
+                4242,
+                Supervision::Unsupervised,
+            ),
             (&[("INVOCATION_ID", "")], 1, Supervision::Unsupervised),
             (&[(SUPERVISED_ENV, "1")], 4242, Supervision::Supervise),
             // `cluster supervise` run as a systemd service: supervise is the one that restarts.

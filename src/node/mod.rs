@@ -25,9 +25,9 @@ use crate::agent::Agent;
 use crate::api::{ErrorKind, JoinRequest};
 use crate::raft::network::{Network, RaftHandler};
 use crate::raft::{Raft, Timing};
+use crate::raft_store::{self, StoreError};
 use crate::rpc::{Channels, ControlClient};
 use crate::state::{Command, NodeInfo, PROTOCOL};
-use crate::raft_store::{self, StoreError};
 use crate::supervise::Supervision;
 
 /// A node's validated configuration (see `cli` for where it comes from).
@@ -119,12 +119,11 @@ pub async fn run(
         None if bound.ip().is_unspecified() => return Err(NodeError::NeedAdvertise(bound)),
         None => bound.to_string(),
     };
-    crate::release::store::write_atomically(&config.data_dir, "node.addr", addr.as_bytes()).map_err(
-        |e| NodeError::DataDir {
+    crate::release::store::write_atomically(&config.data_dir, "node.addr", addr.as_bytes())
+        .map_err(|e| NodeError::DataDir {
             path: config.data_dir.clone(),
             source: std::io::Error::other(e.to_string()),
-        },
-    )?;
+        })?;
 
     let network = Network {
         id: config.id,
