@@ -216,41 +216,13 @@ fn check_current(data_dir: &Path) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
 
     use super::*;
-    use crate::release::Limits;
-
-    /// Installs a one-file release whose binary prints `tag`; returns its hash.
-    fn install(data: &Path, work: &Path, tag: &str) -> String {
-        let dist = work.join(tag);
-        std::fs::create_dir_all(dist.join("bin")).unwrap();
-        let binary = dist.join("bin/cluster");
-        std::fs::write(&binary, format!("#!/bin/sh\necho {tag}\n")).unwrap();
-        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let store = ReleaseStore::open(data).unwrap();
-        store.install_dir(&dist, &Limits::default()).unwrap()
-    }
+    use crate::agent::testing::{install, tree};
 
     fn current(data: &Path) -> Option<String> {
         ReleaseStore::open(data).unwrap().current().unwrap()
-    }
-
-    /// Every path and link target under `data`, to show that nothing changed.
-    fn tree(data: &Path) -> Vec<String> {
-        let mut paths: Vec<String> = walkdir::WalkDir::new(data)
-            .into_iter()
-            .filter_map(|e| e.ok())
-            .map(|e| {
-                let link = std::fs::read_link(e.path())
-                    .map(|t| format!(" -> {}", t.display()))
-                    .unwrap_or_default();
-                format!("{}{link}", e.path().display())
-            })
-            .collect();
-        paths.sort();
-        paths
     }
 
     /// A data dir on release `old`, with `new` activated and the guard armed.

@@ -6,6 +6,8 @@
 //! release store computes from a validated manifest.
 
 pub mod guard;
+#[cfg(test)]
+mod testing;
 pub mod upload;
 
 use std::path::Path;
@@ -148,6 +150,15 @@ impl Agent {
                 "refused {mutation:?}: {why}"
             )));
         }
+        // Check, then act: a refused commit leaves the guard armed and every release held.
+        if let Mutation::Commit(hash) = &mutation {
+            if *hash != self.running_build {
+                return Err(ApiError::precondition(format!(
+                    "refused to commit release {hash}: this node runs {}",
+                    self.running_build
+                )));
+            }
+        }
         if fence != accepted {
             let bytes =
                 serde_json::to_vec(&fence).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -202,14 +213,6 @@ impl Agent {
             Ok(())
         })
         .await?;
-        if let Mutation::Commit(hash) = &mutation {
-            if *hash != self.running_build {
-                return Err(ApiError::precondition(format!(
-                    "refused to commit release {hash}: this node runs {}",
-                    self.running_build
-                )));
-            }
-        }
         let view = self.releases().await?;
         if restart {
             tracing::info!(
@@ -449,15 +452,13 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::Fence;
+    use std::sync::Arc;
 
-    fn fence(generation: u64, term: u64, seq: u64) -> Fence {
-        Fence {
-            generation,
-            term,
-            seq,
-        }
-    }
+    use tokio::sync::Notify;
+
+    use super::testing::{install, tree};
+    use super::{Agent, Fence, Mutation};
+    use crate::rpc::Channels;
 
     #[test]
     fn fencing_table() {
@@ -476,5 +477,59 @@ mod tests {
             let refusal = request.refusal(&accepted, node_term);
             assert_eq!(refusal.is_none(), allowed, "{name}: {refusal:?}");
         }
+    }
+
+    fn fence(generation: u64, term: u64, seq: u64) -> Fence {
+        Fence {
+            generation,
+            term,
+            seq,
+        }
+    }
+
+    /// An agent on a data dir holding releases `old` (current, pinned as previous) and
+    /// `new`, running build `running`, in term 1.
+    fn agent_with_two_releases(running: &str) -> (tempfile::TempDir, Agent, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let old = install(&data, dir.path(), "old");
+        let new = install(&data, dir.path(), "new");
+        let store = crate::release::ReleaseStore::open(&data).unwrap();
+        store.activate(&old).unwrap();
+        store.pin_previous().unwrap();
+        drop(store);
+        let agent = Agent::open(
+            &data,
+            Channels::default(),
+            Arc::new(|| 1),
+            Arc::new(Notify::new()),
+            running.to_string(),
+        )
+        .unwrap();
+        (dir, agent, old, new)
+    }
+
+    #[tokio::test]
+    async fn a_commit_of_a_release_this_node_does_not_run_is_refused_and_changes_nothing() {
+        let (dir, agent, old, new) = agent_with_two_releases("dev");
+        let data = dir.path().join("data");
+        agent
+            .mutate(fence(1, 1, 1), Mutation::Activate(new.clone()))
+            .await
+            .unwrap();
+        assert!(data.join("boot.json").exists(), "activation arms the guard");
+        let before = tree(&data);
+        let err = agent
+            .mutate(fence(1, 1, 2), Mutation::Commit(new.clone()))
+            .await
+            .unwrap_err();
+        assert!(
+            err.message.contains("refused to commit") && err.message.contains("runs dev"),
+            "{err}"
+        );
+        // The guard stays armed, no release is pruned and the fence is not advanced.
+        assert_eq!(tree(&data), before);
+        let held = agent.store().releases().unwrap();
+        assert!(held.contains(&old) && held.contains(&new), "{held:?}");
     }
 }
