@@ -172,10 +172,13 @@ impl Agent {
         };
         let data_dir = self.data_dir.clone();
         let generation = fence.generation;
-        let guard_error = move |e: String| DistError::Io {
-            action: "update the boot guard in",
-            path: data_dir.clone(),
-            source: std::io::Error::other(e),
+        let guard_error = move |e: guard::GuardError| match e {
+            guard::GuardError::Releases(e) => e,
+            other => DistError::Io {
+                action: "update the boot guard in",
+                path: data_dir.clone(),
+                source: std::io::Error::other(other),
+            },
         };
         let for_store = mutation.clone();
         self.blocking(move |store| {
