@@ -303,6 +303,13 @@ impl Agent {
         .await
     }
 
+    /// Whether release `hash` is held here (async callers: not `store().has`, which
+    /// reads the disk on the calling thread).
+    pub async fn has(&self, hash: &str) -> Result<bool, ApiError> {
+        let hash = hash.to_string();
+        self.blocking(move |store| Ok(store.has(&hash))).await
+    }
+
     pub async fn manifest(&self, hash: &str) -> Result<Manifest, ApiError> {
         let hash = hash.to_string();
         self.blocking(move |store| store.manifest(&hash)).await
@@ -334,8 +341,7 @@ impl Agent {
         let total = manifest.total_bytes();
         let limits = self.limits;
         let hash = manifest.build_hash();
-        let probe = hash.clone();
-        if self.blocking(move |store| Ok(store.has(&probe))).await? {
+        if self.has(&hash).await? {
             return Ok(PrepareOutcome {
                 hash,
                 fetched_bytes: 0,
