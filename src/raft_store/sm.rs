@@ -8,7 +8,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::{Stream, TryStreamExt};
-use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::storage::{ApplyResponder, EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -90,10 +90,49 @@ fn parse_record_key(key: &[u8]) -> Option<Record> {
     Some(Record::Kv(String::from_utf8(rest.to_vec()).ok()?))
 }
 
+/// Adds the current value of each of `records` to `batch` (taken from `value_of`), or its
+/// removal when the record no longer exists. A value that cannot be encoded is an error,
+/// never a removal.
+fn write_records(
+    batch: &mut sled::Batch,
+    state: &State,
+    records: &[Record],
+    value_of: impl Fn(&State, &Record) -> Result<Option<serde_json::Value>, serde_json::Error>,
+) -> io::Result<()> {
+    for record in records {
+        match value_of(state, record) {
+            Ok(Some(value)) => batch.insert(
+                record_key(record),
+                serde_json::to_vec(&value).map_err(io_err)?,
+            ),
+            Ok(None) => batch.remove(record_key(record)),
+            Err(e) => {
+                return Err(io_err(format!(
+                    "cannot encode record {record:?} of the replicated state ({e}): \
+                     nothing of this change was stored; report this as a bug"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
 impl StateMachineStore {
     pub(super) async fn open(db: &sled::Db) -> Result<Self, io::Error> {
         let records = db.open_tree("sm").map_err(io_err)?;
         let meta = db.open_tree("sm_meta").map_err(io_err)?;
+        let applied = Self::load(&records, &meta)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                applied: Mutex::new(applied),
+                records,
+                meta,
+            }),
+        })
+    }
+
+    /// The state as persisted: every record, the applied log id and the membership.
+    fn load(records: &sled::Tree, meta: &sled::Tree) -> io::Result<Applied> {
         let mut applied = Applied::default();
         for item in records.iter() {
             let (key, value) = item.map_err(io_err)?;
@@ -112,13 +151,7 @@ impl StateMachineStore {
         if let Some(bytes) = meta.get(MEMBERSHIP).map_err(io_err)? {
             applied.last_membership = serde_json::from_slice(&bytes).map_err(io_err)?;
         }
-        Ok(Self {
-            inner: Arc::new(Inner {
-                applied: Mutex::new(applied),
-                records,
-                meta,
-            }),
-        })
+        Ok(applied)
     }
 
     fn lock(&self) -> MutexGuard<'_, Applied> {
@@ -155,14 +188,12 @@ impl StateMachineStore {
             let (key, _) = item.map_err(io_err)?;
             batch.remove(key);
         }
-        for record in next.state.records() {
-            if let Some(value) = next.state.record_value(&record) {
-                batch.insert(
-                    record_key(&record),
-                    serde_json::to_vec(&value).map_err(io_err)?,
-                );
-            }
-        }
+        write_records(
+            &mut batch,
+            &next.state,
+            &next.state.records(),
+            State::record_value,
+        )?;
         let meta = self.meta_batch(&next)?;
         (&self.inner.records, &self.inner.meta)
             .transaction(|(records, meta_tree)| {
@@ -186,6 +217,62 @@ impl StateMachineStore {
             serde_json::to_vec(&applied.last_membership).map_err(io_err)?,
         );
         Ok(batch)
+    }
+
+    /// Applies `pending` in memory and persists the records they touched (their values
+    /// from `value_of`), the applied log id and the membership in one atomic batch. On
+    /// `Err` nothing was persisted and the in-memory state is reloaded from disk, so it is
+    /// as it was before the call.
+    fn apply_entries(
+        &self,
+        pending: Vec<EntryResponder<TypeConfig>>,
+        value_of: impl Fn(&State, &Record) -> Result<Option<serde_json::Value>, serde_json::Error>,
+    ) -> io::Result<Vec<(Option<ApplyResponder<TypeConfig>>, Response)>> {
+        let mut replies = Vec::with_capacity(pending.len());
+        let mut applied = self.lock();
+        let persisted = (|| {
+            let mut touched = Vec::new();
+            for (entry, responder) in pending {
+                applied.last_applied = Some(entry.log_id);
+                let response = match entry.payload {
+                    EntryPayload::Blank => Response::Ok,
+                    EntryPayload::Normal(command) => {
+                        let (response, records) = applied.state.apply(&command);
+                        touched.extend(records);
+                        response
+                    }
+                    EntryPayload::Membership(membership) => {
+                        applied.last_membership =
+                            StoredMembership::new(Some(entry.log_id), membership);
+                        Response::Ok
+                    }
+                };
+                replies.push((responder, response));
+            }
+            touched.sort();
+            touched.dedup();
+            let mut batch = sled::Batch::default();
+            write_records(&mut batch, &applied.state, &touched, &value_of)?;
+            let meta = self.meta_batch(&applied)?;
+            (&self.inner.records, &self.inner.meta)
+                .transaction(|(records, meta_tree)| {
+                    records.apply_batch(&batch)?;
+                    meta_tree.apply_batch(&meta)?;
+                    Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+                })
+                .map_err(|e| io_err(format!("applying entries: {e:?}")))
+        })();
+        if let Err(error) = persisted {
+            // Memory went ahead of the disk: put back what the disk holds.
+            match Self::load(&self.inner.records, &self.inner.meta) {
+                Ok(on_disk) => *applied = on_disk,
+                Err(e) => {
+                    tracing::error!(error = %e, "reloading the state machine after a failed apply")
+                }
+            }
+            return Err(error);
+        }
+        Ok(replies)
     }
 
     fn snapshot_of(applied: &Applied) -> io::Result<Snapshot> {
@@ -249,49 +336,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if pending.is_empty() {
             return Ok(());
         }
-        let mut replies = Vec::with_capacity(pending.len());
-        let mut batch = sled::Batch::default();
-        let meta = {
-            let mut applied = self.lock();
-            let mut touched = Vec::new();
-            for (entry, responder) in pending {
-                applied.last_applied = Some(entry.log_id);
-                let response = match entry.payload {
-                    EntryPayload::Blank => Response::Ok,
-                    EntryPayload::Normal(command) => {
-                        let (response, records) = applied.state.apply(&command);
-                        touched.extend(records);
-                        response
-                    }
-                    EntryPayload::Membership(membership) => {
-                        applied.last_membership =
-                            StoredMembership::new(Some(entry.log_id), membership);
-                        Response::Ok
-                    }
-                };
-                replies.push((responder, response));
-            }
-            touched.sort();
-            touched.dedup();
-            for record in &touched {
-                match applied.state.record_value(record) {
-                    Some(value) => batch.insert(
-                        record_key(record),
-                        serde_json::to_vec(&value).map_err(io_err)?,
-                    ),
-                    None => batch.remove(record_key(record)),
-                }
-            }
-            self.meta_batch(&applied)?
-        };
-        (&self.inner.records, &self.inner.meta)
-            .transaction(|(records, meta_tree)| {
-                records.apply_batch(&batch)?;
-                meta_tree.apply_batch(&meta)?;
-                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| io_err(format!("applying entries: {e:?}")))?;
-        for (responder, response) in replies {
+        for (responder, response) in self.apply_entries(pending, State::record_value)? {
             if let Some(responder) = responder {
                 responder.send(response);
             }
@@ -337,7 +382,51 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
 #[cfg(test)]
 mod tests {
+    use openraft::entry::RaftEntry;
+
     use super::*;
+    use crate::raft::typ::Entry;
+    use crate::state::Command;
+
+    fn put(index: u64, key: &str, value: &str) -> EntryResponder<TypeConfig> {
+        let log_id = openraft::testing::log_id::<TypeConfig>(1, 1, index);
+        let command = Command::KvPut {
+            key: key.into(),
+            value: value.into(),
+        };
+        (Entry::new_normal(log_id, command), None)
+    }
+
+    /// The value of `key` as sled holds it.
+    fn on_disk(sm: &StateMachineStore, key: &str) -> Option<String> {
+        let bytes = sm
+            .inner
+            .records
+            .get(record_key(&Record::Kv(key.into())))
+            .unwrap()?;
+        Some(serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_record_that_fails_to_encode_is_an_error_never_a_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, sm) = super::super::open(dir.path()).await.unwrap();
+        sm.apply_entries(vec![put(1, "k", "v1")], State::record_value)
+            .unwrap();
+        let before = sm.read(State::clone);
+        let poisoned = |state: &State, record: &Record| match record {
+            Record::Kv(key) if key == "k" => Err(serde::ser::Error::custom("cannot encode")),
+            _ => state.record_value(record),
+        };
+        let Err(err) = sm.apply_entries(vec![put(2, "k", "v2")], poisoned) else {
+            panic!("an apply whose record cannot be encoded must fail");
+        };
+        assert!(err.to_string().contains("Kv(\"k\")"), "{err}");
+        // Nothing persisted, nothing deleted, and memory is what it was.
+        assert_eq!(on_disk(&sm, "k").as_deref(), Some("v1"));
+        assert_eq!(sm.read(State::clone), before);
+        assert_eq!(sm.lock().last_applied.map(|id| id.index), Some(1));
+    }
 
     #[test]
     fn record_keys_round_trip() {
