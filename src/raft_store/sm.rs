@@ -159,19 +159,9 @@ impl StateMachineStore {
         self.inner.applied.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A copy of the replicated state as this node has applied it.
-    pub fn state(&self) -> State {
-        self.lock().state.clone()
-    }
-
     /// Reads part of the state without copying all of it.
     pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         f(&self.lock().state)
-    }
-
-    /// Index of the last entry this node applied.
-    pub fn applied_index(&self) -> Option<u64> {
-        self.lock().last_applied.as_ref().map(|id| id.index)
     }
 
     /// Flushes everything sled holds in memory (used at graceful shutdown).
