@@ -18,7 +18,13 @@ use crate::state::{Record, Response, State};
 
 const APPLIED: &[u8] = b"applied";
 const MEMBERSHIP: &[u8] = b"membership";
-const SNAPSHOT: &[u8] = b"snapshot";
+/// The current snapshot's metadata (JSON) and its bytes (raw), written in one batch.
+const SNAPSHOT_META: &[u8] = b"snapshot_meta";
+const SNAPSHOT_DATA: &[u8] = b"snapshot_data";
+/// Where older releases kept the snapshot: a JSON `LegacySnapshot`, its bytes
+/// as an array of numbers (about four times their size). Still read; removed by the next
+/// snapshot saved.
+const LEGACY_SNAPSHOT: &[u8] = b"snapshot";
 
 /// What the state machine holds in memory; also the JSON layout of a snapshot.
 #[derive(Serialize, Deserialize, Clone, Debug, Default)]
@@ -28,9 +34,9 @@ struct Applied {
     state: State,
 }
 
-/// A snapshot as stored on disk: its metadata next to its bytes.
+/// A snapshot as older releases stored it (under `LEGACY_SNAPSHOT`).
 #[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
+struct LegacySnapshot {
     meta: SnapshotMeta,
     data: Vec<u8>,
 }
@@ -277,14 +283,14 @@ impl StateMachineStore {
     }
 
     async fn save_snapshot(&self, snapshot: &Snapshot) -> io::Result<()> {
-        let stored = StoredSnapshot {
-            meta: snapshot.meta.clone(),
-            data: snapshot.snapshot.clone(),
-        };
-        self.inner
-            .meta
-            .insert(SNAPSHOT, serde_json::to_vec(&stored).map_err(io_err)?)
-            .map_err(io_err)?;
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            SNAPSHOT_META,
+            serde_json::to_vec(&snapshot.meta).map_err(io_err)?,
+        );
+        batch.insert(SNAPSHOT_DATA, snapshot.snapshot.as_slice());
+        batch.remove(LEGACY_SNAPSHOT);
+        self.inner.meta.apply_batch(batch).map_err(io_err)?;
         // Logs up to the snapshot may be purged next: the snapshot must be durable first.
         self.inner.meta.flush_async().await.map_err(io_err)?;
         self.inner.records.flush_async().await.map_err(io_err)?;
@@ -359,10 +365,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        let Some(bytes) = self.inner.meta.get(SNAPSHOT).map_err(io_err)? else {
+        let meta_tree = &self.inner.meta;
+        if let Some(meta) = meta_tree.get(SNAPSHOT_META).map_err(io_err)? {
+            let data = meta_tree
+                .get(SNAPSHOT_DATA)
+                .map_err(io_err)?
+                .ok_or_else(|| io_err("the snapshot's metadata is stored but not its data"))?;
+            return Ok(Some(Snapshot {
+                meta: serde_json::from_slice(&meta).map_err(io_err)?,
+                snapshot: data.to_vec(),
+            }));
+        }
+        let Some(bytes) = meta_tree.get(LEGACY_SNAPSHOT).map_err(io_err)? else {
             return Ok(None);
         };
-        let stored: StoredSnapshot = serde_json::from_slice(&bytes).map_err(io_err)?;
+        let stored: LegacySnapshot = serde_json::from_slice(&bytes).map_err(io_err)?;
         Ok(Some(Snapshot {
             meta: stored.meta,
             snapshot: stored.data,
@@ -435,5 +452,39 @@ mod tests {
         }
         assert_eq!(parse_record_key(b"bogus"), None);
         assert_eq!(parse_record_key(b"history/x"), None);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_stored_as_raw_bytes_and_the_old_json_form_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, mut sm) = super::super::open(dir.path()).await.unwrap();
+        sm.apply_entries(vec![put(1, "k", "v")], State::record_value)
+            .unwrap();
+        let legacy_meta = SnapshotMeta {
+            last_log_id: Some(openraft::testing::log_id::<TypeConfig>(1, 1, 1)),
+            ..SnapshotMeta::default()
+        };
+        let legacy = LegacySnapshot {
+            meta: legacy_meta.clone(),
+            data: b"{\"old\":1}".to_vec(),
+        };
+        let meta_tree = sm.inner.meta.clone();
+        meta_tree
+            .insert(LEGACY_SNAPSHOT, serde_json::to_vec(&legacy).unwrap())
+            .unwrap();
+        let read = sm.get_current_snapshot().await.unwrap().expect("old form");
+        assert_eq!((read.meta, read.snapshot), (legacy_meta, legacy.data));
+
+        let built = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let stored = meta_tree.get(SNAPSHOT_DATA).unwrap().expect("raw bytes");
+        assert_eq!(stored.as_ref(), built.snapshot.as_slice());
+        assert_eq!(meta_tree.get(LEGACY_SNAPSHOT).unwrap(), None);
+        let read = sm.get_current_snapshot().await.unwrap().expect("new form");
+        assert_eq!((read.meta, read.snapshot), (built.meta, built.snapshot));
     }
 }
