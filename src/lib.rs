@@ -11,6 +11,7 @@
 //! - [`rpc`]: gRPC servers, client and channel pool (the only module that sees prost/tonic).
 //! - [`agent`]: what a node does with releases on its disk: hold, serve, materialize.
 //! - [`api`]: the Control service's domain types, shared by server, client and CLI.
+//! - [`clock`]: the wall clock in unix milliseconds, for records operators read.
 //! - [`supervise`]: the restart loop for hosts without systemd (and for tests).
 //! - [`release`]: releases: manifest and build hash, directory scan, version.json.
 //! - [`rollout`]: the rolling update's pure core: preflight, plan, engine (no I/O).
@@ -18,6 +19,7 @@
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod clock;
 pub mod node;
 pub mod raft;
 pub mod raft_store;

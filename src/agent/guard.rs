@@ -9,7 +9,6 @@
 //! no `boot.json` is never touched, and the guard never deletes a release.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -242,10 +241,7 @@ pub fn before_start(data_dir: &Path) -> Result<GuardOutcome, GuardError> {
         to: pending.to.clone(),
         generation: pending.generation,
         reason: reason.clone(),
-        at_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        at_ms: crate::clock::unix_ms(),
     };
     let bytes = serde_json::to_vec_pretty(&record).map_err(|source| GuardError::Encode {
         file: RESTORED,

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use openraft::error::InitializeError;
 use openraft::BasicNode;
@@ -194,10 +194,7 @@ pub async fn run(
             build_hash: running_build_hash(),
             protocol: PROTOCOL,
             boot_id: random_hex(8),
-            started_at_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            started_at_ms: crate::clock::unix_ms(),
             supervision: supervision.name().to_string(),
             last_auto_restore,
         },
