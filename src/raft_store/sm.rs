@@ -191,15 +191,25 @@ impl StateMachineStore {
             State::record_value,
         )?;
         let meta = self.meta_batch(&next)?;
-        (&self.inner.records, &self.inner.meta)
-            .transaction(|(records, meta_tree)| {
-                records.apply_batch(&batch)?;
-                meta_tree.apply_batch(&meta)?;
-                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| io_err(format!("{e:?}")))?;
+        self.write_atomically(&batch, &meta, "installing a snapshot")?;
         *self.lock() = next;
         Ok(())
+    }
+
+    /// Applies `records` and `meta` to their trees in one sled transaction.
+    fn write_atomically(
+        &self,
+        records: &sled::Batch,
+        meta: &sled::Batch,
+        doing: &str,
+    ) -> io::Result<()> {
+        (&self.inner.records, &self.inner.meta)
+            .transaction(|(records_tree, meta_tree)| {
+                records_tree.apply_batch(records)?;
+                meta_tree.apply_batch(meta)?;
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| io_err(format!("{doing}: {e:?}")))
     }
 
     fn meta_batch(&self, applied: &Applied) -> io::Result<sled::Batch> {
@@ -250,13 +260,7 @@ impl StateMachineStore {
             let mut batch = sled::Batch::default();
             write_records(&mut batch, &applied.state, &touched, &value_of)?;
             let meta = self.meta_batch(&applied)?;
-            (&self.inner.records, &self.inner.meta)
-                .transaction(|(records, meta_tree)| {
-                    records.apply_batch(&batch)?;
-                    meta_tree.apply_batch(&meta)?;
-                    Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
-                })
-                .map_err(|e| io_err(format!("applying entries: {e:?}")))
+            self.write_atomically(&batch, &meta, "applying entries")
         })();
         if let Err(error) = persisted {
             // Memory went ahead of the disk: put back what the disk holds.
