@@ -9,19 +9,13 @@
 //! replicated record, so this is what the leader did, not what a client saw.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use cluster::clock::unix_ms;
 use cluster::rpc::ControlClient;
 use tokio::signal::unix::{signal, SignalKind};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
@@ -48,7 +42,7 @@ async fn main() -> Result<(), Error> {
             _ = int.recv() => break 'poll,
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
-        let at = now_ms();
+        let at = unix_ms();
         let view = match clients[target % clients.len()].clone().rollout().await {
             Ok(view) => view,
             Err(_) => {

@@ -93,7 +93,15 @@ pub async fn run(data_dir: &Path, args: Vec<String>) -> Result<ExitStatus, Super
     // Quick successive crashes back off up to 2 s; a run that lasted 10 s resets the delay.
     let mut delay = Duration::from_millis(100);
     loop {
-        match crate::agent::guard::before_start(data_dir) {
+        // The guard reads, writes and fsyncs files: off the async threads.
+        let guarded = data_dir.to_path_buf();
+        let (guard, installed) = tokio::task::spawn_blocking(move || {
+            let outcome = crate::agent::guard::before_start(&guarded);
+            (outcome, guarded.join("current/bin/cluster").exists())
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        match guard {
             Ok(crate::agent::guard::GuardOutcome::Idle) => {}
             Ok(outcome) => {
                 tracing::warn!("boot guard: {}", crate::agent::guard::describe(&outcome))
@@ -101,7 +109,7 @@ pub async fn run(data_dir: &Path, args: Vec<String>) -> Result<ExitStatus, Super
             Err(e) => tracing::error!(error = %e, "boot guard"),
         }
         let binary = data_dir.join("current/bin/cluster");
-        if !binary.exists() {
+        if !installed {
             return Err(SuperviseError::NoRelease(binary, data_dir.to_path_buf()));
         }
         let started = Instant::now();

@@ -8,13 +8,12 @@
 //! to the cluster until it is next upgraded. Commit and restore disarm it. A data dir with
 //! no `boot.json` is never touched, and the guard never deletes a release.
 
-use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::release::store::write_atomically;
-use crate::release::ReleaseStore;
+use crate::release::{DistError, ReleaseStore};
 use crate::state::GuardRestore;
 
 const PENDING: &str = "boot.json";
@@ -32,6 +31,72 @@ pub struct PendingBoot {
     /// The release being tried.
     pub to: String,
     pub tries_left: u32,
+}
+
+/// Why the guard could not do its work. Every message names the file and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error("cannot read {}: {source}: check that this user may read the data dir", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot remove {}: {source}: check that this user may write the data dir", path.display())]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{} is corrupt ({source}): the node starts on whatever `current` points at; \
+         remove the file once `cluster dist releases` shows the right release",
+        path.display()
+    )]
+    CorruptPending {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{} is corrupt ({source}): remove it", path.display())]
+    CorruptRestored {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot encode the boot guard's {file}: {source}")]
+    Encode {
+        file: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Reading or changing the releases (links, records) failed.
+    #[error(transparent)]
+    Releases(#[from] DistError),
+    #[error(
+        "release {to} cannot start and the release to restore ({from}): install a good \
+         release with `cluster dist install <dist> --data-dir {}`",
+        data_dir.display()
+    )]
+    NothingToRestore {
+        to: String,
+        /// Why there is no release to go back to.
+        from: String,
+        data_dir: PathBuf,
+    },
+    #[error(
+        "{} points at {}, which holds no bin/cluster and no upgrade is pending: \
+         install a release with `cluster dist install <dist> --data-dir {}` \
+         (`cluster dist releases` lists what the node holds)",
+        link.display(),
+        target.display(),
+        data_dir.display()
+    )]
+    CurrentMissing {
+        link: PathBuf,
+        target: PathBuf,
+        data_dir: PathBuf,
+    },
 }
 
 /// What the guard did before a start.
@@ -69,9 +134,12 @@ pub fn describe(outcome: &GuardOutcome) -> String {
 /// Records a pending upgrade (called when a release is activated). A new upgrade makes the
 /// last automatic restore history: its record goes. A retry of the upgrade the guard undid
 /// (same generation and release, e.g. by a leader resuming the rollout) keeps it.
-pub fn arm(data_dir: &Path, pending: &PendingBoot) -> Result<(), String> {
-    let bytes = serde_json::to_vec_pretty(pending).map_err(|e| e.to_string())?;
-    write_atomically(data_dir, PENDING, &bytes).map_err(|e| e.to_string())?;
+pub fn arm(data_dir: &Path, pending: &PendingBoot) -> Result<(), GuardError> {
+    let bytes = serde_json::to_vec_pretty(pending).map_err(|source| GuardError::Encode {
+        file: PENDING,
+        source,
+    })?;
+    write_atomically(data_dir, PENDING, &bytes)?;
     let retry = matches!(
         last_restore(data_dir),
         Ok(Some(r)) if r.generation == pending.generation && r.to == pending.to
@@ -83,35 +151,38 @@ pub fn arm(data_dir: &Path, pending: &PendingBoot) -> Result<(), String> {
 }
 
 /// Clears the pending upgrade (called on commit and on restore).
-pub fn disarm(data_dir: &Path) -> Result<(), String> {
+pub fn disarm(data_dir: &Path) -> Result<(), GuardError> {
     remove_if_present(&data_dir.join(PENDING))
 }
 
-fn remove_if_present(path: &Path) -> Result<(), String> {
+fn remove_if_present(path: &Path) -> Result<(), GuardError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("removing {}: {e}", path.display())),
+        Err(source) => Err(GuardError::Remove {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
 /// The last automatic restore, kept until the node is next upgraded (so a node reports it
 /// on every start until then, and a crash before the report commits loses nothing).
 /// `Err` names an unreadable record; the node starts anyway.
-pub fn last_restore(data_dir: &Path) -> Result<Option<GuardRestore>, String> {
+pub fn last_restore(data_dir: &Path) -> Result<Option<GuardRestore>, GuardError> {
     let path = data_dir.join(RESTORED);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        Err(source) => return Err(GuardError::Read { path, source }),
     };
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|e| format!("{} is corrupt ({e}): remove it", path.display()))
+        .map_err(|source| GuardError::CorruptRestored { path, source })
 }
 
 /// Runs before every start of the node. Never deletes a release; an `Err` changes nothing.
-pub fn before_start(data_dir: &Path) -> Result<GuardOutcome, String> {
+pub fn before_start(data_dir: &Path) -> Result<GuardOutcome, GuardError> {
     let path = data_dir.join(PENDING);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
@@ -119,17 +190,12 @@ pub fn before_start(data_dir: &Path) -> Result<GuardOutcome, String> {
             check_current(data_dir)?;
             return Ok(GuardOutcome::Idle);
         }
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        Err(source) => return Err(GuardError::Read { path, source }),
     };
-    let mut pending: PendingBoot = serde_json::from_str(&text).map_err(|e| {
-        format!(
-            "{} is corrupt ({e}): the node starts on whatever `current` points at; \
-             remove the file once `cluster dist releases` shows the right release",
-            path.display()
-        )
-    })?;
-    let store = ReleaseStore::open(data_dir).map_err(|e| e.to_string())?;
-    let current = store.current().map_err(|e| e.to_string())?;
+    let mut pending: PendingBoot = serde_json::from_str(&text)
+        .map_err(|source| GuardError::CorruptPending { path, source })?;
+    let store = ReleaseStore::open(data_dir)?;
+    let current = store.current()?;
     if current.as_deref() != Some(pending.to.as_str()) {
         disarm(data_dir)?;
         return Ok(GuardOutcome::Cleared);
@@ -164,28 +230,27 @@ pub fn before_start(data_dir: &Path) -> Result<GuardOutcome, String> {
         } else {
             format!("{} is not on this node", pending.from)
         };
-        return Err(format!(
-            "release {} cannot start and the release to restore ({from}): install a good \
-             release with `cluster dist install <dist> --data-dir {}`",
-            pending.to,
-            data_dir.display()
-        ));
+        return Err(GuardError::NothingToRestore {
+            to: pending.to,
+            from,
+            data_dir: data_dir.to_path_buf(),
+        });
     }
     let record = GuardRestore {
         from: pending.from.clone(),
         to: pending.to.clone(),
         generation: pending.generation,
         reason: reason.clone(),
-        at_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        at_ms: crate::clock::unix_ms(),
     };
-    let bytes = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
+    let bytes = serde_json::to_vec_pretty(&record).map_err(|source| GuardError::Encode {
+        file: RESTORED,
+        source,
+    })?;
     // The record first: a crash between the two leaves a restore that is recorded and
     // still pending, which the next start completes.
-    write_atomically(data_dir, RESTORED, &bytes).map_err(|e| e.to_string())?;
-    store.activate(&pending.from).map_err(|e| e.to_string())?;
+    write_atomically(data_dir, RESTORED, &bytes)?;
+    store.activate(&pending.from)?;
     disarm(data_dir)?;
     Ok(GuardOutcome::Restored {
         from: pending.from,
@@ -196,7 +261,7 @@ pub fn before_start(data_dir: &Path) -> Result<GuardOutcome, String> {
 
 /// With no upgrade pending the guard changes nothing, but a `current` that points at a
 /// release missing from disk is named here rather than as a failed exec.
-fn check_current(data_dir: &Path) -> Result<(), String> {
+fn check_current(data_dir: &Path) -> Result<(), GuardError> {
     let link = data_dir.join("current");
     let Ok(target) = std::fs::read_link(&link) else {
         return Ok(());
@@ -204,53 +269,22 @@ fn check_current(data_dir: &Path) -> Result<(), String> {
     if data_dir.join(&target).join("bin/cluster").exists() {
         return Ok(());
     }
-    Err(format!(
-        "{} points at {}, which holds no bin/cluster and no upgrade is pending: \
-         install a release with `cluster dist install <dist> --data-dir {}` \
-         (`cluster dist releases` lists what the node holds)",
-        link.display(),
-        target.display(),
-        data_dir.display()
-    ))
+    Err(GuardError::CurrentMissing {
+        link,
+        target,
+        data_dir: data_dir.to_path_buf(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
 
     use super::*;
-    use crate::release::Limits;
-
-    /// Installs a one-file release whose binary prints `tag`; returns its hash.
-    fn install(data: &Path, work: &Path, tag: &str) -> String {
-        let dist = work.join(tag);
-        std::fs::create_dir_all(dist.join("bin")).unwrap();
-        let binary = dist.join("bin/cluster");
-        std::fs::write(&binary, format!("#!/bin/sh\necho {tag}\n")).unwrap();
-        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let store = ReleaseStore::open(data).unwrap();
-        store.install_dir(&dist, &Limits::default()).unwrap()
-    }
+    use crate::agent::testing::{install, tree};
 
     fn current(data: &Path) -> Option<String> {
         ReleaseStore::open(data).unwrap().current().unwrap()
-    }
-
-    /// Every path and link target under `data`, to show that nothing changed.
-    fn tree(data: &Path) -> Vec<String> {
-        let mut paths: Vec<String> = walkdir::WalkDir::new(data)
-            .into_iter()
-            .filter_map(|e| e.ok())
-            .map(|e| {
-                let link = std::fs::read_link(e.path())
-                    .map(|t| format!(" -> {}", t.display()))
-                    .unwrap_or_default();
-                format!("{}{link}", e.path().display())
-            })
-            .collect();
-        paths.sort();
-        paths
     }
 
     /// A data dir on release `old`, with `new` activated and the guard armed.
@@ -332,6 +366,11 @@ mod tests {
         std::fs::write(data.join(PENDING), b"{not json").unwrap();
         let before = tree(&data);
         let err = before_start(&data).unwrap_err();
+        // Typed, with the JSON error kept as its cause.
+        assert!(matches!(err, GuardError::CorruptPending { .. }), "{err:?}");
+        let cause = std::error::Error::source(&err).expect("the parse error is the source");
+        assert!(cause.is::<serde_json::Error>(), "{cause:?}");
+        let err = err.to_string();
         assert!(
             err.contains("corrupt") && err.contains("boot.json"),
             "{err}"
@@ -348,7 +387,7 @@ mod tests {
         pending.from = "f".repeat(64);
         arm(&data, &pending).unwrap();
         let before = tree(&data);
-        let err = before_start(&data).unwrap_err();
+        let err = before_start(&data).unwrap_err().to_string();
         assert!(err.contains("is not on this node"), "{err}");
         assert_eq!(tree(&data), before);
         assert_eq!(current(&data).as_deref(), Some(new.as_str()));
@@ -371,7 +410,7 @@ mod tests {
             let data = dir.path().join("data");
             std::fs::write(data.join(PENDING), bad).unwrap();
             let before = tree(&data);
-            let err = before_start(&data).unwrap_err();
+            let err = before_start(&data).unwrap_err().to_string();
             assert!(err.contains("corrupt"), "{bad:?}: {err}");
             assert_eq!(tree(&data), before, "{bad:?}");
             assert_eq!(current(&data).as_deref(), Some(new.as_str()));
@@ -417,7 +456,7 @@ mod tests {
         drop(store);
         std::fs::remove_dir_all(data.join("releases").join(&gone)).unwrap();
         let before = tree(&data);
-        let err = before_start(&data).unwrap_err();
+        let err = before_start(&data).unwrap_err().to_string();
         assert!(
             err.contains("holds no bin/cluster") && err.contains("cluster dist install"),
             "{err}"
@@ -450,7 +489,7 @@ mod tests {
     fn a_corrupt_restore_record_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(RESTORED), b"restored").unwrap();
-        let err = last_restore(dir.path()).unwrap_err();
+        let err = last_restore(dir.path()).unwrap_err().to_string();
         assert!(err.contains("corrupt"), "{err}");
     }
 }

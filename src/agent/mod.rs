@@ -6,6 +6,8 @@
 //! release store computes from a validated manifest.
 
 pub mod guard;
+#[cfg(test)]
+mod testing;
 pub mod upload;
 
 use std::path::Path;
@@ -105,6 +107,121 @@ fn api_error(e: DistError) -> ApiError {
     ApiError::new(kind, e.to_string())
 }
 
+/// Maps a boot-guard error to what a remote caller can act on.
+fn guard_api_error(e: guard::GuardError) -> ApiError {
+    match e {
+        guard::GuardError::Releases(e) => api_error(e),
+        other => ApiError::internal(format!("updating the boot guard: {other}")),
+    }
+}
+
+/// Where the agent persists the newest fence it obeyed, in the data dir.
+const FENCE_FILE: &str = "agent-fence.json";
+
+/// The persisted fence cannot be used: the agent refuses every mutation until it can.
+/// (Starting with the default fence instead would let an older leader act; refusing to
+/// start the node would make its supervisor and boot guard treat the release as broken.)
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    #[error("cannot read {}: {source}: check that this user may read the data dir", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{} is corrupt ({source}): this node refuses rollout operations until it is fixed; \
+         remove the file to obey the current leader again (older terms stay refused)",
+        path.display()
+    )]
+    Corrupt {
+        path: std::path::PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The newest fence this node obeyed; the default when none was ever recorded.
+pub fn read_fence(data_dir: &Path) -> Result<Fence, FenceError> {
+    let path = data_dir.join(FENCE_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Fence::default()),
+        Err(source) => return Err(FenceError::Read { path, source }),
+    };
+    serde_json::from_slice(&bytes).map_err(|source| FenceError::Corrupt { path, source })
+}
+
+/// The disk side of [`Agent::mutate`], on a blocking thread: check the fence and the
+/// request, then record the fence and act. Returns whether the node must restart.
+fn apply_mutation(
+    store: &ReleaseStore,
+    fence: Fence,
+    node_term: u64,
+    running_build: &str,
+    mutation: &Mutation,
+) -> Result<bool, ApiError> {
+    let data_dir = store.data_dir();
+    let accepted = read_fence(data_dir)
+        .map_err(|e| ApiError::precondition(format!("refused {mutation:?}: {e}")))?;
+    if let Some(why) = fence.refusal(&accepted, node_term) {
+        return Err(ApiError::precondition(format!(
+            "refused {mutation:?}: {why}"
+        )));
+    }
+    // Check, then act: a refused commit leaves the guard armed and every release held.
+    if let Mutation::Commit(hash) = mutation {
+        if hash != running_build {
+            return Err(ApiError::precondition(format!(
+                "refused to commit release {hash}: this node runs {running_build}"
+            )));
+        }
+    }
+    if fence != accepted {
+        let bytes = serde_json::to_vec(&fence).map_err(|e| ApiError::internal(e.to_string()))?;
+        crate::release::store::write_atomically(data_dir, FENCE_FILE, &bytes)
+            .map_err(|e| ApiError::internal(format!("recording the fence: {e}")))?;
+    }
+    match mutation {
+        Mutation::PinPrevious => store.pin_previous().map_err(api_error)?,
+        Mutation::Activate(hash) => {
+            // Arm the guard first: if the new release never comes up, the
+            // supervisor puts back what runs now, with no leader involved.
+            let from = store.current().map_err(api_error)?.unwrap_or_default();
+            if from != *hash {
+                let pending = guard::PendingBoot {
+                    generation: fence.generation,
+                    from,
+                    to: hash.clone(),
+                    tries_left: guard::DEFAULT_TRIES,
+                };
+                guard::arm(data_dir, &pending).map_err(guard_api_error)?;
+            }
+            store.activate(hash).map_err(api_error)?
+        }
+        Mutation::Restore(hash) => {
+            store.activate(hash).map_err(api_error)?;
+            guard::disarm(data_dir).map_err(guard_api_error)?;
+        }
+        Mutation::Commit(_) => {
+            guard::disarm(data_dir).map_err(guard_api_error)?;
+            // Old releases go now; current and the pinned previous always stay.
+            let deleted = store
+                .prune(crate::release::DEFAULT_KEEP_OLD)
+                .map_err(api_error)?;
+            if !deleted.is_empty() {
+                tracing::info!(?deleted, "removed old releases");
+            }
+        }
+        Mutation::Restart => {}
+    }
+    Ok(match mutation {
+        Mutation::Restart => true,
+        Mutation::Restore(hash) => hash != running_build,
+        _ => false,
+    })
+}
+
 impl Agent {
     /// Opens the release store under `data_dir` (discarding partial staging from a crash).
     pub fn open(
@@ -133,83 +250,19 @@ impl Agent {
 
     /// Applies `mutation` if `fence` is current: its term is not below this node's term and
     /// its generation not below the highest this node has accepted (persisted, so a restart
-    /// does not forget it). Idempotent: repeating a mutation gives the same result.
+    /// does not forget it). Idempotent: repeating a mutation gives the same result. A
+    /// refused mutation changes nothing on disk.
     pub async fn mutate(&self, fence: Fence, mutation: Mutation) -> Result<ReleasesView, ApiError> {
         let _serialized = self.fence_lock.lock().await;
         let node_term = (self.term)();
-        const FENCE_FILE: &str = "agent-fence.json";
-        let fence_file = self.data_dir.join(FENCE_FILE);
-        let accepted: Fence = std::fs::read(&fence_file)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default();
-        if let Some(why) = fence.refusal(&accepted, node_term) {
-            return Err(ApiError::precondition(format!(
-                "refused {mutation:?}: {why}"
-            )));
-        }
-        if fence != accepted {
-            let bytes =
-                serde_json::to_vec(&fence).map_err(|e| ApiError::internal(e.to_string()))?;
-            crate::release::store::write_atomically(&self.data_dir, FENCE_FILE, &bytes)
-                .map_err(|e| ApiError::internal(format!("recording the fence: {e}")))?;
-        }
-        let restart = match &mutation {
-            Mutation::Restart => true,
-            Mutation::Restore(hash) => *hash != self.running_build,
-            _ => false,
-        };
-        let data_dir = self.data_dir.clone();
-        let generation = fence.generation;
-        let guard_error = move |e: String| DistError::Io {
-            action: "update the boot guard in",
-            path: data_dir.clone(),
-            source: std::io::Error::other(e),
-        };
+        let store = self.store.clone();
+        let running_build = self.running_build.clone();
         let for_store = mutation.clone();
-        self.blocking(move |store| {
-            match &for_store {
-                Mutation::PinPrevious => store.pin_previous()?,
-                Mutation::Activate(hash) => {
-                    // Arm the guard first: if the new release never comes up, the
-                    // supervisor puts back what runs now, with no leader involved.
-                    let from = store.current()?.unwrap_or_default();
-                    if from != *hash {
-                        let pending = guard::PendingBoot {
-                            generation,
-                            from,
-                            to: hash.clone(),
-                            tries_left: guard::DEFAULT_TRIES,
-                        };
-                        guard::arm(store.data_dir(), &pending).map_err(guard_error)?;
-                    }
-                    store.activate(hash)?
-                }
-                Mutation::Restore(hash) => {
-                    store.activate(hash)?;
-                    guard::disarm(store.data_dir()).map_err(guard_error)?;
-                }
-                Mutation::Commit(_) => {
-                    guard::disarm(store.data_dir()).map_err(guard_error)?;
-                    // Old releases go now; current and the pinned previous always stay.
-                    let deleted = store.prune(crate::release::DEFAULT_KEEP_OLD)?;
-                    if !deleted.is_empty() {
-                        tracing::info!(?deleted, "removed old releases");
-                    }
-                }
-                Mutation::Restart => {}
-            }
-            Ok(())
+        let restart = tokio::task::spawn_blocking(move || {
+            apply_mutation(&store, fence, node_term, &running_build, &for_store)
         })
-        .await?;
-        if let Mutation::Commit(hash) = &mutation {
-            if *hash != self.running_build {
-                return Err(ApiError::precondition(format!(
-                    "refused to commit release {hash}: this node runs {}",
-                    self.running_build
-                )));
-            }
-        }
+        .await
+        .map_err(|e| ApiError::internal(format!("release store task failed: {e}")))??;
         let view = self.releases().await?;
         if restart {
             tracing::info!(
@@ -250,6 +303,13 @@ impl Agent {
         .await
     }
 
+    /// Whether release `hash` is held here (async callers: not `store().has`, which
+    /// reads the disk on the calling thread).
+    pub async fn has(&self, hash: &str) -> Result<bool, ApiError> {
+        let hash = hash.to_string();
+        self.blocking(move |store| Ok(store.has(&hash))).await
+    }
+
     pub async fn manifest(&self, hash: &str) -> Result<Manifest, ApiError> {
         let hash = hash.to_string();
         self.blocking(move |store| store.manifest(&hash)).await
@@ -281,7 +341,7 @@ impl Agent {
         let total = manifest.total_bytes();
         let limits = self.limits;
         let hash = manifest.build_hash();
-        if self.store.has(&hash) {
+        if self.has(&hash).await? {
             return Ok(PrepareOutcome {
                 hash,
                 fetched_bytes: 0,
@@ -449,15 +509,13 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::Fence;
+    use std::sync::Arc;
 
-    fn fence(generation: u64, term: u64, seq: u64) -> Fence {
-        Fence {
-            generation,
-            term,
-            seq,
-        }
-    }
+    use tokio::sync::Notify;
+
+    use super::testing::{install, tree};
+    use super::{Agent, Fence, Mutation};
+    use crate::rpc::Channels;
 
     #[test]
     fn fencing_table() {
@@ -476,5 +534,85 @@ mod tests {
             let refusal = request.refusal(&accepted, node_term);
             assert_eq!(refusal.is_none(), allowed, "{name}: {refusal:?}");
         }
+    }
+
+    fn fence(generation: u64, term: u64, seq: u64) -> Fence {
+        Fence {
+            generation,
+            term,
+            seq,
+        }
+    }
+
+    /// An agent on a data dir holding releases `old` (current, pinned as previous) and
+    /// `new`, running build `running`, in term 1.
+    fn agent_with_two_releases(running: &str) -> (tempfile::TempDir, Agent, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let old = install(&data, dir.path(), "old");
+        let new = install(&data, dir.path(), "new");
+        let store = crate::release::ReleaseStore::open(&data).unwrap();
+        store.activate(&old).unwrap();
+        store.pin_previous().unwrap();
+        drop(store);
+        let agent = Agent::open(
+            &data,
+            Channels::default(),
+            Arc::new(|| 1),
+            Arc::new(Notify::new()),
+            running.to_string(),
+        )
+        .unwrap();
+        (dir, agent, old, new)
+    }
+
+    #[tokio::test]
+    async fn a_commit_of_a_release_this_node_does_not_run_is_refused_and_changes_nothing() {
+        let (dir, agent, old, new) = agent_with_two_releases("dev");
+        let data = dir.path().join("data");
+        agent
+            .mutate(fence(1, 1, 1), Mutation::Activate(new.clone()))
+            .await
+            .unwrap();
+        assert!(data.join("boot.json").exists(), "activation arms the guard");
+        let before = tree(&data);
+        let err = agent
+            .mutate(fence(1, 1, 2), Mutation::Commit(new.clone()))
+            .await
+            .unwrap_err();
+        assert!(
+            err.message.contains("refused to commit") && err.message.contains("runs dev"),
+            "{err}"
+        );
+        // The guard stays armed, no release is pruned and the fence is not advanced.
+        assert_eq!(tree(&data), before);
+        let held = agent.store().releases().unwrap();
+        assert!(held.contains(&old) && held.contains(&new), "{held:?}");
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_fence_record_refuses_every_mutation_and_a_missing_one_is_the_default() {
+        let (dir, agent, _, new) = agent_with_two_releases("dev");
+        let data = dir.path().join("data");
+        std::fs::write(data.join("agent-fence.json"), b"{\"generation\": 7,").unwrap();
+        let before = tree(&data);
+        for mutation in [Mutation::PinPrevious, Mutation::Activate(new.clone())] {
+            let err = agent
+                .mutate(fence(1, 1, 1), mutation.clone())
+                .await
+                .unwrap_err();
+            assert!(
+                err.message.contains("agent-fence.json is corrupt")
+                    && err.message.contains("remove the file"),
+                "{mutation:?}: {err}"
+            );
+            assert_eq!(tree(&data), before, "{mutation:?}");
+        }
+        std::fs::remove_file(data.join("agent-fence.json")).unwrap();
+        agent
+            .mutate(fence(1, 1, 1), Mutation::Activate(new.clone()))
+            .await
+            .expect("with no record, the default fence accepts the current leader");
+        assert_eq!(super::read_fence(&data).unwrap(), fence(1, 1, 1));
     }
 }

@@ -57,25 +57,32 @@ impl LocalDist {
 }
 
 /// Uploads `dist` to the node behind `client`, sending only the chunks it lacks. Chunks
-/// are read as the upload streams them, so memory stays at one chunk in flight.
+/// are read (on a blocking thread) as the upload streams them, so memory stays at one
+/// chunk in flight.
 pub async fn push(
     client: &mut AgentClient,
     dist: &Arc<LocalDist>,
 ) -> Result<PrepareOutcome, ApiError> {
     let (missing, _) = client.missing(&dist.manifest).await?;
-    let dir = dist.dir.clone();
     let reader = dist.clone();
-    let chunks = futures::stream::iter(missing).map(move |sha256| {
-        let bytes = reader.read_chunk(&sha256).map_err(|e| {
-            ApiError::new(
-                ErrorKind::InvalidArgument,
-                format!(
-                    "dist {} changed while uploading ({e}): re-run the command",
-                    dir.display()
-                ),
-            )
-        })?;
-        Ok((sha256, bytes))
+    let chunks = futures::stream::iter(missing).then(move |sha256| {
+        let reader = reader.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let bytes = reader.read_chunk(&sha256).map_err(|e| {
+                    ApiError::new(
+                        ErrorKind::InvalidArgument,
+                        format!(
+                            "dist {} changed while uploading ({e}): re-run the command",
+                            reader.dir.display()
+                        ),
+                    )
+                })?;
+                Ok((sha256, bytes))
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("reading a chunk of the dist failed: {e}")))?
+        }
     });
     client.upload(&dist.manifest, chunks).await
 }

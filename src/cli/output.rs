@@ -3,19 +3,11 @@
 use serde::Serialize;
 
 use crate::api::ClusterStatus;
+use crate::state::deployment::short_hash;
 
 pub fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
-}
-
-/// A short build hash for tables: enough to tell releases apart.
-fn short_hash(hash: &str) -> &str {
-    if hash.len() > 12 {
-        &hash[..12]
-    } else {
-        hash
-    }
 }
 
 fn or_dash(value: Option<u64>, unit: &str) -> String {

@@ -194,11 +194,7 @@ impl Cluster for NodeHandle {
     }
 
     async fn holds_release(&self, hash: &str) -> bool {
-        let agent = self.agent.clone();
-        let hash = hash.to_string();
-        tokio::task::spawn_blocking(move || agent.store().has(&hash))
-            .await
-            .unwrap_or(false)
+        self.agent.has(hash).await.unwrap_or(false)
     }
 
     async fn release_manifest(&self, hash: &str) -> Result<Manifest, String> {

@@ -13,8 +13,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use openraft::error::InitializeError;
 use openraft::BasicNode;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
@@ -23,10 +24,11 @@ pub use handle::NodeHandle;
 pub use health::HealthState;
 
 use crate::agent::Agent;
-use crate::api::{ErrorKind, JoinRequest};
+use crate::api::{ApiError, ErrorKind, JoinRequest};
 use crate::raft::network::{Network, RaftHandler};
-use crate::raft::{Raft, Timing};
+use crate::raft::{Raft, Timing, TypeConfig};
 use crate::raft_store::{self, StoreError};
+use crate::release::DistError;
 use crate::rpc::{Channels, ControlClient};
 use crate::state::{Command, NodeInfo, PROTOCOL};
 use crate::supervise::Supervision;
@@ -70,18 +72,31 @@ pub enum NodeError {
     },
     #[error("listening on {0} needs --advertise <host:port>: the address other nodes can reach this one at")]
     NeedAdvertise(SocketAddr),
+    /// Recording the node's address (`node.addr`) in the data dir failed.
+    #[error("data dir {path} is not usable: {source}: give the node a writable --data-dir")]
+    RecordAddress {
+        path: PathBuf,
+        #[source]
+        source: DistError,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("releases: {0}")]
-    Releases(String),
+    Releases(#[source] DistError),
     #[error("invalid Raft timing: {0}")]
-    Timing(String),
+    Timing(#[source] openraft::ConfigError),
     #[error("raft: {0}")]
-    Raft(String),
-    #[error("cannot join the cluster through {via}: {message}")]
-    Join { via: String, message: String },
+    Raft(#[source] openraft::error::Fatal<TypeConfig>),
+    #[error("raft: bootstrap failed: {0}")]
+    Bootstrap(#[source] openraft::error::RaftError<TypeConfig, InitializeError<TypeConfig>>),
+    #[error("cannot join the cluster through {via}: {source}")]
+    Join {
+        via: String,
+        #[source]
+        source: ApiError,
+    },
     #[error("the gRPC server stopped: {0}")]
-    Serve(String),
+    Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Why a node that ran stopped.
@@ -121,20 +136,19 @@ pub async fn run(
         None => bound.to_string(),
     };
     crate::release::store::write_atomically(&config.data_dir, "node.addr", addr.as_bytes())
-        .map_err(|e| NodeError::DataDir {
+        .map_err(|source| NodeError::RecordAddress {
             path: config.data_dir.clone(),
-            source: std::io::Error::other(e.to_string()),
+            source,
         })?;
 
     let network = Network {
         id: config.id,
         channels: channels.clone(),
     };
-    let raft_config =
-        crate::raft::config(config.timing).map_err(|e| NodeError::Timing(e.to_string()))?;
+    let raft_config = crate::raft::config(config.timing).map_err(NodeError::Timing)?;
     let raft = Raft::new(config.id, raft_config, network, log_store, sm.clone())
         .await
-        .map_err(|e| NodeError::Raft(e.to_string()))?;
+        .map_err(NodeError::Raft)?;
 
     let restart = Arc::new(Notify::new());
     let term_raft = raft.clone();
@@ -146,7 +160,7 @@ pub async fn run(
             restart.clone(),
             running_build_hash(),
         )
-        .map_err(|e| NodeError::Releases(e.to_string()))?,
+        .map_err(NodeError::Releases)?,
     );
     let supervision = config.supervision;
     // Reported on every start until the next upgrade; an unreadable record must not keep
@@ -182,10 +196,7 @@ pub async fn run(
             build_hash: running_build_hash(),
             protocol: PROTOCOL,
             boot_id: random_hex(8),
-            started_at_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            started_at_ms: crate::clock::unix_ms(),
             supervision: supervision.name().to_string(),
             last_auto_restore,
         },
@@ -226,7 +237,7 @@ pub async fn run(
             let members = BTreeMap::from([(config.id, BasicNode { addr: addr.clone() })]);
             raft.initialize(members)
                 .await
-                .map_err(|e| NodeError::Raft(format!("bootstrap failed: {e}")))?;
+                .map_err(NodeError::Bootstrap)?;
             tracing::info!(id = config.id, "bootstrapped a new cluster");
         }
         if let Some(via) = &config.join {
@@ -268,9 +279,9 @@ pub async fn run(
                     Ok(Stopped::Restart)
                 }
                 result = &mut server => Err(NodeError::Serve(match result {
-                    Ok(Ok(())) => "exited".to_string(),
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => e.to_string(),
+                    Ok(Ok(())) => "exited".into(),
+                    Ok(Err(e)) => e.into(),
+                    Err(e) => e.into(),
                 })),
             }
         }
@@ -336,11 +347,11 @@ async fn join_cluster(node: &NodeHandle, via: &str) -> Result<(), NodeError> {
         addr: node.addr.clone(),
         cluster_id: node.sm.read(|s| s.cluster_id.clone()),
     };
-    let fail = |message: String| NodeError::Join {
+    let fail = |source: ApiError| NodeError::Join {
         via: via.to_string(),
-        message,
+        source,
     };
-    let client = ControlClient::with_channels(&node.channels, via).map_err(|e| fail(e.message))?;
+    let client = ControlClient::with_channels(&node.channels, via).map_err(fail)?;
     // The member may itself be starting up: retry "unavailable" for a while.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -363,7 +374,7 @@ async fn join_cluster(node: &NodeHandle, via: &str) -> Result<(), NodeError> {
                 tracing::warn!(error = %e, "join: retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => return Err(fail(e.message)),
+            Err(e) => return Err(fail(e)),
         }
     }
 }
@@ -418,4 +429,31 @@ pub fn running_build_hash() -> String {
 fn random_hex(bytes: usize) -> String {
     let raw: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
     hex::encode(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_errors_keep_their_cause() {
+        let timing = Timing {
+            heartbeat: Duration::from_millis(500),
+            election_timeout: Duration::from_millis(100),
+        };
+        let timing = crate::raft::config(timing)
+            .map_err(NodeError::Timing)
+            .unwrap_err();
+        let cause = std::error::Error::source(&timing).expect("the config error");
+        assert!(cause.is::<openraft::ConfigError>(), "{cause:?}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let not_a_dir = dir.path().join("file");
+        std::fs::write(&not_a_dir, b"").unwrap();
+        let releases = crate::release::ReleaseStore::open(&not_a_dir)
+            .map_err(NodeError::Releases)
+            .expect_err("a file is no data dir");
+        let cause = std::error::Error::source(&releases).expect("the release store error");
+        assert!(cause.is::<DistError>(), "{cause:?}");
+    }
 }

@@ -8,7 +8,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::{Stream, TryStreamExt};
-use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::storage::{ApplyResponder, EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -18,7 +18,13 @@ use crate::state::{Record, Response, State};
 
 const APPLIED: &[u8] = b"applied";
 const MEMBERSHIP: &[u8] = b"membership";
-const SNAPSHOT: &[u8] = b"snapshot";
+/// The current snapshot's metadata (JSON) and its bytes (raw), written in one batch.
+const SNAPSHOT_META: &[u8] = b"snapshot_meta";
+const SNAPSHOT_DATA: &[u8] = b"snapshot_data";
+/// Where older releases kept the snapshot: a JSON `LegacySnapshot`, its bytes
+/// as an array of numbers (about four times their size). Still read; removed by the next
+/// snapshot saved.
+const LEGACY_SNAPSHOT: &[u8] = b"snapshot";
 
 /// What the state machine holds in memory; also the JSON layout of a snapshot.
 #[derive(Serialize, Deserialize, Clone, Debug, Default)]
@@ -28,9 +34,9 @@ struct Applied {
     state: State,
 }
 
-/// A snapshot as stored on disk: its metadata next to its bytes.
+/// A snapshot as older releases stored it (under `LEGACY_SNAPSHOT`).
 #[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
+struct LegacySnapshot {
     meta: SnapshotMeta,
     data: Vec<u8>,
 }
@@ -90,10 +96,49 @@ fn parse_record_key(key: &[u8]) -> Option<Record> {
     Some(Record::Kv(String::from_utf8(rest.to_vec()).ok()?))
 }
 
+/// Adds the current value of each of `records` to `batch` (taken from `value_of`), or its
+/// removal when the record no longer exists. A value that cannot be encoded is an error,
+/// never a removal.
+fn write_records(
+    batch: &mut sled::Batch,
+    state: &State,
+    records: &[Record],
+    value_of: impl Fn(&State, &Record) -> Result<Option<serde_json::Value>, serde_json::Error>,
+) -> io::Result<()> {
+    for record in records {
+        match value_of(state, record) {
+            Ok(Some(value)) => batch.insert(
+                record_key(record),
+                serde_json::to_vec(&value).map_err(io_err)?,
+            ),
+            Ok(None) => batch.remove(record_key(record)),
+            Err(e) => {
+                return Err(io_err(format!(
+                    "cannot encode record {record:?} of the replicated state ({e}): \
+                     nothing of this change was stored; report this as a bug"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
 impl StateMachineStore {
     pub(super) async fn open(db: &sled::Db) -> Result<Self, io::Error> {
         let records = db.open_tree("sm").map_err(io_err)?;
         let meta = db.open_tree("sm_meta").map_err(io_err)?;
+        let applied = Self::load(&records, &meta)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                applied: Mutex::new(applied),
+                records,
+                meta,
+            }),
+        })
+    }
+
+    /// The state as persisted: every record, the applied log id and the membership.
+    fn load(records: &sled::Tree, meta: &sled::Tree) -> io::Result<Applied> {
         let mut applied = Applied::default();
         for item in records.iter() {
             let (key, value) = item.map_err(io_err)?;
@@ -112,13 +157,7 @@ impl StateMachineStore {
         if let Some(bytes) = meta.get(MEMBERSHIP).map_err(io_err)? {
             applied.last_membership = serde_json::from_slice(&bytes).map_err(io_err)?;
         }
-        Ok(Self {
-            inner: Arc::new(Inner {
-                applied: Mutex::new(applied),
-                records,
-                meta,
-            }),
-        })
+        Ok(applied)
     }
 
     fn lock(&self) -> MutexGuard<'_, Applied> {
@@ -126,19 +165,9 @@ impl StateMachineStore {
         self.inner.applied.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A copy of the replicated state as this node has applied it.
-    pub fn state(&self) -> State {
-        self.lock().state.clone()
-    }
-
     /// Reads part of the state without copying all of it.
     pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         f(&self.lock().state)
-    }
-
-    /// Index of the last entry this node applied.
-    pub fn applied_index(&self) -> Option<u64> {
-        self.lock().last_applied.as_ref().map(|id| id.index)
     }
 
     /// Flushes everything sled holds in memory (used at graceful shutdown).
@@ -155,24 +184,32 @@ impl StateMachineStore {
             let (key, _) = item.map_err(io_err)?;
             batch.remove(key);
         }
-        for record in next.state.records() {
-            if let Some(value) = next.state.record_value(&record) {
-                batch.insert(
-                    record_key(&record),
-                    serde_json::to_vec(&value).map_err(io_err)?,
-                );
-            }
-        }
+        write_records(
+            &mut batch,
+            &next.state,
+            &next.state.records(),
+            State::record_value,
+        )?;
         let meta = self.meta_batch(&next)?;
-        (&self.inner.records, &self.inner.meta)
-            .transaction(|(records, meta_tree)| {
-                records.apply_batch(&batch)?;
-                meta_tree.apply_batch(&meta)?;
-                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| io_err(format!("{e:?}")))?;
+        self.write_atomically(&batch, &meta, "installing a snapshot")?;
         *self.lock() = next;
         Ok(())
+    }
+
+    /// Applies `records` and `meta` to their trees in one sled transaction.
+    fn write_atomically(
+        &self,
+        records: &sled::Batch,
+        meta: &sled::Batch,
+        doing: &str,
+    ) -> io::Result<()> {
+        (&self.inner.records, &self.inner.meta)
+            .transaction(|(records_tree, meta_tree)| {
+                records_tree.apply_batch(records)?;
+                meta_tree.apply_batch(meta)?;
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| io_err(format!("{doing}: {e:?}")))
     }
 
     fn meta_batch(&self, applied: &Applied) -> io::Result<sled::Batch> {
@@ -188,6 +225,56 @@ impl StateMachineStore {
         Ok(batch)
     }
 
+    /// Applies `pending` in memory and persists the records they touched (their values
+    /// from `value_of`), the applied log id and the membership in one atomic batch. On
+    /// `Err` nothing was persisted and the in-memory state is reloaded from disk, so it is
+    /// as it was before the call.
+    fn apply_entries(
+        &self,
+        pending: Vec<EntryResponder<TypeConfig>>,
+        value_of: impl Fn(&State, &Record) -> Result<Option<serde_json::Value>, serde_json::Error>,
+    ) -> io::Result<Vec<(Option<ApplyResponder<TypeConfig>>, Response)>> {
+        let mut replies = Vec::with_capacity(pending.len());
+        let mut applied = self.lock();
+        let persisted = (|| {
+            let mut touched = Vec::new();
+            for (entry, responder) in pending {
+                applied.last_applied = Some(entry.log_id);
+                let response = match entry.payload {
+                    EntryPayload::Blank => Response::Ok,
+                    EntryPayload::Normal(command) => {
+                        let (response, records) = applied.state.apply(&command);
+                        touched.extend(records);
+                        response
+                    }
+                    EntryPayload::Membership(membership) => {
+                        applied.last_membership =
+                            StoredMembership::new(Some(entry.log_id), membership);
+                        Response::Ok
+                    }
+                };
+                replies.push((responder, response));
+            }
+            touched.sort();
+            touched.dedup();
+            let mut batch = sled::Batch::default();
+            write_records(&mut batch, &applied.state, &touched, &value_of)?;
+            let meta = self.meta_batch(&applied)?;
+            self.write_atomically(&batch, &meta, "applying entries")
+        })();
+        if let Err(error) = persisted {
+            // Memory went ahead of the disk: put back what the disk holds.
+            match Self::load(&self.inner.records, &self.inner.meta) {
+                Ok(on_disk) => *applied = on_disk,
+                Err(e) => {
+                    tracing::error!(error = %e, "reloading the state machine after a failed apply")
+                }
+            }
+            return Err(error);
+        }
+        Ok(replies)
+    }
+
     fn snapshot_of(applied: &Applied) -> io::Result<Snapshot> {
         let data = serde_json::to_vec(applied).map_err(io_err)?;
         Ok(Snapshot {
@@ -200,14 +287,14 @@ impl StateMachineStore {
     }
 
     async fn save_snapshot(&self, snapshot: &Snapshot) -> io::Result<()> {
-        let stored = StoredSnapshot {
-            meta: snapshot.meta.clone(),
-            data: snapshot.snapshot.clone(),
-        };
-        self.inner
-            .meta
-            .insert(SNAPSHOT, serde_json::to_vec(&stored).map_err(io_err)?)
-            .map_err(io_err)?;
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            SNAPSHOT_META,
+            serde_json::to_vec(&snapshot.meta).map_err(io_err)?,
+        );
+        batch.insert(SNAPSHOT_DATA, snapshot.snapshot.as_slice());
+        batch.remove(LEGACY_SNAPSHOT);
+        self.inner.meta.apply_batch(batch).map_err(io_err)?;
         // Logs up to the snapshot may be purged next: the snapshot must be durable first.
         self.inner.meta.flush_async().await.map_err(io_err)?;
         self.inner.records.flush_async().await.map_err(io_err)?;
@@ -249,49 +336,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if pending.is_empty() {
             return Ok(());
         }
-        let mut replies = Vec::with_capacity(pending.len());
-        let mut batch = sled::Batch::default();
-        let meta = {
-            let mut applied = self.lock();
-            let mut touched = Vec::new();
-            for (entry, responder) in pending {
-                applied.last_applied = Some(entry.log_id);
-                let response = match entry.payload {
-                    EntryPayload::Blank => Response::Ok,
-                    EntryPayload::Normal(command) => {
-                        let (response, records) = applied.state.apply(&command);
-                        touched.extend(records);
-                        response
-                    }
-                    EntryPayload::Membership(membership) => {
-                        applied.last_membership =
-                            StoredMembership::new(Some(entry.log_id), membership);
-                        Response::Ok
-                    }
-                };
-                replies.push((responder, response));
-            }
-            touched.sort();
-            touched.dedup();
-            for record in &touched {
-                match applied.state.record_value(record) {
-                    Some(value) => batch.insert(
-                        record_key(record),
-                        serde_json::to_vec(&value).map_err(io_err)?,
-                    ),
-                    None => batch.remove(record_key(record)),
-                }
-            }
-            self.meta_batch(&applied)?
-        };
-        (&self.inner.records, &self.inner.meta)
-            .transaction(|(records, meta_tree)| {
-                records.apply_batch(&batch)?;
-                meta_tree.apply_batch(&meta)?;
-                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| io_err(format!("applying entries: {e:?}")))?;
-        for (responder, response) in replies {
+        for (responder, response) in self.apply_entries(pending, State::record_value)? {
             if let Some(responder) = responder {
                 responder.send(response);
             }
@@ -324,10 +369,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        let Some(bytes) = self.inner.meta.get(SNAPSHOT).map_err(io_err)? else {
+        let meta_tree = &self.inner.meta;
+        if let Some(meta) = meta_tree.get(SNAPSHOT_META).map_err(io_err)? {
+            let data = meta_tree
+                .get(SNAPSHOT_DATA)
+                .map_err(io_err)?
+                .ok_or_else(|| io_err("the snapshot's metadata is stored but not its data"))?;
+            return Ok(Some(Snapshot {
+                meta: serde_json::from_slice(&meta).map_err(io_err)?,
+                snapshot: data.to_vec(),
+            }));
+        }
+        let Some(bytes) = meta_tree.get(LEGACY_SNAPSHOT).map_err(io_err)? else {
             return Ok(None);
         };
-        let stored: StoredSnapshot = serde_json::from_slice(&bytes).map_err(io_err)?;
+        let stored: LegacySnapshot = serde_json::from_slice(&bytes).map_err(io_err)?;
         Ok(Some(Snapshot {
             meta: stored.meta,
             snapshot: stored.data,
@@ -337,7 +393,51 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
 #[cfg(test)]
 mod tests {
+    use openraft::entry::RaftEntry;
+
     use super::*;
+    use crate::raft::typ::Entry;
+    use crate::state::Command;
+
+    fn put(index: u64, key: &str, value: &str) -> EntryResponder<TypeConfig> {
+        let log_id = openraft::testing::log_id::<TypeConfig>(1, 1, index);
+        let command = Command::KvPut {
+            key: key.into(),
+            value: value.into(),
+        };
+        (Entry::new_normal(log_id, command), None)
+    }
+
+    /// The value of `key` as sled holds it.
+    fn on_disk(sm: &StateMachineStore, key: &str) -> Option<String> {
+        let bytes = sm
+            .inner
+            .records
+            .get(record_key(&Record::Kv(key.into())))
+            .unwrap()?;
+        Some(serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_record_that_fails_to_encode_is_an_error_never_a_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, sm) = super::super::open(dir.path()).await.unwrap();
+        sm.apply_entries(vec![put(1, "k", "v1")], State::record_value)
+            .unwrap();
+        let before = sm.read(State::clone);
+        let poisoned = |state: &State, record: &Record| match record {
+            Record::Kv(key) if key == "k" => Err(serde::ser::Error::custom("cannot encode")),
+            _ => state.record_value(record),
+        };
+        let Err(err) = sm.apply_entries(vec![put(2, "k", "v2")], poisoned) else {
+            panic!("an apply whose record cannot be encoded must fail");
+        };
+        assert!(err.to_string().contains("Kv(\"k\")"), "{err}");
+        // Nothing persisted, nothing deleted, and memory is what it was.
+        assert_eq!(on_disk(&sm, "k").as_deref(), Some("v1"));
+        assert_eq!(sm.read(State::clone), before);
+        assert_eq!(sm.lock().last_applied.map(|id| id.index), Some(1));
+    }
 
     #[test]
     fn record_keys_round_trip() {
@@ -356,5 +456,39 @@ mod tests {
         }
         assert_eq!(parse_record_key(b"bogus"), None);
         assert_eq!(parse_record_key(b"history/x"), None);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_stored_as_raw_bytes_and_the_old_json_form_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, mut sm) = super::super::open(dir.path()).await.unwrap();
+        sm.apply_entries(vec![put(1, "k", "v")], State::record_value)
+            .unwrap();
+        let legacy_meta = SnapshotMeta {
+            last_log_id: Some(openraft::testing::log_id::<TypeConfig>(1, 1, 1)),
+            ..SnapshotMeta::default()
+        };
+        let legacy = LegacySnapshot {
+            meta: legacy_meta.clone(),
+            data: b"{\"old\":1}".to_vec(),
+        };
+        let meta_tree = sm.inner.meta.clone();
+        meta_tree
+            .insert(LEGACY_SNAPSHOT, serde_json::to_vec(&legacy).unwrap())
+            .unwrap();
+        let read = sm.get_current_snapshot().await.unwrap().expect("old form");
+        assert_eq!((read.meta, read.snapshot), (legacy_meta, legacy.data));
+
+        let built = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let stored = meta_tree.get(SNAPSHOT_DATA).unwrap().expect("raw bytes");
+        assert_eq!(stored.as_ref(), built.snapshot.as_slice());
+        assert_eq!(meta_tree.get(LEGACY_SNAPSHOT).unwrap(), None);
+        let read = sm.get_current_snapshot().await.unwrap().expect("new form");
+        assert_eq!((read.meta, read.snapshot), (built.meta, built.snapshot));
     }
 }

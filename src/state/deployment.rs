@@ -661,14 +661,36 @@ pub fn failure_streak(history: &[HistoryEntry], node: u64) -> u32 {
         .count() as u32
 }
 
-/// The first 12 hex digits: enough to tell builds apart in messages.
+/// The first 12 characters of a build hash (its hex digits): enough to tell builds apart
+/// in messages and tables. A shorter string is returned whole; any string is cut on a
+/// character boundary, so a malformed "hash" never panics.
 pub fn short_hash(hash: &str) -> &str {
-    hash.get(..12).unwrap_or(hash)
+    match hash.char_indices().nth(12) {
+        Some((end, _)) => &hash[..end],
+        None => hash,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_hash_keeps_twelve_characters_of_any_string() {
+        let cases = [
+            ("a full hash", "0123456789abcdef0123", "0123456789ab"),
+            ("exactly twelve", "0123456789ab", "0123456789ab"),
+            ("short", "dev", "dev"),
+            ("empty", "", ""),
+            // Two bytes each: twelve characters are 24 bytes.
+            ("non-ASCII", "ééééééééééééé", "éééééééééééé"),
+            // Byte 12 falls inside 'é'.
+            ("mixed", "0123456789aé€x", "0123456789aé"),
+        ];
+        for (name, hash, short) in cases {
+            assert_eq!(short_hash(hash), short, "{name}");
+        }
+    }
 
     #[test]
     fn phase_moves_are_forward_only() {

@@ -487,30 +487,40 @@ impl State {
         }
     }
 
-    /// The JSON value of `record`, or `None` when it no longer exists.
-    pub fn record_value(&self, record: &Record) -> Option<serde_json::Value> {
+    /// The JSON value of `record`, or `None` when it no longer exists. A value that cannot
+    /// be encoded is an error: the store must never take it for a record that is gone.
+    pub fn record_value(
+        &self,
+        record: &Record,
+    ) -> Result<Option<serde_json::Value>, serde_json::Error> {
+        fn some(value: impl Serialize) -> Result<Option<serde_json::Value>, serde_json::Error> {
+            serde_json::to_value(value).map(Some)
+        }
         match record {
-            Record::ClusterId => Some(serde_json::Value::String(self.cluster_id.clone())),
-            Record::Node(id) => self.nodes.get(id).map(|n| serde_json::to_value(n).ok())?,
-            Record::Kv(key) => self.kv.get(key).cloned().map(serde_json::Value::String),
+            Record::ClusterId => some(&self.cluster_id),
+            Record::Node(id) => self.nodes.get(id).map_or(Ok(None), some),
+            Record::Kv(key) => self.kv.get(key).map_or(Ok(None), some),
             Record::Deployment => {
-                let mut value = serde_json::to_value(self.deployment.as_ref()?).ok()?;
+                let Some(deployment) = &self.deployment else {
+                    return Ok(None);
+                };
+                let mut value = serde_json::to_value(deployment)?;
                 if let Some(fields) = value.as_object_mut() {
                     fields.remove("manifest");
                 }
-                Some(value)
+                Ok(Some(value))
             }
             Record::DeploymentManifest => self
                 .deployment
                 .as_ref()
-                .and_then(|d| serde_json::to_value(&d.manifest).ok()),
+                .map_or(Ok(None), |d| some(&d.manifest)),
             Record::History(generation) => self
                 .history
                 .iter()
                 .find(|h| h.generation == *generation)
-                .and_then(|h| serde_json::to_value(h).ok()),
-            Record::LastGeneration => Some(self.last_generation.into()),
-            Record::Fleet => serde_json::to_value(&self.fleet).ok(),
+                .map_or(Ok(None), some),
+            Record::LastGeneration => some(self.last_generation),
+            Record::Fleet => some(&self.fleet),
         }
     }
 
@@ -1085,7 +1095,7 @@ mod tests {
         let (response, _) = state.apply(&Command::BeginDeployment { deployment: begun });
         assert_eq!(response, Response::Ok);
         state.apply(&set_phase(1, 1, Phase::Backup));
-        let without_manifest = state.record_value(&Record::Deployment).unwrap();
+        let without_manifest = state.record_value(&Record::Deployment).unwrap().unwrap();
         assert!(without_manifest.get("manifest").is_none());
         // One finished deployment in history next to the active one.
         state.history.push(HistoryEntry {
@@ -1101,7 +1111,7 @@ mod tests {
             }
             let mut restored = State::default();
             for record in records {
-                let value = state.record_value(&record).unwrap();
+                let value = state.record_value(&record).unwrap().unwrap();
                 restored.load_record(record, value).unwrap();
             }
             assert_eq!(restored, state, "reversed: {reversed}");
@@ -1124,7 +1134,7 @@ mod tests {
         });
         let mut restored = State::default();
         for record in state.records() {
-            let value = state.record_value(&record).unwrap();
+            let value = state.record_value(&record).unwrap().unwrap();
             restored.load_record(record, value).unwrap();
         }
         assert_eq!(restored, state);
@@ -1255,7 +1265,7 @@ mod tests {
         let mut state = State::default();
         state.fleet.target = Some("abc".into());
         state.fleet.auto_disabled = true;
-        let value = state.record_value(&Record::Fleet).unwrap();
+        let value = state.record_value(&Record::Fleet).unwrap().unwrap();
         let mut loaded = State::default();
         loaded.load_record(Record::Fleet, value).unwrap();
         assert_eq!(loaded.fleet, state.fleet);
