@@ -14,6 +14,7 @@
 //! - [`api`]: the services' requests, replies and errors as domain types (the wire and
 //!   `--json` schema), shared by server, client and CLI.
 //! - [`clock`]: the wall clock, for timestamps people read.
+//! - [`fs`]: crash-safe filesystem helpers: atomic writes and symlink swaps, syncs, tree removal.
 //! - [`supervise`]: the restart loop for hosts without systemd (and for tests).
 //! - [`release`]: releases: manifest and build hash, directory scan, version.json.
 //! - [`rollout`]: the rolling update: its pure core (preflight, plan, engine, automatic
@@ -23,6 +24,7 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod clock;
+pub mod fs;
 pub mod node;
 pub mod raft;
 pub mod raft_store;

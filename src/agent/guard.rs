@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::release::store::write_atomically;
+use crate::fs::write_atomically;
 use crate::release::{DistError, ReleaseStore};
 use crate::state::GuardRestore;
 
@@ -73,6 +73,9 @@ pub enum GuardError {
     /// Reading or changing the releases (links, records) failed.
     #[error(transparent)]
     Releases(#[from] DistError),
+    /// A guard record could not be written (the path and the OS error are in it).
+    #[error(transparent)]
+    Write(#[from] crate::fs::IoError),
     #[error(
         "release {to} cannot start and the release to restore ({from}): install a good \
          release with `cluster dist install <dist> --data-dir {}`",

@@ -100,7 +100,7 @@ pub struct Agent {
 /// Maps a release-store error to what a remote caller can act on.
 fn api_error(e: DistError) -> ApiError {
     let kind = match e.innermost() {
-        DistError::Io { .. } => ErrorKind::Internal,
+        DistError::Io(_) => ErrorKind::Internal,
         _ if e.is_mismatch() => ErrorKind::FailedPrecondition,
         _ => ErrorKind::InvalidArgument,
     };
@@ -179,7 +179,7 @@ fn apply_mutation(
     }
     if fence != accepted {
         let bytes = serde_json::to_vec(&fence).map_err(|e| ApiError::internal(e.to_string()))?;
-        crate::release::store::write_atomically(data_dir, FENCE_FILE, &bytes)
+        crate::fs::write_atomically(data_dir, FENCE_FILE, &bytes)
             .map_err(|e| ApiError::internal(format!("recording the fence: {e}")))?;
     }
     match mutation {

@@ -77,7 +77,7 @@ pub enum NodeError {
     RecordAddress {
         path: PathBuf,
         #[source]
-        source: DistError,
+        source: crate::fs::IoError,
     },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -135,11 +135,12 @@ pub async fn run(
         None if bound.ip().is_unspecified() => return Err(NodeError::NeedAdvertise(bound)),
         None => bound.to_string(),
     };
-    crate::release::store::write_atomically(&config.data_dir, "node.addr", addr.as_bytes())
-        .map_err(|source| NodeError::RecordAddress {
+    crate::fs::write_atomically(&config.data_dir, "node.addr", addr.as_bytes()).map_err(
+        |source| NodeError::RecordAddress {
             path: config.data_dir.clone(),
             source,
-        })?;
+        },
+    )?;
 
     let network = Network {
         id: config.id,

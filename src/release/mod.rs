@@ -66,15 +66,8 @@ pub enum DistError {
     },
 
     /// An I/O operation on a path failed.
-    #[error("cannot {action} {}: {source}: check that it exists and that this user may access it", path.display())]
-    Io {
-        /// What we were doing, as a verb phrase ("read", "list", "rename ... to").
-        action: &'static str,
-        /// The path the operation was on.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::fs::IoError),
 
     /// A name on disk is not UTF-8; manifests carry paths as strings.
     #[error("{} is not a UTF-8 path: rename it; dist paths must be UTF-8", path.display())]

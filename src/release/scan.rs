@@ -19,6 +19,7 @@ use walkdir::WalkDir;
 
 use super::manifest::{Chunk, Entry, EntryKind, EntrySummary, Limits, Manifest, VERSION_FILE};
 use super::DistError;
+use crate::fs::IoError;
 
 /// Smallest chunk FastCDC cuts (except a file's last one).
 pub const CHUNK_MIN: u32 = 16 * 1024;
@@ -71,11 +72,11 @@ pub(super) fn check_root(dir: &Path) -> Result<(), DistError> {
         Err(error) if error.kind() == io::ErrorKind::NotFound => Err(DistError::DirMissing {
             dir: dir.to_path_buf(),
         }),
-        Err(source) => Err(DistError::Io {
-            action: "read",
-            path: dir.to_path_buf(),
+        Err(source) => Err(DistError::Io(IoError::new(
+            "read",
+            dir.to_path_buf(),
             source,
-        }),
+        ))),
         Ok(metadata) if !metadata.is_dir() => Err(DistError::NotADirectory {
             dir: dir.to_path_buf(),
         }),
@@ -178,10 +179,12 @@ fn list(dir: &Path, limits: &Limits) -> Result<Vec<ListedEntry>, DistError> {
         .follow_links(false)
         .sort_by_file_name()
     {
-        let entry = item.map_err(|error| DistError::Io {
-            action: "list",
-            path: error.path().unwrap_or(dir).to_path_buf(),
-            source: io::Error::from(error),
+        let entry = item.map_err(|error| {
+            DistError::Io(IoError::new(
+                "list",
+                error.path().unwrap_or(dir).to_path_buf(),
+                io::Error::from(error),
+            ))
         })?;
         let full_path = entry.path().to_path_buf();
         let relative = full_path
@@ -208,10 +211,8 @@ fn list(dir: &Path, limits: &Limits) -> Result<Vec<ListedEntry>, DistError> {
         }
 
         let listed = if file_type.is_symlink() {
-            let target = fs::read_link(&full_path).map_err(|source| DistError::Io {
-                action: "read the symlink",
-                path: full_path.clone(),
-                source,
+            let target = fs::read_link(&full_path).map_err(|source| {
+                DistError::Io(IoError::new("read the symlink", full_path.clone(), source))
             })?;
             let target = target
                 .to_str()
@@ -221,10 +222,12 @@ fn list(dir: &Path, limits: &Limits) -> Result<Vec<ListedEntry>, DistError> {
                 .to_owned();
             Listed::Symlink { target }
         } else if file_type.is_dir() || file_type.is_file() {
-            let metadata = entry.metadata().map_err(|error| DistError::Io {
-                action: "read metadata of",
-                path: full_path.clone(),
-                source: io::Error::from(error),
+            let metadata = entry.metadata().map_err(|error| {
+                DistError::Io(IoError::new(
+                    "read metadata of",
+                    full_path.clone(),
+                    io::Error::from(error),
+                ))
             })?;
             // Keep permission and setuid/setgid/sticky bits; validate rejects the latter.
             let mode = metadata.permissions().mode() & 0o7777;
@@ -347,13 +350,8 @@ fn digest_file(
     mode: Digests,
     buffer: &mut [u8],
 ) -> Result<FileDigest, DistError> {
-    let io_error = |action| {
-        move |source| DistError::Io {
-            action,
-            path: full_path.to_path_buf(),
-            source,
-        }
-    };
+    let io_error =
+        |action| move |source| DistError::Io(IoError::new(action, full_path.to_path_buf(), source));
     // O_NOFOLLOW and O_NONBLOCK: if the file was swapped for a symlink or a FIFO since it
     // was listed, fail (or notice below) instead of following it or blocking forever.
     let file = OpenOptions::new()
@@ -851,7 +849,7 @@ mod tests {
         fs::set_permissions(&secret, fs::Permissions::from_mode(0o000)).unwrap();
         let error = scan_default(dist.path()).unwrap_err();
         assert!(
-            matches!(error.innermost(), DistError::Io { path, .. } if *path == secret),
+            matches!(error.innermost(), DistError::Io(IoError { path, .. }) if *path == secret),
             "{error}"
         );
     }

@@ -32,14 +32,19 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::fs::{symlink, DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
+
+use crate::fs::{
+    create_new, io_error, open_dir, open_file, random_name, remove_file_durably, remove_tree,
+    replace_symlink, sync_dir, write_atomically, IoError,
+};
 
 use super::manifest::{
     build_hash_of, chunk_offsets, is_sha256_hex, Chunk, EntryKind, Limits, Manifest, VERSION_FILE,
@@ -110,11 +115,7 @@ impl ReleaseStore {
                     data_dir: data_dir.to_path_buf(),
                 }
             } else {
-                DistError::Io {
-                    action: "lock",
-                    path: lock_path,
-                    source: error,
-                }
+                DistError::Io(IoError::new("lock", lock_path, error))
             });
         }
         for name in [RELEASES, MANIFESTS, STAGING] {
@@ -122,13 +123,7 @@ impl ReleaseStore {
             match DirBuilder::new().mode(0o755).create(&dir) {
                 Ok(()) => {}
                 Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(source) => {
-                    return Err(DistError::Io {
-                        action: "create",
-                        path: dir,
-                        source,
-                    })
-                }
+                Err(source) => return Err(DistError::Io(IoError::new("create", dir, source))),
             }
         }
         sync_dir(data_dir)?;
@@ -299,18 +294,7 @@ impl ReleaseStore {
     /// Each step is atomic and the whole is idempotent: after an error, commit again.
     pub fn commit(&self, keep_old: usize) -> Result<Vec<String>, DistError> {
         let _changing = self.lock_changes();
-        let previous = self.path(PREVIOUS);
-        match fs::remove_file(&previous) {
-            Ok(()) => sync_dir(self.data_dir())?,
-            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(DistError::Io {
-                    action: "remove",
-                    path: previous,
-                    source,
-                })
-            }
-        }
+        remove_file_durably(&self.path(PREVIOUS))?;
         self.prune_unlocked(keep_old)
     }
 
@@ -490,11 +474,11 @@ impl ReleaseStore {
         write_atomically(&self.path(MANIFESTS), &format!("{hash}.json"), &text)?;
         if let Err(source) = fs::rename(tree, &release_dir) {
             let _ = fs::remove_file(self.manifest_path(hash));
-            return Err(DistError::Io {
-                action: "rename the staged release to",
-                path: release_dir,
+            return Err(DistError::Io(IoError::new(
+                "rename the staged release to",
+                release_dir,
                 source,
-            });
+            )));
         }
         sync_dir(&self.path(RELEASES))?;
         self.cache()
@@ -506,18 +490,7 @@ impl ReleaseStore {
     /// manifest and its files. A crash in between leaves only what `open` cleans up.
     fn retire(&self, hash: &str) -> Result<(), DistError> {
         self.discard(&self.release_dir(hash), RELEASES)?;
-        let manifest = self.manifest_path(hash);
-        match fs::remove_file(&manifest) {
-            Ok(()) => sync_dir(&self.path(MANIFESTS))?,
-            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(DistError::Io {
-                    action: "remove",
-                    path: manifest,
-                    source,
-                })
-            }
-        }
+        remove_file_durably(&self.manifest_path(hash))?;
         self.cache().remove(hash);
         Ok(())
     }
@@ -528,7 +501,7 @@ impl ReleaseStore {
         let doomed = self.path(STAGING).join(random_name("discard"));
         fs::rename(path, &doomed).map_err(io_error("delete", path))?;
         sync_dir(&self.path(parent))?;
-        remove_tree(&doomed).map_err(io_error("remove", &doomed))
+        Ok(remove_tree(&doomed).map_err(io_error("remove", &doomed))?)
     }
 
     /// Removes what a crash can leave behind; see [`ReleaseStore::open`].
@@ -612,11 +585,11 @@ impl ReleaseStore {
                 })
             }
             Err(source) => {
-                return Err(DistError::Io {
-                    action: "read the symlink",
+                return Err(DistError::Io(IoError::new(
+                    "read the symlink",
                     path,
                     source,
-                })
+                )))
             }
         };
         let found = target.to_string_lossy().into_owned();
@@ -629,19 +602,8 @@ impl ReleaseStore {
     /// Points the link `name` at `releases/<hash>`: a new symlink under a temporary name,
     /// renamed over the old one (atomic), then the directory synced so it survives a crash.
     fn point(&self, name: &str, hash: &str) -> Result<(), DistError> {
-        let link = self.path(name);
-        let temporary = self.path(&random_name(&format!("{name}.tmp")));
-        symlink(format!("{RELEASES}/{hash}"), &temporary)
-            .map_err(io_error("create the symlink", &temporary))?;
-        if let Err(source) = fs::rename(&temporary, &link) {
-            let _ = fs::remove_file(&temporary);
-            return Err(DistError::Io {
-                action: "rename a new symlink to",
-                path: link,
-                source,
-            });
-        }
-        sync_dir(self.data_dir())
+        let target = Path::new(RELEASES).join(hash);
+        Ok(replace_symlink(self.data_dir(), name, &target)?)
     }
 }
 
@@ -735,11 +697,7 @@ impl Staging {
         let written = create_new(&path, 0o600).and_then(|mut file| file.write_all(bytes));
         if let Err(source) = written {
             let _ = fs::remove_file(&path);
-            return Err(DistError::Io {
-                action: "write",
-                path,
-                source,
-            });
+            return Err(DistError::Io(IoError::new("write", path, source)));
         }
         self.missing_at.remove(sha256);
         self.missing.swap_remove(index);
@@ -848,7 +806,8 @@ impl Staging {
         root.set_permissions(fs::Permissions::from_mode(0o755))
             .and_then(|()| root.set_modified(SystemTime::now()))
             .and_then(|()| root.sync_all())
-            .map_err(io_error("set the mode and mtime of", tree))
+            .map_err(io_error("set the mode and mtime of", tree))?;
+        Ok(())
     }
 
     /// Creates the regular file `path` with the content and mode `spec` gives.
@@ -882,11 +841,7 @@ impl Staging {
                     Ok(count) => count,
                     Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                     Err(source_error) => {
-                        return Err(DistError::Io {
-                            action: "read",
-                            path: source,
-                            source: source_error,
-                        })
+                        return Err(DistError::Io(IoError::new("read", source, source_error)))
                     }
                 };
                 hasher.update(&buffer[..count]);
@@ -916,7 +871,8 @@ impl Staging {
         }
         file.set_permissions(fs::Permissions::from_mode(mode))
             .and_then(|()| file.sync_all())
-            .map_err(io_error("sync", path))
+            .map_err(io_error("sync", path))?;
+        Ok(())
     }
 
     /// One chunk's bytes: received, or read (and checked) from a held release.
@@ -925,13 +881,7 @@ impl Staging {
         match fs::read(&received) {
             Ok(bytes) => return Ok(bytes),
             Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(DistError::Io {
-                    action: "read",
-                    path: received,
-                    source,
-                })
-            }
+            Err(source) => return Err(DistError::Io(IoError::new("read", received, source))),
         }
         let (path, offset) =
             self.local
@@ -1076,114 +1026,6 @@ fn read_verified_chunk(path: &Path, offset: u64, chunk: &Chunk) -> Result<Vec<u8
         });
     }
     Ok(bytes)
-}
-
-/// Creates a new regular file, failing if anything (a symlink included) is at `path`.
-fn create_new(path: &Path, mode: u32) -> io::Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(mode)
-        .open(path)
-}
-
-/// Opens a regular file for reading; refuses a symlink and does not block on a FIFO.
-fn open_file(path: &Path) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
-    let kind = file.metadata()?.file_type();
-    if kind.is_file() {
-        Ok(file)
-    } else {
-        let what = if kind.is_fifo() {
-            "a FIFO"
-        } else {
-            "not a regular file"
-        };
-        Err(io::Error::new(io::ErrorKind::InvalidInput, what))
-    }
-}
-
-/// Opens a directory (not a symlink to one) to change its mode or sync it.
-fn open_dir(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-        .open(path)
-}
-
-/// Makes the entries of a directory durable.
-fn sync_dir(dir: &Path) -> Result<(), DistError> {
-    File::open(dir)
-        .and_then(|directory| directory.sync_all())
-        .map_err(io_error("sync", dir))
-}
-
-/// Replaces `dir/name` with `bytes` so that readers and crashes see the old or the new
-/// content: temporary file in `dir`, fsync, rename, fsync of `dir`. The one atomic file
-/// write of the crate.
-pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), DistError> {
-    let target = dir.join(name);
-    let temporary = dir.join(random_name(&format!(".{name}.tmp")));
-    let written = create_new(&temporary, 0o644).and_then(|mut file| {
-        file.write_all(bytes)?;
-        file.sync_all()
-    });
-    if let Err(source) = written {
-        let _ = fs::remove_file(&temporary);
-        return Err(DistError::Io {
-            action: "write",
-            path: temporary,
-            source,
-        });
-    }
-    if let Err(source) = fs::rename(&temporary, &target) {
-        let _ = fs::remove_file(&temporary);
-        return Err(DistError::Io {
-            action: "rename a temporary file to",
-            path: target,
-            source,
-        });
-    }
-    sync_dir(dir)
-}
-
-/// Removes a file, a symlink, or a directory tree without following symlinks, first
-/// making directories owner-writable (a release may hold read-only ones).
-fn remove_tree(path: &Path) -> io::Result<()> {
-    let metadata = match fs::symlink_metadata(path) {
-        Ok(metadata) => metadata,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(error) => return Err(error),
-    };
-    if !metadata.is_dir() {
-        return fs::remove_file(path);
-    }
-    if metadata.mode() & 0o700 != 0o700 {
-        open_dir(path)?.set_permissions(fs::Permissions::from_mode(0o700))?;
-    }
-    for item in fs::read_dir(path)? {
-        remove_tree(&item?.path())?;
-    }
-    fs::remove_dir(path)
-}
-
-/// `prefix-<16 random hex digits>`: unique enough that fresh names never collide.
-fn random_name(prefix: &str) -> String {
-    format!("{prefix}-{:016x}", rand::random::<u64>())
-}
-
-/// Maps an I/O error on `path` to [`DistError::Io`].
-fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DistError {
-    let path = path.to_path_buf();
-    move |source| DistError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 #[cfg(test)]

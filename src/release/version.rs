@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use super::manifest::{build_hash_of, EntrySummary, Limits, Manifest, SummaryKind, VERSION_FILE};
 use super::scan::{check_root, scan_summary};
-use super::store::write_atomically;
 use super::DistError;
+use crate::fs::{write_atomically, IoError};
 
 /// What `version.json` records about a dist.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,7 +105,7 @@ pub fn stamp(dir: &Path, limits: &Limits) -> Result<VersionInfo, DistError> {
     let rows = scan_summary(dir, limits)?;
     let info = VersionInfo::describe_rows(rows, SystemTime::now(), git_commit(dir));
     write_atomically(dir, VERSION_FILE, info.to_file_text().as_bytes())
-        .map_err(|error| error.in_dist(dir))?;
+        .map_err(|error| DistError::from(error).in_dist(dir))?;
     Ok(info)
 }
 
@@ -144,20 +144,17 @@ fn read_version_file(dir: &Path) -> Result<VersionInfo, DistError> {
     match fs::symlink_metadata(&path) {
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Err(DistError::NotStamped),
         Err(source) => {
-            return Err(DistError::Io {
-                action: "read metadata of",
+            return Err(DistError::Io(IoError::new(
+                "read metadata of",
                 path,
                 source,
-            })
+            )))
         }
         Ok(metadata) if !metadata.is_file() => return Err(DistError::VersionFileNotRegular),
         Ok(_) => {}
     }
-    let text = fs::read_to_string(&path).map_err(|source| DistError::Io {
-        action: "read",
-        path,
-        source,
-    })?;
+    let text = fs::read_to_string(&path)
+        .map_err(|source| DistError::Io(IoError::new("read", path, source)))?;
     serde_json::from_str(&text).map_err(|error| DistError::BadVersionFile {
         reason: error.to_string(),
     })
