@@ -19,8 +19,8 @@ use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::release::store::{ReleaseStore, Staging};
 use crate::release::{Chunk, DistError, Limits, Manifest};
+use crate::release::{ReleaseStore, Staging};
 use crate::rpc::{AgentClient, Channels};
 
 /// The current Raft term of this node, for fencing mutations.

@@ -11,14 +11,20 @@
 //!   and content-defined chunking files on every core.
 //! - [`version`]: `version.json`, written by `cluster dist stamp` and checked by `verify`.
 //! - [`store`]: a node's releases on disk (`<data>/releases/<hash>/`, the `current` and
-//!   `previous` links, `staging/`): install a dist, stage a synced one from chunks, serve
-//!   chunks to peers, activate, restore, commit. Crash-safe; releases are immutable.
+//!   `previous` links, `manifests/`): open and repair, activate, restore, commit, prune.
+//!   Crash-safe; releases are immutable.
+//! - `staging`: putting a release in ([`Staging`], [`ReleaseStore::begin`],
+//!   [`ReleaseStore::install_dir`]): assemble in `staging/`, verify, rename into place.
+//! - `local`: the content held releases supply: what a manifest still misses, hard links
+//!   of unchanged files, and [`ReleaseStore::read_chunk`] for peers.
 //!
 //! Architecture invariant: `manifest` does no I/O; every path the rest of the system writes
 //! to disk from an untrusted manifest has passed [`Manifest::validate`] first.
 
+mod local;
 pub mod manifest;
 pub mod scan;
+mod staging;
 pub mod store;
 #[cfg(test)]
 pub(crate) mod test_data;
@@ -31,7 +37,8 @@ pub use manifest::{
     SummaryKind, BINARY_PATH, VERSION_FILE,
 };
 pub use scan::{scan, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN};
-pub use store::{ReleaseStore, Staging, DEFAULT_KEEP_OLD};
+pub use staging::Staging;
+pub use store::{ReleaseStore, DEFAULT_KEEP_OLD};
 pub use version::{hash, stamp, verify, VersionInfo};
 
 /// Everything that can be wrong with a dist or a manifest.
