@@ -5,8 +5,8 @@
 //!
 //! Every path written comes from a manifest that passed [`Manifest::validate`], and is
 //! created fresh (`O_EXCL`, `O_NOFOLLOW`) inside the new staging directory, so writing never
-//! follows a symlink. Work that is given up is deleted; what a crash leaves is discarded
-//! when the store next opens.
+//! follows a symlink. Work that is given up is renamed aside at once and deleted off the
+//! async workers; what a crash leaves is discarded when the store next opens.
 
 use std::collections::HashMap;
 use std::fs::{self, DirBuilder};
@@ -23,13 +23,17 @@ use super::scan::{scan, scan_summary};
 use super::store::{ReleaseStore, STAGING};
 use super::version::VersionInfo;
 use super::DistError;
-use crate::fs::{create_new, io_error, open_dir, open_file, random_name, remove_tree, IoError};
+use crate::fs::{
+    create_new, io_error, open_dir, open_file, random_name, remove_tree_in_background, IoError,
+};
 
 /// Copy buffer: large enough that syscalls stay rare on big binaries.
 const COPY_BUFFER_BYTES: usize = 1024 * 1024;
 
 /// A release being materialized in `staging/`. Dropping it without [`Staging::finish`]
-/// discards the work.
+/// discards the work: the directory is renamed to `staging/discard-*` at once (cheap, and
+/// the name says it is garbage) and deleted on a blocking thread, so dropping a `Staging`
+/// on an async error path never blocks a tokio worker on deleting a large tree.
 #[derive(Debug)]
 pub struct Staging {
     /// The store it will be published to; keeps the store's lock held meanwhile.
@@ -314,7 +318,12 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         // Best effort: whatever is left is discarded by the next `open` anyway.
-        let _ = remove_tree(&self.dir);
+        let discarded = self.dir.with_file_name(random_name("discard"));
+        let doomed = match fs::rename(&self.dir, &discarded) {
+            Ok(()) => discarded,
+            Err(_) => self.dir.clone(),
+        };
+        remove_tree_in_background(doomed);
     }
 }
 
@@ -601,6 +610,57 @@ mod tests {
         );
         assert_eq!(store_b.releases().unwrap(), releases);
         assert!(staging_is_empty(&store_b));
+    }
+
+    #[test]
+    fn a_dropped_staging_is_renamed_aside_and_deleted_off_the_async_workers() {
+        let data = tempfile::tempdir().unwrap();
+        let store = open(&data);
+        let dist = small_dist("v1\n");
+        let manifest = scan(dist.path(), &limits()).unwrap();
+        let names = || -> Vec<String> {
+            let mut names: Vec<String> = fs::read_dir(data.path().join(STAGING))
+                .unwrap()
+                .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        // One blocking thread, kept busy: a deletion queued behind it cannot have run yet,
+        // so whatever drop did, it did without deleting on this (the only async) thread.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut staging = store.begin(&manifest, &limits()).unwrap();
+            let EntryKind::File { chunks, .. } = &manifest.get("bin/cluster").unwrap().kind else {
+                panic!("bin/cluster is a file");
+            };
+            let binary = fs::read(dist.path().join("bin/cluster")).unwrap();
+            staging.put_chunk(&chunks[0].sha256, &binary).unwrap();
+            let (release, held) = std::sync::mpsc::channel::<()>();
+            let blocker = tokio::task::spawn_blocking(move || held.recv());
+
+            drop(staging);
+            let left = names();
+            assert!(
+                left.len() == 1 && left[0].starts_with("discard-"),
+                "renamed aside at once: {left:?}"
+            );
+            let received = data.path().join(STAGING).join(&left[0]).join("chunks");
+            assert_eq!(
+                fs::read_dir(received).unwrap().count(),
+                1,
+                "not deleted inline"
+            );
+
+            release.send(()).unwrap();
+            blocker.await.unwrap().unwrap();
+            // The pool runs queued work in order: once this has run, the deletion has.
+            tokio::task::spawn_blocking(|| ()).await.unwrap();
+            assert_eq!(names(), Vec::<String>::new());
+        });
     }
 
     #[test]
