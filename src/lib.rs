@@ -14,6 +14,7 @@
 //! - [`api`]: the services' requests, replies and errors as domain types (the wire and
 //!   `--json` schema), shared by server, client and CLI.
 //! - [`clock`]: the wall clock, for timestamps people read.
+//! - [`error`]: an error with its causes on one line, for people, logs and wire messages.
 //! - [`fs`]: crash-safe filesystem helpers: atomic writes and symlink swaps, syncs, tree removal.
 //! - [`supervise`]: the restart loop for hosts without systemd (and for tests).
 //! - [`release`]: releases: manifest and build hash, directory scan, version.json.
@@ -24,6 +25,7 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod clock;
+pub mod error;
 pub mod fs;
 pub mod node;
 pub mod raft;

@@ -106,7 +106,7 @@ pub async fn run(data_dir: &Path, args: Vec<String>) -> Result<ExitStatus, Super
             Ok(outcome) => {
                 tracing::warn!("boot guard: {}", crate::agent::guard::describe(&outcome))
             }
-            Err(e) => tracing::error!(error = %e, "boot guard"),
+            Err(e) => tracing::error!(error = %crate::error::Chain(&e), "boot guard"),
         }
         let binary = data_dir.join("current/bin/cluster");
         if !installed {

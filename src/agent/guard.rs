@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::fs::write_atomically;
-use crate::release::{DistError, ReleaseStore};
+use crate::release::{ReleaseStore, StoreError};
 use crate::state::GuardRestore;
 
 const PENDING: &str = "boot.json";
@@ -72,7 +72,7 @@ pub enum GuardError {
     },
     /// Reading or changing the releases (links, records) failed.
     #[error(transparent)]
-    Releases(#[from] DistError),
+    Releases(#[from] StoreError),
     /// A guard record could not be written (the path and the OS error are in it).
     #[error(transparent)]
     Write(#[from] crate::fs::IoError),

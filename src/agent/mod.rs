@@ -19,7 +19,8 @@ use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::release::{Chunk, DistError, Limits, Manifest};
+use crate::error::Chain;
+use crate::release::{Chunk, Limits, Manifest, StoreError, SyncError};
 use crate::release::{ReleaseStore, Staging};
 use crate::rpc::{AgentClient, Channels};
 
@@ -98,13 +99,14 @@ pub struct Agent {
 }
 
 /// Maps a release-store error to what a remote caller can act on.
-fn api_error(e: DistError) -> ApiError {
-    let kind = match e.innermost() {
-        DistError::Io(_) => ErrorKind::Internal,
-        _ if e.is_mismatch() => ErrorKind::FailedPrecondition,
+fn api_error(e: impl Into<SyncError>) -> ApiError {
+    let e = e.into();
+    let kind = match &e {
+        SyncError::Io(_) | SyncError::Store(StoreError::Io(_)) => ErrorKind::Internal,
+        SyncError::Dist(dist) if dist.is_mismatch() => ErrorKind::FailedPrecondition,
         _ => ErrorKind::InvalidArgument,
     };
-    ApiError::new(kind, e.to_string())
+    ApiError::new(kind, Chain(&e).to_string())
 }
 
 /// Maps a boot-guard error to what a remote caller can act on.
@@ -230,7 +232,7 @@ impl Agent {
         term: TermSource,
         restart: Arc<Notify>,
         running_build: String,
-    ) -> Result<Self, DistError> {
+    ) -> Result<Self, StoreError> {
         Ok(Self {
             store: Arc::new(ReleaseStore::open(data_dir)?),
             data_dir: data_dir.to_path_buf(),
@@ -281,7 +283,7 @@ impl Agent {
     /// Runs release-store work off the async threads.
     async fn blocking<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&ReleaseStore) -> Result<T, DistError> + Send + 'static,
+        work: impl FnOnce(&ReleaseStore) -> Result<T, SyncError> + Send + 'static,
     ) -> Result<T, ApiError> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || work(&store))
@@ -312,7 +314,7 @@ impl Agent {
 
     pub async fn manifest(&self, hash: &str) -> Result<Manifest, ApiError> {
         let hash = hash.to_string();
-        self.blocking(move |store| store.manifest(&hash)).await
+        self.blocking(move |store| Ok(store.manifest(&hash)?)).await
     }
 
     /// The chunks of `manifest` this node would have to fetch, and their total size.
@@ -327,7 +329,8 @@ impl Agent {
 
     /// One chunk's bytes from any release held here (verified before it is served).
     pub async fn read_chunk(&self, sha256: String) -> Result<Vec<u8>, ApiError> {
-        self.blocking(move |store| store.read_chunk(&sha256)).await
+        self.blocking(move |store| Ok(store.read_chunk(&sha256)?))
+            .await
     }
 
     /// Materializes `manifest` as a release: local content is reused, missing chunks are

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use crate::error::Chain;
 use crate::release::{self, Limits, ReleaseStore, VersionInfo};
 
 /// One-line help for `cluster dist`, for the parent command's `about`.
@@ -145,7 +146,7 @@ fn execute(command: DistCommand, out: &mut dyn Write, err: &mut dyn Write) -> an
                 Ok(0)
             }
             Err(error) if error.is_mismatch() => {
-                writeln!(err, "{error}")?;
+                writeln!(err, "{}", Chain(&error))?;
                 Ok(1)
             }
             Err(error) => Err(error.into()),
@@ -363,7 +364,7 @@ mod tests {
             "--data-dir",
             data_arg,
         ]);
-        let message = status.unwrap_err().to_string();
+        let message = format!("{:#}", status.unwrap_err());
         assert!(message.contains("bin/cluster is missing"), "{message}");
         assert!(out.is_empty());
         assert_eq!(fs::read_link(data.path().join("current")).unwrap(), before);
@@ -374,7 +375,7 @@ mod tests {
         let holder = tempfile::tempdir().unwrap();
         let missing = holder.path().join("nope");
         let (status, out, _) = exec(&["verify", missing.to_str().unwrap()]);
-        let message = status.unwrap_err().to_string();
+        let message = format!("{:#}", status.unwrap_err());
         assert!(message.contains("does not exist"), "{message}");
         assert!(out.is_empty());
     }

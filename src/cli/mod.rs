@@ -346,7 +346,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             Err(reason) => {
-                eprintln!("error: boot guard: {reason}");
+                eprintln!("error: boot guard: {}", crate::error::Chain(&reason));
                 Ok(ExitCode::from(EXIT_FAILURE))
             }
         },
@@ -476,7 +476,7 @@ fn reexec(data_dir: &std::path::Path) -> anyhow::Error {
     match crate::agent::guard::before_start(data_dir) {
         Ok(crate::agent::guard::GuardOutcome::Idle) => {}
         Ok(outcome) => tracing::warn!("boot guard: {}", crate::agent::guard::describe(&outcome)),
-        Err(e) => tracing::error!(error = %e, "boot guard"),
+        Err(e) => tracing::error!(error = %crate::error::Chain(&e), "boot guard"),
     }
     let binary = data_dir.join("current/bin/cluster");
     tracing::info!(binary = %binary.display(), "re-executing");

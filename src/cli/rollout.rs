@@ -162,7 +162,7 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
     let dist = match tokio::task::spawn_blocking(move || LocalDist::scan(&dir, &limits)).await? {
         Ok(dist) => Arc::new(dist),
         Err(e) => {
-            eprintln!("preflight failed: {e}");
+            eprintln!("preflight failed: {}", crate::error::Chain(&e));
             return Ok(ExitCode::from(EXIT_PREFLIGHT));
         }
     };

@@ -206,7 +206,7 @@ impl Cluster for NodeHandle {
         tokio::task::spawn_blocking(move || agent.store().install_dir(&dir, &Limits::default()))
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+            .map_err(|e| crate::error::Chain(&e).to_string())
     }
 
     fn request_restart(&self) {

@@ -28,7 +28,6 @@ use crate::api::{ApiError, ErrorKind, JoinRequest};
 use crate::raft::network::{Network, RaftHandler};
 use crate::raft::{Raft, Timing, TypeConfig};
 use crate::raft_store::{self, StoreError};
-use crate::release::DistError;
 use crate::rpc::{Channels, ControlClient};
 use crate::state::{Command, NodeInfo, PROTOCOL};
 use crate::supervise::Supervision;
@@ -82,7 +81,7 @@ pub enum NodeError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("releases: {0}")]
-    Releases(#[source] DistError),
+    Releases(#[source] crate::release::StoreError),
     #[error("invalid Raft timing: {0}")]
     Timing(#[source] openraft::ConfigError),
     #[error("raft: {0}")]
@@ -455,6 +454,6 @@ mod tests {
             .map_err(NodeError::Releases)
             .expect_err("a file is no data dir");
         let cause = std::error::Error::source(&releases).expect("the release store error");
-        assert!(cause.is::<DistError>(), "{cause:?}");
+        assert!(cause.is::<crate::release::StoreError>(), "{cause:?}");
     }
 }

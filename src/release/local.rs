@@ -16,20 +16,20 @@ use sha2::{Digest, Sha256};
 
 use super::manifest::{chunk_offsets, Chunk, EntryKind, Manifest};
 use super::store::ReleaseStore;
-use super::DistError;
+use super::store::StoreError;
 use crate::fs::{io_error, open_file};
 
 impl ReleaseStore {
     /// Chunks of `manifest` that no held release has, each once, in manifest order: what
     /// must cross the network. A file whose whole content a held release has needs none of
     /// its chunks, even if that release cut it differently.
-    pub fn missing_chunks(&self, manifest: &Manifest) -> Result<Vec<Chunk>, DistError> {
+    pub fn missing_chunks(&self, manifest: &Manifest) -> Result<Vec<Chunk>, StoreError> {
         Ok(self.local_content()?.missing(manifest))
     }
 
     /// The bytes of one chunk, from any held release, checked against `sha256`: what a node
     /// serves to peers that are syncing a release it holds.
-    pub fn read_chunk(&self, sha256: &str) -> Result<Vec<u8>, DistError> {
+    pub fn read_chunk(&self, sha256: &str) -> Result<Vec<u8>, StoreError> {
         let mut damaged = None;
         for hash in self.releases()? {
             let manifest = self.manifest_shared(&hash)?;
@@ -50,14 +50,14 @@ impl ReleaseStore {
                 }
             }
         }
-        Err(damaged.unwrap_or_else(|| DistError::ChunkNotHeld {
+        Err(damaged.unwrap_or_else(|| StoreError::ChunkNotHeld {
             sha256: sha256.to_owned(),
             data_dir: self.data_dir().to_path_buf(),
         }))
     }
 
     /// Where every file content and chunk held locally can be read.
-    pub(super) fn local_content(&self) -> Result<LocalContent, DistError> {
+    pub(super) fn local_content(&self) -> Result<LocalContent, StoreError> {
         let mut local = LocalContent::default();
         for hash in self.releases()? {
             let manifest = self.manifest_shared(&hash)?;
@@ -170,14 +170,14 @@ pub(super) fn read_verified_chunk(
     path: &Path,
     offset: u64,
     chunk: &Chunk,
-) -> Result<Vec<u8>, DistError> {
+) -> Result<Vec<u8>, StoreError> {
     let file = open_file(path).map_err(io_error("open", path))?;
     let size = usize::try_from(chunk.size).expect("chunk sizes are validated to fit in memory");
     let mut bytes = vec![0u8; size];
     file.read_exact_at(&mut bytes, offset)
         .map_err(io_error("read", path))?;
     if hex::encode(Sha256::digest(&bytes)) != chunk.sha256 {
-        return Err(DistError::ChunkCorrupt {
+        return Err(StoreError::ChunkCorrupt {
             sha256: chunk.sha256.clone(),
             path: path.to_path_buf(),
             offset,
@@ -289,7 +289,7 @@ mod tests {
         assert!(noise(200_000, 5).ends_with(&bytes));
 
         let error = store.read_chunk(&"c".repeat(64)).unwrap_err();
-        assert!(matches!(error, DistError::ChunkNotHeld { .. }), "{error}");
+        assert!(matches!(error, StoreError::ChunkNotHeld { .. }), "{error}");
 
         // Damage on disk (only a test writes into a release) is caught, not served.
         let file = data
@@ -302,7 +302,7 @@ mod tests {
         fs::write(&file, content).unwrap();
         let error = store.read_chunk(&last.sha256).unwrap_err();
         assert!(
-            matches!(&error, DistError::ChunkCorrupt { path, .. } if *path == file),
+            matches!(&error, StoreError::ChunkCorrupt { path, .. } if *path == file),
             "{error}"
         );
     }

@@ -10,8 +10,6 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::DistError;
-
 /// Name of the file, at the dist root, that records the build hash. It is derived from the
 /// manifest, so it is never part of one.
 pub const VERSION_FILE: &str = "version.json";
@@ -303,9 +301,9 @@ impl Manifest {
     ///
     /// Reports the first problem found, checking paths and order for all entries before
     /// their contents, so the error is deterministic for a given manifest.
-    pub fn validate(&self, limits: &Limits) -> Result<(), DistError> {
+    pub fn validate(&self, limits: &Limits) -> Result<(), ManifestError> {
         if self.entries.len() > limits.max_entries {
-            return Err(DistError::TooManyEntries {
+            return Err(ManifestError::TooManyEntries {
                 limit: limits.max_entries,
             });
         }
@@ -314,21 +312,21 @@ impl Manifest {
         let mut previous: Option<&str> = None;
         for entry in &self.entries {
             let path = entry.path.as_str();
-            check_path(path).map_err(|problem| DistError::BadPath {
+            check_path(path).map_err(|problem| ManifestError::BadPath {
                 path: path.to_owned(),
                 problem,
             })?;
             if path == VERSION_FILE {
-                return Err(DistError::VersionFileInManifest);
+                return Err(ManifestError::VersionFileInManifest);
             }
             if kinds.insert(path, &entry.kind).is_some() {
-                return Err(DistError::DuplicatePath {
+                return Err(ManifestError::DuplicatePath {
                     path: path.to_owned(),
                 });
             }
             if let Some(previous) = previous {
                 if previous > path {
-                    return Err(DistError::Unsorted {
+                    return Err(ManifestError::Unsorted {
                         path: path.to_owned(),
                         previous: previous.to_owned(),
                     });
@@ -343,14 +341,14 @@ impl Manifest {
             if let Some((parent, _)) = path.rsplit_once('/') {
                 match kinds.get(parent) {
                     None => {
-                        return Err(DistError::MissingParent {
+                        return Err(ManifestError::MissingParent {
                             path: path.to_owned(),
                             parent: parent.to_owned(),
                         })
                     }
                     Some(EntryKind::Dir { .. }) => {}
                     Some(_) => {
-                        return Err(DistError::ParentNotDir {
+                        return Err(ManifestError::ParentNotDir {
                             path: path.to_owned(),
                             parent: parent.to_owned(),
                         })
@@ -369,14 +367,14 @@ impl Manifest {
                     check_file_content(path, *size, sha256, chunks)?;
                     total_bytes = total_bytes.saturating_add(*size);
                     if total_bytes > limits.max_total_bytes {
-                        return Err(DistError::TooLarge {
+                        return Err(ManifestError::TooLarge {
                             total: total_bytes,
                             limit: limits.max_total_bytes,
                         });
                     }
                 }
                 EntryKind::Symlink { target } => {
-                    let bad = |problem| DistError::BadSymlink {
+                    let bad = |problem| ManifestError::BadSymlink {
                         path: path.to_owned(),
                         target: target.clone(),
                         problem,
@@ -385,7 +383,7 @@ impl Manifest {
                     match resolve_inside(path, target, &kinds) {
                         Ok(()) => {}
                         Err(Unresolvable::Escapes) => {
-                            return Err(DistError::SymlinkEscapes {
+                            return Err(ManifestError::SymlinkEscapes {
                                 path: path.to_owned(),
                                 target: target.clone(),
                             })
@@ -397,12 +395,12 @@ impl Manifest {
         }
 
         match kinds.get(BINARY_PATH) {
-            None => Err(DistError::MissingBinary),
+            None => Err(ManifestError::MissingBinary),
             Some(EntryKind::File { mode, .. }) if mode & 0o100 == 0 => {
-                Err(DistError::BinaryNotExecutable { mode: *mode })
+                Err(ManifestError::BinaryNotExecutable { mode: *mode })
             }
             Some(EntryKind::File { .. }) => Ok(()),
-            Some(_) => Err(DistError::BinaryNotFile),
+            Some(_) => Err(ManifestError::BinaryNotFile),
         }
     }
 }
@@ -466,7 +464,7 @@ fn check_symlink_target(target: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn check_mode(path: &str, mode: u32) -> Result<(), DistError> {
+fn check_mode(path: &str, mode: u32) -> Result<(), ManifestError> {
     let problem = if mode & !0o7777 != 0 {
         "bits beyond 0o7777 are set: a mode holds only permission bits"
     } else if mode & 0o6000 != 0 {
@@ -476,7 +474,7 @@ fn check_mode(path: &str, mode: u32) -> Result<(), DistError> {
     } else {
         return Ok(());
     };
-    Err(DistError::BadMode {
+    Err(ManifestError::BadMode {
         path: path.to_owned(),
         mode,
         problem,
@@ -488,9 +486,9 @@ fn check_file_content(
     size: u64,
     sha256: &str,
     chunks: &[Chunk],
-) -> Result<(), DistError> {
+) -> Result<(), ManifestError> {
     if !is_sha256_hex(sha256) {
-        return Err(DistError::BadHash {
+        return Err(ManifestError::BadHash {
             path: path.to_owned(),
             what: "content hash".to_owned(),
             hash: sha256.to_owned(),
@@ -499,7 +497,7 @@ fn check_file_content(
     let mut chunk_total: u64 = 0;
     for (index, chunk) in chunks.iter().enumerate() {
         if chunk.size == 0 || chunk.size > MAX_CHUNK_BYTES {
-            return Err(DistError::BadChunkSize {
+            return Err(ManifestError::BadChunkSize {
                 path: path.to_owned(),
                 index,
                 size: chunk.size,
@@ -507,7 +505,7 @@ fn check_file_content(
             });
         }
         if !is_sha256_hex(&chunk.sha256) {
-            return Err(DistError::BadHash {
+            return Err(ManifestError::BadHash {
                 path: path.to_owned(),
                 what: format!("chunk {index} hash"),
                 hash: chunk.sha256.clone(),
@@ -516,7 +514,7 @@ fn check_file_content(
         chunk_total = chunk_total.saturating_add(chunk.size);
     }
     if chunk_total != size {
-        return Err(DistError::ChunkSizeMismatch {
+        return Err(ManifestError::ChunkSizeMismatch {
             path: path.to_owned(),
             size,
             chunk_total,
@@ -581,13 +579,169 @@ fn resolve_inside(
     Ok(())
 }
 
+/// What is wrong with a manifest: the rules [`Manifest::validate`] enforces on every
+/// manifest, local or untrusted, and that scanning a dist checks before reading content.
+///
+/// Pure: every variant names an entry by its path relative to the dist root, and none
+/// carries an I/O error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    /// A path in a manifest breaks the rules for entry paths.
+    #[error(
+        "entry {path:?}: {problem}: entries must be relative paths of plain names inside the dist"
+    )]
+    BadPath {
+        /// The path as given (debug-quoted in the message so control characters show).
+        path: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+
+    /// The same path appears twice.
+    #[error("entry {path:?} appears more than once: each path may appear once")]
+    DuplicatePath {
+        /// The repeated path.
+        path: String,
+    },
+
+    /// Entries are not in byte-wise path order.
+    #[error("entry {path:?} comes after {previous:?}: entries must be sorted by path")]
+    Unsorted {
+        /// The out-of-order entry.
+        path: String,
+        /// The entry before it.
+        previous: String,
+    },
+
+    /// An entry's parent directory is not listed.
+    #[error(
+        "entry {path:?} has no entry for its parent directory {parent:?}: list every directory"
+    )]
+    MissingParent {
+        /// The entry.
+        path: String,
+        /// Its parent.
+        parent: String,
+    },
+
+    /// An entry's parent is listed but is a file or symlink.
+    #[error("entry {path:?} is inside {parent:?}, which is not a directory: only directories may contain entries")]
+    ParentNotDir {
+        /// The entry.
+        path: String,
+        /// Its parent.
+        parent: String,
+    },
+
+    /// A symlink target that is malformed (absolute, empty, control characters...).
+    #[error("symlink {path:?} -> {target:?}: {problem}: symlinks must be relative and stay inside the dist")]
+    BadSymlink {
+        /// The link's path.
+        path: String,
+        /// Its target.
+        target: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+
+    /// A symlink that resolves outside the dist root.
+    #[error("symlink {path:?} -> {target:?} points outside the dist: symlinks must stay inside the dist")]
+    SymlinkEscapes {
+        /// The link's path.
+        path: String,
+        /// Its target.
+        target: String,
+    },
+
+    /// Permission bits beyond rwx for user/group/other.
+    #[error("entry {path:?} has mode {mode:04o}: {problem}")]
+    BadMode {
+        /// The entry.
+        path: String,
+        /// The mode as given.
+        mode: u32,
+        /// What is wrong and how to fix it.
+        problem: &'static str,
+    },
+
+    /// A file's chunks do not add up to the file.
+    #[error("file {path:?}: chunks add up to {chunk_total} bytes but the file has {size}: the manifest is corrupt; re-scan the dist")]
+    ChunkSizeMismatch {
+        /// The file.
+        path: String,
+        /// Its declared size.
+        size: u64,
+        /// Sum of its chunk sizes (saturating).
+        chunk_total: u64,
+    },
+
+    /// A chunk that is empty or larger than any chunker here produces.
+    #[error("file {path:?}: chunk {index} has {size} bytes, outside 1..={max}: the manifest is corrupt; re-scan the dist")]
+    BadChunkSize {
+        /// The file.
+        path: String,
+        /// Position of the chunk in the file.
+        index: usize,
+        /// Its declared size.
+        size: u64,
+        /// The largest chunk accepted.
+        max: u64,
+    },
+
+    /// A hash that is not 64 lowercase hex characters.
+    #[error("file {path:?}: {what} {hash:?} is not 64 lowercase hex characters: the manifest is corrupt; re-scan the dist")]
+    BadHash {
+        /// The file.
+        path: String,
+        /// "content hash" or "chunk N hash".
+        what: String,
+        /// The value given.
+        hash: String,
+    },
+
+    /// Total file bytes above the configured cap.
+    #[error("the dist holds at least {total} bytes of files, over the limit of {limit}: shrink the dist or raise the size limit")]
+    TooLarge {
+        /// Bytes counted so far (at least this many).
+        total: u64,
+        /// The cap.
+        limit: u64,
+    },
+
+    /// More entries than the configured cap.
+    #[error("the dist has more than {limit} entries: shrink the dist or raise the entry limit")]
+    TooManyEntries {
+        /// The cap.
+        limit: usize,
+    },
+
+    /// No `bin/cluster`.
+    #[error("bin/cluster is missing: a dist must contain the cluster binary at bin/cluster")]
+    MissingBinary,
+
+    /// `bin/cluster` exists but is not a regular file.
+    #[error("bin/cluster is not a regular file: a dist must contain the cluster binary itself at bin/cluster, not a link or directory")]
+    BinaryNotFile,
+
+    /// `bin/cluster` is not executable by its owner.
+    #[error("bin/cluster has mode {mode:04o} and is not executable: chmod +x bin/cluster")]
+    BinaryNotExecutable {
+        /// Its mode.
+        mode: u32,
+    },
+
+    /// A manifest lists `version.json` at the root, which is derived from the manifest.
+    #[error("entry \"{VERSION_FILE}\" may not appear in a manifest: it is written from the manifest by `cluster dist stamp`")]
+    VersionFileInManifest,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
     /// Checks that an error is the expected one.
-    type Expect = fn(&DistError) -> bool;
+    type Expect = fn(&ManifestError) -> bool;
 
     fn hex_of(byte: u8) -> String {
         hex::encode([byte; 32])
@@ -639,7 +793,7 @@ mod tests {
         Manifest::from_unsorted(entries)
     }
 
-    fn check(manifest: &Manifest) -> Result<(), DistError> {
+    fn check(manifest: &Manifest) -> Result<(), ManifestError> {
         manifest.validate(&Limits::default())
     }
 
@@ -671,7 +825,7 @@ mod tests {
             ("empty path", with(vec![file("", 0o644, &[1])]), |e| {
                 matches!(
                     e,
-                    DistError::BadPath {
+                    ManifestError::BadPath {
                         problem: "is empty",
                         ..
                     }
@@ -680,7 +834,7 @@ mod tests {
             ("absolute", with(vec![file("/etc", 0o644, &[1])]), |e| {
                 matches!(
                     e,
-                    DistError::BadPath {
+                    ManifestError::BadPath {
                         problem: "is absolute",
                         ..
                     }
@@ -689,108 +843,108 @@ mod tests {
             (
                 "dotdot",
                 with(vec![file("bin/../x", 0o644, &[1])]),
-                |e| matches!(e, DistError::BadPath { problem, .. } if problem.contains("`..`")),
+                |e| matches!(e, ManifestError::BadPath { problem, .. } if problem.contains("`..`")),
             ),
             (
                 "dot",
                 with(vec![file("bin/./x", 0o644, &[1])]),
-                |e| matches!(e, DistError::BadPath { problem, .. } if problem.contains("`.`")),
+                |e| matches!(e, ManifestError::BadPath { problem, .. } if problem.contains("`.`")),
             ),
             (
                 "double slash",
                 with(vec![file("bin//x", 0o644, &[1])]),
-                |e| matches!(e, DistError::BadPath { problem, .. } if problem.contains("empty")),
+                |e| matches!(e, ManifestError::BadPath { problem, .. } if problem.contains("empty")),
             ),
             (
                 "trailing slash",
                 with(vec![dir("lib/")]),
-                |e| matches!(e, DistError::BadPath { problem, .. } if problem.contains("empty")),
+                |e| matches!(e, ManifestError::BadPath { problem, .. } if problem.contains("empty")),
             ),
             (
                 "nul",
                 with(vec![file("a\0b", 0o644, &[1])]),
-                |e| matches!(e, DistError::BadPath { problem, .. } if problem.contains("NUL")),
+                |e| matches!(e, ManifestError::BadPath { problem, .. } if problem.contains("NUL")),
             ),
             (
                 "newline",
                 with(vec![file("a\nb", 0o644, &[1])]),
-                |e| matches!(e, DistError::BadPath { problem, .. } if problem.contains("control")),
+                |e| matches!(e, ManifestError::BadPath { problem, .. } if problem.contains("control")),
             ),
             (
                 "c1 control",
                 with(vec![file("a\u{85}b", 0o644, &[1])]),
-                |e| matches!(e, DistError::BadPath { problem, .. } if problem.contains("control")),
+                |e| matches!(e, ManifestError::BadPath { problem, .. } if problem.contains("control")),
             ),
             (
                 "backslash",
                 with(vec![file("a\\b", 0o644, &[1])]),
-                |e| matches!(e, DistError::BadPath { problem, .. } if problem.contains("backslash")),
+                |e| matches!(e, ManifestError::BadPath { problem, .. } if problem.contains("backslash")),
             ),
             (
                 "long name",
                 with(vec![file(&"n".repeat(256), 0o644, &[1])]),
-                |e| matches!(e, DistError::BadPath { problem, .. } if problem.contains("255")),
+                |e| matches!(e, ManifestError::BadPath { problem, .. } if problem.contains("255")),
             ),
             (
                 "duplicate",
                 Manifest {
                     entries: vec![dir("bin"), dir("bin"), file("bin/cluster", 0o755, &[1])],
                 },
-                |e| matches!(e, DistError::DuplicatePath { path } if path == "bin"),
+                |e| matches!(e, ManifestError::DuplicatePath { path } if path == "bin"),
             ),
             (
                 "unsorted",
                 Manifest {
                     entries: vec![file("bin/cluster", 0o755, &[1]), dir("bin")],
                 },
-                |e| matches!(e, DistError::Unsorted { path, .. } if path == "bin"),
+                |e| matches!(e, ManifestError::Unsorted { path, .. } if path == "bin"),
             ),
             (
                 "no parent",
                 with(vec![file("lib/x", 0o644, &[1])]),
-                |e| matches!(e, DistError::MissingParent { parent, .. } if parent == "lib"),
+                |e| matches!(e, ManifestError::MissingParent { parent, .. } if parent == "lib"),
             ),
             (
                 "parent is a file",
                 with(vec![file("lib", 0o644, &[1]), file("lib/x", 0o644, &[1])]),
-                |e| matches!(e, DistError::ParentNotDir { parent, .. } if parent == "lib"),
+                |e| matches!(e, ManifestError::ParentNotDir { parent, .. } if parent == "lib"),
             ),
             (
                 "parent is a symlink",
                 with(vec![link("lib", "bin"), file("lib/x", 0o644, &[1])]),
-                |e| matches!(e, DistError::ParentNotDir { parent, .. } if parent == "lib"),
+                |e| matches!(e, ManifestError::ParentNotDir { parent, .. } if parent == "lib"),
             ),
             (
                 "absolute symlink",
                 with(vec![link("l", "/etc/passwd")]),
-                |e| matches!(e, DistError::BadSymlink { problem, .. } if problem.contains("absolute")),
+                |e| matches!(e, ManifestError::BadSymlink { problem, .. } if problem.contains("absolute")),
             ),
             ("escaping symlink", with(vec![link("l", "../x")]), |e| {
-                matches!(e, DistError::SymlinkEscapes { .. })
+                matches!(e, ManifestError::SymlinkEscapes { .. })
             }),
             (
                 "deep escaping symlink",
                 with(vec![link("bin/l", "../nope/../../x")]),
-                |e| matches!(e, DistError::SymlinkEscapes { .. }),
+                |e| matches!(e, ManifestError::SymlinkEscapes { .. }),
             ),
             (
                 "escape through another symlink",
                 with(vec![link("s", "."), link("t", "s/..")]),
-                |e| matches!(e, DistError::SymlinkEscapes { path, .. } if path == "t"),
+                |e| matches!(e, ManifestError::SymlinkEscapes { path, .. } if path == "t"),
             ),
             (
                 "symlink loop",
                 with(vec![link("a", "b"), link("b", "a")]),
-                |e| matches!(e, DistError::BadSymlink { problem, .. } if problem.contains("loop")),
+                |e| matches!(e, ManifestError::BadSymlink { problem, .. } if problem.contains("loop")),
             ),
             ("empty target", with(vec![link("l", "")]), |e| {
-                matches!(e, DistError::BadSymlink { .. })
+                matches!(e, ManifestError::BadSymlink { .. })
             }),
             ("nul in target", with(vec![link("l", "a\0")]), |e| {
-                matches!(e, DistError::BadSymlink { .. })
+                matches!(e, ManifestError::BadSymlink { .. })
             }),
             ("setuid", with(vec![file("s", 0o4755, &[1])]), |e| {
-                matches!(e, DistError::BadMode { mode: 0o4755, .. })
+                matches!(e, ManifestError::BadMode { mode: 0o4755, .. })
             }),
             (
                 "setgid dir",
@@ -798,7 +952,7 @@ mod tests {
                     path: "d".into(),
                     kind: EntryKind::Dir { mode: 0o2755 },
                 }]),
-                |e| matches!(e, DistError::BadMode { .. }),
+                |e| matches!(e, ManifestError::BadMode { .. }),
             ),
             (
                 "sticky",
@@ -806,12 +960,12 @@ mod tests {
                     path: "d".into(),
                     kind: EntryKind::Dir { mode: 0o1777 },
                 }]),
-                |e| matches!(e, DistError::BadMode { .. }),
+                |e| matches!(e, ManifestError::BadMode { .. }),
             ),
             (
                 "file type bits",
                 with(vec![file("f", 0o100644, &[1])]),
-                |e| matches!(e, DistError::BadMode { .. }),
+                |e| matches!(e, ManifestError::BadMode { .. }),
             ),
             (
                 "size mismatch",
@@ -825,7 +979,7 @@ mod tests {
                 |e| {
                     matches!(
                         e,
-                        DistError::ChunkSizeMismatch {
+                        ManifestError::ChunkSizeMismatch {
                             size: 8,
                             chunk_total: 7,
                             ..
@@ -834,12 +988,12 @@ mod tests {
                 },
             ),
             ("empty chunk", with(vec![file("f", 0o644, &[3, 0])]), |e| {
-                matches!(e, DistError::BadChunkSize { index: 1, .. })
+                matches!(e, ManifestError::BadChunkSize { index: 1, .. })
             }),
             (
                 "huge chunk",
                 with(vec![file("f", 0o644, &[MAX_CHUNK_BYTES + 1])]),
-                |e| matches!(e, DistError::BadChunkSize { .. }),
+                |e| matches!(e, ManifestError::BadChunkSize { .. }),
             ),
             (
                 "uppercase hash",
@@ -850,7 +1004,7 @@ mod tests {
                     }
                     manifest
                 },
-                |e| matches!(e, DistError::BadHash { .. }),
+                |e| matches!(e, ManifestError::BadHash { .. }),
             ),
             (
                 "short chunk hash",
@@ -861,17 +1015,17 @@ mod tests {
                     }
                     manifest
                 },
-                |e| matches!(e, DistError::BadHash { what, .. } if what == "chunk 0 hash"),
+                |e| matches!(e, ManifestError::BadHash { what, .. } if what == "chunk 0 hash"),
             ),
             (
                 "version.json",
                 with(vec![file("version.json", 0o644, &[1])]),
-                |e| matches!(e, DistError::VersionFileInManifest),
+                |e| matches!(e, ManifestError::VersionFileInManifest),
             ),
             (
                 "no binary",
                 Manifest::from_unsorted(vec![dir("bin")]),
-                |e| matches!(e, DistError::MissingBinary),
+                |e| matches!(e, ManifestError::MissingBinary),
             ),
             (
                 "binary is a symlink",
@@ -880,12 +1034,12 @@ mod tests {
                     file("bin/real", 0o755, &[1]),
                     link("bin/cluster", "real"),
                 ]),
-                |e| matches!(e, DistError::BinaryNotFile),
+                |e| matches!(e, ManifestError::BinaryNotFile),
             ),
             (
                 "binary not executable",
                 Manifest::from_unsorted(vec![dir("bin"), file("bin/cluster", 0o644, &[1])]),
-                |e| matches!(e, DistError::BinaryNotExecutable { mode: 0o644 }),
+                |e| matches!(e, ManifestError::BinaryNotExecutable { mode: 0o644 }),
             ),
         ];
         for (why, manifest, expected) in cases {
@@ -909,7 +1063,7 @@ mod tests {
         };
         assert!(matches!(
             manifest.validate(&tight),
-            Err(DistError::TooLarge { limit, .. }) if limit == MAX_CHUNK_BYTES
+            Err(ManifestError::TooLarge { limit, .. }) if limit == MAX_CHUNK_BYTES
         ));
         let few = Limits {
             max_entries: 2,
@@ -917,7 +1071,7 @@ mod tests {
         };
         assert!(matches!(
             manifest.validate(&few),
-            Err(DistError::TooManyEntries { limit: 2 })
+            Err(ManifestError::TooManyEntries { limit: 2 })
         ));
     }
 
@@ -1199,11 +1353,11 @@ mod tests {
             // Only the mutated entry is wrong, so it must be the one reported, for its reason.
             let expected = matches!(
                 (&mutation, &error),
-                (Mutation::DotDot | Mutation::Absolute | Mutation::ControlChar(_), Err(DistError::BadPath { .. }))
-                    | (Mutation::Duplicate, Err(DistError::DuplicatePath { .. }))
-                    | (Mutation::EscapingSymlink(_), Err(DistError::SymlinkEscapes { .. }))
-                    | (Mutation::SpecialBit(_), Err(DistError::BadMode { .. }))
-                    | (Mutation::SizeMismatch, Err(DistError::ChunkSizeMismatch { .. }))
+                (Mutation::DotDot | Mutation::Absolute | Mutation::ControlChar(_), Err(ManifestError::BadPath { .. }))
+                    | (Mutation::Duplicate, Err(ManifestError::DuplicatePath { .. }))
+                    | (Mutation::EscapingSymlink(_), Err(ManifestError::SymlinkEscapes { .. }))
+                    | (Mutation::SpecialBit(_), Err(ManifestError::BadMode { .. }))
+                    | (Mutation::SizeMismatch, Err(ManifestError::ChunkSizeMismatch { .. }))
             );
             prop_assert!(expected, "{:?} gave {:?} for {:?}", mutation, error, bad);
         }

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use walkdir::WalkDir;
 
 use super::manifest::{Chunk, Entry, EntryKind, EntrySummary, Limits, Manifest, VERSION_FILE};
-use super::DistError;
+use super::{DistError, ManifestError};
 use crate::fs::IoError;
 
 /// Smallest chunk FastCDC cuts (except a file's last one).
@@ -205,9 +205,9 @@ fn list(dir: &Path, limits: &Limits) -> Result<Vec<ListedEntry>, DistError> {
             return Err(DistError::VersionFileNotRegular);
         }
         if listing.len() >= limits.max_entries {
-            return Err(DistError::TooManyEntries {
+            return Err(DistError::Invalid(ManifestError::TooManyEntries {
                 limit: limits.max_entries,
-            });
+            }));
         }
 
         let listed = if file_type.is_symlink() {
@@ -237,10 +237,10 @@ fn list(dir: &Path, limits: &Limits) -> Result<Vec<ListedEntry>, DistError> {
                 let size = metadata.len();
                 total_bytes = total_bytes.saturating_add(size);
                 if total_bytes > limits.max_total_bytes {
-                    return Err(DistError::TooLarge {
+                    return Err(DistError::Invalid(ManifestError::TooLarge {
                         total: total_bytes,
                         limit: limits.max_total_bytes,
-                    });
+                    }));
                 }
                 Listed::File { mode, size }
             }
@@ -704,7 +704,7 @@ mod tests {
             (
                 "no binary",
                 |root| fs::remove_file(root.join("bin/cluster")).unwrap(),
-                |e| matches!(e, DistError::MissingBinary),
+                |e| matches!(e, DistError::Invalid(ManifestError::MissingBinary)),
             ),
             (
                 "binary is a directory",
@@ -712,7 +712,7 @@ mod tests {
                     fs::remove_file(root.join("bin/cluster")).unwrap();
                     fs::create_dir(root.join("bin/cluster")).unwrap();
                 },
-                |e| matches!(e, DistError::BinaryNotFile),
+                |e| matches!(e, DistError::Invalid(ManifestError::BinaryNotFile)),
             ),
             (
                 "fifo",
@@ -739,7 +739,7 @@ mod tests {
                     let path = root.join("lib/data.bin");
                     fs::set_permissions(path, fs::Permissions::from_mode(0o4755)).unwrap();
                 },
-                |e| matches!(e, DistError::BadMode { path, .. } if path == "lib/data.bin"),
+                |e| matches!(e, DistError::Invalid(ManifestError::BadMode { path, .. }) if path == "lib/data.bin"),
             ),
             (
                 "setgid dir",
@@ -747,22 +747,22 @@ mod tests {
                     fs::set_permissions(root.join("lib"), fs::Permissions::from_mode(0o2755))
                         .unwrap();
                 },
-                |e| matches!(e, DistError::BadMode { path, .. } if path == "lib"),
+                |e| matches!(e, DistError::Invalid(ManifestError::BadMode { path, .. }) if path == "lib"),
             ),
             (
                 "escaping symlink",
                 |root| symlink("../../etc/passwd", root.join("lib/out")).unwrap(),
-                |e| matches!(e, DistError::SymlinkEscapes { path, .. } if path == "lib/out"),
+                |e| matches!(e, DistError::Invalid(ManifestError::SymlinkEscapes { path, .. }) if path == "lib/out"),
             ),
             (
                 "absolute symlink",
                 |root| symlink("/etc/passwd", root.join("lib/out")).unwrap(),
-                |e| matches!(e, DistError::BadSymlink { .. }),
+                |e| matches!(e, DistError::Invalid(ManifestError::BadSymlink { .. })),
             ),
             (
                 "control character in a name",
                 |root| write_file(&root.join("lib/a\tb"), b"x", 0o644),
-                |e| matches!(e, DistError::BadPath { .. }),
+                |e| matches!(e, DistError::Invalid(ManifestError::BadPath { .. })),
             ),
             (
                 "non-UTF-8 name",
@@ -786,7 +786,7 @@ mod tests {
                 Ok(_) => panic!("{why}: accepted"),
                 Err(error) => {
                     assert!(expected(error.innermost()), "{why}: wrong error: {error}");
-                    let message = error.to_string();
+                    let message = crate::error::Chain(&error).to_string();
                     let dir = dist.path().display().to_string();
                     assert!(message.starts_with(&format!("dist {dir}: ")), "{message}");
                 }
@@ -803,7 +803,7 @@ mod tests {
         };
         assert!(matches!(
             scan(dist.path(), &small).unwrap_err().innermost(),
-            DistError::TooLarge { limit: 1000, .. }
+            DistError::Invalid(ManifestError::TooLarge { limit: 1000, .. })
         ));
         let few = Limits {
             max_entries: 3,
@@ -811,7 +811,7 @@ mod tests {
         };
         assert!(matches!(
             scan(dist.path(), &few).unwrap_err().innermost(),
-            DistError::TooManyEntries { limit: 3 }
+            DistError::Invalid(ManifestError::TooManyEntries { limit: 3 })
         ));
     }
 

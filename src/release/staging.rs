@@ -18,8 +18,10 @@ use std::time::SystemTime;
 use sha2::{Digest, Sha256};
 
 use super::local::{read_verified_chunk, LocalContent};
+use super::manifest::ManifestError;
 use super::manifest::{build_hash_of, Chunk, EntryKind, Limits, Manifest, VERSION_FILE};
 use super::scan::{scan, scan_summary};
+use super::store::StoreError;
 use super::store::{ReleaseStore, STAGING};
 use super::version::VersionInfo;
 use super::DistError;
@@ -73,9 +75,9 @@ impl Staging {
 
     /// Records `builtAt` and `gitCommit` for the release's version.json, as the dist's own
     /// version.json has them (otherwise: the time of `finish`, and "unknown").
-    pub fn set_origin(&mut self, built_at: &str, git_commit: &str) -> Result<(), DistError> {
+    pub fn set_origin(&mut self, built_at: &str, git_commit: &str) -> Result<(), SyncError> {
         if humantime::parse_rfc3339(built_at).is_err() {
-            return Err(DistError::BadOrigin {
+            return Err(SyncError::BadOrigin {
                 field: "builtAt",
                 value: built_at.to_owned(),
             });
@@ -84,7 +86,7 @@ impl Staging {
             || git_commit.len() > 64
             || !git_commit.bytes().all(|b| b.is_ascii_alphanumeric())
         {
-            return Err(DistError::BadOrigin {
+            return Err(SyncError::BadOrigin {
                 field: "gitCommit",
                 value: git_commit.to_owned(),
             });
@@ -96,14 +98,14 @@ impl Staging {
     /// Takes one chunk of the manifest: checks its size and SHA-256, then keeps it in
     /// staging. A chunk the manifest does not list, or bytes that do not match, are refused
     /// and change nothing. A chunk already held is accepted and ignored.
-    pub fn put_chunk(&mut self, sha256: &str, bytes: &[u8]) -> Result<(), DistError> {
+    pub fn put_chunk(&mut self, sha256: &str, bytes: &[u8]) -> Result<(), SyncError> {
         let Some(&size) = self.wanted.get(sha256) else {
-            return Err(DistError::UnknownChunk {
+            return Err(SyncError::UnknownChunk {
                 sha256: sha256.to_owned(),
                 release: self.hash.clone(),
             });
         };
-        let mismatch = |problem| DistError::ChunkMismatch {
+        let mismatch = |problem| SyncError::ChunkMismatch {
             sha256: sha256.to_owned(),
             problem,
         };
@@ -122,7 +124,7 @@ impl Staging {
         let written = create_new(&path, 0o600).and_then(|mut file| file.write_all(bytes));
         if let Err(source) = written {
             let _ = fs::remove_file(&path);
-            return Err(DistError::Io(IoError::new("write", path, source)));
+            return Err(SyncError::Io(IoError::new("write", path, source)));
         }
         self.missing_at.remove(sha256);
         self.missing.swap_remove(index);
@@ -141,12 +143,12 @@ impl Staging {
     /// symlinks and modes follow the manifest, version.json is written, everything is
     /// synced, and the whole tree must scan to the manifest's build hash before it is
     /// published. On error the staged work is discarded and the store is unchanged.
-    pub fn finish(self) -> Result<String, DistError> {
+    pub fn finish(self) -> Result<String, SyncError> {
         if self.store.has(&self.hash) {
             return Ok(self.hash.clone());
         }
         if !self.missing.is_empty() {
-            return Err(DistError::ChunksMissing {
+            return Err(SyncError::ChunksMissing {
                 release: self.hash.clone(),
                 count: self.missing.len(),
             });
@@ -157,7 +159,7 @@ impl Staging {
         // hash covers every byte of every file.
         let actual = build_hash_of(&scan_summary(&tree, &self.limits)?);
         if actual != self.hash {
-            return Err(DistError::StagedMismatch {
+            return Err(SyncError::StagedMismatch {
                 expected: self.hash.clone(),
                 actual,
             });
@@ -167,7 +169,7 @@ impl Staging {
     }
 
     /// Builds the release's tree at `tree` (which must not exist).
-    fn assemble(&self, tree: &Path) -> Result<(), DistError> {
+    fn assemble(&self, tree: &Path) -> Result<(), SyncError> {
         // Directories stay owner-writable while they fill; their modes are set last.
         DirBuilder::new()
             .mode(0o700)
@@ -236,7 +238,7 @@ impl Staging {
     }
 
     /// Creates the regular file `path` with the content and mode `spec` gives.
-    fn write_file(&self, spec: &FileSpec, path: &Path, buffer: &mut [u8]) -> Result<(), DistError> {
+    fn write_file(&self, spec: &FileSpec, path: &Path, buffer: &mut [u8]) -> Result<(), SyncError> {
         let &FileSpec {
             relative,
             mode,
@@ -262,7 +264,7 @@ impl Staging {
                     Ok(count) => count,
                     Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                     Err(source_error) => {
-                        return Err(DistError::Io(IoError::new("read", source, source_error)))
+                        return Err(SyncError::Io(IoError::new("read", source, source_error)))
                     }
                 };
                 hasher.update(&buffer[..count]);
@@ -284,8 +286,9 @@ impl Staging {
                     path: relative.to_owned(),
                     change: "its content no longer matches the scan".to_owned(),
                 }
-                .in_dist(dist),
-                None => DistError::FileMismatch {
+                .in_dist(dist)
+                .into(),
+                None => SyncError::FileMismatch {
                     path: relative.to_owned(),
                 },
             });
@@ -297,21 +300,21 @@ impl Staging {
     }
 
     /// One chunk's bytes: received, or read (and checked) from a held release.
-    fn chunk_bytes(&self, chunk: &Chunk) -> Result<Vec<u8>, DistError> {
+    fn chunk_bytes(&self, chunk: &Chunk) -> Result<Vec<u8>, SyncError> {
         let received = self.dir.join("chunks").join(&chunk.sha256);
         match fs::read(&received) {
             Ok(bytes) => return Ok(bytes),
             Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(DistError::Io(IoError::new("read", received, source))),
+            Err(source) => return Err(SyncError::Io(IoError::new("read", received, source))),
         }
         let (path, offset) =
             self.local
                 .chunk(&chunk.sha256)
-                .ok_or_else(|| DistError::ChunksMissing {
+                .ok_or_else(|| SyncError::ChunksMissing {
                     release: self.hash.clone(),
                     count: 1,
                 })?;
-        read_verified_chunk(&path, offset, chunk)
+        Ok(read_verified_chunk(&path, offset, chunk)?)
     }
 }
 
@@ -331,7 +334,7 @@ impl ReleaseStore {
     /// Starts materializing `manifest` in a fresh directory under `staging/`, after checking
     /// it with `limits` (an invalid manifest changes nothing on disk). Feed the chunks
     /// [`Staging::missing`] lists to [`Staging::put_chunk`], then call [`Staging::finish`].
-    pub fn begin(&self, manifest: &Manifest, limits: &Limits) -> Result<Staging, DistError> {
+    pub fn begin(&self, manifest: &Manifest, limits: &Limits) -> Result<Staging, SyncError> {
         manifest.validate(limits)?;
         self.stage(manifest.clone(), *limits, None)
     }
@@ -343,7 +346,7 @@ impl ReleaseStore {
     /// Idempotent: installing a held release changes nothing. `builtAt` and `gitCommit` are
     /// taken from the dist's version.json when it records this build hash. On error nothing
     /// visible changes (a bad dist is refused before anything is written).
-    pub fn install_dir(&self, dist_dir: &Path, limits: &Limits) -> Result<String, DistError> {
+    pub fn install_dir(&self, dist_dir: &Path, limits: &Limits) -> Result<String, SyncError> {
         let manifest = scan(dist_dir, limits)?;
         let hash = manifest.build_hash();
         if self.has(&hash) {
@@ -362,7 +365,7 @@ impl ReleaseStore {
         manifest: Manifest,
         limits: Limits,
         dist_dir: Option<PathBuf>,
-    ) -> Result<Staging, DistError> {
+    ) -> Result<Staging, SyncError> {
         let local = self.local_content()?;
         // A local dist supplies every byte itself: nothing is missing.
         let missing = if dist_dir.is_some() {
@@ -429,6 +432,103 @@ fn recorded_origin(dir: &Path, hash: &str) -> Option<(String, String)> {
     }
     let info: VersionInfo = serde_json::from_slice(&fs::read(&path).ok()?).ok()?;
     (info.build_hash == hash).then_some((info.built_at, info.git_commit))
+}
+
+/// What can go wrong getting a release's content into the store (a sync from peers, an
+/// upload, a local install): received bytes that are not what they claim, chunks nobody
+/// sent, an assembled tree that does not hash to its manifest, a peer that cannot help.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The release store failed underneath (reading held releases, publishing).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+
+    /// The manifest to stage breaks a manifest rule; nothing was written.
+    #[error(transparent)]
+    Invalid(#[from] ManifestError),
+
+    /// The dist being installed is not a valid dist, or changed while it was copied.
+    #[error(transparent)]
+    Dist(#[from] DistError),
+
+    /// An I/O operation on a path failed.
+    #[error(transparent)]
+    Io(#[from] crate::fs::IoError),
+
+    /// `put_chunk` got a chunk that the manifest being staged does not list.
+    #[error("chunk {sha256} is not part of release {release}: send only the chunks that Staging::missing lists")]
+    UnknownChunk {
+        /// The chunk's claimed SHA-256.
+        sha256: String,
+        /// The release being staged.
+        release: String,
+    },
+
+    /// `put_chunk` got bytes that are not the chunk they claim to be.
+    #[error("chunk {sha256} arrived corrupt ({problem}): fetch it again, from another node if it repeats")]
+    ChunkMismatch {
+        /// The chunk's claimed SHA-256.
+        sha256: String,
+        /// "1000 bytes, expected 1024" or "content hashes to ...".
+        problem: String,
+    },
+
+    /// `Staging::finish` before every missing chunk was put.
+    #[error("release {release} cannot be assembled: {count} chunks are still missing: put_chunk every chunk Staging::missing lists first")]
+    ChunksMissing {
+        /// The release being staged.
+        release: String,
+        /// How many chunks are missing.
+        count: usize,
+    },
+
+    /// The assembled tree does not hash to the build hash of its manifest.
+    #[error("the staged release hashes to {actual}, not {expected}: a source changed during the install or a local release is damaged; try again")]
+    StagedMismatch {
+        /// The build hash of the manifest.
+        expected: String,
+        /// The build hash of what was assembled.
+        actual: String,
+    },
+
+    /// A file assembled in staging does not hash to the content hash its manifest gives.
+    #[error("file {path:?} of the staged release does not match its content hash: the manifest's chunks disagree with it, or a held release is damaged; re-scan the dist, or remove the damaged release, and try again")]
+    FileMismatch {
+        /// The entry.
+        path: String,
+    },
+
+    /// A `builtAt` or `gitCommit` value for a release's version.json that is malformed.
+    #[error("{field} {value:?} is not valid: builtAt must be RFC 3339 and gitCommit letters and digits (at most 64), or \"unknown\"")]
+    BadOrigin {
+        /// "builtAt" or "gitCommit".
+        field: &'static str,
+        /// The value given.
+        value: String,
+    },
+
+    /// A peer asked for chunks did not send them (unreachable, or it refused).
+    #[error("peer {peer} did not send the chunks asked for: is it running and does it hold the release?")]
+    PeerUnreachable {
+        /// The peer's address.
+        peer: String,
+        /// Why, as the transport reported it.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// Chunks of the release that none of the peers asked could send.
+    #[error("release {release}: {count} chunks ({bytes} bytes) are held by none of the peers {peers:?}: upload the dist to one of them first")]
+    NotHeldByPeers {
+        /// The release being synced.
+        release: String,
+        /// How many chunks are still missing.
+        count: usize,
+        /// Their total size.
+        bytes: u64,
+        /// The peers that were asked.
+        peers: Vec<String>,
+    },
 }
 
 #[cfg(test)]
@@ -586,9 +686,9 @@ mod tests {
         for (why, sha256, bytes) in refusals {
             let error = staging.put_chunk(sha256, bytes).unwrap_err();
             let expected = if why == "unknown chunk" {
-                matches!(error, DistError::UnknownChunk { .. })
+                matches!(error, SyncError::UnknownChunk { .. })
             } else {
-                matches!(error, DistError::ChunkMismatch { .. })
+                matches!(error, SyncError::ChunkMismatch { .. })
             };
             assert!(expected, "{why}: {error}");
             assert_eq!(tree(data_b.path()), before, "{why}");
@@ -605,7 +705,7 @@ mod tests {
         let releases = store_b.releases().unwrap();
         let error = staging.finish().unwrap_err();
         assert!(
-            matches!(error, DistError::ChunksMissing { count, .. } if count == wanted.len() - 1),
+            matches!(error, SyncError::ChunksMissing { count, .. } if count == wanted.len() - 1),
             "{error}"
         );
         assert_eq!(store_b.releases().unwrap(), releases);
@@ -671,14 +771,14 @@ mod tests {
         let mut staging = store.begin(&manifest, &limits()).unwrap();
         assert!(matches!(
             staging.set_origin("yesterday", "abc123"),
-            Err(DistError::BadOrigin {
+            Err(SyncError::BadOrigin {
                 field: "builtAt",
                 ..
             })
         ));
         assert!(matches!(
             staging.set_origin("2024-05-01T10:00:00Z", "abc/../123"),
-            Err(DistError::BadOrigin {
+            Err(SyncError::BadOrigin {
                 field: "gitCommit",
                 ..
             })

@@ -28,8 +28,7 @@
 //!
 //! This module is the store itself: opening (and repairing after a crash), the held
 //! releases and their manifests, the links, and deleting old releases. Putting a release
-//! in is [`staging`](super::staging)'s; finding and serving content already held is
-//! [`local`](super::local)'s.
+//! in is `staging`'s; finding and serving content already held is `local`'s.
 //!
 //! Deliberately absent: any network code. [`Staging`](super::Staging) says which chunks are
 //! missing and takes them as bytes; moving them between nodes is the caller's business.
@@ -43,7 +42,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::manifest::{is_sha256_hex, Manifest};
-use super::DistError;
 use crate::fs::{
     io_error, random_name, remove_file_durably, remove_tree, replace_symlink, sync_dir,
     write_atomically, IoError,
@@ -87,8 +85,8 @@ impl ReleaseStore {
     /// may have left: everything in `staging/`, temporary links and manifests, manifests
     /// without a release, and release directories without a manifest are removed.
     ///
-    /// Fails with [`DistError::StoreLocked`] while another `ReleaseStore` has it open.
-    pub fn open(data_dir: &Path) -> Result<Self, DistError> {
+    /// Fails with [`StoreError::Locked`] while another `ReleaseStore` has it open.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         fs::create_dir_all(data_dir).map_err(io_error("create", data_dir))?;
         let lock_path = data_dir.join(LOCK_FILE);
         let lock = OpenOptions::new()
@@ -104,11 +102,11 @@ impl ReleaseStore {
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let error = io::Error::last_os_error();
             return Err(if error.kind() == io::ErrorKind::WouldBlock {
-                DistError::StoreLocked {
+                StoreError::Locked {
                     data_dir: data_dir.to_path_buf(),
                 }
             } else {
-                DistError::Io(IoError::new("lock", lock_path, error))
+                StoreError::Io(IoError::new("lock", lock_path, error))
             });
         }
         for name in [RELEASES, MANIFESTS, STAGING] {
@@ -116,7 +114,7 @@ impl ReleaseStore {
             match DirBuilder::new().mode(0o755).create(&dir) {
                 Ok(()) => {}
                 Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(source) => return Err(DistError::Io(IoError::new("create", dir, source))),
+                Err(source) => return Err(StoreError::Io(IoError::new("create", dir, source))),
             }
         }
         sync_dir(data_dir)?;
@@ -139,7 +137,7 @@ impl ReleaseStore {
 
     /// Build hashes of the complete releases held (a `releases/<hash>` directory with its
     /// manifest), sorted.
-    pub fn releases(&self) -> Result<Vec<String>, DistError> {
+    pub fn releases(&self) -> Result<Vec<String>, StoreError> {
         let dir = self.path(RELEASES);
         let mut hashes = Vec::new();
         for item in fs::read_dir(&dir).map_err(io_error("list", &dir))? {
@@ -156,17 +154,17 @@ impl ReleaseStore {
     }
 
     /// The build hash `current` points at, or `None` before the first activation.
-    pub fn current(&self) -> Result<Option<String>, DistError> {
+    pub fn current(&self) -> Result<Option<String>, StoreError> {
         self.link_target(CURRENT)
     }
 
     /// The build hash `previous` points at, or `None` when no backup is pinned.
-    pub fn previous(&self) -> Result<Option<String>, DistError> {
+    pub fn previous(&self) -> Result<Option<String>, StoreError> {
         self.link_target(PREVIOUS)
     }
 
     /// The full manifest (with chunk lists) of a held release.
-    pub fn manifest(&self, hash: &str) -> Result<Manifest, DistError> {
+    pub fn manifest(&self, hash: &str) -> Result<Manifest, StoreError> {
         Ok(self.manifest_shared(hash)?.as_ref().clone())
     }
 
@@ -180,9 +178,9 @@ impl ReleaseStore {
 
     /// Points `previous` at the release `current` points at, pinning it as the backup.
     /// A no-op when it already does; an error when there is no `current`.
-    pub fn pin_previous(&self) -> Result<(), DistError> {
+    pub fn pin_previous(&self) -> Result<(), StoreError> {
         let _changing = self.lock_changes();
-        let current = self.current()?.ok_or_else(|| DistError::NoCurrent {
+        let current = self.current()?.ok_or_else(|| StoreError::NoCurrent {
             path: self.path(CURRENT),
         })?;
         if self.previous()?.as_deref() == Some(current.as_str()) {
@@ -192,7 +190,7 @@ impl ReleaseStore {
     }
 
     /// Points `current` at the held release `hash` (an atomic symlink swap).
-    pub fn activate(&self, hash: &str) -> Result<(), DistError> {
+    pub fn activate(&self, hash: &str) -> Result<(), StoreError> {
         let _changing = self.lock_changes();
         self.require_release(hash)?;
         if self.current()?.as_deref() == Some(hash) {
@@ -203,9 +201,9 @@ impl ReleaseStore {
 
     /// Points `current` back at the release `previous` pins (an atomic symlink swap).
     /// `previous` stays pinned until [`ReleaseStore::commit`].
-    pub fn restore(&self) -> Result<(), DistError> {
+    pub fn restore(&self) -> Result<(), StoreError> {
         let _changing = self.lock_changes();
-        let previous = self.previous()?.ok_or_else(|| DistError::NoPrevious {
+        let previous = self.previous()?.ok_or_else(|| StoreError::NoPrevious {
             path: self.path(PREVIOUS),
         })?;
         self.require_release(&previous)?;
@@ -220,7 +218,7 @@ impl ReleaseStore {
     /// Returns the deleted build hashes. Never deletes `current`'s release.
     ///
     /// Each step is atomic and the whole is idempotent: after an error, commit again.
-    pub fn commit(&self, keep_old: usize) -> Result<Vec<String>, DistError> {
+    pub fn commit(&self, keep_old: usize) -> Result<Vec<String>, StoreError> {
         let _changing = self.lock_changes();
         remove_file_durably(&self.path(PREVIOUS))?;
         self.prune_unlocked(keep_old)
@@ -229,12 +227,12 @@ impl ReleaseStore {
     /// Deletes old releases beyond the newest `keep_old`, never the ones `current` or
     /// `previous` point at (a rollout may still need `previous` to revert). Returns the
     /// deleted hashes.
-    pub fn prune(&self, keep_old: usize) -> Result<Vec<String>, DistError> {
+    pub fn prune(&self, keep_old: usize) -> Result<Vec<String>, StoreError> {
         let _changing = self.lock_changes();
         self.prune_unlocked(keep_old)
     }
 
-    fn prune_unlocked(&self, keep_old: usize) -> Result<Vec<String>, DistError> {
+    fn prune_unlocked(&self, keep_old: usize) -> Result<Vec<String>, StoreError> {
         let current = self.current()?;
         let previous = self.previous()?;
         let mut others = Vec::new();
@@ -290,14 +288,14 @@ impl ReleaseStore {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn require_release(&self, hash: &str) -> Result<(), DistError> {
+    fn require_release(&self, hash: &str) -> Result<(), StoreError> {
         if !is_sha256_hex(hash) {
-            return Err(DistError::NotABuildHash {
+            return Err(StoreError::NotABuildHash {
                 hash: hash.to_owned(),
             });
         }
         if !self.has(hash) {
-            return Err(DistError::UnknownRelease {
+            return Err(StoreError::UnknownRelease {
                 hash: hash.to_owned(),
                 data_dir: self.data_dir().to_path_buf(),
             });
@@ -305,7 +303,7 @@ impl ReleaseStore {
         Ok(())
     }
 
-    pub(super) fn manifest_shared(&self, hash: &str) -> Result<Arc<Manifest>, DistError> {
+    pub(super) fn manifest_shared(&self, hash: &str) -> Result<Arc<Manifest>, StoreError> {
         self.require_release(hash)?;
         if let Some(manifest) = self.cache().get(hash) {
             return Ok(Arc::clone(manifest));
@@ -313,10 +311,10 @@ impl ReleaseStore {
         let path = self.manifest_path(hash);
         let text = fs::read(&path).map_err(io_error("read", &path))?;
         let manifest: Manifest =
-            serde_json::from_slice(&text).map_err(|error| DistError::BadManifestFile {
+            serde_json::from_slice(&text).map_err(|source| StoreError::BadManifestFile {
                 path: path.clone(),
                 hash: hash.to_owned(),
-                reason: error.to_string(),
+                source,
             })?;
         let manifest = Arc::new(manifest);
         self.cache().insert(hash.to_owned(), Arc::clone(&manifest));
@@ -330,7 +328,7 @@ impl ReleaseStore {
         hash: &str,
         manifest: &Manifest,
         tree: &Path,
-    ) -> Result<(), DistError> {
+    ) -> Result<(), StoreError> {
         let _changing = self.lock_changes();
         if self.has(hash) {
             return Ok(());
@@ -344,7 +342,7 @@ impl ReleaseStore {
         write_atomically(&self.path(MANIFESTS), &format!("{hash}.json"), &text)?;
         if let Err(source) = fs::rename(tree, &release_dir) {
             let _ = fs::remove_file(self.manifest_path(hash));
-            return Err(DistError::Io(IoError::new(
+            return Err(StoreError::Io(IoError::new(
                 "rename the staged release to",
                 release_dir,
                 source,
@@ -358,7 +356,7 @@ impl ReleaseStore {
 
     /// Deletes the release `hash`: rename it out of `releases/` (atomic), then remove its
     /// manifest and its files. A crash in between leaves only what `open` cleans up.
-    fn retire(&self, hash: &str) -> Result<(), DistError> {
+    fn retire(&self, hash: &str) -> Result<(), StoreError> {
         self.discard(&self.release_dir(hash), RELEASES)?;
         remove_file_durably(&self.manifest_path(hash))?;
         self.cache().remove(hash);
@@ -367,7 +365,7 @@ impl ReleaseStore {
 
     /// Moves `path` (an entry of `<data>/<parent>`) into staging/ and deletes it there, so
     /// that it disappears from `parent` atomically however large it is.
-    fn discard(&self, path: &Path, parent: &str) -> Result<(), DistError> {
+    fn discard(&self, path: &Path, parent: &str) -> Result<(), StoreError> {
         let doomed = self.path(STAGING).join(random_name("discard"));
         fs::rename(path, &doomed).map_err(io_error("delete", path))?;
         sync_dir(&self.path(parent))?;
@@ -375,7 +373,7 @@ impl ReleaseStore {
     }
 
     /// Removes what a crash can leave behind; see [`ReleaseStore::open`].
-    fn recover(&self) -> Result<(), DistError> {
+    fn recover(&self) -> Result<(), StoreError> {
         let _changing = self.lock_changes();
         let staging = self.path(STAGING);
         for item in fs::read_dir(&staging).map_err(io_error("list", &staging))? {
@@ -442,20 +440,20 @@ impl ReleaseStore {
     }
 
     /// The build hash the link `name` points at.
-    fn link_target(&self, name: &str) -> Result<Option<String>, DistError> {
+    fn link_target(&self, name: &str) -> Result<Option<String>, StoreError> {
         let path = self.path(name);
         let target = match fs::read_link(&path) {
             Ok(target) => target,
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
             // EINVAL: it exists but is not a symlink.
             Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
-                return Err(DistError::BadLink {
+                return Err(StoreError::BadLink {
                     path,
                     found: "not a symlink".to_owned(),
                 })
             }
             Err(source) => {
-                return Err(DistError::Io(IoError::new(
+                return Err(StoreError::Io(IoError::new(
                     "read the symlink",
                     path,
                     source,
@@ -465,23 +463,111 @@ impl ReleaseStore {
         let found = target.to_string_lossy().into_owned();
         match found.strip_prefix("releases/") {
             Some(hash) if is_sha256_hex(hash) => Ok(Some(hash.to_owned())),
-            _ => Err(DistError::BadLink { path, found }),
+            _ => Err(StoreError::BadLink { path, found }),
         }
     }
 
     /// Points the link `name` at `releases/<hash>`: a new symlink under a temporary name,
     /// renamed over the old one (atomic), then the directory synced so it survives a crash.
-    fn point(&self, name: &str, hash: &str) -> Result<(), DistError> {
+    fn point(&self, name: &str, hash: &str) -> Result<(), StoreError> {
         let target = Path::new(RELEASES).join(hash);
         Ok(replace_symlink(self.data_dir(), name, &target)?)
     }
+}
+
+/// What can go wrong in a node's release store: a release or chunk it does not hold, a
+/// link or manifest damaged on disk, the store in use by another process, or the disk.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An I/O operation on a path failed.
+    #[error(transparent)]
+    Io(#[from] crate::fs::IoError),
+
+    /// Another process (or another `ReleaseStore` in this one) has the release store open.
+    #[error("the release store in {} is in use by another process (a running node?): stop it, or use another data directory", data_dir.display())]
+    Locked {
+        /// The node's data directory.
+        data_dir: PathBuf,
+    },
+
+    /// A build hash given to the store is not one: it would not name a directory under
+    /// releases/, and could name one outside it.
+    #[error("{hash:?} is not a build hash: a build hash is 64 lowercase hex characters, as printed by `cluster dist hash`")]
+    NotABuildHash {
+        /// The value given.
+        hash: String,
+    },
+
+    /// A build hash that names no complete release in the store.
+    #[error("release {hash} is not installed in {}: install it first (`cluster dist install <dist> --data-dir <data>`)", data_dir.display())]
+    UnknownRelease {
+        /// The build hash asked for.
+        hash: String,
+        /// The node's data directory.
+        data_dir: PathBuf,
+    },
+
+    /// `<data>/current` is absent where one is needed.
+    #[error("{} does not exist: no release is active; activate one first (`cluster dist install <dist> --data-dir <data>`)", path.display())]
+    NoCurrent {
+        /// The path of the `current` link.
+        path: PathBuf,
+    },
+
+    /// `<data>/previous` is absent, so there is nothing to restore.
+    #[error("{} does not exist: there is no backup to restore; pin one (pin_previous) before activating a new release", path.display())]
+    NoPrevious {
+        /// The path of the `previous` link.
+        path: PathBuf,
+    },
+
+    /// `current` or `previous` is not a symlink to `releases/<build hash>`.
+    #[error("{} is not a link to releases/<build hash> (found {found:?}): remove it and activate a release", path.display())]
+    BadLink {
+        /// The link's path.
+        path: PathBuf,
+        /// What is there: the link's target, or a description of the non-link.
+        found: String,
+    },
+
+    /// A manifest file under `<data>/manifests/` cannot be parsed.
+    #[error("manifest {} is not valid: the release store is damaged; remove releases/{hash} and manifests/{hash}.json, then install the release again", path.display())]
+    BadManifestFile {
+        /// The file.
+        path: PathBuf,
+        /// The release it describes.
+        hash: String,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// `read_chunk` for a chunk in no release held here.
+    #[error("chunk {sha256} is in no release held in {}: ask a node that holds the release", data_dir.display())]
+    ChunkNotHeld {
+        /// The chunk asked for.
+        sha256: String,
+        /// The node's data directory.
+        data_dir: PathBuf,
+    },
+
+    /// Local content that should hold a chunk does not hash to it.
+    #[error("{} does not hold chunk {sha256} at byte {offset} as its manifest says: the release is damaged on disk; remove it and install it again", path.display())]
+    ChunkCorrupt {
+        /// The chunk.
+        sha256: String,
+        /// The file that should hold it.
+        path: PathBuf,
+        /// Where in the file.
+        offset: u64,
+    },
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::release::test_data::{limits, open, small_dist, staging_is_empty, tree, write_file};
-    use crate::release::{verify, Limits};
+    use crate::release::{verify, DistError, Limits, ManifestError, SyncError};
     use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
     use std::time::{Duration, UNIX_EPOCH};
 
@@ -593,7 +679,7 @@ mod tests {
         let fresh_store = open(&fresh);
         let fresh_before = tree(fresh.path());
         let error = fresh_store.pin_previous().unwrap_err();
-        assert!(matches!(error, DistError::NoCurrent { .. }), "{error}");
+        assert!(matches!(error, StoreError::NoCurrent { .. }), "{error}");
         assert_eq!(tree(fresh.path()), fresh_before);
 
         let v1 = store
@@ -605,7 +691,10 @@ mod tests {
 
         let unknown = "0".repeat(64);
         let error = store.activate(&unknown).unwrap_err();
-        assert!(matches!(error, DistError::UnknownRelease { .. }), "{error}");
+        assert!(
+            matches!(error, StoreError::UnknownRelease { .. }),
+            "{error}"
+        );
         assert!(
             error.to_string().contains("cluster dist install"),
             "{error}"
@@ -613,23 +702,26 @@ mod tests {
         unchanged("activate of an unknown hash");
 
         let error = store.activate("../../etc").unwrap_err();
-        assert!(matches!(error, DistError::NotABuildHash { .. }), "{error}");
+        assert!(matches!(error, StoreError::NotABuildHash { .. }), "{error}");
         unchanged("activate of a path");
         assert!(!store.has("../releases"));
         assert!(matches!(
             store.manifest(&unknown).unwrap_err(),
-            DistError::UnknownRelease { .. }
+            StoreError::UnknownRelease { .. }
         ));
 
         let error = store.restore().unwrap_err();
-        assert!(matches!(error, DistError::NoPrevious { .. }), "{error}");
+        assert!(matches!(error, StoreError::NoPrevious { .. }), "{error}");
         assert!(error.to_string().contains("pin"), "{error}");
         unchanged("restore without previous");
 
         let mut invalid = store.manifest(&v1).unwrap();
         invalid.entries[0].path = "../escape".into();
         let error = store.begin(&invalid, &limits()).unwrap_err();
-        assert!(matches!(error, DistError::BadPath { .. }), "{error}");
+        assert!(
+            matches!(error, SyncError::Invalid(ManifestError::BadPath { .. })),
+            "{error}"
+        );
         unchanged("begin with an invalid manifest");
         let error = store
             .begin(
@@ -640,7 +732,13 @@ mod tests {
                 },
             )
             .unwrap_err();
-        assert!(matches!(error, DistError::TooManyEntries { .. }), "{error}");
+        assert!(
+            matches!(
+                error,
+                SyncError::Invalid(ManifestError::TooManyEntries { .. })
+            ),
+            "{error}"
+        );
         unchanged("begin over the limits");
 
         type Breaker = fn(&Path);
@@ -649,7 +747,7 @@ mod tests {
             (
                 "missing bin/cluster",
                 |root| fs::remove_file(root.join("bin/cluster")).unwrap(),
-                |e| matches!(e, DistError::MissingBinary),
+                |e| matches!(e, DistError::Invalid(ManifestError::MissingBinary)),
             ),
             (
                 "setuid file",
@@ -657,12 +755,12 @@ mod tests {
                     let path = root.join("share/data.bin");
                     fs::set_permissions(path, fs::Permissions::from_mode(0o4755)).unwrap();
                 },
-                |e| matches!(e, DistError::BadMode { .. }),
+                |e| matches!(e, DistError::Invalid(ManifestError::BadMode { .. })),
             ),
             (
                 "escaping symlink",
                 |root| symlink("../../etc/passwd", root.join("share/out")).unwrap(),
-                |e| matches!(e, DistError::SymlinkEscapes { .. }),
+                |e| matches!(e, DistError::Invalid(ManifestError::SymlinkEscapes { .. })),
             ),
             (
                 "missing dir",
@@ -674,7 +772,13 @@ mod tests {
             let dist = small_dist("bad\n");
             break_it(dist.path());
             let error = store.install_dir(dist.path(), &limits()).unwrap_err();
-            assert!(expected(error.innermost()), "{why}: wrong error: {error}");
+            let SyncError::Dist(dist_error) = &error else {
+                panic!("{why}: not a dist error: {error}");
+            };
+            assert!(
+                expected(dist_error.innermost()),
+                "{why}: wrong error: {error}"
+            );
             unchanged(why);
         }
     }
@@ -755,7 +859,7 @@ mod tests {
         let data = tempfile::tempdir().unwrap();
         let store = open(&data);
         let error = ReleaseStore::open(data.path()).unwrap_err();
-        assert!(matches!(error, DistError::StoreLocked { .. }), "{error}");
+        assert!(matches!(error, StoreError::Locked { .. }), "{error}");
         let clone = store.clone();
         drop(store);
         assert!(ReleaseStore::open(data.path()).is_err(), "a clone holds it");

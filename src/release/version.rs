@@ -155,9 +155,7 @@ fn read_version_file(dir: &Path) -> Result<VersionInfo, DistError> {
     }
     let text = fs::read_to_string(&path)
         .map_err(|source| DistError::Io(IoError::new("read", path, source)))?;
-    serde_json::from_str(&text).map_err(|error| DistError::BadVersionFile {
-        reason: error.to_string(),
-    })
+    serde_json::from_str(&text).map_err(|source| DistError::BadVersionFile { source })
 }
 
 /// The first entry, in path order, where `recorded` and `actual` disagree.
@@ -249,6 +247,7 @@ fn git_commit(dir: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::release::ManifestError;
     use std::os::unix::fs::PermissionsExt;
 
     /// Checks that an error is the expected one.
@@ -441,7 +440,7 @@ mod tests {
         let error = verify(dist.path(), &limits()).unwrap_err();
         assert!(matches!(error.innermost(), DistError::NotStamped));
         assert!(error.is_mismatch());
-        assert!(error
+        assert!(crate::error::Chain(&error)
             .to_string()
             .ends_with("version.json is missing: run `cluster dist stamp <dir>` first"));
 
@@ -468,7 +467,10 @@ mod tests {
         let before = snapshot(dist.path());
         let error = stamp(dist.path(), &limits()).unwrap_err();
         assert!(
-            matches!(error.innermost(), DistError::MissingBinary),
+            matches!(
+                error.innermost(),
+                DistError::Invalid(ManifestError::MissingBinary)
+            ),
             "{error}"
         );
         assert_eq!(snapshot(dist.path()), before);
@@ -480,7 +482,10 @@ mod tests {
         let before = snapshot(dist.path());
         let error = stamp(dist.path(), &limits()).unwrap_err();
         assert!(
-            matches!(error.innermost(), DistError::SymlinkEscapes { .. }),
+            matches!(
+                error.innermost(),
+                DistError::Invalid(ManifestError::SymlinkEscapes { .. })
+            ),
             "{error}"
         );
         assert_eq!(snapshot(dist.path()), before);

@@ -298,8 +298,8 @@ fn build_hash_of_complete(dir: &Path) -> Result<String, String> {
     if dir.join(crate::release::manifest::VERSION_FILE).exists() {
         crate::release::verify(dir, &limits)
             .map(|info| info.build_hash)
-            .map_err(|e| e.to_string())
+            .map_err(|e| crate::error::Chain(&e).to_string())
     } else {
-        crate::release::hash(dir, &limits).map_err(|e| e.to_string())
+        crate::release::hash(dir, &limits).map_err(|e| crate::error::Chain(&e).to_string())
     }
 }
