@@ -5,7 +5,10 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod agent;
 pub mod rollout;
+
+pub use agent::{PrepareOutcome, ReleasesView};
 
 pub use rollout::{
     AutoStatus, Check, LeaderNotes, Operated, Operation, Plan, PlannedNode, Report, RolloutView,
@@ -126,27 +129,5 @@ pub struct JoinAccepted {
 pub struct TransferDone {
     pub leader: u64,
     pub term: u64,
-    pub elapsed_ms: u64,
-}
-
-/// The releases a node holds.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReleasesView {
-    pub hashes: Vec<String>,
-    pub current: Option<String>,
-    pub previous: Option<String>,
-    /// Free bytes on the node's data dir filesystem.
-    pub free_bytes: u64,
-}
-
-/// What materializing a release cost.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PrepareOutcome {
-    pub hash: String,
-    /// Chunk bytes that crossed the network.
-    pub fetched_bytes: u64,
-    pub fetched_chunks: u64,
-    /// Bytes of the release taken from content the node already held.
-    pub reused_bytes: u64,
     pub elapsed_ms: u64,
 }

@@ -14,11 +14,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::api::{ApiError, ErrorKind, PrepareOutcome, ReleasesView};
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+pub use crate::api::agent::FenceError;
+use crate::api::agent::{AgentError, FenceRefusal, PrepareOutcome, ReleasesView};
+use crate::api::ApiError;
 use crate::error::Chain;
 use crate::release::{Chunk, Limits, Manifest, StoreError, SyncError};
 use crate::release::{ReleaseStore, Staging};
@@ -56,26 +58,28 @@ pub struct Fence {
 
 impl Fence {
     /// Why a request with this fence must be refused, given the newest one accepted.
-    pub fn refusal(&self, accepted: &Fence, node_term: u64) -> Option<String> {
+    pub fn refusal(&self, accepted: &Fence, node_term: u64) -> Option<FenceRefusal> {
         if self.term < node_term {
-            return Some(format!(
-                "issued in term {} but this node is in term {node_term}: a newer leader exists",
-                self.term
-            ));
+            return Some(FenceRefusal::StaleTerm {
+                term: self.term,
+                node_term,
+            });
         }
         if self.generation < accepted.generation {
-            return Some(format!(
-                "rollout generation {} is older than generation {} this node already follows",
-                self.generation, accepted.generation
-            ));
+            return Some(FenceRefusal::StaleGeneration {
+                generation: self.generation,
+                accepted: accepted.generation,
+            });
         }
         if self.generation == accepted.generation
             && (self.term, self.seq) < (accepted.term, accepted.seq)
         {
-            return Some(format!(
-                "request {}/{} is older than request {}/{} this node already ran",
-                self.term, self.seq, accepted.term, accepted.seq
-            ));
+            return Some(FenceRefusal::StaleSequence {
+                term: self.term,
+                seq: self.seq,
+                accepted_term: accepted.term,
+                accepted_seq: accepted.seq,
+            });
         }
         None
     }
@@ -98,50 +102,18 @@ pub struct Agent {
     fence_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// Maps a release-store error to what a remote caller can act on.
-fn api_error(e: impl Into<SyncError>) -> ApiError {
-    let e = e.into();
-    let kind = match &e {
-        SyncError::Io(_) | SyncError::Store(StoreError::Io(_)) => ErrorKind::Internal,
-        SyncError::Dist(dist) if dist.is_mismatch() => ErrorKind::FailedPrecondition,
-        _ => ErrorKind::InvalidArgument,
-    };
-    ApiError::new(kind, Chain(&e).to_string())
-}
-
-/// Maps a boot-guard error to what a remote caller can act on.
-fn guard_api_error(e: guard::GuardError) -> ApiError {
+/// A boot-guard error as the agent answers it: the release store's own errors keep their
+/// codes, a record that cannot be written is an I/O error, the rest is the guard's.
+fn guard_error(e: guard::GuardError) -> AgentError {
     match e {
-        guard::GuardError::Releases(e) => api_error(e),
-        other => ApiError::internal(format!("updating the boot guard: {other}")),
+        guard::GuardError::Releases(e) => AgentError::Store(e),
+        guard::GuardError::Write(e) => AgentError::GuardNotRecorded(e),
+        other => AgentError::Guard(Box::new(other)),
     }
 }
 
 /// Where the agent persists the newest fence it obeyed, in the data dir.
 const FENCE_FILE: &str = "agent-fence.json";
-
-/// The persisted fence cannot be used: the agent refuses every mutation until it can.
-/// (Starting with the default fence instead would let an older leader act; refusing to
-/// start the node would make its supervisor and boot guard treat the release as broken.)
-#[derive(Debug, thiserror::Error)]
-pub enum FenceError {
-    #[error("cannot read {}: {source}: check that this user may read the data dir", path.display())]
-    Read {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(
-        "{} is corrupt ({source}): this node refuses rollout operations until it is fixed; \
-         remove the file to obey the current leader again (older terms stay refused)",
-        path.display()
-    )]
-    Corrupt {
-        path: std::path::PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-}
 
 /// The newest fence this node obeyed; the default when none was ever recorded.
 pub fn read_fence(data_dir: &Path) -> Result<Fence, FenceError> {
@@ -162,34 +134,38 @@ fn apply_mutation(
     node_term: u64,
     running_build: &str,
     mutation: &Mutation,
-) -> Result<bool, ApiError> {
+) -> Result<bool, AgentError> {
     let data_dir = store.data_dir();
-    let accepted = read_fence(data_dir)
-        .map_err(|e| ApiError::precondition(format!("refused {mutation:?}: {e}")))?;
-    if let Some(why) = fence.refusal(&accepted, node_term) {
-        return Err(ApiError::precondition(format!(
-            "refused {mutation:?}: {why}"
-        )));
+    let accepted = read_fence(data_dir).map_err(|source| AgentError::FenceUnreadable {
+        mutation: format!("{mutation:?}"),
+        source,
+    })?;
+    if let Some(refusal) = fence.refusal(&accepted, node_term) {
+        return Err(AgentError::Refused {
+            mutation: format!("{mutation:?}"),
+            refusal,
+        });
     }
     // Check, then act: a refused commit leaves the guard armed and every release held.
     if let Mutation::Commit(hash) = mutation {
         if hash != running_build {
-            return Err(ApiError::precondition(format!(
-                "refused to commit release {hash}: this node runs {running_build}"
-            )));
+            return Err(AgentError::CommitNotRunning {
+                hash: hash.clone(),
+                running: running_build.to_owned(),
+            });
         }
     }
     if fence != accepted {
-        let bytes = serde_json::to_vec(&fence).map_err(|e| ApiError::internal(e.to_string()))?;
+        let bytes = serde_json::to_vec(&fence).expect("a fence always serializes");
         crate::fs::write_atomically(data_dir, FENCE_FILE, &bytes)
-            .map_err(|e| ApiError::internal(format!("recording the fence: {e}")))?;
+            .map_err(AgentError::FenceNotRecorded)?;
     }
     match mutation {
-        Mutation::PinPrevious => store.pin_previous().map_err(api_error)?,
+        Mutation::PinPrevious => store.pin_previous()?,
         Mutation::Activate(hash) => {
             // Arm the guard first: if the new release never comes up, the
             // supervisor puts back what runs now, with no leader involved.
-            let from = store.current().map_err(api_error)?.unwrap_or_default();
+            let from = store.current()?.unwrap_or_default();
             if from != *hash {
                 let pending = guard::PendingBoot {
                     generation: fence.generation,
@@ -197,20 +173,18 @@ fn apply_mutation(
                     to: hash.clone(),
                     tries_left: guard::DEFAULT_TRIES,
                 };
-                guard::arm(data_dir, &pending).map_err(guard_api_error)?;
+                guard::arm(data_dir, &pending).map_err(guard_error)?;
             }
-            store.activate(hash).map_err(api_error)?
+            store.activate(hash)?
         }
         Mutation::Restore(hash) => {
-            store.activate(hash).map_err(api_error)?;
-            guard::disarm(data_dir).map_err(guard_api_error)?;
+            store.activate(hash)?;
+            guard::disarm(data_dir).map_err(guard_error)?;
         }
         Mutation::Commit(_) => {
-            guard::disarm(data_dir).map_err(guard_api_error)?;
+            guard::disarm(data_dir).map_err(guard_error)?;
             // Old releases go now; current and the pinned previous always stay.
-            let deleted = store
-                .prune(crate::release::DEFAULT_KEEP_OLD)
-                .map_err(api_error)?;
+            let deleted = store.prune(crate::release::DEFAULT_KEEP_OLD)?;
             if !deleted.is_empty() {
                 tracing::info!(?deleted, "removed old releases");
             }
@@ -254,7 +228,11 @@ impl Agent {
     /// its generation not below the highest this node has accepted (persisted, so a restart
     /// does not forget it). Idempotent: repeating a mutation gives the same result. A
     /// refused mutation changes nothing on disk.
-    pub async fn mutate(&self, fence: Fence, mutation: Mutation) -> Result<ReleasesView, ApiError> {
+    pub async fn mutate(
+        &self,
+        fence: Fence,
+        mutation: Mutation,
+    ) -> Result<ReleasesView, AgentError> {
         let _serialized = self.fence_lock.lock().await;
         let node_term = (self.term)();
         let store = self.store.clone();
@@ -264,7 +242,7 @@ impl Agent {
             apply_mutation(&store, fence, node_term, &running_build, &for_store)
         })
         .await
-        .map_err(|e| ApiError::internal(format!("release store task failed: {e}")))??;
+        .map_err(AgentError::TaskFailed)??;
         let view = self.releases().await?;
         if restart {
             tracing::info!(
@@ -283,16 +261,15 @@ impl Agent {
     /// Runs release-store work off the async threads.
     async fn blocking<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&ReleaseStore) -> Result<T, SyncError> + Send + 'static,
-    ) -> Result<T, ApiError> {
+        work: impl FnOnce(&ReleaseStore) -> Result<T, AgentError> + Send + 'static,
+    ) -> Result<T, AgentError> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || work(&store))
             .await
-            .map_err(|e| ApiError::internal(format!("release store task failed: {e}")))?
-            .map_err(api_error)
+            .map_err(AgentError::TaskFailed)?
     }
 
-    pub async fn releases(&self) -> Result<ReleasesView, ApiError> {
+    pub async fn releases(&self) -> Result<ReleasesView, AgentError> {
         let data_dir = self.data_dir.clone();
         self.blocking(move |store| {
             Ok(ReleasesView {
@@ -307,18 +284,18 @@ impl Agent {
 
     /// Whether release `hash` is held here (async callers: not `store().has`, which
     /// reads the disk on the calling thread).
-    pub async fn has(&self, hash: &str) -> Result<bool, ApiError> {
+    pub async fn has(&self, hash: &str) -> Result<bool, AgentError> {
         let hash = hash.to_string();
         self.blocking(move |store| Ok(store.has(&hash))).await
     }
 
-    pub async fn manifest(&self, hash: &str) -> Result<Manifest, ApiError> {
+    pub async fn manifest(&self, hash: &str) -> Result<Manifest, AgentError> {
         let hash = hash.to_string();
         self.blocking(move |store| Ok(store.manifest(&hash)?)).await
     }
 
     /// The chunks of `manifest` this node would have to fetch, and their total size.
-    pub async fn missing(&self, manifest: Manifest) -> Result<(Vec<Chunk>, u64), ApiError> {
+    pub async fn missing(&self, manifest: Manifest) -> Result<(Vec<Chunk>, u64), AgentError> {
         self.blocking(move |store| {
             let missing = store.missing_chunks(&manifest)?;
             let bytes = missing.iter().map(|c| c.size).sum();
@@ -328,7 +305,7 @@ impl Agent {
     }
 
     /// One chunk's bytes from any release held here (verified before it is served).
-    pub async fn read_chunk(&self, sha256: String) -> Result<Vec<u8>, ApiError> {
+    pub async fn read_chunk(&self, sha256: String) -> Result<Vec<u8>, AgentError> {
         self.blocking(move |store| Ok(store.read_chunk(&sha256)?))
             .await
     }
@@ -339,7 +316,7 @@ impl Agent {
         &self,
         manifest: Manifest,
         peers: Vec<String>,
-    ) -> Result<PrepareOutcome, ApiError> {
+    ) -> Result<PrepareOutcome, AgentError> {
         let started = Instant::now();
         let total = manifest.total_bytes();
         let limits = self.limits;
@@ -354,7 +331,7 @@ impl Agent {
             });
         }
         let mut staging = self
-            .blocking(move |store| store.begin(&manifest, &limits))
+            .blocking(move |store| Ok(store.begin(&manifest, &limits)?))
             .await?;
         let mut fetched_bytes = 0;
         let mut fetched_chunks = 0;
@@ -363,13 +340,18 @@ impl Agent {
             if wanted.is_empty() {
                 break;
             }
-            let chunks = match AgentClient::with_channels(&self.channels, peer)?
-                .read_chunks(wanted)
-                .await
-            {
-                Ok(chunks) => chunks,
+            let unreachable = |source: ApiError| SyncError::PeerUnreachable {
+                peer: peer.clone(),
+                source: Box::new(source),
+            };
+            let mut client =
+                AgentClient::with_channels(&self.channels, peer).map_err(unreachable)?;
+            let chunks = match client.read_chunks(wanted).await {
+                Ok(chunks) => chunks
+                    .map(move |item| item.map_err(|source| AgentError::Sync(unreachable(source)))),
                 Err(e) => {
-                    tracing::warn!(%peer, error = %e, "fetching chunks failed; trying the next peer");
+                    let e = unreachable(e);
+                    tracing::warn!(error = %Chain(&e), "fetching chunks failed; trying the next peer");
                     continue;
                 }
             };
@@ -378,16 +360,17 @@ impl Agent {
             fetched_bytes += fed.bytes;
             fetched_chunks += fed.chunks;
             if let Some(e) = fed.error {
-                tracing::warn!(%peer, error = %e, "a peer's chunk stream broke; trying the next peer");
+                tracing::warn!(%peer, error = %Chain(&e), "a peer's chunk stream broke; trying the next peer");
             }
         }
         if !staging.missing().is_empty() {
-            return Err(ApiError::unavailable(format!(
-                "release {hash}: {} chunks ({} bytes) are held by none of the peers {peers:?}: \
-                 upload the dist to one of them first",
-                staging.missing().len(),
-                staging.missing().iter().map(|c| c.size).sum::<u64>()
-            )));
+            return Err(SyncError::NotHeldByPeers {
+                release: hash,
+                count: staging.missing().len(),
+                bytes: staging.missing().iter().map(|c| c.size).sum(),
+                peers,
+            }
+            .into());
         }
         let hash = finish(staging).await?;
         Ok(PrepareOutcome {
@@ -404,26 +387,22 @@ impl Agent {
     pub async fn upload(
         &self,
         manifest: Manifest,
-        chunks: impl Stream<Item = Result<(String, Vec<u8>), ApiError>> + Send + Unpin,
-    ) -> Result<PrepareOutcome, ApiError> {
+        chunks: impl Stream<Item = Result<(String, Vec<u8>), AgentError>> + Send + Unpin,
+    ) -> Result<PrepareOutcome, AgentError> {
         let started = Instant::now();
         let total = manifest.total_bytes();
         let limits = self.limits;
         let staging = self
-            .blocking(move |store| store.begin(&manifest, &limits))
+            .blocking(move |store| Ok(store.begin(&manifest, &limits)?))
             .await?;
         let fed = feed(staging, chunks).await;
         if let Some(e) = fed.error {
             return Err(e);
         }
         if !fed.staging.missing().is_empty() {
-            return Err(ApiError::new(
-                ErrorKind::InvalidArgument,
-                format!(
-                    "upload ended with {} chunks of the release still missing: send every chunk the node reported missing",
-                    fed.staging.missing().len()
-                ),
-            ));
+            return Err(AgentError::UploadIncomplete {
+                missing: fed.staging.missing().len(),
+            });
         }
         let hash = finish(fed.staging).await?;
         Ok(PrepareOutcome {
@@ -442,13 +421,13 @@ struct Fed {
     bytes: u64,
     chunks: u64,
     /// Why the stream stopped early, if it did.
-    error: Option<ApiError>,
+    error: Option<AgentError>,
 }
 
 /// Writes every chunk of `chunks` into `staging` (verifying each) on a blocking thread.
 async fn feed(
     mut staging: Staging,
-    mut chunks: impl Stream<Item = Result<(String, Vec<u8>), ApiError>> + Unpin,
+    mut chunks: impl Stream<Item = Result<(String, Vec<u8>), AgentError>> + Unpin,
 ) -> Fed {
     let (mut bytes, mut count) = (0, 0);
     while let Some(item) = chunks.next().await {
@@ -479,7 +458,7 @@ async fn feed(
                 staging,
                 bytes,
                 chunks: count,
-                error: Some(api_error(e)),
+                error: Some(e.into()),
             };
         }
         bytes += size;
@@ -493,11 +472,10 @@ async fn feed(
     }
 }
 
-async fn finish(staging: Staging) -> Result<String, ApiError> {
-    tokio::task::spawn_blocking(move || staging.finish())
+async fn finish(staging: Staging) -> Result<String, AgentError> {
+    Ok(tokio::task::spawn_blocking(move || staging.finish())
         .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(api_error)
+        .map_err(AgentError::TaskFailed)??)
 }
 
 /// Free bytes available to this process on the filesystem holding `path`.
@@ -517,7 +495,7 @@ mod tests {
     use tokio::sync::Notify;
 
     use super::testing::{install, tree};
-    use super::{Agent, Fence, Mutation};
+    use super::{Agent, AgentError, Fence, Mutation};
     use crate::rpc::Channels;
 
     #[test]
@@ -583,9 +561,12 @@ mod tests {
             .mutate(fence(1, 1, 2), Mutation::Commit(new.clone()))
             .await
             .unwrap_err();
+        let message = crate::error::Chain(&err).to_string();
         assert!(
-            err.message.contains("refused to commit") && err.message.contains("runs dev"),
-            "{err}"
+            matches!(err, AgentError::CommitNotRunning { .. })
+                && message.contains("refused to commit")
+                && message.contains("runs dev"),
+            "{message}"
         );
         // The guard stays armed, no release is pruned and the fence is not advanced.
         assert_eq!(tree(&data), before);
@@ -604,10 +585,12 @@ mod tests {
                 .mutate(fence(1, 1, 1), mutation.clone())
                 .await
                 .unwrap_err();
+            let message = crate::error::Chain(&err).to_string();
             assert!(
-                err.message.contains("agent-fence.json is corrupt")
-                    && err.message.contains("remove the file"),
-                "{mutation:?}: {err}"
+                matches!(err, AgentError::FenceUnreadable { .. })
+                    && message.contains("agent-fence.json is corrupt")
+                    && message.contains("remove the file"),
+                "{mutation:?}: {message}"
             );
             assert_eq!(tree(&data), before, "{mutation:?}");
         }

@@ -198,7 +198,10 @@ impl Cluster for NodeHandle {
     }
 
     async fn release_manifest(&self, hash: &str) -> Result<Manifest, String> {
-        self.agent.manifest(hash).await.map_err(|e| e.message)
+        self.agent
+            .manifest(hash)
+            .await
+            .map_err(|e| crate::error::Chain(&e).to_string())
     }
 
     async fn install_dist(&self, dir: PathBuf) -> Result<String, String> {

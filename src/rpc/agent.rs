@@ -10,23 +10,19 @@ use tonic::{Request, Response, Status, Streaming};
 use super::pb::agent_client::AgentClient as PbClient;
 use super::pb::agent_server::Agent as AgentRpc;
 use super::pb::{self, ChunkData};
-use super::status::{from_status, to_status};
+use super::status::{agent_status, from_status};
 use super::{Channels, MAX_MESSAGE_BYTES};
 use crate::agent::{Agent, Fence, Mutation};
-use crate::api::{ApiError, ErrorKind, PrepareOutcome, ReleasesView};
+use crate::api::agent::{AgentError, PrepareOutcome, ReleasesView};
+use crate::api::ApiError;
 use crate::release::Manifest;
 
-fn decode_manifest(bytes: &[u8]) -> Result<Manifest, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::new(
-            ErrorKind::InvalidArgument,
-            format!("undecodable manifest: {e}"),
-        )
-    })
+fn decode_manifest(bytes: &[u8]) -> Result<Manifest, AgentError> {
+    serde_json::from_slice(bytes).map_err(AgentError::BadManifest)
 }
 
-fn encode_manifest(manifest: &Manifest) -> Result<Vec<u8>, ApiError> {
-    serde_json::to_vec(manifest).map_err(|e| ApiError::internal(e.to_string()))
+fn encode_manifest(manifest: &Manifest) -> Vec<u8> {
+    serde_json::to_vec(manifest).expect("manifests always serialize")
 }
 
 fn prepare_reply(outcome: PrepareOutcome) -> pb::PrepareReply {
@@ -64,7 +60,7 @@ impl AgentRpc for AgentService {
         let request = request.into_inner();
         let fence = request.fence.unwrap_or_default();
         let op = pb::MutateOp::try_from(request.op)
-            .map_err(|_| Status::invalid_argument(format!("unknown mutation {}", request.op)))?;
+            .map_err(|_| agent_status(AgentError::UnknownMutation { op: request.op }))?;
         let mutation = match op {
             pb::MutateOp::PinPrevious => Mutation::PinPrevious,
             pb::MutateOp::Activate => Mutation::Activate(request.hash),
@@ -81,7 +77,7 @@ impl AgentRpc for AgentService {
             .agent
             .mutate(fence, mutation)
             .await
-            .map_err(to_status)?;
+            .map_err(agent_status)?;
         Ok(Response::new(pb::MutateReply {
             current: view.current.unwrap_or_default(),
             previous: view.previous.unwrap_or_default(),
@@ -92,7 +88,7 @@ impl AgentRpc for AgentService {
         &self,
         _: Request<pb::ReleasesRequest>,
     ) -> Result<Response<pb::ReleasesReply>, Status> {
-        let view = self.agent.releases().await.map_err(to_status)?;
+        let view = self.agent.releases().await.map_err(agent_status)?;
         Ok(Response::new(pb::ReleasesReply {
             hashes: view.hashes,
             current: view.current.unwrap_or_default(),
@@ -109,9 +105,9 @@ impl AgentRpc for AgentService {
             .agent
             .manifest(&request.into_inner().hash)
             .await
-            .map_err(to_status)?;
+            .map_err(agent_status)?;
         Ok(Response::new(pb::ManifestReply {
-            manifest: encode_manifest(&manifest).map_err(to_status)?,
+            manifest: encode_manifest(&manifest),
         }))
     }
 
@@ -119,8 +115,8 @@ impl AgentRpc for AgentService {
         &self,
         request: Request<pb::MissingRequest>,
     ) -> Result<Response<pb::MissingReply>, Status> {
-        let manifest = decode_manifest(&request.into_inner().manifest).map_err(to_status)?;
-        let (chunks, bytes) = self.agent.missing(manifest).await.map_err(to_status)?;
+        let manifest = decode_manifest(&request.into_inner().manifest).map_err(agent_status)?;
+        let (chunks, bytes) = self.agent.missing(manifest).await.map_err(agent_status)?;
         Ok(Response::new(pb::MissingReply {
             chunks: chunks.into_iter().map(|c| c.sha256).collect(),
             bytes,
@@ -138,7 +134,10 @@ impl AgentRpc for AgentService {
         let stream = futures::stream::iter(wanted).then(move |sha256| {
             let agent = agent.clone();
             async move {
-                let data = agent.read_chunk(sha256.clone()).await.map_err(to_status)?;
+                let data = agent
+                    .read_chunk(sha256.clone())
+                    .await
+                    .map_err(agent_status)?;
                 Ok(ChunkData { sha256, data })
             }
         });
@@ -150,22 +149,24 @@ impl AgentRpc for AgentService {
         request: Request<Streaming<pb::UploadPart>>,
     ) -> Result<Response<pb::PrepareReply>, Status> {
         let mut parts = request.into_inner();
-        let first = parts.message().await?.ok_or_else(|| {
-            Status::invalid_argument("an upload starts with a part carrying the manifest")
-        })?;
-        let manifest = decode_manifest(&first.manifest).map_err(to_status)?;
+        let first = parts
+            .message()
+            .await
+            .map_err(|status| agent_status(AgentError::UploadBroke(Box::new(status))))?
+            .ok_or_else(|| agent_status(AgentError::UploadWithoutManifest))?;
+        let manifest = decode_manifest(&first.manifest).map_err(agent_status)?;
         let chunks = parts
-            .map_err(|status| ApiError::unavailable(format!("upload stream broke: {status}")))
+            .map_err(|status| AgentError::UploadBroke(Box::new(status)))
             .and_then(|part| async move {
-                part.chunk.map(|c| (c.sha256, c.data)).ok_or_else(|| {
-                    ApiError::new(ErrorKind::InvalidArgument, "upload part without a chunk")
-                })
+                part.chunk
+                    .map(|c| (c.sha256, c.data))
+                    .ok_or(AgentError::UploadPartWithoutChunk)
             });
         let outcome = self
             .agent
             .upload(manifest, Box::pin(chunks))
             .await
-            .map_err(to_status)?;
+            .map_err(agent_status)?;
         Ok(Response::new(prepare_reply(outcome)))
     }
 
@@ -174,12 +175,12 @@ impl AgentRpc for AgentService {
         request: Request<pb::PrepareRequest>,
     ) -> Result<Response<pb::PrepareReply>, Status> {
         let request = request.into_inner();
-        let manifest = decode_manifest(&request.manifest).map_err(to_status)?;
+        let manifest = decode_manifest(&request.manifest).map_err(agent_status)?;
         let outcome = self
             .agent
             .prepare(manifest, request.peers)
             .await
-            .map_err(to_status)?;
+            .map_err(agent_status)?;
         Ok(Response::new(prepare_reply(outcome)))
     }
 }
@@ -266,7 +267,7 @@ impl AgentClient {
             .await
             .map_err(|s| self.error(s))?
             .into_inner();
-        decode_manifest(&reply.manifest)
+        Ok(decode_manifest(&reply.manifest)?)
     }
 
     /// The chunk hashes of `manifest` the node lacks, and their total size.
@@ -274,7 +275,7 @@ impl AgentClient {
         let reply = self
             .client
             .missing(pb::MissingRequest {
-                manifest: encode_manifest(manifest)?,
+                manifest: encode_manifest(manifest),
             })
             .await
             .map_err(|s| self.error(s))?
@@ -309,7 +310,7 @@ impl AgentClient {
         chunks: impl Stream<Item = Result<(String, Vec<u8>), ApiError>> + Send + 'static,
     ) -> Result<PrepareOutcome, ApiError> {
         let first = pb::UploadPart {
-            manifest: encode_manifest(manifest)?,
+            manifest: encode_manifest(manifest),
             chunk: None,
         };
         // A chunk that cannot be read ends the stream; that error, not the node's
@@ -348,12 +349,65 @@ impl AgentClient {
         let reply = self
             .client
             .prepare(pb::PrepareRequest {
-                manifest: encode_manifest(manifest)?,
+                manifest: encode_manifest(manifest),
                 peers,
             })
             .await
             .map_err(|s| self.error(s))?
             .into_inner();
         Ok(prepare_outcome(reply))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ErrorKind;
+    use futures::StreamExt;
+
+    /// Serves the Agent service of a fresh data dir on an OS-assigned port until the test's
+    /// runtime ends; returns the address and the data dir (deleted when dropped).
+    async fn serve_agent() -> (String, tempfile::TempDir) {
+        let data = tempfile::tempdir().unwrap();
+        let agent = Agent::open(
+            data.path(),
+            Channels::default(),
+            Arc::new(|| 1),
+            Arc::default(),
+            "dev".into(),
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let service = super::super::pb::agent_server::AgentServer::new(AgentService {
+            agent: Arc::new(agent),
+        });
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        (addr, data)
+    }
+
+    #[tokio::test]
+    async fn a_client_sees_not_found_for_what_the_node_does_not_hold() {
+        let (addr, _data) = serve_agent().await;
+        let mut client = AgentClient::new(&addr).unwrap();
+        let unknown = "0".repeat(64);
+
+        let error = client.manifest(&unknown).await.unwrap_err();
+        assert_eq!(error.kind, ErrorKind::NotFound, "{error}");
+        assert!(
+            error.message.contains(&unknown) && error.message.contains("install it first"),
+            "{error}"
+        );
+
+        let mut chunks = client.read_chunks(vec!["c".repeat(64)]).await.unwrap();
+        let error = chunks.next().await.unwrap().unwrap_err();
+        assert_eq!(error.kind, ErrorKind::NotFound, "{error}");
+
+        let error = client.manifest("../etc").await.unwrap_err();
+        assert_eq!(error.kind, ErrorKind::InvalidArgument, "{error}");
     }
 }

@@ -9,6 +9,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::pb::raft_client::RaftClient;
 use super::pb::RaftRequest;
+use super::status::raft_call_error;
 use super::MAX_MESSAGE_BYTES;
 
 /// How long to wait for a TCP connection to a peer. Short: a dead peer must not hold
@@ -32,7 +33,10 @@ impl Channels {
             return Ok(channel.clone());
         }
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| TransportError::Unreachable(format!("bad address {addr:?}: {e}")))?
+            .map_err(|source| TransportError::BadAddress {
+                addr: addr.to_string(),
+                source: Box::new(source),
+            })?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -47,12 +51,7 @@ impl Channels {
 impl Channels {
     /// The channel for a client of `addr`, with an error that tells the user the format.
     pub(super) fn for_client(&self, addr: &str) -> Result<Channel, crate::api::ApiError> {
-        self.get(addr).map_err(|e| {
-            crate::api::ApiError::new(
-                crate::api::ErrorKind::InvalidArgument,
-                format!("{e}: expected host:port, e.g. 127.0.0.1:7100"),
-            )
-        })
+        Ok(self.get(addr)?)
     }
 }
 
@@ -68,6 +67,13 @@ pub enum RaftRpc {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// `addr` is not an address a channel can be made for.
+    #[error("bad address {addr:?}: expected host:port, e.g. 127.0.0.1:7100")]
+    BadAddress {
+        addr: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// No answer: connection refused, reset, or not established in time.
     #[error("unreachable: {0}")]
     Unreachable(String),
@@ -115,12 +121,7 @@ impl RaftPeer {
         let reply = tokio::time::timeout(timeout, call)
             .await
             .map_err(|_| TransportError::Timeout(timeout))?
-            .map_err(|status| match status.code() {
-                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                    TransportError::Timeout(timeout)
-                }
-                _ => TransportError::Unreachable(status.message().to_string()),
-            })?
+            .map_err(|status| raft_call_error(status, timeout))?
             .into_inner();
         if !reply.error.is_empty() {
             return Err(TransportError::Remote(reply.error));
