@@ -26,6 +26,7 @@ const RULES: &[(&str, Rule)] = &[
     ("wire edge", tonic_and_prost_only_in_rpc),
     ("stdout edge", stdout_only_in_cli),
     ("pure core", pure_cores_do_no_io),
+    ("layering", modules_import_only_downwards),
 ];
 
 /// The directories whose `.rs` files the rules read.
@@ -209,6 +210,108 @@ fn pure_cores_do_no_io(path: &str, text: &str) -> Vec<Violation> {
     }
     found.sort_by_key(|v| v.line);
     found.dedup();
+    found
+}
+
+/// What each module may not import: dependencies point one way, node -> {rollout,
+/// agent, raft} -> rpc -> {api, release, state}, so no import circle forms among rpc,
+/// node, rollout and agent. A file's trailing `#[cfg(test)] mod tests` may reach further
+/// (a test may build the real thing a module serves).
+const LAYERS: &[(&str, &[&str])] = &[
+    (
+        "src/rpc/",
+        &[
+            "node",
+            "rollout",
+            "agent",
+            "raft",
+            "raft_store",
+            "cli",
+            "supervise",
+        ],
+    ),
+    (
+        "src/rollout/",
+        &[
+            "node",
+            "rpc",
+            "agent",
+            "raft",
+            "raft_store",
+            "cli",
+            "supervise",
+        ],
+    ),
+    (
+        "src/agent/",
+        &["node", "rollout", "raft", "raft_store", "cli"],
+    ),
+    ("src/raft/", &["node", "rollout", "agent", "cli"]),
+    (
+        "src/api",
+        &[
+            "node",
+            "rollout",
+            "rpc",
+            "agent",
+            "raft",
+            "raft_store",
+            "cli",
+        ],
+    ),
+    (
+        "src/state/",
+        &[
+            "node",
+            "rollout",
+            "rpc",
+            "agent",
+            "raft",
+            "raft_store",
+            "cli",
+        ],
+    ),
+    (
+        "src/release/",
+        &[
+            "node",
+            "rollout",
+            "rpc",
+            "agent",
+            "raft",
+            "raft_store",
+            "cli",
+            "state",
+        ],
+    ),
+];
+
+fn modules_import_only_downwards(path: &str, text: &str) -> Vec<Violation> {
+    let Some((layer, forbidden)) = LAYERS.iter().find(|(prefix, _)| path.starts_with(prefix))
+    else {
+        return Vec::new();
+    };
+    let code = match text.find("#[cfg(test)]\nmod tests") {
+        Some(tests) => &text[..tests],
+        None => text,
+    };
+    let mut found: Vec<Violation> = Code::lex(code)
+        .paths()
+        .into_iter()
+        .filter(|p| p.segments.len() > 1 && p.segments[0] == "crate")
+        .filter(|p| forbidden.contains(&p.segments[1].as_str()))
+        .map(|p| Violation {
+            line: p.line,
+            message: format!(
+                "imports crate::{}: {layer} may not depend on {}; dependencies point \
+                 node -> {{rollout, agent, raft}} -> rpc -> {{api, release, state}} \
+                 (add a trait in the lower module and implement it above)",
+                p.segments[1],
+                forbidden.join(", ")
+            ),
+        })
+        .collect();
+    found.dedup_by_key(|v| v.line);
     found
 }
 
@@ -531,6 +634,34 @@ fn each_rule_fires_on_a_violation_and_not_on_a_clean_sample() {
     // (rule, path, text, lines it must report)
     let cases: &[(&str, Rule, &str, &str, &[usize])] = &[
         ("missing doc line", doc_line, "src/x.rs", "use std::fmt;\n", &[1]),
+        (
+            "rpc importing the node",
+            modules_import_only_downwards,
+            "src/rpc/server.rs",
+            "//! x\nuse crate::node::NodeHandle;\nuse crate::{api, rollout::Plan};\n",
+            &[2, 3],
+        ),
+        (
+            "rollout importing rpc through a path",
+            modules_import_only_downwards,
+            "src/rollout/drive.rs",
+            "//! x\nfn f() { crate::rpc::ControlClient::new(\"a\"); }\n",
+            &[2],
+        ),
+        (
+            "downward imports and test modules",
+            modules_import_only_downwards,
+            "src/rpc/agent.rs",
+            "//! x\nuse crate::api::ApiError;\n#[cfg(test)]\nmod tests {\n    use crate::agent::Agent;\n}\n",
+            &[],
+        ),
+        (
+            "node may import anything",
+            modules_import_only_downwards,
+            "src/node/mod.rs",
+            "//! x\nuse crate::rollout::Cluster;\nuse crate::rpc::serve;\n",
+            &[],
+        ),
         ("plain comment first", doc_line, "tests/x.rs", "// a comment\n", &[1]),
         ("doc line", doc_line, "examples/x.rs", "//! What it is.\nfn main() {}\n", &[]),
         (

@@ -15,46 +15,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-pub use crate::api::agent::FenceError;
 use crate::api::agent::{AgentError, FenceRefusal, PrepareOutcome, ReleasesView};
+pub use crate::api::agent::{Fence, FenceError, Mutation};
 use crate::api::ApiError;
 use crate::error::Chain;
 use crate::release::{Chunk, Limits, Manifest, StoreError, SyncError};
 use crate::release::{ReleaseStore, Staging};
-use crate::rpc::{AgentClient, Channels};
+use crate::rpc::{AgentClient, AgentHandler, Channels, UploadChunks};
 
 /// The current Raft term of this node, for fencing mutations.
 pub type TermSource = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-/// A change to a node's releases, issued by a rollout (see `Fence`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Mutation {
-    /// `previous` -> what `current` points at: the backup, pinned until commit.
-    PinPrevious,
-    /// `current` -> releases/<hash>.
-    Activate(String),
-    /// `current` -> releases/<hash> (the node's build before the rollout), then a restart
-    /// if the running build is not that one. Repeating it is harmless.
-    Restore(String),
-    /// Release <hash> is good on this node. `previous` stays pinned: a revert of the whole
-    /// rollout may still need it.
-    Commit(String),
-    /// Exit gracefully so the supervisor starts the `current` release.
-    Restart,
-}
-
-/// Who may mutate: the rollout generation, and the leader term and request sequence
-/// that issued the request (requests of one leader are numbered in order).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(default)]
-pub struct Fence {
-    pub generation: u64,
-    pub term: u64,
-    pub seq: u64,
-}
 
 impl Fence {
     /// Why a request with this fence must be refused, given the newest one accepted.
@@ -476,6 +448,44 @@ async fn finish(staging: Staging) -> Result<String, AgentError> {
     Ok(tokio::task::spawn_blocking(move || staging.finish())
         .await
         .map_err(AgentError::TaskFailed)??)
+}
+
+impl AgentHandler for Agent {
+    async fn mutate(&self, fence: Fence, mutation: Mutation) -> Result<ReleasesView, AgentError> {
+        Agent::mutate(self, fence, mutation).await
+    }
+
+    async fn releases(&self) -> Result<ReleasesView, AgentError> {
+        Agent::releases(self).await
+    }
+
+    async fn manifest(&self, hash: String) -> Result<Manifest, AgentError> {
+        Agent::manifest(self, &hash).await
+    }
+
+    async fn missing(&self, manifest: Manifest) -> Result<(Vec<Chunk>, u64), AgentError> {
+        Agent::missing(self, manifest).await
+    }
+
+    async fn read_chunk(&self, sha256: String) -> Result<Vec<u8>, AgentError> {
+        Agent::read_chunk(self, sha256).await
+    }
+
+    async fn upload(
+        &self,
+        manifest: Manifest,
+        chunks: UploadChunks,
+    ) -> Result<PrepareOutcome, AgentError> {
+        Agent::upload(self, manifest, chunks).await
+    }
+
+    async fn prepare(
+        &self,
+        manifest: Manifest,
+        peers: Vec<String>,
+    ) -> Result<PrepareOutcome, AgentError> {
+        Agent::prepare(self, manifest, peers).await
+    }
 }
 
 /// Free bytes available to this process on the filesystem holding `path`.

@@ -9,6 +9,33 @@ use serde::{Deserialize, Serialize};
 use crate::fs::IoError;
 use crate::release::{StoreError, SyncError};
 
+/// A change to a node's releases, issued by a rollout (see `Fence`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mutation {
+    /// `previous` -> what `current` points at: the backup, pinned until commit.
+    PinPrevious,
+    /// `current` -> releases/<hash>.
+    Activate(String),
+    /// `current` -> releases/<hash> (the node's build before the rollout), then a restart
+    /// if the running build is not that one. Repeating it is harmless.
+    Restore(String),
+    /// Release <hash> is good on this node. `previous` stays pinned: a revert of the whole
+    /// rollout may still need it.
+    Commit(String),
+    /// Exit gracefully so the supervisor starts the `current` release.
+    Restart,
+}
+
+/// Who may mutate: the rollout generation, and the leader term and request sequence
+/// that issued the request (requests of one leader are numbered in order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Fence {
+    pub generation: u64,
+    pub term: u64,
+    pub seq: u64,
+}
+
 /// The releases a node holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReleasesView {

@@ -1,5 +1,6 @@
 //! The Agent gRPC service (releases on a node's disk) and its client.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -12,10 +13,49 @@ use super::pb::agent_server::Agent as AgentRpc;
 use super::pb::{self, ChunkData};
 use super::status::{agent_status, from_status};
 use super::{Channels, MAX_MESSAGE_BYTES};
-use crate::agent::{Agent, Fence, Mutation};
-use crate::api::agent::{AgentError, PrepareOutcome, ReleasesView};
+use crate::api::agent::{AgentError, Fence, Mutation, PrepareOutcome, ReleasesView};
 use crate::api::ApiError;
-use crate::release::Manifest;
+use crate::release::{Chunk, Manifest};
+
+/// The chunks of an upload, in the order the client sent them: (SHA-256, bytes).
+pub type UploadChunks = Pin<Box<dyn Stream<Item = Result<(String, Vec<u8>), AgentError>> + Send>>;
+
+/// What a node does for Agent requests; implemented by `agent`. A closed set of typed
+/// operations on paths the agent computes itself.
+pub trait AgentHandler: Send + Sync + 'static {
+    /// A fenced change to the node's releases; the releases afterwards.
+    fn mutate(
+        &self,
+        fence: Fence,
+        mutation: Mutation,
+    ) -> impl Future<Output = Result<ReleasesView, AgentError>> + Send;
+    /// The releases the node holds.
+    fn releases(&self) -> impl Future<Output = Result<ReleasesView, AgentError>> + Send;
+    /// The manifest of a release the node holds.
+    fn manifest(&self, hash: String) -> impl Future<Output = Result<Manifest, AgentError>> + Send;
+    /// The chunks of `manifest` the node holds in no release, and their bytes.
+    fn missing(
+        &self,
+        manifest: Manifest,
+    ) -> impl Future<Output = Result<(Vec<Chunk>, u64), AgentError>> + Send;
+    /// One chunk of content the node holds.
+    fn read_chunk(
+        &self,
+        sha256: String,
+    ) -> impl Future<Output = Result<Vec<u8>, AgentError>> + Send;
+    /// Materializes `manifest`'s release from uploaded chunks (and local content).
+    fn upload(
+        &self,
+        manifest: Manifest,
+        chunks: UploadChunks,
+    ) -> impl Future<Output = Result<PrepareOutcome, AgentError>> + Send;
+    /// Materializes `manifest`'s release, fetching missing chunks from `peers`.
+    fn prepare(
+        &self,
+        manifest: Manifest,
+        peers: Vec<String>,
+    ) -> impl Future<Output = Result<PrepareOutcome, AgentError>> + Send;
+}
 
 fn decode_manifest(bytes: &[u8]) -> Result<Manifest, AgentError> {
     serde_json::from_slice(bytes).map_err(AgentError::BadManifest)
@@ -45,14 +85,14 @@ fn prepare_outcome(reply: pb::PrepareReply) -> PrepareOutcome {
     }
 }
 
-pub(super) struct AgentService {
-    pub agent: Arc<Agent>,
+pub(super) struct AgentService<A> {
+    pub agent: Arc<A>,
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChunkData, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl AgentRpc for AgentService {
+impl<A: AgentHandler> AgentRpc for AgentService<A> {
     async fn mutate(
         &self,
         request: Request<pb::MutateRequest>,
@@ -103,7 +143,7 @@ impl AgentRpc for AgentService {
     ) -> Result<Response<pb::ManifestReply>, Status> {
         let manifest = self
             .agent
-            .manifest(&request.into_inner().hash)
+            .manifest(request.into_inner().hash)
             .await
             .map_err(agent_status)?;
         Ok(Response::new(pb::ManifestReply {
@@ -362,6 +402,7 @@ impl AgentClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::Agent;
     use crate::api::ErrorKind;
     use futures::StreamExt;
 

@@ -9,7 +9,7 @@ mod server;
 mod status;
 mod transport;
 
-pub use agent::AgentClient;
+pub use agent::{AgentClient, AgentHandler, UploadChunks};
 pub use client::ControlClient;
 pub use server::{serve, ControlHandler, RaftRpcHandler};
 pub use transport::{Channels, RaftPeer, RaftRpc, TransportError};

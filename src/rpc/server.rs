@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-use super::agent::AgentService;
+use super::agent::{AgentHandler, AgentService};
 use super::pb::agent_server::AgentServer;
 use super::pb::control_server::{Control, ControlServer};
 use super::pb::raft_server::{Raft, RaftServer};
@@ -85,11 +85,11 @@ pub trait ControlHandler: Send + Sync + 'static {
 }
 
 /// Serves the Raft, Control and Agent services on `listener` until `shutdown` completes.
-pub async fn serve<C: ControlHandler>(
+pub async fn serve<C: ControlHandler, A: AgentHandler>(
     listener: TcpListener,
     raft: Arc<dyn RaftRpcHandler>,
     node: Arc<C>,
-    agent: Arc<crate::agent::Agent>,
+    agent: Arc<A>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let raft = RaftServer::new(RaftService { handler: raft })
