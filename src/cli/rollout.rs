@@ -17,7 +17,7 @@ use crate::api::{
 use crate::release::Limits;
 use crate::rollout::DEFAULT_SOAK_MS;
 use crate::rpc::{AgentClient, Channels, ControlClient};
-use crate::state::deployment::failure_streak;
+use crate::state::deployment::{failure_streak, short_hash};
 use crate::state::{
     Deployment, DeploymentState, HistoryEntry, NodeStep, OnFailure, Starter, Strategy,
 };
@@ -128,10 +128,6 @@ pub enum RolloutCommand {
     },
 }
 
-fn short(hash: &str) -> &str {
-    crate::state::deployment::short_hash(hash)
-}
-
 fn options_of(args: &UpdateArgs) -> UpdateOptions {
     UpdateOptions {
         strategy: Strategy {
@@ -179,7 +175,7 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
         if !args.json {
             eprintln!(
                 "uploaded {} to the leader (node {}): {} bytes sent, {} reused",
-                short(&uploaded.hash),
+                short_hash(&uploaded.hash),
                 leader.id,
                 uploaded.fetched_bytes,
                 uploaded.reused_bytes
@@ -241,7 +237,7 @@ fn print_plan(outcome: &UpdateOutcome) {
     let plan = &outcome.plan;
     println!(
         "plan: roll out {} (leader {} last)",
-        short(&plan.target_hash),
+        short_hash(&plan.target_hash),
         plan.leader
     );
     for (index, wave) in plan.waves.iter().enumerate() {
@@ -367,8 +363,8 @@ pub fn print_active(d: &Deployment, notes: Option<&LeaderNotes>) {
         "rollout {} {}: {} -> {} (started by {}, term {})",
         d.generation,
         d.state.as_str(),
-        short(&d.previous_hash),
-        short(&d.target_hash),
+        short_hash(&d.previous_hash),
+        short_hash(&d.target_hash),
         d.started_by,
         d.issued_by_term
     );
@@ -510,7 +506,7 @@ pub fn print_status(view: &RolloutView, members: &[u64]) {
     let fleet = &view.fleet;
     println!();
     let target = match &fleet.target {
-        Some(hash) => format!("build {}", short(hash)),
+        Some(hash) => format!("build {}", short_hash(hash)),
         None if view.history.iter().any(|h| h.left_mixed()) => {
             "none: the last rollout left nodes on different builds (run `cluster update`)".into()
         }
@@ -545,7 +541,7 @@ pub fn print_status(view: &RolloutView, members: &[u64]) {
         println!(
             "last rollback: rollout {} away from {} at {}: {}",
             rollback.generation,
-            short(&rollback.from_hash),
+            short_hash(&rollback.from_hash),
             clock(rollback.at_ms),
             rollback.reason
         );
@@ -592,8 +588,8 @@ fn print_summary(entry: &HistoryEntry) {
         "rollout {} {}: {} -> {}, started by {} at {}{}{}",
         entry.generation,
         entry.outcome.as_str(),
-        short(&entry.previous_hash),
-        short(&entry.target_hash),
+        short_hash(&entry.previous_hash),
+        short_hash(&entry.target_hash),
         entry.started_by,
         clock(entry.started_ms),
         entry

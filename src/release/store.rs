@@ -213,17 +213,6 @@ impl ReleaseStore {
         self.point(CURRENT, &previous)
     }
 
-    /// Ends an update: unpins `previous`, then deletes releases other than `current`'s
-    /// beyond the `keep_old` most recently installed (by the mtime of their directory).
-    /// Returns the deleted build hashes. Never deletes `current`'s release.
-    ///
-    /// Each step is atomic and the whole is idempotent: after an error, commit again.
-    pub fn commit(&self, keep_old: usize) -> Result<Vec<String>, StoreError> {
-        let _changing = self.lock_changes();
-        remove_file_durably(&self.path(PREVIOUS))?;
-        self.prune_unlocked(keep_old)
-    }
-
     /// Deletes old releases beyond the newest `keep_old`, never the ones `current` or
     /// `previous` point at (a rollout may still need `previous` to revert). Returns the
     /// deleted hashes.
@@ -566,6 +555,13 @@ pub enum StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The release kept after an update, with nothing pinned any more: unpin `previous`,
+    /// then prune.
+    fn unpin_and_prune(store: &ReleaseStore, keep_old: usize) -> Result<Vec<String>, StoreError> {
+        remove_file_durably(&store.path(PREVIOUS))?;
+        store.prune(keep_old)
+    }
     use crate::release::test_data::{limits, open, small_dist, staging_is_empty, tree, write_file};
     use crate::release::{verify, DistError, Limits, ManifestError, SyncError};
     use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
@@ -609,7 +605,7 @@ mod tests {
         // Try again and keep it.
         store.activate(&v2).unwrap();
         assert_eq!(
-            store.commit(DEFAULT_KEEP_OLD).unwrap(),
+            unpin_and_prune(&store, DEFAULT_KEEP_OLD).unwrap(),
             Vec::<String>::new()
         );
         assert_eq!(store.previous().unwrap(), None);
@@ -644,7 +640,7 @@ mod tests {
         store.pin_previous().unwrap();
         store.activate(&hashes[0]).unwrap();
 
-        let mut deleted = store.commit(2).unwrap();
+        let mut deleted = unpin_and_prune(&store, 2).unwrap();
         deleted.sort();
         let mut expected = vec![hashes[1].clone(), hashes[2].clone()];
         expected.sort();
@@ -662,7 +658,7 @@ mod tests {
         }
         assert!(staging_is_empty(&store));
 
-        let mut deleted = store.commit(0).unwrap();
+        let mut deleted = unpin_and_prune(&store, 0).unwrap();
         deleted.sort();
         let mut expected = vec![hashes[3].clone(), hashes[4].clone()];
         expected.sort();
@@ -882,7 +878,7 @@ mod tests {
             .install_dir(small_dist("v2\n").path(), &limits())
             .unwrap();
         store.activate(&v2).unwrap();
-        assert_eq!(store.commit(0).unwrap(), [v1]);
+        assert_eq!(unpin_and_prune(&store, 0).unwrap(), [v1]);
         assert_eq!(store.releases().unwrap(), [v2]);
     }
 }
