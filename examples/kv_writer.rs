@@ -15,11 +15,14 @@
 //! latency percentiles. Every request has the same timeout (default 2000 ms). `latency`
 //! times `<count>` writes to the first address. `verify` reads every key of `<acked-file>`
 //! back (linearizable reads) and prints how many are missing or wrong; it exits 1 if any is.
+//! Against `cluster`, the credentials in `$CLUSTER_TLS` are used; unset, it speaks
+//! plaintext (to nodes started with `--insecure`).
 
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use cluster::rpc::ControlClient;
+use cluster::rpc::{Channels, ControlClient};
+use cluster::tls::Security;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::signal::unix::{signal, SignalKind};
@@ -37,7 +40,12 @@ enum Conn {
 impl Conn {
     fn new(backend: &str, addr: &str, timeout: Duration) -> Result<Self, Error> {
         match backend {
-            "cluster" => Ok(Self::Cluster(ControlClient::new(addr)?.timeout(timeout))),
+            "cluster" => {
+                let channels = Channels::new(&Security::from_env_or_insecure()?);
+                Ok(Self::Cluster(
+                    ControlClient::with_channels(&channels, addr)?.timeout(timeout),
+                ))
+            }
             "etcd" => Ok(Self::Etcd(EtcdConn {
                 addr: addr.to_string(),
                 stream: None,

@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cluster::clock::unix_ms;
-use cluster::rpc::ControlClient;
+use cluster::rpc::{Channels, ControlClient};
+use cluster::tls::Security;
 use tokio::signal::unix::{signal, SignalKind};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -25,9 +26,13 @@ async fn main() -> Result<(), Error> {
         .split(',')
         .map(str::to_string)
         .collect();
+    // The credentials in $CLUSTER_TLS; plaintext when unset.
+    let channels = Channels::new(&Security::from_env_or_insecure()?);
     let clients = addrs
         .iter()
-        .map(|addr| Ok(ControlClient::new(addr)?.timeout(Duration::from_millis(500))))
+        .map(|addr| {
+            Ok(ControlClient::with_channels(&channels, addr)?.timeout(Duration::from_millis(500)))
+        })
         .collect::<Result<Vec<_>, Error>>()?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -5,7 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use cluster::rpc::ControlClient;
+use cluster::rpc::{Channels, ControlClient};
+use cluster::tls::Security;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -14,7 +15,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .next()
         .ok_or("usage: write_latency <node addr> [count]")?;
     let count: usize = args.next().map(|c| c.parse()).transpose()?.unwrap_or(500);
-    let client = ControlClient::new(&addr)?;
+    // The credentials in $CLUSTER_TLS; plaintext when unset.
+    let channels = Channels::new(&Security::from_env_or_insecure()?);
+    let client = ControlClient::with_channels(&channels, &addr)?;
     let mut samples: Vec<Duration> = Vec::with_capacity(count);
     for i in 0..count {
         let started = Instant::now();

@@ -28,6 +28,10 @@ pub enum ErrorKind {
     FailedPrecondition,
     AlreadyExists,
     DeadlineExceeded,
+    /// The caller proved who it is, and that identity may not do this.
+    PermissionDenied,
+    /// The caller did not prove who it is: no certificate, or one from another CA.
+    Unauthenticated,
     Internal,
 }
 
@@ -88,6 +92,9 @@ pub struct NodeStatus {
     /// involved, until the node is next upgraded.
     #[serde(default)]
     pub last_auto_restore: Option<crate::state::GuardRestore>,
+    /// The node runs with `--insecure` (plaintext, nobody authenticated).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// The cluster as one member sees it (the leader's view unless the leader is unreachable).

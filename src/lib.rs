@@ -16,6 +16,8 @@
 //! - [`clock`]: the wall clock, for timestamps people read.
 //! - [`error`]: an error with its causes on one line, for people, logs and wire messages.
 //! - [`fs`]: crash-safe filesystem helpers: atomic writes and symlink swaps, syncs, tree removal.
+//! - [`tls`]: the cluster CA, certificates that carry an identity (node, operator, viewer),
+//!   and credentials directories; no network code.
 //! - [`supervise`]: the restart loop for hosts without systemd (and for tests).
 //! - [`release`]: releases: manifest and build hash, directory scan, version.json, the release
 //!   store, staging and sync, with their errors.
@@ -36,3 +38,4 @@ pub mod rollout;
 pub mod rpc;
 pub mod state;
 pub mod supervise;
+pub mod tls;

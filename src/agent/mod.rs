@@ -548,7 +548,7 @@ mod tests {
         drop(store);
         let agent = Agent::open(
             &data,
-            Channels::default(),
+            Channels::new(&crate::tls::Security::Insecure),
             Arc::new(|| 1),
             Arc::new(Notify::new()),
             running.to_string(),

@@ -76,6 +76,15 @@ pub struct RunArgs {
     /// preflight and while nodes restart [default: 2 x --heartbeat-ms]
     #[arg(long, value_name = "MS")]
     pub auto_stale_ack_ms: Option<u64>,
+    /// This node's credentials: ca.pem, cert.pem and key.pem from
+    /// `cluster tls issue <dir> --ca <ca-dir> --node <id>`. Every connection is mutual TLS
+    /// with the cluster CA, and every request is authorized by the caller's role.
+    #[arg(long, value_name = "DIR")]
+    pub tls: Option<PathBuf>,
+    /// Run without TLS: plaintext, nobody authenticated, so anyone who can reach the
+    /// port can run code on every node. Only for a throwaway cluster on a trusted network.
+    #[arg(long, conflicts_with = "tls")]
+    pub insecure: bool,
 }
 
 /// The TOML form of `RunArgs`. Unknown keys are errors: a typo must not be ignored.
@@ -98,6 +107,8 @@ struct FileConfig {
     auto_health_deadline_ms: Option<u64>,
     auto_poll_interval_ms: Option<u64>,
     auto_stale_ack_ms: Option<u64>,
+    tls: Option<PathBuf>,
+    insecure: Option<bool>,
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -213,7 +224,21 @@ pub fn resolve(args: RunArgs) -> anyhow::Result<NodeConfig> {
         }
         auto.stale_ack_ms = Some(ms);
     }
+    let tls = args.tls.or(file.tls);
+    let insecure = args.insecure || (file.insecure.unwrap_or(false) && tls.is_none());
+    let security = match (tls, insecure) {
+        (Some(_), true) => bail!("`tls` and `insecure` exclude each other: choose one"),
+        (Some(dir), false) => crate::tls::Security::load(&dir)
+            .with_context(|| format!("node credentials in {}", dir.display()))?,
+        (None, true) => crate::tls::Security::Insecure,
+        (None, false) => bail!(
+            "a node needs --tls <dir> (ca.pem, cert.pem, key.pem from `cluster tls issue \
+             <dir> --ca <ca-dir> --node {id}`; or `tls` in the config file), or --insecure \
+             to run without authentication"
+        ),
+    };
     Ok(NodeConfig {
+        security,
         auto,
         id,
         listen,
@@ -250,6 +275,7 @@ mod tests {
             id: Some(2),
             config: Some(path),
             election_timeout_ms: Some(400),
+            insecure: true,
             ..RunArgs::default()
         })
         .unwrap();
@@ -266,6 +292,7 @@ mod tests {
         );
         let from_file = resolve(RunArgs {
             config: Some(path.clone()),
+            insecure: true,
             ..RunArgs::default()
         })
         .unwrap();
@@ -273,6 +300,7 @@ mod tests {
         let from_flag = resolve(RunArgs {
             config: Some(path),
             health_command: Some("true".into()),
+            insecure: true,
             ..RunArgs::default()
         })
         .unwrap();
@@ -281,6 +309,7 @@ mod tests {
             id: Some(1),
             listen: Some("127.0.0.1:1".parse().unwrap()),
             data_dir: Some("/tmp/x".into()),
+            insecure: true,
             ..RunArgs::default()
         })
         .unwrap();
@@ -290,6 +319,7 @@ mod tests {
             listen: Some("127.0.0.1:1".parse().unwrap()),
             data_dir: Some("/tmp/x".into()),
             health_command: Some("  ".into()),
+            insecure: true,
             ..RunArgs::default()
         })
         .unwrap_err()
@@ -304,6 +334,7 @@ mod tests {
         );
         let from_file = resolve(RunArgs {
             config: Some(path.clone()),
+            insecure: true,
             ..RunArgs::default()
         })
         .unwrap();
@@ -311,6 +342,7 @@ mod tests {
         let from_flag = resolve(RunArgs {
             config: Some(path.clone()),
             auto_stale_ack_ms: Some(2000),
+            insecure: true,
             ..RunArgs::default()
         })
         .unwrap();
@@ -318,6 +350,7 @@ mod tests {
         let zero = resolve(RunArgs {
             config: Some(path),
             auto_stale_ack_ms: Some(0),
+            insecure: true,
             ..RunArgs::default()
         })
         .unwrap_err()
@@ -330,6 +363,7 @@ mod tests {
             id: Some(1),
             listen: Some("127.0.0.1:1".parse().unwrap()),
             data_dir: Some("/tmp/x".into()),
+            insecure: true,
             ..RunArgs::default()
         })
         .unwrap();
@@ -346,6 +380,7 @@ mod tests {
         let config = resolve(RunArgs {
             join: Some("127.0.0.1:2".into()),
             config: Some(path),
+            insecure: true,
             ..RunArgs::default()
         })
         .unwrap();
@@ -358,6 +393,27 @@ mod tests {
         let cases: Vec<(&str, RunArgs, &str)> = vec![
             ("no id", RunArgs::default(), "--id is required"),
             (
+                "no credentials",
+                RunArgs {
+                    id: Some(1),
+                    listen: Some("127.0.0.1:1".parse().unwrap()),
+                    data_dir: Some("/tmp/x".into()),
+                    ..RunArgs::default()
+                },
+                "a node needs --tls <dir>",
+            ),
+            (
+                "missing credentials",
+                RunArgs {
+                    id: Some(1),
+                    listen: Some("127.0.0.1:1".parse().unwrap()),
+                    data_dir: Some("/tmp/x".into()),
+                    tls: Some("/nonexistent/creds".into()),
+                    ..RunArgs::default()
+                },
+                "node credentials in /nonexistent/creds",
+            ),
+            (
                 "timeouts",
                 RunArgs {
                     id: Some(1),
@@ -365,6 +421,7 @@ mod tests {
                     data_dir: Some("/tmp/x".into()),
                     heartbeat_ms: Some(100),
                     election_timeout_ms: Some(150),
+                    insecure: true,
                     ..RunArgs::default()
                 },
                 "at least twice",
@@ -386,6 +443,7 @@ mod tests {
             let (_dir, path) = file(text);
             let err = resolve(RunArgs {
                 config: Some(path),
+                insecure: true,
                 ..RunArgs::default()
             })
             .unwrap_err()

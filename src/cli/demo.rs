@@ -32,6 +32,44 @@ struct LocalCluster {
     owned: bool,
     supervisors: Vec<Child>,
     addrs: Vec<String>,
+    /// The operator's credentials, issued by the cluster's own CA.
+    operator: super::tls::Auth,
+}
+
+impl LocalCluster {
+    fn client(&self, addr: &str) -> anyhow::Result<ControlClient> {
+        Ok(ControlClient::with_channels(
+            &self.operator.channels()?,
+            addr,
+        )?)
+    }
+}
+
+/// A CA for the local cluster under `root/tls`, a node certificate per node, and an
+/// operator certificate: a local cluster is secure by default too.
+fn make_credentials(root: &Path, nodes: u64) -> anyhow::Result<PathBuf> {
+    use crate::tls::{init_ca, issue, Identity, DEFAULT_VALIDITY};
+    let tls = root.join("tls");
+    let ca = tls.join("ca");
+    if !ca.join(crate::tls::CA_CERT).exists() {
+        init_ca(&ca)?;
+    }
+    for id in 1..=nodes {
+        let dir = tls.join(format!("n{id}"));
+        if !dir.join(crate::tls::CERT).exists() {
+            issue(&dir, &ca, &Identity::Node(id), DEFAULT_VALIDITY)?;
+        }
+    }
+    let operator = tls.join("operator");
+    if !operator.join(crate::tls::CERT).exists() {
+        issue(
+            &operator,
+            &ca,
+            &Identity::Operator("local".into()),
+            DEFAULT_VALIDITY,
+        )?;
+    }
+    Ok(tls)
 }
 
 impl Drop for LocalCluster {
@@ -96,11 +134,16 @@ async fn start(nodes: u64, dir: Option<PathBuf>, dist: &Path) -> anyhow::Result<
             true,
         ),
     };
+    let tls = make_credentials(&root, nodes)?;
     let mut cluster = LocalCluster {
         root: root.clone(),
         owned,
         supervisors: Vec::new(),
         addrs: Vec::new(),
+        operator: super::tls::Auth {
+            tls: Some(tls.join("operator")),
+            insecure: false,
+        },
     };
     let exe = std::env::current_exe()?;
     for id in 1..=nodes {
@@ -124,6 +167,8 @@ async fn start(nodes: u64, dir: Option<PathBuf>, dist: &Path) -> anyhow::Result<
             "127.0.0.1:0".into(),
             "--data-dir".into(),
             data.display().to_string(),
+            "--tls".into(),
+            tls.join(format!("n{id}")).display().to_string(),
         ];
         match cluster.addrs.first() {
             None => args.push("--bootstrap".into()),
@@ -144,7 +189,7 @@ async fn start(nodes: u64, dir: Option<PathBuf>, dist: &Path) -> anyhow::Result<
         println!("node {id}: {addr} (data {})", data.display());
         cluster.addrs.push(addr);
     }
-    let client = ControlClient::new(&cluster.addrs[0])?;
+    let client = cluster.client(&cluster.addrs[0])?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(status) = client
@@ -170,8 +215,8 @@ async fn start(nodes: u64, dir: Option<PathBuf>, dist: &Path) -> anyhow::Result<
     Ok(cluster)
 }
 
-async fn print_status(addr: &str) -> anyhow::Result<()> {
-    let status = ControlClient::new(addr)?.status(false).await?;
+async fn print_status(cluster: &LocalCluster, addr: &str) -> anyhow::Result<()> {
+    let status = cluster.client(addr)?.status(false).await?;
     println!("{}", super::output::render_status(&status));
     Ok(())
 }
@@ -188,12 +233,13 @@ pub async fn demo() -> anyhow::Result<ExitCode> {
     println!("== starting 3 supervised nodes on v1");
     let cluster = start(3, Some(work.path().join("nodes")), &v1).await?;
     let first = cluster.addrs[0].clone();
-    print_status(&first).await?;
+    print_status(&cluster, &first).await?;
     println!("== cluster update --dist {}", v2.display());
     let code = update(UpdateArgs {
         dist: v2,
         target: Target {
             node: first.clone(),
+            auth: cluster.operator.clone(),
         },
         dry_run: false,
         json: false,
@@ -210,7 +256,7 @@ pub async fn demo() -> anyhow::Result<ExitCode> {
     println!("== final status");
     // Any node: the one asked first may have just restarted.
     for addr in &cluster.addrs {
-        if print_status(addr).await.is_ok() {
+        if print_status(&cluster, addr).await.is_ok() {
             break;
         }
     }
@@ -228,10 +274,12 @@ pub async fn local_up(args: LocalArgs) -> anyhow::Result<ExitCode> {
     let hash = make_dist(&dist, &[])?;
     println!("release {hash}");
     let cluster = start(args.nodes, args.dir, &dist).await?;
-    print_status(&cluster.addrs[0]).await?;
+    print_status(&cluster, &cluster.addrs[0]).await?;
+    let operator = cluster.operator.tls.clone().unwrap_or_default();
     println!(
-        "\nexport CLUSTER_NODE={}   # then: cluster status, cluster update --dist <dir>\nCtrl-C stops every node.",
-        cluster.addrs[0]
+        "\nexport CLUSTER_NODE={} CLUSTER_TLS={}   # then: cluster status, cluster update --dist <dir>\nCtrl-C stops every node.",
+        cluster.addrs[0],
+        operator.display()
     );
     let _ = tokio::signal::ctrl_c().await;
     drop(cluster);

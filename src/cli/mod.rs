@@ -6,6 +6,7 @@ mod demo;
 mod dist;
 mod output;
 mod rollout;
+mod tls;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -114,6 +115,9 @@ enum Command {
     },
     #[command(subcommand, about = dist::ABOUT, long_about = dist::LONG_ABOUT)]
     Dist(DistAll),
+    /// Make the cluster CA and certificates for nodes, operators and viewers (mutual TLS)
+    #[command(subcommand)]
+    Tls(tls::TlsCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -160,6 +164,8 @@ enum DistAll {
         /// Address (host:port) of the node that fetches the release and keeps it
         #[arg(long, env = "CLUSTER_NODE", default_value = "127.0.0.1:7100")]
         node: String,
+        #[command(flatten)]
+        auth: tls::Auth,
         /// Print JSON: {hash, fetched_bytes, fetched_chunks, reused_bytes, elapsed_ms}
         #[arg(long)]
         json: bool,
@@ -195,11 +201,28 @@ pub struct Target {
     /// Address (host:port) of any member of the cluster
     #[arg(long, env = "CLUSTER_NODE", default_value = "127.0.0.1:7100")]
     pub node: String,
+    #[command(flatten)]
+    pub auth: tls::Auth,
 }
 
 impl Target {
     fn client(&self) -> anyhow::Result<ControlClient> {
-        Ok(ControlClient::new(&self.node)?)
+        Ok(ControlClient::with_channels(
+            &self.auth.channels()?,
+            &self.node,
+        )?)
+    }
+
+    fn agent(&self) -> anyhow::Result<crate::rpc::AgentClient> {
+        self.agent_at(&self.node)
+    }
+
+    /// An agent client for `addr` with this target's credentials.
+    fn agent_at(&self, addr: &str) -> anyhow::Result<crate::rpc::AgentClient> {
+        Ok(crate::rpc::AgentClient::with_channels(
+            &self.auth.channels()?,
+            addr,
+        )?)
     }
 }
 
@@ -260,6 +283,10 @@ pub fn run() -> anyhow::Result<ExitCode> {
         cli.command,
         Command::Node(_) | Command::Supervise { .. } | Command::Local(_)
     );
+    if let Command::Tls(command) = cli.command {
+        init_tracing("warn");
+        return tls::run(command);
+    }
     if let Command::Dist(DistAll::Local(command)) = cli.command {
         // Local file work: no async runtime needed.
         init_tracing("warn");
@@ -356,7 +383,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 status.code().unwrap_or(0).clamp(0, 255) as u8
             ))
         }
-        Command::Dist(DistAll::Local(_)) => unreachable!("handled before the runtime starts"),
+        Command::Dist(DistAll::Local(_)) | Command::Tls(_) => {
+            unreachable!("handled before the runtime starts")
+        }
         Command::Dist(DistAll::Push { dir, target, json }) => {
             let limits = crate::release::Limits::default();
             let dist = std::sync::Arc::new(
@@ -365,7 +394,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 })
                 .await??,
             );
-            let mut client = crate::rpc::AgentClient::new(&target.node)?;
+            let mut client = target.agent()?;
             let outcome = crate::agent::upload::push(&mut client, &dist).await?;
             if json {
                 output::print_json(&outcome)?;
@@ -387,9 +416,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             hash,
             from,
             node,
+            auth,
             json,
         }) => {
-            let manifest = crate::rpc::AgentClient::new(&from)?.manifest(&hash).await?;
+            let channels = auth.channels()?;
+            let agent = |addr: &str| crate::rpc::AgentClient::with_channels(&channels, addr);
+            let manifest = agent(&from)?.manifest(&hash).await?;
             if manifest.build_hash() != hash {
                 anyhow::bail!(
                     "{from} answered with the manifest of release {}, not {hash}: \
@@ -397,9 +429,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     manifest.build_hash()
                 );
             }
-            let outcome = crate::rpc::AgentClient::new(&node)?
-                .prepare(&manifest, vec![from.clone()])
-                .await?;
+            let outcome = agent(&node)?.prepare(&manifest, vec![from.clone()]).await?;
             if json {
                 output::print_json(&outcome)?;
             } else {
@@ -415,9 +445,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dist(DistAll::Releases { target, json }) => {
-            let view = crate::rpc::AgentClient::new(&target.node)?
-                .releases()
-                .await?;
+            let view = target.agent()?.releases().await?;
             if json {
                 output::print_json(&view)?;
             } else {

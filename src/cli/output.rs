@@ -69,6 +69,12 @@ pub fn render_status(status: &ClusterStatus) -> String {
         out.push('\n');
     }
     for node in &status.nodes {
+        if node.insecure {
+            out.push_str(&format!(
+                "node {} runs with --insecure: plaintext, no authentication\n",
+                node.id
+            ));
+        }
         if let Some(problem) = &node.health_problem {
             out.push_str(&format!("node {} is unhealthy: {problem}\n", node.id));
         }

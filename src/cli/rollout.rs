@@ -16,7 +16,7 @@ use crate::api::{
 };
 use crate::release::Limits;
 use crate::rollout::DEFAULT_SOAK_MS;
-use crate::rpc::{AgentClient, Channels, ControlClient};
+use crate::rpc::ControlClient;
 use crate::state::deployment::{failure_streak, short_hash};
 use crate::state::{
     Deployment, DeploymentState, HistoryEntry, NodeStep, OnFailure, Starter, Strategy,
@@ -170,7 +170,7 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
             .leader
             .and_then(|id| status.nodes.iter().find(|n| n.id == id))
             .ok_or_else(|| ApiError::unavailable("no leader: is a majority of voters running?"))?;
-        let mut agent = AgentClient::new(&leader.addr)?;
+        let mut agent = args.target.agent_at(&leader.addr)?;
         let uploaded = push(&mut agent, &dist).await?;
         if !args.json {
             eprintln!(
@@ -204,7 +204,7 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let finished = follow(&args.target.node, outcome.generation, !args.json).await?;
+    let finished = follow(&args.target, outcome.generation, !args.json).await?;
     if args.json {
         print_json(&serde_json::json!({
             "report": outcome.report,
@@ -263,10 +263,11 @@ fn print_plan(outcome: &UpdateOutcome) {
 /// Polls the rollout of `generation` until it finishes, printing every phase change.
 /// Any member can answer; when the one asked is restarting, the others in the rollout's
 /// own record are asked instead.
-async fn follow(node: &str, generation: u64, print: bool) -> anyhow::Result<HistoryEntry> {
+async fn follow(target: &Target, generation: u64, print: bool) -> anyhow::Result<HistoryEntry> {
     /// Consecutive unanswered polls (200 ms apart) before giving up: about 2 minutes.
     const MAX_FAILURES: u32 = 600;
-    let channels = Channels::default();
+    let node = &target.node;
+    let channels = target.auth.channels()?;
     let mut seen: std::collections::BTreeMap<u64, String> = Default::default();
     let mut last_state = String::new();
     let mut addrs = vec![node.to_string()];
@@ -679,7 +680,7 @@ pub async fn leader_view(
         .leader
         .and_then(|id| status.nodes.iter().find(|n| n.id == id));
     if let Some(leader) = leader {
-        if let Ok(theirs) = ControlClient::new(&leader.addr) {
+        if let Ok(theirs) = ControlClient::with_channels(&target.auth.channels()?, &leader.addr) {
             if let Ok(view) = theirs.timeout(Duration::from_secs(3)).rollout().await {
                 return Ok(view);
             }

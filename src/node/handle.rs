@@ -561,6 +561,7 @@ impl NodeHandle {
                     started_at_ms: info.started_at_ms,
                     supervision: info.supervision,
                     last_auto_restore: info.last_auto_restore,
+                    insecure: info.insecure,
                     // Only a node's own check is known here: others report theirs.
                     health_problem: if id == self.id {
                         self.health.problem()

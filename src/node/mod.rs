@@ -31,6 +31,7 @@ use crate::raft_store::{self, StoreError};
 use crate::rpc::{Channels, ControlClient};
 use crate::state::{Command, NodeInfo, PROTOCOL};
 use crate::supervise::Supervision;
+use crate::tls::{Identity, Security};
 
 /// A node's validated configuration (see `cli` for where it comes from).
 #[derive(Clone, Debug)]
@@ -53,6 +54,8 @@ pub struct NodeConfig {
     pub auto: crate::rollout::AutoConfig,
     /// Who restarts the node when it exits (detected once, at start).
     pub supervision: Supervision,
+    /// Mutual TLS with this node's credentials, or plaintext (`--insecure`).
+    pub security: Security,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +97,12 @@ pub enum NodeError {
         #[source]
         source: ApiError,
     },
+    #[error("the certificate in {dir} is for {found}, and this is node {id}: give the node the credentials `cluster tls issue --node {id}` made")]
+    WrongCertificate {
+        dir: PathBuf,
+        found: crate::tls::Identity,
+        id: u64,
+    },
     #[error("the gRPC server stopped: {0}")]
     Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -113,6 +122,21 @@ pub async fn run(
     config: NodeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Stopped, NodeError> {
+    match config.security.credentials() {
+        Some(credentials) if credentials.identity != Identity::Node(config.id) => {
+            return Err(NodeError::WrongCertificate {
+                dir: credentials.dir.clone(),
+                found: credentials.identity.clone(),
+                id: config.id,
+            })
+        }
+        Some(_) => {}
+        None => tracing::warn!(
+            id = config.id,
+            "--insecure: plaintext, no authentication: anyone who can reach this node's \
+             port can run code on every node of the cluster"
+        ),
+    }
     prepare_data_dir(&config.data_dir)?;
     // The store first: "locked by another node" says more than the port that node holds.
     let (log_store, sm) = raft_store::open(&config.data_dir).await?;
@@ -128,7 +152,7 @@ pub async fn run(
         source,
     })?;
 
-    let channels = Channels::default();
+    let channels = Channels::new(&config.security);
     let addr = match &config.advertise {
         Some(advertise) => advertise.clone(),
         None if bound.ip().is_unspecified() => return Err(NodeError::NeedAdvertise(bound)),
@@ -199,6 +223,7 @@ pub async fn run(
             started_at_ms: crate::clock::unix_ms(),
             supervision: supervision.name().to_string(),
             last_auto_restore,
+            insecure: config.security.credentials().is_none(),
         },
         agent: agent.clone(),
         health: health.clone(),
@@ -224,6 +249,8 @@ pub async fn run(
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(crate::rpc::serve(
         listener,
+        config.security.clone(),
+        Arc::new(RaftMembership { raft: raft.clone() }),
         Arc::new(RaftHandler { raft: raft.clone() }),
         node.clone(),
         agent.clone(),
@@ -301,6 +328,29 @@ pub async fn run(
     drop(node);
     sm.flush().await;
     outcome
+}
+
+/// Who is a member, and who leads which term, as this node's Raft sees it: what the
+/// authorization layer asks.
+struct RaftMembership {
+    raft: Raft,
+}
+
+impl crate::rpc::Membership for RaftMembership {
+    fn admits(&self, id: u64) -> bool {
+        let metrics = crate::raft::metrics(&self.raft);
+        let membership = metrics.membership_config.membership();
+        let mut nodes = membership.nodes().peekable();
+        // A node with no membership yet is joining: its first leader is not known.
+        nodes.peek().is_none() || membership.get_node(&id).is_some()
+    }
+
+    fn leader_of(&self, term: u64) -> Option<u64> {
+        let metrics = crate::raft::metrics(&self.raft);
+        (metrics.current_term == term)
+            .then_some(metrics.current_leader)
+            .flatten()
+    }
 }
 
 /// Port 0 means "any free port" the first time; on a restart the node takes the port it

@@ -188,6 +188,7 @@ impl RaftRpcHandler for RaftHandler {
         rpc: RaftRpc,
         payload: Vec<u8>,
         data: Vec<u8>,
+        sender: Option<NodeId>,
     ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
         let raft = self.raft.clone();
         async move {
@@ -200,15 +201,39 @@ impl RaftRpcHandler for RaftHandler {
                 let reply = result.map_err(|e| e.to_string())?;
                 serde_json::to_vec(&reply).map_err(|e| e.to_string())
             }
+            // Every Raft request carries the vote of the node that sends it: a candidate's
+            // or a leader's. It must be the vote of the node the certificate names.
+            let speaks_for = |vote: &Vote| match sender {
+                Some(sender) if vote.leader_id().node_id != sender => Err(format!(
+                    "refused: node {sender} sent a Raft request carrying node {}'s vote",
+                    vote.leader_id().node_id
+                )),
+                _ => Ok(()),
+            };
             match rpc {
-                RaftRpc::AppendEntries => encode(raft.append_entries(decode(&payload)?).await),
-                RaftRpc::Vote => encode(raft.vote(decode(&payload)?).await),
-                RaftRpc::PreVote => encode(raft.pre_vote(decode(&payload)?).await),
+                RaftRpc::AppendEntries => {
+                    let request: AppendEntriesRequest<TypeConfig> = decode(&payload)?;
+                    speaks_for(&request.vote)?;
+                    encode(raft.append_entries(request).await)
+                }
+                RaftRpc::Vote => {
+                    let request: VoteRequest<TypeConfig> = decode(&payload)?;
+                    speaks_for(&request.vote)?;
+                    encode(raft.vote(request).await)
+                }
+                RaftRpc::PreVote => {
+                    let request: VoteRequest<TypeConfig> = decode(&payload)?;
+                    speaks_for(&request.vote)?;
+                    encode(raft.pre_vote(request).await)
+                }
                 RaftRpc::TransferLeader => {
-                    encode(raft.handle_transfer_leader(decode(&payload)?).await)
+                    let request: TransferLeaderRequest<TypeConfig> = decode(&payload)?;
+                    speaks_for(request.from_leader())?;
+                    encode(raft.handle_transfer_leader(request).await)
                 }
                 RaftRpc::InstallSnapshot => {
                     let header: SnapshotHeader = decode(&payload)?;
+                    speaks_for(&header.vote)?;
                     let snapshot = Snapshot {
                         meta: header.meta,
                         snapshot: data,

@@ -8,10 +8,11 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::auth::{caller_of, check_fence, Membership};
 use super::pb::agent_client::AgentClient as PbClient;
 use super::pb::agent_server::Agent as AgentRpc;
 use super::pb::{self, ChunkData};
-use super::status::{agent_status, from_status};
+use super::status::{agent_status, from_status, refusal_status};
 use super::{Channels, MAX_MESSAGE_BYTES};
 use crate::api::agent::{AgentError, Fence, Mutation, PrepareOutcome, ReleasesView};
 use crate::api::ApiError;
@@ -87,6 +88,8 @@ fn prepare_outcome(reply: pb::PrepareReply) -> PrepareOutcome {
 
 pub(super) struct AgentService<A> {
     pub agent: Arc<A>,
+    /// `None` on an insecure node: mutations are fenced by term only.
+    pub membership: Option<Arc<dyn Membership>>,
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChunkData, Status>> + Send>>;
@@ -97,8 +100,11 @@ impl<A: AgentHandler> AgentRpc for AgentService<A> {
         &self,
         request: Request<pb::MutateRequest>,
     ) -> Result<Response<pb::MutateReply>, Status> {
+        let caller = caller_of(&request)?;
         let request = request.into_inner();
         let fence = request.fence.unwrap_or_default();
+        check_fence(&caller, fence.term, self.membership.as_deref())
+            .map_err(|r| refusal_status(&r))?;
         let op = pb::MutateOp::try_from(request.op)
             .map_err(|_| agent_status(AgentError::UnknownMutation { op: request.op }))?;
         let mutation = match op {
@@ -233,10 +239,6 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    pub fn new(addr: &str) -> Result<Self, ApiError> {
-        Self::with_channels(&Channels::default(), addr)
-    }
-
     pub fn with_channels(channels: &Channels, addr: &str) -> Result<Self, ApiError> {
         let channel = channels.for_client(addr)?;
         Ok(Self {
@@ -412,7 +414,7 @@ mod tests {
         let data = tempfile::tempdir().unwrap();
         let agent = Agent::open(
             data.path(),
-            Channels::default(),
+            Channels::new(&crate::tls::Security::Insecure),
             Arc::new(|| 1),
             Arc::default(),
             "dev".into(),
@@ -422,6 +424,7 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let service = super::super::pb::agent_server::AgentServer::new(AgentService {
             agent: Arc::new(agent),
+            membership: None,
         });
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -434,7 +437,8 @@ mod tests {
     #[tokio::test]
     async fn a_client_sees_not_found_for_what_the_node_does_not_hold() {
         let (addr, _data) = serve_agent().await;
-        let mut client = AgentClient::new(&addr).unwrap();
+        let channels = Channels::new(&crate::tls::Security::Insecure);
+        let mut client = AgentClient::with_channels(&channels, &addr).unwrap();
         let unknown = "0".repeat(64);
 
         let error = client.manifest(&unknown).await.unwrap_err();

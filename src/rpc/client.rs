@@ -27,12 +27,8 @@ pub struct ControlClient {
 }
 
 impl ControlClient {
-    /// A client for `addr` (host:port). Connects on first use.
-    pub fn new(addr: &str) -> Result<Self, ApiError> {
-        Self::with_channels(&Channels::default(), addr)
-    }
-
-    /// A client sharing `channels` with other users in this process.
+    /// A client for `addr` (host:port) over `channels` (which carry the TLS credentials,
+    /// shared with other users in this process). Connects on first use.
     pub fn with_channels(channels: &Channels, addr: &str) -> Result<Self, ApiError> {
         let channel = channels.for_client(addr)?;
         let client = PbClient::new(channel)

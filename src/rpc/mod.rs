@@ -4,12 +4,14 @@
 //! Errors become gRPC statuses (and back) in exactly one place, `status`.
 
 mod agent;
+pub mod auth;
 mod client;
 mod server;
 mod status;
 mod transport;
 
 pub use agent::{AgentClient, AgentHandler, UploadChunks};
+pub use auth::{Caller, Membership};
 pub use client::ControlClient;
 pub use server::{serve, ControlHandler, RaftRpcHandler};
 pub use transport::{Channels, RaftPeer, RaftRpc, TransportError};

@@ -6,14 +6,17 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 use super::agent::{AgentHandler, AgentService};
+use super::auth::{self, caller_of, AuthLayer, Membership};
 use super::pb::agent_server::AgentServer;
 use super::pb::control_server::{Control, ControlServer};
 use super::pb::raft_server::{Raft, RaftServer};
 use super::pb::{self, RaftReply, RaftRequest};
-use super::status::to_status;
+use super::status::{refusal_status, to_status};
+use super::transport::HANDSHAKE_TIMEOUT;
 use super::{RaftRpc, MAX_MESSAGE_BYTES};
 use crate::api::{
     self, ApiError, ClusterStatus, JoinAccepted, JoinRequest, Operated, Operation, RolloutView,
@@ -21,15 +24,19 @@ use crate::api::{
 };
 use crate::release::Manifest;
 use crate::state::Command;
+use crate::tls::Security;
 
 /// Decodes, handles and encodes one Raft RPC; implemented by `raft::network`.
 pub trait RaftRpcHandler: Send + Sync + 'static {
     /// Ok: the encoded reply. Err: why this node could not handle it.
+    /// `sender`: the node the caller's certificate names (`None` on an insecure node);
+    /// a request that claims another node's vote must be refused.
     fn handle(
         &self,
         rpc: RaftRpc,
         payload: Vec<u8>,
         data: Vec<u8>,
+        sender: Option<u64>,
     ) -> BoxFuture<'static, Result<Vec<u8>, String>>;
 }
 
@@ -85,28 +92,51 @@ pub trait ControlHandler: Send + Sync + 'static {
 }
 
 /// Serves the Raft, Control and Agent services on `listener` until `shutdown` completes.
+/// With `Security::Tls` every connection must present a certificate of the cluster CA and
+/// every request passes the role table (`auth`); `membership` answers who is a member.
 pub async fn serve<C: ControlHandler, A: AgentHandler>(
     listener: TcpListener,
+    security: Security,
+    membership: Arc<dyn Membership>,
     raft: Arc<dyn RaftRpcHandler>,
     node: Arc<C>,
     agent: Arc<A>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    let checked = security.credentials().is_some().then(|| membership.clone());
     let raft = RaftServer::new(RaftService { handler: raft })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let control = ControlServer::new(ControlService { node })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let agent = AgentServer::new(AgentService { agent })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let agent = AgentServer::new(AgentService {
+        agent,
+        membership: checked.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // Nagle's algorithm against delayed ACKs costs ~40 ms per small reply: disable it on
     // every accepted connection (the builder's tcp_nodelay only covers listeners it binds).
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(std::time::Duration::from_secs(10)));
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(credentials) = security.credentials() {
+        builder = builder.tls_config(
+            ServerTlsConfig::new()
+                .identity(Identity::from_pem(
+                    &credentials.cert_pem,
+                    &credentials.key_pem,
+                ))
+                .client_ca_root(Certificate::from_pem(&credentials.ca_pem))
+                .timeout(HANDSHAKE_TIMEOUT),
+        )?;
+    }
+    builder
+        .layer(AuthLayer {
+            membership: checked,
+        })
         .add_service(raft)
         .add_service(control)
         .add_service(agent)
@@ -124,8 +154,9 @@ impl RaftService {
         rpc: RaftRpc,
         request: Request<RaftRequest>,
     ) -> Result<Response<RaftReply>, Status> {
+        let sender = caller_of(&request)?.node_id();
         let RaftRequest { payload, data } = request.into_inner();
-        let reply = match self.handler.handle(rpc, payload, data).await {
+        let reply = match self.handler.handle(rpc, payload, data, sender).await {
             Ok(payload) => RaftReply {
                 payload,
                 error: String::new(),
@@ -273,12 +304,14 @@ impl<C: ControlHandler> Control for ControlService<C> {
         request: Request<pb::WriteRequest>,
     ) -> Result<Response<pb::WriteReply>, Status> {
         let hops = hops(&request);
+        let caller = caller_of(&request)?;
         let command = serde_json::from_slice(&request.into_inner().command).map_err(|e| {
             to_status(api::ApiError::new(
                 api::ErrorKind::InvalidArgument,
                 format!("undecodable command: {e}"),
             ))
         })?;
+        auth::check_write(&caller, &command).map_err(|r| refusal_status(&r))?;
         let outcome = self.node.write(command, hops).await.map_err(to_status)?;
         let response = serde_json::to_vec(&outcome.response)
             .map_err(|e| to_status(api::ApiError::internal(e.to_string())))?;
@@ -303,11 +336,13 @@ impl<C: ControlHandler> Control for ControlService<C> {
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinReply>, Status> {
         let hops = hops(&request);
+        let caller = caller_of(&request)?;
         let pb::JoinRequest {
             id,
             addr,
             cluster_id,
         } = request.into_inner();
+        auth::check_speaks_for(&caller, id).map_err(|r| refusal_status(&r))?;
         let accepted = self
             .node
             .join(
@@ -378,6 +413,7 @@ impl From<api::ClusterStatus> for pb::StatusReply {
                         reason: r.reason,
                         at_ms: r.at_ms,
                     }),
+                    insecure: n.insecure,
                 })
                 .collect(),
         }
@@ -417,6 +453,7 @@ impl From<pb::StatusReply> for api::ClusterStatus {
                         reason: r.reason,
                         at_ms: r.at_ms,
                     }),
+                    insecure: n.insecure,
                 })
                 .collect(),
         }

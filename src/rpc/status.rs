@@ -165,6 +165,8 @@ impl WireCode for ErrorKind {
             ErrorKind::FailedPrecondition => Code::FailedPrecondition,
             ErrorKind::AlreadyExists => Code::AlreadyExists,
             ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+            ErrorKind::PermissionDenied => Code::PermissionDenied,
+            ErrorKind::Unauthenticated => Code::Unauthenticated,
             ErrorKind::Internal => Code::Internal,
         }
     }
@@ -173,6 +175,16 @@ impl WireCode for ErrorKind {
 /// The status a Control call answers with.
 pub fn to_status(error: ApiError) -> Status {
     Status::new(error.kind.code(), error.message)
+}
+
+/// The status of a request the authorization layer or a service's identity check refused.
+pub(super) fn refusal_status(refusal: &super::auth::Refusal) -> Status {
+    let code = if refusal.is_unauthenticated() {
+        Code::Unauthenticated
+    } else {
+        Code::PermissionDenied
+    };
+    Status::new(code, Chain(refusal).to_string())
 }
 
 /// The status an Agent call answers with.
@@ -192,14 +204,14 @@ pub(super) fn kind_of(code: Code) -> ErrorKind {
         }
         Code::AlreadyExists => ErrorKind::AlreadyExists,
         Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+        Code::PermissionDenied => ErrorKind::PermissionDenied,
+        Code::Unauthenticated => ErrorKind::Unauthenticated,
         Code::Ok
         | Code::Cancelled
         | Code::Unknown
-        | Code::PermissionDenied
         | Code::Unimplemented
         | Code::Internal
-        | Code::DataLoss
-        | Code::Unauthenticated => ErrorKind::Internal,
+        | Code::DataLoss => ErrorKind::Internal,
     }
 }
 
@@ -226,6 +238,19 @@ impl From<TransportError> for ApiError {
 /// Turns a status from node `addr` into an error a user can act on.
 pub fn from_status(addr: &str, status: Status) -> ApiError {
     match status.code() {
+        Code::Unavailable | Code::Cancelled | Code::Unknown
+            if is_transport(&status) && is_tls(&transport_reason(&status)) =>
+        {
+            ApiError::new(
+                ErrorKind::Unauthenticated,
+                format!(
+                    "TLS with node {addr} failed: {}: the node and this client need \
+                     certificates from the same cluster CA (--tls <dir> or CLUSTER_TLS; \
+                     --insecure only against a node started with --insecure)",
+                    transport_reason(&status)
+                ),
+            )
+        }
         Code::Unavailable | Code::Cancelled | Code::Unknown if is_transport(&status) => {
             ApiError::unavailable(format!(
                 "cannot reach node {addr}: {}: is it running? (choose a node with --node or CLUSTER_NODE)",
@@ -269,6 +294,14 @@ fn is_transport(status: &Status) -> bool {
     status.metadata().is_empty() && std::error::Error::source(status).is_some()
         || status.message().contains("transport error")
         || status.message().contains("tcp connect error")
+}
+
+/// Whether a connection failed in the TLS handshake (rather than to connect at all).
+fn is_tls(reason: &str) -> bool {
+    let reason = reason.to_ascii_lowercase();
+    ["certificate", "alert", "handshake", "tls", "invalid peer"]
+        .iter()
+        .any(|word| reason.contains(word))
 }
 
 fn transport_reason(status: &Status) -> String {

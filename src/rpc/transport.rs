@@ -5,12 +5,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::pb::raft_client::RaftClient;
 use super::pb::RaftRequest;
 use super::status::raft_call_error;
 use super::MAX_MESSAGE_BYTES;
+use crate::tls::{Security, SERVER_NAME};
 
 /// How long to wait for a TCP connection to a peer. Short: a dead peer must not hold
 /// up heartbeats to the others, and openraft backs off on `Unreachable` by itself.
@@ -18,30 +19,61 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// HTTP/2 keepalive: a silently dropped link is noticed within interval + timeout.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a TLS handshake may take, on either side.
+pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The channel pool shared by the Raft network and Control forwarding.
-#[derive(Clone, Default)]
+/// The channel pool shared by the Raft network and Control forwarding. Every channel
+/// of a pool speaks TLS with the pool's credentials, or none does (`--insecure`).
+#[derive(Clone)]
 pub struct Channels {
     by_addr: Arc<Mutex<HashMap<String, Channel>>>,
+    /// `None`: plaintext.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Channels {
+    /// A pool whose channels present `security`'s certificate and trust only its CA.
+    pub fn new(security: &Security) -> Channels {
+        let tls = match security {
+            Security::Insecure => None,
+            Security::Tls(credentials) => Some(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&credentials.ca_pem))
+                    .identity(Identity::from_pem(
+                        &credentials.cert_pem,
+                        &credentials.key_pem,
+                    ))
+                    .domain_name(SERVER_NAME)
+                    .timeout(HANDSHAKE_TIMEOUT),
+            ),
+        };
+        Channels {
+            by_addr: Arc::default(),
+            tls,
+        }
+    }
+
     /// The channel to `addr`, created on first use. Connecting is lazy, so this never blocks.
     pub fn get(&self, addr: &str) -> Result<Channel, TransportError> {
         let mut by_addr = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(channel) = by_addr.get(addr) {
             return Ok(channel.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|source| TransportError::BadAddress {
-                addr: addr.to_string(),
-                source: Box::new(source),
-            })?
+        let bad_address = |source: tonic::transport::Error| TransportError::BadAddress {
+            addr: addr.to_string(),
+            source: Box::new(source),
+        };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(bad_address)?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(bad_address)?;
+        }
         let channel = endpoint.connect_lazy();
         by_addr.insert(addr.to_string(), channel.clone());
         Ok(channel)

@@ -88,6 +88,8 @@ pub struct NodeInfo {
     /// The last time the node's boot guard put the previous release back by itself, kept
     /// in the report until the node is next upgraded.
     pub last_auto_restore: Option<GuardRestore>,
+    /// The node runs with `--insecure`: plaintext, nobody authenticated.
+    pub insecure: bool,
 }
 
 /// A release the boot guard gave up on, as the node reports it (written by the guard to

@@ -18,7 +18,9 @@ struct Background(Child);
 impl Background {
     fn update(node: &str, dist: &Path, log: &Path) -> Self {
         let log = std::fs::File::create(log).unwrap();
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        crate::harness::as_operator(&mut command, &[]);
+        let child = command
             .args(["update", "--dist", dist.to_str().unwrap(), "--node", node])
             // Long waits: the leader must not act on the node again before it is killed,
             // and a crash-looping release must not pass stabilization between crashes.

@@ -37,6 +37,7 @@ async fn a_port_in_use_and_a_locked_data_dir_are_refused() {
     let out = cli(&[
         "node",
         "run",
+        "--insecure",
         "--id",
         "9",
         "--listen",
@@ -51,6 +52,7 @@ async fn a_port_in_use_and_a_locked_data_dir_are_refused() {
     let out = cli(&[
         "node",
         "run",
+        "--insecure",
         "--id",
         "1",
         "--listen",
@@ -69,6 +71,7 @@ async fn a_data_dir_that_cannot_be_written_is_refused() {
     let out = cli(&[
         "node",
         "run",
+        "--insecure",
         "--id",
         "1",
         "--listen",
@@ -121,6 +124,7 @@ async fn a_member_of_another_cluster_cannot_join() {
     let out = cli(&[
         "node",
         "run",
+        "--insecure",
         "--id",
         "2",
         "--listen",

@@ -9,11 +9,89 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use cluster::api::ClusterStatus;
-use cluster::rpc::ControlClient;
+use cluster::rpc::{AgentClient, Channels, ControlClient};
+use cluster::tls::{Identity, Security};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cluster");
+
+/// Node ids the test CA issues certificates for.
+pub const MAX_TEST_NODE: u64 = 12;
+
+/// The test CA and its credentials, made once per test process under cargo's target
+/// tmp dir (removed again by `cargo clean`): `ca/`, `n<id>/` for every node id up to
+/// [`MAX_TEST_NODE`], `operator/`, `viewer/`, and `other-ca/` with `stranger/`, an
+/// operator certificate of another CA.
+pub fn tls_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        use cluster::tls::{init_ca, issue, DEFAULT_VALIDITY};
+        let dir =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ca = dir.join("ca");
+        init_ca(&ca).expect("test CA");
+        for id in 1..=MAX_TEST_NODE {
+            issue(
+                &dir.join(format!("n{id}")),
+                &ca,
+                &Identity::Node(id),
+                DEFAULT_VALIDITY,
+            )
+            .expect("node certificate");
+        }
+        issue(
+            &dir.join("operator"),
+            &ca,
+            &Identity::Operator("test".into()),
+            DEFAULT_VALIDITY,
+        )
+        .expect("operator certificate");
+        issue(
+            &dir.join("viewer"),
+            &ca,
+            &Identity::Viewer("test".into()),
+            DEFAULT_VALIDITY,
+        )
+        .expect("viewer certificate");
+        init_ca(&dir.join("other-ca")).expect("other CA");
+        issue(
+            &dir.join("stranger"),
+            &dir.join("other-ca"),
+            &Identity::Operator("test".into()),
+            DEFAULT_VALIDITY,
+        )
+        .expect("foreign certificate");
+        dir
+    })
+}
+
+/// The credentials directory `name` of the test CA (`operator`, `viewer`, `n3`, ...).
+pub fn creds(name: &str) -> PathBuf {
+    tls_dir().join(name)
+}
+
+/// Channels with the credentials `name` of the test CA.
+pub fn channels_as(name: &str) -> Channels {
+    Channels::new(&Security::load(&creds(name)).expect("test credentials"))
+}
+
+/// The operator's channels, shared by every client of the test process.
+pub fn operator_channels() -> &'static Channels {
+    static CHANNELS: std::sync::OnceLock<Channels> = std::sync::OnceLock::new();
+    CHANNELS.get_or_init(|| channels_as("operator"))
+}
+
+/// A Control client for `addr` with the operator's credentials.
+pub fn control(addr: &str) -> ControlClient {
+    ControlClient::with_channels(operator_channels(), addr).expect("client")
+}
+
+/// An Agent client for `addr` with the operator's credentials.
+pub fn agent(addr: &str) -> AgentClient {
+    AgentClient::with_channels(operator_channels(), addr).expect("agent client")
+}
 
 /// Waits until `check` returns `Some`, polling every 20 ms; panics naming `what` at the deadline.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
@@ -143,7 +221,7 @@ impl Cluster {
     }
 
     pub fn client(&self, id: u64) -> ControlClient {
-        ControlClient::new(&self.addr(id)).expect("client")
+        control(&self.addr(id))
     }
 
     /// The command line of node `id` for `start` (without spawning it).
@@ -191,7 +269,11 @@ impl Cluster {
             .arg(&data_dir)
             .args(&self.flags)
             .env("RUST_LOG", "info,openraft=warn")
+            .env_remove("CLUSTER_TLS")
             .stdin(Stdio::null());
+        if !self.flags.iter().any(|f| f == "--insecure" || f == "--tls") {
+            command.arg("--tls").arg(creds(&format!("n{id}")));
+        }
         match start {
             Start::Bootstrap => {
                 command.arg("--bootstrap");
@@ -270,9 +352,7 @@ impl Cluster {
     pub async fn status(&self) -> Option<ClusterStatus> {
         for node in self.nodes.values() {
             let Some(addr) = &node.addr else { continue };
-            let Ok(client) = ControlClient::new(addr) else {
-                continue;
-            };
+            let client = control(addr);
             if let Ok(status) = client.timeout(Duration::from_secs(2)).status(false).await {
                 if status.leader.is_some() {
                     return Some(status);
@@ -399,11 +479,23 @@ pub fn skip_outside_ci(why: &str) {
 /// soak, takes about a minute).
 pub const CLI_DEADLINE: Duration = Duration::from_secs(300);
 
-/// Runs the `cluster` binary to completion, within [`CLI_DEADLINE`].
+/// Runs the `cluster` binary to completion, within [`CLI_DEADLINE`], as the test
+/// operator (`CLUSTER_TLS`) unless `args` choose credentials themselves.
 pub fn cli(args: &[&str]) -> std::process::Output {
     let mut command = Command::new(BIN);
     command.args(args);
+    as_operator(&mut command, args);
     output_within(command, CLI_DEADLINE)
+}
+
+/// Sets `CLUSTER_TLS` to the test operator's credentials, unless `args` say --insecure
+/// or --tls.
+pub fn as_operator(command: &mut Command, args: &[&str]) {
+    if args.iter().any(|a| *a == "--insecure" || *a == "--tls") {
+        command.env_remove("CLUSTER_TLS");
+    } else {
+        command.env("CLUSTER_TLS", creds("operator"));
+    }
 }
 
 /// Runs `command` (stdin empty, output captured) to completion; kills it and panics if it
@@ -463,11 +555,7 @@ impl Writer {
             let mut n = 0u64;
             let clients: Vec<ControlClient> = addrs
                 .iter()
-                .map(|addr| {
-                    ControlClient::new(addr)
-                        .expect("client")
-                        .timeout(WRITER_TIMEOUT)
-                })
+                .map(|addr| control(addr).timeout(WRITER_TIMEOUT))
                 .collect();
             while !*stopped.borrow_and_update() {
                 let key = format!("{prefix}-{n}");
@@ -508,7 +596,7 @@ impl Writer {
 
 /// Checks that every acknowledged write is readable (linearizably) through `addr`.
 pub async fn assert_all_readable(addr: &str, acked: &[(String, String)]) {
-    let client = ControlClient::new(addr).expect("client");
+    let client = control(addr);
     for (key, value) in acked {
         let got = client.clone().kv_get(key).await.expect("read");
         assert_eq!(

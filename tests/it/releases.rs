@@ -6,7 +6,6 @@ use std::sync::Arc;
 use cluster::agent::upload::{push, LocalDist};
 use cluster::api::ErrorKind;
 use cluster::release::{EntryKind, Limits};
-use cluster::rpc::AgentClient;
 
 use crate::harness::{cli, Cluster};
 
@@ -66,8 +65,8 @@ async fn a_release_syncs_between_nodes_moving_only_missing_chunks() {
     let local_v1 = Arc::new(LocalDist::scan(&v1, &limits).unwrap());
     let local_v2 = Arc::new(LocalDist::scan(&v2, &limits).unwrap());
     let total_v2 = local_v2.manifest.total_bytes();
-    let mut node1 = AgentClient::new(&cluster.addr(1)).unwrap();
-    let mut node2 = AgentClient::new(&cluster.addr(2)).unwrap();
+    let mut node1 = crate::harness::agent(&cluster.addr(1));
+    let mut node2 = crate::harness::agent(&cluster.addr(2));
 
     let first = push(&mut node1, &local_v1).await.expect("upload v1");
     assert_eq!(first.hash, local_v1.manifest.build_hash());
@@ -127,7 +126,7 @@ async fn an_untrusted_manifest_is_refused_and_changes_nothing() {
     let dist = cluster.dir.path().join("d");
     make_dist(&dist);
     let mut manifest = LocalDist::scan(&dist, &Limits::default()).unwrap().manifest;
-    let mut node = AgentClient::new(&cluster.addr(1)).unwrap();
+    let mut node = crate::harness::agent(&cluster.addr(1));
     let before = node.releases().await.unwrap();
     let tree_before = tree(&cluster.nodes[&1].data_dir);
 

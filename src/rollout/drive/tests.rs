@@ -197,6 +197,7 @@ impl Cluster for Fake {
                 .then(|| "health check exited 1".to_string()),
             supervision: "supervise".into(),
             last_auto_restore: None,
+            insecure: false,
         })
     }
     async fn disk_needs(
