@@ -7,8 +7,11 @@
 #   (b) 1 KiB overwritten in the middle of bin/cluster
 #   (c) bin/cluster replaced by different random content
 # Two real nodes run from the release build (two single-node clusters: the agent does not
-# care). Node A holds the base and every variant (`cluster dist push`). For each case and
-# each run, a fresh node B fetches the base from A, then the timed step runs:
+# care), with mutual TLS as in production: a CA made for the run, one node certificate
+# (both are node 1 of their cluster, so each admits the other as a member) and an
+# operator's for the commands. Node A holds the base and every variant (`cluster dist
+# push`). For each case and each run, a fresh node B fetches the base from A, then the
+# timed step runs:
 #   cluster dist fetch <variant hash> --from A --node B --json    -> fetched_bytes, wall time
 # rsync (from Debian's package; installed if missing) does the same job: a daemon on a free
 # loopback port exports the variant read-only and
@@ -120,11 +123,16 @@ release_bytes=$(find "$base" -type f -printf '%s\n' | awk '{ s += $1 } END { pri
 echo "base: $(find "$base" -type f | wc -l) files, $release_bytes bytes"
 
 # --- nodes ------------------------------------------------------------------------------
+"$bin" tls init "$work/tls/ca" >/dev/null
+"$bin" tls issue "$work/tls/n1" --ca "$work/tls/ca" --node 1 >/dev/null
+"$bin" tls issue "$work/tls/operator" --ca "$work/tls/ca" --operator bench >/dev/null
+export CLUSTER_TLS=$work/tls/operator
+
 # start_node NAME: starts a single-node cluster in $work/NAME; sets node_pid and node_addr.
 start_node() {
   local dir="$work/$1" deadline=$(( $(date +%s) + 30 ))
   "$bin" node run --id 1 --listen 127.0.0.1:0 --data-dir "$dir" --bootstrap \
-    >"$dir.log" 2>&1 &
+    --tls "$work/tls/n1" >"$dir.log" 2>&1 &
   node_pid=$!
   pids+=("$node_pid")
   until [ -s "$dir/node.addr" ]; do

@@ -8,9 +8,11 @@
 #   scripts/bench.sh --runs 5 --out FILE  # more runs; write FILE instead of BENCHMARKS.md
 #
 # Benchmarks: rollout (orchestration overhead, 3 and 5 nodes, next to an Ansible-style
-# script), gaps (leader changes and write latency, next to etcd), sync (next to an rsync
-# daemon), hash (next to openssl and sha256sum), scale (3, 5, 9 nodes), footprint (RSS and
-# CPU of nodes, next to etcd's).
+# script), gaps (leader changes and write latency, next to etcd, and what mutual TLS costs
+# next to --insecure nodes), sync (next to an rsync daemon), hash (next to openssl and
+# sha256sum), scale (3, 5, 9 nodes), footprint (RSS and CPU of nodes, next to etcd's).
+# Every cluster runs with mutual TLS (its own CA; clients as its operator) unless a
+# figure says --insecure.
 #
 # Builds the release binary and the kv_writer and rollout_timeline examples; installs jq,
 # rsync and openssl with apt-get when missing; fetches Debian's etcd packages into
@@ -268,7 +270,7 @@ bench_gaps() {
     gap_timeout_ms=$writer_timeout_ms
     addrs=$(current_addrs "$dir" 3); leader=$(our_leader); next=$(( leader % 3 + 1 ))
     gap_run cluster "$(order "$addrs" "$leader")" \
-      "$bin" leader transfer "$next" --node "${addrs%%,*}"
+      "$bin" leader transfer "$next" --node "${addrs%%,*}" "${client_flags[@]}"
     g[cluster/transfer]+=" $gap_ms"; l[cluster]=$(( ${l[cluster]:-0} + lost ))
 
     next_dist
@@ -341,7 +343,9 @@ bench_gaps() {
     echo "after a new leader is known. Afterwards every acknowledged key is read back"
     echo "(linearizable reads): \"lost\" counts keys missing or wrong. Both stores: 3 members on"
     echo "loopback, election timeout 300 ms (cluster: heartbeat 100 ms; etcd refuses a"
-    echo "heartbeat above 1/5 of the election timeout, so it runs 60 ms). Events: \`cluster leader"
+    echo "heartbeat above 1/5 of the election timeout, so it runs 60 ms). Cluster nodes run with"
+    echo "mutual TLS (\`cluster local up\`: a CA of its own; the client as its operator), etcd"
+    echo "plaintext (its default; its own TLS is not measured). Events: \`cluster leader"
     echo "transfer\` / \`etcdctl move-leader\` with the client on the old leader; a rollout of all"
     echo "3 nodes (stabilize 1000 ms; the leader hands off to an updated node; no etcd"
     echo "equivalent); \`kill -9\` of the leader with the client first on the leader, and first on"
@@ -378,6 +382,71 @@ bench_gaps() {
     ours=$(jq ".${q}_ms" "$work/lat-cluster.json"); theirs=$(jq ".${q}_ms" "$work/lat-etcd.json")
     row "2 latency" "write latency $q" "$ours ms" "etcd $theirs ms" "$(ratio "$ours" "$theirs")" "(none)" "-"
   done
+  tls_cost "$(median ${g[etcd/transfer]})"
+}
+
+# tls_cost ETCD_TRANSFER_MS: write latency and the leader-transfer write gap of two 3-node
+# clusters up at once, one of --insecure nodes (plaintext clients), one of --tls nodes
+# (clients with the operator's certificate), started the same way (`nodes_up`), measured in
+# alternating rounds so load on the shared machine falls on both alike.
+tls_cost() {
+  local etcd_transfer=$1 rounds count round mode leader next
+  # An odd number of rounds, so the median is one of them.
+  if [ "$quick" = 1 ]; then rounds=3 count=300; else rounds=$(( runs > 5 ? runs : 5 )) count=1000; fi
+  [ $(( rounds % 2 )) = 1 ] || rounds=$(( rounds + 1 ))
+  declare -A p50=() p99=() gap=() lost_by=() node_groups=() dirs=([insecure]="$work/tls-cost-insecure" [tls]="$work/tls-cost-tls")
+  say "gaps: TLS cost: 3 --insecure nodes and 3 --tls nodes, $rounds rounds of $count writes and a transfer"
+  for mode in insecure tls; do nodes_up "${dirs[$mode]}" 3 "$mode"; node_groups[$mode]="${up_groups[*]}"; done
+  for round in $(seq 1 "$rounds"); do
+    local turns=(insecure tls); [ $(( round % 2 )) = 0 ] && turns=(tls insecure)
+    for mode in "${turns[@]}"; do
+      use_client "${dirs[$mode]}"
+      addrs=$(current_addrs "${dirs[$mode]}" 3)
+      now_addrs() { echo "$addrs"; }
+      leader=$(cluster_status "$addrs" | jq -r '.leader // empty')
+      "$writer" latency cluster "$(order "$addrs" "$leader" | cut -d, -f1)" "$count" >"$work/lat-$mode.json"
+      p50[$mode]+=" $(jq .p50_ms "$work/lat-$mode.json")"; p99[$mode]+=" $(jq .p99_ms "$work/lat-$mode.json")"
+      next=$(( leader % 3 + 1 ))
+      gap_run cluster "$(order "$addrs" "$leader")" \
+        "$bin" leader transfer "$next" --node "$(order "$addrs" "$leader" | cut -d, -f1)" "${client_flags[@]}"
+      gap[$mode]+=" $gap_ms"; lost_by[$mode]=$(( ${lost_by[$mode]:-0} + lost ))
+      say "  round $round, $mode: write p50 $(jq .p50_ms "$work/lat-$mode.json") ms, p99 $(jq .p99_ms "$work/lat-$mode.json") ms, transfer gap $gap_ms ms"
+    done
+  done
+  local group
+  for group in ${node_groups[insecure]} ${node_groups[tls]}; do stop_group "$group"; done
+  local plain50 tls50 plain99 tls99 plaingap tlsgap
+  plain50=$(median ${p50[insecure]}); tls50=$(median ${p50[tls]})
+  plain99=$(median ${p99[insecure]}); tls99=$(median ${p99[tls]})
+  plaingap=$(median ${gap[insecure]}); tlsgap=$(median ${gap[tls]})
+  {
+    echo
+    echo "What mutual TLS costs, measured in the same run: two 3-node clusters up at once, one of"
+    echo "\`node run --insecure\` nodes (plaintext client), one of \`node run --tls\` nodes (a CA of"
+    echo "its own, a certificate per node; the client as its operator, \`CLUSTER_TLS\`), both"
+    echo "unsupervised, default timing, started the same way (\`nodes_up\` in scripts/bench/lib.sh)."
+    echo "$rounds rounds, alternating which cluster goes first; each round, per cluster: $count"
+    echo "sequential writes to the leader (latency; the first also opens the client's connection,"
+    echo "TLS handshake included, which p50 and p99 do not see), then a \`leader transfer\` with the"
+    echo "writer on the old leader (the gap, as above; the transfer itself is a \`cluster\` command"
+    echo "with the same credentials). Figures: median over rounds (each round's in brackets)."
+    echo
+    echo "| figure | --insecure | --tls | TLS / plaintext |"
+    echo "|---|---:|---:|---:|"
+    echo "| write latency p50 | $plain50 ms (${p50[insecure]# }) | $tls50 ms (${p50[tls]# }) | $(ratio "$tls50" "$plain50") |"
+    echo "| write latency p99 | $plain99 ms (${p99[insecure]# }) | $tls99 ms (${p99[tls]# }) | $(ratio "$tls99" "$plain99") |"
+    echo "| longest write gap, leader transfer | $plaingap ms (${gap[insecure]# }) | $tlsgap ms (${gap[tls]# }) | $(ratio "$tlsgap" "$plaingap") |"
+    echo
+    echo "Acknowledged writes lost: --insecure ${lost_by[insecure]}, --tls ${lost_by[tls]}."
+  } | detail gaps
+  row "2 TLS cost" "write latency p50, --tls nodes (reference: --insecure)" "$tls50 ms" "plaintext $plain50 ms" \
+    "$(ratio "$tls50" "$plain50")" "<= 1.10" "$(met "$(ratio "$tls50" "$plain50")" 1.10)"
+  row "2 TLS cost" "write latency p99, --tls nodes" "$tls99 ms" "plaintext $plain99 ms" \
+    "$(ratio "$tls99" "$plain99")" "(none)" "-"
+  row "2 TLS cost" "longest write gap, transfer, --tls nodes" "$tlsgap ms" "plaintext $plaingap ms" \
+    "$(ratio "$tlsgap" "$plaingap")" "<= etcd ($etcd_transfer ms)" "$(met "$tlsgap" "$etcd_transfer")"
+  row "2 TLS cost" "acknowledged writes lost (transfers)" "${lost_by[tls]}" "plaintext ${lost_by[insecure]}" "-" "0" \
+    "$([ "${lost_by[tls]}${lost_by[insecure]}" = 00 ] && echo met || echo '**not met**')"
 }
 
 # --- 3: sync, 4: hash (the standalone scripts, parsed) -----------------------------------------

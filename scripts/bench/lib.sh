@@ -3,6 +3,11 @@
 # Expects: $bin (the release `cluster`), $work (a temp dir), $runs. Every process started
 # through `spawn` runs in its own process group, and `bench_cleanup` (the EXIT trap) stops
 # every such group: SIGTERM, up to 10 s for a graceful exit, then SIGKILL.
+#
+# Clusters run with mutual TLS, as in production: `cluster local up` makes its own CA and
+# certificates, and `nodes_up DIR N tls` does the same; `nodes_up DIR N insecure` is the
+# plaintext reference. `use_client DIR` points the clients (cluster_status, the `cluster`
+# commands given "${client_flags[@]}", kv_writer, rollout_timeline) at one of them.
 
 groups=()
 # Single processes (not groups) to stop on exit.
@@ -80,8 +85,24 @@ make_dist() {
   "$bin" dist stamp "$1" | tail -n 1
 }
 
-# local_up DIR N: starts N supervised nodes (`cluster local up`) with data under DIR; waits
-# until they form a cluster; sets up_pid and addrs (comma-separated).
+# Extra flags of every `cluster` client command: (--insecure) for a plaintext cluster.
+client_flags=()
+
+# use_client DIR: the cluster under DIR is the one client commands talk to from here on:
+# as its operator (CLUSTER_TLS=DIR/tls/operator) when it has one, else plaintext.
+use_client() {
+  if [ -d "$1/tls/operator" ]; then
+    export CLUSTER_TLS=$1/tls/operator
+    client_flags=()
+  else
+    unset CLUSTER_TLS
+    client_flags=(--insecure)
+  fi
+}
+
+# local_up DIR N: starts N supervised nodes (`cluster local up`, mutual TLS with a CA of
+# its own under DIR/tls) with data under DIR; waits until they form a cluster; sets up_pid
+# and addrs (comma-separated) and makes it the clients' cluster (use_client).
 local_up() {
   local dir=$1 n=$2 deadline=$(( $(date +%s) + 120 ))
   mkdir -p "$dir"
@@ -95,6 +116,51 @@ local_up() {
     sleep 0.1
   done
   addrs=$(sed -n 's/^node [0-9]*: \([0-9.:]*\) .*/\1/p' "$dir.log" | paste -sd,)
+  use_client "$dir"
+}
+
+# nodes_up DIR N SECURITY: starts N unsupervised nodes (`cluster node run`: node 1
+# bootstraps, the others join it; default timing) with data under DIR. SECURITY tls: a CA
+# of its own under DIR/tls, a certificate per node (`--tls`) and an operator's for the
+# clients; insecure: `--insecure` nodes, plaintext clients. Waits until N voters follow one
+# leader; sets addrs and up_groups (the nodes' process groups) and makes it the clients'
+# cluster (use_client).
+nodes_up() {
+  local dir=$1 n=$2 security=$3 id first='' flags deadline
+  mkdir -p "$dir"
+  up_groups=()
+  if [ "$security" = tls ]; then
+    "$bin" tls init "$dir/tls/ca" >/dev/null
+    for id in $(seq 1 "$n"); do
+      "$bin" tls issue "$dir/tls/n$id" --ca "$dir/tls/ca" --node "$id" >/dev/null
+    done
+    "$bin" tls issue "$dir/tls/operator" --ca "$dir/tls/ca" --operator bench >/dev/null
+  fi
+  for id in $(seq 1 "$n"); do
+    if [ "$security" = tls ]; then flags=(--tls "$dir/tls/n$id"); else flags=(--insecure); fi
+    if [ -z "$first" ]; then flags+=(--bootstrap); else flags+=(--join "$first"); fi
+    spawn "$dir/n$id.log" "$bin" node run --id "$id" --listen 127.0.0.1:0 --data-dir "$dir/n$id" "${flags[@]}"
+    up_groups+=("$spawned_pid")
+    deadline=$(( $(date +%s) + 30 ))
+    until [ -s "$dir/n$id/node.addr" ]; do
+      if ! kill -0 "$spawned_pid" 2>/dev/null || [ "$(date +%s)" -ge "$deadline" ]; then
+        echo "node $id ($security) did not start; its log:" >&2; cat "$dir/n$id.log" >&2; exit 1
+      fi
+      sleep 0.05
+    done
+    [ -n "$first" ] || first=$(cat "$dir/n1/node.addr")
+  done
+  addrs=$(current_addrs "$dir" "$n")
+  use_client "$dir"
+  deadline=$(( $(date +%s) + 60 ))
+  until cluster_status "$addrs" | jq -e --argjson n "$n" \
+      '.leader != null and ([.nodes[] | select(.role == "voter"
+        and (.state == "leader" or .state == "follower"))] | length) == $n' >/dev/null 2>&1; do
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      echo "$n $security nodes did not form a cluster within 60 s:" >&2; cluster_status "$addrs" >&2 || true; exit 1
+    fi
+    sleep 0.1
+  done
 }
 
 # current_addrs DIR N: the nodes' addresses now (a restarted node listens on a new port).
@@ -108,7 +174,7 @@ current_addrs() {
 cluster_status() {
   local addr
   for addr in ${1//,/ }; do
-    "$bin" status --json --node "$addr" 2>/dev/null && return 0
+    "$bin" status --json --node "$addr" "${client_flags[@]}" 2>/dev/null && return 0
   done
   return 1
 }
