@@ -18,7 +18,8 @@
 # rsync and openssl with apt-get when missing; fetches Debian's etcd packages into
 # ~/.cache/cluster-bench (unpacked, never installed). Every process it starts runs in a
 # process group it stops on exit; every port is OS-assigned or checked free; traffic stays
-# on loopback. The text after the "analysis" marker in the output file is kept.
+# on loopback. The text after the "analysis" marker in the output file is kept, and so are
+# the sections (and summary rows) of benchmarks --only leaves out.
 set -euo pipefail
 
 all=(rollout gaps sync hash scale footprint)
@@ -79,7 +80,7 @@ if selected gaps || selected footprint; then etcd_install; fi
 row() {
   local line="|" field
   for field in "$@"; do line+=" $field |"; done
-  echo "$line" >>"$work/summary.md"
+  echo "$line" >>"$work/summary-$current.md"
   echo "  => $line" >&2
 }
 detail() { cat >>"$work/details-$1.md"; }
@@ -555,7 +556,7 @@ bench_footprint() {
 started_at=$(date -u +'%Y-%m-%d %H:%M UTC')
 t_all=$(now_ns)
 for name in "${all[@]}"; do
-  if selected "$name"; then "bench_$name"; fi
+  if selected "$name"; then current=$name; "bench_$name"; fi
 done
 load_at_end=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -567,15 +568,39 @@ titles=(
   "scale:5. Scale"
   "footprint:6. Footprint"
 )
-analysis=
+analysis= old_header=
 [ -f "$out" ] && analysis=$(sed -n '/^<!-- analysis/,$p' "$out")
+# The provenance paragraphs of the file this one replaces (quoted when sections are kept).
+[ -f "$out" ] && old_header=$(sed -n '/^Written by/,/^Reproduce:/p' "$out" | sed '$d')
+# A benchmark's number: its place in `all`, the prefix of its section and summary rows.
+number() { local i; for i in "${!all[@]}"; do [ "${all[$i]}" != "$1" ] || echo $(( i + 1 )); done; }
+# What --only left out is kept from the file this one replaces: its summary rows, its
+# section, and the old header, which says when and how they were measured.
+kept=()
+if [ -f "$out" ]; then
+  for name in "${all[@]}"; do
+    selected "$name" && continue
+    k=$(number "$name")
+    awk -v k="$k" '/^## Summary/ { s = 1; next } /^## / { s = 0 } s && index($0, "| " k " ") == 1' "$out" >"$work/summary-$name.md"
+    awk -v k="$k" '/^<!-- analysis/ { s = 0 } /^## / { s = index($0, "## " k ". ") == 1; if (s) next } s' "$out" |
+      sed -e '/./,$!d' -e :a -e '/^\n*$/{$d;N;ba' -e '}' >"$work/details-$name.md"
+    [ -s "$work/details-$name.md" ] || [ -s "$work/summary-$name.md" ] || continue
+    kept+=("$k")
+  done
+fi
 {
   echo "# Benchmarks"
   echo
   echo "Written by \`scripts/bench.sh\` on $started_at ($(( $(ms_since "$t_all") / 1000 )) s; median of"
   echo "$runs run$([ "$runs" = 1 ] || echo s) per figure unless a table says otherwise; every reference measured in the same run)."
+  if [ ${#kept[@]} -gt 0 ]; then
+    echo "This run measured section$([ ${#only[@]} = 1 ] || echo s) $(for name in "${only[@]}"; do number "$name"; done | sort -n | paste -sd, | sed 's/,/, /g') only;"
+    echo "sections $(IFS=,; echo "${kept[*]}" | sed 's/,/, /g') and their summary rows are kept from the file it replaced, which said:"
+    echo
+    printf '%s\n' "$old_header" | sed -e :a -e '/^\n*$/{$d;N;ba' -e '}' | sed 's/^/> /; s/^> $/>/'
+  fi
   echo
-  echo "Machine: $(nproc) cores ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n 1)),"
+  echo "$([ ${#kept[@]} = 0 ] && echo "Machine" || echo "This run's machine"): $(nproc) cores ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n 1)),"
   echo "$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) memory, Linux $(uname -r);"
   echo "load average $load_at_start at the start, $load_at_end at the end (the machine is"
   echo "shared: other work running at the same time makes figures noisy)."
@@ -584,13 +609,13 @@ analysis=
   echo "$(rsync --version | head -n 1 | sed 's/  protocol.*//'); $(openssl version | cut -d' ' -f1-2)."
   echo
   echo "Reproduce: \`scripts/bench.sh\` (everything, 3 runs), \`scripts/bench.sh --quick\` (smoke"
-  echo "run), \`scripts/bench.sh --only $(IFS=,; echo "${only[*]}") --runs $runs\` (this file's selection)."
+  echo "run), \`scripts/bench.sh --only $(IFS=,; echo "${only[*]}") --runs $runs\` (this run's selection)."
   echo
   echo "## Summary"
   echo
   echo "| benchmark | figure | cluster | reference | ratio | target | |"
   echo "|---|---|---:|---:|---:|---|---|"
-  cat "$work/summary.md"
+  for name in "${all[@]}"; do cat "$work/summary-$name.md" 2>/dev/null || true; done
   for entry in "${titles[@]}"; do
     name=${entry%%:*}
     [ -f "$work/details-$name.md" ] || continue
