@@ -1263,7 +1263,7 @@ mod tests {
                 if let EntryKind::File { size, chunks, .. } =
                     &mut entries[files[pick % files.len()]].kind
                 {
-                    if pick % 2 == 0 || chunks.is_empty() {
+                    if pick.is_multiple_of(2) || chunks.is_empty() {
                         *size += 1;
                     } else {
                         let victim = pick % chunks.len();
