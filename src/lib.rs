@@ -17,8 +17,8 @@
 //! - [`error`]: an error with its causes on one line, for people, logs and wire messages.
 //! - [`fs`]: crash-safe filesystem helpers: atomic writes and symlink swaps, syncs, tree removal.
 //! - [`supervise`]: the restart loop for hosts without systemd (and for tests).
-//! - [`release`]: releases: manifest and build hash, directory scan, version.json, the release
-//!   store, staging and sync, with their errors.
+//! - [`release`]: releases: manifest and build hash, directory scan, version.json, release
+//!   signatures and key files, the release store, staging and sync, with their errors.
 //! - [`rollout`]: the rolling update: its pure core (preflight, plan, engine, automatic
 //!   decisions: no I/O) and the runtime that carries it out through [`rollout::Cluster`].
 
