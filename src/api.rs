@@ -26,6 +26,9 @@ pub enum ErrorKind {
     NotFound,
     /// The cluster is not in a state that allows the request (e.g. target not a voter).
     FailedPrecondition,
+    /// The node will not run what was asked: a release not signed by a key it trusts.
+    /// Retrying cannot help; a release signed by a trusted key can.
+    PermissionDenied,
     AlreadyExists,
     DeadlineExceeded,
     Internal,

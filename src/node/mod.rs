@@ -53,6 +53,9 @@ pub struct NodeConfig {
     pub auto: crate::rollout::AutoConfig,
     /// Who restarts the node when it exits (detected once, at start).
     pub supervision: Supervision,
+    /// The keys a release must be signed with for this node to install, offer or activate
+    /// it (`release_keys`, `--release-key`); empty: any release, signed or not.
+    pub release_keys: crate::release::TrustedKeys,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,9 +162,15 @@ pub async fn run(
             Arc::new(move || crate::raft::metrics(&term_raft).current_term),
             restart.clone(),
             running_build_hash(),
+            config.release_keys.clone(),
         )
         .map_err(NodeError::Releases)?,
     );
+    if config.release_keys.is_empty() {
+        tracing::info!("no release keys configured: releases are accepted signed or not");
+    } else {
+        tracing::info!(keys = ?config.release_keys.ids(), "accepting only releases signed by these keys");
+    }
     let supervision = config.supervision;
     // Reported on every start until the next upgrade; an unreadable record must not keep
     // the node down.
