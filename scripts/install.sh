@@ -3,18 +3,21 @@
 #
 #   scripts/install.sh --dist <dir> --id <n> --listen <host:port> (--bootstrap | --join <host:port>)
 #       [--advertise <host:port>] [--health-command <cmd>] [--heartbeat-ms <n>]
-#       [--election-timeout-ms <n>] [--no-start] [--dry-run]
+#       [--election-timeout-ms <n>] [--release-key <file>]... [--no-start] [--dry-run]
 #
 # Creates the `cluster` system user, /var/lib/cluster and /etc/cluster; installs the dist
 # (a directory made by scripts/build-dist.sh) as the node's first release; installs its
 # binary as the stable /usr/local/bin/cluster (the boot guard and the CLI); writes
 # /etc/cluster/node.toml from the flags; installs, enables and starts systemd/cluster.service.
+# Each --release-key (a release.pub from `cluster dist keygen`) is copied to
+# /etc/cluster/release-key-<n>.pub and listed in release_keys: the node then runs only
+# releases signed with one of them (`cluster dist stamp <dist> --sign <release.key>`).
 # Running it again changes only what differs. A host that already has a release keeps it:
 # later releases are rolled out with `cluster update`. --dry-run prints every step and
 # changes nothing. --no-start installs and enables the unit without starting it.
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0"; }
+usage() { sed -n '2,17p' "$0"; }
 fail() { echo "install.sh: $*" >&2; exit 2; }
 
 data_dir=/var/lib/cluster
@@ -27,6 +30,7 @@ user=cluster
 
 dist='' id='' listen='' join='' bootstrap=0 advertise='' health='' heartbeat='' election=''
 start=1 dry=0
+release_keys=()
 need_value() { [ $# -ge 2 ] && [ -n "$2" ] || fail "$1 needs a value (see --help)"; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -39,6 +43,7 @@ while [ $# -gt 0 ]; do
     --health-command) need_value "$@"; health=$2; shift 2 ;;
     --heartbeat-ms) need_value "$@"; heartbeat=$2; shift 2 ;;
     --election-timeout-ms) need_value "$@"; election=$2; shift 2 ;;
+    --release-key) need_value "$@"; release_keys+=("$2"); shift 2 ;;
     --no-start) start=0; shift ;;
     --dry-run) dry=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -68,6 +73,13 @@ for pair in "heartbeat-ms:$heartbeat" "election-timeout-ms:$election"; do
   value=${pair#*:}
   [ -z "$value" ] || [[ "$value" =~ ^[1-9][0-9]{0,8}$ ]] || fail "--${pair%%:*} must be a positive number of milliseconds, not '$value'"
 done
+for key in ${release_keys[@]+"${release_keys[@]}"}; do
+  [ -f "$key" ] || fail "--release-key $key does not exist: give a release.pub made by cluster dist keygen"
+  if grep -q "PRIVATE KEY" "$key"; then
+    fail "--release-key $key is a private key: give nodes the public half (release.pub) and keep release.key off them"
+  fi
+  grep -q "BEGIN PUBLIC KEY" "$key" || fail "--release-key $key is not a PEM public key: give a release.pub made by cluster dist keygen"
+done
 [ -f "$unit_src" ] || fail "$unit_src is missing: run install.sh from a checkout (it installs systemd/cluster.service)"
 "$dist/bin/cluster" dist verify "$dist" >/dev/null || fail "$dist does not match its version.json: rebuild it with scripts/build-dist.sh"
 if [ "$dry" = 0 ]; then
@@ -90,6 +102,13 @@ node_toml() {
   [ -z "$heartbeat" ] || echo "heartbeat_ms = $heartbeat"
   [ -z "$election" ] || echo "election_timeout_ms = $election"
   [ -z "$health" ] || echo "health_command = $(toml_string "$health")"
+  if [ ${#release_keys[@]} -gt 0 ]; then
+    local n list=''
+    for n in $(seq 1 ${#release_keys[@]}); do
+      list="$list${list:+, }$(toml_string "$config_dir/release-key-$n.pub")"
+    done
+    echo "release_keys = [$list]"
+  fi
 }
 
 step() { # step <description> <command...>: runs it, or only says it in a dry run
@@ -138,6 +157,11 @@ else
   step "make the release the service user's" chown -R "$user:$user" "$data_dir"
 fi
 
+n=0
+for key in ${release_keys[@]+"${release_keys[@]}"}; do
+  n=$((n + 1))
+  put_file "$config_dir/release-key-$n.pub" 0644 <"$key"
+done
 node_toml | put_file "$config" 0644
 
 if cmp -s "$unit_src" "$unit_dir/cluster.service"; then

@@ -168,6 +168,7 @@ fn is_pure_core(path: &str) -> bool {
         || path.starts_with("src/rollout/engine/")
         || [
             "src/release/manifest.rs",
+            "src/release/signature.rs",
             "src/rollout/preflight.rs",
             "src/rollout/plan.rs",
             "src/rollout/engine.rs",
@@ -796,6 +797,13 @@ fn each_rule_fires_on_a_violation_and_not_on_a_clean_sample() {
             pure_cores_do_no_io,
             "src/rollout/auto.rs",
             "//! x\nfn f() { crate::clock::unix_ms(); }\n",
+            &[2],
+        ),
+        (
+            "key files read in the signature check",
+            pure_cores_do_no_io,
+            "src/release/signature.rs",
+            "//! x\nfn f() { std::fs::read_to_string(\"release.pub\"); }\n",
             &[2],
         ),
         (

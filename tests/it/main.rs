@@ -8,4 +8,5 @@ mod operate;
 mod raft;
 mod releases;
 mod rollout;
+mod signing;
 mod systemd;
