@@ -255,7 +255,13 @@ fn install_gives_the_node_its_release_keys_and_refuses_a_private_one() {
         .replace("/var/lib/cluster", not_a_dir.to_str().unwrap())
         .replace("/etc/cluster/release-key-1.pub", public.to_str().unwrap());
     std::fs::write(&config, toml).unwrap();
-    let node = crate::harness::cli(&["node", "run", "--config", config.to_str().unwrap()]);
+    let node = crate::harness::cli(&[
+        "node",
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--insecure",
+    ]);
     let said = text(&node);
     assert!(
         !node.status.success()
