@@ -2,34 +2,46 @@
 # Installs a cluster node on this host, run under systemd (run as root; idempotent).
 #
 #   scripts/install.sh --dist <dir> --id <n> --listen <host:port> (--bootstrap | --join <host:port>)
-#       [--advertise <host:port>] [--health-command <cmd>] [--heartbeat-ms <n>]
-#       [--election-timeout-ms <n>] [--release-key <file>]... [--no-start] [--dry-run]
+#       (--tls <dir> | --insecure) [--advertise <host:port>] [--health-command <cmd>]
+#       [--heartbeat-ms <n>] [--election-timeout-ms <n>] [--release-key <file>]...
+#       [--no-start] [--dry-run]
 #
 # Creates the `cluster` system user, /var/lib/cluster and /etc/cluster; installs the dist
 # (a directory made by scripts/build-dist.sh) as the node's first release; installs its
-# binary as the stable /usr/local/bin/cluster (the boot guard and the CLI); writes
-# /etc/cluster/node.toml from the flags; installs, enables and starts systemd/cluster.service.
+# binary as the stable /usr/local/bin/cluster (the boot guard and the CLI); copies the
+# node's credentials to /etc/cluster/tls; writes /etc/cluster/node.toml from the flags;
+# installs, enables and starts systemd/cluster.service.
+#
+# --tls <dir> is this host's credentials directory: ca.pem, cert.pem and key.pem, as
+# `cluster tls issue <dir> --ca <ca-dir> --node <n>` made them for node <n> (the CA's own
+# key, ca.key, stays where it was made). They are copied to /etc/cluster/tls (0750,
+# root:cluster; key.pem 0640, readable by the service user) and node.toml says
+# tls = "/etc/cluster/tls". --insecure instead runs the node plaintext with nobody
+# authenticated (insecure = true): only for a throwaway cluster on a trusted network.
+#
 # Each --release-key (a release.pub from `cluster dist keygen`) is copied to
 # /etc/cluster/release-key-<n>.pub and listed in release_keys: the node then runs only
 # releases signed with one of them (`cluster dist stamp <dist> --sign <release.key>`).
+#
 # Running it again changes only what differs. A host that already has a release keeps it:
 # later releases are rolled out with `cluster update`. --dry-run prints every step and
 # changes nothing. --no-start installs and enables the unit without starting it.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0"; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
 fail() { echo "install.sh: $*" >&2; exit 2; }
 
 data_dir=/var/lib/cluster
 config_dir=/etc/cluster
 config=$config_dir/node.toml
+tls_dir=$config_dir/tls
 stable=/usr/local/bin/cluster
 unit_dir=/etc/systemd/system
 unit_src=$(cd "$(dirname "$0")/.." && pwd)/systemd/cluster.service
 user=cluster
 
 dist='' id='' listen='' join='' bootstrap=0 advertise='' health='' heartbeat='' election=''
-start=1 dry=0
+tls='' insecure=0 start=1 dry=0
 release_keys=()
 need_value() { [ $# -ge 2 ] && [ -n "$2" ] || fail "$1 needs a value (see --help)"; }
 while [ $# -gt 0 ]; do
@@ -40,6 +52,8 @@ while [ $# -gt 0 ]; do
     --join) need_value "$@"; join=$2; shift 2 ;;
     --bootstrap) bootstrap=1; shift ;;
     --advertise) need_value "$@"; advertise=$2; shift 2 ;;
+    --tls) need_value "$@"; tls=$2; shift 2 ;;
+    --insecure) insecure=1; shift ;;
     --health-command) need_value "$@"; health=$2; shift 2 ;;
     --heartbeat-ms) need_value "$@"; heartbeat=$2; shift 2 ;;
     --election-timeout-ms) need_value "$@"; election=$2; shift 2 ;;
@@ -80,11 +94,44 @@ for key in ${release_keys[@]+"${release_keys[@]}"}; do
   fi
   grep -q "BEGIN PUBLIC KEY" "$key" || fail "--release-key $key is not a PEM public key: give a release.pub made by cluster dist keygen"
 done
+# The identity a PEM certificate names: its cluster:// URI subject alternative name, read
+# out of the DER (tag 0x86, a one-byte length, the string) so the host needs no openssl.
+cert_identity() {
+  local hex text
+  hex=$(sed '/^-----/d' "$1" | base64 -d 2>/dev/null | od -An -v -tx1 | tr -d ' \n') || return 0
+  # 636c75737465723a2f2f is "cluster://".
+  [[ "$hex" =~ 86([0-7][0-9a-f])(636c75737465723a2f2f[0-9a-f]*) ]] || return 0
+  text=${BASH_REMATCH[2]:0:$((16#${BASH_REMATCH[1]} * 2))}
+  printf "$(sed 's/../\\x&/g' <<<"$text")"
+}
+if [ -n "$tls" ] && [ "$insecure" = 1 ]; then
+  fail "--tls and --insecure exclude each other: give this host's credentials with --tls"
+fi
+[ -n "$tls" ] || [ "$insecure" = 1 ] ||
+  fail "--tls <dir> is required: this host's credentials, made with \`cluster tls issue <dir> --ca <ca-dir> --node ${id}\` (or --insecure to run without authentication, not for production)"
+if [ -n "$tls" ]; then
+  [ -d "$tls" ] || fail "--tls $tls is not a directory: give the directory \`cluster tls issue <dir> --ca <ca-dir> --node $id\` made"
+  for file in ca.pem cert.pem key.pem; do
+    [ -f "$tls/$file" ] && [ -r "$tls/$file" ] ||
+      fail "$tls/$file is missing or unreadable: a credentials directory holds ca.pem, cert.pem and key.pem, as \`cluster tls issue <dir> --ca <ca-dir> --node $id\` writes them"
+  done
+  grep -q -- '-----BEGIN CERTIFICATE-----' "$tls/ca.pem" || fail "$tls/ca.pem holds no PEM certificate (the cluster CA's ca.pem)"
+  grep -q -- '-----BEGIN CERTIFICATE-----' "$tls/cert.pem" || fail "$tls/cert.pem holds no PEM certificate"
+  grep -q -- '-----BEGIN .*PRIVATE KEY-----' "$tls/key.pem" || fail "$tls/key.pem holds no PEM private key"
+  found=$(cert_identity "$tls/cert.pem")
+  [ "$found" = "cluster://node/$id" ] ||
+    fail "$tls/cert.pem is for ${found:-no cluster identity}, and this is node $id: give --tls the directory \`cluster tls issue <dir> --ca <ca-dir> --node $id\` made"
+fi
 [ -f "$unit_src" ] || fail "$unit_src is missing: run install.sh from a checkout (it installs systemd/cluster.service)"
 "$dist/bin/cluster" dist verify "$dist" >/dev/null || fail "$dist does not match its version.json: rebuild it with scripts/build-dist.sh"
 if [ "$dry" = 0 ]; then
   [ "$(id -u)" = 0 ] || fail "run as root (sudo scripts/install.sh ...), or add --dry-run to see the steps"
   command -v systemctl >/dev/null || fail "systemctl not found: this host does not run systemd (use cluster supervise instead)"
+fi
+
+if [ "$insecure" = 1 ]; then
+  echo "install.sh: WARNING: --insecure: node $id will speak plaintext and authenticate nobody:" \
+    "anyone who can reach $listen can run code on every node. Use --tls <dir> outside a throwaway cluster on a trusted network." >&2
 fi
 
 toml_string() { # a TOML basic string
@@ -109,6 +156,7 @@ node_toml() {
     done
     echo "release_keys = [$list]"
   fi
+  if [ -n "$tls" ]; then echo "tls = $(toml_string "$tls_dir")"; else echo "insecure = true"; fi
 }
 
 step() { # step <description> <command...>: runs it, or only says it in a dry run
@@ -132,7 +180,26 @@ put_file() {
   chmod "$mode" "$path.tmp.$$"
   mv -f "$path.tmp.$$" "$path"
   echo "wrote $path"
+  changed=1
 }
+# Copies <src> to <path> as root:$user with <mode>, atomically, unless it already is that.
+put_copy() {
+  local src=$1 path=$2 mode=$3
+  if [ -f "$path" ] && cmp -s "$src" "$path" && [ "$(stat -c '%a %U:%G' "$path")" = "${mode#0} root:$user" ]; then
+    echo "$path is up to date"
+    return
+  fi
+  if [ "$dry" = 1 ]; then
+    echo "would copy $src to $path (mode $mode, root:$user)"
+    return
+  fi
+  install -m "$mode" -o root -g "$user" "$src" "$path.tmp.$$"
+  mv -f "$path.tmp.$$" "$path"
+  echo "wrote $path (mode $mode, root:$user)"
+  changed=1
+}
+# What the running node would not see until it restarts.
+changed=0
 
 if getent passwd "$user" >/dev/null; then
   echo "user $user exists"
@@ -143,6 +210,20 @@ fi
 step "create $data_dir" install -d -m 0750 "$data_dir"
 step "make $data_dir the service user's" chown "$user:$user" "$data_dir"
 step "create $config_dir" install -d -m 0755 "$config_dir"
+
+if [ -n "$tls" ]; then
+  # The service user reads its key through the group; nobody else can.
+  if [ -d "$tls_dir" ] && [ "$(stat -c '%a %U:%G' "$tls_dir")" = "750 root:$user" ]; then
+    echo "$tls_dir is up to date"
+  else
+    step "create $tls_dir (mode 0750, root:$user)" install -d -m 0750 -o root -g "$user" "$tls_dir"
+  fi
+  put_copy "$tls/ca.pem" "$tls_dir/ca.pem" 0644
+  put_copy "$tls/cert.pem" "$tls_dir/cert.pem" 0644
+  put_copy "$tls/key.pem" "$tls_dir/key.pem" 0640
+elif [ -d "$tls_dir" ]; then
+  echo "kept $tls_dir (unused with --insecure)"
+fi
 
 if cmp -s "$dist/bin/cluster" "$stable"; then
   echo "$stable is up to date"
@@ -172,6 +253,9 @@ else
 fi
 step "enable the unit" systemctl enable --quiet cluster.service
 if [ "$start" = 1 ]; then
+  if [ "$changed" = 1 ] && [ "$dry" = 0 ] && systemctl is-active --quiet cluster.service; then
+    echo "the running node keeps its old configuration or credentials until it restarts: systemctl restart cluster.service"
+  fi
   step "start the node" systemctl start cluster.service
 else
   echo "not starting the node (--no-start): systemctl start cluster.service"

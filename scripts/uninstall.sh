@@ -4,8 +4,9 @@
 #   scripts/uninstall.sh [--purge] [--dry-run]
 #
 # Stops and disables cluster.service, removes the unit and /usr/local/bin/cluster. The
-# node's data (/var/lib/cluster: its Raft log and releases) and /etc/cluster stay, so a
-# reinstall rejoins with its state; --purge removes them and the `cluster` user too.
+# node's data (/var/lib/cluster: its Raft log and releases) and /etc/cluster (node.toml and
+# the node's credentials in /etc/cluster/tls) stay, so a reinstall rejoins with its state;
+# --purge removes them and the `cluster` user too.
 # Remove a node from the cluster's membership first if it is not coming back.
 # --dry-run prints every step and changes nothing.
 set -euo pipefail
@@ -16,7 +17,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --purge) purge=1; shift ;;
     --dry-run) dry=1; shift ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     *) fail "unknown argument: $1 (see --help)" ;;
   esac
 done
@@ -39,11 +40,12 @@ fi
 [ -e /usr/local/bin/cluster ] && step "remove the stable binary" rm -f /usr/local/bin/cluster
 if [ "$purge" = 1 ]; then
   [ -e /var/lib/cluster ] && step "remove the node's data" rm -rf /var/lib/cluster
+  [ -e /etc/cluster/tls ] && step "remove the node's credentials /etc/cluster/tls" rm -rf /etc/cluster/tls
   [ -e /etc/cluster ] && step "remove the configuration" rm -rf /etc/cluster
   if getent passwd cluster >/dev/null; then
     step "remove the user cluster" userdel cluster
   fi
 else
-  echo "kept /var/lib/cluster and /etc/cluster (--purge removes them)"
+  echo "kept /var/lib/cluster and /etc/cluster, with the node's credentials (--purge removes them)"
 fi
 echo "uninstalled"

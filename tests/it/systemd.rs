@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use crate::harness::{make_release, output_within, skip_outside_ci};
+use crate::harness::{creds, make_release, output_within, skip_outside_ci, tls_dir};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -132,6 +132,7 @@ fn install_dry_run_prints_every_step_and_changes_nothing() {
     let work = tempfile::tempdir().unwrap();
     let dist = work.path().join("dist");
     make_release(&dist, &[]);
+    let node_creds = creds("n2");
     let before = host_state();
     let out = script(
         "install.sh",
@@ -144,6 +145,8 @@ fn install_dry_run_prints_every_step_and_changes_nothing() {
             "10.0.0.2:7100",
             "--join",
             "10.0.0.1:7100",
+            "--tls",
+            node_creds.to_str().unwrap(),
             "--health-command",
             "test -e current/bin/cluster",
             "--dry-run",
@@ -151,15 +154,22 @@ fn install_dry_run_prints_every_step_and_changes_nothing() {
     );
     let shown = text(&out);
     assert!(out.status.success(), "{shown}");
+    let key_copy = format!(
+        "would copy {}/key.pem to /etc/cluster/tls/key.pem (mode 0640, root:cluster)",
+        node_creds.display()
+    );
     for expected in [
         "/usr/local/bin/cluster",
         "dist install",
+        "would create /etc/cluster/tls (mode 0750, root:cluster)",
+        &key_copy,
         "/etc/cluster/node.toml",
         "id = 2",
         "listen = \"10.0.0.2:7100\"",
         "join = \"10.0.0.1:7100\"",
         "data_dir = \"/var/lib/cluster\"",
         "health_command = \"test -e current/bin/cluster\"",
+        "tls = \"/etc/cluster/tls\"",
         "systemctl enable",
         "systemctl start cluster.service",
     ] {
@@ -179,7 +189,10 @@ fn install_dry_run_prints_every_step_and_changes_nothing() {
         .map(|line| format!("{}\n", line.trim_start()))
         .collect();
     let config = work.path().join("node.toml");
-    std::fs::write(&config, toml.replace("/var/lib/cluster", "/nonexistent/x")).unwrap();
+    let toml = toml
+        .replace("/var/lib/cluster", "/nonexistent/x")
+        .replace("/etc/cluster/tls", node_creds.to_str().unwrap());
+    std::fs::write(&config, toml).unwrap();
     let node = crate::harness::cli(&[
         "node",
         "run",
@@ -195,6 +208,28 @@ fn install_dry_run_prints_every_step_and_changes_nothing() {
         !said.contains("malformed") && said.contains("election"),
         "the written config parses (only the flag given here is refused): {said}"
     );
+
+    // Without credentials only by saying so: plaintext in node.toml, and a warning.
+    let out = script(
+        "install.sh",
+        &[
+            "--dist",
+            dist.to_str().unwrap(),
+            "--id",
+            "1",
+            "--listen",
+            "10.0.0.1:7100",
+            "--bootstrap",
+            "--insecure",
+            "--dry-run",
+        ],
+    );
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("    insecure = true"), "{shown}");
+    assert!(shown.contains("WARNING: --insecure"), "{shown}");
+    assert!(!shown.contains("/etc/cluster/tls"), "{shown}");
+    assert_eq!(host_state(), before, "a dry run changes nothing");
 
     let uninstall = script("uninstall.sh", &["--purge", "--dry-run"]);
     assert!(uninstall.status.success(), "{}", text(&uninstall));
@@ -222,6 +257,7 @@ fn install_gives_the_node_its_release_keys_and_refuses_a_private_one() {
                 "--listen",
                 "10.0.0.1:7100",
                 "--bootstrap",
+                "--insecure",
                 "--release-key",
                 key.to_str().unwrap(),
                 "--dry-run",
@@ -386,6 +422,40 @@ fn install_refuses_bad_flags_with_a_clear_error_and_changes_nothing() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
         assert!(text(&out).contains(expected), "{args:?}: {}", text(&out));
     }
+    // Credentials: required, and checked before any change (no --dry-run here).
+    let tls_arg = |name: &str| creds(name).to_str().unwrap().to_string();
+    let (node_1, node_3, operator, ca) = (
+        tls_arg("n1"),
+        tls_arg("n3"),
+        tls_arg("operator"),
+        tls_arg("ca"),
+    );
+    let node = [
+        "--dist",
+        dist,
+        "--id",
+        "1",
+        "--listen",
+        "10.0.0.1:7100",
+        "--bootstrap",
+    ];
+    let tls_cases: [(&[&str], &str); 6] = [
+        (&[], "--tls <dir> is required"),
+        (&["--tls", &node_1, "--insecure"], "exclude each other"),
+        (&["--tls", "/nonexistent"], "is not a directory"),
+        (&["--tls", &ca], "cert.pem is missing"),
+        (
+            &["--tls", &node_3],
+            "is for cluster://node/3, and this is node 1",
+        ),
+        (&["--tls", &operator], "is for cluster://operator/test"),
+    ];
+    for (extra, expected) in tls_cases {
+        let args: Vec<&str> = node.iter().chain(extra).copied().collect();
+        let out = script("install.sh", &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(expected), "{args:?}: {}", text(&out));
+    }
     // A dist that does not match its version.json.
     std::fs::write(Path::new(dist).join("bin/extra"), "tampered").unwrap();
     let out = script(
@@ -398,6 +468,8 @@ fn install_refuses_bad_flags_with_a_clear_error_and_changes_nothing() {
             "--listen",
             "10.0.0.1:7100",
             "--bootstrap",
+            "--tls",
+            &node_1,
             "--dry-run",
         ],
     );
@@ -438,9 +510,14 @@ fn the_readme_production_block_is_runnable_as_written() {
         assert!(context.is_some(), "{line:?} comes after a host marker");
         if let Some(install) = line.strip_prefix("sudo scripts/install.sh ") {
             assert!(context == Some("host "), "{line:?} runs on a host");
+            // Each host's copy of the credentials the build host issued for it.
+            let node_creds = format!("{}/n", tls_dir().display());
             let mut args: Vec<String> = install
                 .split_whitespace()
-                .map(|arg| arg.replace("/tmp/cluster-dist", dist.to_str().unwrap()))
+                .map(|arg| {
+                    arg.replace("/tmp/cluster-dist", dist.to_str().unwrap())
+                        .replace("/tmp/cluster-node-", &node_creds)
+                })
                 .collect();
             args.push("--dry-run".into());
             let args: Vec<&str> = args.iter().map(String::as_str).collect();

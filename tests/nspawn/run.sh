@@ -2,10 +2,14 @@
 # The production install under a real systemd: three systemd-nspawn containers each boot
 # systemd 252 (Debian bookworm, built once by tests/nspawn/rootfs.sh), share the host's
 # network, and run the README's "Production install" block line by line (10.0.0.N:7100 ->
-# 127.0.0.1:<free port>, /tmp/cluster-dist* -> the test's dists). Then a release whose
-# binary exits 1 (and then one that crash-loops) is rolled out, the leader and the third
-# node are killed once the first follower has activated it, and the follower's boot guard
-# must undo it under systemd with no leader anywhere.
+# 127.0.0.1:<free port>, /tmp/cluster-dist* -> the test's dists): the CA and every
+# certificate are made here, on the build host, each container gets its own node directory
+# and the operator's (the README's `scp -r`), and every node runs with mutual TLS. A
+# plaintext client is refused where the operator's certificate is served. Then a release
+# whose binary exits 1 (and then one that crash-loops) is rolled out, the leader and the
+# third node are killed once the first follower has activated it, and the follower's boot
+# guard must undo it under systemd with no leader anywhere. Every client command runs with
+# the operator's credentials (CLUSTER_TLS).
 #
 #   tests/nspawn/run.sh          # as root; skips (exit 0) saying why where it cannot run
 #
@@ -160,7 +164,7 @@ boot() {
   [ "$state" = running ] || fail "container $n booted '$state': $(in_c "$n" systemctl --failed --no-pager)"
 }
 
-mkdir -p "$work/dists" "$work/extra-2/share/cluster"
+mkdir -p "$work/dists" "$work/tls" "$work/extra-2/share/cluster"
 echo "the second build" >"$work/extra-2/share/cluster/NOTES"
 for n in 1 2 3; do port[$n]=$(free_port); done
 log "booting 3 containers from $rootfs"
@@ -190,7 +194,24 @@ while IFS= read -r line; do
   line=$(map_addresses "${line#sudo }")
   case "$context" in
     build)
+      # The build host's CA and credentials live in $work/tls (before the dists: $work
+      # itself starts with /tmp/cluster-).
+      for name in cluster-ca cluster-node- cluster-ops; do line=${line//\/tmp\/$name/$work/tls/$name}; done
       line=${line//\/tmp\/cluster-dist/$work/dists/cluster-dist}
+      # `scp -r <dir>... 10.0.0.N:<dir>`: copied into container N's own file system.
+      if [[ "$line" =~ ^scp\ -r\ (.+)\ 10\.0\.0\.([1-3]):(/[^ ]*)$ ]]; then
+        n=${BASH_REMATCH[2]} dest=${BASH_REMATCH[3]}
+        log "build host: $line"
+        for src in ${BASH_REMATCH[1]}; do
+          cp -r "$src" "$(c_path "$n" "$dest")" || fail "$line: copying $src into container $n"
+        done
+        continue
+      fi
+      if [[ "$line" == *"cluster tls "* ]]; then
+        log "build host: $line"
+        (cd "$repo" && bash -c "$line") </dev/null >"$work/tls.log" 2>&1 || fail "$line: $(cat "$work/tls.log")"
+        continue
+      fi
       builds=$((builds + 1))
       log "build host: $line"
       # The second build ships one more file, as a later checkout would differ.
@@ -204,7 +225,7 @@ while IFS= read -r line; do
       line=${line//\/tmp\/cluster-dist//opt/dists/cluster-dist}
       hosts=$context
       [ "$context" != any ] || hosts='1 2 3'
-      if [[ "$line" == "cluster update"* ]]; then
+      if [[ "$line" == *"cluster update "* ]]; then
         for n in 1 2 3; do
           main_pid_before[$n]=$(in_c "$n" systemctl show -p MainPID --value cluster)
         done
@@ -224,9 +245,13 @@ hash2=$(jq -r .buildHash "$work/dists/cluster-dist-2/version.json")
 hash1=$(jq -r .buildHash "$work/dists/cluster-dist/version.json")
 [ "$hash1" != "$hash2" ] || fail "the two builds have the same hash"
 cli=$work/dists/cluster-dist-2/bin/cluster
+# Every client command from here on runs as the operator the README's block issued.
+export CLUSTER_TLS=$work/tls/cluster-ops
 status_json() { "$cli" status --json --node "127.0.0.1:${port[1]}"; }
 status=$(status_json)
 [ "$(jq '[.nodes[] | select(.role == "voter")] | length' <<<"$status")" = 3 ] || fail "not 3 voters: $status"
+[ "$(jq '[.nodes[] | select(.insecure == false)] | length' <<<"$status")" = 3 ] ||
+  fail "not every node runs with TLS: $status"
 [ "$(jq --arg h "$hash2" '[.nodes[] | select(.build_hash == $h and .supervision == "systemd")] | length' <<<"$status")" = 3 ] ||
   fail "not every node runs $hash2 under systemd: $status"
 for n in 1 2 3; do
@@ -244,14 +269,38 @@ for n in 1 2 3; do
 done
 log "update: 3 nodes on ${hash2:0:12}, each restarted once by systemd (NRestarts=1, new MainPID)"
 
+# The credentials install.sh copied: readable by the service user, by nobody else.
+for n in 1 2 3; do
+  modes=$(in_c "$n" stat -c '%n %a %U:%G' /etc/cluster/tls /etc/cluster/tls/ca.pem \
+    /etc/cluster/tls/cert.pem /etc/cluster/tls/key.pem) || fail "host $n: no /etc/cluster/tls"
+  expected="/etc/cluster/tls 750 root:cluster
+/etc/cluster/tls/ca.pem 644 root:cluster
+/etc/cluster/tls/cert.pem 644 root:cluster
+/etc/cluster/tls/key.pem 640 root:cluster"
+  [ "$modes" = "$expected" ] || fail "host $n: /etc/cluster/tls is not as install.sh makes it: $modes"
+  grep -qx 'tls = "/etc/cluster/tls"' "$(c_path "$n" /etc/cluster/node.toml)" ||
+    fail "host $n: node.toml does not name /etc/cluster/tls: $(cat "$(c_path "$n" /etc/cluster/node.toml)")"
+done
+# A plaintext client gets nothing from a node; the operator's certificate does.
+for n in 1 2 3; do
+  if plain=$(env -u CLUSTER_TLS "$cli" status --insecure --node "127.0.0.1:${port[$n]}" 2>&1); then
+    fail "host $n answered a plaintext client: $plain"
+  fi
+  "$cli" status --node "127.0.0.1:${port[$n]}" >/dev/null || fail "host $n refused the operator's certificate"
+done
+log "TLS: every node on its own certificate (key.pem 0640 root:cluster); a plaintext client is refused: ${plain%%$'\n'*}"
+
 # install.sh again with the same flags: nothing changes, the node keeps running.
 pid_before=$(in_c 2 systemctl show -p MainPID --value cluster)
 again=$(in_c 2 sh -c "cd /opt/cluster && scripts/install.sh --dist /opt/dists/cluster-dist --id 2 \
-  --listen 127.0.0.1:${port[2]} --join 127.0.0.1:${port[1]}") || fail "install.sh again: $again"
+  --tls /tmp/cluster-node-2 --listen 127.0.0.1:${port[2]} --join 127.0.0.1:${port[1]}") ||
+  fail "install.sh again: $again"
 for expected in "user cluster exists" "/etc/cluster/node.toml is up to date" \
+  "/etc/cluster/tls is up to date" "/etc/cluster/tls/key.pem is up to date" \
   "/etc/systemd/system/cluster.service is up to date" "already runs release $hash2"; do
   grep -qF "$expected" <<<"$again" || fail "install.sh again does not say \"$expected\": $again"
 done
+if grep -q '^wrote ' <<<"$again"; then fail "install.sh again wrote a file: $again"; fi
 [ "$(in_c 2 systemctl show -p MainPID --value cluster)" = "$pid_before" ] ||
   fail "install.sh again restarted the node"
 log "install.sh again: nothing changed, node 2 kept running"
@@ -358,7 +407,7 @@ d=$(dirname "$0")
 (
   polls=0
   while kill -0 $$ 2>/dev/null && [ $polls -lt 1800 ]; do
-    if "$d/cluster.real" status --local --node "$(cat /var/lib/cluster/node.addr)" >/dev/null 2>&1; then
+    if "$d/cluster.real" status --local --tls /etc/cluster/tls --node "$(cat /var/lib/cluster/node.addr)" >/dev/null 2>&1; then
       kill -9 $$
       exit 0
     fi
@@ -374,10 +423,13 @@ undone_with_no_leader crash-loops
 # uninstall.sh keeps the node's data; --purge removes it.
 in_c 3 /opt/cluster/scripts/uninstall.sh >"$work/uninstall.out" 2>&1 || fail "uninstall.sh: $(cat "$work/uninstall.out")"
 [ ! -e "$(c_path 3 /etc/systemd/system/cluster.service)" ] && [ ! -e "$(c_path 3 /usr/local/bin/cluster)" ] &&
-  [ -L "$(c_path 3 /var/lib/cluster/current)" ] || fail "uninstall.sh: $(cat "$work/uninstall.out")"
+  [ -L "$(c_path 3 /var/lib/cluster/current)" ] && [ -f "$(c_path 3 /etc/cluster/tls/key.pem)" ] ||
+  fail "uninstall.sh: $(cat "$work/uninstall.out")"
 [ "$(in_c 3 systemctl is-active cluster || true)" != active ] || fail "uninstall.sh left the node running"
 in_c 3 /opt/cluster/scripts/uninstall.sh --purge >"$work/uninstall.out" 2>&1 || fail "uninstall.sh --purge: $(cat "$work/uninstall.out")"
-[ ! -e "$(c_path 3 /var/lib/cluster)" ] && [ ! -e "$(c_path 3 /etc/cluster)" ] || fail "uninstall.sh --purge: $(cat "$work/uninstall.out")"
+[ ! -e "$(c_path 3 /var/lib/cluster)" ] && [ ! -e "$(c_path 3 /etc/cluster)" ] &&
+  grep -qF "remove the node's credentials /etc/cluster/tls" "$work/uninstall.out" ||
+  fail "uninstall.sh --purge: $(cat "$work/uninstall.out")"
 in_c 3 getent passwd cluster >/dev/null && fail "uninstall.sh --purge kept the user"
-log "uninstall.sh kept the data; --purge removed it"
-log "PASSED: README production install under systemd, and the boot guard with no leader"
+log "uninstall.sh kept the data and credentials; --purge removed them"
+log "PASSED: README production install under systemd with mutual TLS, and the boot guard with no leader"
