@@ -6,11 +6,13 @@
 # <out-dir> is replaced. The printed build hash identifies the release on every node;
 # roll it out with `cluster update --dist <out-dir>`. Environment: CLUSTER_BUILD_PROFILE
 # (cargo profile, default release), CLUSTER_DIST_EXTRA (a directory whose files are
-# shipped in the dist too, e.g. share/...), CARGO_TARGET_DIR.
+# shipped in the dist too, e.g. share/...), CLUSTER_SIGNING_KEY (a release.key from
+# `cluster dist keygen`: sign the dist with it, for nodes started with --release-key),
+# CARGO_TARGET_DIR.
 set -euo pipefail
 
 if [ $# -ne 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-  sed -n '2,10p' "$0"
+  sed -n '2,11p' "$0"
   [ $# -eq 1 ] && exit 0 || exit 2
 fi
 out=$1
@@ -30,7 +32,9 @@ if [ -n "${CLUSTER_DIST_EXTRA:-}" ]; then
   cp -R "$CLUSTER_DIST_EXTRA"/. "$staging"/
 fi
 # Stamp with the binary being packaged: the dist describes itself.
-"$staging/bin/cluster" dist stamp "$staging" >/dev/null
+sign=()
+[ -z "${CLUSTER_SIGNING_KEY:-}" ] || sign=(--sign "$CLUSTER_SIGNING_KEY")
+"$staging/bin/cluster" dist stamp "$staging" ${sign[@]+"${sign[@]}"} >/dev/null
 rm -rf "$out"
 mv "$staging" "$out"
 trap - EXIT

@@ -3,7 +3,8 @@
 #
 #   scripts/install.sh --dist <dir> --id <n> --listen <host:port> (--bootstrap | --join <host:port>)
 #       (--tls <dir> | --insecure) [--advertise <host:port>] [--health-command <cmd>]
-#       [--heartbeat-ms <n>] [--election-timeout-ms <n>] [--no-start] [--dry-run]
+#       [--heartbeat-ms <n>] [--election-timeout-ms <n>] [--release-key <file>]...
+#       [--no-start] [--dry-run]
 #
 # Creates the `cluster` system user, /var/lib/cluster and /etc/cluster; installs the dist
 # (a directory made by scripts/build-dist.sh) as the node's first release; installs its
@@ -17,6 +18,10 @@
 # root:cluster; key.pem 0640, readable by the service user) and node.toml says
 # tls = "/etc/cluster/tls". --insecure instead runs the node plaintext with nobody
 # authenticated (insecure = true): only for a throwaway cluster on a trusted network.
+#
+# Each --release-key (a release.pub from `cluster dist keygen`) is copied to
+# /etc/cluster/release-key-<n>.pub and listed in release_keys: the node then runs only
+# releases signed with one of them (`cluster dist stamp <dist> --sign <release.key>`).
 #
 # Running it again changes only what differs. A host that already has a release keeps it:
 # later releases are rolled out with `cluster update`. --dry-run prints every step and
@@ -37,6 +42,7 @@ user=cluster
 
 dist='' id='' listen='' join='' bootstrap=0 advertise='' health='' heartbeat='' election=''
 tls='' insecure=0 start=1 dry=0
+release_keys=()
 need_value() { [ $# -ge 2 ] && [ -n "$2" ] || fail "$1 needs a value (see --help)"; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -51,6 +57,7 @@ while [ $# -gt 0 ]; do
     --health-command) need_value "$@"; health=$2; shift 2 ;;
     --heartbeat-ms) need_value "$@"; heartbeat=$2; shift 2 ;;
     --election-timeout-ms) need_value "$@"; election=$2; shift 2 ;;
+    --release-key) need_value "$@"; release_keys+=("$2"); shift 2 ;;
     --no-start) start=0; shift ;;
     --dry-run) dry=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -79,6 +86,13 @@ esac
 for pair in "heartbeat-ms:$heartbeat" "election-timeout-ms:$election"; do
   value=${pair#*:}
   [ -z "$value" ] || [[ "$value" =~ ^[1-9][0-9]{0,8}$ ]] || fail "--${pair%%:*} must be a positive number of milliseconds, not '$value'"
+done
+for key in ${release_keys[@]+"${release_keys[@]}"}; do
+  [ -f "$key" ] || fail "--release-key $key does not exist: give a release.pub made by cluster dist keygen"
+  if grep -q "PRIVATE KEY" "$key"; then
+    fail "--release-key $key is a private key: give nodes the public half (release.pub) and keep release.key off them"
+  fi
+  grep -q "BEGIN PUBLIC KEY" "$key" || fail "--release-key $key is not a PEM public key: give a release.pub made by cluster dist keygen"
 done
 # The identity a PEM certificate names: its cluster:// URI subject alternative name, read
 # out of the DER (tag 0x86, a one-byte length, the string) so the host needs no openssl.
@@ -135,6 +149,13 @@ node_toml() {
   [ -z "$heartbeat" ] || echo "heartbeat_ms = $heartbeat"
   [ -z "$election" ] || echo "election_timeout_ms = $election"
   [ -z "$health" ] || echo "health_command = $(toml_string "$health")"
+  if [ ${#release_keys[@]} -gt 0 ]; then
+    local n list=''
+    for n in $(seq 1 ${#release_keys[@]}); do
+      list="$list${list:+, }$(toml_string "$config_dir/release-key-$n.pub")"
+    done
+    echo "release_keys = [$list]"
+  fi
   if [ -n "$tls" ]; then echo "tls = $(toml_string "$tls_dir")"; else echo "insecure = true"; fi
 }
 
@@ -217,6 +238,11 @@ else
   step "make the release the service user's" chown -R "$user:$user" "$data_dir"
 fi
 
+n=0
+for key in ${release_keys[@]+"${release_keys[@]}"}; do
+  n=$((n + 1))
+  put_file "$config_dir/release-key-$n.pub" 0644 <"$key"
+done
 node_toml | put_file "$config" 0644
 
 if cmp -s "$unit_src" "$unit_dir/cluster.service"; then

@@ -26,10 +26,11 @@ pub enum ErrorKind {
     NotFound,
     /// The cluster is not in a state that allows the request (e.g. target not a voter).
     FailedPrecondition,
+    /// The caller proved who it is and may not do this, or the node will not run what was
+    /// asked (a release not signed by a key it trusts). Retrying cannot help.
+    PermissionDenied,
     AlreadyExists,
     DeadlineExceeded,
-    /// The caller proved who it is, and that identity may not do this.
-    PermissionDenied,
     /// The caller did not prove who it is: no certificate, or one from another CA.
     Unauthenticated,
     Internal,

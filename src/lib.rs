@@ -19,8 +19,8 @@
 //! - [`tls`]: the cluster CA, certificates that carry an identity (node, operator, viewer),
 //!   and credentials directories; no network code.
 //! - [`supervise`]: the restart loop for hosts without systemd (and for tests).
-//! - [`release`]: releases: manifest and build hash, directory scan, version.json, the release
-//!   store, staging and sync, with their errors.
+//! - [`release`]: releases: manifest and build hash, directory scan, version.json, release
+//!   signatures and key files, the release store, staging and sync, with their errors.
 //! - [`rollout`]: the rolling update: its pure core (preflight, plan, engine, automatic
 //!   decisions: no I/O) and the runtime that carries it out through [`rollout::Cluster`].
 

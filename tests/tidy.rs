@@ -107,8 +107,9 @@ fn sled_only_in_raft_store(path: &str, text: &str) -> Vec<Violation> {
 }
 
 /// Only `src/rpc/` sees tonic and prost (and their companion crates).
+/// The attack suite is the exception: a hostile client must forge raw wire messages.
 fn tonic_and_prost_only_in_rpc(path: &str, text: &str) -> Vec<Violation> {
-    if path.starts_with("src/rpc/") {
+    if path.starts_with("src/rpc/") || path == "tests/it/attacks.rs" {
         return Vec::new();
     }
     let wire_crate = |name: &str| {
@@ -167,6 +168,7 @@ fn is_pure_core(path: &str) -> bool {
         || path.starts_with("src/rollout/engine/")
         || [
             "src/release/manifest.rs",
+            "src/release/signature.rs",
             "src/rollout/preflight.rs",
             "src/rollout/plan.rs",
             "src/rollout/engine.rs",
@@ -795,6 +797,13 @@ fn each_rule_fires_on_a_violation_and_not_on_a_clean_sample() {
             pure_cores_do_no_io,
             "src/rollout/auto.rs",
             "//! x\nfn f() { crate::clock::unix_ms(); }\n",
+            &[2],
+        ),
+        (
+            "key files read in the signature check",
+            pure_cores_do_no_io,
+            "src/release/signature.rs",
+            "//! x\nfn f() { std::fs::read_to_string(\"release.pub\"); }\n",
             &[2],
         ),
         (

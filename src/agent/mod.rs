@@ -21,7 +21,7 @@ use crate::api::agent::{AgentError, FenceRefusal, PrepareOutcome, ReleasesView};
 pub use crate::api::agent::{Fence, FenceError, Mutation};
 use crate::api::ApiError;
 use crate::error::Chain;
-use crate::release::{Chunk, Limits, Manifest, StoreError, SyncError};
+use crate::release::{signature, Chunk, Limits, Manifest, StoreError, SyncError, TrustedKeys};
 use crate::release::{ReleaseStore, Staging};
 use crate::rpc::{AgentClient, AgentHandler, Channels, UploadChunks};
 
@@ -72,6 +72,9 @@ pub struct Agent {
     running_build: String,
     /// Serializes mutations and guards the persisted highest generation.
     fence_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The keys releases must be signed with to be installed or activated here; empty:
+    /// any release is accepted.
+    release_keys: Arc<TrustedKeys>,
 }
 
 /// A boot-guard error as the agent answers it: the release store's own errors keep their
@@ -102,6 +105,7 @@ pub fn read_fence(data_dir: &Path) -> Result<Fence, FenceError> {
 /// request, then record the fence and act. Returns whether the node must restart.
 fn apply_mutation(
     store: &ReleaseStore,
+    release_keys: &TrustedKeys,
     fence: Fence,
     node_term: u64,
     running_build: &str,
@@ -118,14 +122,20 @@ fn apply_mutation(
             refusal,
         });
     }
-    // Check, then act: a refused commit leaves the guard armed and every release held.
-    if let Mutation::Commit(hash) = mutation {
-        if hash != running_build {
+    // Check, then act: a refused commit leaves the guard armed and every release held,
+    // a refused activation leaves `current` and the fence as they were.
+    match mutation {
+        Mutation::Commit(hash) if hash != running_build => {
             return Err(AgentError::CommitNotRunning {
                 hash: hash.clone(),
                 running: running_build.to_owned(),
             });
         }
+        // Restore is not checked: it puts back what this node ran before the rollout.
+        Mutation::Activate(hash) if !release_keys.is_empty() => {
+            signature::check(release_keys, &store.manifest(hash)?)?
+        }
+        _ => {}
     }
     if fence != accepted {
         let bytes = serde_json::to_vec(&fence).expect("a fence always serializes");
@@ -178,6 +188,7 @@ impl Agent {
         term: TermSource,
         restart: Arc<Notify>,
         running_build: String,
+        release_keys: TrustedKeys,
     ) -> Result<Self, StoreError> {
         Ok(Self {
             store: Arc::new(ReleaseStore::open(data_dir)?),
@@ -188,7 +199,32 @@ impl Agent {
             restart,
             running_build,
             fence_lock: Arc::default(),
+            release_keys: Arc::new(release_keys),
         })
+    }
+
+    /// The keys releases must be signed with here (empty: any release is accepted).
+    pub fn release_keys(&self) -> Arc<TrustedKeys> {
+        self.release_keys.clone()
+    }
+
+    /// Refuses `manifest` unless it is signed by a key this node trusts (any manifest,
+    /// with none). A release already held takes the signature just checked, so that one
+    /// installed unsigned (before this node trusted keys) can be activated once it
+    /// arrives signed.
+    async fn admit(&self, manifest: &Manifest) -> Result<(), AgentError> {
+        signature::check(&self.release_keys, manifest)?;
+        let (Some(signature), false) = (&manifest.signature, self.release_keys.is_empty()) else {
+            return Ok(());
+        };
+        let (hash, signature) = (manifest.build_hash(), signature.clone());
+        self.blocking(move |store| {
+            if store.has(&hash) {
+                store.record_signature(&hash, &signature)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Asks the node to exit gracefully so its supervisor starts it again.
@@ -208,10 +244,18 @@ impl Agent {
         let _serialized = self.fence_lock.lock().await;
         let node_term = (self.term)();
         let store = self.store.clone();
+        let release_keys = self.release_keys.clone();
         let running_build = self.running_build.clone();
         let for_store = mutation.clone();
         let restart = tokio::task::spawn_blocking(move || {
-            apply_mutation(&store, fence, node_term, &running_build, &for_store)
+            apply_mutation(
+                &store,
+                &release_keys,
+                fence,
+                node_term,
+                &running_build,
+                &for_store,
+            )
         })
         .await
         .map_err(AgentError::TaskFailed)??;
@@ -284,11 +328,14 @@ impl Agent {
 
     /// Materializes `manifest` as a release: local content is reused, missing chunks are
     /// fetched from `peers` (first peer that has a chunk wins), every byte is verified.
+    /// A release not signed by a key this node trusts is refused before anything is
+    /// fetched or written.
     pub async fn prepare(
         &self,
         manifest: Manifest,
         peers: Vec<String>,
     ) -> Result<PrepareOutcome, AgentError> {
+        self.admit(&manifest).await?;
         let started = Instant::now();
         let total = manifest.total_bytes();
         let limits = self.limits;
@@ -355,12 +402,14 @@ impl Agent {
     }
 
     /// Materializes `manifest` from chunks a client streams (an operator uploading a dist).
-    /// Chunks are written to staging as they arrive, never buffered whole.
+    /// Chunks are written to staging as they arrive, never buffered whole. A release not
+    /// signed by a key this node trusts is refused before any chunk is read.
     pub async fn upload(
         &self,
         manifest: Manifest,
         chunks: impl Stream<Item = Result<(String, Vec<u8>), AgentError>> + Send + Unpin,
     ) -> Result<PrepareOutcome, AgentError> {
+        self.admit(&manifest).await?;
         let started = Instant::now();
         let total = manifest.total_bytes();
         let limits = self.limits;
@@ -506,7 +555,117 @@ mod tests {
 
     use super::testing::{install, tree};
     use super::{Agent, AgentError, Fence, Mutation};
+    use crate::release::signature::{key_id, sign, Subject};
+    use crate::release::{Manifest, SignatureError, TrustedKeys};
     use crate::rpc::Channels;
+
+    fn key(seed: u8) -> ed25519_dalek::SigningKey {
+        ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn signed(mut manifest: Manifest, key: &ed25519_dalek::SigningKey) -> Manifest {
+        let build_hash = manifest.build_hash();
+        manifest.signature = Some(Box::new(sign(
+            key,
+            &Subject {
+                build_hash: &build_hash,
+                built_at: "2024-05-01T12:00:00Z",
+                git_commit: "abc1234",
+                files: manifest.file_count(),
+            },
+        )));
+        manifest
+    }
+
+    #[tokio::test]
+    async fn a_node_that_trusts_a_key_activates_only_releases_signed_by_it() {
+        let trusted = key(1);
+        let (dir, agent, _old, new) =
+            agent_trusting("dev", TrustedKeys::new([trusted.verifying_key()]));
+        let data = dir.path().join("data");
+        let before = tree(&data);
+        let err = agent
+            .mutate(fence(1, 1, 1), Mutation::Activate(new.clone()))
+            .await
+            .unwrap_err();
+        let message = crate::error::Chain(&err).to_string();
+        assert!(
+            matches!(err, AgentError::Signature(SignatureError::Unsigned { .. }))
+                && message.contains("unsigned")
+                && message.contains(&key_id(&trusted.verifying_key())),
+            "{message}"
+        );
+        // current, the guard and the fence are as they were.
+        assert_eq!(tree(&data), before);
+
+        // Signed by another key: refused, naming that key, before anything is written.
+        let foreign = signed(agent.manifest(&new).await.unwrap(), &key(2));
+        let err = agent.prepare(foreign, vec![]).await.unwrap_err();
+        let message = crate::error::Chain(&err).to_string();
+        assert!(
+            matches!(
+                err,
+                AgentError::Signature(SignatureError::UntrustedKey { .. })
+            ) && message.contains(&key_id(&key(2).verifying_key())),
+            "{message}"
+        );
+        assert_eq!(tree(&data), before);
+
+        // The same release arriving signed by the trusted key takes that signature and
+        // can then be activated.
+        let good = signed(agent.manifest(&new).await.unwrap(), &trusted);
+        agent.prepare(good.clone(), vec![]).await.unwrap();
+        assert_eq!(agent.manifest(&new).await.unwrap(), good);
+        agent
+            .mutate(fence(1, 1, 2), Mutation::Activate(new.clone()))
+            .await
+            .unwrap();
+        assert_eq!(agent.store().current().unwrap(), Some(new.clone()));
+        // A node reopening the store reads the recorded signature back.
+        drop(agent);
+        let store = crate::release::ReleaseStore::open(&data).unwrap();
+        assert_eq!(store.manifest(&new).unwrap(), good);
+    }
+
+    #[tokio::test]
+    async fn a_node_that_trusts_a_key_refuses_to_install_an_unsigned_release_and_writes_nothing() {
+        let (dir, agent, _old, _new) =
+            agent_trusting("dev", TrustedKeys::new([key(1).verifying_key()]));
+        let data = dir.path().join("data");
+        let work = tempfile::tempdir().unwrap();
+        let other_data = work.path().join("other");
+        let third = install(&other_data, work.path(), "third");
+        let manifest = crate::release::ReleaseStore::open(&other_data)
+            .unwrap()
+            .manifest(&third)
+            .unwrap();
+        let before = tree(&data);
+        let err = agent
+            .upload(manifest.clone(), futures::stream::empty())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, AgentError::Signature(SignatureError::Unsigned { .. })),
+            "{err}"
+        );
+        let err = agent.prepare(manifest, vec![]).await.unwrap_err();
+        assert!(
+            matches!(err, AgentError::Signature(SignatureError::Unsigned { .. })),
+            "{err}"
+        );
+        assert_eq!(tree(&data), before, "nothing staged, nothing held");
+        assert!(!agent.has(&third).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_node_with_no_trusted_keys_accepts_unsigned_releases() {
+        let (_dir, agent, _old, new) = agent_with_two_releases("dev");
+        agent
+            .mutate(fence(1, 1, 1), Mutation::Activate(new.clone()))
+            .await
+            .unwrap();
+        assert_eq!(agent.store().current().unwrap(), Some(new));
+    }
 
     #[test]
     fn fencing_table() {
@@ -538,6 +697,14 @@ mod tests {
     /// An agent on a data dir holding releases `old` (current, pinned as previous) and
     /// `new`, running build `running`, in term 1.
     fn agent_with_two_releases(running: &str) -> (tempfile::TempDir, Agent, String, String) {
+        agent_trusting(running, TrustedKeys::default())
+    }
+
+    /// [`agent_with_two_releases`] (both installed unsigned) on a node that trusts `keys`.
+    fn agent_trusting(
+        running: &str,
+        keys: TrustedKeys,
+    ) -> (tempfile::TempDir, Agent, String, String) {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let old = install(&data, dir.path(), "old");
@@ -552,6 +719,7 @@ mod tests {
             Arc::new(|| 1),
             Arc::new(Notify::new()),
             running.to_string(),
+            keys,
         )
         .unwrap();
         (dir, agent, old, new)

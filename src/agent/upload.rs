@@ -9,7 +9,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 
 use crate::api::{ApiError, ErrorKind, PrepareOutcome};
-use crate::release::{chunk_offsets, scan, DistError, EntryKind, Limits, Manifest};
+use crate::release::{chunk_offsets, scan_signed, DistError, EntryKind, Limits, Manifest};
 use crate::rpc::AgentClient;
 
 /// A dist directory on this machine, scanned, with where each chunk's bytes live.
@@ -21,8 +21,10 @@ pub struct LocalDist {
 }
 
 impl LocalDist {
+    /// Scans the dist at `dir`; its manifest carries the signature its version.json
+    /// records for this content, if any.
     pub fn scan(dir: &Path, limits: &Limits) -> Result<Self, DistError> {
-        let manifest = scan(dir, limits)?;
+        let manifest = scan_signed(dir, limits)?;
         let mut index = HashMap::new();
         for entry in &manifest.entries {
             if let EntryKind::File { chunks, .. } = &entry.kind {

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::fs::IoError;
-use crate::release::{StoreError, SyncError};
+use crate::release::{SignatureError, StoreError, SyncError};
 
 /// A change to a node's releases, issued by a rollout (see `Fence`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,6 +165,10 @@ pub enum AgentError {
     /// Getting a release's content in failed (bad chunks, peers, verification).
     #[error(transparent)]
     Sync(#[from] SyncError),
+
+    /// The release is not signed by a key this node trusts: not installed, not activated.
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
 
     /// A manifest in a request is not the JSON a scan produces.
     #[error("the manifest sent cannot be decoded: send a manifest as `cluster dist` scans it")]

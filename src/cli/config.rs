@@ -85,6 +85,13 @@ pub struct RunArgs {
     /// port can run code on every node. Only for a throwaway cluster on a trusted network.
     #[arg(long, conflicts_with = "tls")]
     pub insecure: bool,
+    /// Trust releases signed with this public key (a release.pub from `cluster dist
+    /// keygen`); repeat for several keys. With any key given, the node installs and
+    /// activates only releases signed by one of them (`cluster dist stamp --sign`) and
+    /// refuses unsigned ones; with none, it accepts every release. In the TOML file:
+    /// release_keys = ["/etc/cluster/release.pub"]; flags replace the file's list
+    #[arg(long = "release-key", value_name = "FILE")]
+    pub release_keys: Vec<PathBuf>,
 }
 
 /// The TOML form of `RunArgs`. Unknown keys are errors: a typo must not be ignored.
@@ -109,6 +116,7 @@ struct FileConfig {
     auto_stale_ack_ms: Option<u64>,
     tls: Option<PathBuf>,
     insecure: Option<bool>,
+    release_keys: Option<Vec<PathBuf>>,
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -237,8 +245,17 @@ pub fn resolve(args: RunArgs) -> anyhow::Result<NodeConfig> {
              to run without authentication"
         ),
     };
+    // A list is not merged: flags given replace the file's keys entirely.
+    let key_files = if args.release_keys.is_empty() {
+        file.release_keys.unwrap_or_default()
+    } else {
+        args.release_keys
+    };
+    let release_keys = crate::release::keys::read_trusted_keys(&key_files)
+        .context("a release key given with --release-key or release_keys cannot be used")?;
     Ok(NodeConfig {
         security,
+        release_keys,
         auto,
         id,
         listen,
@@ -370,6 +387,96 @@ mod tests {
         assert_eq!(
             unset.auto.stale_ack_ms, None,
             "2 x heartbeat, decided in preflight"
+        );
+    }
+
+    #[test]
+    fn release_keys_come_from_the_flags_or_the_file_and_bad_ones_are_named() {
+        use crate::release::keys::keygen;
+        let keys = tempfile::tempdir().unwrap();
+        let first = keygen(&keys.path().join("a")).unwrap();
+        let second = keygen(&keys.path().join("b")).unwrap();
+        let (_dir, path) = file(&format!(
+            "id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/a\"\nrelease_keys = [{:?}]\n",
+            first.public_key.display().to_string()
+        ));
+        let from_file = resolve(RunArgs {
+            config: Some(path.clone()),
+            insecure: true,
+            ..RunArgs::default()
+        })
+        .unwrap();
+        assert_eq!(from_file.release_keys.ids(), [first.key_id.as_str()]);
+
+        // Flags replace the file's list.
+        let from_flags = resolve(RunArgs {
+            config: Some(path.clone()),
+            release_keys: vec![second.public_key.clone(), first.public_key.clone()],
+            insecure: true,
+            ..RunArgs::default()
+        })
+        .unwrap();
+        assert_eq!(
+            from_flags.release_keys.ids(),
+            [second.key_id.clone(), first.key_id.clone()]
+        );
+
+        let none = resolve(RunArgs {
+            id: Some(1),
+            listen: Some("127.0.0.1:1".parse().unwrap()),
+            data_dir: Some("/tmp/x".into()),
+            insecure: true,
+            ..RunArgs::default()
+        })
+        .unwrap();
+        assert!(none.release_keys.is_empty(), "no keys: accept any release");
+
+        let garbage = keys.path().join("garbage.pub");
+        std::fs::write(&garbage, "not a key").unwrap();
+        let missing = keys.path().join("missing.pub");
+        for (bad, expected) in [
+            (&garbage, "is not an Ed25519 public key"),
+            (&missing, "check that it exists"),
+            (&first.private_key, "it is a private key"),
+        ] {
+            let err = resolve(RunArgs {
+                config: Some(path.clone()),
+                release_keys: vec![first.public_key.clone(), bad.clone()],
+                insecure: true,
+                ..RunArgs::default()
+            })
+            .unwrap_err();
+            let message = format!("{err:#}");
+            assert!(
+                message.contains(&bad.display().to_string()) && message.contains(expected),
+                "{}: {message}",
+                bad.display()
+            );
+        }
+    }
+
+    #[test]
+    fn the_release_key_flag_repeats() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Run {
+            #[command(flatten)]
+            args: RunArgs,
+        }
+        let run = Run::try_parse_from([
+            "run",
+            "--release-key",
+            "/etc/cluster/a.pub",
+            "--release-key",
+            "/etc/cluster/b.pub",
+        ])
+        .unwrap();
+        assert_eq!(
+            run.args.release_keys,
+            [
+                PathBuf::from("/etc/cluster/a.pub"),
+                "/etc/cluster/b.pub".into()
+            ]
         );
     }
 

@@ -2,6 +2,8 @@
 //!
 //! Each node gets a data dir with a release installed from a dist built out of the running
 //! binary, and runs under `cluster supervise`, exactly as a host without systemd would.
+//! Releases are signed: a key pair is made for the cluster, every dist is stamped with
+//! its private key, and every node trusts only its public key, as production nodes should.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -12,7 +14,8 @@ use clap::Args;
 
 use super::rollout::{update, FailureMode, UpdateArgs};
 use super::Target;
-use crate::release::{stamp, Limits, ReleaseStore};
+use crate::release::keys::{self, PRIVATE_KEY_FILE, PUBLIC_KEY_FILE};
+use crate::release::{stamp_signed, Limits, ReleaseStore};
 use crate::rpc::ControlClient;
 
 #[derive(Args, Debug)]
@@ -89,8 +92,40 @@ impl Drop for LocalCluster {
     }
 }
 
-/// Builds a dist from the running binary in `dir`, plus `extra` files; returns its hash.
-fn make_dist(dir: &Path, extra: &[(&str, &str)]) -> anyhow::Result<String> {
+/// The cluster's release key pair in `dir`: the one already there, or a new one.
+struct ReleaseKey {
+    /// Signs the dists.
+    private_key: PathBuf,
+    /// What every node trusts (`--release-key`).
+    public_key: PathBuf,
+    key_id: String,
+}
+
+fn release_key(dir: &Path) -> anyhow::Result<ReleaseKey> {
+    let (private_key, public_key) = (dir.join(PRIVATE_KEY_FILE), dir.join(PUBLIC_KEY_FILE));
+    let key_id = if private_key.exists() && public_key.exists() {
+        let key = keys::read_signing_key(&private_key)?;
+        if key.verifying_key() != keys::read_public_key(&public_key)? {
+            bail!(
+                "{} and {} are not one key pair: remove both to make a new pair",
+                private_key.display(),
+                public_key.display()
+            );
+        }
+        crate::release::signature::key_id(&key.verifying_key())
+    } else {
+        keys::keygen(dir)?.key_id
+    };
+    Ok(ReleaseKey {
+        private_key,
+        public_key,
+        key_id,
+    })
+}
+
+/// Builds a dist from the running binary in `dir`, plus `extra` files, signed with
+/// `key`; returns its hash.
+fn make_dist(dir: &Path, extra: &[(&str, &str)], key: &ReleaseKey) -> anyhow::Result<String> {
     use std::os::unix::fs::PermissionsExt;
     let exe = std::env::current_exe().context("finding the running binary")?;
     std::fs::create_dir_all(dir.join("bin"))?;
@@ -105,7 +140,8 @@ fn make_dist(dir: &Path, extra: &[(&str, &str)]) -> anyhow::Result<String> {
         }
         std::fs::write(path, content)?;
     }
-    Ok(stamp(dir, &Limits::default())?.build_hash)
+    let signer = keys::read_signing_key(&key.private_key)?;
+    Ok(stamp_signed(dir, &Limits::default(), Some(&signer))?.build_hash)
 }
 
 fn wait_for_file(path: &Path, deadline: Instant) -> anyhow::Result<String> {
@@ -122,10 +158,13 @@ fn wait_for_file(path: &Path, deadline: Instant) -> anyhow::Result<String> {
     }
 }
 
-/// Starts `nodes` supervised nodes on release `dist` and waits for a leader and n voters.
-async fn start(nodes: u64, dir: Option<PathBuf>, dist: &Path) -> anyhow::Result<LocalCluster> {
-    let (root, owned) = match dir {
-        Some(dir) => (dir, false),
+/// Where a local cluster lives: `dir`, or a new temp dir (removed when the cluster stops).
+fn cluster_root(dir: Option<PathBuf>) -> anyhow::Result<(PathBuf, bool)> {
+    Ok(match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            (dir, false)
+        }
         None => (
             tempfile::Builder::new()
                 .prefix("cluster-local-")
@@ -133,7 +172,17 @@ async fn start(nodes: u64, dir: Option<PathBuf>, dist: &Path) -> anyhow::Result<
                 .keep(),
             true,
         ),
-    };
+    })
+}
+
+/// Starts `nodes` supervised nodes in `root` on release `dist`, trusting only releases
+/// signed with `key`, and waits for a leader and n voters.
+async fn start(
+    nodes: u64,
+    (root, owned): (PathBuf, bool),
+    dist: &Path,
+    key: &ReleaseKey,
+) -> anyhow::Result<LocalCluster> {
     let tls = make_credentials(&root, nodes)?;
     let mut cluster = LocalCluster {
         root: root.clone(),
@@ -169,6 +218,8 @@ async fn start(nodes: u64, dir: Option<PathBuf>, dist: &Path) -> anyhow::Result<
             data.display().to_string(),
             "--tls".into(),
             tls.join(format!("n{id}")).display().to_string(),
+            "--release-key".into(),
+            key.public_key.display().to_string(),
         ];
         match cluster.addrs.first() {
             None => args.push("--bootstrap".into()),
@@ -224,14 +275,25 @@ async fn print_status(cluster: &LocalCluster, addr: &str) -> anyhow::Result<()> 
 /// `cluster demo`: three supervised nodes, two releases, a rolling update, clean up.
 pub async fn demo() -> anyhow::Result<ExitCode> {
     let work = tempfile::Builder::new().prefix("cluster-demo-").tempdir()?;
-    println!("== building two releases from this binary");
+    println!("== cluster dist keygen: the key pair that signs releases");
+    let key = release_key(&work.path().join("keys"))?;
+    println!(
+        "key {} (nodes trust {})",
+        key.key_id,
+        key.public_key.display()
+    );
+    println!("== building two releases from this binary, signed with it");
     let v1 = work.path().join("dist-v1");
     let v2 = work.path().join("dist-v2");
-    let h1 = make_dist(&v1, &[("share/motd", "release one\n")])?;
-    let h2 = make_dist(&v2, &[("share/motd", "release two\n")])?;
+    let h1 = make_dist(&v1, &[("share/motd", "release one\n")], &key)?;
+    let h2 = make_dist(&v2, &[("share/motd", "release two\n")], &key)?;
     println!("v1 {h1}\nv2 {h2}");
-    println!("== starting 3 supervised nodes on v1");
-    let cluster = start(3, Some(work.path().join("nodes")), &v1).await?;
+    println!(
+        "== starting 3 supervised nodes on v1, accepting only releases signed by key {}",
+        key.key_id
+    );
+    let root = cluster_root(Some(work.path().join("nodes")))?;
+    let cluster = start(3, root, &v1, &key).await?;
     let first = cluster.addrs[0].clone();
     print_status(&cluster, &first).await?;
     println!("== cluster update --dist {}", v2.display());
@@ -270,16 +332,24 @@ pub async fn local_up(args: LocalArgs) -> anyhow::Result<ExitCode> {
         bail!("-n must be at least 1");
     }
     let dists = tempfile::Builder::new().prefix("cluster-dist-").tempdir()?;
+    let root = cluster_root(args.dir)?;
+    // Kept with the nodes: a cluster started again in the same --dir trusts the same key.
+    let key = release_key(&root.0.join("keys"))?;
     let dist = dists.path().join("dist");
-    let hash = make_dist(&dist, &[])?;
-    println!("release {hash}");
-    let cluster = start(args.nodes, args.dir, &dist).await?;
+    let hash = make_dist(&dist, &[], &key)?;
+    println!("release {hash}, signed by key {}", key.key_id);
+    let cluster = start(args.nodes, root, &dist, &key).await?;
     print_status(&cluster, &cluster.addrs[0]).await?;
     let operator = cluster.operator.tls.clone().unwrap_or_default();
     println!(
-        "\nexport CLUSTER_NODE={} CLUSTER_TLS={}   # then: cluster status, cluster update --dist <dir>\nCtrl-C stops every node.",
-        cluster.addrs[0],
-        operator.display()
+        "\nThe nodes accept only releases signed by key {id}; sign a dist before rolling it out:\n  \
+         cluster dist stamp <dir> --sign {private}\n\
+         export CLUSTER_NODE={addr} CLUSTER_TLS={operator}   # then: cluster status, cluster update --dist <dir>\n\
+         Ctrl-C stops every node.",
+        id = key.key_id,
+        private = key.private_key.display(),
+        addr = cluster.addrs[0],
+        operator = operator.display()
     );
     let _ = tokio::signal::ctrl_c().await;
     drop(cluster);

@@ -1,4 +1,4 @@
-//! `cluster dist stamp|hash|verify|install`: the command line over [`crate::release`].
+//! `cluster dist keygen|stamp|hash|verify|install`: the command line over [`crate::release`].
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::error::Chain;
+use crate::release::keys::{self, GeneratedKey};
 use crate::release::{self, Limits, ReleaseStore, VersionInfo};
 
 /// One-line help for `cluster dist`, for the parent command's `about`.
-pub const ABOUT: &str = "Stamp, hash, verify and install a release directory (a dist)";
+pub const ABOUT: &str = "Stamp, sign, hash, verify and install a release directory (a dist)";
 
 /// Full help for `cluster dist`, for the parent command's `long_about`.
 pub const LONG_ABOUT: &str = "\
@@ -24,22 +25,59 @@ The build hash identifies a dist by its content: SHA-256 over the sorted list of
 entry's relative path, kind (file, directory, symlink), permission bits, size and content
 SHA-256 (the target, for a symlink). It ignores mtimes, owners and version.json, so the
 same tree hashes the same on every machine. Devices, FIFOs, sockets, setuid/setgid/sticky
-bits and symlinks that leave the dist are refused.";
+bits and symlinks that leave the dist are refused.
+
+Signed releases: make a key pair once with `cluster dist keygen <dir>`, sign every dist with
+`cluster dist stamp <dist> --sign <dir>/release.key`, and start every node with
+`--release-key <dir>/release.pub` (or release_keys in its node.toml). Such a node installs
+and activates only releases signed by a key it trusts, and `cluster update` refuses any
+other before it changes anything.";
 
 /// What to do with a dist.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
 pub enum DistCommand {
-    /// Write DIR/version.json with the dist's build hash, and print the hash
+    /// Make a release signing key pair: DIR/release.key (private) and DIR/release.pub
+    #[command(long_about = "\
+Make a release signing key pair: DIR/release.key and DIR/release.pub, and print the key id.
+
+release.key is the Ed25519 private key (PKCS#8 PEM, mode 0600): it signs releases with
+`cluster dist stamp <dist> --sign DIR/release.key`. Keep it where releases are built, never
+on the nodes. release.pub is the public key (SPKI PEM): give it to every node with
+`cluster node run --release-key DIR/release.pub` (or release_keys in node.toml), and the
+node accepts only releases signed with this key. The key id (16 hex digits of the SHA-256
+of the public key) is how signatures and refusals name the key.
+
+DIR is created if missing. An existing release.key or release.pub is never replaced:
+nothing is written then.")]
+    Keygen {
+        /// Directory for release.key and release.pub
+        dir: PathBuf,
+        /// Print JSON: {keyId, privateKey, publicKey}
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Write DIR/version.json with the dist's build hash (signed with --sign), and print the hash
     #[command(long_about = "\
 Write DIR/version.json with the dist's build hash, and print the hash.
 
 version.json records buildHash, builtAt (now, RFC 3339), gitCommit (the short commit of the
 git repository holding DIR, or \"unknown\"), files (how many regular files) and the hashed
 fields of every entry, so that `cluster dist verify` can name what changed. The file is
-replaced atomically; if the dist is invalid nothing is written.")]
+replaced atomically; if the dist is invalid nothing is written.
+
+With --sign KEY (a release.key from `cluster dist keygen`), version.json also gets a
+signature: the key's id and an Ed25519 signature over the build hash, builtAt, gitCommit
+and files. It travels with the release to every node (uploads, fetches, rollouts); nodes
+started with --release-key accept only releases signed by a key they trust. The signature
+is not part of the build hash. Changing the dist afterwards voids it: stamp and sign again.
+Without --sign, version.json is written unsigned.")]
     Stamp {
         /// The dist directory; it must contain bin/cluster
         dir: PathBuf,
+        /// Sign the release with this private key (release.key from `cluster dist keygen`)
+        #[arg(long, value_name = "KEY_FILE")]
+        sign: Option<PathBuf>,
         /// Print the version record as JSON (without the per-entry list) instead of the hash
         #[arg(long)]
         json: bool,
@@ -115,12 +153,27 @@ fn execute(command: DistCommand, out: &mut dyn Write, err: &mut dyn Write) -> an
     // The CLI has no flag for limits yet: the defaults are far above any real release.
     let limits = Limits::default();
     match command {
-        DistCommand::Stamp { dir, json } => {
-            let info = release::stamp(&dir, &limits)?;
+        DistCommand::Keygen { dir, json } => {
+            let generated = keys::keygen(&dir)?;
+            if json {
+                serde_json::to_writer_pretty(&mut *out, &generated)?;
+                writeln!(out)?;
+            } else {
+                print_generated(out, &generated)?;
+            }
+            Ok(0)
+        }
+        DistCommand::Stamp { dir, sign, json } => {
+            // The key first: a bad key file must not leave a fresh, unsigned version.json.
+            let key = sign.as_deref().map(keys::read_signing_key).transpose()?;
+            let info = release::stamp_signed(&dir, &limits, key.as_ref())?;
             if json {
                 print_json(out, &info)?;
             } else {
                 writeln!(out, "{}", info.build_hash)?;
+            }
+            if let Some(signed) = &info.signature {
+                writeln!(err, "signed with key {}", signed.key_id)?;
             }
             Ok(0)
         }
@@ -136,12 +189,16 @@ fn execute(command: DistCommand, out: &mut dyn Write, err: &mut dyn Write) -> an
             Ok(info) => {
                 writeln!(
                     out,
-                    "{}: ok, build {} ({} files, built {}, commit {})",
+                    "{}: ok, build {} ({} files, built {}, commit {}, {})",
                     dir.display(),
                     info.build_hash,
                     info.files,
                     info.built_at,
-                    info.git_commit
+                    info.git_commit,
+                    match &info.signature {
+                        Some(signed) => format!("signed by key {}", signed.key_id),
+                        None => "unsigned".to_owned(),
+                    }
                 )?;
                 Ok(0)
             }
@@ -182,6 +239,23 @@ fn execute(command: DistCommand, out: &mut dyn Write, err: &mut dyn Write) -> an
             Ok(0)
         }
     }
+}
+
+fn print_generated(out: &mut dyn Write, generated: &GeneratedKey) -> anyhow::Result<()> {
+    writeln!(out, "key {}", generated.key_id)?;
+    writeln!(
+        out,
+        "private key: {} (signs: cluster dist stamp <dist> --sign {}; keep it off the nodes)",
+        generated.private_key.display(),
+        generated.private_key.display()
+    )?;
+    writeln!(
+        out,
+        "public key:  {} (give every node: cluster node run --release-key {})",
+        generated.public_key.display(),
+        generated.public_key.display()
+    )?;
+    Ok(())
 }
 
 fn print_json(out: &mut dyn Write, info: &VersionInfo) -> anyhow::Result<()> {
@@ -238,7 +312,16 @@ mod tests {
             parse(&["stamp", "--json", "d"]),
             DistCommand::Stamp {
                 dir: "d".into(),
+                sign: None,
                 json: true
+            }
+        );
+        assert_eq!(
+            parse(&["stamp", "d", "--sign", "k/release.key"]),
+            DistCommand::Stamp {
+                dir: "d".into(),
+                sign: Some("k/release.key".into()),
+                json: false
             }
         );
         let help = DistCli::command().render_long_help().to_string();
@@ -281,6 +364,58 @@ mod tests {
         keys.sort();
         assert_eq!(keys, ["buildHash", "builtAt", "files", "gitCommit"]);
         assert_eq!(value["buildHash"], stamp_out.trim());
+    }
+
+    #[test]
+    fn keygen_then_a_signed_stamp() {
+        let keys = tempfile::tempdir().unwrap();
+        let key_dir = keys.path().join("k");
+        let (status, out, _) = exec(&["keygen", key_dir.to_str().unwrap()]);
+        assert_eq!(status.unwrap(), 0);
+        let key_id = out
+            .lines()
+            .next()
+            .and_then(|line| line.strip_prefix("key "))
+            .unwrap()
+            .to_owned();
+        assert_eq!(key_id.len(), 16, "{out}");
+        assert!(
+            out.contains("--sign") && out.contains("--release-key"),
+            "{out}"
+        );
+
+        // Again: refused, and the key pair is untouched.
+        let private = fs::read(key_dir.join("release.key")).unwrap();
+        let (status, out, _) = exec(&["keygen", key_dir.to_str().unwrap(), "--json"]);
+        let message = format!("{:#}", status.unwrap_err());
+        assert!(message.contains("already exists"), "{message}");
+        assert!(out.is_empty());
+        assert_eq!(fs::read(key_dir.join("release.key")).unwrap(), private);
+
+        let dist = sample_dist();
+        let dir = dist.path().to_str().unwrap();
+        let key = key_dir.join("release.key");
+        let (status, out, err) = exec(&["stamp", dir, "--sign", key.to_str().unwrap(), "--json"]);
+        assert_eq!(status.unwrap(), 0);
+        assert!(err.contains(&format!("signed with key {key_id}")), "{err}");
+        let value: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(value["signature"]["keyId"], key_id.as_str(), "{out}");
+        let (status, out, _) = exec(&["verify", dir]);
+        assert_eq!(status.unwrap(), 0);
+        assert!(out.contains(&format!("signed by key {key_id}")), "{out}");
+
+        // Signing with the public key is refused and leaves version.json as it was.
+        let before = fs::read(dist.path().join("version.json")).unwrap();
+        let public = key_dir.join("release.pub");
+        let (status, _, _) = exec(&["stamp", dir, "--sign", public.to_str().unwrap()]);
+        let message = format!("{:#}", status.unwrap_err());
+        assert!(message.contains("it is a public key"), "{message}");
+        assert_eq!(fs::read(dist.path().join("version.json")).unwrap(), before);
+
+        // Stamping without --sign writes an unsigned version.json.
+        exec(&["stamp", dir]).0.unwrap();
+        let (_, out, _) = exec(&["verify", dir]);
+        assert!(out.contains("unsigned"), "{out}");
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub const EXIT_FAILURE: u8 = 1;
         cluster node run --id 2 --listen 127.0.0.1:7102 --data-dir /tmp/n2 --join 127.0.0.1:7101\n  \
         cluster status --node 127.0.0.1:7101\n\n\
         Roll out a release (a directory with bin/cluster):\n  \
-        cluster dist stamp ./dist\n  \
+        cluster dist stamp ./dist   (--sign keys/release.key for nodes run with --release-key)\n  \
         cluster update --dist ./dist --dry-run\n  \
         cluster update --dist ./dist\n\n\
         Try it all on one machine: cluster demo"
@@ -61,8 +61,9 @@ enum Command {
         long_about = "Roll a dist across the cluster without losing quorum.\n\n\
         The dist's missing content is uploaded to the leader. The leader runs preflight \
         (leadership confirmed by a quorum, how many voters can be lost, every node \
-        reachable, serving and acknowledging, caught up, no rollout active, the dist valid, \
-        disk room), then updates nodes one at a time (learners --max-parallel at a time), \
+        reachable, serving and acknowledging, caught up, no rollout active, the dist valid \
+        and, on a leader started with --release-key, signed by a key it trusts (see \
+        `cluster dist --help`), disk room), then updates nodes one at a time (learners --max-parallel at a time), \
         itself last: back up, sync, verify, activate, restart, health poll, stabilize, \
         commit. A failure restores the node and, with --on-failure revert, every updated \
         node. Progress is printed until the rollout ends; it is replicated, so a new leader \
@@ -134,7 +135,9 @@ enum DistAll {
     #[command(
         long_about = "Upload a dist to a node. The node reports which content chunks \
         it holds in none of its releases; only those cross the network. The dist becomes a \
-        release the node holds (and serves to other nodes); nothing is activated."
+        release the node holds (and serves to other nodes); nothing is activated. A node \
+        started with --release-key refuses a dist not signed by a key it trusts \
+        (`cluster dist stamp --sign`), before anything is sent."
     )]
     Push {
         /// The dist directory (contains bin/cluster)
@@ -151,7 +154,9 @@ enum DistAll {
         at --from holds. The manifest is read from the peer; the node then fetches from the \
         peer only the content chunks it holds in none of its releases, verifies every byte, \
         and keeps the result as a release (and serves it to other nodes). Nothing is \
-        activated. A release the node already holds is not fetched again.\n\n\
+        activated. A release the node already holds is not fetched again. The release's \
+        signature comes with its manifest: a node started with --release-key refuses one \
+        not signed by a key it trusts.\n\n\
         Example (after `cluster dist push ./dist --node 127.0.0.1:7101`):\n  \
         cluster dist fetch <HASH> --from 127.0.0.1:7101 --node 127.0.0.1:7102"
     )]

@@ -11,7 +11,7 @@ use super::output::print_json;
 use super::Target;
 use crate::agent::upload::{push, LocalDist};
 use crate::api::{
-    ApiError, ClusterStatus, LeaderNotes, Operation, Report, RolloutView, UpdateOptions,
+    ApiError, ClusterStatus, ErrorKind, LeaderNotes, Operation, Report, RolloutView, UpdateOptions,
     UpdateOutcome,
 };
 use crate::release::Limits;
@@ -171,7 +171,19 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
             .and_then(|id| status.nodes.iter().find(|n| n.id == id))
             .ok_or_else(|| ApiError::unavailable("no leader: is a majority of voters running?"))?;
         let mut agent = args.target.agent_at(&leader.addr)?;
-        let uploaded = push(&mut agent, &dist).await?;
+        let uploaded = match push(&mut agent, &dist).await {
+            Ok(uploaded) => uploaded,
+            // The leader would not install it, so no node will run it: a preflight refusal.
+            Err(e) if e.kind == ErrorKind::PermissionDenied => {
+                eprintln!(
+                    "preflight failed: the leader (node {}) refused the release: {}",
+                    leader.id, e.message
+                );
+                eprintln!("preflight failed: nothing was changed");
+                return Ok(ExitCode::from(EXIT_PREFLIGHT));
+            }
+            Err(e) => return Err(e.into()),
+        };
         if !args.json {
             eprintln!(
                 "uploaded {} to the leader (node {}): {} bytes sent, {} reused",

@@ -57,6 +57,10 @@ impl Cluster for NodeHandle {
         self.info.build_hash.clone()
     }
 
+    fn release_keys(&self) -> Arc<crate::release::TrustedKeys> {
+        self.agent.release_keys()
+    }
+
     fn heartbeat_ms(&self) -> u64 {
         self.timing.heartbeat.as_millis() as u64
     }

@@ -56,6 +56,9 @@ pub struct NodeConfig {
     pub supervision: Supervision,
     /// Mutual TLS with this node's credentials, or plaintext (`--insecure`).
     pub security: Security,
+    /// The keys a release must be signed with for this node to install, offer or activate
+    /// it (`release_keys`, `--release-key`); empty: any release, signed or not.
+    pub release_keys: crate::release::TrustedKeys,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,9 +186,15 @@ pub async fn run(
             Arc::new(move || crate::raft::metrics(&term_raft).current_term),
             restart.clone(),
             running_build_hash(),
+            config.release_keys.clone(),
         )
         .map_err(NodeError::Releases)?,
     );
+    if config.release_keys.is_empty() {
+        tracing::info!("no release keys configured: releases are accepted signed or not");
+    } else {
+        tracing::info!(keys = ?config.release_keys.ids(), "accepting only releases signed by these keys");
+    }
     let supervision = config.supervision;
     // Reported on every start until the next upgrade; an unreadable record must not keep
     // the node down.

@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::signature::Signature;
+
 /// Name of the file, at the dist root, that records the build hash. It is derived from the
 /// manifest, so it is never part of one.
 pub const VERSION_FILE: &str = "version.json";
@@ -48,11 +50,19 @@ impl Default for Limits {
     }
 }
 
-/// The content of a dist: every entry below the root except `version.json`, sorted by path.
+/// The content of a dist: every entry below the root except `version.json`, sorted by path,
+/// and the release's signature when it has one.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     /// Sorted byte-wise by `path`, each path once; [`Manifest::validate`] checks both.
     pub entries: Vec<Entry>,
+    /// Who signed the release, and the signature (`cluster dist stamp --sign`). Not part of
+    /// the build hash, which it signs; it travels with the manifest (uploads, prepares,
+    /// the replicated deployment) so every node can check it. [`super::signature::check`]
+    /// judges it; [`Manifest::validate`] does not look at it.
+    /// (Boxed: a manifest rides inside replicated commands, which stay small by value.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<Box<Signature>>,
 }
 
 /// One file, directory or symlink of a dist.
@@ -256,7 +266,10 @@ impl Manifest {
     /// A manifest of `entries` put in path order.
     pub fn from_unsorted(mut entries: Vec<Entry>) -> Manifest {
         entries.sort_by(|a, b| a.path.cmp(&b.path));
-        Manifest { entries }
+        Manifest {
+            entries,
+            signature: None,
+        }
     }
 
     /// The entry at `path`, if any (binary search: the entries must be sorted).
@@ -889,12 +902,14 @@ mod tests {
                 "duplicate",
                 Manifest {
                     entries: vec![dir("bin"), dir("bin"), file("bin/cluster", 0o755, &[1])],
+                    signature: None,
                 },
                 |e| matches!(e, ManifestError::DuplicatePath { path } if path == "bin"),
             ),
             (
                 "unsorted",
                 Manifest {
+                    signature: None,
                     entries: vec![file("bin/cluster", 0o755, &[1]), dir("bin")],
                 },
                 |e| matches!(e, ManifestError::Unsorted { path, .. } if path == "bin"),

@@ -10,6 +10,9 @@
 //! - [`scan`](mod@scan): the filesystem edge that walks a directory into a manifest, hashing
 //!   and content-defined chunking files on every core.
 //! - [`version`]: `version.json`, written by `cluster dist stamp` and checked by `verify`.
+//! - [`signature`]: the pure core of signed releases: what a signature covers, signing, and
+//!   [`signature::check`], the one check nodes run before they install, offer or activate
+//!   a release. [`keys`]: the key files (`cluster dist keygen`, `--sign`, `--release-key`).
 //! - [`store`]: a node's releases on disk (`<data>/releases/<hash>/`, the `current` and
 //!   `previous` links, `manifests/`): open and repair, activate, restore, commit, prune.
 //!   Crash-safe; releases are immutable.
@@ -21,15 +24,20 @@
 //! Errors, one enum per concern, each keeping its causes as `source`:
 //! [`ManifestError`] (pure: what `validate` refuses), [`DistError`] (a dist directory on
 //! disk: scan, stamp, verify), [`StoreError`] (the release store), [`SyncError`] (getting
-//! a release's content in: received chunks, peers, the assembled tree). `rpc::status`
-//! gives each variant its gRPC code.
+//! a release's content in: received chunks, peers, the assembled tree),
+//! [`SignatureError`] (pure: a release not signed by a trusted key), [`KeyError`] (a key
+//! file). `rpc::status` gives each variant a service answers with its gRPC code.
 //!
-//! Architecture invariant: `manifest` does no I/O; every path the rest of the system writes
-//! to disk from an untrusted manifest has passed [`Manifest::validate`] first.
+//! Architecture invariants: `manifest` and `signature` do no I/O; every path the rest of
+//! the system writes to disk from an untrusted manifest has passed [`Manifest::validate`]
+//! first; a node that trusts release keys runs no release that [`signature::check`]
+//! refuses.
 
+pub mod keys;
 mod local;
 pub mod manifest;
 pub mod scan;
+pub mod signature;
 mod staging;
 pub mod store;
 #[cfg(test)]
@@ -38,14 +46,16 @@ pub mod version;
 
 use std::path::PathBuf;
 
+pub use keys::KeyError;
 pub use manifest::{
     build_hash_of, chunk_offsets, Chunk, Entry, EntryKind, EntrySummary, Limits, Manifest,
     ManifestError, SummaryKind, BINARY_PATH, VERSION_FILE,
 };
 pub use scan::{scan, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN};
+pub use signature::{SignatureError, TrustedKeys};
 pub use staging::{Staging, SyncError};
 pub use store::{ReleaseStore, StoreError, DEFAULT_KEEP_OLD};
-pub use version::{hash, stamp, verify, VersionInfo};
+pub use version::{hash, scan_signed, stamp, stamp_signed, verify, VersionInfo};
 
 /// What is wrong with a dist directory on disk, as scanning, stamping, hashing and
 /// verifying find it (`cluster dist`, and installing a dist into a release store).

@@ -23,7 +23,7 @@ use super::manifest::{build_hash_of, Chunk, EntryKind, Limits, Manifest, VERSION
 use super::scan::{scan, scan_summary};
 use super::store::StoreError;
 use super::store::{ReleaseStore, STAGING};
-use super::version::VersionInfo;
+use super::version::{recorded_version, VersionInfo, VersionSignature};
 use super::DistError;
 use crate::fs::{
     create_new, io_error, open_dir, open_file, random_name, remove_tree_in_background, IoError,
@@ -76,21 +76,7 @@ impl Staging {
     /// Records `builtAt` and `gitCommit` for the release's version.json, as the dist's own
     /// version.json has them (otherwise: the time of `finish`, and "unknown").
     pub fn set_origin(&mut self, built_at: &str, git_commit: &str) -> Result<(), SyncError> {
-        if humantime::parse_rfc3339(built_at).is_err() {
-            return Err(SyncError::BadOrigin {
-                field: "builtAt",
-                value: built_at.to_owned(),
-            });
-        }
-        if git_commit.is_empty()
-            || git_commit.len() > 64
-            || !git_commit.bytes().all(|b| b.is_ascii_alphanumeric())
-        {
-            return Err(SyncError::BadOrigin {
-                field: "gitCommit",
-                value: git_commit.to_owned(),
-            });
-        }
+        check_origin(built_at, git_commit)?;
         self.origin = Some((built_at.to_owned(), git_commit.to_owned()));
         Ok(())
     }
@@ -205,10 +191,29 @@ impl Staging {
         }
 
         let mut info = VersionInfo::describe(&self.manifest, SystemTime::now(), "unknown".into());
-        if let Some((built_at, git_commit)) = &self.origin {
+        // The signed version fields are the release's own: a release that arrived from a
+        // peer still says when and from which commit it was built.
+        let signed_origin = self.manifest.signature.as_ref().and_then(|record| {
+            check_origin(&record.built_at, &record.git_commit)
+                .ok()
+                .map(|()| (record.built_at.clone(), record.git_commit.clone()))
+        });
+        if let Some((built_at, git_commit)) = self.origin.as_ref().or(signed_origin.as_ref()) {
             info.built_at = built_at.clone();
             info.git_commit = git_commit.clone();
         }
+        // version.json carries the signature only where it holds the fields it signs.
+        info.signature = self
+            .manifest
+            .signature
+            .as_ref()
+            .filter(|record| {
+                record.built_at == info.built_at && record.git_commit == info.git_commit
+            })
+            .map(|record| VersionSignature {
+                key_id: record.key_id.clone(),
+                ed25519: record.ed25519.clone(),
+            });
         let version_path = tree.join(VERSION_FILE);
         let written = create_new(&version_path, 0o644).and_then(|mut file| {
             file.write_all(info.to_file_text().as_bytes())?;
@@ -343,19 +348,32 @@ impl ReleaseStore {
     /// validate it, stage it (hard-linking files that held releases already have, copying
     /// the rest from the dist), verify the staged tree, rename it into `releases/`.
     ///
-    /// Idempotent: installing a held release changes nothing. `builtAt` and `gitCommit` are
-    /// taken from the dist's version.json when it records this build hash. On error nothing
-    /// visible changes (a bad dist is refused before anything is written).
+    /// Idempotent: installing a held release changes nothing, except that a release held
+    /// without a signature takes the one the dist's version.json now records. `builtAt`,
+    /// `gitCommit` and the signature are taken from the dist's version.json when it records
+    /// this build hash. On error nothing visible changes (a bad dist is refused before
+    /// anything is written).
     pub fn install_dir(&self, dist_dir: &Path, limits: &Limits) -> Result<String, SyncError> {
-        let manifest = scan(dist_dir, limits)?;
+        let mut manifest = scan(dist_dir, limits)?;
         let hash = manifest.build_hash();
+        let recorded = recorded_version(dist_dir, &hash);
+        manifest.signature = recorded
+            .as_ref()
+            .and_then(VersionInfo::signature_record)
+            .map(Box::new);
         if self.has(&hash) {
+            // A release installed unsigned takes the signature its dist now has.
+            if let Some(signature) = &manifest.signature {
+                if self.manifest_shared(&hash)?.signature.is_none() {
+                    self.record_signature(&hash, signature)?;
+                }
+            }
             return Ok(hash);
         }
         let mut staging = self.stage(manifest, *limits, Some(dist_dir.to_path_buf()))?;
-        if let Some((built_at, git_commit)) = recorded_origin(dist_dir, &hash) {
+        if let Some(info) = recorded {
             // A stale or hand-edited version.json is only informational: ignore it.
-            let _ = staging.set_origin(&built_at, &git_commit);
+            let _ = staging.set_origin(&info.built_at, &info.git_commit);
         }
         staging.finish()
     }
@@ -424,14 +442,24 @@ struct FileSpec<'a> {
     chunks: &'a [Chunk],
 }
 
-/// `builtAt` and `gitCommit` from the version.json of the dist at `dir`, if it records `hash`.
-fn recorded_origin(dir: &Path, hash: &str) -> Option<(String, String)> {
-    let path = dir.join(VERSION_FILE);
-    if !fs::symlink_metadata(&path).ok()?.is_file() {
-        return None;
+/// What `builtAt` and `gitCommit` values a release's version.json may hold.
+fn check_origin(built_at: &str, git_commit: &str) -> Result<(), SyncError> {
+    if humantime::parse_rfc3339(built_at).is_err() {
+        return Err(SyncError::BadOrigin {
+            field: "builtAt",
+            value: built_at.to_owned(),
+        });
     }
-    let info: VersionInfo = serde_json::from_slice(&fs::read(&path).ok()?).ok()?;
-    (info.build_hash == hash).then_some((info.built_at, info.git_commit))
+    if git_commit.is_empty()
+        || git_commit.len() > 64
+        || !git_commit.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return Err(SyncError::BadOrigin {
+            field: "gitCommit",
+            value: git_commit.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// What can go wrong getting a release's content into the store (a sync from peers, an
@@ -611,6 +639,69 @@ mod tests {
         let info = read_info(&installed);
         assert_eq!(info.build_hash, installed);
         assert_eq!(info.git_commit, "unknown");
+    }
+
+    #[test]
+    fn a_signature_travels_into_the_store_and_version_json_on_every_path_in() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let release_info = |data: &tempfile::TempDir, hash: &str| -> VersionInfo {
+            let path = data.path().join("releases").join(hash).join(VERSION_FILE);
+            serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
+        };
+        let dist = small_dist("signed\n");
+        let stamped = crate::release::stamp_signed(dist.path(), &limits(), Some(&key)).unwrap();
+
+        // A local install keeps version.json as stamped, signature included.
+        let first = tempfile::tempdir().unwrap();
+        let store = open(&first);
+        let hash = store.install_dir(dist.path(), &limits()).unwrap();
+        assert_eq!(release_info(&first, &hash), stamped);
+        let manifest = store.manifest(&hash).unwrap();
+        assert_eq!(
+            manifest.signature.as_deref(),
+            stamped.signature_record().as_ref()
+        );
+
+        // A node that gets the manifest from a peer writes the signed version fields and
+        // the signature into its version.json, not "now" and "unknown".
+        let second = tempfile::tempdir().unwrap();
+        let peer = open(&second);
+        let mut staging = peer.begin(&manifest, &limits()).unwrap();
+        for chunk in staging.missing().to_vec() {
+            let bytes = store.read_chunk(&chunk.sha256).unwrap();
+            staging.put_chunk(&chunk.sha256, &bytes).unwrap();
+        }
+        assert_eq!(staging.finish().unwrap(), hash);
+        assert_eq!(
+            release_info(&second, &hash).without_manifest(),
+            stamped.without_manifest()
+        );
+        assert_eq!(peer.manifest(&hash).unwrap(), manifest);
+
+        // Installed unsigned first, then again signed: the held release takes the
+        // signature (its content and version.json stay as they were).
+        let third = tempfile::tempdir().unwrap();
+        let late = open(&third);
+        let unsigned_dist = small_dist("signed\n");
+        stamp(unsigned_dist.path(), &limits()).unwrap();
+        assert_eq!(
+            late.install_dir(unsigned_dist.path(), &limits()).unwrap(),
+            hash
+        );
+        assert_eq!(late.manifest(&hash).unwrap().signature, None);
+        let version_before = release_info(&third, &hash);
+        late.install_dir(dist.path(), &limits()).unwrap();
+        assert_eq!(
+            late.manifest(&hash).unwrap().signature.as_deref(),
+            stamped.signature_record().as_ref()
+        );
+        assert_eq!(release_info(&third, &hash), version_before);
+        drop(late);
+        assert_eq!(
+            open(&third).manifest(&hash).unwrap().signature.as_deref(),
+            stamped.signature_record().as_ref(),
+            "recorded on disk, not only in the cache"
+        );
     }
 
     #[test]

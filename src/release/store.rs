@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! <data>/releases/<build-hash>/        complete, verified releases (the dist + its version.json)
-//! <data>/manifests/<build-hash>.json   full manifest (with chunk lists) of each held release
+//! <data>/manifests/<build-hash>.json   full manifest (chunk lists, signature) of each held release
 //! <data>/current  -> releases/<hash>   what runs
 //! <data>/previous -> releases/<hash>   the backup, pinned until commit
 //! <data>/staging/                      partial work; discarded by `ReleaseStore::open`
@@ -42,6 +42,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::manifest::{is_sha256_hex, Manifest};
+use super::signature::Signature;
 use crate::fs::{
     io_error, random_name, remove_file_durably, remove_tree, replace_symlink, sync_dir,
     write_atomically, IoError,
@@ -76,7 +77,9 @@ struct Inner {
     /// swapping links), so that "check, then change" steps are not interleaved in-process.
     changes: Mutex<()>,
     /// Parsed manifests by build hash. Valid for as long as the release is held because
-    /// releases are immutable; entries are dropped when a release is deleted.
+    /// releases are immutable (a manifest's signature changes only through
+    /// `record_signature`, which updates the entry); entries are dropped when a release is
+    /// deleted.
     manifests: Mutex<HashMap<String, Arc<Manifest>>>,
 }
 
@@ -340,6 +343,26 @@ impl ReleaseStore {
         sync_dir(&self.path(RELEASES))?;
         self.cache()
             .insert(hash.to_owned(), Arc::new(manifest.clone()));
+        Ok(())
+    }
+
+    /// Records `signature` as the signature of the held release `hash`, replacing the one
+    /// its manifest had: a release that arrived unsigned (or signed by a retired key) and
+    /// is installed again signed. Only `manifests/<hash>.json` changes (atomically): the
+    /// release's content and version.json stay as they are, immutable.
+    pub fn record_signature(&self, hash: &str, signature: &Signature) -> Result<(), StoreError> {
+        let _changing = self.lock_changes();
+        let held = self.manifest_shared(hash)?;
+        if held.signature.as_deref() == Some(signature) {
+            return Ok(());
+        }
+        let manifest = Manifest {
+            signature: Some(Box::new(signature.clone())),
+            ..held.as_ref().clone()
+        };
+        let text = serde_json::to_vec(&manifest).expect("manifests always serialize");
+        write_atomically(&self.path(MANIFESTS), &format!("{hash}.json"), &text)?;
+        self.cache().insert(hash.to_owned(), Arc::new(manifest));
         Ok(())
     }
 

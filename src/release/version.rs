@@ -7,7 +7,12 @@
 //! missing, extra or changed. Chunk lists stay out: they are recomputed by scanning and
 //! would make the file several times larger without helping anyone read it.
 //!
-//! The file itself is excluded from the build hash, so stamping never changes the hash.
+//! A signed dist (`cluster dist stamp --sign`) has a sixth key, `signature`: the signing
+//! key's id and an Ed25519 signature over the build hash and the version fields (see
+//! [`super::signature`]).
+//!
+//! The file itself is excluded from the build hash, so stamping (and signing) never changes
+//! the hash.
 
 use std::fs;
 use std::io;
@@ -17,8 +22,11 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use ed25519_dalek::SigningKey;
+
 use super::manifest::{build_hash_of, EntrySummary, Limits, Manifest, SummaryKind, VERSION_FILE};
-use super::scan::{check_root, scan_summary};
+use super::scan::{check_root, scan, scan_summary};
+use super::signature::{self, Signature, Subject};
 use super::DistError;
 use crate::fs::{write_atomically, IoError};
 
@@ -34,10 +42,24 @@ pub struct VersionInfo {
     pub git_commit: String,
     /// Number of regular files.
     pub files: u64,
+    /// Who signed the release and the signature, for a dist stamped with `--sign`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<VersionSignature>,
     /// The hashed fields of every entry, so `verify` can name what changed. Absent in
     /// `--json` output and in files written by other tools.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<Vec<EntrySummary>>,
+}
+
+/// The `signature` of version.json: the part of a [`Signature`] record that the other keys
+/// of the file do not already hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionSignature {
+    /// The signing key's id.
+    pub key_id: String,
+    /// The Ed25519 signature, 128 lowercase hex characters.
+    pub ed25519: String,
 }
 
 impl VersionInfo {
@@ -60,8 +82,38 @@ impl VersionInfo {
                 .iter()
                 .filter(|row| row.kind == SummaryKind::File)
                 .count() as u64,
+            signature: None,
             manifest: Some(rows),
         }
+    }
+
+    /// What a signature of this record covers.
+    pub fn subject(&self) -> Subject<'_> {
+        Subject {
+            build_hash: &self.build_hash,
+            built_at: &self.built_at,
+            git_commit: &self.git_commit,
+            files: self.files,
+        }
+    }
+
+    /// Signs this record with `key`, replacing any signature it had.
+    pub fn sign(&mut self, key: &SigningKey) {
+        let record = signature::sign(key, &self.subject());
+        self.signature = Some(VersionSignature {
+            key_id: record.key_id,
+            ed25519: record.ed25519,
+        });
+    }
+
+    /// The signature record a manifest of this release carries, if the dist is signed.
+    pub fn signature_record(&self) -> Option<Signature> {
+        self.signature.as_ref().map(|signed| Signature {
+            key_id: signed.key_id.clone(),
+            built_at: self.built_at.clone(),
+            git_commit: self.git_commit.clone(),
+            ed25519: signed.ed25519.clone(),
+        })
     }
 
     /// The same record without the per-entry rows: what people and scripts want to see.
@@ -85,6 +137,10 @@ impl VersionInfo {
             json(&self.git_commit),
             self.files
         );
+        if let Some(signed) = &self.signature {
+            text.push_str(",\n  \"signature\": ");
+            text.push_str(&json(signed));
+        }
         if let Some(rows) = &self.manifest {
             text.push_str(",\n  \"manifest\": [");
             for (index, row) in rows.iter().enumerate() {
@@ -102,8 +158,22 @@ impl VersionInfo {
 /// sees the old file or the new one, never a mix. On error nothing on disk has changed
 /// (except in the unlikely case that only the final directory sync fails, after the rename).
 pub fn stamp(dir: &Path, limits: &Limits) -> Result<VersionInfo, DistError> {
+    stamp_signed(dir, limits, None)
+}
+
+/// [`stamp`], and with `signer` also sign the record: the build hash, `builtAt`,
+/// `gitCommit` and `files` (see [`super::signature`]). Unsigned without a signer, even
+/// when the old version.json was signed.
+pub fn stamp_signed(
+    dir: &Path,
+    limits: &Limits,
+    signer: Option<&SigningKey>,
+) -> Result<VersionInfo, DistError> {
     let rows = scan_summary(dir, limits)?;
-    let info = VersionInfo::describe_rows(rows, SystemTime::now(), git_commit(dir));
+    let mut info = VersionInfo::describe_rows(rows, SystemTime::now(), git_commit(dir));
+    if let Some(key) = signer {
+        info.sign(key);
+    }
     write_atomically(dir, VERSION_FILE, info.to_file_text().as_bytes())
         .map_err(|error| DistError::from(error).in_dist(dir))?;
     Ok(info)
@@ -137,6 +207,23 @@ pub fn verify(dir: &Path, limits: &Limits) -> Result<VersionInfo, DistError> {
             actual: actual_hash,
         })
         .in_dist(dir))
+}
+
+/// The manifest of the dist at `dir`, with the signature its version.json records for this
+/// content (none when the dist is unsigned, or changed after it was stamped): what is
+/// uploaded and rolled out.
+pub fn scan_signed(dir: &Path, limits: &Limits) -> Result<Manifest, DistError> {
+    let mut manifest = scan(dir, limits)?;
+    manifest.signature = recorded_version(dir, &manifest.build_hash())
+        .and_then(|info| info.signature_record().map(Box::new));
+    Ok(manifest)
+}
+
+/// The version.json of the dist at `dir` if it is readable and records build `hash`; a
+/// stale or unreadable one describes other content, so it is ignored.
+pub(super) fn recorded_version(dir: &Path, hash: &str) -> Option<VersionInfo> {
+    let info = read_version_file(dir).ok()?;
+    (info.build_hash == hash).then_some(info)
 }
 
 fn read_version_file(dir: &Path) -> Result<VersionInfo, DistError> {
@@ -346,6 +433,67 @@ mod tests {
 
         let brief = serde_json::to_value(stamped.without_manifest()).unwrap();
         assert_eq!(brief.as_object().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn a_signed_stamp_signs_the_hash_and_version_fields_and_travels_in_the_manifest() {
+        use crate::release::signature::{check, TrustedKeys};
+        let dist = sample_dist();
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let trusted = TrustedKeys::new([key.verifying_key()]);
+        let unsigned = stamp(dist.path(), &limits()).unwrap();
+        assert_eq!(unsigned.signature, None);
+        assert!(scan_signed(dist.path(), &limits())
+            .unwrap()
+            .signature
+            .is_none());
+
+        let signed = stamp_signed(dist.path(), &limits(), Some(&key)).unwrap();
+        assert_eq!(
+            signed.build_hash, unsigned.build_hash,
+            "signing never changes the hash"
+        );
+        let text = fs::read_to_string(dist.path().join(VERSION_FILE)).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value.as_object().unwrap().len(), 6, "{text}");
+        let record = &value["signature"];
+        assert_eq!(
+            record["keyId"],
+            crate::release::signature::key_id(&key.verifying_key()).as_str()
+        );
+        assert_eq!(record["ed25519"].as_str().unwrap().len(), 128, "{text}");
+        assert_eq!(verify(dist.path(), &limits()).unwrap(), signed);
+
+        // What is uploaded carries the signature, and it checks out.
+        let manifest = scan_signed(dist.path(), &limits()).unwrap();
+        assert_eq!(
+            manifest.signature.as_deref(),
+            signed.signature_record().as_ref()
+        );
+        check(&trusted, &manifest).unwrap();
+
+        // A hand-edited builtAt voids it.
+        let edited = VersionInfo {
+            built_at: "2001-01-01T00:00:00Z".into(),
+            ..signed.clone()
+        };
+        fs::write(dist.path().join(VERSION_FILE), edited.to_file_text()).unwrap();
+        let manifest = scan_signed(dist.path(), &limits()).unwrap();
+        assert!(matches!(
+            check(&trusted, &manifest),
+            Err(crate::release::SignatureError::Mismatch { .. })
+        ));
+
+        // Content changed after signing: version.json describes other content, so the
+        // dist counts as unsigned.
+        stamp_signed(dist.path(), &limits(), Some(&key)).unwrap();
+        fs::write(dist.path().join("share/readme"), b"changed").unwrap();
+        let manifest = scan_signed(dist.path(), &limits()).unwrap();
+        assert!(manifest.signature.is_none());
+        assert!(matches!(
+            check(&trusted, &manifest),
+            Err(crate::release::SignatureError::Unsigned { .. })
+        ));
     }
 
     #[test]

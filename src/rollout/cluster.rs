@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::api::{ApiError, LeaderNotes, NodeStatus};
-use crate::release::Manifest;
+use crate::release::{Manifest, TrustedKeys};
 use crate::rollout::engine::AgentOp;
 use crate::state::{Command, Response, Role, State};
 
@@ -64,6 +64,8 @@ pub trait Cluster: Send + Sync + 'static {
     fn build_hash(&self) -> String;
     /// The configured heartbeat period, in ms.
     fn heartbeat_ms(&self) -> u64;
+    /// The keys a release must be signed with for this node to roll it out (empty: any).
+    fn release_keys(&self) -> Arc<TrustedKeys>;
     /// Term, leadership, log indexes and members, from this node's metrics.
     fn raft_view(&self) -> RaftView;
     /// Reads the replicated state as this node has applied it.

@@ -92,8 +92,11 @@ pub struct TargetDist {
     pub build_hash: String,
     pub files: u64,
     pub total_bytes: u64,
-    /// Why the dist is not valid (scan, sanitizer or version.json error); `None` if valid.
+    /// Why the dist is not valid (scan, sanitizer, version.json or signature error);
+    /// `None` if valid.
     pub error: Option<String>,
+    /// The id of the key the release is signed with, when it is signed.
+    pub signed_by: Option<String>,
 }
 
 /// What the operator allows, from `cluster update` flags.
@@ -411,11 +414,15 @@ fn dist(snapshot: &Survey) -> Check {
         )],
         (None, false) => vec![],
     };
+    let signed = match &dist.signed_by {
+        Some(key_id) => format!(", signed by key {key_id}"),
+        None => String::new(),
+    };
     check(
         "dist",
         failures,
         format!(
-            "dist {} is build {}: {} files, {}",
+            "dist {} is build {}: {} files, {}{signed}",
             dist.dir,
             short_hash(&dist.build_hash),
             dist.files,
@@ -472,6 +479,7 @@ pub(crate) mod tests {
                 files: 3,
                 total_bytes: 50 << 20,
                 error: None,
+                signed_by: None,
             },
         }
     }
@@ -506,6 +514,13 @@ pub(crate) mod tests {
         assert_eq!(
             report.checks[8].detail,
             "dist ./dist is build 222222222222: 3 files, 50.0 MiB"
+        );
+        let mut signed = healthy(&[1, 2, 3], &[4], 1);
+        signed.dist.signed_by = Some("0123456789abcdef".into());
+        let report = preflight(&signed, &Options::default());
+        assert_eq!(
+            report.checks[8].detail,
+            "dist ./dist is build 222222222222: 3 files, 50.0 MiB, signed by key 0123456789abcdef"
         );
     }
 

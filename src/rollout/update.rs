@@ -8,7 +8,7 @@ use super::plan::{plan, Start};
 use super::preflight::{preflight, ActiveRollout, Member, Options, Survey, TargetDist};
 use crate::api::{ApiError, UpdateOptions, UpdateOutcome};
 use crate::clock::unix_ms;
-use crate::release::{Limits, Manifest};
+use crate::release::{signature, Limits, Manifest};
 use crate::state::{Command, Response};
 
 /// How long a member may take to answer the survey's probe.
@@ -37,8 +37,16 @@ pub async fn survey<C: Cluster>(
     });
     let members = futures::future::join_all(probes).await;
     let hash = manifest.build_hash();
-    let error = match manifest.validate(&Limits::default()) {
-        Err(e) => Some(e.to_string()),
+    // A release this leader would refuse to install is offered to no node: the refusal is
+    // a failed check of the dist, before anything is planned or started.
+    let admitted = manifest
+        .validate(&Limits::default())
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            signature::check(&cluster.release_keys(), manifest).map_err(|e| e.to_string())
+        });
+    let error = match admitted {
+        Err(e) => Some(e),
         // A dry run uploads nothing: the leader fetching the release is part of the plan.
         Ok(()) if !dry_run && !cluster.holds_release(&hash).await => Some(format!(
             "the leader (node {}) does not hold release {hash}: upload the dist to it first",
@@ -67,6 +75,7 @@ pub async fn survey<C: Cluster>(
             files: manifest.file_count(),
             total_bytes: manifest.total_bytes(),
             error,
+            signed_by: manifest.signature.as_ref().map(|s| s.key_id.clone()),
         },
     }
 }

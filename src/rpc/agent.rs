@@ -418,6 +418,7 @@ mod tests {
             Arc::new(|| 1),
             Arc::default(),
             "dev".into(),
+            crate::release::TrustedKeys::default(),
         )
         .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -16,7 +16,7 @@ use crate::api::agent::{AgentError, FenceRefusal};
 use crate::api::{ApiError, ErrorKind};
 use crate::error::Chain;
 use crate::fs::IoError;
-use crate::release::{DistError, ManifestError, StoreError, SyncError};
+use crate::release::{DistError, ManifestError, SignatureError, StoreError, SyncError};
 
 /// The gRPC code an error is answered with.
 pub(super) trait WireCode {
@@ -120,6 +120,19 @@ impl WireCode for SyncError {
     }
 }
 
+impl WireCode for SignatureError {
+    fn code(&self) -> Code {
+        // The release lacks the authority this node requires; retrying cannot help, only
+        // a release signed by a trusted key (or another key configured) can.
+        match self {
+            SignatureError::Unsigned { .. }
+            | SignatureError::UntrustedKey { .. }
+            | SignatureError::Malformed { .. }
+            | SignatureError::Mismatch { .. } => Code::PermissionDenied,
+        }
+    }
+}
+
 impl WireCode for FenceRefusal {
     fn code(&self) -> Code {
         // A sequencer check that failed: the caller lost a race to a newer leader or
@@ -138,6 +151,7 @@ impl WireCode for AgentError {
             AgentError::Refused { refusal, .. } => refusal.code(),
             AgentError::Store(error) => error.code(),
             AgentError::Sync(error) => error.code(),
+            AgentError::Signature(error) => error.code(),
             AgentError::FenceNotRecorded(error) | AgentError::GuardNotRecorded(error) => {
                 error.code()
             }
@@ -163,9 +177,9 @@ impl WireCode for ErrorKind {
             ErrorKind::InvalidArgument => Code::InvalidArgument,
             ErrorKind::NotFound => Code::NotFound,
             ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+            ErrorKind::PermissionDenied => Code::PermissionDenied,
             ErrorKind::AlreadyExists => Code::AlreadyExists,
             ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
-            ErrorKind::PermissionDenied => Code::PermissionDenied,
             ErrorKind::Unauthenticated => Code::Unauthenticated,
             ErrorKind::Internal => Code::Internal,
         }
@@ -204,6 +218,7 @@ pub(super) fn kind_of(code: Code) -> ErrorKind {
         }
         Code::AlreadyExists => ErrorKind::AlreadyExists,
         Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+        // A release this node will not run: it needs another signature, not a retry.
         Code::PermissionDenied => ErrorKind::PermissionDenied,
         Code::Unauthenticated => ErrorKind::Unauthenticated,
         Code::Ok
@@ -435,6 +450,12 @@ mod tests {
             (agent(AgentError::UploadBroke("reset".into())), Code::Unavailable),
             (agent(AgentError::UploadIncomplete { missing: 3 }), Code::InvalidArgument),
             (agent(AgentError::TaskFailed(join_error())), Code::Internal),
+            // SignatureError, alone and as an agent answers it
+            (Box::new(SignatureError::Unsigned { release: s("a"), trusted: s("k") }), Code::PermissionDenied),
+            (Box::new(SignatureError::UntrustedKey { release: s("a"), key_id: s("f"), trusted: s("k") }), Code::PermissionDenied),
+            (Box::new(SignatureError::Malformed { release: s("a"), key_id: s("k"), problem: s("short") }), Code::PermissionDenied),
+            (Box::new(SignatureError::Mismatch { release: s("a"), key_id: s("k") }), Code::PermissionDenied),
+            (agent(AgentError::Signature(SignatureError::Unsigned { release: s("a"), trusted: s("k") })), Code::PermissionDenied),
         ]
     }
 
@@ -499,6 +520,7 @@ mod tests {
             ErrorKind::InvalidArgument,
             ErrorKind::NotFound,
             ErrorKind::FailedPrecondition,
+            ErrorKind::PermissionDenied,
             ErrorKind::AlreadyExists,
             ErrorKind::DeadlineExceeded,
             ErrorKind::Internal,

@@ -124,7 +124,8 @@ async fn a_member_of_another_cluster_cannot_join() {
     let out = cli(&[
         "node",
         "run",
-        "--insecure",
+        "--tls",
+        crate::harness::creds("n2").to_str().unwrap(),
         "--id",
         "2",
         "--listen",

@@ -647,15 +647,16 @@ pub fn make_crash_loop_release(dir: &Path, signal: &str, marker: Option<&str>) -
         &format!(
             r#"#!/bin/sh
 d=$(dirname "$0")
-data='' prev=''
+data='' tls='' prev=''
 for arg in "$@"; do
   [ "$prev" != --data-dir ] || data=$arg
+  [ "$prev" != --tls ] || tls=$arg
   prev=$arg
 done
 (
   polls=0
   while kill -0 $$ 2>/dev/null && [ $polls -lt 1800 ]; do
-    if {marker_check}"$d/cluster.real" status --local --node "$(cat "$data/node.addr")" >/dev/null 2>&1; then
+    if {marker_check}"$d/cluster.real" status --local --tls "$tls" --node "$(cat "$data/node.addr")" >/dev/null 2>&1; then
       kill -{signal} $$
       exit 0
     fi

@@ -1,5 +1,6 @@
 //! The integration suite: one binary, real `cluster` processes on loopback.
 
+mod attacks;
 mod boot_guard;
 mod errors;
 mod harness;
@@ -7,4 +8,5 @@ mod operate;
 mod raft;
 mod releases;
 mod rollout;
+mod signing;
 mod systemd;

@@ -237,6 +237,83 @@ fn install_dry_run_prints_every_step_and_changes_nothing() {
 }
 
 #[test]
+fn install_gives_the_node_its_release_keys_and_refuses_a_private_one() {
+    let work = tempfile::tempdir().unwrap();
+    let dist = work.path().join("dist");
+    make_release(&dist, &[]);
+    let keys = work.path().join("keys");
+    let made = crate::harness::cli(&["dist", "keygen", keys.to_str().unwrap()]);
+    assert!(made.status.success(), "{}", text(&made));
+    let public = keys.join("release.pub");
+    let before = host_state();
+    let install = |key: &Path| {
+        script(
+            "install.sh",
+            &[
+                "--dist",
+                dist.to_str().unwrap(),
+                "--id",
+                "1",
+                "--listen",
+                "10.0.0.1:7100",
+                "--bootstrap",
+                "--insecure",
+                "--release-key",
+                key.to_str().unwrap(),
+                "--dry-run",
+            ],
+        )
+    };
+    let out = install(&public);
+    let shown = text(&out);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("would write /etc/cluster/release-key-1.pub")
+            && shown.contains("BEGIN PUBLIC KEY")
+            && shown.contains("release_keys = [\"/etc/cluster/release-key-1.pub\"]"),
+        "{shown}"
+    );
+    assert_eq!(host_state(), before, "a dry run changes nothing");
+
+    // The config it would write is one the node accepts, keys included.
+    let toml: String = shown
+        .lines()
+        .skip_while(|line| !line.starts_with("would write /etc/cluster/node.toml"))
+        .skip(1)
+        .take_while(|line| line.starts_with("    "))
+        .map(|line| format!("{}\n", line.trim_start()))
+        .collect();
+    // A data dir that is a file: the node gets past its configuration, then stops there.
+    let not_a_dir = work.path().join("not-a-dir");
+    std::fs::write(&not_a_dir, "").unwrap();
+    let config = work.path().join("node.toml");
+    let toml = toml
+        .replace("/var/lib/cluster", not_a_dir.to_str().unwrap())
+        .replace("/etc/cluster/release-key-1.pub", public.to_str().unwrap());
+    std::fs::write(&config, toml).unwrap();
+    let node = crate::harness::cli(&[
+        "node",
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--insecure",
+    ]);
+    let said = text(&node);
+    assert!(
+        !node.status.success()
+            && !said.contains("malformed")
+            && !said.contains("release key")
+            && said.contains("is not usable"),
+        "the written config parses, keys and all: {said}"
+    );
+
+    let out = install(&keys.join("release.key"));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("is a private key"), "{}", text(&out));
+    assert_eq!(host_state(), before);
+}
+
+#[test]
 fn install_refuses_bad_flags_with_a_clear_error_and_changes_nothing() {
     let work = tempfile::tempdir().unwrap();
     let dist = work.path().join("dist");

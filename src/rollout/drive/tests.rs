@@ -14,7 +14,8 @@ use tokio::sync::watch;
 
 use super::*;
 use crate::api::UpdateOptions;
-use crate::release::{Chunk, Entry, EntryKind};
+use crate::release::signature::{sign, Subject};
+use crate::release::{Chunk, Entry, EntryKind, TrustedKeys};
 use crate::rollout::cluster::{DiskNeeds, MemberView, RaftView};
 use crate::rollout::update::update;
 use crate::state::{
@@ -74,6 +75,8 @@ struct World {
     restarts: Vec<u64>,
     /// Leadership hand-offs, (from, to).
     transfers: Vec<(u64, u64)>,
+    /// The release keys every node trusts (none: any release).
+    release_keys: Arc<TrustedKeys>,
 }
 
 impl World {
@@ -115,6 +118,9 @@ impl Cluster for Fake {
     }
     fn heartbeat_ms(&self) -> u64 {
         100
+    }
+    fn release_keys(&self) -> Arc<TrustedKeys> {
+        self.world().release_keys.clone()
     }
     fn raft_view(&self) -> RaftView {
         let world = self.world();
@@ -442,6 +448,81 @@ async fn a_dry_run_plans_and_changes_nothing() {
         assert!(world.state.deployment.is_none());
         assert_eq!(world.log_index, 0, "nothing proposed");
     }
+    cluster.stop().await;
+}
+
+/// `manifest` signed by `key`, as `cluster dist stamp --sign` signs a dist.
+fn signed(mut manifest: Manifest, key: &ed25519_dalek::SigningKey) -> Manifest {
+    let build_hash = manifest.build_hash();
+    manifest.signature = Some(Box::new(sign(
+        key,
+        &Subject {
+            build_hash: &build_hash,
+            built_at: "2024-05-01T12:00:00Z",
+            git_commit: "unknown",
+            files: manifest.file_count(),
+        },
+    )));
+    manifest
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_that_trusts_a_key_refuses_in_preflight_what_it_did_not_sign() {
+    let cluster = Harness::start(&[1, 2, 3]);
+    let trusted = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+    let foreign = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
+    let trusted_id = crate::release::signature::key_id(&trusted.verifying_key());
+    let foreign_id = crate::release::signature::key_id(&foreign.verifying_key());
+    cluster.world.lock().unwrap().release_keys =
+        Arc::new(TrustedKeys::new([trusted.verifying_key()]));
+    let refused = [
+        (manifest("unsigned build"), "is unsigned".to_owned()),
+        (
+            signed(manifest("foreign build"), &foreign),
+            format!("signed by key {foreign_id}"),
+        ),
+    ];
+    for (release, expected) in refused {
+        for dry_run in [true, false] {
+            let outcome = update(&cluster.leader(), release.clone(), options(), dry_run)
+                .await
+                .expect("preflight answers");
+            assert!(!outcome.report.proceed, "{:?}", outcome.report);
+            assert_eq!(outcome.generation, 0);
+            let dist = outcome
+                .report
+                .checks
+                .iter()
+                .find(|check| check.name == "dist")
+                .expect("a dist check");
+            assert!(
+                !dist.passed
+                    && dist.detail.contains(&expected)
+                    && dist.detail.contains(&trusted_id),
+                "{dist:?}"
+            );
+        }
+    }
+    {
+        let world = cluster.world.lock().unwrap();
+        assert!(world.state.deployment.is_none(), "no deployment started");
+        assert_eq!(world.log_index, 0, "nothing proposed");
+        assert!(world
+            .hosts
+            .values()
+            .all(|host| host.current == OLD && host.prepared.is_empty()));
+    }
+    let outcome = update(
+        &cluster.leader(),
+        signed(manifest("signed build"), &trusted),
+        options(),
+        false,
+    )
+    .await
+    .expect("update starts");
+    assert!(outcome.report.proceed, "{:?}", outcome.report);
+    assert_eq!(outcome.generation, 1);
+    cluster.finished().await;
     cluster.stop().await;
 }
 
