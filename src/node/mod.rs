@@ -260,7 +260,7 @@ pub async fn run(
         listener,
         config.security.clone(),
         Arc::new(RaftMembership { raft: raft.clone() }),
-        Arc::new(RaftHandler { raft: raft.clone() }),
+        Arc::new(RaftHandler::new(raft.clone())),
         node.clone(),
         agent.clone(),
         async move {
@@ -359,6 +359,13 @@ impl crate::rpc::Membership for RaftMembership {
         (metrics.current_term == term)
             .then_some(metrics.current_leader)
             .flatten()
+    }
+
+    fn has_addr(&self, addr: &str) -> bool {
+        let metrics = crate::raft::metrics(&self.raft);
+        let membership = metrics.membership_config.membership();
+        let found = membership.nodes().any(|(_, node)| node.addr == addr);
+        found
     }
 }
 

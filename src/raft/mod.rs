@@ -33,6 +33,9 @@ impl Default for Timing {
     }
 }
 
+/// The most log entries one AppendEntries carries (see [`crate::rpc::RAFT_MESSAGE_BYTES`]).
+pub const MAX_PAYLOAD_ENTRIES: u64 = 32;
+
 /// Builds and validates openraft's configuration for `timing`.
 pub fn config(timing: Timing) -> Result<Arc<Config>, openraft::ConfigError> {
     let heartbeat_ms = timing.heartbeat.as_millis() as u64;
@@ -46,6 +49,9 @@ pub fn config(timing: Timing) -> Result<Arc<Config>, openraft::ConfigError> {
         enable_pre_vote: Some(true),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
         max_in_snapshot_log_to_keep: 1_000,
+        // Sized so a payload fits the Raft message limit: 32 entries of a kv value at its
+        // limit (1 MiB, at most 6 MiB as escaped JSON) and a large deployment's manifest.
+        max_payload_entries: MAX_PAYLOAD_ENTRIES,
         ..Default::default()
     };
     Ok(Arc::new(config.validate()?))

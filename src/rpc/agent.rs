@@ -8,7 +8,7 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::auth::{caller_of, check_fence, Membership};
+use super::auth::{caller_of, check_fence, check_peers, Membership};
 use super::pb::agent_client::AgentClient as PbClient;
 use super::pb::agent_server::Agent as AgentRpc;
 use super::pb::{self, ChunkData};
@@ -221,6 +221,7 @@ impl<A: AgentHandler> AgentRpc for AgentService<A> {
         request: Request<pb::PrepareRequest>,
     ) -> Result<Response<pb::PrepareReply>, Status> {
         let request = request.into_inner();
+        check_peers(&request.peers, self.membership.as_deref()).map_err(|r| refusal_status(&r))?;
         let manifest = decode_manifest(&request.manifest).map_err(agent_status)?;
         let outcome = self
             .agent
@@ -404,6 +405,45 @@ impl AgentClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_manifest_of_a_release_at_the_default_limits_fits_one_message() {
+        use crate::release::manifest::{Chunk, Entry, EntryKind};
+        let limits = crate::release::Limits::default();
+        let hex = "ab".repeat(32);
+        let chunk = 64 * 1024;
+        let file = |path: String, size: u64| Entry {
+            path,
+            kind: EntryKind::File {
+                mode: 0o644,
+                size,
+                sha256: hex.clone(),
+                chunks: (0..size.div_ceil(chunk))
+                    .map(|_| Chunk {
+                        sha256: hex.clone(),
+                        size: chunk,
+                    })
+                    .collect(),
+            },
+        };
+        // Most entries are small files; a few large ones hold the rest of the bytes.
+        let small = limits.max_entries - 8;
+        let mut entries: Vec<Entry> = (0..small)
+            .map(|i| file(format!("share/assets/{i:06}/file.dat"), 4096))
+            .collect();
+        let rest = limits.max_total_bytes - small as u64 * 4096;
+        entries.extend((0..8).map(|i| file(format!("lib/big-{i}.bin"), rest / 8)));
+        let manifest = Manifest {
+            entries,
+            ..Default::default()
+        };
+        let bytes = encode_manifest(&manifest).len();
+        println!("manifest at the default limits: {} MiB", bytes >> 20);
+        assert!(
+            bytes < MAX_MESSAGE_BYTES * 3 / 4,
+            "{bytes} bytes leave too little room under {MAX_MESSAGE_BYTES}"
+        );
+    }
     use crate::agent::Agent;
     use crate::api::ErrorKind;
     use futures::StreamExt;

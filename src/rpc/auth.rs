@@ -28,6 +28,8 @@ pub trait Membership: Send + Sync + 'static {
     fn admits(&self, id: u64) -> bool;
     /// The node this node knows to lead `term`, if any.
     fn leader_of(&self, term: u64) -> Option<u64>;
+    /// Whether `addr` is the address of a voter or learner in this node's membership.
+    fn has_addr(&self, addr: &str) -> bool;
 }
 
 /// Who made a request, as its certificate proves. `identity` is `None` only on a node
@@ -129,6 +131,10 @@ pub enum Refusal {
     },
     #[error("{0}: deployment, phase and fleet records are written by the leader's own rollout code; use `cluster update` and `cluster rollout`")]
     InternalCommand(&'static str),
+    #[error("{identity} has {MAX_IN_FLIGHT_PER_CLIENT} requests in flight on this node, its limit: wait for one to finish")]
+    TooManyInFlight { identity: Identity },
+    #[error("{addr} is not the address of a member: a node fetches releases only from members (see `cluster member list`)")]
+    NotAMemberAddr { addr: String },
 }
 
 impl Refusal {
@@ -226,10 +232,78 @@ pub fn check_write(caller: &Caller, command: &Command) -> Result<(), Refusal> {
     }
 }
 
+/// A prepare may name only members as the peers to fetch from: a node never opens a
+/// connection to an address a caller picks. `None` (an insecure node) checks nothing.
+pub fn check_peers(peers: &[String], membership: Option<&dyn Membership>) -> Result<(), Refusal> {
+    let Some(membership) = membership else {
+        return Ok(());
+    };
+    match peers.iter().find(|peer| !membership.has_addr(peer)) {
+        Some(addr) => Err(Refusal::NotAMemberAddr { addr: addr.clone() }),
+        None => Ok(()),
+    }
+}
+
 fn describe(caller: &Caller) -> String {
     match &caller.identity {
         Some(identity) => identity.to_string(),
         None => "an unauthenticated caller".to_string(),
+    }
+}
+
+/// How many requests one operator or viewer may have in flight on a node at once, over
+/// all its connections. With the message limit this bounds what one client's requests
+/// can hold in memory (16 x 64 MiB). Members are not counted: a node forwards its own
+/// clients' requests, and those were counted where they arrived.
+pub const MAX_IN_FLIGHT_PER_CLIENT: usize = 16;
+
+/// Requests in flight per client identity.
+#[derive(Clone, Default)]
+pub(super) struct InFlight {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<Identity, usize>>>,
+}
+
+/// One counted request; the count drops with it.
+pub(super) struct Ticket {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<Identity, usize>>>,
+    identity: Identity,
+}
+
+impl InFlight {
+    /// Counts a request of `caller`, or refuses it when the caller is at its limit.
+    fn admit(&self, caller: &Caller) -> Result<Option<Ticket>, Refusal> {
+        let identity = match &caller.identity {
+            None | Some(Identity::Node(_)) => return Ok(None),
+            Some(identity) => identity.clone(),
+        };
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(identity.clone()).or_default();
+        if *count >= MAX_IN_FLIGHT_PER_CLIENT {
+            return Err(Refusal::TooManyInFlight { identity });
+        }
+        *count += 1;
+        Ok(Some(Ticket {
+            counts: self.counts.clone(),
+            identity,
+        }))
+    }
+
+    #[cfg(test)]
+    fn count(&self, identity: &Identity) -> usize {
+        let counts = self.counts.lock().unwrap();
+        counts.get(identity).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.identity) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.identity);
+            }
+        }
     }
 }
 
@@ -238,6 +312,7 @@ fn describe(caller: &Caller) -> String {
 #[derive(Clone)]
 pub(super) struct AuthLayer {
     pub membership: Option<Arc<dyn Membership>>,
+    pub in_flight: InFlight,
 }
 
 impl<S> Layer<S> for AuthLayer {
@@ -247,6 +322,7 @@ impl<S> Layer<S> for AuthLayer {
         Authorize {
             inner,
             membership: self.membership.clone(),
+            in_flight: self.in_flight.clone(),
         }
     }
 }
@@ -255,6 +331,7 @@ impl<S> Layer<S> for AuthLayer {
 pub(super) struct Authorize<S> {
     inner: S,
     membership: Option<Arc<dyn Membership>>,
+    in_flight: InFlight,
 }
 
 impl<S> Service<http::Request<Body>> for Authorize<S>
@@ -286,13 +363,21 @@ where
                 authorize(request.uri().path(), identity, membership.as_ref())
             }
         };
+        let decision = decision.and_then(|caller| {
+            let ticket = self.in_flight.admit(&caller)?;
+            Ok((caller, ticket))
+        });
         match decision {
-            Ok(caller) => {
+            Ok((caller, ticket)) => {
                 request.extensions_mut().insert(caller);
                 // The clone that was polled ready serves this request.
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
-                Box::pin(inner.call(request))
+                let response = inner.call(request);
+                Box::pin(async move {
+                    let _counted = ticket;
+                    response.await
+                })
             }
             Err(refusal) => {
                 let remote = request
@@ -333,6 +418,65 @@ mod tests {
         fn leader_of(&self, term: u64) -> Option<u64> {
             (term == 5).then_some(1)
         }
+        fn has_addr(&self, addr: &str) -> bool {
+            self.0.iter().any(|id| addr == format!("10.0.0.{id}:7000"))
+        }
+    }
+
+    #[test]
+    fn a_client_may_have_only_so_many_requests_in_flight() {
+        let in_flight = InFlight::default();
+        let alice = Caller {
+            identity: Some(Identity::Operator("alice".into())),
+        };
+        let bob = Caller {
+            identity: Some(Identity::Viewer("bob".into())),
+        };
+        let tickets: Vec<_> = (0..MAX_IN_FLIGHT_PER_CLIENT)
+            .map(|_| in_flight.admit(&alice).unwrap())
+            .collect();
+        let refused = in_flight.admit(&alice).err().unwrap();
+        assert!(matches!(refused, Refusal::TooManyInFlight { .. }));
+        assert!(refused
+            .to_string()
+            .contains("operator \"alice\" has 16 requests in flight"));
+        assert!(
+            in_flight.admit(&bob).unwrap().is_some(),
+            "others are counted apart"
+        );
+        for _ in 0..100 {
+            let node = Caller {
+                identity: Some(Identity::Node(2)),
+            };
+            assert!(
+                in_flight.admit(&node).unwrap().is_none(),
+                "members are not counted"
+            );
+        }
+        drop(tickets);
+        assert_eq!(in_flight.count(&Identity::Operator("alice".into())), 0);
+        assert!(
+            in_flight.admit(&alice).is_ok(),
+            "finished requests free the count"
+        );
+    }
+
+    #[test]
+    fn a_prepare_fetches_only_from_members() {
+        let members = Members(vec![1, 2]);
+        let ok = vec!["10.0.0.1:7000".to_string(), "10.0.0.2:7000".to_string()];
+        assert!(check_peers(&ok, Some(&members)).is_ok());
+        let mut bad = ok.clone();
+        bad.push("169.254.169.254:80".into());
+        let err = check_peers(&bad, Some(&members)).unwrap_err();
+        assert!(
+            matches!(err, Refusal::NotAMemberAddr { ref addr } if addr == "169.254.169.254:80")
+        );
+        assert!(err.to_string().contains("not the address of a member"));
+        assert!(
+            check_peers(&bad, None).is_ok(),
+            "an insecure node checks nothing"
+        );
     }
 
     fn identities() -> Vec<Identity> {

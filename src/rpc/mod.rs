@@ -22,5 +22,13 @@ mod pb {
     tonic::include_proto!("cluster.v1");
 }
 
-/// The largest gRPC message accepted or sent: whole snapshots travel in one message.
-pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+/// The largest Raft message accepted or sent: an AppendEntries of
+/// [`crate::raft::MAX_PAYLOAD_ENTRIES`] entries at the kv value limit with a deployment's
+/// manifest, or one piece of a snapshot
+/// ([`crate::raft::network::SNAPSHOT_PIECE_BYTES`]). Only members may send one.
+pub const RAFT_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// The largest Control or Agent message accepted or sent: room for the manifest of a
+/// release at the default limits (100,000 entries and 8 GiB, which in 64 KiB chunks
+/// encodes to about 35 MiB). Release content travels in chunks of at most 16 MiB.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;

@@ -105,8 +105,8 @@ pub async fn serve<C: ControlHandler, A: AgentHandler>(
 ) -> Result<(), tonic::transport::Error> {
     let checked = security.credentials().is_some().then(|| membership.clone());
     let raft = RaftServer::new(RaftService { handler: raft })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(super::RAFT_MESSAGE_BYTES)
+        .max_encoding_message_size(super::RAFT_MESSAGE_BYTES);
     let control = ControlServer::new(ControlService { node })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -136,6 +136,7 @@ pub async fn serve<C: ControlHandler, A: AgentHandler>(
     builder
         .layer(AuthLayer {
             membership: checked,
+            in_flight: Default::default(),
         })
         .add_service(raft)
         .add_service(control)
@@ -312,6 +313,12 @@ impl<C: ControlHandler> Control for ControlService<C> {
             ))
         })?;
         auth::check_write(&caller, &command).map_err(|r| refusal_status(&r))?;
+        if let Some(why) = command.oversize() {
+            return Err(to_status(api::ApiError::new(
+                api::ErrorKind::InvalidArgument,
+                why,
+            )));
+        }
         let outcome = self.node.write(command, hops).await.map_err(to_status)?;
         let response = serde_json::to_vec(&outcome.response)
             .map_err(|e| to_status(api::ApiError::internal(e.to_string())))?;

@@ -195,6 +195,8 @@ pub fn to_status(error: ApiError) -> Status {
 pub(super) fn refusal_status(refusal: &super::auth::Refusal) -> Status {
     let code = if refusal.is_unauthenticated() {
         Code::Unauthenticated
+    } else if matches!(refusal, super::auth::Refusal::TooManyInFlight { .. }) {
+        Code::ResourceExhausted
     } else {
         Code::PermissionDenied
     };

@@ -10,7 +10,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use super::pb::raft_client::RaftClient;
 use super::pb::RaftRequest;
 use super::status::raft_call_error;
-use super::MAX_MESSAGE_BYTES;
+use super::RAFT_MESSAGE_BYTES;
 use crate::tls::{Security, SERVER_NAME};
 
 /// How long to wait for a TCP connection to a peer. Short: a dead peer must not hold
@@ -125,8 +125,8 @@ pub struct RaftPeer {
 impl RaftPeer {
     pub fn new(channels: &Channels, addr: &str) -> Result<Self, TransportError> {
         let client = RaftClient::new(channels.get(addr)?)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES);
         Ok(Self { client })
     }
 

@@ -186,7 +186,38 @@ pub enum Command {
     },
 }
 
+/// The longest kv key a client may write, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// The largest kv value a client may write, in bytes. Every value travels in Raft log
+/// entries and snapshots, which are sized for small records, not files.
+pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+
 impl Command {
+    /// Why a client's command is too large to propose, if it is: a kv key over
+    /// [`MAX_KEY_BYTES`] or a value over [`MAX_VALUE_BYTES`].
+    pub fn oversize(&self) -> Option<String> {
+        let (key, value) = match self {
+            Command::KvPut { key, value } => (key, Some(value)),
+            Command::KvDelete { key } => (key, None),
+            _ => return None,
+        };
+        if key.len() > MAX_KEY_BYTES {
+            return Some(format!(
+                "kv key of {} bytes is over the limit of {MAX_KEY_BYTES} bytes",
+                key.len()
+            ));
+        }
+        match value {
+            Some(value) if value.len() > MAX_VALUE_BYTES => Some(format!(
+                "kv value of {} bytes for key {key:?} is over the limit of {MAX_VALUE_BYTES} \
+                 bytes: keep files in releases, not in the kv store",
+                value.len()
+            )),
+            _ => None,
+        }
+    }
+
     /// The lowest protocol a member must speak to apply this command.
     pub fn required_protocol(&self) -> u32 {
         match self {

@@ -86,6 +86,14 @@ struct ChunksRequest {
     sha256: Vec<String>,
 }
 
+#[derive(Clone, PartialEq, prost::Message)]
+struct PrepareRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    manifest: Vec<u8>,
+    #[prost(string, repeated, tag = "2")]
+    peers: Vec<String>,
+}
+
 /// How the hostile client connects.
 enum As<'a> {
     Plaintext,
@@ -516,6 +524,47 @@ async fn every_attack_is_refused_and_the_cluster_keeps_its_leader() {
         );
     }
 
+    // Bounds: a kv value over the limit is refused before it is proposed; a message over
+    // the Control limit is refused whole; a prepare may fetch only from members.
+    let huge = "x".repeat(1024 * 1024 + 1);
+    refused(
+        "an operator's kv value over the limit",
+        call::<_, Ignored>(
+            &addr,
+            As::Creds("operator"),
+            "/cluster.v1.Control/Write",
+            write(serde_json::json!({"kv_put": {"key": "big", "value": huge}})),
+        )
+        .await,
+        &[Code::InvalidArgument],
+        "over the limit of 1048576 bytes",
+    );
+    let too_long = WriteRequest {
+        command: vec![b' '; 65 * 1024 * 1024],
+    };
+    refused(
+        "a 65 MiB Control message",
+        call::<_, Ignored>(&addr, As::Creds("operator"), "/cluster.v1.Control/Write", too_long)
+            .await,
+        &[Code::OutOfRange, Code::ResourceExhausted],
+        "",
+    );
+    refused(
+        "a prepare fetching from an address that is not a member's",
+        call::<_, Ignored>(
+            &addr,
+            As::Creds("operator"),
+            "/cluster.v1.Agent/Prepare",
+            PrepareRequest {
+                manifest: b"{}".to_vec(),
+                peers: vec![leader_addr.clone(), "169.254.169.254:80".into()],
+            },
+        )
+        .await,
+        DENIED,
+        "169.254.169.254:80 is not the address of a member",
+    );
+
     // Nothing moved: same leader, same term, writes work, fences unchanged.
     let after = cluster.leader_status().await;
     assert_eq!(
@@ -530,6 +579,8 @@ async fn every_attack_is_refused_and_the_cluster_keeps_its_leader() {
         String::from_utf8_lossy(&put.stderr)
     );
     assert_eq!(fences(&cluster), fences_before, "no agent fence moved");
+    let big = cli(&["kv", "get", "big", "--node", &addr]);
+    assert!(!big.status.success(), "the oversize value was not stored");
     let node = after.nodes.iter().find(|n| n.id == follower).unwrap();
     assert_ne!(node.build_hash, "forged");
 }
