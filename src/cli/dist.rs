@@ -96,13 +96,19 @@ Check that a dist's content still matches its version.json.
 Exit status 0: the content hashes to the recorded buildHash. Exit status 1: it does not,
 or version.json is missing; the first missing, extra or changed entry is named on stderr.
 Any other failure (no such directory, an invalid dist, an unreadable file) is reported as
-an error.")]
+an error.
+
+With --release-key (repeatable), the dist must also be signed by one of those keys, as a
+node started with the same keys requires; an unsigned or foreign-signed dist exits 1.")]
     Verify {
         /// The dist directory; it must contain bin/cluster and version.json
         dir: PathBuf,
         /// On success, print the version record as JSON (without the per-entry list)
         #[arg(long)]
         json: bool,
+        /// Also require a signature by this public key (release.pub); repeat for several
+        #[arg(long = "release-key", value_name = "FILE")]
+        release_keys: Vec<PathBuf>,
     },
 
     /// Install a dist into a node's data directory and make it the current release
@@ -118,17 +124,37 @@ Nothing is restarted and <data-dir>/previous is left as it is: use this to put t
 release on a host before `cluster node run` starts from <data-dir>/current/bin/cluster, or to
 switch releases by hand on a stopped node. Installing a release that is already there only
 moves current. If the dist is invalid, or
-another process (a running node) has the data directory open, nothing changes.")]
+another process (a running node) has the data directory open, nothing changes.
+
+Give the node's --release-key files here too: a dist not signed by one of them is then
+refused before anything is copied, as the node itself would refuse it.")]
     Install {
         /// The dist directory; it must contain bin/cluster
         dist: PathBuf,
         /// The node's data directory (created if missing)
         #[arg(long)]
         data_dir: PathBuf,
+        /// Require a signature by this public key (release.pub); repeat for several
+        #[arg(long = "release-key", value_name = "FILE")]
+        release_keys: Vec<PathBuf>,
         /// Print the result as JSON: buildHash, currentBefore (null if none), dataDir
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Whether the dist at `dir` is signed by one of `trusted` (always, when it is empty): the
+/// check a node makes before it installs or activates a release.
+fn signed_by(
+    dir: &std::path::Path,
+    limits: &Limits,
+    trusted: &release::TrustedKeys,
+) -> anyhow::Result<Result<(), release::SignatureError>> {
+    if trusted.is_empty() {
+        return Ok(Ok(()));
+    }
+    let manifest = release::scan_signed(dir, limits)?;
+    Ok(release::signature::check(trusted, &manifest))
 }
 
 /// What `cluster dist install --json` prints.
@@ -181,12 +207,27 @@ fn execute(command: DistCommand, out: &mut dyn Write, err: &mut dyn Write) -> an
             writeln!(out, "{}", release::hash(&dir, &limits)?)?;
             Ok(0)
         }
-        DistCommand::Verify { dir, json } => match release::verify(&dir, &limits) {
-            Ok(info) if json => {
-                print_json(out, &info)?;
-                Ok(0)
+        DistCommand::Verify {
+            dir,
+            json,
+            release_keys,
+        } => {
+            let trusted = keys::read_trusted_keys(&release_keys)?;
+            let info = match release::verify(&dir, &limits) {
+                Ok(info) => info,
+                Err(error) if error.is_mismatch() => {
+                    writeln!(err, "{}", Chain(&error))?;
+                    return Ok(1);
+                }
+                Err(error) => return Err(error.into()),
+            };
+            if let Err(refused) = signed_by(&dir, &limits, &trusted)? {
+                writeln!(err, "{}: {}", dir.display(), Chain(&refused))?;
+                return Ok(1);
             }
-            Ok(info) => {
+            if json {
+                print_json(out, &info)?;
+            } else {
                 writeln!(
                     out,
                     "{}: ok, build {} ({} files, built {}, commit {}, {})",
@@ -196,23 +237,23 @@ fn execute(command: DistCommand, out: &mut dyn Write, err: &mut dyn Write) -> an
                     info.built_at,
                     info.git_commit,
                     match &info.signature {
+                        Some(signed) if !trusted.is_empty() =>
+                            format!("signed by trusted key {}", signed.key_id),
                         Some(signed) => format!("signed by key {}", signed.key_id),
                         None => "unsigned".to_owned(),
                     }
                 )?;
-                Ok(0)
             }
-            Err(error) if error.is_mismatch() => {
-                writeln!(err, "{}", Chain(&error))?;
-                Ok(1)
-            }
-            Err(error) => Err(error.into()),
-        },
+            Ok(0)
+        }
         DistCommand::Install {
             dist,
             data_dir,
             json,
+            release_keys,
         } => {
+            let trusted = keys::read_trusted_keys(&release_keys)?;
+            signed_by(&dist, &limits, &trusted)??;
             let store = ReleaseStore::open(&data_dir)?;
             let current_before = store.current()?;
             let build_hash = store.install_dir(&dist, &limits)?;
@@ -331,7 +372,8 @@ mod tests {
             DistCommand::Install {
                 dist: "d".into(),
                 data_dir: "/var/lib/cluster".into(),
-                json: false
+                json: false,
+                release_keys: vec![],
             }
         );
         let mut cli = DistCli::command();
@@ -416,6 +458,59 @@ mod tests {
         exec(&["stamp", dir]).0.unwrap();
         let (_, out, _) = exec(&["verify", dir]);
         assert!(out.contains("unsigned"), "{out}");
+    }
+
+    #[test]
+    fn verify_and_install_with_release_keys_accept_only_their_signatures() {
+        let keys = tempfile::tempdir().unwrap();
+        let (ours, theirs) = (keys.path().join("ours"), keys.path().join("theirs"));
+        exec(&["keygen", ours.to_str().unwrap()]).0.unwrap();
+        exec(&["keygen", theirs.to_str().unwrap()]).0.unwrap();
+        let pub_of = |dir: &std::path::Path| dir.join("release.pub").to_str().unwrap().to_owned();
+        let dist = sample_dist();
+        let dir = dist.path().to_str().unwrap();
+        let key = ours.join("release.key");
+        exec(&["stamp", dir, "--sign", key.to_str().unwrap()])
+            .0
+            .unwrap();
+
+        let (status, out, _) = exec(&["verify", dir, "--release-key", &pub_of(&ours)]);
+        assert_eq!(status.unwrap(), 0);
+        assert!(out.contains("signed by trusted key"), "{out}");
+        let (status, out, err) = exec(&["verify", dir, "--release-key", &pub_of(&theirs)]);
+        assert_eq!(status.unwrap(), 1);
+        assert!(out.is_empty());
+        assert!(
+            err.contains("not trusted") || err.contains("trust"),
+            "{err}"
+        );
+
+        let data = tempfile::tempdir().unwrap();
+        let data_dir = data.path().join("node");
+        let install = |key: &str| {
+            exec(&[
+                "install",
+                dir,
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+                "--release-key",
+                key,
+            ])
+        };
+        let message = format!("{:#}", install(&pub_of(&theirs)).0.unwrap_err());
+        assert!(message.contains("trust"), "{message}");
+        assert!(!data_dir.exists(), "a refused install touches nothing");
+        assert_eq!(install(&pub_of(&ours)).0.unwrap(), 0);
+        assert!(data_dir.join("current/bin/cluster").exists());
+
+        // Unsigned: refused by both once a key is given.
+        exec(&["stamp", dir]).0.unwrap();
+        let (status, _, err) = exec(&["verify", dir, "--release-key", &pub_of(&ours)]);
+        assert_eq!(status.unwrap(), 1);
+        assert!(
+            err.contains("unsigned") || err.contains("not signed"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -544,8 +544,13 @@ async fn every_attack_is_refused_and_the_cluster_keeps_its_leader() {
     };
     refused(
         "a 65 MiB Control message",
-        call::<_, Ignored>(&addr, As::Creds("operator"), "/cluster.v1.Control/Write", too_long)
-            .await,
+        call::<_, Ignored>(
+            &addr,
+            As::Creds("operator"),
+            "/cluster.v1.Control/Write",
+            too_long,
+        )
+        .await,
         &[Code::OutOfRange, Code::ResourceExhausted],
         "",
     );
