@@ -108,7 +108,28 @@ impl NodeHandle {
         R: Fn(ControlClient) -> RF,
         RF: Future<Output = Result<T, ApiError>>,
     {
-        let deadline = Instant::now() + self.leader_wait();
+        self.on_leader_within(hops, what, self.leader_wait(), local, remote)
+            .await
+    }
+
+    /// `on_leader` for a request that may take longer than a leader takes to appear: a
+    /// forwarded request may run for up to `wait` (a join's catch-up, a removal's commit)
+    /// before the forwarding node gives up on it.
+    pub(super) async fn on_leader_within<T, L, LF, R, RF>(
+        &self,
+        hops: u32,
+        what: &str,
+        wait: Duration,
+        local: L,
+        remote: R,
+    ) -> Result<T, ApiError>
+    where
+        L: Fn() -> LF,
+        LF: Future<Output = Result<Option<T>, ApiError>>,
+        R: Fn(ControlClient) -> RF,
+        RF: Future<Output = Result<T, ApiError>>,
+    {
+        let deadline = Instant::now() + wait;
         // Short and flat: a leadership hand-off settles in tens of ms, and each retry is
         // one cheap round trip.
         let mut backoff = Duration::from_millis(2);
@@ -136,7 +157,7 @@ impl NodeHandle {
                 return Err(ApiError::unavailable(format!(
                     "{what}: no leader answered within {:.1} s (asked node {} at {}): \
                      is a majority of voters running and reachable?",
-                    self.leader_wait().as_secs_f64(),
+                    wait.as_secs_f64(),
                     self.id,
                     self.addr
                 )));
@@ -166,7 +187,9 @@ impl NodeHandle {
                     // A removed node must not come back into `status` by reporting itself.
                     if !members.contains(id) {
                         return Err(ApiError::precondition(format!(
-                            "node {id} is not a member of this cluster (was it removed?):                              it cannot report itself; start it with a fresh --data-dir and                              --join to add it again"
+                            "node {id} is not a member of this cluster (was it removed?): \
+                             it cannot report itself; start it with a fresh --data-dir and \
+                             --join to add it again"
                         )));
                     }
                 }
@@ -219,9 +242,13 @@ impl NodeHandle {
                 format!("node {} asked to join without an address", request.id),
             ));
         }
-        self.on_leader(
+        // The leader may spend the whole catch-up window, and then a membership change,
+        // on one join: a forwarding node must not give up on it sooner.
+        let wait = self.leader_wait() + JOIN_CATCH_UP + Duration::from_secs(20);
+        self.on_leader_within(
             hops,
             "join",
+            wait,
             || self.join_here(&request),
             |mut client| {
                 let request = request.clone();
@@ -274,27 +301,38 @@ impl NodeHandle {
             Some(_) if voters.contains(&request.id) => {
                 return Ok(Some(accepted(false, voters.len())))
             }
-            Some(_) => {}
-            None => {
-                let node = BasicNode {
-                    addr: request.addr.clone(),
-                };
-                match self.raft.add_learner(request.id, node, true).await {
-                    Ok(_) => {}
-                    Err(e) if e.forward_to_leader().is_some() => return Ok(None),
-                    Err(e) => {
-                        let error = ApiError::unavailable(format!(
-                            "adding node {} as a learner failed: {e}",
-                            request.id
-                        ));
-                        return Err(self.drop_failed_learner(request.id, error).await);
-                    }
+            Some(_) | None => {}
+        }
+        // From here until the join settles, a cancelled request removes the learner too.
+        let pending = PendingLearner {
+            raft: Some(self.raft.clone()),
+            id: request.id,
+        };
+        if membership.get_node(&request.id).is_none() {
+            let node = BasicNode {
+                addr: request.addr.clone(),
+            };
+            match self.raft.add_learner(request.id, node, true).await {
+                Ok(_) => {}
+                Err(e) if e.forward_to_leader().is_some() => {
+                    pending.keep();
+                    return Ok(None);
+                }
+                Err(e) => {
+                    pending.keep();
+                    let error = ApiError::unavailable(format!(
+                        "adding node {} as a learner failed: {e}",
+                        request.id
+                    ));
+                    return Err(self.drop_failed_learner(request.id, error).await);
                 }
             }
         }
         if let Err(error) = self.wait_caught_up(request).await {
+            pending.keep();
             return Err(self.drop_failed_learner(request.id, error).await);
         }
+        pending.keep();
         let voters = raft::metrics(&self.raft)
             .membership_config
             .membership()
@@ -328,38 +366,17 @@ impl NodeHandle {
     /// left behind that nobody runs (every later preflight would wait for it). Returns
     /// the join's error, with what became of the learner.
     async fn drop_failed_learner(&self, id: u64, error: ApiError) -> ApiError {
-        let metrics = raft::metrics(&self.raft);
-        let membership = metrics.membership_config.membership();
-        let is_learner =
-            membership.get_node(&id).is_some() && !membership.voter_ids().any(|v| v == id);
-        if !is_learner {
-            return error;
-        }
-        let remove = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
-        let removed = tokio::time::timeout(
-            Duration::from_secs(10),
-            self.raft.change_membership(remove, false),
-        )
-        .await;
-        match removed {
-            Ok(Ok(_)) => {
-                tracing::info!(id, "removed the learner of a failed join");
-                ApiError::new(
-                    error.kind,
-                    format!("{} (the learner was removed again)", error.message),
-                )
-            }
-            Ok(Err(e)) => ApiError::new(
+        match remove_learner(&self.raft, id).await {
+            Ok(false) => error,
+            Ok(true) => ApiError::new(
                 error.kind,
-                format!(
-                    "{}; removing the learner again failed too ({e}): remove it with                      `cluster member remove {id}`",
-                    error.message
-                ),
+                format!("{} (the learner was removed again)", error.message),
             ),
-            Err(_) => ApiError::new(
+            Err(why) => ApiError::new(
                 error.kind,
                 format!(
-                    "{}; removing the learner again did not commit: remove it with                      `cluster member remove {id}`",
+                    "{}; removing the learner again failed too ({why}): remove it with \
+                     `cluster member remove {id}`",
                     error.message
                 ),
             ),
@@ -385,7 +402,9 @@ impl NodeHandle {
                 return Err(ApiError::new(
                     ErrorKind::DeadlineExceeded,
                     format!(
-                        "node {} at {} never answered the leader (node {}) within {} s: is                          that address right, is the node listening there, and can the leader                          reach it?",
+                        "node {} at {} never answered the leader (node {}) within {} s: is \
+                         that address right, is the node listening there, and can the leader \
+                         reach it?",
                         request.id,
                         request.addr,
                         self.id,
@@ -677,6 +696,67 @@ impl NodeHandle {
             commit_index: metrics.cluster_committed.as_ref().map(|l| l.index),
             last_log_index: metrics.last_log_index,
         }
+    }
+}
+
+/// A joining learner that is taken out again unless the join settles it ([`keep`]):
+/// dropped armed, because the join's request was cancelled (the joining node gave up or
+/// stopped), it removes the learner in the background.
+///
+/// [`keep`]: PendingLearner::keep
+struct PendingLearner {
+    raft: Option<Raft>,
+    id: u64,
+}
+
+impl PendingLearner {
+    /// The join settled (or its own error path removes the learner): nothing to undo.
+    fn keep(mut self) {
+        self.raft = None;
+    }
+}
+
+impl Drop for PendingLearner {
+    fn drop(&mut self) {
+        let Some(raft) = self.raft.take() else {
+            return;
+        };
+        let id = self.id;
+        tokio::spawn(async move {
+            match remove_learner(&raft, id).await {
+                Ok(true) => tracing::info!(id, "removed the learner of a cancelled join"),
+                Ok(false) => {}
+                Err(why) => tracing::warn!(
+                    id,
+                    "removing the learner of a cancelled join failed ({why}): remove it with \
+                     `cluster member remove {id}`"
+                ),
+            }
+        });
+    }
+}
+
+/// Removes node `id` if it is a learner. Ok(false): it is not one (a voter, or gone).
+async fn remove_learner(raft: &Raft, id: u64) -> Result<bool, String> {
+    let metrics = raft::metrics(raft);
+    let membership = metrics.membership_config.membership();
+    let is_learner = membership.get_node(&id).is_some() && !membership.voter_ids().any(|v| v == id);
+    if !is_learner {
+        return Ok(false);
+    }
+    let remove = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        raft.change_membership(remove, false),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {
+            tracing::info!(id, "removed the learner of a failed join");
+            Ok(true)
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the change did not commit within 10 s".into()),
     }
 }
 

@@ -122,9 +122,12 @@ impl NodeHandle {
         force: bool,
         hops: u32,
     ) -> Result<MemberRemoved, ApiError> {
-        self.on_leader(
+        // A removal waits for acknowledgements, a hand-off, and up to two commits.
+        let wait = self.leader_wait() + CHANGE_TIMEOUT * 3;
+        self.on_leader_within(
             hops,
             "member removal",
+            wait,
             || self.remove_here(id, force, hops),
             |mut client| async move { client.remove_member(id, force).await },
         )
