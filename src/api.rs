@@ -6,9 +6,11 @@
 use serde::{Deserialize, Serialize};
 
 pub mod agent;
+pub mod members;
 pub mod rollout;
 
 pub use agent::{PrepareOutcome, ReleasesView};
+pub use members::{Member, MemberRemoved, MembersView};
 
 pub use rollout::{
     AutoStatus, Check, LeaderNotes, Operated, Operation, Plan, PlannedNode, Report, RolloutView,
@@ -131,6 +133,11 @@ pub struct JoinRequest {
 pub struct JoinAccepted {
     pub cluster_id: String,
     pub leader: u64,
+    /// Admitted as a learner only: the cluster already has the leader's `--max-voters`
+    /// voters (`false` from a leader that predates the setting: a voter).
+    pub learner: bool,
+    /// Voters after the join.
+    pub voters: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -173,6 +173,7 @@ fn is_pure_core(path: &str) -> bool {
             "src/rollout/plan.rs",
             "src/rollout/engine.rs",
             "src/rollout/auto.rs",
+            "src/node/quorum.rs",
         ]
         .contains(&path)
 }

@@ -92,6 +92,11 @@ pub struct RunArgs {
     /// release_keys = ["/etc/cluster/release.pub"]; flags replace the file's list
     #[arg(long = "release-key", value_name = "FILE")]
     pub release_keys: Vec<PathBuf>,
+    /// While this node leads: a node that joins beyond this many voters stays a learner
+    /// (it replicates but does not vote; the join says so), and removing a voter promotes
+    /// a caught-up learner back up to it. Give every node the same value [default: 5]
+    #[arg(long, value_name = "N")]
+    pub max_voters: Option<usize>,
 }
 
 /// The TOML form of `RunArgs`. Unknown keys are errors: a typo must not be ignored.
@@ -117,6 +122,7 @@ struct FileConfig {
     tls: Option<PathBuf>,
     insecure: Option<bool>,
     release_keys: Option<Vec<PathBuf>>,
+    max_voters: Option<usize>,
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -253,7 +259,15 @@ pub fn resolve(args: RunArgs) -> anyhow::Result<NodeConfig> {
     };
     let release_keys = crate::release::keys::read_trusted_keys(&key_files)
         .context("a release key given with --release-key or release_keys cannot be used")?;
+    let max_voters = args
+        .max_voters
+        .or(file.max_voters)
+        .unwrap_or(crate::node::DEFAULT_MAX_VOTERS);
+    if max_voters == 0 {
+        bail!("--max-voters must be at least 1: a cluster needs a voter to commit anything");
+    }
     Ok(NodeConfig {
+        max_voters,
         security,
         release_keys,
         auto,
@@ -281,6 +295,31 @@ mod tests {
         let path = dir.path().join("node.toml");
         std::fs::write(&path, text).unwrap();
         (dir, path)
+    }
+
+    #[test]
+    fn max_voters_comes_from_the_flag_or_the_file_and_is_at_least_one() {
+        let (_dir, path) =
+            file("id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/a\"\nmax_voters = 3\n");
+        let args = |max_voters| RunArgs {
+            config: Some(path.clone()),
+            insecure: true,
+            max_voters,
+            ..RunArgs::default()
+        };
+        assert_eq!(resolve(args(None)).unwrap().max_voters, 3);
+        assert_eq!(resolve(args(Some(7))).unwrap().max_voters, 7);
+        let none = resolve(RunArgs {
+            id: Some(1),
+            listen: Some("127.0.0.1:1".parse().unwrap()),
+            data_dir: Some("/tmp/a".into()),
+            insecure: true,
+            ..RunArgs::default()
+        })
+        .unwrap();
+        assert_eq!(none.max_voters, crate::node::DEFAULT_MAX_VOTERS);
+        let zero = resolve(args(Some(0))).unwrap_err().to_string();
+        assert!(zero.contains("--max-voters must be at least 1"), "{zero}");
     }
 
     #[test]

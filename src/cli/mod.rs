@@ -4,6 +4,7 @@
 mod config;
 mod demo;
 mod dist;
+mod member;
 mod output;
 mod rollout;
 mod tls;
@@ -31,7 +32,8 @@ pub const EXIT_FAILURE: u8 = 1;
         Start a cluster:\n  \
         cluster node run --id 1 --listen 127.0.0.1:7101 --data-dir /tmp/n1 --bootstrap\n  \
         cluster node run --id 2 --listen 127.0.0.1:7102 --data-dir /tmp/n2 --join 127.0.0.1:7101\n  \
-        cluster status --node 127.0.0.1:7101\n\n\
+        cluster status --node 127.0.0.1:7101\n  \
+        cluster member list --node 127.0.0.1:7101   (member remove <ID>: a dead machine)\n\n\
         Roll out a release (a directory with bin/cluster):\n  \
         cluster dist stamp ./dist   (--sign keys/release.key for nodes run with --release-key)\n  \
         cluster update --dist ./dist --dry-run\n  \
@@ -53,6 +55,9 @@ enum Command {
     /// Operate Raft leadership
     #[command(subcommand)]
     Leader(LeaderCommand),
+    /// List the Raft members with their liveness, or remove one (a dead or retired machine)
+    #[command(subcommand)]
+    Member(member::MemberCommand),
     /// Read and write the replicated key/value map
     #[command(subcommand)]
     Kv(KvCommand),
@@ -364,6 +369,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Member(command) => member::run(command).await,
         Command::Kv(KvCommand::Put { key, value, target }) => {
             target.client()?.kv_put(&key, &value).await?;
             Ok(ExitCode::SUCCESS)

@@ -1,5 +1,6 @@
 //! What a node does for Control requests: leader routing and forwarding, writes, reads,
-//! membership (join), planned leadership hand-off, and the status view.
+//! join, planned leadership hand-off, and the status view (member list and removal are
+//! in `members.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -11,25 +12,30 @@ use std::sync::Arc;
 
 use crate::agent::Agent;
 use crate::api::{
-    ApiError, ClusterStatus, ErrorKind, JoinAccepted, JoinRequest, NodeStatus, Operated, Operation,
-    RolloutView, TransferDone, UpdateOptions, UpdateOutcome, WriteOutcome,
+    ApiError, ClusterStatus, ErrorKind, JoinAccepted, JoinRequest, MemberRemoved, MembersView,
+    NodeStatus, Operated, Operation, RolloutView, TransferDone, UpdateOptions, UpdateOutcome,
+    WriteOutcome,
 };
 use crate::raft::{self, Raft, Timing};
 use crate::raft_store::StateMachineStore;
 use crate::release::Manifest;
 use crate::rollout::{self, Notes};
 use crate::rpc::{Channels, ControlClient, ControlHandler};
-use crate::state::{Command, NodeInfo, Role, State};
+use crate::state::{Command, NodeInfo, State};
 
 /// How many times a Control request may be forwarded before a node waits instead: bounds
 /// ping-pong while leadership moves.
-const MAX_HOPS: u32 = 3;
+pub(super) const MAX_HOPS: u32 = 3;
 
 /// A member lagging more entries than this is "not caught up" for a leadership transfer.
-const TRANSFER_MAX_LAG: u64 = 1_000;
+pub(super) const TRANSFER_MAX_LAG: u64 = 1_000;
 
 /// How long a joining learner may take to catch up before the join fails.
 const JOIN_CATCH_UP: Duration = Duration::from_secs(60);
+
+/// How long the leader may go without a single answer from a joining learner: an address
+/// nobody answers at fails the join this soon, not after the whole catch-up window.
+const JOIN_FIRST_CONTACT: Duration = Duration::from_secs(10);
 
 /// Everything Control requests need; shared by the gRPC server and the node's own tasks.
 /// Its fields are the node module's own: the rest of the crate reaches a node through
@@ -51,10 +57,13 @@ pub struct NodeHandle {
     pub(super) health: super::HealthState,
     /// What this node, while it leads, knows about rollouts that is not replicated.
     pub(super) notes: Notes,
+    /// While this node leads: joins beyond this many voters stay learners, and a removal
+    /// promotes a learner back up to it (`--max-voters`).
+    pub(super) max_voters: usize,
 }
 
 /// Where a request that needs the leader should go.
-enum Route {
+pub(super) enum Route {
     Local,
     Forward(String),
     NoLeader,
@@ -62,11 +71,11 @@ enum Route {
 
 impl NodeHandle {
     /// How long a request waits for a leader before giving up: several elections.
-    fn leader_wait(&self) -> Duration {
+    pub(super) fn leader_wait(&self) -> Duration {
         (self.timing.election_timeout * 2 * 10).max(Duration::from_secs(5))
     }
 
-    fn route(&self) -> Route {
+    pub(super) fn route(&self) -> Route {
         let metrics = raft::metrics(&self.raft);
         match metrics.current_leader {
             Some(leader) if leader == self.id => {
@@ -86,7 +95,7 @@ impl NodeHandle {
 
     /// Runs `local` on the leader: here if this node leads, else forwarded with `remote`.
     /// `local` returns `Ok(None)` when leadership moved under it; the request is re-routed.
-    async fn on_leader<T, L, LF, R, RF>(
+    pub(super) async fn on_leader<T, L, LF, R, RF>(
         &self,
         hops: u32,
         what: &str,
@@ -99,7 +108,28 @@ impl NodeHandle {
         R: Fn(ControlClient) -> RF,
         RF: Future<Output = Result<T, ApiError>>,
     {
-        let deadline = Instant::now() + self.leader_wait();
+        self.on_leader_within(hops, what, self.leader_wait(), local, remote)
+            .await
+    }
+
+    /// `on_leader` for a request that may take longer than a leader takes to appear: a
+    /// forwarded request may run for up to `wait` (a join's catch-up, a removal's commit)
+    /// before the forwarding node gives up on it.
+    pub(super) async fn on_leader_within<T, L, LF, R, RF>(
+        &self,
+        hops: u32,
+        what: &str,
+        wait: Duration,
+        local: L,
+        remote: R,
+    ) -> Result<T, ApiError>
+    where
+        L: Fn() -> LF,
+        LF: Future<Output = Result<Option<T>, ApiError>>,
+        R: Fn(ControlClient) -> RF,
+        RF: Future<Output = Result<T, ApiError>>,
+    {
+        let deadline = Instant::now() + wait;
         // Short and flat: a leadership hand-off settles in tens of ms, and each retry is
         // one cheap round trip.
         let mut backoff = Duration::from_millis(2);
@@ -127,7 +157,7 @@ impl NodeHandle {
                 return Err(ApiError::unavailable(format!(
                     "{what}: no leader answered within {:.1} s (asked node {} at {}): \
                      is a majority of voters running and reachable?",
-                    self.leader_wait().as_secs_f64(),
+                    wait.as_secs_f64(),
                     self.id,
                     self.addr
                 )));
@@ -152,7 +182,18 @@ impl NodeHandle {
             hops,
             "write",
             || async {
-                self.sm.read(|s| admit(s, &self.members_ids(), &command))?;
+                let members = self.members_ids();
+                if let Command::RegisterNode { id, .. } = &command {
+                    // A removed node must not come back into `status` by reporting itself.
+                    if !members.contains(id) {
+                        return Err(ApiError::precondition(format!(
+                            "node {id} is not a member of this cluster (was it removed?): \
+                             it cannot report itself; start it with a fresh --data-dir and \
+                             --join to add it again"
+                        )));
+                    }
+                }
+                self.sm.read(|s| admit(s, &members, &command))?;
                 match self.raft.client_write(command.clone()).await {
                     Ok(reply) => Ok(Some(WriteOutcome {
                         response: reply.data,
@@ -201,9 +242,13 @@ impl NodeHandle {
                 format!("node {} asked to join without an address", request.id),
             ));
         }
-        self.on_leader(
+        // The leader may spend the whole catch-up window, and then a membership change,
+        // on one join: a forwarding node must not give up on it sooner.
+        let wait = self.leader_wait() + JOIN_CATCH_UP + Duration::from_secs(20);
+        self.on_leader_within(
             hops,
             "join",
+            wait,
             || self.join_here(&request),
             |mut client| {
                 let request = request.clone();
@@ -222,9 +267,11 @@ impl NodeHandle {
                 request.id, request.addr, request.cluster_id, cluster_id
             )));
         }
-        let accepted = JoinAccepted {
+        let accepted = |learner: bool, voters: usize| JoinAccepted {
             cluster_id: cluster_id.clone(),
             leader: self.id,
+            learner,
+            voters: voters as u32,
         };
         let metrics = raft::metrics(&self.raft);
         let membership = metrics.membership_config.membership();
@@ -251,46 +298,119 @@ impl NodeHandle {
                     ),
                 ))
             }
-            Some(_) if voters.contains(&request.id) => return Ok(Some(accepted)),
-            Some(_) => {}
-            None => {
-                let node = BasicNode {
-                    addr: request.addr.clone(),
-                };
-                match self.raft.add_learner(request.id, node, true).await {
-                    Ok(_) => {}
-                    Err(e) if e.forward_to_leader().is_some() => return Ok(None),
-                    Err(e) => {
-                        return Err(ApiError::unavailable(format!(
-                            "adding node {} as a learner failed: {e}",
-                            request.id
-                        )))
-                    }
+            Some(_) if voters.contains(&request.id) => {
+                return Ok(Some(accepted(false, voters.len())))
+            }
+            Some(_) | None => {}
+        }
+        // From here until the join settles, a cancelled request removes the learner too.
+        let pending = PendingLearner {
+            raft: Some(self.raft.clone()),
+            id: request.id,
+        };
+        if membership.get_node(&request.id).is_none() {
+            let node = BasicNode {
+                addr: request.addr.clone(),
+            };
+            match self.raft.add_learner(request.id, node, true).await {
+                Ok(_) => {}
+                Err(e) if e.forward_to_leader().is_some() => {
+                    pending.keep();
+                    return Ok(None);
+                }
+                Err(e) => {
+                    pending.keep();
+                    let error = ApiError::unavailable(format!(
+                        "adding node {} as a learner failed: {e}",
+                        request.id
+                    ));
+                    return Err(self.drop_failed_learner(request.id, error).await);
                 }
             }
         }
-        self.wait_caught_up(request).await?;
+        if let Err(error) = self.wait_caught_up(request).await {
+            pending.keep();
+            return Err(self.drop_failed_learner(request.id, error).await);
+        }
+        pending.keep();
+        let voters = raft::metrics(&self.raft)
+            .membership_config
+            .membership()
+            .voter_ids()
+            .count();
+        if voters >= self.max_voters {
+            tracing::info!(
+                id = request.id,
+                voters,
+                max_voters = self.max_voters,
+                "admitted as a learner: the cluster has --max-voters voters"
+            );
+            return Ok(Some(accepted(true, voters)));
+        }
         let add = ChangeMembers::AddVoterIds(BTreeSet::from([request.id]));
         match self.raft.change_membership(add, false).await {
-            Ok(_) => Ok(Some(accepted)),
+            Ok(_) => Ok(Some(accepted(false, voters + 1))),
+            // The learner stays: the join is retried on the new leader, which promotes it.
             Err(e) if e.forward_to_leader().is_some() => Ok(None),
-            Err(e) => Err(ApiError::unavailable(format!(
-                "promoting node {} to voter failed: {e}",
-                request.id
-            ))),
+            Err(e) => {
+                let error = ApiError::unavailable(format!(
+                    "promoting node {} to voter failed: {e}",
+                    request.id
+                ));
+                Err(self.drop_failed_learner(request.id, error).await)
+            }
+        }
+    }
+
+    /// Takes a learner whose join failed out of the membership again, so no member is
+    /// left behind that nobody runs (every later preflight would wait for it). Returns
+    /// the join's error, with what became of the learner.
+    async fn drop_failed_learner(&self, id: u64, error: ApiError) -> ApiError {
+        match remove_learner(&self.raft, id).await {
+            Ok(false) => error,
+            Ok(true) => ApiError::new(
+                error.kind,
+                format!("{} (the learner was removed again)", error.message),
+            ),
+            Err(why) => ApiError::new(
+                error.kind,
+                format!(
+                    "{}; removing the learner again failed too ({why}): remove it with \
+                     `cluster member remove {id}`",
+                    error.message
+                ),
+            ),
         }
     }
 
     /// Waits until the learner holds everything the leader had when the wait began.
     async fn wait_caught_up(&self, request: &JoinRequest) -> Result<(), ApiError> {
         let target = raft::metrics(&self.raft).last_log_index.unwrap_or(0);
-        let deadline = Instant::now() + JOIN_CATCH_UP;
+        let started = Instant::now();
+        let deadline = started + JOIN_CATCH_UP;
         loop {
-            let matched = raft::replication(&self.raft)
+            let replication = raft::replication(&self.raft)
                 .get(&request.id)
-                .and_then(|r| r.matched_index);
+                .copied()
+                .unwrap_or_default();
+            let matched = replication.matched_index;
             if matched.is_some_and(|m| m >= target) {
                 return Ok(());
+            }
+            let never_answered = matched.is_none() && replication.last_ack.is_none();
+            if never_answered && started.elapsed() >= JOIN_FIRST_CONTACT {
+                return Err(ApiError::new(
+                    ErrorKind::DeadlineExceeded,
+                    format!(
+                        "node {} at {} never answered the leader (node {}) within {} s: is \
+                         that address right, is the node listening there, and can the leader \
+                         reach it?",
+                        request.id,
+                        request.addr,
+                        self.id,
+                        JOIN_FIRST_CONTACT.as_secs()
+                    ),
+                ));
             }
             if Instant::now() >= deadline {
                 return Err(ApiError::new(
@@ -320,7 +440,7 @@ impl NodeHandle {
         .await
     }
 
-    async fn transfer_here(&self, to: u64) -> Result<Option<TransferDone>, ApiError> {
+    pub(super) async fn transfer_here(&self, to: u64) -> Result<Option<TransferDone>, ApiError> {
         let started = Instant::now();
         let metrics = raft::metrics(&self.raft);
         if to == self.id {
@@ -542,11 +662,7 @@ impl NodeHandle {
                 NodeStatus {
                     id,
                     addr: member.addr,
-                    role: match member.role {
-                        Role::Voter => "voter",
-                        Role::Learner => "learner",
-                    }
-                    .into(),
+                    role: super::members::role_name(member.role).into(),
                     state: raft_state.into(),
                     build_hash: info.build_hash,
                     last_ack_ms: member.last_ack_ms,
@@ -580,6 +696,67 @@ impl NodeHandle {
             commit_index: metrics.cluster_committed.as_ref().map(|l| l.index),
             last_log_index: metrics.last_log_index,
         }
+    }
+}
+
+/// A joining learner that is taken out again unless the join settles it ([`keep`]):
+/// dropped armed, because the join's request was cancelled (the joining node gave up or
+/// stopped), it removes the learner in the background.
+///
+/// [`keep`]: PendingLearner::keep
+struct PendingLearner {
+    raft: Option<Raft>,
+    id: u64,
+}
+
+impl PendingLearner {
+    /// The join settled (or its own error path removes the learner): nothing to undo.
+    fn keep(mut self) {
+        self.raft = None;
+    }
+}
+
+impl Drop for PendingLearner {
+    fn drop(&mut self) {
+        let Some(raft) = self.raft.take() else {
+            return;
+        };
+        let id = self.id;
+        tokio::spawn(async move {
+            match remove_learner(&raft, id).await {
+                Ok(true) => tracing::info!(id, "removed the learner of a cancelled join"),
+                Ok(false) => {}
+                Err(why) => tracing::warn!(
+                    id,
+                    "removing the learner of a cancelled join failed ({why}): remove it with \
+                     `cluster member remove {id}`"
+                ),
+            }
+        });
+    }
+}
+
+/// Removes node `id` if it is a learner. Ok(false): it is not one (a voter, or gone).
+async fn remove_learner(raft: &Raft, id: u64) -> Result<bool, String> {
+    let metrics = raft::metrics(raft);
+    let membership = metrics.membership_config.membership();
+    let is_learner = membership.get_node(&id).is_some() && !membership.voter_ids().any(|v| v == id);
+    if !is_learner {
+        return Ok(false);
+    }
+    let remove = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        raft.change_membership(remove, false),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {
+            tracing::info!(id, "removed the learner of a failed join");
+            Ok(true)
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the change did not commit within 10 s".into()),
     }
 }
 
@@ -653,12 +830,25 @@ impl ControlHandler for NodeHandle {
     async fn transfer_leader(&self, to: u64, hops: u32) -> Result<TransferDone, ApiError> {
         NodeHandle::transfer_leader(self, to, hops).await
     }
+
+    async fn members(&self, hops: u32) -> Result<MembersView, ApiError> {
+        NodeHandle::member_list(self, hops).await
+    }
+
+    async fn remove_member(
+        &self,
+        id: u64,
+        force: bool,
+        hops: u32,
+    ) -> Result<MemberRemoved, ApiError> {
+        NodeHandle::remove_member(self, id, force, hops).await
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{OPERATE_PROTOCOL, PROTOCOL, ROLLOUT_PROTOCOL};
+    use crate::state::{MEMBERS_PROTOCOL, OPERATE_PROTOCOL, PROTOCOL, ROLLOUT_PROTOCOL};
 
     fn state(protocols: &[(u64, u32)]) -> State {
         let mut state = State::default();
@@ -701,5 +891,23 @@ mod tests {
         admit(&mixed, &[1, 3], &auto_off).unwrap();
         // Nor does a member that has not reported yet.
         admit(&state(&[(1, PROTOCOL)]), &[1, 4], &auto_off).unwrap();
+    }
+
+    #[test]
+    fn forgetting_a_node_waits_for_every_member_to_speak_protocol_four() {
+        let forget = Command::ForgetNode { id: 3 };
+        let mixed = state(&[(1, MEMBERS_PROTOCOL), (2, OPERATE_PROTOCOL)]);
+        let refused = admit(&mixed, &[1, 2], &forget).unwrap_err();
+        assert_eq!(refused.kind, ErrorKind::FailedPrecondition);
+        assert!(
+            refused.message.contains("node 2 speaks protocol 3")
+                && refused
+                    .message
+                    .contains(&format!("protocol {MEMBERS_PROTOCOL}")),
+            "{}",
+            refused.message
+        );
+        let current = state(&[(1, MEMBERS_PROTOCOL), (2, MEMBERS_PROTOCOL)]);
+        admit(&current, &[1, 2], &forget).unwrap();
     }
 }

@@ -7,6 +7,8 @@
 mod cluster;
 mod handle;
 mod health;
+mod members;
+mod quorum;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -59,7 +61,14 @@ pub struct NodeConfig {
     /// The keys a release must be signed with for this node to install, offer or activate
     /// it (`release_keys`, `--release-key`); empty: any release, signed or not.
     pub release_keys: crate::release::TrustedKeys,
+    /// While this node leads, joins beyond this many voters stay learners, and removing a
+    /// voter promotes a caught-up learner back up to it (`--max-voters`, default 5).
+    pub max_voters: usize,
 }
+
+/// The default of `--max-voters`: five voters lose two and keep a quorum; more make every
+/// commit wait for more acknowledgements.
+pub const DEFAULT_MAX_VOTERS: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -237,6 +246,7 @@ pub async fn run(
         agent: agent.clone(),
         health: health.clone(),
         notes: notes.clone(),
+        max_voters: config.max_voters,
     });
     tracing::info!(
         id = config.id,
@@ -427,6 +437,17 @@ async fn join_cluster(node: &NodeHandle, via: &str) -> Result<(), NodeError> {
             .join(&request)
             .await
         {
+            Ok(accepted) if accepted.learner => {
+                tracing::info!(
+                    id = node.id,
+                    cluster = %accepted.cluster_id,
+                    leader = accepted.leader,
+                    voters = accepted.voters,
+                    "joined the cluster as a learner: it already has the leader's --max-voters \
+                     voters; the leader promotes this node when a voter is removed"
+                );
+                return Ok(());
+            }
             Ok(accepted) => {
                 tracing::info!(
                     id = node.id,

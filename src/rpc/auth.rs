@@ -80,6 +80,8 @@ pub const TABLE: &[(&str, &[Role])] = &[
     ("/cluster.v1.Control/KvGet", VIEW),
     ("/cluster.v1.Control/Join", NODE),
     ("/cluster.v1.Control/TransferLeader", OPERATE),
+    ("/cluster.v1.Control/Members", VIEW),
+    ("/cluster.v1.Control/RemoveMember", OPERATE),
     // Mutations: only the node that leads the fence's term (`check_fence`).
     ("/cluster.v1.Agent/Mutate", NODE),
     ("/cluster.v1.Agent/Releases", VIEW),
@@ -129,7 +131,7 @@ pub enum Refusal {
         term: u64,
         known: String,
     },
-    #[error("{0}: deployment, phase and fleet records are written by the leader's own rollout code; use `cluster update` and `cluster rollout`")]
+    #[error("{0}: deployment, phase, fleet and membership records are written by the leader's own code; use `cluster update`, `cluster rollout` and `cluster member`")]
     InternalCommand(&'static str),
     #[error("{identity} has {MAX_IN_FLIGHT_PER_CLIENT} requests in flight on this node, its limit: wait for one to finish")]
     TooManyInFlight { identity: Identity },
@@ -229,6 +231,7 @@ pub fn check_write(caller: &Caller, command: &Command) -> Result<(), Refusal> {
         Command::RecordHandoff { .. } => Err(Refusal::InternalCommand("record_handoff")),
         Command::SetAutoRollout { .. } => Err(Refusal::InternalCommand("set_auto_rollout")),
         Command::AbortDeployment { .. } => Err(Refusal::InternalCommand("abort_deployment")),
+        Command::ForgetNode { .. } => Err(Refusal::InternalCommand("forget_node")),
     }
 }
 
@@ -506,6 +509,8 @@ mod tests {
             ("/cluster.v1.Control/KvGet", [true, true, true]),
             ("/cluster.v1.Control/Join", [true, false, false]),
             ("/cluster.v1.Control/TransferLeader", [true, true, false]),
+            ("/cluster.v1.Control/Members", [true, true, true]),
+            ("/cluster.v1.Control/RemoveMember", [true, true, false]),
             ("/cluster.v1.Agent/Mutate", [true, false, false]),
             ("/cluster.v1.Agent/Releases", [true, true, true]),
             ("/cluster.v1.Agent/Manifest", [true, true, false]),
@@ -636,9 +641,12 @@ mod tests {
             enabled: false,
             at_ms: 0,
         };
+        let forget = Command::ForgetNode { id: 3 };
         for caller in [&operator, &node3, &Caller::unauthenticated()] {
             let err = check_write(caller, &auto_off).unwrap_err().to_string();
             assert!(err.contains("set_auto_rollout"), "{err}");
+            let err = check_write(caller, &forget).unwrap_err().to_string();
+            assert!(err.contains("forget_node"), "{err}");
         }
     }
 }

@@ -10,8 +10,8 @@ use super::server::HOPS;
 use super::status::from_status;
 use super::{Channels, MAX_MESSAGE_BYTES};
 use crate::api::{
-    ApiError, ClusterStatus, JoinAccepted, JoinRequest, Operated, Operation, Plan, Report,
-    RolloutView, TransferDone, UpdateOptions, UpdateOutcome, WriteOutcome,
+    ApiError, ClusterStatus, JoinAccepted, JoinRequest, MemberRemoved, MembersView, Operated,
+    Operation, Plan, Report, RolloutView, TransferDone, UpdateOptions, UpdateOutcome, WriteOutcome,
 };
 use crate::release::Manifest;
 use crate::state::{Command, Deployment, HistoryEntry};
@@ -138,7 +138,33 @@ impl ControlClient {
         Ok(JoinAccepted {
             cluster_id: reply.cluster_id,
             leader: reply.leader,
+            learner: reply.learner,
+            voters: reply.voters,
         })
+    }
+
+    /// Every member with its role and, from the leader, its acknowledgement age and
+    /// liveness.
+    pub async fn members(&mut self) -> Result<MembersView, ApiError> {
+        let request = self.request(pb::MembersRequest {});
+        let reply = self
+            .client
+            .members(request)
+            .await
+            .map_err(|s| self.error(s))?;
+        Ok(reply.into_inner().into())
+    }
+
+    /// Removes member `id` from the Raft membership; `force` overrides the live-quorum
+    /// arithmetic and the active-rollout guard (never the last voter or an unknown id).
+    pub async fn remove_member(&mut self, id: u64, force: bool) -> Result<MemberRemoved, ApiError> {
+        let request = self.request(pb::RemoveMemberRequest { id, force });
+        let reply = self
+            .client
+            .remove_member(request)
+            .await
+            .map_err(|s| self.error(s))?;
+        Ok(reply.into_inner().into())
     }
 
     /// Hands leadership to voter `to`; returns once `to` leads.

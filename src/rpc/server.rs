@@ -19,8 +19,8 @@ use super::status::{refusal_status, to_status};
 use super::transport::HANDSHAKE_TIMEOUT;
 use super::{RaftRpc, MAX_MESSAGE_BYTES};
 use crate::api::{
-    self, ApiError, ClusterStatus, JoinAccepted, JoinRequest, Operated, Operation, RolloutView,
-    TransferDone, UpdateOptions, UpdateOutcome, WriteOutcome,
+    self, ApiError, ClusterStatus, JoinAccepted, JoinRequest, MemberRemoved, MembersView, Operated,
+    Operation, RolloutView, TransferDone, UpdateOptions, UpdateOutcome, WriteOutcome,
 };
 use crate::release::Manifest;
 use crate::state::Command;
@@ -89,6 +89,15 @@ pub trait ControlHandler: Send + Sync + 'static {
         to: u64,
         hops: u32,
     ) -> impl Future<Output = Result<TransferDone, ApiError>> + Send;
+    /// Every member with its role and, from the leader, its liveness.
+    fn members(&self, hops: u32) -> impl Future<Output = Result<MembersView, ApiError>> + Send;
+    /// Removes member `id`, on the leader (`force`: past the live-quorum arithmetic).
+    fn remove_member(
+        &self,
+        id: u64,
+        force: bool,
+        hops: u32,
+    ) -> impl Future<Output = Result<MemberRemoved, ApiError>> + Send;
 }
 
 /// Serves the Raft, Control and Agent services on `listener` until `shutdown` completes.
@@ -365,6 +374,8 @@ impl<C: ControlHandler> Control for ControlService<C> {
         Ok(Response::new(pb::JoinReply {
             cluster_id: accepted.cluster_id,
             leader: accepted.leader,
+            learner: accepted.learner,
+            voters: accepted.voters,
         }))
     }
 
@@ -384,6 +395,109 @@ impl<C: ControlHandler> Control for ControlService<C> {
             term: done.term,
             elapsed_ms: done.elapsed_ms,
         }))
+    }
+
+    async fn members(
+        &self,
+        request: Request<pb::MembersRequest>,
+    ) -> Result<Response<pb::MembersReply>, Status> {
+        let hops = hops(&request);
+        let view = self.node.members(hops).await.map_err(to_status)?;
+        Ok(Response::new(view.into()))
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::RemoveMemberReply>, Status> {
+        let hops = hops(&request);
+        let pb::RemoveMemberRequest { id, force } = request.into_inner();
+        let removed = self
+            .node
+            .remove_member(id, force, hops)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(removed.into()))
+    }
+}
+
+impl From<api::MembersView> for pb::MembersReply {
+    fn from(view: api::MembersView) -> Self {
+        pb::MembersReply {
+            leader: view.leader,
+            term: view.term,
+            answered_by: view.answered_by,
+            live_window_ms: view.live_window_ms,
+            max_voters: view.max_voters,
+            last_log_index: view.last_log_index,
+            members: view
+                .members
+                .into_iter()
+                .map(|m| pb::Member {
+                    id: m.id,
+                    addr: m.addr,
+                    role: m.role,
+                    last_ack_ms: m.last_ack_ms,
+                    matched_index: m.matched_index,
+                    alive: m.alive,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<pb::MembersReply> for api::MembersView {
+    fn from(reply: pb::MembersReply) -> Self {
+        api::MembersView {
+            leader: reply.leader,
+            term: reply.term,
+            answered_by: reply.answered_by,
+            live_window_ms: reply.live_window_ms,
+            max_voters: reply.max_voters,
+            last_log_index: reply.last_log_index,
+            members: reply
+                .members
+                .into_iter()
+                .map(|m| api::Member {
+                    id: m.id,
+                    addr: m.addr,
+                    role: m.role,
+                    last_ack_ms: m.last_ack_ms,
+                    matched_index: m.matched_index,
+                    alive: m.alive,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<api::MemberRemoved> for pb::RemoveMemberReply {
+    fn from(removed: api::MemberRemoved) -> Self {
+        pb::RemoveMemberReply {
+            id: removed.id,
+            addr: removed.addr,
+            role: removed.role,
+            leader: removed.leader,
+            handed_off_to: removed.handed_off_to,
+            forgotten: removed.forgotten,
+            note: removed.note,
+            promoted: removed.promoted,
+        }
+    }
+}
+
+impl From<pb::RemoveMemberReply> for api::MemberRemoved {
+    fn from(reply: pb::RemoveMemberReply) -> Self {
+        api::MemberRemoved {
+            id: reply.id,
+            addr: reply.addr,
+            role: reply.role,
+            leader: reply.leader,
+            handed_off_to: reply.handed_off_to,
+            forgotten: reply.forgotten,
+            note: reply.note,
+            promoted: reply.promoted,
+        }
     }
 }
 

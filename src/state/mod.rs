@@ -29,13 +29,17 @@ pub use deployment::{
 ///   `SetDeploymentState` and `RecordHandoff`. A binary speaking 1 cannot decode them,
 ///   so they are proposed only once every member reports 2 or more.
 /// - 3: adds the operator's `SetAutoRollout` and `AbortDeployment`.
-pub const PROTOCOL: u32 = 3;
+/// - 4: adds `ForgetNode`, which the leader proposes after removing a member.
+pub const PROTOCOL: u32 = 4;
 
 /// The protocol that introduced the rollout commands.
 pub const ROLLOUT_PROTOCOL: u32 = 2;
 
 /// The protocol that introduced automatic rollouts and operator aborts.
 pub const OPERATE_PROTOCOL: u32 = 3;
+
+/// The protocol that introduced forgetting a removed member's report.
+pub const MEMBERS_PROTOCOL: u32 = 4;
 
 /// Cluster-wide rollout settings and the build the cluster is meant to run.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
@@ -184,6 +188,12 @@ pub enum Command {
         #[serde(default)]
         at_ms: u64,
     },
+    /// Drops the report of a node that is no longer a member, so `status` and preflight
+    /// stop showing it (protocol 4). Proposed only by the leader, after `cluster member
+    /// remove` took the node out of the Raft membership.
+    ForgetNode {
+        id: u64,
+    },
 }
 
 /// The longest kv key a client may write, in bytes.
@@ -230,6 +240,7 @@ impl Command {
             | Command::SetDeploymentState { .. }
             | Command::RecordHandoff { .. } => ROLLOUT_PROTOCOL,
             Command::SetAutoRollout { .. } | Command::AbortDeployment { .. } => OPERATE_PROTOCOL,
+            Command::ForgetNode { .. } => MEMBERS_PROTOCOL,
         }
     }
 }
@@ -279,6 +290,7 @@ impl fmt::Display for Command {
                 "abort-deployment {generation}{}",
                 if *revert { " --revert" } else { "" }
             ),
+            Command::ForgetNode { id } => write!(f, "forget-node {id}"),
         }
     }
 }
@@ -394,6 +406,12 @@ impl State {
                 reason,
                 at_ms,
             } => self.on_active(*generation, |d| d.abort(*revert, reason, *at_ms)),
+            Command::ForgetNode { id } => {
+                if self.nodes.remove(id).is_none() {
+                    return (Response::Ok, vec![]);
+                }
+                (Response::Ok, vec![Record::Node(*id)])
+            }
         }
     }
 
@@ -1115,6 +1133,34 @@ mod tests {
         assert_eq!(set_phase(1, 1, Phase::Sync).required_protocol(), 2);
         assert_eq!(Command::KvDelete { key: "k".into() }.required_protocol(), 1);
         const { assert!(PROTOCOL >= ROLLOUT_PROTOCOL) };
+    }
+
+    #[test]
+    fn forgetting_a_node_drops_its_report_and_needs_protocol_four() {
+        let mut state = State::default();
+        state.apply(&Command::RegisterNode {
+            id: 3,
+            info: info("h:3"),
+        });
+        state.apply(&Command::RegisterNode {
+            id: 4,
+            info: info("h:4"),
+        });
+        let forget = Command::ForgetNode { id: 3 };
+        assert_eq!(forget.required_protocol(), MEMBERS_PROTOCOL);
+        const { assert!(PROTOCOL >= MEMBERS_PROTOCOL && MEMBERS_PROTOCOL > OPERATE_PROTOCOL) };
+        assert_eq!(state.apply(&forget), (Response::Ok, vec![Record::Node(3)]));
+        assert_eq!(state.nodes.keys().collect::<Vec<_>>(), [&4]);
+        // The store deletes a record whose value is gone.
+        assert_eq!(state.record_value(&Record::Node(3)).unwrap(), None);
+        assert_eq!(
+            state.apply(&forget),
+            (Response::Ok, vec![]),
+            "forgetting twice changes nothing"
+        );
+        let json = serde_json::to_string(&forget).unwrap();
+        assert_eq!(json, r#"{"forget_node":{"id":3}}"#);
+        assert_eq!(serde_json::from_str::<Command>(&json).unwrap(), forget);
     }
 
     #[test]

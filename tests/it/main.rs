@@ -4,6 +4,7 @@ mod attacks;
 mod boot_guard;
 mod errors;
 mod harness;
+mod members;
 mod operate;
 mod raft;
 mod releases;
