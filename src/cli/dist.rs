@@ -143,20 +143,6 @@ refused before anything is copied, as the node itself would refuse it.")]
     },
 }
 
-/// Whether the dist at `dir` is signed by one of `trusted` (always, when it is empty): the
-/// check a node makes before it installs or activates a release.
-fn signed_by(
-    dir: &std::path::Path,
-    limits: &Limits,
-    trusted: &release::TrustedKeys,
-) -> anyhow::Result<Result<(), release::SignatureError>> {
-    if trusted.is_empty() {
-        return Ok(Ok(()));
-    }
-    let manifest = release::scan_signed(dir, limits)?;
-    Ok(release::signature::check(trusted, &manifest))
-}
-
 /// What `cluster dist install --json` prints.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -221,7 +207,15 @@ fn execute(command: DistCommand, out: &mut dyn Write, err: &mut dyn Write) -> an
                 }
                 Err(error) => return Err(error.into()),
             };
-            if let Err(refused) = signed_by(&dir, &limits, &trusted)? {
+            // Verified: the recorded hash and file count are the content's.
+            let record = info.signature_record();
+            let signed = release::signature::check_release(
+                &trusted,
+                &info.build_hash,
+                info.files,
+                record.as_ref(),
+            );
+            if let Err(refused) = signed {
                 writeln!(err, "{}: {}", dir.display(), Chain(&refused))?;
                 return Ok(1);
             }
@@ -253,7 +247,10 @@ fn execute(command: DistCommand, out: &mut dyn Write, err: &mut dyn Write) -> an
             release_keys,
         } => {
             let trusted = keys::read_trusted_keys(&release_keys)?;
-            signed_by(&dist, &limits, &trusted)??;
+            if !trusted.is_empty() {
+                // Before anything is copied: the check a node makes on what it installs.
+                release::signature::check(&trusted, &release::scan_signed(&dist, &limits)?)?;
+            }
             let store = ReleaseStore::open(&data_dir)?;
             let current_before = store.current()?;
             let build_hash = store.install_dir(&dist, &limits)?;

@@ -143,9 +143,28 @@ pub fn check(trusted: &TrustedKeys, manifest: &Manifest) -> Result<(), Signature
     if trusted.is_empty() {
         return Ok(());
     }
-    let release = manifest.build_hash();
+    check_release(
+        trusted,
+        &manifest.build_hash(),
+        manifest.file_count(),
+        manifest.signature.as_deref(),
+    )
+}
+
+/// [`check`] for a release known by its build hash and file count (a dist whose
+/// version.json was just verified against its content), with its signature record.
+pub fn check_release(
+    trusted: &TrustedKeys,
+    build_hash: &str,
+    files: u64,
+    record: Option<&Signature>,
+) -> Result<(), SignatureError> {
+    if trusted.is_empty() {
+        return Ok(());
+    }
+    let release = build_hash.to_owned();
     let trusted_ids = trusted.ids().join(", ");
-    let Some(record) = &manifest.signature else {
+    let Some(record) = record else {
         return Err(SignatureError::Unsigned {
             release,
             trusted: trusted_ids,
@@ -173,7 +192,7 @@ pub fn check(trusted: &TrustedKeys, manifest: &Manifest) -> Result<(), Signature
         build_hash: &release,
         built_at: &record.built_at,
         git_commit: &record.git_commit,
-        files: manifest.file_count(),
+        files,
     };
     key.verify_strict(
         &subject.message(),
