@@ -182,18 +182,7 @@ impl NodeHandle {
             hops,
             "write",
             || async {
-                let members = self.members_ids();
-                if let Command::RegisterNode { id, .. } = &command {
-                    // A removed node must not come back into `status` by reporting itself.
-                    if !members.contains(id) {
-                        return Err(ApiError::precondition(format!(
-                            "node {id} is not a member of this cluster (was it removed?): \
-                             it cannot report itself; start it with a fresh --data-dir and \
-                             --join to add it again"
-                        )));
-                    }
-                }
-                self.sm.read(|s| admit(s, &members, &command))?;
+                self.sm.read(|s| admit(s, &self.members_ids(), &command))?;
                 match self.raft.client_write(command.clone()).await {
                     Ok(reply) => Ok(Some(WriteOutcome {
                         response: reply.data,
@@ -766,6 +755,15 @@ async fn remove_learner(raft: &Raft, id: u64) -> Result<bool, String> {
 /// `members` are the current members' ids; a member that has not reported yet counts
 /// only once it has.
 pub(super) fn admit(state: &State, members: &[u64], command: &Command) -> Result<(), ApiError> {
+    if let Command::RegisterNode { id, .. } = command {
+        // A removed node must not come back into `status` by reporting itself.
+        if !members.contains(id) {
+            return Err(ApiError::precondition(format!(
+                "node {id} is not a member of this cluster (was it removed?): it cannot \
+                 report itself; start it with a fresh --data-dir and --join to add it again"
+            )));
+        }
+    }
     let required = command.required_protocol();
     let behind = members
         .iter()
@@ -891,6 +889,19 @@ mod tests {
         admit(&mixed, &[1, 3], &auto_off).unwrap();
         // Nor does a member that has not reported yet.
         admit(&state(&[(1, PROTOCOL)]), &[1, 4], &auto_off).unwrap();
+        // A node reports itself only while it is a member: a removed one stays out.
+        let report = |id| Command::RegisterNode {
+            id,
+            info: NodeInfo::default(),
+        };
+        admit(&mixed, &[1, 2, 3], &report(3)).unwrap();
+        let refused = admit(&mixed, &[1, 2], &report(3)).unwrap_err();
+        assert_eq!(refused.kind, ErrorKind::FailedPrecondition);
+        assert!(
+            refused.message.contains("node 3 is not a member"),
+            "{}",
+            refused.message
+        );
     }
 
     #[test]
