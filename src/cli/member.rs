@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 
-use super::output::print_json;
+use super::output::{leader_name, or_dash, print_json, table};
 use super::Target;
 use crate::api::{MemberRemoved, MembersView};
 
@@ -95,17 +95,8 @@ pub async fn run(command: MemberCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn or_dash(value: Option<u64>, unit: &str) -> String {
-    value
-        .map(|v| format!("{v}{unit}"))
-        .unwrap_or_else(|| "-".to_string())
-}
-
 pub fn render_members(view: &MembersView) -> String {
-    let leader = view
-        .leader
-        .map(|l| format!("node {l}"))
-        .unwrap_or_else(|| "none (election in progress or quorum lost)".into());
+    let leader = leader_name(view.leader);
     let voters = view.members.iter().filter(|m| m.role == "voter").count();
     let mut out = format!(
         "leader: {leader}  term: {}  voters: {voters} (max {})  last log: {}  (view of node {})\n",
@@ -130,18 +121,7 @@ pub fn render_members(view: &MembersView) -> String {
             or_dash(member.matched_index, ""),
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|col| rows.iter().map(|r| r[col].len()).max().unwrap_or(0))
-        .collect();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    out.push_str(&table(&rows));
     if view.members.iter().any(|m| m.alive.is_none()) {
         out.push_str(&format!(
             "node {} does not lead: liveness is known only to the leader\n",

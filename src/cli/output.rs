@@ -10,7 +10,7 @@ pub fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn or_dash(value: Option<u64>, unit: &str) -> String {
+pub fn or_dash(value: Option<u64>, unit: &str) -> String {
     value
         .map(|v| format!("{v}{unit}"))
         .unwrap_or_else(|| "-".to_string())
@@ -20,11 +20,34 @@ pub fn print_status(status: &ClusterStatus) {
     println!("{}", render_status(status));
 }
 
-pub fn render_status(status: &ClusterStatus) -> String {
-    let leader = status
-        .leader
+/// Rows (the first is the header) as left-aligned columns two spaces apart.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|col| rows.iter().map(|r| r[col].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// "node N", or why there is no leader.
+pub fn leader_name(leader: Option<u64>) -> String {
+    leader
         .map(|l| format!("node {l}"))
-        .unwrap_or_else(|| "none (election in progress or quorum lost)".into());
+        .unwrap_or_else(|| "none (election in progress or quorum lost)".into())
+}
+
+pub fn render_status(status: &ClusterStatus) -> String {
+    let leader = leader_name(status.leader);
     let mut out = format!(
         "cluster {}  leader: {leader}  term: {}  commit: {}  (view of node {})\n",
         if status.cluster_id.is_empty() {
@@ -56,18 +79,7 @@ pub fn render_status(status: &ClusterStatus) -> String {
             or_dash(node.applied_index, ""),
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|col| rows.iter().map(|r| r[col].len()).max().unwrap_or(0))
-        .collect();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    out.push_str(&table(&rows));
     for node in &status.nodes {
         if node.insecure {
             out.push_str(&format!(
