@@ -91,6 +91,13 @@ fn pieces(bytes: &[u8], size: usize) -> Vec<(u64, &[u8], bool)> {
         .collect()
 }
 
+/// The largest snapshot a node reassembles (it holds it in memory): a sender that goes
+/// on past it is refused, not given the node's memory.
+#[cfg(not(test))]
+const MAX_SNAPSHOT_BYTES: usize = 8 * 1024 * 1024 * 1024;
+#[cfg(test)]
+const MAX_SNAPSHOT_BYTES: usize = 4096;
+
 /// A snapshot being received: the pieces so far, from one sender, of one snapshot.
 struct Receiving {
     sender: Option<NodeId>,
@@ -134,6 +141,13 @@ impl Receiving {
             return Err(format!(
                 "snapshot {snapshot_id}: piece at offset {} but {held} bytes were received: send it again from offset 0",
                 header.offset
+            ));
+        }
+        if receiving.bytes.len() + piece.len() > MAX_SNAPSHOT_BYTES {
+            *slot = None;
+            return Err(format!(
+                "snapshot {snapshot_id}: over {MAX_SNAPSHOT_BYTES} bytes, more than this node \
+                 accepts in one snapshot"
             ));
         }
         receiving.bytes.extend_from_slice(&piece);
@@ -462,5 +476,14 @@ mod tests {
             b"c".to_vec(),
         );
         assert!(other.is_err(), "another snapshot");
+
+        // A sender that never stops is cut off at the limit.
+        let big = vec![0; MAX_SNAPSHOT_BYTES / 2];
+        assert_eq!(piece(&mut slot, Some(1), 0, false, &big), Ok(None));
+        let at = big.len() as u64;
+        assert_eq!(piece(&mut slot, Some(1), at, false, &big), Ok(None));
+        let over = piece(&mut slot, Some(1), 2 * at, false, b"x").unwrap_err();
+        assert!(over.contains("more than this node accepts"), "{over}");
+        assert!(slot.is_none(), "what was held is let go");
     }
 }
