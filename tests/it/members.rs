@@ -25,6 +25,20 @@ fn member_list(addr: &str) -> MembersView {
     serde_json::from_slice(&out.stdout).expect("member list --json")
 }
 
+/// `cluster member remove <id> --json` through `addr`, which must succeed: what it printed.
+fn remove_json(id: u64, addr: &str) -> serde_json::Value {
+    let out = cli(&[
+        "member",
+        "remove",
+        &id.to_string(),
+        "--json",
+        "--node",
+        addr,
+    ]);
+    assert!(out.status.success(), "member remove {id}: {}", text(&out));
+    serde_json::from_slice(&out.stdout).expect("member remove --json")
+}
+
 fn ids(view: &MembersView) -> Vec<u64> {
     view.members.iter().map(|m| m.id).collect()
 }
@@ -180,16 +194,7 @@ async fn a_dead_voter_is_removed_and_a_live_one_is_refused_with_the_arithmetic()
     assert!(text(&out).contains(&expected), "{}", text(&out));
     assert_eq!(ids(&member_list(&asked)).len(), 3, "nothing was removed");
 
-    let out = cli(&[
-        "member",
-        "remove",
-        &dead.to_string(),
-        "--json",
-        "--node",
-        &asked,
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
-    let removed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let removed = remove_json(dead, &asked);
     assert_eq!(removed["id"], dead);
     assert_eq!(removed["role"], "voter");
     assert_eq!(removed["addr"], dead_addr);
@@ -311,16 +316,7 @@ async fn joins_beyond_max_voters_stay_learners_until_a_voter_is_removed() {
     let leader = view.leader.unwrap();
     let removed = (1..=3).find(|id| *id != leader).unwrap();
     wait_liveness(&first, &[1, 2, 3, 4], &[]).await;
-    let out = cli(&[
-        "member",
-        "remove",
-        &removed.to_string(),
-        "--json",
-        "--node",
-        &cluster.addr(leader),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let result = remove_json(removed, &cluster.addr(leader));
     assert_eq!(result["promoted"], serde_json::json!([4]), "{result}");
     let remaining = (1..=4).find(|id| *id != removed && *id != leader).unwrap();
     let view = member_list(&cluster.addr(remaining));
@@ -337,16 +333,7 @@ async fn joins_beyond_max_voters_stay_learners_until_a_voter_is_removed() {
         .map(|m| m.id)
         .collect();
     wait_liveness(&cluster.addr(remaining), &voters, &[]).await;
-    let out = cli(&[
-        "member",
-        "remove",
-        &leader.to_string(),
-        "--json",
-        "--node",
-        &cluster.addr(remaining),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let result = remove_json(leader, &cluster.addr(remaining));
     let successor = result["handed_off_to"].as_u64().expect("a hand-off");
     assert_ne!(successor, leader);
     assert_eq!(result["leader"].as_u64(), Some(successor), "{result}");
