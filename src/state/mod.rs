@@ -1136,6 +1136,25 @@ mod tests {
     }
 
     #[test]
+    fn kv_keys_and_values_over_their_limits_are_named() {
+        let put = |key: usize, value: usize| Command::KvPut {
+            key: "k".repeat(key),
+            value: "v".repeat(value),
+        };
+        assert_eq!(put(MAX_KEY_BYTES, MAX_VALUE_BYTES).oversize(), None);
+        let key = put(MAX_KEY_BYTES + 1, 1).oversize().unwrap();
+        assert!(key.contains("kv key of 1025 bytes"), "{key}");
+        let value = put(1, MAX_VALUE_BYTES + 1).oversize().unwrap();
+        assert!(value.contains("kv value of 1048577 bytes"), "{value}");
+        let delete = Command::KvDelete {
+            key: "k".repeat(MAX_KEY_BYTES + 1),
+        };
+        assert!(delete.oversize().is_some());
+        let forget = Command::ForgetNode { id: 1 };
+        assert_eq!(forget.oversize(), None, "only client kv commands are sized");
+    }
+
+    #[test]
     fn forgetting_a_node_drops_its_report_and_needs_protocol_four() {
         let mut state = State::default();
         state.apply(&Command::RegisterNode {
