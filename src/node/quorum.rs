@@ -7,10 +7,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-/// How many voters form a majority of `voters`.
-pub fn quorum_size(voters: usize) -> usize {
-    voters / 2 + 1
-}
+use crate::rollout::preflight::quorum_size;
 
 /// The membership a removal is judged against, as the leader sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -205,12 +202,6 @@ mod tests {
             live: live.iter().copied().collect(),
             leader,
         }
-    }
-
-    #[test]
-    fn quorum_sizes() {
-        let sizes: Vec<usize> = (1..=7).map(quorum_size).collect();
-        assert_eq!(sizes, [1, 2, 2, 3, 3, 4, 4]);
     }
 
     #[test]
