@@ -438,10 +438,11 @@ mod tests {
             ..Default::default()
         };
         let bytes = encode_manifest(&manifest).len();
-        println!("manifest at the default limits: {} MiB", bytes >> 20);
         assert!(
             bytes < MAX_MESSAGE_BYTES * 3 / 4,
-            "{bytes} bytes leave too little room under {MAX_MESSAGE_BYTES}"
+            "a manifest at the default limits takes {} MiB: too little room under {} MiB",
+            bytes >> 20,
+            MAX_MESSAGE_BYTES >> 20
         );
     }
     use crate::agent::Agent;
