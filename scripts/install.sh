@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs a cluster node on this host, run under systemd (run as root; idempotent).
 #
-#   scripts/install.sh --dist <dir> --id <n> --listen <host:port> (--bootstrap | --join <host:port>)
+#   scripts/install.sh --dist <dir> --id <n> --listen <host:port> (--bootstrap | --join <host:port>[,<host:port>...])
 #       (--tls <dir> | --insecure) [--advertise <host:port>] [--health-command <cmd>]
 #       [--heartbeat-ms <n>] [--election-timeout-ms <n>] [--release-key <file>]...
 #       [--no-start] [--dry-run]
@@ -78,7 +78,12 @@ if [ "$bootstrap" = 1 ] && [ -n "$join" ]; then
   fail "--bootstrap and --join exclude each other: bootstrap the first host, join the others"
 fi
 [ "$bootstrap" = 1 ] || [ -n "$join" ] || fail "give --bootstrap (the first host) or --join <host:port> (any member)"
-[ -z "$join" ] || [[ "$join" =~ $host_port ]] || fail "--join must be host:port of a member, not '$join'"
+if [ -n "$join" ]; then
+  IFS=',' read -ra join_addrs <<<"$join"
+  for addr in "${join_addrs[@]}"; do
+    [[ "$addr" =~ $host_port ]] || fail "--join must be host:port of a member, or several separated by commas, not '$join'"
+  done
+fi
 [ -z "$advertise" ] || [[ "$advertise" =~ $host_port ]] || fail "--advertise must be host:port, not '$advertise'"
 case "$listen" in
   0.0.0.0:*|\[::\]:*) [ -n "$advertise" ] || fail "listening on $listen needs --advertise <host:port>: the address other hosts reach this one at" ;;

@@ -31,7 +31,9 @@ pub struct RunArgs {
     /// Start a new cluster with this node as its first voter (harmless on restart)
     #[arg(long, conflicts_with = "join")]
     pub bootstrap: bool,
-    /// Join the cluster through any member at this address (harmless on restart)
+    /// Join the cluster through its leader: one address, or several members' addresses
+    /// separated by commas, tried in turn until the leader admits the node (harmless on
+    /// restart)
     #[arg(long, value_name = "ADDR")]
     pub join: Option<String>,
     /// TOML file with any of the settings above; flags win

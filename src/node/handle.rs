@@ -30,6 +30,11 @@ pub(super) const MAX_HOPS: u32 = 3;
 /// A member lagging more entries than this is "not caught up" for a leadership transfer.
 pub(super) const TRANSFER_MAX_LAG: u64 = 1_000;
 
+/// What a member that does not lead answers a join with, after naming the leader: a
+/// joining node tries the next address of its `--join` list when it sees this.
+pub(super) const NOT_THE_LEADER: &str = "a join must reach the leader: give --join the leader's \
+                                  address, or several members' addresses separated by commas";
+
 /// How long a joining learner may take to catch up before the join fails.
 const JOIN_CATCH_UP: Duration = Duration::from_secs(60);
 
@@ -232,16 +237,23 @@ impl NodeHandle {
             ));
         }
         // The leader may spend the whole catch-up window, and then a membership change,
-        // on one join: a forwarding node must not give up on it sooner.
+        // on one join.
         let wait = self.leader_wait() + JOIN_CATCH_UP + Duration::from_secs(20);
         self.on_leader_within(
             hops,
             "join",
             wait,
             || self.join_here(&request),
-            |mut client| {
-                let request = request.clone();
-                async move { client.join(&request).await }
+            // Not forwarded: the leader admits a node only on its own certificate, which a
+            // forwarding member does not hold. The joining node asks the leader itself.
+            |leader| {
+                let refused = ApiError::precondition(format!(
+                    "node {} at {} does not lead; the leader is at {}: {NOT_THE_LEADER}",
+                    self.id,
+                    self.addr,
+                    leader.addr()
+                ));
+                async move { Err(refused) }
             },
         )
         .await

@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
 pub use handle::NodeHandle;
+use handle::NOT_THE_LEADER;
 pub use health::HealthState;
 
 use crate::agent::Agent;
@@ -427,16 +428,47 @@ async fn join_cluster(node: &NodeHandle, via: &str) -> Result<(), NodeError> {
         via: via.to_string(),
         source,
     };
-    let client = ControlClient::with_channels(&node.channels, via).map_err(fail)?;
-    // The member may itself be starting up: retry "unavailable" for a while.
+    let addrs: Vec<&str> = via
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    let clients = addrs
+        .iter()
+        .map(|addr| ControlClient::with_channels(&node.channels, addr))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(fail)?;
+    if clients.is_empty() {
+        return Err(fail(ApiError::new(
+            ErrorKind::InvalidArgument,
+            "--join names no address",
+        )));
+    }
+    // Members may be starting up, and only the leader admits a node: go round the list,
+    // retrying "unavailable" and "not the leader" for a while.
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut round = 0;
     loop {
-        match client
+        let client = &clients[round % clients.len()];
+        round += 1;
+        let answer = client
             .clone()
             .timeout(Duration::from_secs(90))
             .join(&request)
-            .await
-        {
+            .await;
+        let retry = match &answer {
+            Err(e) if e.kind == ErrorKind::Unavailable => true,
+            Err(e) if e.message.contains(NOT_THE_LEADER) => clients.len() > 1,
+            _ => false,
+        };
+        if retry && Instant::now() < deadline {
+            tracing::warn!(error = %answer.unwrap_err(), "join: trying again");
+            if round % clients.len() == 0 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            continue;
+        }
+        match answer {
             Ok(accepted) if accepted.learner => {
                 tracing::info!(
                     id = node.id,
@@ -456,10 +488,6 @@ async fn join_cluster(node: &NodeHandle, via: &str) -> Result<(), NodeError> {
                     "joined the cluster as a voter"
                 );
                 return Ok(());
-            }
-            Err(e) if e.kind == ErrorKind::Unavailable && Instant::now() < deadline => {
-                tracing::warn!(error = %e, "join: retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(e) => return Err(fail(e)),
         }

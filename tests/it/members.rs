@@ -8,7 +8,9 @@ use cluster::api::{ErrorKind, JoinRequest, MembersView};
 use cluster::rpc::{AgentClient, ControlClient};
 use cluster::state::{Command, NodeInfo};
 
-use crate::harness::{channels_as, cli, creds, make_release, wait_for, Cluster, Start};
+use crate::harness::{
+    channels_as, cli, creds, make_release, output_within, wait_for, Cluster, Start,
+};
 
 fn text(out: &std::process::Output) -> String {
     format!(
@@ -232,6 +234,39 @@ async fn a_dead_voter_is_removed_and_a_live_one_is_refused_with_the_arithmetic()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_reaches_the_leader_through_a_list_and_a_follower_names_it() {
+    let mut cluster = Cluster::start(3).await;
+    let leader = cluster.leader_status().await.leader.unwrap();
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let (leader_addr, follower_addr) = (cluster.addr(leader), cluster.addr(follower));
+
+    // A follower alone: the node stops at once, told where the leader is.
+    let alone = output_within(
+        cluster.command(5, Start::Join(&follower_addr)),
+        Duration::from_secs(60),
+    );
+    let said = text(&alone);
+    assert!(!alone.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("does not lead; the leader is at {leader_addr}"))
+            && said.contains("several members' addresses separated by commas"),
+        "{said}"
+    );
+    assert_eq!(
+        ids(&member_list(&leader_addr)),
+        [1, 2, 3],
+        "no member was added"
+    );
+
+    // The follower first, then the leader: the node joins.
+    cluster
+        .spawn(4, Start::Join(&format!("{follower_addr}, {leader_addr}")))
+        .await;
+    cluster.wait_voters(4).await;
+    assert_eq!(ids(&member_list(&follower_addr)), [1, 2, 3, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_nobody_answers_for_leaves_no_learner_behind() {
     let cluster = Cluster::start(3).await;
     // An address nobody listens on: bound by the OS, then closed again.
@@ -240,8 +275,7 @@ async fn a_join_nobody_answers_for_leaves_no_learner_behind() {
         .local_addr()
         .unwrap()
         .to_string();
-    // Through the leader: a follower passes a join on under its own certificate, which
-    // the leader refuses (a member may not join for another node).
+    // Through the leader: a follower answers a join with the leader's address.
     let leader = cluster.leader_status().await.leader.unwrap();
     let failed = ControlClient::with_channels(&channels_as("n4"), &cluster.addr(leader))
         .unwrap()

@@ -320,7 +320,7 @@ fn install_refuses_bad_flags_with_a_clear_error_and_changes_nothing() {
     make_release(&dist, &[]);
     let dist = dist.to_str().unwrap();
     let before = host_state();
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 10] = [
         (
             &["--id", "1", "--listen", "10.0.0.1:7100", "--bootstrap"],
             "--dist",
@@ -390,6 +390,19 @@ fn install_refuses_bad_flags_with_a_clear_error_and_changes_nothing() {
                 "10.0.0.2:7100",
             ],
             "exclude each other",
+        ),
+        (
+            &[
+                "--dist",
+                dist,
+                "--id",
+                "2",
+                "--listen",
+                "10.0.0.2:7100",
+                "--join",
+                "10.0.0.1:7100,leader",
+            ],
+            "or several separated by commas",
         ),
         (
             &[
