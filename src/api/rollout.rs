@@ -24,6 +24,9 @@ pub struct UpdateOptions {
     pub trigger: Option<String>,
     /// Members left out of the plan (nodes that already failed on this build).
     pub skip: Vec<u64>,
+    /// The operator whose certificate made the request, for history. Set by the node
+    /// that received it from the certificate, never taken from a person's request.
+    pub operator: Option<String>,
 }
 
 /// The answer to an update request.

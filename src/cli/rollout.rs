@@ -148,6 +148,7 @@ fn options_of(args: &UpdateArgs) -> UpdateOptions {
         dist_label: args.dist.display().to_string(),
         trigger: None,
         skip: Vec::new(),
+        operator: None,
     }
 }
 

@@ -143,10 +143,11 @@ pub async fn update<C: Cluster>(
             started_by: options.started_by,
             trigger: options.trigger.clone().or_else(|| {
                 (!options.dist_label.is_empty()).then(|| {
-                    format!(
-                        "{} ran `cluster update --dist {}`",
-                        options.started_by, options.dist_label
-                    )
+                    let who = match &options.operator {
+                        Some(name) => format!("{} {name}", options.started_by),
+                        None => options.started_by.to_string(),
+                    };
+                    format!("{who} ran `cluster update --dist {}`", options.dist_label)
                 })
             }),
             term: survey.term,

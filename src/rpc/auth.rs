@@ -18,7 +18,8 @@ use tonic::codegen::{http, Service};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower_layer::Layer;
 
-use crate::state::Command;
+use crate::api::UpdateOptions;
+use crate::state::{Command, Starter};
 use crate::tls::{Identity, Role, TlsError};
 
 /// What a node knows about its cluster's members, for authorization.
@@ -213,6 +214,23 @@ pub fn check_fence(
             known: leader.map_or("nobody yet".to_string(), |l| format!("node {l}")),
         }),
     }
+}
+
+/// The update options as the leader may trust them. A member forwarding a request speaks
+/// for the operator who sent it to that member, and on an insecure node nobody is
+/// authenticated, so there they pass as they are. From a person, who started the rollout
+/// and why is the node's to say: the operator its certificate names, never a claim inside
+/// the request.
+pub fn vouch_for_options(caller: &Caller, mut options: UpdateOptions) -> UpdateOptions {
+    let Some(identity) = &caller.identity else {
+        return options;
+    };
+    if let Identity::Operator(name) | Identity::Viewer(name) = identity {
+        options.started_by = Starter::Operator;
+        options.trigger = None;
+        options.operator = Some(name.clone());
+    }
+    options
 }
 
 /// Refuses a replicated command a client may not propose: only kv commands come from the
@@ -648,5 +666,28 @@ mod tests {
             let err = check_write(caller, &forget).unwrap_err().to_string();
             assert!(err.contains("forget_node"), "{err}");
         }
+    }
+
+    #[test]
+    fn who_started_an_update_comes_from_the_certificate_not_the_request() {
+        let forged = UpdateOptions {
+            started_by: Starter::Automatic,
+            trigger: Some("new build in watched directory".into()),
+            operator: Some("mallory".into()),
+            dist_label: "./dist".into(),
+            ..UpdateOptions::default()
+        };
+        let as_caller = |identity| {
+            let caller = Caller { identity };
+            vouch_for_options(&caller, forged.clone())
+        };
+        let by_alice = as_caller(Some(Identity::Operator("alice".into())));
+        assert_eq!(by_alice.operator.as_deref(), Some("alice"));
+        assert_eq!(by_alice.started_by, Starter::Operator);
+        assert_eq!(by_alice.trigger, None);
+        assert_eq!(by_alice.dist_label, "./dist");
+        // A member forwarding a request, and anyone on an insecure node, pass it as sent.
+        assert_eq!(as_caller(Some(Identity::Node(2))), forged);
+        assert_eq!(as_caller(None), forged);
     }
 }

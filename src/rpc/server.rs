@@ -244,9 +244,11 @@ impl<C: ControlHandler> Control for ControlService<C> {
         request: Request<pb::UpdateRequest>,
     ) -> Result<Response<pb::UpdateReply>, Status> {
         let hops = hops(&request);
+        let caller = caller_of(&request)?;
         let request = request.into_inner();
         let manifest = from_json(&request.manifest, "manifest")?;
-        let options = from_json(&request.options, "update options")?;
+        let options =
+            auth::vouch_for_options(&caller, from_json(&request.options, "update options")?);
         let outcome = self
             .node
             .update(manifest, options, request.dry_run, hops)

@@ -92,6 +92,13 @@ async fn a_rolling_update_of_three_nodes_commits_every_node_leader_last() {
     let history = cli(&["rollout", "history", "--json", "--node", &cluster.addr(2)]);
     let history: serde_json::Value = serde_json::from_slice(&history.stdout).unwrap();
     assert_eq!(history.as_array().unwrap().len(), 1);
+    // Who started it is the operator the client's certificate names, on whichever node
+    // the request reached first.
+    let trigger = history[0]["trigger"].as_str().unwrap_or_default();
+    assert!(
+        trigger.starts_with("operator test ran `cluster update --dist"),
+        "{history}"
+    );
     let status = cli(&["status", "--json", "--node", &cluster.addr(3)]);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(
