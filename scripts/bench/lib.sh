@@ -76,21 +76,27 @@ free_port() {
   done
 }
 
-# make_dist DIR LABEL: a dist with this `cluster` binary and a label file; prints its hash.
+# make_dist DIR LABEL: a dist with this `cluster` binary and a label file, signed with the
+# clients' cluster's release key when it has one (its nodes accept nothing else); prints
+# its hash.
 make_dist() {
   mkdir -p "$1/bin" "$1/share"
   cp "$bin" "$1/bin/cluster"
   chmod 755 "$1/bin/cluster"
   echo "$2" >"$1/share/label"
-  "$bin" dist stamp "$1" | tail -n 1
+  "$bin" dist stamp "$1" ${sign_key:+--sign "$sign_key"} | tail -n 1
 }
 
 # Extra flags of every `cluster` client command: (--insecure) for a plaintext cluster.
 client_flags=()
+# The release key of the clients' cluster (`cluster local up` makes DIR/keys/release.key).
+sign_key=
 
 # use_client DIR: the cluster under DIR is the one client commands talk to from here on:
 # as its operator (CLUSTER_TLS=DIR/tls/operator) when it has one, else plaintext.
 use_client() {
+  sign_key=
+  [ -f "$1/keys/release.key" ] && sign_key=$1/keys/release.key
   if [ -d "$1/tls/operator" ]; then
     export CLUSTER_TLS=$1/tls/operator
     client_flags=()
