@@ -101,10 +101,28 @@ pub fn read_fence(data_dir: &Path) -> Result<Fence, FenceError> {
     serde_json::from_slice(&bytes).map_err(|source| FenceError::Corrupt { path, source })
 }
 
+/// Checks the held release `hash` byte for byte; a damaged one is removed (unless it is
+/// `current`), so that the next sync or install fetches it whole, and the damage is the
+/// error.
+fn check_held(store: &ReleaseStore, hash: &str, limits: &Limits) -> Result<(), StoreError> {
+    match store.check(hash, limits) {
+        Err(damage @ StoreError::Damaged { .. }) => {
+            tracing::error!(release = %hash, error = %damage, "a held release is damaged on disk");
+            match store.quarantine(hash) {
+                Ok(()) => tracing::warn!(release = %hash, "removed the damaged release"),
+                Err(e) => tracing::error!(release = %hash, error = %e, "the damaged release stays"),
+            }
+            Err(damage)
+        }
+        other => other,
+    }
+}
+
 /// The disk side of [`Agent::mutate`], on a blocking thread: check the fence and the
 /// request, then record the fence and act. Returns whether the node must restart.
 fn apply_mutation(
     store: &ReleaseStore,
+    limits: &Limits,
     release_keys: &TrustedKeys,
     fence: Fence,
     node_term: u64,
@@ -132,8 +150,13 @@ fn apply_mutation(
             });
         }
         // Restore is not checked: it puts back what this node ran before the rollout.
-        Mutation::Activate(hash) if !release_keys.is_empty() => {
-            signature::check(release_keys, &store.manifest(hash)?)?
+        Mutation::Activate(hash) => {
+            if !release_keys.is_empty() {
+                signature::check(release_keys, &store.manifest(hash)?)?
+            }
+            // No byte of a release runs before every byte of it is checked, held
+            // releases included: synced and verified once is not proof it is intact now.
+            check_held(store, hash, limits)?
         }
         _ => {}
     }
@@ -235,7 +258,8 @@ impl Agent {
     /// Applies `mutation` if `fence` is current: its term is not below this node's term and
     /// its generation not below the highest this node has accepted (persisted, so a restart
     /// does not forget it). Idempotent: repeating a mutation gives the same result. A
-    /// refused mutation changes nothing on disk.
+    /// refused mutation changes nothing on disk, except that an activation refused
+    /// because the release is damaged removes that release (see [`check_held`]).
     pub async fn mutate(
         &self,
         fence: Fence,
@@ -247,9 +271,11 @@ impl Agent {
         let release_keys = self.release_keys.clone();
         let running_build = self.running_build.clone();
         let for_store = mutation.clone();
+        let limits = self.limits;
         let restart = tokio::task::spawn_blocking(move || {
             apply_mutation(
                 &store,
+                &limits,
                 &release_keys,
                 fence,
                 node_term,
@@ -305,6 +331,25 @@ impl Agent {
         self.blocking(move |store| Ok(store.has(&hash))).await
     }
 
+    /// Whether release `hash` is held here and intact. A damaged copy is removed (see
+    /// [`check_held`]) and counts as not held, so that it is fetched again whole; one that
+    /// cannot be removed, because it is `current`, is the error.
+    async fn holds_intact(&self, hash: &str) -> Result<bool, AgentError> {
+        let hash = hash.to_string();
+        let limits = self.limits;
+        self.blocking(move |store| {
+            if !store.has(&hash) {
+                return Ok(false);
+            }
+            match check_held(store, &hash, &limits) {
+                Ok(()) => Ok(true),
+                Err(StoreError::Damaged { .. }) if !store.has(&hash) => Ok(false),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
     pub async fn manifest(&self, hash: &str) -> Result<Manifest, AgentError> {
         let hash = hash.to_string();
         self.blocking(move |store| Ok(store.manifest(&hash)?)).await
@@ -340,7 +385,7 @@ impl Agent {
         let total = manifest.total_bytes();
         let limits = self.limits;
         let hash = manifest.build_hash();
-        if self.has(&hash).await? {
+        if self.holds_intact(&hash).await? {
             return Ok(PrepareOutcome {
                 hash,
                 fetched_bytes: 0,
@@ -413,6 +458,8 @@ impl Agent {
         let started = Instant::now();
         let total = manifest.total_bytes();
         let limits = self.limits;
+        // A damaged copy held here is removed first, so the upload replaces it.
+        self.holds_intact(&manifest.build_hash()).await?;
         let staging = self
             .blocking(move |store| Ok(store.begin(&manifest, &limits)?))
             .await?;
@@ -655,6 +702,67 @@ mod tests {
         );
         assert_eq!(tree(&data), before, "nothing staged, nothing held");
         assert!(!agent.has(&third).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_held_release_is_not_activated_but_removed_and_an_upload_repairs_it() {
+        let (dir, agent, old, new) = agent_with_two_releases("dev");
+        let data = dir.path().join("data");
+        // One byte of the held release changes on disk after it was verified.
+        let binary = data.join("releases").join(&new).join("bin/cluster");
+        let mut bytes = std::fs::read(&binary).unwrap();
+        bytes[12] ^= 1;
+        std::fs::write(&binary, &bytes).unwrap();
+
+        let err = agent
+            .mutate(fence(1, 1, 1), Mutation::Activate(new.clone()))
+            .await
+            .unwrap_err();
+        let message = crate::error::Chain(&err).to_string();
+        assert!(
+            message.contains(&format!("release {new} is damaged on disk"))
+                && message.contains("bin/cluster"),
+            "{message}"
+        );
+        assert_eq!(agent.store().current().unwrap(), Some(old.clone()));
+        assert!(!data.join("boot.json").exists(), "the guard is not armed");
+        assert_eq!(super::read_fence(&data).unwrap(), Fence::default());
+        assert!(
+            !agent.has(&new).await.unwrap(),
+            "the damaged copy is removed"
+        );
+
+        // Uploading the release again puts it back whole, and it activates.
+        let work = tempfile::tempdir().unwrap();
+        let source_data = work.path().join("source");
+        assert_eq!(install(&source_data, work.path(), "new"), new);
+        let source = crate::release::ReleaseStore::open(&source_data).unwrap();
+        let manifest = source.manifest(&new).unwrap();
+        let chunks: Vec<Result<(String, Vec<u8>), AgentError>> = manifest
+            .entries
+            .iter()
+            .filter_map(|entry| match &entry.kind {
+                crate::release::EntryKind::File { chunks, .. } => Some(chunks.clone()),
+                _ => None,
+            })
+            .flatten()
+            .map(|chunk| {
+                Ok((
+                    chunk.sha256.clone(),
+                    source.read_chunk(&chunk.sha256).unwrap(),
+                ))
+            })
+            .collect();
+        let outcome = agent
+            .upload(manifest, futures::stream::iter(chunks))
+            .await
+            .unwrap();
+        assert!(outcome.fetched_bytes > 0, "{outcome:?}");
+        agent
+            .mutate(fence(1, 1, 2), Mutation::Activate(new.clone()))
+            .await
+            .unwrap();
+        assert_eq!(agent.store().current().unwrap(), Some(new));
     }
 
     #[tokio::test]

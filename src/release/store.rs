@@ -41,7 +41,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use super::manifest::{is_sha256_hex, Manifest};
+use super::manifest::{build_hash_of, is_sha256_hex, EntrySummary, Limits, Manifest};
 use super::signature::Signature;
 use crate::fs::{
     io_error, random_name, remove_file_durably, remove_tree, replace_symlink, sync_dir,
@@ -214,6 +214,70 @@ impl ReleaseStore {
             return Ok(());
         }
         self.point(CURRENT, &previous)
+    }
+
+    /// Checks the held release `hash` byte for byte against its manifest: every entry's
+    /// kind, mode, size and content, as a scan sees them now. Releases are immutable, but
+    /// a failing disk or a person can still change their bytes, and a release is checked
+    /// before it is activated or reused. Reads the whole release.
+    pub fn check(&self, hash: &str, limits: &Limits) -> Result<(), StoreError> {
+        let manifest = self.manifest_shared(hash)?;
+        let dir = self.release_dir(hash);
+        let damaged = |path: &str, problem: String| StoreError::Damaged {
+            hash: hash.to_owned(),
+            path: dir.join(path),
+            problem,
+        };
+        let found = super::scan::scan_summary(&dir, limits)
+            .map_err(|e| damaged("", format!("cannot be scanned: {e}")))?;
+        if build_hash_of(&found) == hash {
+            return Ok(());
+        }
+        let wanted = manifest.summary();
+        let by_path: HashMap<&str, &EntrySummary> =
+            wanted.iter().map(|row| (row.path.as_str(), row)).collect();
+        for row in &found {
+            match by_path.get(row.path.as_str()) {
+                None => return Err(damaged(&row.path, "is not in its manifest".into())),
+                Some(want) if want.size != row.size => {
+                    return Err(damaged(
+                        &row.path,
+                        format!("is {} bytes, its manifest says {}", row.size, want.size),
+                    ))
+                }
+                Some(want) if *want != row => {
+                    return Err(damaged(
+                        &row.path,
+                        "differs from its manifest (content, mode or kind)".into(),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        let present: std::collections::HashSet<&str> =
+            found.iter().map(|row| row.path.as_str()).collect();
+        match wanted
+            .iter()
+            .find(|row| !present.contains(row.path.as_str()))
+        {
+            Some(row) => Err(damaged(&row.path, "is missing".into())),
+            None => Err(damaged("", "does not hash to its build hash".into())),
+        }
+    }
+
+    /// Removes the held release `hash` that [`ReleaseStore::check`] found damaged, so
+    /// that it is fetched or installed again whole. Never the release `current` points
+    /// at (what runs must stay bootable); a `previous` pinned to it is left dangling, and
+    /// a restore then says there is nothing to restore rather than boot damaged bytes.
+    pub fn quarantine(&self, hash: &str) -> Result<(), StoreError> {
+        let _changing = self.lock_changes();
+        self.require_release(hash)?;
+        if self.current()?.as_deref() == Some(hash) {
+            return Err(StoreError::DamagedCurrent {
+                hash: hash.to_owned(),
+            });
+        }
+        self.retire(hash)
     }
 
     /// Deletes old releases beyond the newest `keep_old`, never the ones `current` or
@@ -552,6 +616,25 @@ pub enum StoreError {
         /// The parse error.
         #[source]
         source: serde_json::Error,
+    },
+
+    /// A held release whose bytes on disk no longer match its manifest.
+    #[error("release {hash} is damaged on disk: {} {problem}; it is removed, and syncing or installing it again repairs it", path.display())]
+    Damaged {
+        /// The release.
+        hash: String,
+        /// The first entry found damaged (the release's directory when none is named).
+        path: PathBuf,
+        /// How it differs.
+        problem: String,
+    },
+
+    /// A damaged release is the one `current` points at: it cannot be removed while it
+    /// is what the node boots.
+    #[error("release {hash} is damaged on disk and is the node's current release: activate another release (or install this one again under a new build), then remove it")]
+    DamagedCurrent {
+        /// The release.
+        hash: String,
     },
 
     /// `read_chunk` for a chunk in no release held here.

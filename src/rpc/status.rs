@@ -93,7 +93,9 @@ impl WireCode for StoreError {
             | StoreError::NoPrevious { .. } => Code::FailedPrecondition,
             StoreError::BadLink { .. }
             | StoreError::BadManifestFile { .. }
-            | StoreError::ChunkCorrupt { .. } => Code::DataLoss,
+            | StoreError::ChunkCorrupt { .. }
+            | StoreError::Damaged { .. }
+            | StoreError::DamagedCurrent { .. } => Code::DataLoss,
         }
     }
 }
