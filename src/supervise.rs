@@ -18,6 +18,81 @@ pub const SUPERVISED_ENV: &str = "CLUSTER_SUPERVISED";
 /// The supervisor starts it again at once; systemd's unit counts it as a clean exit.
 pub const EXIT_RESTART: i32 = 75;
 
+/// How long a node may take to stop once it has decided to (its tasks, the Raft core,
+/// the final flush of its store). A store that cannot flush (a failed disk) can block
+/// forever; past this the process ends anyway, so that whoever restarts it can, well
+/// inside systemd's `TimeoutStopSec=30s`.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(20);
+
+/// What a node does when its stop outlives [`STOP_DEADLINE`]: what it would have done at
+/// the end of a clean one, minus the cleanup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stuck {
+    /// Exit with this status (a supervisor, or nobody, takes it from there).
+    Exit(i32),
+    /// Re-execute `<data_dir>/current/bin/cluster` (an unsupervised restart).
+    Reexec(PathBuf),
+}
+
+/// Starts the clock on a stop: unless the process has exited (or re-executed itself)
+/// within `deadline`, `stuck` happens from a thread of its own, whatever the rest of the
+/// process is blocked on. Nothing disarms it: a stop that finishes ends the process, and
+/// the thread with it.
+pub fn arm_stop_deadline(deadline: Duration, stuck: Stuck) {
+    after(deadline, move || {
+        tracing::error!(
+            deadline_s = deadline.as_secs(),
+            ?stuck,
+            "the node did not stop within its deadline (a store that cannot flush?): \
+                 ending the process anyway"
+        );
+        match stuck {
+            Stuck::Exit(code) => std::process::exit(code),
+            Stuck::Reexec(data_dir) => {
+                let error = reexec(&data_dir);
+                tracing::error!(%error, "re-executing failed");
+                std::process::exit(1)
+            }
+        }
+    });
+}
+
+/// Runs `action` on a thread of its own once `deadline` has passed, however blocked the
+/// rest of the process is.
+fn after(deadline: Duration, action: impl FnOnce() + Send + 'static) {
+    let armed = std::thread::Builder::new()
+        .name("stop-deadline".into())
+        .spawn(move || {
+            std::thread::sleep(deadline);
+            action()
+        });
+    if let Err(e) = armed {
+        tracing::warn!(error = %e, "no stop deadline: a thread could not be started");
+    }
+}
+
+/// Replaces this process with `<data>/current/bin/cluster` and the same arguments, after
+/// running the boot guard as a supervisor would. Returns only on failure, with why.
+pub fn reexec(data_dir: &Path) -> String {
+    use std::os::unix::process::CommandExt;
+    match crate::agent::guard::before_start(data_dir) {
+        Ok(crate::agent::guard::GuardOutcome::Idle) => {}
+        Ok(outcome) => tracing::warn!("boot guard: {}", crate::agent::guard::describe(&outcome)),
+        Err(e) => tracing::error!(error = %crate::error::Chain(&e), "boot guard"),
+    }
+    let binary = data_dir.join("current/bin/cluster");
+    tracing::info!(binary = %binary.display(), "re-executing");
+    let error = std::process::Command::new(&binary)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    format!(
+        "restart requested but {} cannot be executed ({error}): run the node under systemd or \
+         `cluster supervise`, or install a release with `cluster dist install <dist> --data-dir {}`",
+        binary.display(),
+        data_dir.display()
+    )
+}
+
 /// Who starts the node again when it exits, which decides how it restarts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Supervision {
@@ -169,6 +244,20 @@ pub async fn run(data_dir: &Path, args: Vec<String>) -> Result<ExitStatus, Super
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stop_deadline_acts_even_while_every_other_thread_is_blocked() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let armed = Instant::now();
+        after(Duration::from_millis(100), move || {
+            tx.send(Instant::now()).unwrap()
+        });
+        // This thread blocks (as a hung flush would) and the deadline still fires.
+        let fired = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the deadline fired");
+        assert!(fired - armed >= Duration::from_millis(100));
+    }
 
     #[test]
     fn supervision_is_detected_from_the_environment_and_the_parent() {

@@ -503,31 +503,11 @@ fn run_node(args: config::RunArgs) -> anyhow::Result<ExitCode> {
     runtime.shutdown_timeout(Duration::from_secs(5));
     match (stopped, supervision) {
         (crate::node::Stopped::Shutdown, _) => Ok(ExitCode::SUCCESS),
-        (crate::node::Stopped::Restart, Supervision::Unsupervised) => Err(reexec(&data_dir)),
+        (crate::node::Stopped::Restart, Supervision::Unsupervised) => {
+            Err(anyhow::anyhow!(crate::supervise::reexec(&data_dir)))
+        }
         (crate::node::Stopped::Restart, _) => Ok(ExitCode::from(EXIT_RESTART as u8)),
     }
-}
-
-/// Replaces this process with `<data>/current/bin/cluster` and the same arguments, after
-/// running the boot guard as a supervisor would. Returns only on failure.
-fn reexec(data_dir: &std::path::Path) -> anyhow::Error {
-    use std::os::unix::process::CommandExt;
-    match crate::agent::guard::before_start(data_dir) {
-        Ok(crate::agent::guard::GuardOutcome::Idle) => {}
-        Ok(outcome) => tracing::warn!("boot guard: {}", crate::agent::guard::describe(&outcome)),
-        Err(e) => tracing::error!(error = %crate::error::Chain(&e), "boot guard"),
-    }
-    let binary = data_dir.join("current/bin/cluster");
-    tracing::info!(binary = %binary.display(), "re-executing");
-    let error = std::process::Command::new(&binary)
-        .args(std::env::args_os().skip(1))
-        .exec();
-    anyhow::anyhow!(
-        "restart requested but {} cannot be executed ({error}): run the node under systemd or \
-         `cluster supervise`, or install a release with `cluster dist install <dist> --data-dir {}`",
-        binary.display(),
-        data_dir.display()
-    )
 }
 
 /// A future that completes on SIGTERM or SIGINT. The handlers are installed now, before

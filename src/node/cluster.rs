@@ -61,6 +61,10 @@ impl Cluster for NodeHandle {
         self.agent.release_keys()
     }
 
+    fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
     fn heartbeat_ms(&self) -> u64 {
         self.timing.heartbeat.as_millis() as u64
     }

@@ -65,6 +65,8 @@ pub struct NodeHandle {
     /// While this node leads: joins beyond this many voters stay learners, and a removal
     /// promotes a learner back up to it (`--max-voters`).
     pub(super) max_voters: usize,
+    /// This process's start count (see `Cluster::incarnation`).
+    pub(super) incarnation: u64,
 }
 
 /// Where a request that needs the leader should go.

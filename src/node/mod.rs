@@ -33,7 +33,7 @@ use crate::raft::{Raft, Timing, TypeConfig};
 use crate::raft_store::{self, StoreError};
 use crate::rpc::{Channels, ControlClient};
 use crate::state::{Command, NodeInfo, PROTOCOL};
-use crate::supervise::Supervision;
+use crate::supervise::{Stuck, Supervision};
 use crate::tls::{Identity, Security};
 
 /// A node's validated configuration (see `cli` for where it comes from).
@@ -94,6 +94,14 @@ pub enum NodeError {
         #[source]
         source: crate::fs::IoError,
     },
+    /// The Raft core stopped on its own (a storage error such as a full disk, or a bug):
+    /// the node exits rather than answer with what its core last knew.
+    #[error("the Raft core stopped: {0}: the node exits; freeing the disk (or whatever the error names) and starting it again recovers it from its log")]
+    RaftStopped(String),
+    /// The count of this node's process starts (`incarnation`) cannot be read or
+    /// recorded.
+    #[error("{path}: {problem}: the node counts its starts there; if it is damaged, write into it a number above any count it held (for example 100000): a lower count would let this node's requests be refused as old")]
+    Incarnation { path: PathBuf, problem: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("releases: {0}")]
@@ -153,6 +161,7 @@ pub async fn run(
     prepare_data_dir(&config.data_dir)?;
     // The store first: "locked by another node" says more than the port that node holds.
     let (log_store, sm) = raft_store::open(&config.data_dir).await?;
+    let incarnation = next_incarnation(&config.data_dir)?;
     let listen = reuse_recorded_port(&config.data_dir, config.listen);
     let listener = TcpListener::bind(listen)
         .await
@@ -248,6 +257,7 @@ pub async fn run(
         health: health.clone(),
         notes: notes.clone(),
         max_voters: config.max_voters,
+        incarnation,
     });
     tracing::info!(
         id = config.id,
@@ -325,6 +335,10 @@ pub async fn run(
                     }
                     Ok(Stopped::Restart)
                 }
+                why = crate::raft::core_stopped(&raft) => {
+                    tracing::error!(id = config.id, error = %why, "the Raft core stopped: exiting so that a supervisor starts the node again");
+                    Err(NodeError::RaftStopped(why))
+                }
                 result = &mut server => Err(NodeError::Serve(match result {
                     Ok(Ok(())) => "exited".into(),
                     Ok(Err(e)) => e.into(),
@@ -335,6 +349,17 @@ pub async fn run(
     };
 
     tracing::info!(id = config.id, "node shutting down");
+    crate::supervise::arm_stop_deadline(
+        crate::supervise::STOP_DEADLINE,
+        match (&outcome, supervision) {
+            (Ok(Stopped::Shutdown), _) => Stuck::Exit(0),
+            (Ok(Stopped::Restart), Supervision::Unsupervised) => {
+                Stuck::Reexec(config.data_dir.clone())
+            }
+            (Ok(Stopped::Restart), _) => Stuck::Exit(crate::supervise::EXIT_RESTART),
+            (Err(_), _) => Stuck::Exit(1),
+        },
+    );
     let _ = stop_tx.send(true);
     let _ = reporter.await;
     let _ = rollouts.await;
@@ -396,6 +421,34 @@ fn reuse_recorded_port(data_dir: &Path, listen: SocketAddr) -> SocketAddr {
 }
 
 /// Creates the data dir and proves it writable before anything else touches it.
+/// Where a node counts its process starts, in the data dir.
+const INCARNATION_FILE: &str = "incarnation";
+
+/// Counts this process start in `dir` (durably, before the node sends any request) and
+/// returns the count: 1 on a node's first start.
+fn next_incarnation(dir: &Path) -> Result<u64, NodeError> {
+    let path = dir.join(INCARNATION_FILE);
+    let fail = |problem: String| NodeError::Incarnation {
+        path: path.clone(),
+        problem,
+    };
+    let previous = match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| fail(format!("holds {:?}, not a count", text.trim())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(fail(e.to_string())),
+    };
+    let next = previous
+        .checked_add(1)
+        .filter(|n| *n < 1 << 32)
+        .ok_or_else(|| fail(format!("holds {previous}, too many starts")))?;
+    crate::fs::write_atomically(dir, INCARNATION_FILE, format!("{next}\n").as_bytes())
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(next)
+}
+
 fn prepare_data_dir(dir: &Path) -> Result<(), NodeError> {
     let fail = |source| NodeError::DataDir {
         path: dir.to_path_buf(),
@@ -549,6 +602,22 @@ fn random_hex(bytes: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_start_counts_one_more_and_a_damaged_count_stops_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(next_incarnation(dir.path()).unwrap(), 1);
+        assert_eq!(next_incarnation(dir.path()).unwrap(), 2);
+        let path = dir.path().join(INCARNATION_FILE);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "2\n");
+        std::fs::write(&path, "garbage").unwrap();
+        let err = next_incarnation(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("\"garbage\", not a count"), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "garbage");
+        std::fs::write(&path, "100000").unwrap();
+        assert_eq!(next_incarnation(dir.path()).unwrap(), 100_001);
+    }
 
     #[test]
     fn node_errors_keep_their_cause() {

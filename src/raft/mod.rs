@@ -89,6 +89,26 @@ pub fn replication(raft: &Raft) -> BTreeMap<u64, Replication> {
     view
 }
 
+/// Returns once the Raft core has stopped (a storage error, a panic, or a shutdown),
+/// with why. A node whose core stopped cannot vote, replicate or apply, yet its last
+/// metrics still say what it was (a leader, say): it must not go on answering as a member.
+pub async fn core_stopped(raft: &Raft) -> String {
+    let mut rx = raft.metrics();
+    loop {
+        let stopped = match &rx.borrow_watched().running_state {
+            Ok(()) => None,
+            Err(fatal) => Some(fatal.to_string()),
+        };
+        if let Some(why) = stopped {
+            return why;
+        }
+        // `changed` fails only when the core's task has ended, panics included.
+        if rx.changed().await.is_err() {
+            return "the Raft core's task ended".into();
+        }
+    }
+}
+
 /// A copy of the current metrics (the watch guard is not `Send`; never hold it across awaits).
 pub fn metrics(raft: &Raft) -> typ::RaftMetrics {
     raft.metrics().borrow_watched().clone()

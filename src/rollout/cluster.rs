@@ -62,6 +62,9 @@ pub trait Cluster: Send + Sync + 'static {
     fn addr(&self) -> String;
     /// The build this node runs.
     fn build_hash(&self) -> String;
+    /// How many times this node's process has started, counting this one; persisted,
+    /// so it grows across restarts (see [`super::engine::Engine::for_incarnation`]).
+    fn incarnation(&self) -> u64;
     /// The configured heartbeat period, in ms.
     fn heartbeat_ms(&self) -> u64;
     /// The keys a release must be signed with for this node to roll it out (empty: any).

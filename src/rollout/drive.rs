@@ -27,7 +27,8 @@ const IDLE_INTERVAL: Duration = Duration::from_millis(100);
 /// Drives active deployments whenever this node leads, until `stop`.
 pub async fn drive<C: Cluster>(cluster: Arc<C>, notes: Notes, mut stop: watch::Receiver<bool>) {
     // One engine per term: its request numbers must keep increasing within the term, or
-    // agents would refuse its requests as older than ones they already ran.
+    // agents would refuse its requests as older than ones they already ran. They count
+    // from this process's incarnation, above any its previous processes sent.
     let mut engine: Option<Engine> = None;
     let mut engine_term = 0;
     // The engine's clock: it must never go backwards for one engine.
@@ -37,7 +38,8 @@ pub async fn drive<C: Cluster>(cluster: Arc<C>, notes: Notes, mut stop: watch::R
         if view.leading && cluster.read(|s| s.deployment.is_some()) {
             let term = view.term;
             if engine.is_none() || engine_term != term {
-                engine = Some(Engine::new(cluster.id(), term));
+                engine =
+                    Some(Engine::new(cluster.id(), term).for_incarnation(cluster.incarnation()));
                 engine_term = term;
             }
             let current = engine.as_mut().expect("engine set above");

@@ -54,9 +54,10 @@
 //!   `poll_interval_ms`; `now.monotonic_ms` never goes backwards within one engine.
 //! - Agents execute a node's operations one at a time and refuse a mutation whose
 //!   request id (term first, then sequence) is lower than the last one they executed, or
-//!   whose generation is stale. Request ids grow across leaders and across
-//!   [`Engine::resync`], so an operation delayed in the network can never undo a newer
-//!   one.
+//!   whose generation is stale. Request ids grow across leaders, across
+//!   [`Engine::resync`], and across restarts of a leader that leads again in the same
+//!   term (give each process its own [`Engine::for_incarnation`]), so an operation
+//!   delayed in the network can never undo a newer one.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -107,7 +108,8 @@ pub enum Event {
 pub struct RequestId {
     /// The term of the leader whose engine sent it.
     pub term: u64,
-    /// Counts the engine's requests.
+    /// Counts the engine's requests, from its incarnation's first (see
+    /// [`Engine::for_incarnation`]).
     pub seq: u64,
 }
 
@@ -321,6 +323,8 @@ struct Track {
     boot_id: Option<String>,
     /// Why the node is not yet good enough, for the failure message.
     last_problem: Option<String>,
+    /// Failed checks in a row during the stabilization window.
+    strikes: u32,
 }
 
 impl Track {
@@ -344,6 +348,7 @@ impl Track {
             self.boot_id = None;
         }
         self.last_problem = None;
+        self.strikes = 0;
     }
 }
 
@@ -387,6 +392,9 @@ struct Cx {
     now: Now,
 }
 
+/// Where an incarnation's request numbers start: `incarnation << INCARNATION_SHIFT`.
+const INCARNATION_SHIFT: u32 = 32;
+
 impl Engine {
     /// An engine for leader `me` in `term`.
     pub fn new(me: u64, term: u64) -> Self {
@@ -403,6 +411,16 @@ impl Engine {
             requests: 0,
             done: false,
         }
+    }
+
+    /// The engine of this node's `incarnation`th process start. A leader restarted by its
+    /// supervisor may lead again in the same term (openraft restores its vote), and its
+    /// new engine must not reuse the request numbers its previous process already sent:
+    /// each incarnation counts from `incarnation << 32`, above every request of the ones
+    /// before it (an incarnation sends far fewer than 2^32 requests).
+    pub fn for_incarnation(mut self, incarnation: u64) -> Self {
+        self.requests = incarnation << INCARNATION_SHIFT;
+        self
     }
 
     /// Forgets what this engine was waiting for, as if it had just been elected, but
@@ -574,12 +592,29 @@ impl Engine {
                 }
                 Err(problem) => track.last_problem = Some(problem),
             },
+            // One late acknowledgement on a loaded host is not a failure: like the soak,
+            // the window fails a node on `soak_strikes` failed checks in a row (a restart
+            // fails it at once).
             Phase::Stabilize => match judge(&health, &target, strategy.stale_ack_ms) {
-                Err(problem) => self.fail(
-                    cx,
-                    node,
-                    format!("unhealthy during the stabilization window: {problem}"),
-                ),
+                Err(problem) => {
+                    track.strikes += 1;
+                    let limit = strategy.soak_strikes.max(1);
+                    if track.strikes >= limit {
+                        let why = match limit {
+                            1 => format!("unhealthy during the stabilization window: {problem}"),
+                            _ => format!(
+                                "unhealthy during the stabilization window: failed {limit} \
+                                 consecutive checks: {problem}"
+                            ),
+                        };
+                        self.fail(cx, node, why)
+                    } else {
+                        track.last_problem = Some(format!(
+                            "{problem} ({} of {limit} failed checks in a row)",
+                            track.strikes
+                        ));
+                    }
+                }
                 Ok(boot_id) => match track.boot_id.clone() {
                     Some(seen) if seen != boot_id => self.fail(
                         cx,
@@ -591,6 +626,8 @@ impl Engine {
                     ),
                     _ => {
                         track.boot_id = Some(boot_id);
+                        track.strikes = 0;
+                        track.last_problem = None;
                         if now.saturating_sub(track.since_ms) >= strategy.stabilize_ms {
                             track.next_op = Some(OpKind::Commit);
                         }

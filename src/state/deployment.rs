@@ -87,7 +87,9 @@ pub struct Strategy {
     /// the deployment completes; 0 completes at once. A leader change restarts the window.
     pub soak_ms: u64,
     /// Consecutive failed health checks of any one node during the soak that revert the
-    /// whole deployment (the "3 strikes after the switch" rule).
+    /// whole deployment (the "3 strikes after the switch" rule), and during a node's own
+    /// stabilization window that fail it: one late acknowledgement on a loaded host is
+    /// not a failure.
     pub soak_strikes: u32,
 }
 

@@ -330,6 +330,24 @@ impl Cluster {
         }
     }
 
+    /// Waits up to `timeout` for node `id`'s process to exit by itself; its exit status,
+    /// or `None` while it still runs.
+    pub async fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let node = self.nodes.get_mut(&id).unwrap();
+        loop {
+            let child = node.child.as_mut().expect("node is running");
+            if let Some(status) = child.try_wait().expect("wait") {
+                node.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGTERM, and the exit status once the node has shut down.
     pub fn terminate(&mut self, id: u64) -> ExitStatus {
         let node = self.nodes.get_mut(&id).unwrap();

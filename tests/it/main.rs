@@ -3,6 +3,7 @@
 mod attacks;
 mod boot_guard;
 mod errors;
+mod faults;
 mod harness;
 mod members;
 mod operate;

@@ -116,6 +116,9 @@ impl Cluster for Fake {
     fn build_hash(&self) -> String {
         self.world().hosts[&self.id].running.clone()
     }
+    fn incarnation(&self) -> u64 {
+        self.world().hosts[&self.id].boot
+    }
     fn heartbeat_ms(&self) -> u64 {
         100
     }
@@ -291,7 +294,7 @@ impl Cluster for Fake {
 struct Harness {
     world: Arc<Mutex<World>>,
     stop: watch::Sender<bool>,
-    drivers: Vec<tokio::task::JoinHandle<()>>,
+    drivers: BTreeMap<u64, tokio::task::JoinHandle<()>>,
 }
 
 impl Harness {
@@ -329,7 +332,10 @@ impl Harness {
                     id: *id,
                     world: world.clone(),
                 });
-                tokio::spawn(drive(fake, Notes::default(), stop_rx.clone()))
+                (
+                    *id,
+                    tokio::spawn(drive(fake, Notes::default(), stop_rx.clone())),
+                )
             })
             .collect();
         Self {
@@ -337,6 +343,28 @@ impl Harness {
             stop,
             drivers,
         }
+    }
+
+    /// The leader's process dies and its supervisor starts it again at once: it leads
+    /// again in the same term (openraft restores its vote), with a fresh `drive` in its
+    /// next incarnation.
+    fn restart_leader_in_the_same_term(&mut self) {
+        let id = {
+            let mut world = self.world.lock().unwrap();
+            let id = world.leader.expect("a leader");
+            world.hosts.get_mut(&id).expect("host").boot += 1;
+            id
+        };
+        self.drivers
+            .remove(&id)
+            .expect("the leader's driver")
+            .abort();
+        let fake = Arc::new(Fake {
+            id,
+            world: self.world.clone(),
+        });
+        let driver = tokio::spawn(drive(fake, Notes::default(), self.stop.subscribe()));
+        self.drivers.insert(id, driver);
     }
 
     fn leader(&self) -> Fake {
@@ -385,7 +413,7 @@ impl Harness {
 
     async fn stop(self) {
         let _ = self.stop.send(true);
-        for driver in self.drivers {
+        for driver in self.drivers.into_values() {
             driver.await.expect("drive task");
         }
     }
@@ -430,6 +458,41 @@ async fn an_update_rolls_every_node_followers_first_and_the_leader_last() {
             .nodes
             .values()
             .all(|step| step.phase == Phase::Committed));
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_restarted_in_the_same_term_finishes_the_rollout() {
+    let mut cluster = Harness::start(&[1, 2, 3]);
+    let new = manifest("new build");
+    let target = new.build_hash();
+    update(&cluster.leader(), new, options(), false)
+        .await
+        .expect("update starts");
+    // The second follower runs the new build and soaks: its fence holds a request number
+    // above all the first follower's polls, more than a new engine counting from 0 would
+    // send before it commits.
+    cluster
+        .until("the second follower stabilizing", |w| {
+            w.state.deployment.as_ref().is_some_and(|d| {
+                let phase = |id| d.nodes[&id].phase;
+                (phase(2) == Phase::Committed && phase(3) == Phase::Stabilize)
+                    || (phase(3) == Phase::Committed && phase(2) == Phase::Stabilize)
+            })
+        })
+        .await;
+    let term = cluster.world.lock().unwrap().term;
+    cluster.restart_leader_in_the_same_term();
+
+    let entry = cluster.finished().await;
+    assert_eq!(entry.outcome, DeploymentState::Completed, "{entry:?}");
+    assert!(cluster.running().values().all(|build| *build == target));
+    {
+        let world = cluster.world.lock().unwrap();
+        // Only the final hand-off changed the term.
+        assert_eq!(world.term, term + 1, "{:?}", world.transfers);
+        assert_eq!(world.restarts.len(), 3, "{:?}", world.restarts);
     }
     cluster.stop().await;
 }

@@ -907,6 +907,71 @@ fn a_new_boot_while_stabilizing_fails_the_node() {
 }
 
 #[test]
+fn one_late_acknowledgement_while_stabilizing_is_forgiven_three_in_a_row_fail_the_node() {
+    let mut strategy = strategy(1, OnFailure::Revert);
+    strategy.stabilize_ms = 60_000;
+    let d = deployment(&[1, 2, 3], &[], strategy);
+    let mut view = d.clone();
+    for phase in [
+        Phase::Backup,
+        Phase::Sync,
+        Phase::Activate,
+        Phase::Health,
+        Phase::Stabilize,
+    ] {
+        view.set_node_phase(2, phase, None, 0).unwrap();
+    }
+    let mut engine = Engine::new(1, 2);
+    let at = |ms| Now {
+        monotonic_ms: ms,
+        unix_ms: ms,
+    };
+    assert!(engine.step(&view, Event::Tick, at(0)).is_empty());
+    let health = |ack_ms| Health {
+        serving: true,
+        build_hash: target(),
+        boot_id: "a".into(),
+        caught_up: true,
+        last_ack_ms: Some(ack_ms),
+        problem: None,
+        guard_restored: None,
+    };
+    // A poll each round, answered with these acknowledgement ages (limit 200 ms).
+    let mut failed = None;
+    for (round, ack_ms) in [5, 556, 5, 556, 556, 5, 556, 556, 556]
+        .into_iter()
+        .enumerate()
+    {
+        let now = 200 * (round as u64 + 1);
+        let actions = engine.step(&view, Event::Tick, at(now));
+        let [Action::PollHealth { node: 2, id }] = actions[..] else {
+            panic!("round {round}: {actions:?}")
+        };
+        let answer = Event::HealthObserved {
+            node: 2,
+            id,
+            health: Ok(health(ack_ms)),
+        };
+        let actions = engine.step(&view, answer, at(now + 1));
+        if !actions.is_empty() {
+            failed = Some((round, actions));
+            break;
+        }
+    }
+    let (round, actions) = failed.expect("three late acknowledgements in a row fail the node");
+    assert_eq!(round, 8, "only the third in a row fails it: {actions:?}");
+    let Action::Propose(Command::SetNodePhase { phase, error, .. }) = &actions[0] else {
+        panic!("{actions:?}")
+    };
+    assert_eq!(*phase, Phase::Restoring);
+    let error = error.as_deref().unwrap();
+    assert!(
+        error.contains("failed 3 consecutive checks") && error.contains("556 ms ago"),
+        "{error}"
+    );
+}
+
+#[test]
 fn answers_the_engine_did_not_ask_for_change_nothing() {
     let mut view = deployment(&[1, 2, 3], &[], strategy(1, OnFailure::Revert));
     view.set_node_phase(2, Phase::Backup, None, 0).unwrap();

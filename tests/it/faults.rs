@@ -1,0 +1,89 @@
+//! Faults a node meets on a real host, each pinned by a test of how the node survives it:
+//! a full disk under the Raft log.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{skip_outside_ci, Cluster, Start};
+
+/// A tmpfs of `size` mounted on `dir` for as long as it lives; unmounted on drop.
+struct SmallDisk {
+    dir: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .ok()?;
+        status.success().then(|| SmallDisk {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Fills the filesystem up to its last byte.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut file = std::fs::File::create(self.dir.join("filler")).unwrap();
+        let block = vec![0xa5u8; 64 << 10];
+        while file.write_all(&block).is_ok() {}
+        let byte = [0u8; 1];
+        while file.write_all(&byte).is_ok() {}
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_disk_fills_up_exits_instead_of_answering_as_a_member() {
+    let mut cluster = Cluster::new();
+    cluster.spawn(1, Start::Bootstrap).await;
+    let first = cluster.addr(1);
+    cluster.spawn(2, Start::Join(&first)).await;
+    // Node 3's data dir is a small filesystem of its own.
+    let Some(disk) = SmallDisk::mount(&cluster.dir.path().join("n3"), "64m") else {
+        skip_outside_ci("mounting a tmpfs needs root (mount -t tmpfs)");
+        return;
+    };
+    cluster.spawn(3, Start::Join(&first)).await;
+    cluster.wait_voters(3).await;
+
+    disk.fill();
+    // Writes reach node 3's log until its store cannot take them.
+    let writer = {
+        let mut client = cluster.client(1);
+        tokio::spawn(async move {
+            let value = "x".repeat(16 << 10);
+            for i in 0u64.. {
+                let _ = client.kv_put(&format!("fill-{i}"), &value).await;
+            }
+        })
+    };
+    let exited = cluster.wait_exit(3, Duration::from_secs(120)).await;
+    writer.abort();
+    let status =
+        exited.unwrap_or_else(|| panic!("node 3 still runs with a full disk:\n{}", cluster.logs()));
+    assert!(!status.success(), "node 3 exited non-zero: {status}");
+    let log = std::fs::read_to_string(&cluster.nodes[&3].log).unwrap();
+    assert!(log.contains("the Raft core stopped"), "{log}");
+
+    // The other two keep a leader that takes writes.
+    let put = cluster.client(1).kv_put("after", "full disk").await;
+    assert!(put.is_ok(), "{put:?}");
+
+    // With space again, the node starts and catches up from its log.
+    std::fs::remove_file(disk.dir.join("filler")).unwrap();
+    cluster.spawn(3, Start::Restart).await;
+    cluster.wait_voters(3).await;
+    // Unmounted first (the nodes may still hold it: lazily), then the cluster's dir goes.
+    drop(disk);
+    drop(cluster);
+}
