@@ -463,11 +463,22 @@ fn prepare_data_dir(dir: &Path) -> Result<(), NodeError> {
 
 /// Asks the member at `via` to admit this node, unless it already is a member.
 async fn join_cluster(node: &NodeHandle, via: &str) -> Result<(), NodeError> {
-    let is_member = crate::raft::metrics(&node.raft)
-        .membership_config
-        .membership()
-        .get_node(&node.id)
-        .is_some();
+    // Asked of the core, not its metrics: right after start the metrics may not yet show
+    // the membership the store holds, and a restarted member would then ask to join
+    // again (and be refused by a follower that is not the leader).
+    let id = node.id;
+    let is_member = node
+        .raft
+        .with_raft_state(move |state| {
+            state
+                .membership_state
+                .effective()
+                .membership()
+                .get_node(&id)
+                .is_some()
+        })
+        .await
+        .map_err(|e| NodeError::RaftStopped(e.to_string()))?;
     if is_member {
         tracing::info!(id = node.id, "already a member; rejoining with local state");
         return Ok(());

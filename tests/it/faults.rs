@@ -1,11 +1,12 @@
 //! Faults a node meets on a real host, each pinned by a test of how the node survives it:
-//! a full disk under the Raft log.
+//! a full disk under the Raft log, a restart once the node it joined through has stopped
+//! leading.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{skip_outside_ci, Cluster, Start};
+use crate::harness::{cli, make_release, signal, skip_outside_ci, wait_for, Cluster, Start};
 
 /// A tmpfs of `size` mounted on `dir` for as long as it lives; unmounted on drop.
 struct SmallDisk {
@@ -86,4 +87,44 @@ async fn a_node_whose_disk_fills_up_exits_instead_of_answering_as_a_member() {
     // Unmounted first (the nodes may still hold it: lazily), then the cluster's dir goes.
     drop(disk);
     drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_restarted_with_its_join_flag_rejoins_when_that_node_no_longer_leads() {
+    let work = tempfile::tempdir().unwrap();
+    let v1 = work.path().join("v1");
+    make_release(&v1, &[]);
+    let mut cluster = Cluster::start_supervised(3, &v1).await;
+    // Every node joined through node 1, and keeps `--join <node 1>` in its command line;
+    // node 1 hands leadership to node 2.
+    let out = cli(&["leader", "transfer", "2", "--node", &cluster.addr(1)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = cluster.leader_status().await;
+    let boot = |status: &cluster::api::ClusterStatus| {
+        let node = status.nodes.iter().find(|n| n.id == 3)?;
+        (node.state == "follower").then(|| node.boot_id.clone())
+    };
+    let first_boot = boot(&before).expect("node 3 follows");
+
+    // Node 3 crashes; its supervisor starts it again with the same flags.
+    let pid = cluster.node_pid(3).expect("node 3's process");
+    signal(pid, libc::SIGKILL);
+    wait_for(
+        "node 3 back as a follower after its restart",
+        Duration::from_secs(60),
+        || async {
+            let status = cluster.status().await?;
+            boot(&status).filter(|b| *b != first_boot)
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(&cluster.nodes[&3].log).unwrap();
+    assert!(
+        !log.contains("cannot join"),
+        "a member does not join again: {log}"
+    );
 }

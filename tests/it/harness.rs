@@ -196,6 +196,15 @@ impl Cluster {
         }
     }
 
+    /// The node process of supervised node `id` (its supervisor's child), if it runs one.
+    pub fn node_pid(&mut self, id: u64) -> Option<u32> {
+        let supervisor = self.pid(id)?;
+        let children =
+            std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
+                .ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    }
+
     /// Starts `n` nodes: node 1 bootstraps, the others join through it; waits for n voters.
     pub async fn start(n: u64) -> Self {
         let mut cluster = Self::new();
