@@ -265,35 +265,40 @@ impl Agent {
         fence: Fence,
         mutation: Mutation,
     ) -> Result<ReleasesView, AgentError> {
-        let _serialized = self.fence_lock.lock().await;
+        let serialized = self.fence_lock.clone().lock_owned().await;
         let node_term = (self.term)();
         let store = self.store.clone();
         let release_keys = self.release_keys.clone();
         let running_build = self.running_build.clone();
-        let for_store = mutation.clone();
         let limits = self.limits;
-        let restart = tokio::task::spawn_blocking(move || {
-            apply_mutation(
+        let restart = self.restart.clone();
+        tokio::task::spawn_blocking(move || {
+            // The lock goes with the work, not with this future: a caller that gives up
+            // (a timeout cancels the request) must not let the next mutation in while
+            // this one is still changing the disk, or a restore could run before the
+            // activation it undoes and leave `current` on the new release.
+            let _serialized = serialized;
+            let must_restart = apply_mutation(
                 &store,
                 &limits,
                 &release_keys,
                 fence,
                 node_term,
                 &running_build,
-                &for_store,
-            )
+                &mutation,
+            )?;
+            if must_restart {
+                tracing::info!(
+                    generation = fence.generation,
+                    "restart requested by the rollout"
+                );
+                restart.notify_one();
+            }
+            Ok::<_, AgentError>(())
         })
         .await
         .map_err(AgentError::TaskFailed)??;
-        let view = self.releases().await?;
-        if restart {
-            tracing::info!(
-                generation = fence.generation,
-                "restart requested by the rollout"
-            );
-            self.restart.notify_one();
-        }
-        Ok(view)
+        self.releases().await
     }
 
     pub fn store(&self) -> &ReleaseStore {
@@ -763,6 +768,46 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(agent.store().current().unwrap(), Some(new));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mutation_whose_caller_gave_up_still_finishes_before_the_next_one_starts() {
+        use futures::FutureExt;
+        let (dir, agent, old, _) = agent_with_two_releases("dev");
+        // A release large enough that checking it before activation takes a while.
+        let dist = dir.path().join("large");
+        std::fs::create_dir_all(dist.join("bin")).unwrap();
+        std::fs::write(dist.join("bin/cluster"), "#!/bin/sh\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let executable = std::fs::Permissions::from_mode(0o755);
+        std::fs::set_permissions(dist.join("bin/cluster"), executable).unwrap();
+        std::fs::write(dist.join("big"), vec![7u8; 96 << 20]).unwrap();
+        let new = agent
+            .store()
+            .install_dir(&dist, &crate::release::Limits::default())
+            .unwrap();
+        // The activation starts (its disk work is under way) and its caller gives up, as
+        // a leader's timeout cancels a request to a node that is slow to answer.
+        let started = agent
+            .mutate(fence(1, 1, 1), Mutation::Activate(new.clone()))
+            .now_or_never();
+        assert!(started.is_none(), "the activation is still running");
+        // The leader restores the node: it runs after the activation, and undoes it.
+        agent
+            .mutate(fence(1, 1, 2), Mutation::Restore(old.clone()))
+            .await
+            .unwrap();
+        // Were the two interleaved, the activation would swap `current` after the
+        // restore returned, within the time it takes to check the release.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while std::time::Instant::now() < until {
+            assert_eq!(agent.store().current().unwrap(), Some(old.clone()));
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            super::read_fence(dir.path().join("data").as_path()).unwrap(),
+            fence(1, 1, 2)
+        );
     }
 
     #[tokio::test]
