@@ -1,0 +1,513 @@
+//! The seeded chaos suite: rolling updates of supervised 3-node clusters, each trial with
+//! one fault (a "nemesis") injected at a random moment of the rollout while a kv writer
+//! runs throughout; after every trial the product's promises are checked:
+//!
+//! - every acknowledged write is readable;
+//! - a leader accepts writes;
+//! - no rollout is left active (none stalls);
+//! - every node runs, on the release its `current` points at, and that release verifies;
+//! - nodes on different builds only after a rollout that ended failed or aborted;
+//! - no panic in any node's log.
+//!
+//! Everything about a trial follows from its seed: the nemesis (`seed % NEMESES.len()`,
+//! so consecutive seeds cover every nemesis), its target and its moment. A failure prints
+//! the seed and the command that runs that trial again.
+//!
+//! - `CHAOS_TRIALS=N`: trials to run (default 2; `.ci/run` runs one per nemesis).
+//! - `CHAOS_SEED=S`: the first trial's seed (default: from the clock, printed).
+//! - `CHAOS_SEEDS=S,S,...`: exactly these seeds instead (a failure's seed, say).
+//! - `CHAOS_REPORT=FILE`: appends one JSON line per trial (`scripts/chaos.sh` reads them).
+//!
+//! Seeds that found a bug, each also pinned by a deterministic test where it was fixed:
+//! - 105 (SIGSTOP of the updating node): a cancelled activation ran after the restore
+//!   that undid it (`agent::tests::a_mutation_whose_caller_gave_up_...`).
+
+#[path = "../it/harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use harness::{cli, make_release, signal, wait_for, Cluster, Start, Writer};
+
+/// The faults a trial can inject, one per trial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Nemesis {
+    /// kill -9 of the leader's node process (its supervisor starts it again).
+    KillLeader,
+    /// kill -9 of the node being updated.
+    KillUpdating,
+    /// kill -9 of a node's supervisor and node together, started again after a pause.
+    KillSupervisor,
+    /// SIGSTOP of the leader for a while, then SIGCONT.
+    PauseLeader,
+    /// SIGSTOP of a follower for a while.
+    PauseFollower,
+    /// SIGSTOP of the node being updated for a while.
+    PauseUpdating,
+    /// `cluster rollout abort`.
+    Abort,
+    /// `cluster rollout abort --revert`.
+    AbortRevert,
+    /// One byte of the target release flipped on a node that holds it.
+    CorruptHeld,
+    /// A second `cluster update` while one runs.
+    ConcurrentUpdate,
+}
+
+const NEMESES: [Nemesis; 10] = [
+    Nemesis::KillLeader,
+    Nemesis::KillUpdating,
+    Nemesis::KillSupervisor,
+    Nemesis::PauseLeader,
+    Nemesis::PauseFollower,
+    Nemesis::PauseUpdating,
+    Nemesis::Abort,
+    Nemesis::AbortRevert,
+    Nemesis::CorruptHeld,
+    Nemesis::ConcurrentUpdate,
+];
+
+/// SplitMix64: small, and the same sequence for a seed everywhere.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `lo..hi`.
+    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo).max(1)
+    }
+}
+
+/// What one trial saw, as a line of the report.
+#[derive(Debug, Default, serde::Serialize)]
+struct Outcome {
+    seed: u64,
+    nemesis: String,
+    /// What was done, and when (ms after the rollout began).
+    fault: String,
+    rollout: String,
+    acked: usize,
+    lost: usize,
+    stuck: bool,
+    unbootable: usize,
+    silent_mixed: bool,
+    panics: usize,
+    violations: Vec<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_updates_keep_their_promises_under_faults() {
+    let trials: u64 = std::env::var("CHAOS_TRIALS")
+        .ok()
+        .map(|v| v.parse().expect("CHAOS_TRIALS is a number"))
+        .unwrap_or(2);
+    let first_seed: u64 = match std::env::var("CHAOS_SEED") {
+        Ok(v) => v.parse().expect("CHAOS_SEED is a number"),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    };
+    let seeds: Vec<u64> = match std::env::var("CHAOS_SEEDS") {
+        Ok(list) => list
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .expect("CHAOS_SEEDS is a comma-separated list")
+            })
+            .collect(),
+        Err(_) => (first_seed..first_seed + trials).collect(),
+    };
+    println!("chaos: {} trials, seeds {seeds:?}", seeds.len());
+    let mut failed = Vec::new();
+    for seed in seeds {
+        let outcome = trial(seed).await;
+        println!(
+            "chaos: seed {seed}: {:?}: {}; rollout {}; {} writes acknowledged, {} lost{}",
+            nemesis_of(seed),
+            outcome.fault,
+            outcome.rollout,
+            outcome.acked,
+            outcome.lost,
+            if outcome.violations.is_empty() {
+                String::new()
+            } else {
+                format!("; VIOLATED: {}", outcome.violations.join("; "))
+            }
+        );
+        if let Ok(path) = std::env::var("CHAOS_REPORT") {
+            use std::io::Write;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .expect("CHAOS_REPORT file");
+            writeln!(file, "{}", serde_json::to_string(&outcome).unwrap()).unwrap();
+        }
+        if !outcome.violations.is_empty() {
+            failed.push(format!(
+                "seed {seed} ({:?}): {}\n  rerun: CHAOS_SEED={seed} CHAOS_TRIALS=1 cargo test \
+                 --test chaos -- --nocapture",
+                nemesis_of(seed),
+                outcome.violations.join("; ")
+            ));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "chaos trials failed:\n{}",
+        failed.join("\n")
+    );
+}
+
+fn nemesis_of(seed: u64) -> Nemesis {
+    NEMESES[(seed % NEMESES.len() as u64) as usize]
+}
+
+/// One trial: a 3-node supervised cluster on v1, a rollout to v2 with the trial's fault,
+/// then every check.
+async fn trial(seed: u64) -> Outcome {
+    let nemesis = nemesis_of(seed);
+    let mut rng = Rng(seed);
+    let mut outcome = Outcome {
+        seed,
+        nemesis: format!("{nemesis:?}"),
+        ..Outcome::default()
+    };
+    let work = tempfile::tempdir().unwrap();
+    let (v1, v2) = (work.path().join("v1"), work.path().join("v2"));
+    let h1 = make_release(&v1, &[("share/motd", "one")]);
+    let h2 = make_release(&v2, &[("share/motd", &format!("two {seed}"))]);
+    let mut cluster = Cluster::start_supervised(3, &v1).await;
+    harness::wait_all_on(&cluster, &h1).await;
+    let writer = Writer::start(cluster.addrs(), &format!("chaos-{seed}"));
+
+    let asked = cluster.addr(rng.between(1, 4));
+    let update = update_in_background(asked.clone(), v2.clone());
+    let began = Instant::now();
+    // The fault's moment: a random time once some node has left `pending`.
+    wait_for("the rollout under way", Duration::from_secs(60), || async {
+        let json = active_rollout(&cluster)?;
+        let nodes = json["nodes"].as_object()?;
+        nodes
+            .values()
+            .any(|s| s["phase"] != "pending")
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(rng.between(0, 4000))).await;
+    outcome.fault = inject(nemesis, &mut cluster, &mut rng, &h2, &v2).await;
+    outcome.fault = format!("{} at {} ms", outcome.fault, began.elapsed().as_millis());
+
+    // The update client ends however the rollout does (its exit status is not a promise).
+    tokio::task::spawn_blocking(move || update.join().unwrap())
+        .await
+        .unwrap();
+    check(&mut cluster, writer, &mut outcome).await;
+    outcome
+}
+
+/// `cluster update` of `dist` through `addr` on a thread of its own.
+fn update_in_background(
+    addr: String,
+    dist: std::path::PathBuf,
+) -> std::thread::JoinHandle<std::process::Output> {
+    harness::update_in_background(addr, dist, 1500, 20_000)
+}
+
+/// The rollout in progress as `rollout status --json` on any node shows it.
+fn active_rollout(cluster: &Cluster) -> Option<serde_json::Value> {
+    cluster.addrs().iter().find_map(|addr| {
+        let out = cli(&["rollout", "status", "--json", "--node", addr]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        json.is_object().then_some(json)
+    })
+}
+
+/// A node in an updating phase of the active rollout, if one is.
+fn updating(cluster: &Cluster) -> Option<u64> {
+    let json = active_rollout(cluster)?;
+    json["nodes"].as_object()?.iter().find_map(|(id, step)| {
+        let phase = step["phase"].as_str()?;
+        [
+            "backup",
+            "sync",
+            "activate",
+            "health",
+            "stabilize",
+            "restoring",
+        ]
+        .contains(&phase)
+        .then(|| id.parse().ok())?
+    })
+}
+
+async fn leader(cluster: &Cluster) -> u64 {
+    cluster.leader_status().await.leader.expect("a leader")
+}
+
+/// Carries out `nemesis`; says what it did.
+async fn inject(
+    nemesis: Nemesis,
+    cluster: &mut Cluster,
+    rng: &mut Rng,
+    target: &str,
+    dist: &Path,
+) -> String {
+    let pause = Duration::from_millis(rng.between(500, 4000));
+    let any = rng.between(1, 4);
+    match nemesis {
+        Nemesis::KillLeader | Nemesis::KillUpdating => {
+            let id = match nemesis {
+                Nemesis::KillLeader => leader(cluster).await,
+                _ => updating(cluster).unwrap_or(any),
+            };
+            match cluster.node_pid(id) {
+                Some(pid) => {
+                    signal(pid, libc::SIGKILL);
+                    format!("kill -9 of node {id}'s process")
+                }
+                None => format!("node {id} had no process to kill"),
+            }
+        }
+        Nemesis::KillSupervisor => {
+            cluster.kill(any);
+            tokio::time::sleep(pause).await;
+            cluster.spawn(any, Start::Restart).await;
+            format!(
+                "kill -9 of node {any} and its supervisor, started again after {} ms",
+                pause.as_millis()
+            )
+        }
+        Nemesis::PauseLeader | Nemesis::PauseFollower | Nemesis::PauseUpdating => {
+            let leader = leader(cluster).await;
+            let id = match nemesis {
+                Nemesis::PauseLeader => leader,
+                Nemesis::PauseFollower => (1..=3).find(|id| *id != leader).unwrap(),
+                _ => updating(cluster).unwrap_or(any),
+            };
+            let Some(pid) = cluster.node_pid(id) else {
+                return format!("node {id} had no process to pause");
+            };
+            signal(pid, libc::SIGSTOP);
+            tokio::time::sleep(pause).await;
+            signal(pid, libc::SIGCONT);
+            format!("SIGSTOP of node {id} for {} ms", pause.as_millis())
+        }
+        Nemesis::Abort | Nemesis::AbortRevert => {
+            let mut args = vec!["rollout", "abort"];
+            if nemesis == Nemesis::AbortRevert {
+                args.push("--revert");
+            }
+            let addr = cluster.addr(any);
+            args.extend(["--node", &addr]);
+            let out = cli(&args);
+            format!(
+                "`{}` through node {any}: exit {:?}",
+                args[..args.len() - 2].join(" "),
+                out.status.code()
+            )
+        }
+        Nemesis::CorruptHeld => {
+            // A file only the target has: bin/cluster is shared (hard-linked) with what runs.
+            let holder = (1..=3).find(|id| {
+                harness::data_dir_of(cluster, *id)
+                    .join("releases")
+                    .join(target)
+                    .join("share/motd")
+                    .exists()
+            });
+            match holder {
+                Some(id) => {
+                    let path = harness::data_dir_of(cluster, id)
+                        .join("releases")
+                        .join(target)
+                        .join("share/motd");
+                    let mut bytes = std::fs::read(&path).unwrap_or_default();
+                    if let Some(first) = bytes.first_mut() {
+                        *first ^= 0x20;
+                    }
+                    let _ = std::fs::write(&path, &bytes);
+                    format!("a byte of node {id}'s held target release flipped")
+                }
+                None => "no node held the target yet: nothing flipped".into(),
+            }
+        }
+        Nemesis::ConcurrentUpdate => {
+            let second = update_in_background(cluster.addr(any), dist.to_path_buf());
+            let out = tokio::task::spawn_blocking(move || second.join().unwrap())
+                .await
+                .unwrap();
+            let said = String::from_utf8_lossy(&out.stderr).to_string();
+            format!(
+                "a second update through node {any}: exit {:?} ({})",
+                out.status.code(),
+                said.lines().last().unwrap_or("")
+            )
+        }
+    }
+}
+
+/// Every promise, checked after the trial's rollout has ended; violations go in `outcome`.
+async fn check(cluster: &mut Cluster, writer: Writer, outcome: &mut Outcome) {
+    let violations = &mut outcome.violations;
+    // No rollout stalls.
+    let ended = wait_for_ok(Duration::from_secs(180), || async {
+        let addrs = cluster.addrs();
+        let any_active = addrs.iter().any(|addr| {
+            let out = cli(&["rollout", "status", "--json", "--node", addr]);
+            !out.status.success() || String::from_utf8_lossy(&out.stdout).trim() != "null"
+        });
+        (!any_active).then_some(())
+    })
+    .await;
+    if ended.is_none() {
+        outcome.stuck = true;
+        violations.push("a rollout was still active 180 s after the update ended".into());
+    }
+    // A leader accepts writes.
+    let accepted = wait_for_ok(Duration::from_secs(60), || async {
+        let mut client = cluster.client(1);
+        client.kv_put("chaos-after", "written").await.ok()
+    })
+    .await;
+    if accepted.is_none() {
+        violations.push("no leader accepted a write within 60 s".into());
+    }
+    let report = writer.stop().await;
+    outcome.acked = report.acked.len();
+    for (key, value) in &report.acked {
+        let read = wait_for_ok(Duration::from_secs(30), || async {
+            cluster.client(1).kv_get(key).await.ok()
+        })
+        .await;
+        if read.flatten().as_deref() != Some(value.as_str()) {
+            outcome.lost += 1;
+        }
+    }
+    if outcome.lost > 0 {
+        violations.push(format!("{} acknowledged writes lost", outcome.lost));
+    }
+    // Every node runs, on the release `current` points at, and it verifies.
+    let settled = wait_for_ok(Duration::from_secs(120), || async {
+        let status = cluster.status().await?;
+        let all_up = status.nodes.len() == 3
+            && status
+                .nodes
+                .iter()
+                .all(|n| n.state == "leader" || n.state == "follower");
+        let on_current = status.nodes.iter().all(|n| {
+            current_of(harness::data_dir_of(cluster, n.id)).as_deref() == Some(&n.build_hash)
+        });
+        (all_up && on_current).then_some(status)
+    })
+    .await;
+    let builds: std::collections::BTreeSet<String> = match &settled {
+        Some(status) => status.nodes.iter().map(|n| n.build_hash.clone()).collect(),
+        None => {
+            outcome.unbootable += 1;
+            let seen: Vec<String> = match cluster.status().await {
+                Some(status) => status
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        let current = current_of(harness::data_dir_of(cluster, n.id));
+                        format!(
+                            "node {} {} runs {} with current -> {}",
+                            n.id,
+                            n.state,
+                            short(&n.build_hash),
+                            short(current.as_deref().unwrap_or("nothing"))
+                        )
+                    })
+                    .collect(),
+                None => vec!["no leader answered".into()],
+            };
+            violations.push(format!(
+                "nodes not all up on their current release within 120 s: {}",
+                seen.join(", ")
+            ));
+            Default::default()
+        }
+    };
+    for id in 1..=3 {
+        let current = harness::data_dir_of(cluster, id).join("current");
+        let out = cli(&["dist", "verify", current.to_str().unwrap()]);
+        if !out.status.success() {
+            outcome.unbootable += 1;
+            violations.push(format!(
+                "node {id}'s current release does not verify: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    // Mixed builds only after a rollout that says so.
+    let history = cli(&["rollout", "history", "--json", "--node", &cluster.addr(1)]);
+    let history: serde_json::Value =
+        serde_json::from_slice(&history.stdout).unwrap_or(serde_json::Value::Null);
+    let last = history.as_array().and_then(|h| h.last()).cloned();
+    let ended_as = last
+        .as_ref()
+        .and_then(|e| e["outcome"].as_str())
+        .unwrap_or("none")
+        .to_string();
+    outcome.rollout = ended_as.clone();
+    if builds.len() > 1 && !["failed", "aborted"].contains(&ended_as.as_str()) {
+        outcome.silent_mixed = true;
+        violations.push(format!(
+            "nodes on {} builds after a rollout that ended {ended_as}",
+            builds.len()
+        ));
+    }
+    // No panic anywhere.
+    for node in cluster.nodes.values() {
+        let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+        let panics = log.matches("panicked at").count();
+        if panics > 0 {
+            outcome.panics += panics;
+            violations.push(format!("node {} panicked ({panics} times)", node.id));
+        }
+    }
+    if !outcome.violations.is_empty() {
+        eprintln!("{}", cluster.logs());
+    }
+}
+
+fn short(hash: &str) -> &str {
+    &hash[..hash.len().min(12)]
+}
+
+/// The build hash `data/current` points at.
+fn current_of(data_dir: &Path) -> Option<String> {
+    let target = std::fs::read_link(data_dir.join("current")).ok()?;
+    Some(target.file_name()?.to_string_lossy().into_owned())
+}
+
+/// Like `wait_for`, but `None` at the deadline instead of a panic: a check that fails
+/// is a violation to report, not the end of the suite.
+async fn wait_for_ok<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
