@@ -28,6 +28,7 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod clock;
+pub mod crash;
 pub mod error;
 pub mod fs;
 pub mod node;

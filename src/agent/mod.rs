@@ -166,7 +166,10 @@ fn apply_mutation(
             .map_err(AgentError::FenceNotRecorded)?;
     }
     match mutation {
-        Mutation::PinPrevious => store.pin_previous()?,
+        Mutation::PinPrevious => {
+            store.pin_previous()?;
+            crate::crash::point("agent-pinned");
+        }
         Mutation::Activate(hash) => {
             // Arm the guard first: if the new release never comes up, the
             // supervisor puts back what runs now, with no leader involved.
@@ -179,6 +182,7 @@ fn apply_mutation(
                     tries_left: guard::DEFAULT_TRIES,
                 };
                 guard::arm(data_dir, &pending).map_err(guard_error)?;
+                crate::crash::point("guard-armed");
             }
             store.activate(hash)?
         }
@@ -188,6 +192,7 @@ fn apply_mutation(
         }
         Mutation::Commit(_) => {
             guard::disarm(data_dir).map_err(guard_error)?;
+            crate::crash::point("commit-disarmed");
             // Old releases go now; current and the pinned previous always stay.
             let deleted = store.prune(crate::release::DEFAULT_KEEP_OLD)?;
             if !deleted.is_empty() {

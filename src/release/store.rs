@@ -405,6 +405,7 @@ impl ReleaseStore {
             )));
         }
         sync_dir(&self.path(RELEASES))?;
+        crate::crash::point("release-published");
         self.cache()
             .insert(hash.to_owned(), Arc::new(manifest.clone()));
         Ok(())
@@ -547,7 +548,9 @@ impl ReleaseStore {
     /// renamed over the old one (atomic), then the directory synced so it survives a crash.
     fn point(&self, name: &str, hash: &str) -> Result<(), StoreError> {
         let target = Path::new(RELEASES).join(hash);
-        Ok(replace_symlink(self.data_dir(), name, &target)?)
+        replace_symlink(self.data_dir(), name, &target)?;
+        crate::crash::point("link-swapped");
+        Ok(())
     }
 }
 

@@ -110,7 +110,7 @@ async fn drive_term<C: Cluster>(
                         engine.resync();
                         refused = true;
                     }
-                    Ok(Response::Ok) => {}
+                    Ok(Response::Ok) => crate::crash::point("leader-proposed"),
                     Err(e) => {
                         tracing::warn!(error = %e, "rollout proposal failed; will retry while leading");
                         return;

@@ -139,6 +139,8 @@ pub struct Cluster {
     pub nodes: BTreeMap<u64, NodeProc>,
     /// Extra flags for every node (e.g. timing).
     pub flags: Vec<String>,
+    /// Extra environment of one node's processes (its supervisor's too).
+    pub node_env: BTreeMap<u64, Vec<(String, String)>>,
     /// Run nodes under `cluster supervise` from `<data>/current/bin/cluster`, with this
     /// dist installed as their first release.
     pub supervised: Option<PathBuf>,
@@ -156,6 +158,7 @@ impl Cluster {
                 .expect("temp dir"),
             nodes: BTreeMap::new(),
             flags: Vec::new(),
+            node_env: BTreeMap::new(),
             supervised: None,
             unsupervised: false,
         }
@@ -212,7 +215,8 @@ impl Cluster {
         cluster
     }
 
-    async fn form(&mut self, n: u64) {
+    /// Starts `n` nodes as configured: node 1 bootstraps, the others join through it.
+    pub async fn form(&mut self, n: u64) {
         self.spawn(1, Start::Bootstrap).await;
         let first = self.addr(1);
         for id in 2..=n {
@@ -278,6 +282,7 @@ impl Cluster {
             .arg(&data_dir)
             .args(&self.flags)
             .env("RUST_LOG", "info,openraft=warn")
+            .envs(self.node_env.get(&id).cloned().unwrap_or_default())
             .env_remove("CLUSTER_TLS")
             .stdin(Stdio::null());
         if !self.flags.iter().any(|f| f == "--insecure" || f == "--tls") {

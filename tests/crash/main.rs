@@ -1,0 +1,119 @@
+//! Crash points (feature `crash-points`, `src/crash.rs`): for every durable step of the
+//! agent and the rollout, a rolling update in which one node aborts at that step, once,
+//! as `kill -9` would; its supervisor starts it again. The node and the rollout must
+//! recover: the rollout ends (completed or reverted, never stuck), every node runs the
+//! release its `current` points at, that release verifies, every node is on one build,
+//! and no acknowledged write is lost.
+//!
+//! `cargo test --features crash-points --test crash -- --nocapture` (in `.ci/run`).
+
+#[path = "../it/harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+use std::time::Duration;
+
+use harness::{assert_all_readable, cli, make_release, wait_for, Cluster, Writer};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_crashes_at_any_durable_step_recovers_and_so_does_the_rollout() {
+    for point in cluster::crash::POINTS {
+        // The leader's own step crashes the leader (node 1 bootstraps and leads); the
+        // agent's and the store's crash the first follower to update.
+        let node = if *point == "leader-proposed" { 1 } else { 2 };
+        crash_at(point, node).await;
+    }
+}
+
+async fn crash_at(point: &str, node: u64) {
+    let work = tempfile::tempdir().unwrap();
+    let (v1, v2) = (work.path().join("v1"), work.path().join("v2"));
+    let h1 = make_release(&v1, &[("share/motd", "one")]);
+    let h2 = make_release(&v2, &[("share/motd", "two")]);
+    let marker = work.path().join(format!("crashed-at-{point}"));
+    let mut cluster = Cluster::new();
+    cluster.supervised = Some(v1.clone());
+    cluster.node_env.insert(
+        node,
+        vec![
+            ("CLUSTER_CRASH_AT".into(), point.into()),
+            ("CLUSTER_CRASH_MARKER".into(), marker.display().to_string()),
+        ],
+    );
+    cluster.form(3).await;
+    harness::wait_all_on(&cluster, &h1).await;
+    let writer = Writer::start(cluster.addrs(), &format!("crash-{point}"));
+
+    let out = cli(&[
+        "update",
+        "--dist",
+        v2.to_str().unwrap(),
+        "--node",
+        &cluster.addr(3),
+        "--stabilize-ms",
+        "1000",
+        "--soak-ms",
+        "0",
+        "--stale-ack-ms",
+        "2000",
+        "--poll-interval-ms",
+        "100",
+        "--health-deadline-ms",
+        "20000",
+        "--json",
+    ]);
+    assert!(
+        marker.exists(),
+        "node {node} crashed at {point}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let outcome = json["outcome"]["outcome"]
+        .as_str()
+        .unwrap_or("none")
+        .to_string();
+    // The update client may have been talking to the node that crashed: the history says
+    // how the rollout ended.
+    let ended = wait_for(
+        &format!("the rollout to end after a crash at {point}"),
+        Duration::from_secs(180),
+        || async {
+            let out = cli(&["rollout", "history", "--json", "--node", &cluster.addr(3)]);
+            let history: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let last = history.as_array()?.last()?.clone();
+            let active = cli(&["rollout", "status", "--json", "--node", &cluster.addr(3)]);
+            (String::from_utf8_lossy(&active.stdout).trim() == "null").then_some(last)
+        },
+    )
+    .await;
+    let ended_as = ended["outcome"].as_str().unwrap().to_string();
+    assert!(
+        ended_as == "completed" || ended_as == "reverted",
+        "crash at {point}: the rollout ends completed or reverted: {ended}"
+    );
+    let build = if ended_as == "completed" { &h2 } else { &h1 };
+    harness::wait_all_on(&cluster, build).await;
+    for id in 1..=3 {
+        let current = harness::data_dir_of(&cluster, id).join("current");
+        let target = std::fs::read_link(&current).unwrap();
+        assert!(
+            target.ends_with(build),
+            "crash at {point}: node {id}'s current is {}",
+            target.display()
+        );
+        let verify = cli(&["dist", "verify", current.to_str().unwrap()]);
+        assert!(
+            verify.status.success(),
+            "crash at {point}: node {id}'s current verifies: {}",
+            String::from_utf8_lossy(&verify.stderr)
+        );
+    }
+    let report = writer.stop().await;
+    assert_all_readable(&cluster.addr(3), &report.acked).await;
+    println!(
+        "crash at {point} on node {node}: rollout {ended_as} (the client saw {outcome}), \
+         {} writes acknowledged, none lost",
+        report.acked.len()
+    );
+}
