@@ -44,24 +44,10 @@ async fn crash_at(point: &str, node: u64) {
     harness::wait_all_on(&cluster, &h1).await;
     let writer = Writer::start(cluster.addrs(), &format!("crash-{point}"));
 
-    let out = cli(&[
-        "update",
-        "--dist",
-        v2.to_str().unwrap(),
-        "--node",
-        &cluster.addr(3),
-        "--stabilize-ms",
-        "1000",
-        "--soak-ms",
-        "0",
-        "--stale-ack-ms",
-        "2000",
-        "--poll-interval-ms",
-        "100",
-        "--health-deadline-ms",
-        "20000",
-        "--json",
-    ]);
+    let update = harness::update_in_background(cluster.addr(3), v2.clone(), 1000, 20_000);
+    let out = tokio::task::spawn_blocking(move || update.join().unwrap())
+        .await
+        .unwrap();
     assert!(
         marker.exists(),
         "node {node} crashed at {point}: {}\n{}",

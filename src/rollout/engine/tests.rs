@@ -842,10 +842,10 @@ fn failed_hand_offs_restart_the_leader_until_it_updates_in_place() {
     assert_eq!(sim.started, vec![2, 3, 1]);
 }
 
-#[test]
-fn a_new_boot_while_stabilizing_fails_the_node() {
-    let d = deployment(&[1, 2, 3], &[], strategy(1, OnFailure::Revert));
-    let mut view = d.clone();
+/// A deployment over voters 1-3 in which node 2 has passed its health check and
+/// stabilizes; the engine of node 1, leading term 2; and a clock.
+fn node_2_stabilizing(strategy: Strategy) -> (Deployment, Engine, impl Fn(u64) -> Now) {
+    let mut view = deployment(&[1, 2, 3], &[], strategy);
     for phase in [
         Phase::Backup,
         Phase::Sync,
@@ -855,11 +855,16 @@ fn a_new_boot_while_stabilizing_fails_the_node() {
     ] {
         view.set_node_phase(2, phase, None, 0).unwrap();
     }
-    let mut engine = Engine::new(1, 2);
     let at = |ms| Now {
         monotonic_ms: ms,
         unix_ms: ms,
     };
+    (view, Engine::new(1, 2), at)
+}
+
+#[test]
+fn a_new_boot_while_stabilizing_fails_the_node() {
+    let (view, mut engine, at) = node_2_stabilizing(strategy(1, OnFailure::Revert));
     let first = engine.step(&view, Event::Tick, at(10));
     assert!(first.is_empty(), "waits a poll interval: {first:?}");
     let poll = |node, seq| Action::PollHealth {
@@ -910,22 +915,7 @@ fn a_new_boot_while_stabilizing_fails_the_node() {
 fn one_late_acknowledgement_while_stabilizing_is_forgiven_three_in_a_row_fail_the_node() {
     let mut strategy = strategy(1, OnFailure::Revert);
     strategy.stabilize_ms = 60_000;
-    let d = deployment(&[1, 2, 3], &[], strategy);
-    let mut view = d.clone();
-    for phase in [
-        Phase::Backup,
-        Phase::Sync,
-        Phase::Activate,
-        Phase::Health,
-        Phase::Stabilize,
-    ] {
-        view.set_node_phase(2, phase, None, 0).unwrap();
-    }
-    let mut engine = Engine::new(1, 2);
-    let at = |ms| Now {
-        monotonic_ms: ms,
-        unix_ms: ms,
-    };
+    let (view, mut engine, at) = node_2_stabilizing(strategy);
     assert!(engine.step(&view, Event::Tick, at(0)).is_empty());
     let health = |ack_ms| Health {
         serving: true,
