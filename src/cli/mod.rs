@@ -293,9 +293,6 @@ pub fn run() -> anyhow::Result<ExitCode> {
         cli.command,
         Command::Node(_) | Command::Supervise { .. } | Command::Local(_)
     );
-    if !is_node && !matches!(cli.command, Command::Demo) {
-        end_quietly_on_a_closed_pipe();
-    }
     if let Command::Tls(command) = cli.command {
         init_tracing("warn");
         return tls::run(command);
@@ -315,17 +312,6 @@ pub fn run() -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(dispatch(cli.command))
-}
-
-/// A client command whose output goes to a reader that has gone (`cluster rollout status
-/// --json | head`) ends at once and quietly, as Unix tools do, instead of reporting (or
-/// panicking on) a broken pipe: the Rust runtime ignores SIGPIPE, this puts it back. Not
-/// for processes that run nodes, which must outlive a closed terminal or log pipe.
-fn end_quietly_on_a_closed_pipe() {
-    // SAFETY: signal(2) with SIG_DFL installs no handler; called before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
 }
 
 fn init_tracing(default_level: &str) {
