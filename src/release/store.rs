@@ -41,8 +41,9 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use super::manifest::{build_hash_of, is_sha256_hex, EntrySummary, Limits, Manifest};
+use super::manifest::{build_hash_of, is_sha256_hex, Limits, Manifest};
 use super::signature::Signature;
+use super::DistError;
 use crate::fs::{
     io_error, random_name, remove_file_durably, remove_tree, replace_symlink, sync_dir,
     write_atomically, IoError,
@@ -233,36 +234,15 @@ impl ReleaseStore {
         if build_hash_of(&found) == hash {
             return Ok(());
         }
-        let wanted = manifest.summary();
-        let by_path: HashMap<&str, &EntrySummary> =
-            wanted.iter().map(|row| (row.path.as_str(), row)).collect();
-        for row in &found {
-            match by_path.get(row.path.as_str()) {
-                None => return Err(damaged(&row.path, "is not in its manifest".into())),
-                Some(want) if want.size != row.size => {
-                    return Err(damaged(
-                        &row.path,
-                        format!("is {} bytes, its manifest says {}", row.size, want.size),
-                    ))
-                }
-                Some(want) if *want != row => {
-                    return Err(damaged(
-                        &row.path,
-                        "differs from its manifest (content, mode or kind)".into(),
-                    ))
-                }
-                Some(_) => {}
+        let (path, problem) = match super::version::first_difference(&manifest.summary(), &found) {
+            Some(DistError::EntryMissing { path }) => (path, "is missing".to_string()),
+            Some(DistError::EntryExtra { path }) => (path, "is not in its manifest".to_string()),
+            Some(DistError::EntryChanged { path, change }) => {
+                (path, format!("differs from its manifest ({change})"))
             }
-        }
-        let present: std::collections::HashSet<&str> =
-            found.iter().map(|row| row.path.as_str()).collect();
-        match wanted
-            .iter()
-            .find(|row| !present.contains(row.path.as_str()))
-        {
-            Some(row) => Err(damaged(&row.path, "is missing".into())),
-            None => Err(damaged("", "does not hash to its build hash".into())),
-        }
+            _ => (String::new(), "does not hash to its build hash".to_string()),
+        };
+        Err(damaged(&path, problem))
     }
 
     /// Removes the held release `hash` that [`ReleaseStore::check`] found damaged, so

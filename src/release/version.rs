@@ -246,7 +246,10 @@ fn read_version_file(dir: &Path) -> Result<VersionInfo, DistError> {
 }
 
 /// The first entry, in path order, where `recorded` and `actual` disagree.
-fn first_difference(recorded: &[EntrySummary], actual: &[EntrySummary]) -> Option<DistError> {
+pub(super) fn first_difference(
+    recorded: &[EntrySummary],
+    actual: &[EntrySummary],
+) -> Option<DistError> {
     let mut recorded: Vec<&EntrySummary> = recorded.iter().collect();
     recorded.sort_by(|a, b| a.path.cmp(&b.path));
     let mut actual: Vec<&EntrySummary> = actual.iter().collect();
