@@ -195,6 +195,10 @@ pub async fn run(
     let raft = Raft::new(config.id, raft_config, network, log_store, sm.clone())
         .await
         .map_err(NodeError::Raft)?;
+    // Nothing reads the metrics (membership, above all) before they show the store's state.
+    crate::raft::restored(&raft)
+        .await
+        .map_err(NodeError::RaftStopped)?;
 
     let restart = Arc::new(Notify::new());
     let term_raft = raft.clone();
@@ -463,22 +467,11 @@ fn prepare_data_dir(dir: &Path) -> Result<(), NodeError> {
 
 /// Asks the member at `via` to admit this node, unless it already is a member.
 async fn join_cluster(node: &NodeHandle, via: &str) -> Result<(), NodeError> {
-    // Asked of the core, not its metrics: right after start the metrics may not yet show
-    // the membership the store holds, and a restarted member would then ask to join
-    // again (and be refused by a follower that is not the leader).
-    let id = node.id;
-    let is_member = node
-        .raft
-        .with_raft_state(move |state| {
-            state
-                .membership_state
-                .effective()
-                .membership()
-                .get_node(&id)
-                .is_some()
-        })
-        .await
-        .map_err(|e| NodeError::RaftStopped(e.to_string()))?;
+    let is_member = crate::raft::metrics(&node.raft)
+        .membership_config
+        .membership()
+        .get_node(&node.id)
+        .is_some();
     if is_member {
         tracing::info!(id = node.id, "already a member; rejoining with local state");
         return Ok(());

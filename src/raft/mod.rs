@@ -89,6 +89,17 @@ pub fn replication(raft: &Raft) -> BTreeMap<u64, Replication> {
     view
 }
 
+/// Returns once the Raft core runs and has published the state it restored from the
+/// store (its metrics are flushed before it takes its first request). Until then its
+/// metrics are the defaults of an empty node: no membership, so a restarted member would
+/// think it must join, and the authorization layer would take it for a node still joining
+/// that admits any node certificate.
+pub async fn restored(raft: &Raft) -> Result<(), String> {
+    raft.with_raft_state(|_| ())
+        .await
+        .map_err(|fatal| fatal.to_string())
+}
+
 /// Returns once the Raft core has stopped (a storage error, a panic, or a shutdown),
 /// with why. A node whose core stopped cannot vote, replicate or apply, yet its last
 /// metrics still say what it was (a leader, say): it must not go on answering as a member.
