@@ -320,13 +320,17 @@ async fn inject(
         }
         Nemesis::CorruptHeld => {
             // A file only the target has: bin/cluster is shared (hard-linked) with what runs.
-            let holder = (1..=3).find(|id| {
-                harness::data_dir_of(cluster, *id)
-                    .join("releases")
-                    .join(target)
-                    .join("share/motd")
-                    .exists()
-            });
+            let holders: Vec<u64> = (1..=3)
+                .filter(|id| {
+                    harness::data_dir_of(cluster, *id)
+                        .join("releases")
+                        .join(target)
+                        .join("share/motd")
+                        .exists()
+                })
+                .collect();
+            let holder = (!holders.is_empty())
+                .then(|| holders[rng.between(0, holders.len() as u64) as usize]);
             match holder {
                 Some(id) => {
                     let path = harness::data_dir_of(cluster, id)

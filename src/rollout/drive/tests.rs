@@ -419,6 +419,16 @@ impl Harness {
     }
 }
 
+/// Starts an update of every node to a new build through the leader; its build hash.
+async fn start_update(cluster: &Harness) -> String {
+    let new = manifest("new build");
+    let target = new.build_hash();
+    update(&cluster.leader(), new, options(), false)
+        .await
+        .expect("update starts");
+    target
+}
+
 fn options() -> UpdateOptions {
     UpdateOptions {
         strategy: Strategy {
@@ -465,11 +475,7 @@ async fn an_update_rolls_every_node_followers_first_and_the_leader_last() {
 #[tokio::test(start_paused = true)]
 async fn a_leader_restarted_in_the_same_term_finishes_the_rollout() {
     let mut cluster = Harness::start(&[1, 2, 3]);
-    let new = manifest("new build");
-    let target = new.build_hash();
-    update(&cluster.leader(), new, options(), false)
-        .await
-        .expect("update starts");
+    let target = start_update(&cluster).await;
     // The second follower runs the new build and soaks: its fence holds a request number
     // above all the first follower's polls, more than a new engine counting from 0 would
     // send before it commits.
@@ -640,11 +646,7 @@ async fn a_node_that_fails_health_is_restored_and_updated_nodes_are_reverted() {
 #[tokio::test(start_paused = true)]
 async fn a_new_leader_resumes_the_rollout_from_the_replicated_record() {
     let cluster = Harness::start(&[1, 2, 3]);
-    let new = manifest("new build");
-    let target = new.build_hash();
-    update(&cluster.leader(), new, options(), false)
-        .await
-        .expect("update starts");
+    let target = start_update(&cluster).await;
     // Once the first follower committed, leadership moves to the other follower.
     cluster
         .until("a follower to commit", |w| {
