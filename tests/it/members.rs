@@ -315,8 +315,15 @@ async fn joins_beyond_max_voters_stay_learners_until_a_voter_is_removed() {
     cluster.flags = vec!["--max-voters".into(), "3".into()];
     cluster.spawn(1, Start::Bootstrap).await;
     let first = cluster.addr(1);
+    // One join at a time: which joiner stays a learner depends on the order they arrive.
     for id in 2..=4 {
         cluster.spawn(id, Start::Join(&first)).await;
+        wait_for(
+            &format!("node {id} to be a member"),
+            Duration::from_secs(60),
+            || async { ids(&member_list(&first)).contains(&id).then_some(()) },
+        )
+        .await;
     }
     let view = wait_for(
         "three voters and learner 4",
