@@ -149,6 +149,9 @@ fn apply_mutation(
                 running: running_build.to_owned(),
             });
         }
+        // What the next boot starts must still be what was checked at activation: a
+        // release damaged since is not committed, and the rollout restores this node.
+        Mutation::Commit(hash) => store.check(hash, limits)?,
         // Restore is not checked: it puts back what this node ran before the rollout.
         Mutation::Activate(hash) => {
             if !release_keys.is_empty() {
@@ -908,6 +911,39 @@ mod tests {
         assert_eq!(tree(&data), before);
         let held = agent.store().releases().unwrap();
         assert!(held.contains(&old) && held.contains(&new), "{held:?}");
+    }
+
+    #[tokio::test]
+    async fn a_running_release_damaged_after_activation_is_not_committed() {
+        // Releases install to the same hash in any data dir: learn it, then run it.
+        let (_, _, _, new) = agent_with_two_releases("dev");
+        let (dir, agent, _, same) = agent_with_two_releases(&new);
+        assert_eq!(same, new);
+        let data = dir.path().join("data");
+        agent
+            .mutate(fence(1, 1, 1), Mutation::Activate(new.clone()))
+            .await
+            .unwrap();
+        let binary = data.join("releases").join(&new).join("bin/cluster");
+        let mut bytes = std::fs::read(&binary).unwrap();
+        bytes[0] ^= 0x20;
+        std::fs::write(&binary, &bytes).unwrap();
+        let before = tree(&data);
+
+        let err = agent
+            .mutate(fence(1, 1, 2), Mutation::Commit(new.clone()))
+            .await
+            .unwrap_err();
+        let message = crate::error::Chain(&err).to_string();
+        assert!(
+            message.contains(&format!("release {new} is damaged on disk"))
+                && message.contains("bin/cluster"),
+            "{message}"
+        );
+        // The guard stays armed (a reboot puts back what ran before) and nothing moved.
+        assert!(data.join("boot.json").exists());
+        assert_eq!(tree(&data), before);
+        assert_eq!(agent.store().current().unwrap(), Some(new));
     }
 
     #[tokio::test]

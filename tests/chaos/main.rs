@@ -320,13 +320,34 @@ async fn inject(
         }
         Nemesis::CorruptHeld => {
             // A file only the target has: bin/cluster is shared (hard-linked) with what runs.
+            // The rollout answers for the release until it commits it: the damage lands on
+            // a node that holds the target but does not run it yet, or has just started it
+            // (the commit is at least a stabilization window away).
+            let phases: std::collections::BTreeMap<u64, String> = active_rollout(cluster)
+                .and_then(|json| {
+                    let nodes = json["nodes"].as_object()?.clone();
+                    Some(
+                        nodes
+                            .into_iter()
+                            .filter_map(|(id, step)| {
+                                Some((id.parse().ok()?, step["phase"].as_str()?.to_string()))
+                            })
+                            .collect(),
+                    )
+                })
+                .unwrap_or_default();
             let holders: Vec<u64> = (1..=3)
                 .filter(|id| {
-                    harness::data_dir_of(cluster, *id)
-                        .join("releases")
+                    let data = harness::data_dir_of(cluster, *id);
+                    let runs_it = current_of(data).as_deref() == Some(target);
+                    let just_started = phases
+                        .get(id)
+                        .is_some_and(|p| p == "activate" || p == "health");
+                    data.join("releases")
                         .join(target)
                         .join("share/motd")
                         .exists()
+                        && (!runs_it || just_started)
                 })
                 .collect();
             let holder = (!holders.is_empty())
@@ -344,7 +365,7 @@ async fn inject(
                     let _ = std::fs::write(&path, &bytes);
                     format!("a byte of node {id}'s held target release flipped")
                 }
-                None => "no node held the target yet: nothing flipped".into(),
+                None => "no node held the target uncommitted: nothing flipped".into(),
             }
         }
         Nemesis::ConcurrentUpdate => {
