@@ -237,7 +237,7 @@ async fn start(
             &data.join("node.addr"),
             Instant::now() + Duration::from_secs(30),
         )?;
-        println!("node {id}: {addr} (data {})", data.display());
+        outln!("node {id}: {addr} (data {})", data.display());
         cluster.addrs.push(addr);
     }
     let client = cluster.client(&cluster.addrs[0])?;
@@ -268,27 +268,27 @@ async fn start(
 
 async fn print_status(cluster: &LocalCluster, addr: &str) -> anyhow::Result<()> {
     let status = cluster.client(addr)?.status(false).await?;
-    println!("{}", super::output::render_status(&status));
+    outln!("{}", super::output::render_status(&status));
     Ok(())
 }
 
 /// `cluster demo`: three supervised nodes, two releases, a rolling update, clean up.
 pub async fn demo() -> anyhow::Result<ExitCode> {
     let work = tempfile::Builder::new().prefix("cluster-demo-").tempdir()?;
-    println!("== cluster dist keygen: the key pair that signs releases");
+    outln!("== cluster dist keygen: the key pair that signs releases");
     let key = release_key(&work.path().join("keys"))?;
-    println!(
+    outln!(
         "key {} (nodes trust {})",
         key.key_id,
         key.public_key.display()
     );
-    println!("== building two releases from this binary, signed with it");
+    outln!("== building two releases from this binary, signed with it");
     let v1 = work.path().join("dist-v1");
     let v2 = work.path().join("dist-v2");
     let h1 = make_dist(&v1, &[("share/motd", "release one\n")], &key)?;
     let h2 = make_dist(&v2, &[("share/motd", "release two\n")], &key)?;
-    println!("v1 {h1}\nv2 {h2}");
-    println!(
+    outln!("v1 {h1}\nv2 {h2}");
+    outln!(
         "== starting 3 supervised nodes on v1, accepting only releases signed by key {}",
         key.key_id
     );
@@ -296,7 +296,7 @@ pub async fn demo() -> anyhow::Result<ExitCode> {
     let cluster = start(3, root, &v1, &key).await?;
     let first = cluster.addrs[0].clone();
     print_status(&cluster, &first).await?;
-    println!("== cluster update --dist {}", v2.display());
+    outln!("== cluster update --dist {}", v2.display());
     let code = update(UpdateArgs {
         dist: v2,
         target: Target {
@@ -315,7 +315,7 @@ pub async fn demo() -> anyhow::Result<ExitCode> {
         soak_ms: 2_000,
     })
     .await?;
-    println!("== final status");
+    outln!("== final status");
     // Any node: the one asked first may have just restarted.
     for addr in &cluster.addrs {
         if print_status(&cluster, addr).await.is_ok() {
@@ -337,11 +337,11 @@ pub async fn local_up(args: LocalArgs) -> anyhow::Result<ExitCode> {
     let key = release_key(&root.0.join("keys"))?;
     let dist = dists.path().join("dist");
     let hash = make_dist(&dist, &[], &key)?;
-    println!("release {hash}, signed by key {}", key.key_id);
+    outln!("release {hash}, signed by key {}", key.key_id);
     let cluster = start(args.nodes, root, &dist, &key).await?;
     print_status(&cluster, &cluster.addrs[0]).await?;
     let operator = cluster.operator.tls.clone().unwrap_or_default();
-    println!(
+    outln!(
         "\nThe nodes accept only releases signed by key {id}; sign a dist before rolling it out:\n  \
          cluster dist stamp <dir> --sign {private}\n\
          export CLUSTER_NODE={addr} CLUSTER_TLS={operator}   # then: cluster status, cluster update --dist <dir>\n\

@@ -70,7 +70,7 @@ pub async fn run(command: MemberCommand) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&view)?;
             } else {
-                println!("{}", render_members(&view));
+                outln!("{}", render_members(&view));
             }
         }
         MemberCommand::Remove {
@@ -88,7 +88,7 @@ pub async fn run(command: MemberCommand) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&removed)?;
             } else {
-                println!("{}", render_removed(&removed));
+                outln!("{}", render_removed(&removed));
             }
         }
     }

@@ -1,6 +1,17 @@
 //! Command-line interface: clap definitions, resolution of flags and config files into
 //! validated configuration, and the commands. The only module that prints to stdout.
 
+/// `println!` for the CLI: a closed stdout returns from the calling function with the
+/// error (see [`output::line`]).
+macro_rules! outln {
+    () => {
+        $crate::cli::output::line(format_args!(""))?
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::output::line(format_args!($($arg)*))?
+    };
+}
+
 mod config;
 mod demo;
 mod dist;
@@ -16,6 +27,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::rpc::ControlClient;
+
+pub use output::is_broken_pipe;
 
 /// Exit status for "the operation ran and said no" (missing key, failed check).
 pub const EXIT_FAILURE: u8 = 1;
@@ -346,9 +359,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 };
                 output::print_json(&json)?;
             } else {
-                output::print_status(&status);
+                output::print_status(&status)?;
                 if let Some(view) = &view {
-                    rollout::print_status(view, &members);
+                    rollout::print_status(view, &members)?;
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -362,9 +375,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             if json {
                 output::print_json(&done)?;
             } else {
-                println!(
+                outln!(
                     "node {} leads (term {}), hand-off took {} ms",
-                    done.leader, done.term, done.elapsed_ms
+                    done.leader,
+                    done.term,
+                    done.elapsed_ms
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -380,7 +395,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Local(LocalCommand::Up(args)) => demo::local_up(args).await,
         Command::Guard { data_dir } => match crate::agent::guard::before_start(&data_dir) {
             Ok(outcome) => {
-                println!("{}", crate::agent::guard::describe(&outcome));
+                outln!("{}", crate::agent::guard::describe(&outcome));
                 Ok(ExitCode::SUCCESS)
             }
             Err(reason) => {
@@ -410,7 +425,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             if json {
                 output::print_json(&outcome)?;
             } else {
-                println!(
+                outln!(
                     "{}: release {} held by {} (sent {} bytes in {} chunks, reused {} bytes, {} ms)",
                     dist.dir.display(),
                     outcome.hash,
@@ -444,7 +459,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             if json {
                 output::print_json(&outcome)?;
             } else {
-                println!(
+                outln!(
                     "release {} held by {node} (fetched {} bytes in {} chunks from {from}, reused {} bytes, {} ms)",
                     outcome.hash,
                     outcome.fetched_bytes,
@@ -466,17 +481,17 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                         (_, Some(p)) if p == hash => "  (previous)",
                         _ => "",
                     };
-                    println!("{hash}{mark}");
+                    outln!("{hash}{mark}");
                 }
                 if view.hashes.is_empty() {
-                    println!("no releases on {}", target.node);
+                    outln!("no releases on {}", target.node);
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Kv(KvCommand::Get { key, target }) => match target.client()?.kv_get(&key).await? {
             Some(value) => {
-                println!("{value}");
+                outln!("{value}");
                 Ok(ExitCode::SUCCESS)
             }
             None => {

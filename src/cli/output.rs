@@ -5,8 +5,27 @@ use serde::Serialize;
 use crate::api::ClusterStatus;
 use crate::state::deployment::short_hash;
 
+/// Writes one line to stdout. A reader that went away (`| head`) is an error the caller
+/// returns with `?`, so that what it owns is cleaned up: `main` then exits quietly, with the
+/// status a shell gives a process ended by SIGPIPE.
+pub fn line(args: std::fmt::Arguments) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args)?;
+    out.write_all(b"\n")
+}
+
+/// Whether `error` is a write to a closed pipe (see [`line`]).
+pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 pub fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -16,8 +35,9 @@ pub fn or_dash(value: Option<u64>, unit: &str) -> String {
         .unwrap_or_else(|| "-".to_string())
 }
 
-pub fn print_status(status: &ClusterStatus) {
-    println!("{}", render_status(status));
+pub fn print_status(status: &ClusterStatus) -> std::io::Result<()> {
+    outln!("{}", render_status(status));
+    Ok(())
 }
 
 /// Rows (the first is the header) as left-aligned columns two spaces apart.

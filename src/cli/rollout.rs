@@ -199,8 +199,8 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
         .update(&dist.manifest, &options, args.dry_run)
         .await?;
     if !args.json {
-        print_report(&outcome.report);
-        print_plan(&outcome);
+        print_report(&outcome.report)?;
+        print_plan(&outcome)?;
     }
     if !outcome.report.proceed {
         if args.json {
@@ -213,7 +213,7 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
         if args.json {
             print_json(&outcome)?;
         } else {
-            println!("dry run: preflight passed; nothing was changed");
+            outln!("dry run: preflight passed; nothing was changed");
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -226,7 +226,7 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
             "outcome": finished,
         }))?;
     } else {
-        print_summary(&finished);
+        print_summary(&finished)?;
     }
     Ok(if finished.outcome == DeploymentState::Completed {
         ExitCode::SUCCESS
@@ -235,20 +235,23 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn print_report(report: &Report) {
-    println!(
+fn print_report(report: &Report) -> std::io::Result<()> {
+    outln!(
         "preflight: {} voters, quorum {}, can lose {}",
-        report.voters, report.quorum, report.can_lose
+        report.voters,
+        report.quorum,
+        report.can_lose
     );
     for check in &report.checks {
         let mark = if check.passed { "ok  " } else { "FAIL" };
-        println!("  {mark} {:<18} {}", check.name, check.detail);
+        outln!("  {mark} {:<18} {}", check.name, check.detail);
     }
+    Ok(())
 }
 
-fn print_plan(outcome: &UpdateOutcome) {
+fn print_plan(outcome: &UpdateOutcome) -> std::io::Result<()> {
     let plan = &outcome.plan;
-    println!(
+    outln!(
         "plan: roll out {} (leader {} last)",
         short_hash(&plan.target_hash),
         plan.leader
@@ -266,11 +269,12 @@ fn print_plan(outcome: &UpdateOutcome) {
                 None => format!("node {id}"),
             })
             .collect();
-        println!("  {}. {}", index + 1, nodes.join(", "));
+        outln!("  {}. {}", index + 1, nodes.join(", "));
     }
     if !plan.already_current.is_empty() {
-        println!("  already on the target: {:?}", plan.already_current);
+        outln!("  already on the target: {:?}", plan.already_current);
     }
+    Ok(())
 }
 
 /// Polls the rollout of `generation` until it finishes, printing every phase change.
@@ -314,7 +318,7 @@ async fn follow(target: &Target, generation: u64, print: bool) -> anyhow::Result
                     .collect();
                 next = addrs.iter().position(|a| *a == addr).unwrap_or(0);
                 if print {
-                    print_progress(&deployment, &mut seen, &mut last_state);
+                    print_progress(&deployment, &mut seen, &mut last_state)?;
                 }
             }
             _ => {
@@ -331,10 +335,10 @@ fn print_progress(
     deployment: &Deployment,
     seen: &mut std::collections::BTreeMap<u64, String>,
     last_state: &mut String,
-) {
+) -> std::io::Result<()> {
     let state = deployment.state.as_str().to_string();
     if *last_state != state {
-        println!(
+        outln!(
             "rollout {}: {state}{}",
             deployment.generation,
             deployment
@@ -356,12 +360,12 @@ fn print_progress(
                 .as_ref()
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default();
-            println!("  node {id} ({}): {phase}{error}", step.addr);
+            outln!("  node {id} ({}): {phase}{error}", step.addr);
             seen.insert(*id, phase);
         }
     }
     if deployment.soak_started_ms().is_some() && !seen.contains_key(&u64::MAX) {
-        println!(
+        outln!(
             "  every node committed: soaking for {} ({} failed health checks in a row on any \
              node revert the rollout)",
             ms(deployment.strategy.soak_ms),
@@ -369,11 +373,12 @@ fn print_progress(
         );
         seen.insert(u64::MAX, "soak".into());
     }
+    Ok(())
 }
 
 /// The active rollout: header line, then every node's phase.
-pub fn print_active(d: &Deployment, notes: Option<&LeaderNotes>) {
-    println!(
+pub fn print_active(d: &Deployment, notes: Option<&LeaderNotes>) -> std::io::Result<()> {
+    outln!(
         "rollout {} {}: {} -> {} (started by {}, term {})",
         d.generation,
         d.state.as_str(),
@@ -383,27 +388,31 @@ pub fn print_active(d: &Deployment, notes: Option<&LeaderNotes>) {
         d.issued_by_term
     );
     if let Some(trigger) = &d.trigger {
-        println!("  why: {trigger}");
+        outln!("  why: {trigger}");
     }
     if let Some(reason) = &d.reason {
-        println!("  reason: {reason}");
+        outln!("  reason: {reason}");
     }
-    print_steps(&d.order, &d.nodes);
+    print_steps(&d.order, &d.nodes)?;
     if let Some(notes) = notes {
         if let Some(waiting) = &notes.waiting {
-            println!("  {waiting}");
+            outln!("  {waiting}");
         }
         if let Some(left) = notes.soak_left_ms {
-            println!(
+            outln!(
                 "  soaking: every node committed; {} of health watching left",
                 ms(left)
             );
         }
     }
+    Ok(())
 }
 
 /// Every node's phase, error and time taken, in rollout order.
-fn print_steps(order: &[u64], nodes: &std::collections::BTreeMap<u64, NodeStep>) {
+fn print_steps(
+    order: &[u64],
+    nodes: &std::collections::BTreeMap<u64, NodeStep>,
+) -> std::io::Result<()> {
     for id in order {
         let Some(step) = nodes.get(id) else {
             continue;
@@ -413,13 +422,14 @@ fn print_steps(order: &[u64], nodes: &std::collections::BTreeMap<u64, NodeStep>)
             .as_ref()
             .map(|e| format!(": {e}"))
             .unwrap_or_default();
-        println!(
+        outln!(
             "  node {id} ({}): {}{}{error}",
             step.addr,
             step.phase.as_str(),
             timing(step.started_ms, step.finished_ms)
         );
     }
+    Ok(())
 }
 
 /// "12.3 s" or "2m05s".
@@ -516,9 +526,9 @@ pub fn status_json(view: &RolloutView, members: &[u64]) -> serde_json::Value {
 }
 
 /// The rollout part of `cluster status`: what runs, what is under way, what failed.
-pub fn print_status(view: &RolloutView, members: &[u64]) {
+pub fn print_status(view: &RolloutView, members: &[u64]) -> std::io::Result<()> {
     let fleet = &view.fleet;
-    println!();
+    outln!();
     let target = match &fleet.target {
         Some(hash) => format!("build {}", short_hash(hash)),
         None if view.history.iter().any(|h| h.left_mixed()) => {
@@ -526,7 +536,7 @@ pub fn print_status(view: &RolloutView, members: &[u64]) {
         }
         None => "none yet (set by the first completed rollout)".into(),
     };
-    println!("target: {target}");
+    outln!("target: {target}");
     let auto = if fleet.auto_disabled { "off" } else { "on" };
     match view.notes.as_ref().map(|n| &n.auto) {
         Some(status) if !status.state.is_empty() => {
@@ -544,15 +554,15 @@ pub fn print_status(view: &RolloutView, members: &[u64]) {
                 .retry_in_ms
                 .map(|ms| format!(" (next try in {})", self::ms(ms)))
                 .unwrap_or_default();
-            println!(
+            outln!(
                 "automatic rollouts: {auto}{watch} [{}{detail}{retry}]",
                 status.state
             );
         }
-        _ => println!("automatic rollouts: {auto}"),
+        _ => outln!("automatic rollouts: {auto}"),
     }
     if let Some(rollback) = &fleet.last_rollback {
-        println!(
+        outln!(
             "last rollback: rollout {} away from {} at {}: {}",
             rollback.generation,
             short_hash(&rollback.from_hash),
@@ -563,16 +573,17 @@ pub fn print_status(view: &RolloutView, members: &[u64]) {
     for id in members {
         let streak = failure_streak(&view.history, *id);
         if streak > 0 {
-            println!("node {id} failed in the last {streak} rollout(s) that included it");
+            outln!("node {id} failed in the last {streak} rollout(s) that included it");
         }
     }
     match &view.deployment {
         Some(d) => {
-            println!();
-            print_active(d, view.notes.as_ref());
+            outln!();
+            print_active(d, view.notes.as_ref())?;
         }
-        None => println!("no rollout is active"),
+        None => outln!("no rollout is active"),
     }
+    Ok(())
 }
 
 /// A unix-ms time as UTC "2026-11-22 20:41:07".
@@ -597,8 +608,8 @@ fn clock(unix_ms: u64) -> String {
     )
 }
 
-fn print_summary(entry: &HistoryEntry) {
-    println!(
+fn print_summary(entry: &HistoryEntry) -> std::io::Result<()> {
+    outln!(
         "rollout {} {}: {} -> {}, started by {} at {}{}{}",
         entry.generation,
         entry.outcome.as_str(),
@@ -617,9 +628,10 @@ fn print_summary(entry: &HistoryEntry) {
             .unwrap_or_default()
     );
     if let Some(trigger) = &entry.trigger {
-        println!("  why: {trigger}");
+        outln!("  why: {trigger}");
     }
-    print_steps(&entry.order, &entry.nodes);
+    print_steps(&entry.order, &entry.nodes)?;
+    Ok(())
 }
 
 /// Runs `cluster rollout ...`.
@@ -631,8 +643,8 @@ pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
                 print_json(&view.deployment)?;
             } else {
                 match &view.deployment {
-                    None => println!("no rollout is active"),
-                    Some(d) => print_active(d, view.notes.as_ref()),
+                    None => outln!("no rollout is active"),
+                    Some(d) => print_active(d, view.notes.as_ref())?,
                 }
             }
             return Ok(ExitCode::SUCCESS);
@@ -642,10 +654,10 @@ pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&view.history)?;
             } else if view.history.is_empty() {
-                println!("no finished rollouts");
+                outln!("no finished rollouts");
             } else {
                 for entry in &view.history {
-                    print_summary(entry);
+                    print_summary(entry)?;
                 }
             }
             return Ok(ExitCode::SUCCESS);
@@ -665,7 +677,7 @@ pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
         .timeout(Duration::from_secs(30))
         .operate(operation)
         .await?;
-    println!("{}", done.message);
+    outln!("{}", done.message);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -106,12 +106,12 @@ pub fn run(command: TlsCommand) -> anyhow::Result<ExitCode> {
             if json {
                 output::print_json(&made)?;
             } else {
-                println!(
+                outln!(
                     "cluster CA made: {} (certificate), {} (private key: keep it off the nodes)",
                     made.cert.display(),
                     made.key.display()
                 );
-                println!(
+                outln!(
                     "next: cluster tls issue <dir> --ca {} --node <id> | --operator <name>",
                     ca_dir.display()
                 );
@@ -140,13 +140,13 @@ pub fn run(command: TlsCommand) -> anyhow::Result<ExitCode> {
             if json {
                 output::print_json(&issued)?;
             } else {
-                println!(
+                outln!(
                     "issued {} (valid until {}) in {}",
                     identity,
                     issued.not_after,
                     out_dir.display()
                 );
-                println!("{}", usage(&identity, &out_dir));
+                outln!("{}", usage(&identity, &out_dir));
             }
         }
     }

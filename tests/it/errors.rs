@@ -154,3 +154,28 @@ async fn usage_errors_exit_2_and_help_explains() {
     let help = cli(&["leader", "transfer", "--help"]);
     assert!(String::from_utf8_lossy(&help.stdout).contains("not caught up"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_reading_ends_a_command_quietly() {
+    // `cluster status --json | head -0`: the pipe is closed before anything is written.
+    let cluster = Cluster::start(1).await;
+    let addr = cluster.addr(1);
+    for args in [
+        vec!["status", "--json", "--node", &addr],
+        vec!["rollout", "history", "--node", &addr],
+        vec!["member", "list", "--node", &addr],
+    ] {
+        let mut command = std::process::Command::new(crate::harness::BIN);
+        command
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        crate::harness::as_operator(&mut command, &args);
+        let mut child = command.spawn().unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?} says nothing: {err}");
+    }
+}
