@@ -301,7 +301,7 @@ enum KvCommand {
 
 /// Parses arguments and runs the command; `main` maps the result to an exit code.
 pub fn run() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse();
+    let cli = parse();
     let is_node = matches!(
         cli.command,
         Command::Node(_) | Command::Supervise { .. } | Command::Local(_)
@@ -325,6 +325,25 @@ pub fn run() -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(dispatch(cli.command))
+}
+
+/// The arguments, with `--version` saying which build this binary is: the build hash of
+/// the release it runs from ("dev" outside one) and the protocol it speaks.
+fn parse() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let version = version_line(&crate::node::running_build_hash());
+    let matches = Cli::command()
+        .version(version)
+        .get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+fn version_line(build: &str) -> String {
+    format!(
+        "{} (build {build}, protocol {})",
+        env!("CARGO_PKG_VERSION"),
+        crate::state::PROTOCOL
+    )
 }
 
 fn init_tracing(default_level: &str) {

@@ -164,3 +164,22 @@ fn tree(data: &Path) -> Vec<String> {
     paths.sort();
     paths
 }
+
+#[test]
+fn version_names_the_build_a_binary_runs_from() {
+    let out = cli(&["--version"]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && said.contains("(build dev, protocol "), "{said}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let hash = crate::harness::make_release(dir.path(), &[]);
+    let out = std::process::Command::new(dir.path().join("bin/cluster"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && said.contains(&format!("(build {hash}, protocol ")),
+        "{said}"
+    );
+}
