@@ -137,6 +137,28 @@ enum Command {
     /// Make the cluster CA and certificates for nodes, operators and viewers (mutual TLS)
     #[command(subcommand)]
     Tls(tls::TlsCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    #[command(long_about = "Print a completion script for SHELL on stdout.\n\n\
+        bash:  cluster completions bash > /etc/bash_completion.d/cluster\n\
+        zsh:   cluster completions zsh > \"${fpath[1]}/_cluster\"\n\
+        fish:  cluster completions fish > ~/.config/fish/completions/cluster.fish")]
+    Completions {
+        /// The shell to complete for
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write one per command with --out-dir
+    #[command(
+        long_about = "Print the manual page of cluster on stdout, in roff. With \
+        --out-dir, write one page per command there, git-style: cluster.1, \
+        cluster-update.1, cluster-rollout-status.1, ...\n\n\
+        Read it:     cluster man | man -l -\n\
+        Install all: cluster man --out-dir /usr/local/share/man/man1 && mandb"
+    )]
+    Man {
+        /// Write cluster.1 and a page for every subcommand in this directory
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -306,6 +328,17 @@ pub fn run() -> anyhow::Result<ExitCode> {
         cli.command,
         Command::Node(_) | Command::Supervise { .. } | Command::Local(_)
     );
+    if let Command::Completions { shell } = cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut command, "cluster", &mut out);
+        std::io::Write::write_all(&mut std::io::stdout().lock(), &out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Command::Man { out_dir } = &cli.command {
+        manual(out_dir.as_deref())?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Command::Tls(command) = cli.command {
         init_tracing("warn");
         return tls::run(command);
@@ -332,10 +365,31 @@ pub fn run() -> anyhow::Result<ExitCode> {
 fn parse() -> Cli {
     use clap::{CommandFactory, FromArgMatches};
     let version = version_line(&crate::node::running_build_hash());
-    let matches = Cli::command()
-        .version(version)
-        .get_matches();
+    let matches = Cli::command().version(version).get_matches();
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// `cluster man`: the top page on stdout, or with `out_dir` one page per command there
+/// (cluster.1, cluster-rollout-status.1, ...), all rendered by clap_mangen from the same
+/// definitions as `--help`.
+fn manual(out_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    // As clap_mangen::generate_to does: no page for `help`, which is not a command.
+    let command = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+    let Some(dir) = out_dir else {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(command).render(&mut out)?;
+        std::io::Write::write_all(&mut std::io::stdout().lock(), &out)?;
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    clap_mangen::generate_to(command, dir)
+        .with_context(|| format!("writing manual pages in {}", dir.display()))?;
+    let pages = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".1"))
+        .count();
+    outln!("{pages} manual pages in {}", dir.display());
+    Ok(())
 }
 
 fn version_line(build: &str) -> String {
@@ -428,7 +482,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 status.code().unwrap_or(0).clamp(0, 255) as u8
             ))
         }
-        Command::Dist(DistAll::Local(_)) | Command::Tls(_) => {
+        Command::Dist(DistAll::Local(_))
+        | Command::Tls(_)
+        | Command::Completions { .. }
+        | Command::Man { .. } => {
             unreachable!("handled before the runtime starts")
         }
         Command::Dist(DistAll::Push { dir, target, json }) => {

@@ -12,3 +12,4 @@ mod releases;
 mod rollout;
 mod signing;
 mod systemd;
+mod tools;

@@ -169,7 +169,10 @@ fn tree(data: &Path) -> Vec<String> {
 fn version_names_the_build_a_binary_runs_from() {
     let out = cli(&["--version"]);
     let said = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success() && said.contains("(build dev, protocol "), "{said}");
+    assert!(
+        out.status.success() && said.contains("(build dev, protocol "),
+        "{said}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let hash = crate::harness::make_release(dir.path(), &[]);

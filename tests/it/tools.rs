@@ -1,0 +1,92 @@
+//! The operator's own tools around the CLI: shell completion, manual pages.
+
+use crate::harness::{cli, BIN};
+
+#[test]
+fn bash_completes_subcommands_and_flags() {
+    let script = cli(&["completions", "bash"]);
+    assert!(script.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cluster.bash");
+    std::fs::write(&path, &script.stdout).unwrap();
+    // What bash does on `cluster rollout st<TAB>` and `cluster update --dr<TAB>`.
+    let complete = |words: &[&str]| {
+        let line = words.join(" ");
+        let program = format!(
+            "source {}; COMP_WORDS=({line}); COMP_CWORD={}; COMP_LINE='{line}'; \
+             COMP_POINT={}; _cluster cluster {} {}; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            path.display(),
+            words.len() - 1,
+            line.len(),
+            words[words.len() - 1],
+            words[words.len() - 2],
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &program])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(complete(&["cluster", "rollout", "st"]).trim(), "status");
+    assert!(complete(&["cluster", "update", "--dr"]).contains("--dry-run"));
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let out = cli(&["completions", shell]);
+        assert!(out.status.success() && out.stdout.len() > 1000, "{shell}");
+    }
+    let out = cli(&["completions", "tcsh"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}
+
+#[test]
+fn the_manual_has_a_page_for_every_command_that_man_renders() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cli(&["man", "--out-dir", dir.path().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in [
+        "cluster.1",
+        "cluster-update.1",
+        "cluster-rollout-status.1",
+        "cluster-node-run.1",
+    ] {
+        assert!(dir.path().join(page).is_file(), "{page}");
+    }
+    // man(1) itself renders the page, with the text `--help` shows.
+    let Ok(rendered) = std::process::Command::new("man")
+        .arg("-l")
+        .arg(dir.path().join("cluster-update.1"))
+        .env("MANPAGER", "cat")
+        .env("MANWIDTH", "100")
+        .output()
+    else {
+        return crate::harness::skip_outside_ci("man(1) is not installed: apt-get install man-db");
+    };
+    let text = String::from_utf8_lossy(&rendered.stdout);
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    assert!(
+        text.contains("--dry-run") && text.contains("without losing quorum"),
+        "{text}"
+    );
+    // And the top page on stdout is the same as cluster.1.
+    let top = std::process::Command::new(BIN).arg("man").output().unwrap();
+    assert_eq!(
+        top.stdout,
+        std::fs::read(dir.path().join("cluster.1")).unwrap()
+    );
+}
