@@ -31,6 +31,7 @@ pub mod clock;
 pub mod crash;
 pub mod error;
 pub mod fs;
+pub mod logs;
 pub mod node;
 pub mod raft;
 pub mod raft_store;

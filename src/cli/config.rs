@@ -99,6 +99,11 @@ pub struct RunArgs {
     /// a caught-up learner back up to it. Give every node the same value [default: 5]
     #[arg(long, value_name = "N")]
     pub max_voters: Option<usize>,
+    /// How the node writes its log on stderr: `text` lines, or `json`, one object per
+    /// line with the node id and every field (generation, error, ...) as a key
+    /// [default: text]
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<crate::logs::LogFormat>,
 }
 
 /// The TOML form of `RunArgs`. Unknown keys are errors: a typo must not be ignored.
@@ -125,6 +130,7 @@ struct FileConfig {
     insecure: Option<bool>,
     release_keys: Option<Vec<PathBuf>>,
     max_voters: Option<usize>,
+    log_format: Option<crate::logs::LogFormat>,
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -269,6 +275,7 @@ pub fn resolve(args: RunArgs) -> anyhow::Result<NodeConfig> {
         bail!("--max-voters must be at least 1: a cluster needs a voter to commit anything");
     }
     Ok(NodeConfig {
+        log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         max_voters,
         security,
         release_keys,
@@ -291,6 +298,7 @@ pub fn resolve(args: RunArgs) -> anyhow::Result<NodeConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logs::LogFormat;
 
     fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -341,6 +349,28 @@ mod tests {
         assert_eq!(config.listen.to_string(), "127.0.0.1:7101");
         assert_eq!(config.timing.heartbeat, Duration::from_millis(50));
         assert_eq!(config.timing.election_timeout, Duration::from_millis(400));
+    }
+
+    #[test]
+    fn the_log_format_comes_from_the_flag_or_the_file_and_a_typo_is_refused() {
+        let base = "id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/a\"\n";
+        let (_dir, path) = file(&format!("{base}log_format = \"json\"\n"));
+        let args = |path: &PathBuf| RunArgs {
+            config: Some(path.clone()),
+            insecure: true,
+            ..RunArgs::default()
+        };
+        assert_eq!(resolve(args(&path)).unwrap().log_format, LogFormat::Json);
+        let flagged = RunArgs {
+            log_format: Some(LogFormat::Text),
+            ..args(&path)
+        };
+        assert_eq!(resolve(flagged).unwrap().log_format, LogFormat::Text);
+        let (_dir, plain) = file(base);
+        assert_eq!(resolve(args(&plain)).unwrap().log_format, LogFormat::Text);
+        let (_dir, typo) = file(&format!("{base}log_format = \"xml\"\n"));
+        let err = resolve(args(&typo)).unwrap_err().to_string();
+        assert!(err.contains("log_format") && err.contains("xml"), "{err}");
     }
 
     #[test]

@@ -349,10 +349,10 @@ pub fn run() -> anyhow::Result<ExitCode> {
         let code = dist::run(command)?;
         return Ok(ExitCode::from(u8::try_from(code).unwrap_or(EXIT_FAILURE)));
     }
-    init_tracing(if is_node { "info" } else { "warn" });
     if let Command::Node(NodeCommand::Run(args)) = cli.command {
         return run_node(*args);
     }
+    init_tracing(if is_node { "info" } else { "warn" });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -401,14 +401,7 @@ fn version_line(build: &str) -> String {
 }
 
 fn init_tracing(default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only for a terminal, not in the journal or a log file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    crate::logs::init(crate::logs::LogFormat::Text, default_level, None);
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
@@ -584,6 +577,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 fn run_node(args: config::RunArgs) -> anyhow::Result<ExitCode> {
     use crate::supervise::{Supervision, EXIT_RESTART};
     let config = config::resolve(args)?;
+    crate::logs::init(config.log_format, "info", Some(config.id));
     let (data_dir, supervision) = (config.data_dir.clone(), config.supervision);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -65,6 +65,9 @@ pub struct NodeConfig {
     /// While this node leads, joins beyond this many voters stay learners, and removing a
     /// voter promotes a caught-up learner back up to it (`--max-voters`, default 5).
     pub max_voters: usize,
+    /// How the process writes its log (`--log-format`); installed by the CLI before the
+    /// node starts.
+    pub log_format: crate::logs::LogFormat,
 }
 
 /// The default of `--max-voters`: five voters lose two and keep a quorum; more make every

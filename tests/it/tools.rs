@@ -90,3 +90,52 @@ fn the_manual_has_a_page_for_every_command_that_man_renders() {
         std::fs::read(dir.path().join("cluster.1")).unwrap()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_node_and_the_rollout_generation_on_every_line() {
+    let work = tempfile::tempdir().unwrap();
+    let (v1, v2) = (work.path().join("v1"), work.path().join("v2"));
+    let h1 = crate::harness::make_release(&v1, &[]);
+    crate::harness::make_release(&v2, &[("share/motd", "two")]);
+    let cluster =
+        crate::harness::Cluster::start_supervised_with(3, &v1, &["--log-format", "json"]).await;
+    crate::harness::wait_all_on(&cluster, &h1).await;
+    let out = crate::harness::update_in_background(cluster.addr(1), v2, 500, 30_000)
+        .join()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut finished = Vec::new();
+    for node in cluster.nodes.values() {
+        let log = std::fs::read_to_string(&node.log).unwrap();
+        // The supervisor writes text; everything the node writes is JSON.
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.contains("cluster::supervise"))
+            .collect();
+        assert!(lines.len() > 5, "node {}: {log}", node.id);
+        for line in lines {
+            let json: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("node {}: not JSON ({e}): {line}", node.id));
+            assert_eq!(json["node"], node.id, "{line}");
+            assert!(
+                json["level"].is_string() && json["target"].is_string(),
+                "{line}"
+            );
+            if json["message"] == "rollout finished" {
+                assert_eq!(json["generation"], 1, "{line}");
+                assert_eq!(json["outcome"], "completed", "{line}");
+                finished.push(node.id);
+            }
+        }
+    }
+    assert_eq!(
+        finished.len(),
+        1,
+        "one leader finished the rollout: {finished:?}"
+    );
+}
