@@ -71,7 +71,7 @@ pub enum TlsCommand {
         names exactly one identity, which decides what its holder may do:\n  \
         --node <ID>        a member: Raft, agent, joining under that id (`node run --tls`)\n  \
         --operator <NAME>  updates, rollout operations, kv writes, leadership, membership\n  \
-        --viewer <NAME>    status, rollout history, kv reads\n\
+        --viewer <NAME>    status, rollout history, kv reads, gRPC health probes\n\
         Copy the directory to the host or person it is for. Refuses to overwrite files.",
         group(ArgGroup::new("identity").required(true).args(["node", "operator", "viewer"]))
     )]

@@ -35,6 +35,8 @@ use crate::rpc::{Channels, ControlClient};
 use crate::state::{Command, NodeInfo, PROTOCOL};
 use crate::supervise::{Stuck, Supervision};
 use crate::tls::{Identity, Security};
+use openraft::async_runtime::WatchReceiver;
+use tonic_health::ServingStatus;
 
 /// A node's validated configuration (see `cli` for where it comes from).
 #[derive(Clone, Debug)]
@@ -283,14 +285,29 @@ pub async fn run(
             stop_rx.clone(),
         ))
     });
+    // Not serving until this node is a member that knows its leader.
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let contact = Arc::new(crate::raft::LeaderContact::default());
+    let published = tokio::spawn(publish_health(
+        raft.clone(),
+        config.id,
+        contact.clone(),
+        config.timing.election_timeout * 2,
+        health_reporter,
+        stop_rx.clone(),
+    ));
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(crate::rpc::serve(
         listener,
         config.security.clone(),
         Arc::new(RaftMembership { raft: raft.clone() }),
-        Arc::new(RaftHandler::new(raft.clone())),
+        Arc::new(RaftHandler::new(raft.clone(), contact.clone())),
         node.clone(),
         agent.clone(),
+        health_service,
         async move {
             let _ = server_stop.wait_for(|stop| *stop).await;
         },
@@ -369,6 +386,7 @@ pub async fn run(
     );
     let _ = stop_tx.send(true);
     let _ = reporter.await;
+    let _ = published.await;
     let _ = rollouts.await;
     let _ = automatic.await;
     if let Some(task) = health_check {
@@ -380,6 +398,57 @@ pub async fn run(
     drop(node);
     sm.flush().await;
     outcome
+}
+
+/// The service names whose `grpc.health.v1` status the node sets: the whole server ("")
+/// and the Control service operators call.
+pub const HEALTH_SERVICES: [&str; 2] = ["", "cluster.v1.Control"];
+
+/// Keeps the gRPC health statuses current: SERVING while this node is a member of a
+/// cluster whose leader it has heard from within `lease` (two election timeouts, the
+/// liveness `member list` uses) and its Raft core runs; NOT_SERVING otherwise, and from
+/// the moment it starts shutting down (so a load balancer stops sending before the port
+/// closes).
+async fn publish_health(
+    raft: Raft,
+    id: u64,
+    contact: Arc<crate::raft::LeaderContact>,
+    lease: Duration,
+    reporter: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut metrics = raft.metrics();
+    let mut published = None;
+    // A lease runs out with no metrics change: look again at least this often.
+    let mut tick = tokio::time::interval(lease / 4);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let status = {
+            let m = metrics.borrow_and_update();
+            if crate::raft::has_live_leader(&m, id, contact.age(), lease) {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            }
+        };
+        if published != Some(status) {
+            for service in HEALTH_SERVICES {
+                reporter.set_service_status(service, status).await;
+            }
+            tracing::debug!(?status, "gRPC health status");
+            published = Some(status);
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { break },
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => break,
+        }
+    }
+    for service in HEALTH_SERVICES {
+        reporter
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
 }
 
 /// Who is a member, and who leads which term, as this node's Raft sees it: what the

@@ -120,6 +120,70 @@ pub async fn core_stopped(raft: &Raft) -> String {
     }
 }
 
+/// When this node last heard from a leader that it accepted as one: an AppendEntries
+/// (heartbeats included) answered with anything but "my vote is higher". What a follower
+/// knows of its leader's liveness (its metrics keep naming a leader that has died).
+#[derive(Debug)]
+pub struct LeaderContact {
+    epoch: std::time::Instant,
+    /// Milliseconds after `epoch` plus one; 0: never.
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Default for LeaderContact {
+    fn default() -> Self {
+        LeaderContact {
+            epoch: std::time::Instant::now(),
+            last: Default::default(),
+        }
+    }
+}
+
+impl LeaderContact {
+    pub fn record(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.last.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Time since the last contact; `None` if there was none.
+    pub fn age(&self) -> Option<Duration> {
+        match self.last.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            ms => Some(
+                self.epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms - 1)),
+            ),
+        }
+    }
+}
+
+/// Whether node `id` is a member of a cluster whose leader is alive as far as it can
+/// tell within `lease`: as leader, a quorum acknowledged it that recently; as anything
+/// else, it names a leader and heard from one that recently. A stopped core never is.
+pub fn has_live_leader(
+    metrics: &typ::RaftMetrics,
+    id: u64,
+    contact: Option<Duration>,
+    lease: Duration,
+) -> bool {
+    let fresh = |age: Option<Duration>| age.is_some_and(|age| age <= lease);
+    let member = metrics
+        .membership_config
+        .membership()
+        .get_node(&id)
+        .is_some();
+    let led = match metrics.state {
+        // A sole voter is its own quorum: nobody has to acknowledge it.
+        openraft::ServerState::Leader => {
+            metrics.membership_config.membership().voter_ids().count() == 1
+                || fresh(metrics.last_quorum_acked.as_ref().map(|t| t.elapsed()))
+        }
+        _ => metrics.current_leader.is_some() && fresh(contact),
+    };
+    member && led && metrics.running_state.is_ok()
+}
+
 /// A copy of the current metrics (the watch guard is not `Send`; never hold it across awaits).
 pub fn metrics(raft: &Raft) -> typ::RaftMetrics {
     raft.metrics().borrow_watched().clone()

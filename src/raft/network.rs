@@ -294,13 +294,16 @@ pub struct RaftHandler {
     raft: Raft,
     /// The snapshot whose pieces are arriving, if one is.
     receiving: std::sync::Arc<std::sync::Mutex<Option<Receiving>>>,
+    /// Updated on every AppendEntries this node accepts from a leader.
+    contact: std::sync::Arc<super::LeaderContact>,
 }
 
 impl RaftHandler {
-    pub fn new(raft: Raft) -> RaftHandler {
+    pub fn new(raft: Raft, contact: std::sync::Arc<super::LeaderContact>) -> RaftHandler {
         RaftHandler {
             raft,
             receiving: Default::default(),
+            contact,
         }
     }
 }
@@ -315,6 +318,7 @@ impl RaftRpcHandler for RaftHandler {
     ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
         let raft = self.raft.clone();
         let receiving = self.receiving.clone();
+        let contact = self.contact.clone();
         async move {
             fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
                 serde_json::from_slice(payload).map_err(|e| format!("undecodable request: {e}"))
@@ -338,7 +342,12 @@ impl RaftRpcHandler for RaftHandler {
                 RaftRpc::AppendEntries => {
                     let request: AppendEntriesRequest<TypeConfig> = decode(&payload)?;
                     speaks_for(&request.vote)?;
-                    encode(raft.append_entries(request).await)
+                    let reply = raft.append_entries(request).await;
+                    if matches!(&reply, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_)))
+                    {
+                        contact.record();
+                    }
+                    encode(reply)
                 }
                 RaftRpc::Vote => {
                     let request: VoteRequest<TypeConfig> = decode(&payload)?;

@@ -100,16 +100,23 @@ pub trait ControlHandler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<MemberRemoved, ApiError>> + Send;
 }
 
-/// Serves the Raft, Control and Agent services on `listener` until `shutdown` completes.
+/// Serves the Raft, Control and Agent services, and the standard gRPC health service
+/// (`grpc.health.v1`, whose statuses the node sets), on `listener` until `shutdown` completes.
 /// With `Security::Tls` every connection must present a certificate of the cluster CA and
 /// every request passes the role table (`auth`); `membership` answers who is a member.
-pub async fn serve<C: ControlHandler, A: AgentHandler>(
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<
+    C: ControlHandler,
+    A: AgentHandler,
+    H: tonic_health::pb::health_server::Health,
+>(
     listener: TcpListener,
     security: Security,
     membership: Arc<dyn Membership>,
     raft: Arc<dyn RaftRpcHandler>,
     node: Arc<C>,
     agent: Arc<A>,
+    health: tonic_health::pb::health_server::HealthServer<H>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let checked = security.credentials().is_some().then(|| membership.clone());
@@ -150,6 +157,7 @@ pub async fn serve<C: ControlHandler, A: AgentHandler>(
         .add_service(raft)
         .add_service(control)
         .add_service(agent)
+        .add_service(health)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

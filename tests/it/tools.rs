@@ -1,5 +1,7 @@
 //! The operator's own tools around the CLI: shell completion, manual pages.
 
+use std::time::Duration;
+
 use crate::harness::{cli, BIN};
 
 #[test]
@@ -138,4 +140,85 @@ async fn json_logs_carry_the_node_and_the_rollout_generation_on_every_line() {
         1,
         "one leader finished the rollout: {finished:?}"
     );
+}
+
+/// `tests/clients/grpc_health_check.py`: what the PyPI health client hears from `addr`.
+fn grpc_health(addr: &str, creds: &str, service: &str) -> String {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/grpc_health_check.py"
+    );
+    let out = std::process::Command::new("python3")
+        .args([script, addr, creds, service])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standard_grpc_health_service_serves_only_a_member_with_a_leader() {
+    let has_client = std::process::Command::new("python3")
+        .args(["-c", "import grpc_health.v1.health_pb2"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_client {
+        return crate::harness::skip_outside_ci(
+            "the PyPI gRPC health client is missing: pip install grpcio-health-checking",
+        );
+    }
+    let viewer = crate::harness::creds("viewer");
+    let viewer = viewer.to_str().unwrap();
+    // A sole voter is its own quorum.
+    let single = crate::harness::Cluster::start(1).await;
+    let addr = single.addr(1);
+    crate::harness::wait_for("a sole voter SERVING", Duration::from_secs(30), || async {
+        (grpc_health(&addr, viewer, "") == "SERVING").then_some(())
+    })
+    .await;
+    drop(single);
+
+    let mut cluster = crate::harness::Cluster::start(3).await;
+    for id in 1..=3 {
+        let addr = cluster.addr(id);
+        crate::harness::wait_for("SERVING", Duration::from_secs(30), || async {
+            (grpc_health(&addr, viewer, "") == "SERVING").then_some(())
+        })
+        .await;
+        assert_eq!(grpc_health(&addr, viewer, "cluster.v1.Control"), "SERVING");
+        assert_eq!(
+            grpc_health(&addr, viewer, "no.such.Service"),
+            "ERROR NOT_FOUND"
+        );
+    }
+    // Nobody without a certificate of the cluster CA is answered at all.
+    let addr = cluster.addr(3);
+    assert_eq!(grpc_health(&addr, "-", ""), "ERROR UNAVAILABLE");
+    let stranger = crate::harness::creds("stranger");
+    assert_eq!(
+        grpc_health(&addr, stranger.to_str().unwrap(), ""),
+        "ERROR UNAVAILABLE"
+    );
+
+    // Node 3 alone has no leader: not serving, until the others are back.
+    cluster.kill(1);
+    cluster.kill(2);
+    crate::harness::wait_for("NOT_SERVING", Duration::from_secs(30), || async {
+        (grpc_health(&addr, viewer, "") == "NOT_SERVING").then_some(())
+    })
+    .await;
+    assert_eq!(
+        grpc_health(&addr, viewer, "cluster.v1.Control"),
+        "NOT_SERVING"
+    );
+    cluster.spawn(1, crate::harness::Start::Restart).await;
+    cluster.spawn(2, crate::harness::Start::Restart).await;
+    crate::harness::wait_for("SERVING again", Duration::from_secs(60), || async {
+        (grpc_health(&addr, viewer, "") == "SERVING").then_some(())
+    })
+    .await;
 }
