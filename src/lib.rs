@@ -32,6 +32,7 @@ pub mod crash;
 pub mod error;
 pub mod fs;
 pub mod logs;
+pub mod metrics;
 pub mod node;
 pub mod raft;
 pub mod raft_store;

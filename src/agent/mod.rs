@@ -105,7 +105,10 @@ pub fn read_fence(data_dir: &Path) -> Result<Fence, FenceError> {
 /// `current`), so that the next sync or install fetches it whole, and the damage is the
 /// error.
 fn check_held(store: &ReleaseStore, hash: &str, limits: &Limits) -> Result<(), StoreError> {
-    match store.check(hash, limits) {
+    let started = std::time::Instant::now();
+    let checked = store.check(hash, limits);
+    crate::metrics::recorder().verified(started.elapsed().as_secs_f64());
+    match checked {
         Err(damage @ StoreError::Damaged { .. }) => {
             tracing::error!(release = %hash, error = %damage, "a held release is damaged on disk");
             match store.quarantine(hash) {
@@ -450,6 +453,8 @@ impl Agent {
             .into());
         }
         let hash = finish(staging).await?;
+        let reused = total.saturating_sub(fetched_bytes);
+        crate::metrics::recorder().fetched(fetched_bytes, fetched_chunks, reused);
         Ok(PrepareOutcome {
             hash,
             fetched_bytes,
@@ -486,6 +491,7 @@ impl Agent {
             });
         }
         let hash = finish(fed.staging).await?;
+        crate::metrics::recorder().fetched(fed.bytes, fed.chunks, total.saturating_sub(fed.bytes));
         Ok(PrepareOutcome {
             hash,
             fetched_bytes: fed.bytes,

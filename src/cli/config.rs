@@ -104,6 +104,11 @@ pub struct RunArgs {
     /// [default: text]
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<crate::logs::LogFormat>,
+    /// Serve Prometheus metrics over plain HTTP at http://<ADDR>/metrics (Raft, rollouts,
+    /// releases). Off unless given; anyone who can reach it reads them, so keep it on
+    /// loopback or a monitoring network, e.g. 127.0.0.1:9100
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The TOML form of `RunArgs`. Unknown keys are errors: a typo must not be ignored.
@@ -131,6 +136,7 @@ struct FileConfig {
     release_keys: Option<Vec<PathBuf>>,
     max_voters: Option<usize>,
     log_format: Option<crate::logs::LogFormat>,
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -276,6 +282,7 @@ pub fn resolve(args: RunArgs) -> anyhow::Result<NodeConfig> {
     }
     Ok(NodeConfig {
         log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        metrics_listen: args.metrics_listen.or(file.metrics_listen),
         max_voters,
         security,
         release_keys,

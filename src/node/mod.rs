@@ -8,6 +8,7 @@ mod cluster;
 mod handle;
 mod health;
 mod members;
+mod metrics;
 mod quorum;
 
 use std::collections::BTreeMap;
@@ -70,6 +71,8 @@ pub struct NodeConfig {
     /// How the process writes its log (`--log-format`); installed by the CLI before the
     /// node starts.
     pub log_format: crate::logs::LogFormat,
+    /// Where to serve Prometheus metrics over HTTP (`--metrics-listen`); `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The default of `--max-voters`: five voters lose two and keep a quorum; more make every
@@ -86,6 +89,12 @@ pub enum NodeError {
     },
     #[error("cannot listen on {addr}: {source}: is another node running there? pick another --listen port")]
     Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot serve metrics on {addr}: {source}: pick another --metrics-listen address")]
+    MetricsListen {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -167,7 +176,7 @@ pub async fn run(
     // The store first: "locked by another node" says more than the port that node holds.
     let (log_store, sm) = raft_store::open(&config.data_dir).await?;
     let incarnation = next_incarnation(&config.data_dir)?;
-    let listen = reuse_recorded_port(&config.data_dir, config.listen);
+    let listen = reuse_recorded_port(&config.data_dir, "node.addr", config.listen);
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| NodeError::Listen {
@@ -178,6 +187,27 @@ pub async fn run(
         addr: listen,
         source,
     })?;
+
+    // Bound now, so that an address in use stops the start with its reason.
+    let metrics_listener = match config.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let addr = reuse_recorded_port(&config.data_dir, "metrics.addr", addr);
+            let refused = |source| NodeError::MetricsListen { addr, source };
+            let listener = TcpListener::bind(addr).await.map_err(refused)?;
+            let bound = listener.local_addr().map_err(refused)?;
+            crate::fs::write_atomically(
+                &config.data_dir,
+                "metrics.addr",
+                bound.to_string().as_bytes(),
+            )
+            .map_err(|source| NodeError::RecordAddress {
+                path: config.data_dir.clone(),
+                source,
+            })?;
+            Some((listener, bound))
+        }
+    };
 
     let channels = Channels::new(&config.security);
     let addr = match &config.advertise {
@@ -299,6 +329,15 @@ pub async fn run(
         health_reporter,
         stop_rx.clone(),
     ));
+    let metrics_server = metrics_listener.map(|(listener, bound)| {
+        tracing::info!(addr = %bound, "serving Prometheus metrics at /metrics");
+        let scrape = metrics::Scrape {
+            node: node.clone(),
+            contact: contact.clone(),
+            lease: config.timing.election_timeout * 2,
+        };
+        tokio::spawn(metrics::serve(listener, scrape, stop_rx.clone()))
+    });
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(crate::rpc::serve(
         listener,
@@ -387,6 +426,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = reporter.await;
     let _ = published.await;
+    if let Some(task) = metrics_server {
+        let _ = task.await;
+    }
     let _ = rollouts.await;
     let _ = automatic.await;
     if let Some(task) = health_check {
@@ -482,12 +524,13 @@ impl crate::rpc::Membership for RaftMembership {
 }
 
 /// Port 0 means "any free port" the first time; on a restart the node takes the port it
-/// recorded in `<data-dir>/node.addr`, because its address is part of the membership.
-fn reuse_recorded_port(data_dir: &Path, listen: SocketAddr) -> SocketAddr {
+/// recorded in `<data-dir>/<file>` (`node.addr`: its address is part of the membership;
+/// `metrics.addr`: a scraper's target stays valid).
+fn reuse_recorded_port(data_dir: &Path, file: &str, listen: SocketAddr) -> SocketAddr {
     if listen.port() != 0 {
         return listen;
     }
-    let recorded = std::fs::read_to_string(data_dir.join("node.addr"))
+    let recorded = std::fs::read_to_string(data_dir.join(file))
         .ok()
         .and_then(|text| text.trim().parse::<SocketAddr>().ok());
     match recorded {
@@ -496,7 +539,6 @@ fn reuse_recorded_port(data_dir: &Path, listen: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Creates the data dir and proves it writable before anything else touches it.
 /// Where a node counts its process starts, in the data dir.
 const INCARNATION_FILE: &str = "incarnation";
 
@@ -525,6 +567,7 @@ fn next_incarnation(dir: &Path) -> Result<u64, NodeError> {
     Ok(next)
 }
 
+/// Creates the data dir and proves it writable before anything else touches it.
 fn prepare_data_dir(dir: &Path) -> Result<(), NodeError> {
     let fail = |source| NodeError::DataDir {
         path: dir.to_path_buf(),

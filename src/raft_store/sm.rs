@@ -243,7 +243,14 @@ impl StateMachineStore {
                 let response = match entry.payload {
                     EntryPayload::Blank => Response::Ok,
                     EntryPayload::Normal(command) => {
+                        let before = crate::metrics::Before::of(&applied.state, &command);
                         let (response, records) = applied.state.apply(&command);
+                        crate::metrics::recorder().applied(
+                            before,
+                            &command,
+                            &applied.state,
+                            &records,
+                        );
                         touched.extend(records);
                         response
                     }

@@ -338,6 +338,8 @@ pub struct NodeStep {
     pub started_ms: Option<u64>,
     /// When the node reached `Committed`, `Restored` or `Failed`.
     pub finished_ms: Option<u64>,
+    /// When the node entered its current phase (`None`: pending since the plan).
+    pub phase_since_ms: Option<u64>,
 }
 
 impl NodeStep {
@@ -509,6 +511,7 @@ impl Deployment {
             ));
         }
         step.phase = phase;
+        step.phase_since_ms = Some(at_ms);
         if let Some(error) = error {
             step.error = Some(error.to_string());
         }
