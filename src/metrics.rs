@@ -200,7 +200,9 @@ impl Recorder {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Recorded> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Counts what applying `command` did to `state` (now after it): a node that left a
@@ -232,7 +234,11 @@ impl Recorder {
             let Record::History(generation) = record else {
                 continue;
             };
-            let Some(entry) = state.history.iter().rev().find(|e| e.generation == *generation)
+            let Some(entry) = state
+                .history
+                .iter()
+                .rev()
+                .find(|e| e.generation == *generation)
             else {
                 continue;
             };
@@ -281,7 +287,11 @@ impl Recorder {
             "Rollouts that ended, by outcome (completed, failed, reverted, aborted).",
         );
         for outcome in ["completed", "failed", "reverted", "aborted"] {
-            let count = recorded.rollouts_finished.get(outcome).copied().unwrap_or(0);
+            let count = recorded
+                .rollouts_finished
+                .get(outcome)
+                .copied()
+                .unwrap_or(0);
             out.sample(
                 "cluster_rollouts_finished_total",
                 &[("outcome", outcome)],
@@ -311,7 +321,11 @@ impl Recorder {
             Kind::Histogram,
             "Time to check a held release byte for byte against its build hash.",
         );
-        out.histogram("cluster_release_verify_seconds", &[], &recorded.verify_seconds);
+        out.histogram(
+            "cluster_release_verify_seconds",
+            &[],
+            &recorded.verify_seconds,
+        );
     }
 }
 

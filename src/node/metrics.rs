@@ -231,7 +231,12 @@ pub async fn serve(listener: TcpListener, scrape: Scrape, mut stop: watch::Recei
             "/metrics",
             axum::routing::get(move || {
                 let scrape = scrape.clone();
-                async move { ([(CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], render(&scrape)) }
+                async move {
+                    (
+                        [(CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+                        render(&scrape),
+                    )
+                }
             }),
         )
         .route(

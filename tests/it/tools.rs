@@ -222,3 +222,198 @@ async fn the_standard_grpc_health_service_serves_only_a_member_with_a_leader() {
     })
     .await;
 }
+
+/// `GET path` from `addr` over HTTP/1.0: the status code and the body.
+fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, body.to_string()))
+}
+
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A Prometheus server from Debian's package, killed with its test.
+struct Prometheus {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Scrapes `targets` every 250 ms.
+    async fn start(targets: &[String]) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 250ms\n  scrape_timeout: 200ms\n\
+                 scrape_configs:\n  - job_name: cluster\n    static_configs:\n      \
+                 - targets: [{}]\n",
+                list.join(", ")
+            ),
+        )
+        .unwrap();
+        // A free port, taken back at once: Prometheus cannot say which port 0 gave it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus starts");
+        let server = Prometheus {
+            child,
+            addr,
+            _dir: dir,
+        };
+        crate::harness::wait_for("prometheus ready", Duration::from_secs(60), || async {
+            matches!(http_get(&server.addr, "/-/ready"), Ok((200, _))).then_some(())
+        })
+        .await;
+        server
+    }
+
+    /// The result vector of PromQL `query`, as `(labels, value)`.
+    fn query(&self, query: &str) -> Vec<(serde_json::Value, f64)> {
+        let path = format!("/api/v1/query?query={}", url_encode(query));
+        let (code, body) = http_get(&self.addr, &path).unwrap();
+        assert_eq!(code, 200, "{query}: {body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        json["data"]["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let value = r["value"][1].as_str().unwrap().parse().unwrap();
+                (r["metric"].clone(), value)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_every_node_and_sees_a_rollouts_phases() {
+    let tools = ["prometheus", "promtool"].iter().all(|tool| {
+        std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !tools {
+        return crate::harness::skip_outside_ci(
+            "Prometheus is not installed: apt-get install prometheus (server and promtool)",
+        );
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (v1, v2) = (work.path().join("v1"), work.path().join("v2"));
+    let h1 = crate::harness::make_release(&v1, &[]);
+    crate::harness::make_release(&v2, &[("share/motd", "two")]);
+    let cluster = crate::harness::Cluster::start_supervised_with(
+        3,
+        &v1,
+        &["--metrics-listen", "127.0.0.1:0"],
+    )
+    .await;
+    crate::harness::wait_all_on(&cluster, &h1).await;
+    let targets: Vec<String> = (1..=3)
+        .map(|id| {
+            let file = crate::harness::data_dir_of(&cluster, id).join("metrics.addr");
+            std::fs::read_to_string(file).unwrap().trim().to_string()
+        })
+        .collect();
+
+    // Each endpoint passes promtool's checks of the exposition format.
+    for target in &targets {
+        let (code, text) = http_get(target, "/metrics").unwrap();
+        assert_eq!(code, 200);
+        assert!(text.contains("cluster_raft_term "), "{text}");
+        let mut check = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut check.stdin.take().unwrap(), text.as_bytes()).unwrap();
+        let checked = check.wait_with_output().unwrap();
+        assert!(
+            checked.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&checked.stdout),
+            String::from_utf8_lossy(&checked.stderr)
+        );
+    }
+
+    let prometheus = Prometheus::start(&targets).await;
+    crate::harness::wait_for("every target up", Duration::from_secs(60), || async {
+        let up = prometheus.query("sum(up)");
+        (up.first().map(|(_, v)| *v) == Some(3.0)).then_some(())
+    })
+    .await;
+    let out = crate::harness::update_in_background(cluster.addr(1), v2, 1500, 30_000)
+        .join()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Every node was seen stabilizing, each phase was timed, the rollout counted.
+    let seen = crate::harness::wait_for("the phases in Prometheus", Duration::from_secs(30), || async {
+        let stabilizing = prometheus.query(
+            "max by (node) (max_over_time(cluster_rollout_node_phase{phase=\"stabilize\"}[10m]))",
+        );
+        let completed =
+            prometheus.query("max(cluster_rollouts_finished_total{outcome=\"completed\"})");
+        let timed = prometheus.query(
+            "max by (phase) (cluster_rollout_phase_duration_seconds_count{phase=~\"sync|stabilize\"})",
+        );
+        let done = stabilizing.len() == 3
+            && stabilizing.iter().all(|(_, v)| *v == 1.0)
+            && completed.first().is_some_and(|(_, v)| *v >= 1.0)
+            && timed.len() == 2;
+        done.then_some((stabilizing, timed))
+    })
+    .await;
+    println!("stabilizing seen: {:?}\nphases timed: {:?}", seen.0, seen.1);
+}
