@@ -154,3 +154,80 @@ pub struct Operated {
     /// The deployment it applied to; 0 for auto on/off.
     pub generation: u64,
 }
+
+/// The `rollout` key of `cluster status --json`: the active deployment (generation,
+/// state, candidate and previous builds, per-node phase, why it waits), the cluster's
+/// target, the automatic-rollout switch, per-node failure streaks and the last rollback.
+/// One schema for the CLI, the dashboard and MCP (never the manifest).
+pub fn status_json(view: &RolloutView, members: &[u64]) -> serde_json::Value {
+    let active = view.deployment.as_ref().map(|d| {
+        let nodes: serde_json::Map<String, serde_json::Value> = d
+            .order
+            .iter()
+            .filter_map(|id| {
+                let step = d.nodes.get(id)?;
+                Some((
+                    id.to_string(),
+                    serde_json::json!({
+                        "phase": step.phase.as_str(),
+                        "error": step.error,
+                        "started_ms": step.started_ms,
+                        "finished_ms": step.finished_ms,
+                    }),
+                ))
+            })
+            .collect();
+        let phases: serde_json::Map<String, serde_json::Value> = d
+            .order
+            .iter()
+            .filter_map(|id| {
+                Some((
+                    id.to_string(),
+                    serde_json::json!(d.nodes.get(id)?.phase.as_str()),
+                ))
+            })
+            .collect();
+        serde_json::json!({
+            "generation": d.generation,
+            "state": d.state.as_str(),
+            "started_by": d.started_by.to_string(),
+            "trigger": d.trigger,
+            "reason": d.reason,
+            "candidate_hash": d.target_hash,
+            "target_hash": d.target_hash,
+            "previous_hash": d.previous_hash,
+            "phases": phases,
+            "nodes": nodes,
+            "soaking": d.soak_started_ms().is_some(),
+            "waiting": view.notes.as_ref().and_then(|n| n.waiting.clone()),
+            "soak_left_ms": view.notes.as_ref().and_then(|n| n.soak_left_ms),
+        })
+    });
+    let streaks: serde_json::Map<String, serde_json::Value> = members
+        .iter()
+        .map(|id| {
+            (
+                id.to_string(),
+                serde_json::json!(crate::state::deployment::failure_streak(&view.history, *id)),
+            )
+        })
+        .collect();
+    let fleet = &view.fleet;
+    serde_json::json!({
+        "active": active,
+        "generation": view.deployment.as_ref().map(|d| d.generation)
+            .or_else(|| view.history.last().map(|h| h.generation)),
+        "state": view.deployment.as_ref().map(|d| d.state.as_str())
+            .unwrap_or("idle"),
+        "active_hash": fleet.target,
+        "candidate_hash": view.deployment.as_ref().map(|d| d.target_hash.clone()),
+        "previous_hash": view.deployment.as_ref().map(|d| d.previous_hash.clone())
+            .or_else(|| view.history.last().map(|h| h.previous_hash.clone())),
+        "auto": {
+            "enabled": !fleet.auto_disabled,
+            "leader": view.notes.as_ref().map(|n| &n.auto),
+        },
+        "failure_streaks": streaks,
+        "last_rollback": fleet.last_rollback,
+    })
+}

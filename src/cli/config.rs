@@ -109,6 +109,11 @@ pub struct RunArgs {
     /// loopback or a monitoring network, e.g. 127.0.0.1:9100
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve a read-only web page of the cluster at http://<ADDR>/ (members, leader,
+    /// builds, acknowledgement ages, the active rollout's phases live, history). Off
+    /// unless given; plain HTTP with no login, so keep it on loopback, e.g. 127.0.0.1:7180
+    #[arg(long, value_name = "ADDR")]
+    pub dashboard_listen: Option<SocketAddr>,
 }
 
 /// The TOML form of `RunArgs`. Unknown keys are errors: a typo must not be ignored.
@@ -137,6 +142,7 @@ struct FileConfig {
     max_voters: Option<usize>,
     log_format: Option<crate::logs::LogFormat>,
     metrics_listen: Option<SocketAddr>,
+    dashboard_listen: Option<SocketAddr>,
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -283,6 +289,7 @@ pub fn resolve(args: RunArgs) -> anyhow::Result<NodeConfig> {
     Ok(NodeConfig {
         log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
+        dashboard_listen: args.dashboard_listen.or(file.dashboard_listen),
         max_voters,
         security,
         release_keys,

@@ -420,7 +420,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             if args.json {
                 let mut json = serde_json::to_value(&status)?;
                 json["rollout"] = match &view {
-                    Some(view) => rollout::status_json(view, &members),
+                    Some(view) => crate::api::rollout::status_json(view, &members),
                     None => serde_json::Value::Null,
                 };
                 output::print_json(&json)?;

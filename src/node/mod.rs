@@ -5,6 +5,7 @@
 //! same code runs under systemd, under `cluster supervise`, and inside tests.
 
 mod cluster;
+mod dashboard;
 mod handle;
 mod health;
 mod members;
@@ -73,6 +74,8 @@ pub struct NodeConfig {
     pub log_format: crate::logs::LogFormat,
     /// Where to serve Prometheus metrics over HTTP (`--metrics-listen`); `None`: nowhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where to serve the read-only dashboard over HTTP (`--dashboard-listen`).
+    pub dashboard_listen: Option<SocketAddr>,
 }
 
 /// The default of `--max-voters`: five voters lose two and keep a quorum; more make every
@@ -93,8 +96,10 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot serve metrics on {addr}: {source}: pick another --metrics-listen address")]
-    MetricsListen {
+    #[error("cannot serve the {what} on {addr}: {source}: pick another --{flag} address")]
+    SideListen {
+        what: &'static str,
+        flag: &'static str,
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -191,22 +196,11 @@ pub async fn run(
     // Bound now, so that an address in use stops the start with its reason.
     let metrics_listener = match config.metrics_listen {
         None => None,
-        Some(addr) => {
-            let addr = reuse_recorded_port(&config.data_dir, "metrics.addr", addr);
-            let refused = |source| NodeError::MetricsListen { addr, source };
-            let listener = TcpListener::bind(addr).await.map_err(refused)?;
-            let bound = listener.local_addr().map_err(refused)?;
-            crate::fs::write_atomically(
-                &config.data_dir,
-                "metrics.addr",
-                bound.to_string().as_bytes(),
-            )
-            .map_err(|source| NodeError::RecordAddress {
-                path: config.data_dir.clone(),
-                source,
-            })?;
-            Some((listener, bound))
-        }
+        Some(addr) => Some(bind_http(&config.data_dir, SideListener::Metrics, addr).await?),
+    };
+    let dashboard_listener = match config.dashboard_listen {
+        None => None,
+        Some(addr) => Some(bind_http(&config.data_dir, SideListener::Dashboard, addr).await?),
     };
 
     let channels = Channels::new(&config.security);
@@ -338,6 +332,10 @@ pub async fn run(
         };
         tokio::spawn(metrics::serve(listener, scrape, stop_rx.clone()))
     });
+    let dashboard_server = dashboard_listener.map(|(listener, bound)| {
+        tracing::info!(addr = %bound, "serving the dashboard at http://{bound}/");
+        tokio::spawn(dashboard::serve(listener, node.clone(), stop_rx.clone()))
+    });
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(crate::rpc::serve(
         listener,
@@ -426,7 +424,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = reporter.await;
     let _ = published.await;
-    if let Some(task) = metrics_server {
+    for task in [metrics_server, dashboard_server].into_iter().flatten() {
         let _ = task.await;
     }
     let _ = rollouts.await;
@@ -521,6 +519,45 @@ impl crate::rpc::Membership for RaftMembership {
         let found = membership.nodes().any(|(_, node)| node.addr == addr);
         found
     }
+}
+
+/// The plain-HTTP listeners beside the node port.
+#[derive(Clone, Copy)]
+enum SideListener {
+    Metrics,
+    Dashboard,
+}
+
+/// Binds `addr` for `side`, reusing the port recorded in the data dir when `addr` asks
+/// for port 0, and records the bound address there (`metrics.addr`, `dashboard.addr`).
+async fn bind_http(
+    data_dir: &Path,
+    side: SideListener,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), NodeError> {
+    let (what, flag, file) = match side {
+        SideListener::Metrics => ("Prometheus metrics", "metrics-listen", "metrics.addr"),
+        SideListener::Dashboard => ("dashboard", "dashboard-listen", "dashboard.addr"),
+    };
+    let addr = reuse_recorded_port(data_dir, file, addr);
+    let refused = |source| NodeError::SideListen {
+        what,
+        flag,
+        addr,
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(refused)?;
+    let bound = listener.local_addr().map_err(refused)?;
+    if !bound.ip().is_loopback() {
+        tracing::warn!(%bound, "the {what} is served over plain HTTP beyond loopback: anyone who reaches {bound} reads it");
+    }
+    crate::fs::write_atomically(data_dir, file, bound.to_string().as_bytes()).map_err(
+        |source| NodeError::RecordAddress {
+            path: data_dir.to_path_buf(),
+            source,
+        },
+    )?;
+    Ok((listener, bound))
 }
 
 /// Port 0 means "any free port" the first time; on a restart the node takes the port it

@@ -417,3 +417,109 @@ async fn prometheus_scrapes_every_node_and_sees_a_rollouts_phases() {
     .await;
     println!("stabilizing seen: {:?}\nphases timed: {:?}", seen.0, seen.1);
 }
+
+/// Headless Chromium (Debian's package) run once on `url` with `extra` flags; its stdout.
+fn chromium(url: &str, extra: &[&str]) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new("chromium");
+    command
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            // Time for the page's first fetch of /api/state to land in the DOM.
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(extra)
+        .arg(url);
+    let out = crate::harness::output_within(command, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_a_rollout_in_progress_in_a_real_browser() {
+    let has_chromium = std::process::Command::new("chromium")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_chromium {
+        return crate::harness::skip_outside_ci(
+            "Chromium is not installed: apt-get install chromium",
+        );
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (v1, v2) = (work.path().join("v1"), work.path().join("v2"));
+    let h1 = crate::harness::make_release(&v1, &[]);
+    let h2 = crate::harness::make_release(&v2, &[("share/motd", "two")]);
+    let cluster = crate::harness::Cluster::start_supervised_with(
+        3,
+        &v1,
+        &["--dashboard-listen", "127.0.0.1:0"],
+    )
+    .await;
+    crate::harness::wait_all_on(&cluster, &h1).await;
+    let update = crate::harness::update_in_background(cluster.addr(1), v2, 8000, 30_000);
+
+    // A node stabilizing; the page is read from one that is not restarting meanwhile.
+    let (stabilizing, watcher) =
+        crate::harness::wait_for("a node stabilizing", Duration::from_secs(60), || async {
+            let out = cli(&["rollout", "status", "--json", "--node", &cluster.addr(1)]);
+            let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let nodes = json["nodes"].as_object()?;
+            let phase = |id: u64| nodes.get(&id.to_string())?["phase"].as_str();
+            let stabilizing = (1..=3).find(|id| phase(*id) == Some("stabilize"))?;
+            let watcher = (1..=3).find(|id| phase(*id) == Some("pending"))?;
+            Some((stabilizing, watcher))
+        })
+        .await;
+    let file = crate::harness::data_dir_of(&cluster, watcher).join("dashboard.addr");
+    let url = format!("http://{}/", std::fs::read_to_string(file).unwrap().trim());
+
+    let dom = chromium(&url, &["--dump-dom"]);
+    assert!(dom.contains("stabilize"), "the page shows the phase: {dom}");
+    assert!(dom.contains(&format!("node {stabilizing}")), "{dom}");
+    for id in 1..=3 {
+        assert!(
+            dom.contains(&cluster.addr(id)),
+            "member {id} is listed: {dom}"
+        );
+    }
+    assert!(
+        dom.contains(&h1[..12]) && dom.contains(&h2[..12]),
+        "builds: {dom}"
+    );
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    chromium(
+        &url,
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1200,800",
+            "--hide-scrollbars",
+        ],
+    );
+    let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
+    assert!(size > 10_000, "a screenshot of the page: {} bytes", size);
+    println!(
+        "dashboard mid-rollout (node {stabilizing} stabilizing): {}",
+        shot.display()
+    );
+
+    let out = update.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
