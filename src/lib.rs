@@ -34,6 +34,7 @@ pub mod fs;
 pub mod logs;
 pub mod metrics;
 pub mod node;
+pub mod notify;
 pub mod raft;
 pub mod raft_store;
 pub mod release;

@@ -114,6 +114,13 @@ pub struct RunArgs {
     /// unless given; plain HTTP with no login, so keep it on loopback, e.g. 127.0.0.1:7180
     #[arg(long, value_name = "ADDR")]
     pub dashboard_listen: Option<SocketAddr>,
+    /// POST a JSON document to this http:// URL on every rollout change (started, each
+    /// node's phase, paused, reverting, completed, failed, ...) and every boot-guard
+    /// restore, sent by the leader, retried with backoff, never holding up a rollout;
+    /// repeat for several. In the TOML file: notify_urls = ["http://..."]; flags replace
+    /// the file's list
+    #[arg(long = "notify-url", value_name = "URL")]
+    pub notify_urls: Vec<crate::notify::NotifyUrl>,
 }
 
 /// The TOML form of `RunArgs`. Unknown keys are errors: a typo must not be ignored.
@@ -143,6 +150,7 @@ struct FileConfig {
     log_format: Option<crate::logs::LogFormat>,
     metrics_listen: Option<SocketAddr>,
     dashboard_listen: Option<SocketAddr>,
+    notify_urls: Option<Vec<String>>,
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -286,10 +294,20 @@ pub fn resolve(args: RunArgs) -> anyhow::Result<NodeConfig> {
     if max_voters == 0 {
         bail!("--max-voters must be at least 1: a cluster needs a voter to commit anything");
     }
+    let notify_urls = match (args.notify_urls, file.notify_urls) {
+        (flags, _) if !flags.is_empty() => flags,
+        (_, Some(list)) => list
+            .iter()
+            .map(|url| url.parse())
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(|e| anyhow::anyhow!("notify_urls in the config file: {e}"))?,
+        _ => Vec::new(),
+    };
     Ok(NodeConfig {
         log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
         dashboard_listen: args.dashboard_listen.or(file.dashboard_listen),
+        notify_urls,
         max_voters,
         security,
         release_keys,

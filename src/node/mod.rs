@@ -38,7 +38,6 @@ use crate::state::{Command, NodeInfo, PROTOCOL};
 use crate::supervise::{Stuck, Supervision};
 use crate::tls::{Identity, Security};
 use openraft::async_runtime::WatchReceiver;
-use tonic_health::ServingStatus;
 
 /// A node's validated configuration (see `cli` for where it comes from).
 #[derive(Clone, Debug)]
@@ -76,6 +75,8 @@ pub struct NodeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Where to serve the read-only dashboard over HTTP (`--dashboard-listen`).
     pub dashboard_listen: Option<SocketAddr>,
+    /// Where the leader POSTs rollout notifications (`--notify-url`).
+    pub notify_urls: Vec<crate::notify::NotifyUrl>,
 }
 
 /// The default of `--max-voters`: five voters lose two and keep a quorum; more make every
@@ -310,17 +311,14 @@ pub async fn run(
         ))
     });
     // Not serving until this node is a member that knows its leader.
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    let (serving_tx, serving_rx) = watch::channel(false);
     let contact = Arc::new(crate::raft::LeaderContact::default());
     let published = tokio::spawn(publish_health(
         raft.clone(),
         config.id,
         contact.clone(),
         config.timing.election_timeout * 2,
-        health_reporter,
+        serving_tx,
         stop_rx.clone(),
     ));
     let metrics_server = metrics_listener.map(|(listener, bound)| {
@@ -336,6 +334,16 @@ pub async fn run(
         tracing::info!(addr = %bound, "serving the dashboard at http://{bound}/");
         tokio::spawn(dashboard::serve(listener, node.clone(), stop_rx.clone()))
     });
+    let notifier = (!config.notify_urls.is_empty()).then(|| {
+        let raft = raft.clone();
+        let leads = move || crate::raft::metrics(&raft).state == openraft::ServerState::Leader;
+        tokio::spawn(crate::notify::run(
+            config.notify_urls.clone(),
+            config.id,
+            leads,
+            stop_rx.clone(),
+        ))
+    });
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(crate::rpc::serve(
         listener,
@@ -344,7 +352,7 @@ pub async fn run(
         Arc::new(RaftHandler::new(raft.clone(), contact.clone())),
         node.clone(),
         agent.clone(),
-        health_service,
+        serving_rx,
         async move {
             let _ = server_stop.wait_for(|stop| *stop).await;
         },
@@ -424,7 +432,10 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = reporter.await;
     let _ = published.await;
-    for task in [metrics_server, dashboard_server].into_iter().flatten() {
+    for task in [metrics_server, dashboard_server, notifier]
+        .into_iter()
+        .flatten()
+    {
         let _ = task.await;
     }
     let _ = rollouts.await;
@@ -440,55 +451,36 @@ pub async fn run(
     outcome
 }
 
-/// The service names whose `grpc.health.v1` status the node sets: the whole server ("")
-/// and the Control service operators call.
-pub const HEALTH_SERVICES: [&str; 2] = ["", "cluster.v1.Control"];
-
-/// Keeps the gRPC health statuses current: SERVING while this node is a member of a
-/// cluster whose leader it has heard from within `lease` (two election timeouts, the
-/// liveness `member list` uses) and its Raft core runs; NOT_SERVING otherwise, and from
-/// the moment it starts shutting down (so a load balancer stops sending before the port
-/// closes).
+/// Keeps the node's serving signal (its gRPC health) current: true while this node is a
+/// member of a cluster whose leader it has heard from within `lease` (two election
+/// timeouts, the liveness `member list` uses) and its Raft core runs; false otherwise,
+/// and from the moment it starts shutting down (so a load balancer stops sending before
+/// the port closes).
 async fn publish_health(
     raft: Raft,
     id: u64,
     contact: Arc<crate::raft::LeaderContact>,
     lease: Duration,
-    reporter: tonic_health::server::HealthReporter,
+    serving: watch::Sender<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut metrics = raft.metrics();
-    let mut published = None;
     // A lease runs out with no metrics change: look again at least this often.
     let mut tick = tokio::time::interval(lease / 4);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let status = {
+        let up = {
             let m = metrics.borrow_and_update();
-            if crate::raft::has_live_leader(&m, id, contact.age(), lease) {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            }
+            crate::raft::has_live_leader(&m, id, contact.age(), lease)
         };
-        if published != Some(status) {
-            for service in HEALTH_SERVICES {
-                reporter.set_service_status(service, status).await;
-            }
-            tracing::debug!(?status, "gRPC health status");
-            published = Some(status);
-        }
+        serving.send_if_modified(|was| std::mem::replace(was, up) != up);
         tokio::select! {
             changed = metrics.changed() => if changed.is_err() { break },
             _ = tick.tick() => {}
             _ = stop.wait_for(|stop| *stop) => break,
         }
     }
-    for service in HEALTH_SERVICES {
-        reporter
-            .set_service_status(service, ServingStatus::NotServing)
-            .await;
-    }
+    serving.send_replace(false);
 }
 
 /// Who is a member, and who leads which term, as this node's Raft sees it: what the

@@ -244,7 +244,15 @@ impl StateMachineStore {
                     EntryPayload::Blank => Response::Ok,
                     EntryPayload::Normal(command) => {
                         let before = crate::metrics::Before::of(&applied.state, &command);
+                        let noted = crate::notify::Before::of(&applied.state, &command);
                         let (response, records) = applied.state.apply(&command);
+                        crate::notify::applied(
+                            &noted,
+                            &command,
+                            entry.log_id.index,
+                            &applied.state,
+                            &records,
+                        );
                         crate::metrics::recorder().applied(
                             before,
                             &command,

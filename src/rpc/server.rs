@@ -100,25 +100,56 @@ pub trait ControlHandler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<MemberRemoved, ApiError>> + Send;
 }
 
+/// The service names whose `grpc.health.v1` status follows the node's `serving` signal:
+/// the whole server ("") and the Control service operators call.
+pub const HEALTH_SERVICES: [&str; 2] = ["", "cluster.v1.Control"];
+
+/// tonic-health's service, its statuses kept equal to `serving` (NOT_SERVING until the
+/// node says otherwise, and once the signal's sender is gone).
+async fn health_service(
+    mut serving: tokio::sync::watch::Receiver<bool>,
+) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    use tonic_health::ServingStatus;
+    let (reporter, service) = tonic_health::server::health_reporter();
+    let set = |reporter: tonic_health::server::HealthReporter, up: bool| async move {
+        let status = if up {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for name in HEALTH_SERVICES {
+            reporter.set_service_status(name, status).await;
+        }
+    };
+    let up = *serving.borrow_and_update();
+    set(reporter.clone(), up).await;
+    tokio::spawn(async move {
+        while serving.changed().await.is_ok() {
+            let up = *serving.borrow_and_update();
+            set(reporter.clone(), up).await;
+        }
+        set(reporter, false).await;
+    });
+    service
+}
+
 /// Serves the Raft, Control and Agent services, and the standard gRPC health service
-/// (`grpc.health.v1`, whose statuses the node sets), on `listener` until `shutdown` completes.
+/// (`grpc.health.v1`, SERVING while `serving` says so), on `listener` until `shutdown`
+/// completes.
 /// With `Security::Tls` every connection must present a certificate of the cluster CA and
 /// every request passes the role table (`auth`); `membership` answers who is a member.
 #[allow(clippy::too_many_arguments)]
-pub async fn serve<
-    C: ControlHandler,
-    A: AgentHandler,
-    H: tonic_health::pb::health_server::Health,
->(
+pub async fn serve<C: ControlHandler, A: AgentHandler>(
     listener: TcpListener,
     security: Security,
     membership: Arc<dyn Membership>,
     raft: Arc<dyn RaftRpcHandler>,
     node: Arc<C>,
     agent: Arc<A>,
-    health: tonic_health::pb::health_server::HealthServer<H>,
+    serving: tokio::sync::watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    let health = health_service(serving).await;
     let checked = security.credentials().is_some().then(|| membership.clone());
     let raft = RaftServer::new(RaftService { handler: raft })
         .max_decoding_message_size(super::RAFT_MESSAGE_BYTES)
