@@ -231,3 +231,28 @@ pub fn status_json(view: &RolloutView, members: &[u64]) -> serde_json::Value {
         "last_rollback": fleet.last_rollback,
     })
 }
+
+/// The newest `limit` finished rollouts, oldest first, without manifests or per-node
+/// detail: what the dashboard and MCP list.
+pub fn history_json(history: &[HistoryEntry], limit: usize) -> Vec<serde_json::Value> {
+    let skip = history.len().saturating_sub(limit);
+    history[skip..]
+        .iter()
+        .map(|h| {
+            serde_json::json!({
+                "generation": h.generation,
+                "outcome": h.outcome.as_str(),
+                "target_hash": h.target_hash,
+                "previous_hash": h.previous_hash,
+                "started_by": h.started_by.to_string(),
+                "trigger": h.trigger,
+                "started_ms": h.started_ms,
+                "finished_ms": h.finished_ms,
+                "reason": h.reason,
+                "nodes": h.order.iter().filter_map(|id| {
+                    Some((id.to_string(), serde_json::json!(h.nodes.get(id)?.phase.as_str())))
+                }).collect::<serde_json::Map<String, serde_json::Value>>(),
+            })
+        })
+        .collect()
+}

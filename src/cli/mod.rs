@@ -15,6 +15,7 @@ macro_rules! outln {
 mod config;
 mod demo;
 mod dist;
+mod mcp;
 mod member;
 mod output;
 mod rollout;
@@ -137,6 +138,21 @@ enum Command {
     /// Make the cluster CA and certificates for nodes, operators and viewers (mutual TLS)
     #[command(subcommand)]
     Tls(tls::TlsCommand),
+    /// Serve the Model Context Protocol on stdio: status, dry runs, updates and rollout operations as tools
+    #[command(
+        long_about = "Serve the Model Context Protocol (MCP) on stdin/stdout, for an \
+        assistant or automation host. Tools (each with a JSON schema): cluster_status, \
+        initiate_rolling_update (dist, dryRun, maxParallel, onFailure, stabilizeMs, \
+        healthDeadlineMs, soakMs), rollout_status, rollout_history, rollout_pause, \
+        rollout_resume, rollout_abort. They act with this command's credentials (--tls or \
+        CLUSTER_TLS): a viewer certificate reads, an operator's also acts.\n\n\
+        In an MCP client's configuration:\n  \
+        {\"command\": \"cluster\", \"args\": [\"mcp\", \"--node\", \"10.0.0.1:7100\", \"--tls\", \"/etc/cluster/operator\"]}"
+    )]
+    Mcp {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     #[command(long_about = "Print a completion script for SHELL on stdout.\n\n\
         bash:  cluster completions bash > /etc/bash_completion.d/cluster\n\
@@ -459,6 +475,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Rollout(command) => rollout::rollout(command).await,
         Command::Demo => demo::demo().await,
         Command::Local(LocalCommand::Up(args)) => demo::local_up(args).await,
+        Command::Mcp { target } => {
+            mcp::serve(target).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Guard { data_dir } => match crate::agent::guard::before_start(&data_dir) {
             Ok(outcome) => {
                 outln!("{}", crate::agent::guard::describe(&outcome));

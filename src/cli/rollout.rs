@@ -128,7 +128,7 @@ pub enum RolloutCommand {
     },
 }
 
-fn options_of(args: &UpdateArgs) -> UpdateOptions {
+pub fn options_of(args: &UpdateArgs) -> UpdateOptions {
     UpdateOptions {
         strategy: Strategy {
             max_parallel: args.max_parallel.max(1),
@@ -166,30 +166,18 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
     let options = options_of(&args);
     let mut client = args.target.client()?.timeout(Duration::from_secs(60));
     if !args.dry_run {
-        let status = client.status(false).await?;
-        let leader = status
-            .leader
-            .and_then(|id| status.nodes.iter().find(|n| n.id == id))
-            .ok_or_else(|| ApiError::unavailable("no leader: is a majority of voters running?"))?;
-        let mut agent = args.target.agent_at(&leader.addr)?;
-        let uploaded = match push(&mut agent, &dist).await {
+        let (leader, uploaded) = match upload_to_leader(&args.target, &dist).await? {
             Ok(uploaded) => uploaded,
-            // The leader would not install it, so no node will run it: a preflight refusal.
-            Err(e) if e.kind == ErrorKind::PermissionDenied => {
-                eprintln!(
-                    "preflight failed: the leader (node {}) refused the release: {}",
-                    leader.id, e.message
-                );
+            Err(refused) => {
+                eprintln!("preflight failed: {refused}");
                 eprintln!("preflight failed: nothing was changed");
                 return Ok(ExitCode::from(EXIT_PREFLIGHT));
             }
-            Err(e) => return Err(e.into()),
         };
         if !args.json {
             eprintln!(
-                "uploaded {} to the leader (node {}): {} bytes sent, {} reused",
+                "uploaded {} to the leader (node {leader}): {} bytes sent, {} reused",
                 short_hash(&uploaded.hash),
-                leader.id,
                 uploaded.fetched_bytes,
                 uploaded.reused_bytes
             );
@@ -233,6 +221,28 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(super::EXIT_FAILURE)
     })
+}
+
+/// Uploads `dist` to the leader: its id and what moved, or (inner `Err`) why the leader
+/// refused the release, which is a preflight refusal: no node will run it.
+pub async fn upload_to_leader(
+    target: &Target,
+    dist: &Arc<LocalDist>,
+) -> anyhow::Result<Result<(u64, crate::api::agent::PrepareOutcome), String>> {
+    let status = target.client()?.status(false).await?;
+    let leader = status
+        .leader
+        .and_then(|id| status.nodes.iter().find(|n| n.id == id))
+        .ok_or_else(|| ApiError::unavailable("no leader: is a majority of voters running?"))?;
+    let mut agent = target.agent_at(&leader.addr)?;
+    match push(&mut agent, dist).await {
+        Ok(uploaded) => Ok(Ok((leader.id, uploaded))),
+        Err(e) if e.kind == ErrorKind::PermissionDenied => Ok(Err(format!(
+            "the leader (node {}) refused the release: {}",
+            leader.id, e.message
+        ))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn print_report(report: &Report) -> std::io::Result<()> {

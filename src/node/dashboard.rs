@@ -24,25 +24,7 @@ pub async fn state(node: &NodeHandle) -> Result<serde_json::Value, String> {
     };
     let view = node.rollout_view();
     let members: Vec<u64> = status.nodes.iter().map(|n| n.id).collect();
-    let history: Vec<serde_json::Value> = view
-        .history
-        .iter()
-        .rev()
-        .take(HISTORY_SHOWN)
-        .rev()
-        .map(|h| {
-            serde_json::json!({
-                "generation": h.generation,
-                "outcome": h.outcome.as_str(),
-                "target_hash": h.target_hash,
-                "previous_hash": h.previous_hash,
-                "started_by": h.started_by.to_string(),
-                "started_ms": h.started_ms,
-                "finished_ms": h.finished_ms,
-                "reason": h.reason,
-            })
-        })
-        .collect();
+    let history = crate::api::rollout::history_json(&view.history, HISTORY_SHOWN);
     Ok(serde_json::json!({
         "status": status,
         "rollout": crate::api::rollout::status_json(&view, &members),

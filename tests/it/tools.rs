@@ -621,3 +621,89 @@ async fn a_webhook_hears_every_step_of_a_rollout_despite_failures_and_a_dead_url
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_client_lists_the_tools_dry_runs_and_runs_an_update() {
+    let has_client = std::process::Command::new("python3")
+        .args(["-c", "import mcp.client.stdio"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_client {
+        return crate::harness::skip_outside_ci("the PyPI MCP client is missing: pip install mcp");
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (v1, v2) = (work.path().join("v1"), work.path().join("v2"));
+    let h1 = crate::harness::make_release(&v1, &[]);
+    let h2 = crate::harness::make_release(&v2, &[("share/motd", "two")]);
+    let cluster = crate::harness::Cluster::start_supervised(3, &v1).await;
+    crate::harness::wait_all_on(&cluster, &h1).await;
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/mcp_session.py");
+    let mut command = std::process::Command::new("python3");
+    command
+        .args([script, BIN, &cluster.addr(2), v2.to_str().unwrap()])
+        .env("CLUSTER_TLS", crate::harness::creds("operator"));
+    let out = crate::harness::output_within(command, Duration::from_secs(240));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let session: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    assert_eq!(session["server"], "cluster");
+    let tools = session["tools"].as_object().unwrap();
+    for tool in [
+        "cluster_status",
+        "initiate_rolling_update",
+        "rollout_status",
+        "rollout_history",
+        "rollout_pause",
+        "rollout_resume",
+        "rollout_abort",
+    ] {
+        assert_eq!(tools[tool]["type"], "object", "{tool} has a JSON schema");
+    }
+    assert_eq!(tools["initiate_rolling_update"]["required"][0], "dist");
+    assert_eq!(
+        session["status"]["value"]["nodes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    let bad = &session["bad_dist"];
+    assert_eq!(bad["is_error"], true, "{bad}");
+    assert!(
+        bad["value"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent"),
+        "{bad}"
+    );
+    let dry = &session["dry_run"];
+    assert_eq!(
+        (dry["is_error"].clone(), dry["value"]["proceed"].clone()),
+        (false.into(), true.into()),
+        "{dry}"
+    );
+    assert!(
+        dry["value"]["generation"].is_null(),
+        "a dry run starts nothing: {dry}"
+    );
+    let update = &session["update"];
+    assert_eq!(update["value"]["generation"], 1, "{update}");
+    println!("phases seen: {}", session["phases_seen"]);
+    let history = session["history"]["value"]["rollouts"].as_array().unwrap();
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0]["outcome"], "completed");
+    assert_eq!(history[0]["target_hash"], h2.as_str());
+    assert!(
+        history[0]["started_by"]
+            .as_str()
+            .unwrap()
+            .contains("operator"),
+        "{history:?}"
+    );
+    crate::harness::wait_all_on(&cluster, &h2).await;
+}
