@@ -304,6 +304,7 @@ pub async fn demo() -> anyhow::Result<ExitCode> {
             auth: cluster.operator.clone(),
         },
         dry_run: false,
+        detach: false,
         json: false,
         max_parallel: 1,
         on_failure: FailureMode::Revert,

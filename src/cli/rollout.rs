@@ -36,8 +36,12 @@ pub enum FailureMode {
 #[derive(Args, Debug)]
 pub struct UpdateArgs {
     /// The dist to roll out (a directory with bin/cluster; see `cluster dist --help`)
-    #[arg(long)]
+    #[arg(long, value_parser = existing_dir)]
     pub dist: PathBuf,
+    /// Start the rollout and return: print its generation (follow it with
+    /// `cluster rollout status --watch`)
+    #[arg(long, conflicts_with = "dry_run")]
+    pub detach: bool,
     #[command(flatten)]
     pub target: Target,
     /// Check and plan only: print the preflight report and the plan, change nothing
@@ -82,12 +86,28 @@ pub enum Switch {
 #[derive(Subcommand, Debug)]
 pub enum RolloutCommand {
     /// Show the active rollout: generation, state, target, every node's phase
+    #[command(
+        long_about = "Show the active rollout: generation, state, target, every \
+        node's phase.\n\n\
+        With --watch, follow the active rollout (or, when none is active, the last one) to \
+        its end, printing each phase change, and exit like `kubectl rollout status`: 0 \
+        completed, 1 failed, reverted or aborted, 124 when --timeout passes first (the \
+        rollout goes on).\n\n\
+        Example: cluster update --dist ./dist --detach && cluster rollout status --watch --timeout 15m"
+    )]
     Status {
         #[command(flatten)]
         target: Target,
-        /// Print JSON: the deployment record, or null when none is active
+        /// Print JSON: the deployment record, or null when none is active (with --watch:
+        /// the history entry the rollout ended as)
         #[arg(long)]
         json: bool,
+        /// Follow the rollout to its end; the exit status says how it ended
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: give up after this long (exit 124), e.g. 90s, 15m, 1h
+        #[arg(long, value_parser = humantime::parse_duration, requires = "watch")]
+        timeout: Option<Duration>,
     },
     /// Show finished rollouts, oldest first: who started them and why, outcome and
     /// reason, and every node's result and timings
@@ -205,7 +225,36 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let finished = follow(&args.target, outcome.generation, !args.json).await?;
+    if args.detach {
+        if args.json {
+            print_json(&serde_json::json!({
+                "report": outcome.report,
+                "plan": outcome.plan,
+                "generation": outcome.generation,
+            }))?;
+        } else {
+            outln!(
+                "rollout {} started; follow it with `cluster rollout status --watch --node {}`",
+                outcome.generation,
+                args.target.node
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let finished = tokio::select! {
+        finished = follow(&args.target, outcome.generation, !args.json) => finished?,
+        _ = tokio::signal::ctrl_c() => {
+            // The rollout is the leader's: this client stopping changes nothing.
+            eprintln!(
+                "\nstopped following; rollout {} goes on. Follow it with `cluster rollout \
+                 status --watch --node {node}`, pause it with `cluster rollout pause --node \
+                 {node}`, or stop it with `cluster rollout abort --revert --node {node}`",
+                outcome.generation,
+                node = args.target.node
+            );
+            return Ok(ExitCode::from(EXIT_INTERRUPTED));
+        }
+    };
     if args.json {
         print_json(&serde_json::json!({
             "report": outcome.report,
@@ -243,6 +292,60 @@ pub async fn upload_to_leader(
         ))),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Exit status of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
+pub const EXIT_INTERRUPTED: u8 = 130;
+/// Exit status of `rollout status --watch` whose --timeout passed (as timeout(1) exits).
+pub const EXIT_TIMED_OUT: u8 = 124;
+
+/// `--dist` must name a directory: anything else is a usage error (exit 2).
+fn existing_dir(text: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(text);
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.is_dir() => Ok(path),
+        Ok(_) => Err(format!(
+            "{text} is not a directory: give the dist directory (it holds bin/cluster)"
+        )),
+        Err(e) => Err(format!("cannot read {text}: {e}")),
+    }
+}
+
+/// `rollout status --watch`: follows the active rollout, else reports the last one.
+async fn watch(target: &Target, json: bool, timeout: Option<Duration>) -> anyhow::Result<ExitCode> {
+    let view = leader_view(target, None).await?;
+    let generation = match (&view.deployment, view.history.last()) {
+        (Some(d), _) => d.generation,
+        (None, Some(last)) => last.generation,
+        (None, None) => {
+            outln!("no rollout has run yet");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let followed = follow(target, generation, !json);
+    let finished = match timeout {
+        None => followed.await?,
+        Some(limit) => match tokio::time::timeout(limit, followed).await {
+            Ok(finished) => finished?,
+            Err(_) => {
+                eprintln!(
+                    "rollout {generation} did not end within {}: it goes on",
+                    humantime::format_duration(limit)
+                );
+                return Ok(ExitCode::from(EXIT_TIMED_OUT));
+            }
+        },
+    };
+    if json {
+        print_json(&finished)?;
+    } else {
+        print_summary(&finished)?;
+    }
+    Ok(if finished.outcome == DeploymentState::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(super::EXIT_FAILURE)
+    })
 }
 
 fn print_report(report: &Report) -> std::io::Result<()> {
@@ -346,10 +449,12 @@ fn print_progress(
     seen: &mut std::collections::BTreeMap<u64, String>,
     last_state: &mut String,
 ) -> std::io::Result<()> {
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let now = now.get(11..19).unwrap_or(&now).to_string();
     let state = deployment.state.as_str().to_string();
     if *last_state != state {
         outln!(
-            "rollout {}: {state}{}",
+            "{now}  rollout {}: {state}{}",
             deployment.generation,
             deployment
                 .reason
@@ -359,7 +464,8 @@ fn print_progress(
         );
         *last_state = state;
     }
-    for id in &deployment.order {
+    let count = deployment.order.len();
+    for (position, id) in deployment.order.iter().enumerate() {
         let Some(step) = deployment.nodes.get(id) else {
             continue;
         };
@@ -370,14 +476,18 @@ fn print_progress(
                 .as_ref()
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default();
-            outln!("  node {id} ({}): {phase}{error}", step.addr);
+            outln!(
+                "{now}  node {id} ({}/{count}, {}): {phase}{error}",
+                position + 1,
+                step.addr
+            );
             seen.insert(*id, phase);
         }
     }
     if deployment.soak_started_ms().is_some() && !seen.contains_key(&u64::MAX) {
         outln!(
-            "  every node committed: soaking for {} ({} failed health checks in a row on any \
-             node revert the rollout)",
+            "{now}  every node committed: soaking for {} ({} failed health checks in a row \
+             on any node revert the rollout)",
             ms(deployment.strategy.soak_ms),
             deployment.strategy.soak_strikes
         );
@@ -571,7 +681,13 @@ fn print_summary(entry: &HistoryEntry) -> std::io::Result<()> {
 /// Runs `cluster rollout ...`.
 pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
     let (target, operation) = match command {
-        RolloutCommand::Status { target, json } => {
+        RolloutCommand::Status {
+            target,
+            json,
+            watch: true,
+            timeout,
+        } => return watch(&target, json, timeout).await,
+        RolloutCommand::Status { target, json, .. } => {
             let view = leader_view(&target, None).await?;
             if json {
                 print_json(&view.deployment)?;

@@ -636,3 +636,98 @@ async fn preflight_refuses_while_a_node_fails_its_health_command() {
     let status = cli(&["rollout", "status", "--json", "--node", &cluster.addr(1)]);
     assert_eq!(String::from_utf8_lossy(&status.stdout).trim(), "null");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_update_is_followed_by_watch_whose_exit_status_says_how_it_ended() {
+    let work = tempfile::tempdir().unwrap();
+    let (v1, v2, bad) = (
+        work.path().join("v1"),
+        work.path().join("v2"),
+        work.path().join("bad"),
+    );
+    let h1 = make_release(&v1, &[]);
+    let h2 = make_release(&v2, &[("share/motd", "two")]);
+    make_script_release(&bad, "#!/bin/sh\nexit 1\n");
+    let cluster = Cluster::start_supervised(3, &v1).await;
+    wait_all_on(&cluster, &h1).await;
+    let node = cluster.addr(1);
+
+    // A dist that is not there is a usage error, before anything is asked of the cluster.
+    let missing = work.path().join("nonexistent");
+    let out = update(&node, &missing, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot read") && text(&out).contains("--help"),
+        "{}",
+        text(&out)
+    );
+
+    let out = update(&node, &v2, &["--detach"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("rollout 1 started"), "{}", text(&out));
+    let out = cli(&[
+        "rollout",
+        "status",
+        "--watch",
+        "--timeout",
+        "1ms",
+        "--node",
+        &node,
+    ]);
+    assert_eq!(out.status.code(), Some(124), "timed out: {}", text(&out));
+    assert!(
+        text(&out).contains("did not end within 1ms"),
+        "{}",
+        text(&out)
+    );
+    let out = cli(&["rollout", "status", "--watch", "--node", &node]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("completed"), "{}", text(&out));
+    wait_all_on(&cluster, &h2).await;
+
+    let out = update(&node, &bad, &["--detach"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = cli(&["rollout", "status", "--watch", "--json", "--node", &node]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed rollout: {}",
+        text(&out)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["generation"], 2, "{json}");
+    assert_eq!(json["outcome"], "reverted", "{json}");
+    // Watching after the end reports the last rollout again.
+    let out = cli(&["rollout", "status", "--watch", "--node", &node]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    wait_all_on(&cluster, &h2).await;
+
+    // Ctrl-C on a following `cluster update` stops the client, not the rollout.
+    let mut command = std::process::Command::new(crate::harness::BIN);
+    let args = ["update", "--dist", v1.to_str().unwrap(), "--node", &node];
+    command
+        .args(args)
+        .args(FAST)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    crate::harness::as_operator(&mut command, &args);
+    let child = command.spawn().unwrap();
+    wait_for("rollout 3 under way", Duration::from_secs(60), || async {
+        let out = cli(&["rollout", "status", "--json", "--node", &node]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (json["generation"] == 3).then_some(())
+    })
+    .await;
+    crate::harness::signal(child.id(), libc::SIGINT);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out));
+    assert!(text(&out).contains("rollout 3 goes on"), "{}", text(&out));
+    let out = cli(&["rollout", "status", "--watch", "--node", &node]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "it went on and completed: {}",
+        text(&out)
+    );
+    wait_all_on(&cluster, &h1).await;
+}
