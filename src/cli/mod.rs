@@ -328,13 +328,53 @@ enum KvCommand {
         value: String,
         #[command(flatten)]
         target: Target,
+        /// Print JSON: {key, log_index}
+        #[arg(long)]
+        json: bool,
     },
     /// Print a value (a linearizable read); exit 1 if the key does not exist
     Get {
         key: String,
         #[command(flatten)]
         target: Target,
+        /// Print JSON: {key, value} (value null, and exit 1, if the key does not exist)
+        #[arg(long)]
+        json: bool,
     },
+}
+
+/// How a command that failed ends: the message on stderr (or, with `--json`, as
+/// `{"error": {"kind", "message"}}` on stdout, for scripts) and exit 1. A reader that
+/// stopped reading (`| head`) gets no message, and the status a shell reports for a
+/// process ended by SIGPIPE.
+pub fn fail(error: anyhow::Error) -> ExitCode {
+    if is_broken_pipe(&error) {
+        return ExitCode::from(141);
+    }
+    // Our error messages already name their cause; print a cause only when it adds words.
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message = format!("{message}: {cause}");
+        }
+    }
+    let json = std::env::args()
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
+    if json {
+        let kind = error
+            .chain()
+            .find_map(|cause| cause.downcast_ref::<crate::api::ApiError>())
+            .map(|e| serde_json::to_value(e.kind).unwrap_or_default())
+            .unwrap_or_else(|| "error".into());
+        let body = serde_json::json!({"error": {"kind": kind, "message": message}});
+        if output::line(format_args!("{body}")).is_ok() {
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    }
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_FAILURE)
 }
 
 /// Parses arguments and runs the command; `main` maps the result to an exit code.
@@ -467,8 +507,18 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Member(command) => member::run(command).await,
-        Command::Kv(KvCommand::Put { key, value, target }) => {
-            target.client()?.kv_put(&key, &value).await?;
+        Command::Kv(KvCommand::Put {
+            key,
+            value,
+            target,
+            json,
+        }) => {
+            let written = target.client()?.kv_put(&key, &value).await?;
+            if json {
+                output::print_json(
+                    &serde_json::json!({"key": key, "log_index": written.log_index}),
+                )?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Update(args) => rollout::update(args).await,
@@ -578,16 +628,18 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Kv(KvCommand::Get { key, target }) => match target.client()?.kv_get(&key).await? {
-            Some(value) => {
-                outln!("{value}");
-                Ok(ExitCode::SUCCESS)
+        Command::Kv(KvCommand::Get { key, target, json }) => {
+            let value = target.client()?.kv_get(&key).await?;
+            match (&value, json) {
+                (_, true) => output::print_json(&serde_json::json!({"key": key, "value": value}))?,
+                (Some(value), false) => outln!("{value}"),
+                (None, false) => eprintln!("key {key:?} not found"),
             }
-            None => {
-                eprintln!("key {key:?} not found");
-                Ok(ExitCode::from(EXIT_FAILURE))
-            }
-        },
+            Ok(match value {
+                Some(_) => ExitCode::SUCCESS,
+                None => ExitCode::from(EXIT_FAILURE),
+            })
+        }
     }
 }
 

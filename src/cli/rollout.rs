@@ -123,11 +123,17 @@ pub enum RolloutCommand {
     Pause {
         #[command(flatten)]
         target: Target,
+        /// Print JSON: {message, generation}
+        #[arg(long)]
+        json: bool,
     },
     /// Resume a paused rollout
     Resume {
         #[command(flatten)]
         target: Target,
+        /// Print JSON: {message, generation}
+        #[arg(long)]
+        json: bool,
     },
     /// Stop the active rollout: nodes caught mid-update are restored; nodes already
     /// updated stay on the new build unless --revert
@@ -137,6 +143,9 @@ pub enum RolloutCommand {
         /// Also bring every updated node back to its previous build
         #[arg(long)]
         revert: bool,
+        /// Print JSON: {message, generation}
+        #[arg(long)]
+        json: bool,
     },
     /// Switch automatic rollouts (new builds in the leader's --watch-dist, and bringing
     /// nodes on another build to the cluster's target) on or off, cluster-wide
@@ -145,6 +154,9 @@ pub enum RolloutCommand {
         switch: Switch,
         #[command(flatten)]
         target: Target,
+        /// Print JSON: {message, generation}
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -680,7 +692,7 @@ fn print_summary(entry: &HistoryEntry) -> std::io::Result<()> {
 
 /// Runs `cluster rollout ...`.
 pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
-    let (target, operation) = match command {
+    let (target, operation, json) = match command {
         RolloutCommand::Status {
             target,
             json,
@@ -712,14 +724,23 @@ pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        RolloutCommand::Pause { target } => (target, Operation::Pause),
-        RolloutCommand::Resume { target } => (target, Operation::Resume),
-        RolloutCommand::Abort { target, revert } => (target, Operation::Abort { revert }),
-        RolloutCommand::Auto { switch, target } => (
+        RolloutCommand::Pause { target, json } => (target, Operation::Pause, json),
+        RolloutCommand::Resume { target, json } => (target, Operation::Resume, json),
+        RolloutCommand::Abort {
+            target,
+            revert,
+            json,
+        } => (target, Operation::Abort { revert }, json),
+        RolloutCommand::Auto {
+            switch,
+            target,
+            json,
+        } => (
             target,
             Operation::Auto {
                 enabled: switch == Switch::On,
             },
+            json,
         ),
     };
     let done = target
@@ -727,7 +748,11 @@ pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
         .timeout(Duration::from_secs(30))
         .operate(operation)
         .await?;
-    outln!("{}", done.message);
+    if json {
+        print_json(&done)?;
+    } else {
+        outln!("{}", done.message);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

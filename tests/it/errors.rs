@@ -179,3 +179,49 @@ async fn a_reader_that_stops_reading_ends_a_command_quietly() {
         assert!(err.is_empty(), "{args:?} says nothing: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_json_results_and_errors_are_json_on_stdout() {
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let dead = reserved.local_addr().unwrap().to_string();
+    let json_of = |out: &std::process::Output| -> serde_json::Value {
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                stderr(out)
+            )
+        })
+    };
+    let out = cli(&["status", "--json", "--node", &dead]);
+    assert_eq!(out.status.code(), Some(1));
+    let error = json_of(&out);
+    assert_eq!(error["error"]["kind"], "unavailable", "{error}");
+    assert!(
+        error["error"]["message"].as_str().unwrap().contains(&dead),
+        "{error}"
+    );
+
+    let cluster = Cluster::start(1).await;
+    let node = cluster.addr(1);
+    let out = cli(&["kv", "put", "k", "v", "--json", "--node", &node]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(json_of(&out)["log_index"].as_u64().unwrap() > 0);
+    let out = cli(&["kv", "get", "k", "--json", "--node", &node]);
+    assert_eq!(json_of(&out)["value"], "v");
+    let out = cli(&["kv", "get", "nothing", "--json", "--node", &node]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(json_of(&out)["value"].is_null());
+    let out = cli(&["rollout", "auto", "off", "--json", "--node", &node]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(json_of(&out)["message"].is_string());
+    let out = cli(&["rollout", "pause", "--json", "--node", &node]);
+    assert_eq!(out.status.code(), Some(1), "nothing to pause");
+    let error = json_of(&out);
+    assert!(
+        error["error"]["kind"].is_string() && error["error"]["message"].is_string(),
+        "{error}"
+    );
+    drop(reserved);
+}
