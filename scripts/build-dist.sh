@@ -34,7 +34,9 @@ fi
 # Stamp with the binary being packaged: the dist describes itself.
 sign=()
 [ -z "${CLUSTER_SIGNING_KEY:-}" ] || sign=(--sign "$CLUSTER_SIGNING_KEY")
-"$staging/bin/cluster" dist stamp "$staging" ${sign[@]+"${sign[@]}"} >/dev/null
+# The commit it was built from: the staging directory is outside the checkout.
+commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
+"$staging/bin/cluster" dist stamp "$staging" --git-commit "$commit" ${sign[@]+"${sign[@]}"} >/dev/null
 rm -rf "$out"
 mv "$staging" "$out"
 trap - EXIT

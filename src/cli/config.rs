@@ -384,6 +384,45 @@ mod tests {
     }
 
     #[test]
+    fn every_config_file_key_is_a_flag_that_node_run_help_lists() {
+        // serde names every key it accepts when it refuses an unknown one.
+        let refused = toml::from_str::<FileConfig>("no_such_key = 1").unwrap_err();
+        let keys: Vec<String> = refused
+            .to_string()
+            .split("expected one of")
+            .nth(1)
+            .expect("serde lists the keys")
+            .split(',')
+            .map(|k| {
+                k.trim()
+                    .trim_matches(|c: char| c == '`' || c.is_whitespace())
+                    .to_string()
+            })
+            .filter(|k| !k.is_empty())
+            .collect();
+        assert!(keys.len() >= 20, "{keys:?}");
+        #[derive(clap::Parser)]
+        struct Run {
+            #[command(flatten)]
+            args: RunArgs,
+        }
+        let help = <Run as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        for key in &keys {
+            let flag = match key.as_str() {
+                "release_keys" => "--release-key".to_string(),
+                "notify_urls" => "--notify-url".to_string(),
+                other => format!("--{}", other.replace('_', "-")),
+            };
+            assert!(
+                help.contains(&flag),
+                "config key {key} has no flag {flag} in --help"
+            );
+        }
+    }
+
+    #[test]
     fn the_log_format_comes_from_the_flag_or_the_file_and_a_typo_is_refused() {
         let base = "id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/a\"\n";
         let (_dir, path) = file(&format!("{base}log_format = \"json\"\n"));

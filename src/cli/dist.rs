@@ -81,6 +81,10 @@ Without --sign, version.json is written unsigned.")]
         /// Print the version record as JSON (without the per-entry list) instead of the hash
         #[arg(long)]
         json: bool,
+        /// Record this commit as gitCommit (letters and digits, e.g. `git rev-parse
+        /// --short HEAD` in the checkout it was built from) instead of asking git in DIR
+        #[arg(long, value_name = "REV", value_parser = commit_id)]
+        git_commit: Option<String>,
     },
 
     /// Print the build hash of a dist without writing anything
@@ -175,10 +179,15 @@ fn execute(command: DistCommand, out: &mut dyn Write, err: &mut dyn Write) -> an
             }
             Ok(0)
         }
-        DistCommand::Stamp { dir, sign, json } => {
+        DistCommand::Stamp {
+            dir,
+            sign,
+            json,
+            git_commit,
+        } => {
             // The key first: a bad key file must not leave a fresh, unsigned version.json.
             let key = sign.as_deref().map(keys::read_signing_key).transpose()?;
-            let info = release::stamp_signed(&dir, &limits, key.as_ref())?;
+            let info = release::stamp_from(&dir, &limits, key.as_ref(), git_commit.as_deref())?;
             if json {
                 print_json(out, &info)?;
             } else {
@@ -302,6 +311,15 @@ fn print_json(out: &mut dyn Write, info: &VersionInfo) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--git-commit`: what version.json may record as gitCommit.
+fn commit_id(text: &str) -> Result<String, String> {
+    if !text.is_empty() && text.len() <= 64 && text.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        Ok(text.to_owned())
+    } else {
+        Err("a commit is letters and digits, at most 64 (e.g. `git rev-parse --short HEAD`)".into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,17 +369,31 @@ mod tests {
             DistCommand::Stamp {
                 dir: "d".into(),
                 sign: None,
-                json: true
+                json: true,
+                git_commit: None,
             }
         );
         assert_eq!(
-            parse(&["stamp", "d", "--sign", "k/release.key"]),
+            parse(&[
+                "stamp",
+                "d",
+                "--sign",
+                "k/release.key",
+                "--git-commit",
+                "0ab12cd"
+            ]),
             DistCommand::Stamp {
                 dir: "d".into(),
                 sign: Some("k/release.key".into()),
-                json: false
+                json: false,
+                git_commit: Some("0ab12cd".into()),
             }
         );
+        let refused = DistCli::try_parse_from(["dist", "stamp", "d", "--git-commit", "a-b"]);
+        assert!(refused
+            .unwrap_err()
+            .to_string()
+            .contains("letters and digits"));
         let help = DistCli::command().render_long_help().to_string();
         assert!(help.contains("build hash"), "{help}");
         assert_eq!(

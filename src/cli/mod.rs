@@ -247,7 +247,8 @@ enum NodeCommand {
     #[command(
         long_about = "Run a node in the foreground until SIGTERM or SIGINT.\n\n\
         Every other flag can also be set in a TOML file given with --config, under its name \
-        with _ for - (id, listen, data_dir, heartbeat_ms, auto_stale_ack_ms, ...); flags \
+        with _ for - (id, listen, data_dir, heartbeat_ms, metrics_listen, log_format, ...; \
+        the repeatable flags as lists: release_keys = [...], notify_urls = [...]); flags \
         win, and unknown keys are errors.\n\n\
         The first node of a new cluster starts with --bootstrap; every other node starts \
         with --join <address of any member>. Restarting a node with the same --data-dir \

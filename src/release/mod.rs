@@ -55,7 +55,7 @@ pub use scan::{scan, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN};
 pub use signature::{SignatureError, TrustedKeys};
 pub use staging::{Staging, SyncError};
 pub use store::{ReleaseStore, StoreError, DEFAULT_KEEP_OLD};
-pub use version::{hash, scan_signed, stamp, stamp_signed, verify, VersionInfo};
+pub use version::{hash, scan_signed, stamp, stamp_from, stamp_signed, verify, VersionInfo};
 
 /// What is wrong with a dist directory on disk, as scanning, stamping, hashing and
 /// verifying find it (`cluster dist`, and installing a dist into a release store).

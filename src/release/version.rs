@@ -169,8 +169,20 @@ pub fn stamp_signed(
     limits: &Limits,
     signer: Option<&SigningKey>,
 ) -> Result<VersionInfo, DistError> {
+    stamp_from(dir, limits, signer, None)
+}
+
+/// [`stamp_signed`] recording `commit` as `gitCommit` (the commit the dist was built
+/// from, when `dir` is not in its checkout) instead of asking git in `dir`.
+pub fn stamp_from(
+    dir: &Path,
+    limits: &Limits,
+    signer: Option<&SigningKey>,
+    commit: Option<&str>,
+) -> Result<VersionInfo, DistError> {
     let rows = scan_summary(dir, limits)?;
-    let mut info = VersionInfo::describe_rows(rows, SystemTime::now(), git_commit(dir));
+    let commit = commit.map_or_else(|| git_commit(dir), str::to_owned);
+    let mut info = VersionInfo::describe_rows(rows, SystemTime::now(), commit);
     if let Some(key) = signer {
         info.sign(key);
     }
