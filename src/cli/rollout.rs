@@ -448,6 +448,10 @@ async fn follow(target: &Target, generation: u64, print: bool) -> anyhow::Result
             }
             _ => {
                 if let Some(entry) = view.history.iter().find(|h| h.generation == generation) {
+                    // The phases entered since the last poll, the last commit among them.
+                    if print {
+                        print_trails(&entry.order, &entry.nodes, &mut seen)?;
+                    }
                     return Ok(entry.clone());
                 }
             }
@@ -476,26 +480,7 @@ fn print_progress(
         );
         *last_state = state;
     }
-    let count = deployment.order.len();
-    for (position, id) in deployment.order.iter().enumerate() {
-        let Some(step) = deployment.nodes.get(id) else {
-            continue;
-        };
-        let phase = step.phase.as_str().to_string();
-        if seen.get(id) != Some(&phase) {
-            let error = step
-                .error
-                .as_ref()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default();
-            outln!(
-                "{now}  node {id} ({}/{count}, {}): {phase}{error}",
-                position + 1,
-                step.addr
-            );
-            seen.insert(*id, phase);
-        }
-    }
+    print_trails(&deployment.order, &deployment.nodes, seen)?;
     if deployment.soak_started_ms().is_some() && !seen.contains_key(&u64::MAX) {
         outln!(
             "{now}  every node committed: soaking for {} ({} failed health checks in a row \
@@ -504,6 +489,46 @@ fn print_progress(
             deployment.strategy.soak_strikes
         );
         seen.insert(u64::MAX, "soak".into());
+    }
+    Ok(())
+}
+
+/// Every phase each node entered that `seen` has not printed yet (see [`NodeStep::trail`]).
+fn print_trails(
+    order: &[u64],
+    nodes: &std::collections::BTreeMap<u64, NodeStep>,
+    seen: &mut std::collections::BTreeMap<u64, String>,
+) -> std::io::Result<()> {
+    let count = order.len();
+    for (position, id) in order.iter().enumerate() {
+        let Some(step) = nodes.get(id) else {
+            continue;
+        };
+        // Every phase entered since the last poll, from the node's replicated trail,
+        // each with the time it was entered.
+        let printed: usize = seen.get(id).and_then(|n| n.parse().ok()).unwrap_or(0);
+        let new = step.trail.len().saturating_sub(printed);
+        for (n, (phase, at_ms)) in step.trail.iter().enumerate().skip(printed) {
+            let last = n + 1 == step.trail.len();
+            let error = match (&step.error, last) {
+                (Some(e), true) if !phase.is_updating() => format!(": {e}"),
+                _ => String::new(),
+            };
+            let at = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_millis(*at_ms),
+            )
+            .to_string();
+            outln!(
+                "{}  node {id} ({}/{count}, {}): {}{error}",
+                at.get(11..19).unwrap_or(&at),
+                position + 1,
+                step.addr,
+                phase.as_str()
+            );
+        }
+        if new > 0 {
+            seen.insert(*id, step.trail.len().to_string());
+        }
     }
     Ok(())
 }
@@ -525,7 +550,7 @@ pub fn print_active(d: &Deployment, notes: Option<&LeaderNotes>) -> std::io::Res
     if let Some(reason) = &d.reason {
         outln!("  reason: {reason}");
     }
-    print_steps(&d.order, &d.nodes)?;
+    print_steps(&d.order, &d.nodes, d.reason.as_deref())?;
     if let Some(notes) = notes {
         if let Some(waiting) = &notes.waiting {
             outln!("  {waiting}");
@@ -541,19 +566,22 @@ pub fn print_active(d: &Deployment, notes: Option<&LeaderNotes>) -> std::io::Res
 }
 
 /// Every node's phase, error and time taken, in rollout order.
+/// Every node's phase and timing; a node's error is shown unless it is `said` (the
+/// rollout's own reason, already printed).
 fn print_steps(
     order: &[u64],
     nodes: &std::collections::BTreeMap<u64, NodeStep>,
+    said: Option<&str>,
 ) -> std::io::Result<()> {
     for id in order {
         let Some(step) = nodes.get(id) else {
             continue;
         };
-        let error = step
-            .error
-            .as_ref()
-            .map(|e| format!(": {e}"))
-            .unwrap_or_default();
+        let error = match step.error.as_deref() {
+            Some(e) if said.is_some_and(|said| said.contains(e)) => ": the reason above".into(),
+            Some(e) => format!(": {e}"),
+            None => String::new(),
+        };
         outln!(
             "  node {id} ({}): {}{}{error}",
             step.addr,
@@ -665,12 +693,19 @@ fn clock(unix_ms: u64) -> String {
 }
 
 fn print_summary(entry: &HistoryEntry) -> std::io::Result<()> {
-    outln!(
-        "rollout {} {}: {} -> {}, started by {} at {}{}{}",
-        entry.generation,
-        entry.outcome.as_str(),
+    // Only a completed rollout moved the cluster to its target.
+    let (from, to) = (
         short_hash(&entry.previous_hash),
         short_hash(&entry.target_hash),
+    );
+    let builds = match entry.outcome {
+        DeploymentState::Completed => format!("{from} -> {to}"),
+        _ => format!("tried {to} on a cluster running {from}"),
+    };
+    outln!(
+        "rollout {} {}: {builds}, started by {} at {}{}{}",
+        entry.generation,
+        entry.outcome.as_str(),
         entry.started_by,
         clock(entry.started_ms),
         entry
@@ -686,7 +721,7 @@ fn print_summary(entry: &HistoryEntry) -> std::io::Result<()> {
     if let Some(trigger) = &entry.trigger {
         outln!("  why: {trigger}");
     }
-    print_steps(&entry.order, &entry.nodes)?;
+    print_steps(&entry.order, &entry.nodes, entry.reason.as_deref())?;
     Ok(())
 }
 

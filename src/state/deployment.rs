@@ -340,7 +340,13 @@ pub struct NodeStep {
     pub finished_ms: Option<u64>,
     /// When the node entered its current phase (`None`: pending since the plan).
     pub phase_since_ms: Option<u64>,
+    /// Every phase the node entered, with when, oldest first (at most [`TRAIL_LIMIT`]):
+    /// what a follower prints, so that no phase is skipped between two polls.
+    pub trail: Vec<(Phase, u64)>,
 }
+
+/// Phases a node's trail keeps (a few attempts' worth).
+pub const TRAIL_LIMIT: usize = 32;
 
 impl NodeStep {
     /// A node of the plan, not yet touched.
@@ -512,6 +518,10 @@ impl Deployment {
         }
         step.phase = phase;
         step.phase_since_ms = Some(at_ms);
+        step.trail.push((phase, at_ms));
+        if step.trail.len() > TRAIL_LIMIT {
+            step.trail.remove(0);
+        }
         if let Some(error) = error {
             step.error = Some(error.to_string());
         }
@@ -559,6 +569,10 @@ impl Deployment {
                 "rollout generation {} cannot be {state}: node {id} is {phase}",
                 self.generation
             ));
+        }
+        // A reason says why a rollout is not running: resuming it clears the pause's.
+        if state == DeploymentState::Running {
+            self.reason = None;
         }
         self.state = state;
         if let Some(reason) = reason {
@@ -740,6 +754,38 @@ mod tests {
                 assert!(!from.can_move_to(to), "{from} -> {to}");
             }
         }
+    }
+
+    #[test]
+    fn a_node_keeps_a_trail_of_its_phases_and_resuming_clears_the_pause_reason() {
+        let mut d = Deployment {
+            generation: 1,
+            ..Deployment::default()
+        };
+        d.nodes
+            .insert(2, NodeStep::pending(Role::Voter, "n2", "old"));
+        d.order = vec![2];
+        for (phase, at) in [
+            (Phase::Backup, 10),
+            (Phase::Sync, 20),
+            (Phase::Activate, 30),
+        ] {
+            assert!(d.set_node_phase(2, phase, None, at).unwrap());
+        }
+        assert!(!d.set_node_phase(2, Phase::Activate, None, 40).unwrap());
+        assert_eq!(
+            d.nodes[&2].trail,
+            [
+                (Phase::Backup, 10),
+                (Phase::Sync, 20),
+                (Phase::Activate, 30)
+            ]
+        );
+        d.set_state(DeploymentState::Paused, Some("paused by alice"), 50)
+            .unwrap();
+        assert_eq!(d.reason.as_deref(), Some("paused by alice"));
+        d.set_state(DeploymentState::Running, None, 60).unwrap();
+        assert_eq!(d.reason, None, "a resumed rollout is not paused by anyone");
     }
 
     #[test]

@@ -683,6 +683,23 @@ async fn a_detached_update_is_followed_by_watch_whose_exit_status_says_how_it_en
     let out = cli(&["rollout", "status", "--watch", "--node", &node]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("completed"), "{}", text(&out));
+    // Every phase of every node, however briefly it lasted, each on a line of its own.
+    let said = text(&out);
+    for id in 1..=3 {
+        for phase in [
+            "backup",
+            "sync",
+            "activate",
+            "health",
+            "stabilize",
+            "committed",
+        ] {
+            let line = said.lines().any(|l| {
+                l.contains(&format!("node {id} (")) && l.ends_with(&format!("): {phase}"))
+            });
+            assert!(line, "node {id} {phase} in: {said}");
+        }
+    }
     wait_all_on(&cluster, &h2).await;
 
     let out = update(&node, &bad, &["--detach"]);
