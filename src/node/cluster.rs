@@ -205,6 +205,44 @@ impl Cluster for NodeHandle {
         self.agent.has(hash).await.unwrap_or(false)
     }
 
+    async fn version_of(&self, hash: &str) -> Result<String, String> {
+        /// Longer than any binary needs to print its version on a loaded host.
+        const LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
+        let binary = self.agent.store().release_dir(hash).join("bin/cluster");
+        let mut command = tokio::process::Command::new(&binary);
+        command
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .env_clear()
+            .kill_on_drop(true);
+        let out = match tokio::time::timeout(LIMIT, command.output()).await {
+            Err(_) => {
+                return Err(format!(
+                    "`bin/cluster --version` did not end within {LIMIT:?}"
+                ))
+            }
+            Ok(Err(e)) => return Err(format!("`bin/cluster --version` cannot start: {e}")),
+            Ok(Ok(out)) => out,
+        };
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let tail: Vec<&str> = err.lines().rev().take(3).collect();
+            return Err(format!(
+                "`bin/cluster --version` exited with {}{}",
+                out.status,
+                match tail.is_empty() {
+                    true => String::new(),
+                    false => format!(
+                        ": {}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+                    ),
+                }
+            ));
+        }
+        Ok(said)
+    }
+
     async fn release_manifest(&self, hash: &str) -> Result<Manifest, String> {
         self.agent
             .manifest(hash)

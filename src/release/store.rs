@@ -300,7 +300,8 @@ impl ReleaseStore {
         self.data_dir().join(name)
     }
 
-    pub(super) fn release_dir(&self, hash: &str) -> PathBuf {
+    /// Where release `hash` is held (or would be).
+    pub fn release_dir(&self, hash: &str) -> PathBuf {
         self.path(RELEASES).join(hash)
     }
 

@@ -114,6 +114,9 @@ pub trait Cluster: Send + Sync + 'static {
 
     /// This node holds release `hash`, complete.
     fn holds_release(&self, hash: &str) -> impl Future<Output = bool> + Send;
+    /// Starts the held release `hash`'s binary with `--version` (time-limited) and
+    /// returns the line it printed, or why it did not start.
+    fn version_of(&self, hash: &str) -> impl Future<Output = Result<String, String>> + Send;
     /// The manifest of release `hash` on this node.
     fn release_manifest(&self, hash: &str)
         -> impl Future<Output = Result<Manifest, String>> + Send;

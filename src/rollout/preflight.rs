@@ -431,6 +431,39 @@ fn dist(snapshot: &Survey) -> Check {
     )
 }
 
+/// Judges what a candidate's `bin/cluster --version` printed (`cluster 0.1.0 (build
+/// <hash>, protocol <n>)`): it must be release `hash` itself, speaking at least
+/// `min_protocol` (a binary of an older protocol cannot read entries this cluster's log
+/// already holds).
+pub fn judge_version(said: &str, hash: &str, min_protocol: u32) -> Result<(), String> {
+    let inside = said
+        .rsplit_once("(build ")
+        .and_then(|(_, rest)| rest.strip_suffix(')'))
+        .and_then(|rest| rest.split_once(", protocol "));
+    let Some((build, protocol)) = inside else {
+        return Err(format!(
+            "`bin/cluster --version` printed {said:?}, not `cluster <version> (build <hash>, \
+             protocol <n>)`: is bin/cluster a cluster binary?"
+        ));
+    };
+    if build != hash {
+        return Err(format!(
+            "`bin/cluster --version` says build {build}, but the release is {hash}: was the \
+             dist stamped after its binary was replaced?"
+        ));
+    }
+    match protocol.parse::<u32>() {
+        Ok(p) if p >= min_protocol => Ok(()),
+        Ok(p) => Err(format!(
+            "bin/cluster speaks protocol {p}; this cluster runs protocol {min_protocol}, whose \
+             log it could not read"
+        )),
+        Err(_) => Err(format!(
+            "`bin/cluster --version` printed protocol {protocol:?}"
+        )),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -731,5 +764,26 @@ pub(crate) mod tests {
         assert!(report.checks[3]
             .detail
             .contains("(not checked, unreachable: node 2)"));
+    }
+
+    #[test]
+    fn a_candidate_must_say_it_is_the_release_and_speak_the_clusters_protocol() {
+        let hash = "ab12";
+        assert!(judge_version("cluster 0.1.0 (build ab12, protocol 4)", hash, 4).is_ok());
+        assert!(judge_version("cluster 0.2.0 (build ab12, protocol 5)", hash, 4).is_ok());
+        let cases = [
+            ("", "is bin/cluster a cluster binary"),
+            ("hello", "is bin/cluster a cluster binary"),
+            ("cluster 0.1.0 (build dev, protocol 4)", "says build dev"),
+            (
+                "cluster 0.1.0 (build ab12, protocol 3)",
+                "speaks protocol 3",
+            ),
+            ("cluster 0.1.0 (build ab12, protocol x)", "printed protocol"),
+        ];
+        for (said, expected) in cases {
+            let why = judge_version(said, hash, 4).unwrap_err();
+            assert!(why.contains(expected), "{said:?}: {why}");
+        }
     }
 }

@@ -52,6 +52,13 @@ pub async fn survey<C: Cluster>(
             "the leader (node {}) does not hold release {hash}: upload the dist to it first",
             cluster.id()
         )),
+        // The candidate starts here, on the leader, before any node is touched.
+        Ok(()) if !dry_run => match cluster.version_of(&hash).await {
+            Ok(said) => super::preflight::judge_version(&said, &hash, crate::state::PROTOCOL)
+                .err()
+                .map(|why| format!("the release does not start: {why}")),
+            Err(why) => Some(format!("the release does not start on the leader: {why}")),
+        },
         Ok(()) => None,
     };
     Survey {

@@ -652,11 +652,26 @@ pub fn make_release(dir: &Path, extra: &[(&str, &str)]) -> String {
     stamp(dir)
 }
 
+/// Shell lines that answer `--version` the way a cluster binary does, with the build
+/// hash from the release's own version.json.
+pub fn version_answer() -> String {
+    format!(
+        "if [ \"$1\" = --version ]; then\n  \
+         h=$(sed -n 's/.*\"buildHash\": *\"\\([0-9a-f]*\\)\".*/\\1/p' \"$(dirname \"$0\")/../version.json\")\n  \
+         echo \"cluster 0.1.0 (build $h, protocol {})\"\n  exit 0\nfi\n",
+        cluster::state::PROTOCOL
+    )
+}
+
 /// A dist whose `bin/cluster` is a shell script (e.g. one that exits at once).
+/// The script answers `--version` as a cluster binary does (preflight starts it so on the
+/// leader), and does what `script` says otherwise.
 pub fn make_script_release(dir: &Path, script: &str) -> String {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir.join("bin")).unwrap();
     let binary = dir.join("bin/cluster");
+    let (shebang, body) = script.split_once('\n').unwrap_or((script, ""));
+    let script = format!("{shebang}\n{}{body}", version_answer());
     std::fs::write(&binary, script).unwrap();
     std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
     stamp(dir)
@@ -710,7 +725,7 @@ fn write_extra(dir: &Path, extra: &[(&str, &str)]) {
     }
 }
 
-fn stamp(dir: &Path) -> String {
+pub fn stamp(dir: &Path) -> String {
     let out = cli(&["dist", "stamp", dir.to_str().unwrap()]);
     assert!(
         out.status.success(),

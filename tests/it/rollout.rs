@@ -748,3 +748,56 @@ async fn a_detached_update_is_followed_by_watch_whose_exit_status_says_how_it_en
     );
     wait_all_on(&cluster, &h1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflight_refuses_a_release_whose_binary_does_not_start_on_the_leader() {
+    use std::os::unix::fs::PermissionsExt;
+    let work = tempfile::tempdir().unwrap();
+    let v1 = work.path().join("v1");
+    let h1 = make_release(&v1, &[]);
+    let cluster = Cluster::start_supervised(3, &v1).await;
+    wait_all_on(&cluster, &h1).await;
+    // A binary for another machine, say: it cannot even print its version.
+    let cases = [
+        (
+            "broken",
+            "#!/bin/sh\nexit 126\n",
+            "exited with exit status: 126",
+        ),
+        (
+            "stranger",
+            "#!/bin/sh\necho hello\n",
+            "is bin/cluster a cluster binary",
+        ),
+        (
+            "stale",
+            "#!/bin/sh\necho 'cluster 0.1.0 (build 0123abcd, protocol 4)'\n",
+            "says build 0123abcd",
+        ),
+    ];
+    for (name, script, expected) in cases {
+        let dist = work.path().join(name);
+        std::fs::create_dir_all(dist.join("bin")).unwrap();
+        std::fs::write(dist.join("bin/cluster"), script).unwrap();
+        std::fs::set_permissions(
+            dist.join("bin/cluster"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        crate::harness::stamp(&dist);
+        let out = update(&cluster.addr(1), &dist, &[]);
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", text(&out));
+        assert!(
+            text(&out).contains("does not start") && text(&out).contains(expected),
+            "{name}: {}",
+            text(&out)
+        );
+        let history = cli(&["rollout", "history", "--json", "--node", &cluster.addr(1)]);
+        assert_eq!(
+            String::from_utf8_lossy(&history.stdout).trim(),
+            "[]",
+            "{name}: nothing began"
+        );
+    }
+    wait_all_on(&cluster, &h1).await;
+}

@@ -393,7 +393,18 @@ wait_for_no_rollout() {
 
 # A release whose binary exits 1 at once.
 mkdir -p "$work/dists/exits-at-once/bin"
-printf '#!/bin/sh\necho "this release cannot start" >&2\nexit 1\n' >"$work/dists/exits-at-once/bin/cluster"
+# It answers --version as a cluster binary does (preflight starts it so on the leader),
+# with the build hash of its own version.json, and cannot start otherwise.
+cat >"$work/dists/exits-at-once/bin/cluster" <<SCRIPT
+#!/bin/sh
+if [ "\$1" = --version ]; then
+  h=\$(sed -n 's/.*"buildHash": *"\([0-9a-f]*\)".*/\1/p' "\$(dirname "\$0")/../version.json")
+  echo "cluster 0.1.0 (build \$h, protocol $("$cli" --version | sed -n 's/.*protocol \([0-9]*\))$/\1/p'))"
+  exit 0
+fi
+echo "this release cannot start" >&2
+exit 1
+SCRIPT
 chmod 0755 "$work/dists/exits-at-once/bin/cluster"
 undone_with_no_leader exits-at-once
 # A release that starts, serves, and is killed, again and again: killed once it answers

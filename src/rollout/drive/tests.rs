@@ -279,6 +279,12 @@ impl Cluster for Fake {
     async fn holds_release(&self, _hash: &str) -> bool {
         true
     }
+    async fn version_of(&self, hash: &str) -> Result<String, String> {
+        Ok(format!(
+            "cluster 0.1.0 (build {hash}, protocol {})",
+            crate::state::PROTOCOL
+        ))
+    }
     async fn release_manifest(&self, hash: &str) -> Result<Manifest, String> {
         Err(format!("the fake holds no manifest for {hash}"))
     }
