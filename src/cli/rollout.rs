@@ -98,8 +98,9 @@ pub enum RolloutCommand {
     Status {
         #[command(flatten)]
         target: Target,
-        /// Print JSON: the deployment record, or null when none is active (with --watch:
-        /// the history entry the rollout ended as)
+        /// Print JSON: the active rollout as `cluster status --json` shows it under
+        /// rollout.active (generation, state, builds, every node's phase), or null when
+        /// none is active (with --watch: the history entry the rollout ended as)
         #[arg(long)]
         json: bool,
         /// Follow the rollout to its end; the exit status says how it ended
@@ -737,7 +738,9 @@ pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
         RolloutCommand::Status { target, json, .. } => {
             let view = leader_view(&target, None).await?;
             if json {
-                print_json(&view.deployment)?;
+                // One schema: `rollout.active` of `cluster status --json`, no manifest.
+                let summary = crate::api::rollout::status_json(&view, &[]);
+                print_json(&summary["active"])?;
             } else {
                 match &view.deployment {
                     None => outln!("no rollout is active"),
