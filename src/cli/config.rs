@@ -40,10 +40,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Leader heartbeat period in milliseconds [default: 100]
-    #[arg(long)]
+    #[arg(long, value_name = "DURATION", value_parser = super::millis, visible_alias = "heartbeat")]
     pub heartbeat_ms: Option<u64>,
     /// Minimum election timeout in milliseconds; the maximum is twice this [default: 300]
-    #[arg(long)]
+    #[arg(long, value_name = "DURATION", value_parser = super::millis, visible_alias = "election-timeout")]
     pub election_timeout_ms: Option<u64>,
     /// The node's own health check: run every second with `sh -c` in the data dir; exit 0
     /// means healthy, otherwise the tail of its stdout/stderr is the reason (a run past
@@ -57,26 +57,26 @@ pub struct RunArgs {
     pub watch_dist: Option<PathBuf>,
     /// How long the watched directory must stay unchanged before its build counts
     /// [default: 5000]
-    #[arg(long, value_name = "MS")]
+    #[arg(long, value_name = "DURATION", value_parser = super::millis, visible_alias = "watch-settle")]
     pub watch_settle_ms: Option<u64>,
     /// Automatic rollouts: how long each node must stay healthy before it is committed
     /// [default: 10000]
-    #[arg(long, value_name = "MS")]
+    #[arg(long, value_name = "DURATION", value_parser = super::millis, visible_alias = "auto-stabilize")]
     pub auto_stabilize_ms: Option<u64>,
     /// Automatic rollouts: how long health is watched after the last commit before the
     /// rollout completes; 3 failed checks in a row on any node revert it [default: 180000]
-    #[arg(long, value_name = "MS")]
+    #[arg(long, value_name = "DURATION", value_parser = super::millis, visible_alias = "auto-soak")]
     pub auto_soak_ms: Option<u64>,
     /// Automatic rollouts: how long a restarted node may take to report healthy
     /// [default: 60000]
-    #[arg(long, value_name = "MS")]
+    #[arg(long, value_name = "DURATION", value_parser = super::millis, visible_alias = "auto-health-deadline")]
     pub auto_health_deadline_ms: Option<u64>,
     /// Automatic rollouts: pause between health polls of a node [default: 500]
-    #[arg(long, value_name = "MS")]
+    #[arg(long, value_name = "DURATION", value_parser = super::millis, visible_alias = "auto-poll-interval")]
     pub auto_poll_interval_ms: Option<u64>,
     /// Automatic rollouts: acknowledgement age above which a node counts as stale, in
     /// preflight and while nodes restart [default: 2 x --heartbeat-ms]
-    #[arg(long, value_name = "MS")]
+    #[arg(long, value_name = "DURATION", value_parser = super::millis, visible_alias = "auto-stale-ack")]
     pub auto_stale_ack_ms: Option<u64>,
     /// This node's credentials: ca.pem, cert.pem and key.pem from
     /// `cluster tls issue <dir> --ca <ca-dir> --node <id>`. Every connection is mutual TLS

@@ -31,6 +31,18 @@ use crate::rpc::ControlClient;
 
 pub use output::is_broken_pipe;
 
+/// A duration flag's value in milliseconds: a plain number is milliseconds (as the
+/// `-ms` names say), anything else a humantime duration: `500ms`, `10s`, `3m`, `1h30m`.
+pub fn millis(text: &str) -> Result<u64, String> {
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(ms);
+    }
+    let duration = humantime::parse_duration(text).map_err(|e| {
+        format!("{text:?} is not a duration ({e}): give milliseconds, or e.g. 500ms, 10s, 3m")
+    })?;
+    u64::try_from(duration.as_millis()).map_err(|_| format!("{text:?} is too long"))
+}
+
 /// Exit status for "the operation ran and said no" (missing key, failed check).
 pub const EXIT_FAILURE: u8 = 1;
 
@@ -680,4 +692,33 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + S
             _ = int.recv() => tracing::info!("SIGINT received"),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_milliseconds_or_humantime_under_either_name() {
+        let update = |flags: &[&str]| {
+            let mut argv = vec!["cluster", "update", "--dist", "."];
+            argv.extend(flags);
+            match Cli::try_parse_from(argv).map(|cli| cli.command) {
+                Ok(Command::Update(args)) => Ok((args.stabilize_ms, args.soak_ms)),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(update(&["--stabilize-ms", "1500"]).unwrap().0, 1500);
+        assert_eq!(update(&["--stabilize", "2s"]).unwrap().0, 2000);
+        assert_eq!(update(&["--soak", "3m"]).unwrap().1, 180_000);
+        assert_eq!(update(&["--soak-ms", "250ms"]).unwrap().1, 250);
+        let err = update(&["--stabilize", "3 parsecs"]).unwrap_err();
+        assert!(err.contains("is not a duration") && err.contains("10s"), "{err}");
+        let node = Cli::try_parse_from(["cluster", "node", "run", "--heartbeat", "50ms"]).unwrap();
+        let Command::Node(NodeCommand::Run(args)) = node.command else {
+            panic!("node run")
+        };
+        assert_eq!(args.heartbeat_ms, Some(50));
+    }
 }

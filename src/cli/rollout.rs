@@ -60,20 +60,20 @@ pub struct UpdateArgs {
     #[arg(long)]
     pub allow_downtime: bool,
     /// How long a restarted node may take to report healthy on the new build
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, default_value_t = 60_000, value_name = "DURATION", value_parser = super::millis, visible_alias = "health-deadline")]
     pub health_deadline_ms: u64,
     /// Pause between health polls of a node
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_name = "DURATION", value_parser = super::millis, visible_alias = "poll-interval")]
     pub poll_interval_ms: u64,
     /// How long a healthy node must stay healthy, on one boot, before it is committed
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_name = "DURATION", value_parser = super::millis, visible_alias = "stabilize")]
     pub stabilize_ms: u64,
     /// Acknowledgement age above which a node counts as stale [default: 2 x heartbeat]
-    #[arg(long)]
+    #[arg(long, value_name = "DURATION", value_parser = super::millis, visible_alias = "stale-ack")]
     pub stale_ack_ms: Option<u64>,
     /// After the last node commits, how long every node's health is still watched: 3
     /// failed checks in a row on any node revert the whole rollout (0: no soak)
-    #[arg(long, default_value_t = DEFAULT_SOAK_MS)]
+    #[arg(long, default_value_t = DEFAULT_SOAK_MS, value_name = "DURATION", value_parser = super::millis, visible_alias = "soak")]
     pub soak_ms: u64,
 }
 
