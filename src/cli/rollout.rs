@@ -624,6 +624,10 @@ pub fn print_status(view: &RolloutView, members: &[u64]) -> std::io::Result<()> 
     outln!("target: {target}");
     let auto = if fleet.auto_disabled { "off" } else { "on" };
     match view.notes.as_ref().map(|n| &n.auto) {
+        // The leader's loop has not looked again since the rollout ended.
+        Some(status) if status.state == "busy" && view.deployment.is_none() => {
+            outln!("automatic rollouts: {auto} [idle]")
+        }
         Some(status) if !status.state.is_empty() => {
             let watch = status
                 .watch_dist

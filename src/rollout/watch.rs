@@ -145,8 +145,8 @@ pub async fn run<C: Cluster>(
             }
             Decision::Busy => {
                 failures = 0;
-                status.state = "idle".into();
-                status.detail = Some("a rollout is active".into());
+                status.state = "busy".into();
+                status.detail = Some("waits for the active rollout to end".into());
             }
             Decision::Idle => {
                 status.state = if note.is_some() { "settling" } else { "idle" }.into();
@@ -209,7 +209,7 @@ pub async fn run<C: Cluster>(
         }
         // Log each distinct situation once, not every interval.
         let key = format!("{} {:?}", status.state, status.detail);
-        if key != logged && status.state != "idle" {
+        if key != logged && status.state != "idle" && status.state != "busy" {
             match status.state.as_str() {
                 "waiting" | "blocked" => tracing::warn!(
                     state = %status.state,
