@@ -125,8 +125,9 @@ pub struct LeaderNotes {
 pub struct AutoStatus {
     /// The leader's `watch_dist`, if configured.
     pub watch_dist: Option<String>,
-    /// `idle`, `off`, `settling`, `waiting` (a failed preflight, retried with backoff),
-    /// `started` or `blocked` (a problem only an operator can fix).
+    /// `idle`, `off`, `busy` (a rollout is active), `settling`, `waiting` (a failed
+    /// preflight, retried with backoff), `started` or `blocked` (a problem only an
+    /// operator can fix).
     pub state: String,
     pub detail: Option<String>,
     /// Time until the next attempt, while `waiting`.

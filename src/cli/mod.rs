@@ -714,7 +714,10 @@ mod tests {
         assert_eq!(update(&["--soak", "3m"]).unwrap().1, 180_000);
         assert_eq!(update(&["--soak-ms", "250ms"]).unwrap().1, 250);
         let err = update(&["--stabilize", "3 parsecs"]).unwrap_err();
-        assert!(err.contains("is not a duration") && err.contains("10s"), "{err}");
+        assert!(
+            err.contains("is not a duration") && err.contains("10s"),
+            "{err}"
+        );
         let node = Cli::try_parse_from(["cluster", "node", "run", "--heartbeat", "50ms"]).unwrap();
         let Command::Node(NodeCommand::Run(args)) = node.command else {
             panic!("node run")

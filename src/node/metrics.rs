@@ -211,6 +211,18 @@ pub fn render(scrape: &Scrape) -> String {
                 }
             }
         }
+        out.family(
+            "cluster_node_failure_streak",
+            Kind::Gauge,
+            "Rollouts in a row, newest first, in which the node failed or was restored.",
+        );
+        for member in membership.nodes().map(|(id, _)| *id) {
+            out.sample(
+                "cluster_node_failure_streak",
+                &[("node", &member.to_string())],
+                f64::from(state.failure_streak(member)),
+            );
+        }
         out.single(
             "cluster_rollout_auto_enabled",
             Kind::Gauge,
@@ -218,6 +230,15 @@ pub fn render(scrape: &Scrape) -> String {
             f64::from(u8::from(!state.fleet.auto_disabled)),
         );
     });
+    // What only the leader knows: how long the soak after the last commit has left.
+    if let Some(left) = leads.then(|| node.notes.get().soak_left_ms).flatten() {
+        out.single(
+            "cluster_rollout_soak_remaining_seconds",
+            Kind::Gauge,
+            "On the leader, while a soak runs: its time left.",
+            left as f64 / 1000.0,
+        );
+    }
     crate::metrics::recorder().render(&mut out);
     out.finish()
 }

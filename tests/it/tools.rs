@@ -416,6 +416,12 @@ async fn prometheus_scrapes_every_node_and_sees_a_rollouts_phases() {
     })
     .await;
     println!("stabilizing seen: {:?}\nphases timed: {:?}", seen.0, seen.1);
+    let streaks = prometheus.query("max by (node) (cluster_node_failure_streak)");
+    assert_eq!(streaks.len(), 3, "{streaks:?}");
+    assert!(
+        streaks.iter().all(|(_, v)| *v == 0.0),
+        "nobody failed: {streaks:?}"
+    );
 }
 
 /// Headless Chromium (Debian's package) run once on `url` with `extra` flags; its stdout.
