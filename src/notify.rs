@@ -4,8 +4,9 @@
 //!
 //! Events are derived as the state machine applies commands (on every member, in log
 //! order), and the node that leads when it applies one sends it: once per cluster while
-//! leadership holds still, with an `id` a receiver can deduplicate on around a change of
-//! leader. Delivery never blocks nor fails a rollout: each URL has its own bounded queue
+//! leadership holds still. A new leader sends what it applies after its election, entries
+//! its predecessor may have sent already among them: delivery is at least once, with an
+//! `id` a receiver deduplicates on. Delivery never blocks nor fails a rollout: each URL has its own bounded queue
 //! and task, a failed POST is retried with backoff, and an event that cannot be delivered
 //! is dropped with a warning.
 
@@ -83,15 +84,13 @@ impl Before {
     }
 }
 
-/// The events `command` (entry `index`) caused, `state` being after it. Changes from
-/// before `since_ms` (entries replayed at start-up) cause none.
+/// The events `command` (entry `index`) caused, `state` being after it.
 pub fn derive(
     before: &Before,
     command: &Command,
     index: u64,
     state: &State,
     records: &[Record],
-    since_ms: u64,
     sent_by: u64,
 ) -> Vec<Event> {
     let mut events = Vec::new();
@@ -103,9 +102,6 @@ pub fn derive(
                     hashes: (&str, &str),
                     reason: Option<String>,
                     at_ms: u64| {
-        if at_ms < since_ms {
-            return;
-        }
         events.push(Event {
             id: String::new(),
             event: event.to_string(),
@@ -242,7 +238,6 @@ pub fn derive(
 /// Where the state machine hands events to this process's notifier, once it runs.
 struct Sink {
     events: mpsc::Sender<Event>,
-    since_ms: u64,
     node: u64,
 }
 
@@ -254,15 +249,7 @@ pub fn applied(before: &Before, command: &Command, index: u64, state: &State, re
     let Some(sink) = SINK.get() else {
         return;
     };
-    for event in derive(
-        before,
-        command,
-        index,
-        state,
-        records,
-        sink.since_ms,
-        sink.node,
-    ) {
+    for event in derive(before, command, index, state, records, sink.node) {
         if sink.events.try_send(event).is_err() {
             tracing::warn!("the notification queue is full: an event was dropped");
         }
@@ -306,11 +293,7 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let (tx, mut rx) = mpsc::channel(QUEUE);
-    let sink = Sink {
-        events: tx,
-        since_ms: crate::clock::unix_ms(),
-        node,
-    };
+    let sink = Sink { events: tx, node };
     if SINK.set(sink).is_err() {
         tracing::error!("a notifier already runs in this process");
         return;
@@ -388,14 +371,14 @@ mod tests {
     use super::*;
     use crate::state::deployment::{Deployment, NodeStep, Role};
 
-    fn apply(state: &mut State, command: Command, index: u64, since_ms: u64) -> Vec<Event> {
+    fn apply(state: &mut State, command: Command, index: u64) -> Vec<Event> {
         let before = Before::of(state, &command);
         let (_, records) = state.apply(&command);
-        derive(&before, &command, index, state, &records, since_ms, 1)
+        derive(&before, &command, index, state, &records, 1)
     }
 
     #[test]
-    fn a_rollouts_changes_become_events_and_replayed_ones_do_not() {
+    fn a_rollouts_changes_become_events() {
         let mut state = State::default();
         let mut deployment = Deployment {
             generation: 1,
@@ -411,11 +394,7 @@ mod tests {
         let begin = Command::BeginDeployment {
             deployment: deployment.clone(),
         };
-        assert!(
-            apply(&mut state.clone(), begin.clone(), 9, 5_000).is_empty(),
-            "replayed"
-        );
-        let started = apply(&mut state, begin, 9, 0);
+        let started = apply(&mut state, begin, 9);
         assert_eq!(started.len(), 1);
         assert_eq!(
             (started[0].event.as_str(), started[0].id.as_str()),
@@ -430,7 +409,7 @@ mod tests {
             error: None,
             at_ms,
         };
-        let events = apply(&mut state, phase(Phase::Backup, 2_000), 10, 0);
+        let events = apply(&mut state, phase(Phase::Backup, 2_000), 10);
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].event, "node_phase");
         assert_eq!(events[0].node, Some(2));
@@ -444,13 +423,50 @@ mod tests {
                 at_ms: 3_000,
             },
             11,
-            0,
         );
         let kinds: Vec<&str> = paused.iter().map(|e| e.event.as_str()).collect();
         assert_eq!(kinds, ["paused"]);
         assert_eq!(paused[0].reason.as_deref(), Some("by alice"));
         // The same phase again changes nothing, and says nothing.
-        assert!(apply(&mut state, phase(Phase::Backup, 4_000), 12, 0).is_empty());
+        assert!(apply(&mut state, phase(Phase::Backup, 4_000), 12).is_empty());
+    }
+
+    #[test]
+    fn a_boot_guard_restore_a_node_reports_is_an_event_once() {
+        use crate::state::{GuardRestore, NodeInfo};
+        let mut state = State::default();
+        let report = |restore: Option<GuardRestore>| Command::RegisterNode {
+            id: 3,
+            info: NodeInfo {
+                addr: "n3".into(),
+                build_hash: "old".into(),
+                last_auto_restore: restore,
+                ..NodeInfo::default()
+            },
+        };
+        assert!(apply(&mut state, report(None), 5).is_empty());
+        let restore = GuardRestore {
+            from: "old".into(),
+            to: "bad".into(),
+            generation: 2,
+            reason: "did not stay up for 3 starts".into(),
+            at_ms: 7_000,
+        };
+        let events = apply(&mut state, report(Some(restore.clone())), 6);
+        assert_eq!(events.len(), 1, "{events:?}");
+        let event = &events[0];
+        assert_eq!(event.event, "auto_restore");
+        assert_eq!((event.node, event.generation), (Some(3), 2));
+        assert_eq!(
+            (event.target_hash.as_str(), event.previous_hash.as_str()),
+            ("bad", "old")
+        );
+        assert_eq!(
+            event.reason.as_deref(),
+            Some("did not stay up for 3 starts")
+        );
+        // The node reports the same restore again on its next start: no new event.
+        assert!(apply(&mut state, report(Some(restore)), 7).is_empty());
     }
 
     #[test]

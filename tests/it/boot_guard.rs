@@ -64,7 +64,8 @@ fn current_of(data_dir: &Path) -> Option<String> {
 /// `good` by itself, brings the others back, and checks the cluster shows the restore.
 async fn restored_with_no_leader(good: &Path, bad: &Path, bad_hash: &str, work: &Path) {
     let good_hash = crate::harness::make_release(good, &[]);
-    let mut cluster = Cluster::start_supervised(3, good).await;
+    let hook = crate::harness::Webhook::start(0).await;
+    let mut cluster = Cluster::start_supervised_with(3, good, &["--notify-url", &hook.url]).await;
     wait_all_on(&cluster, &good_hash).await;
     let leader = cluster.leader_status().await.leader.unwrap();
     let _update = Background::update(&cluster.addr(leader), bad, &work.join("update.log"));
@@ -173,6 +174,19 @@ async fn restored_with_no_leader(good: &Path, bad: &Path, bad_hash: &str, work: 
         "{status}"
     );
     assert_eq!(status["supervision"], "supervise", "{status}");
+    // Whoever leads once the node reports its restore tells the webhook.
+    let told = wait_for(
+        "the auto_restore notification",
+        Duration::from_secs(30),
+        || async {
+            hook.events()
+                .into_iter()
+                .find(|e| e["event"] == "auto_restore" && e["node"] == updated)
+        },
+    )
+    .await;
+    assert_eq!(told["target_hash"], bad_hash, "{told}");
+    assert_eq!(told["previous_hash"], good_hash.as_str(), "{told}");
     let human = cli(&["status", "--node", &cluster.addr(updated)]);
     let human = String::from_utf8_lossy(&human.stdout);
     assert!(

@@ -785,3 +785,58 @@ pub fn update_in_background(
         ])
     })
 }
+
+/// A webhook receiver (`tests/clients/webhook_receiver.py`: Python's http.server) that
+/// records every body POSTed to it; killed with its test.
+pub struct Webhook {
+    child: Child,
+    /// `http://127.0.0.1:<port>/hook`.
+    pub url: String,
+    events: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Webhook {
+    /// A receiver that answers its first `fail_first` POSTs 503 (so they are retried).
+    pub async fn start(fail_first: u32) -> Webhook {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr_file, events) = (dir.path().join("hook.addr"), dir.path().join("events"));
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/webhook_receiver.py"
+        );
+        let child = Command::new("python3")
+            .arg(script)
+            .arg(&addr_file)
+            .arg(&events)
+            .arg(fail_first.to_string())
+            .spawn()
+            .expect("python3 runs the webhook receiver");
+        let addr = wait_for("the webhook receiver", Duration::from_secs(30), || async {
+            std::fs::read_to_string(&addr_file).ok()
+        })
+        .await;
+        Webhook {
+            child,
+            url: format!("http://{addr}/hook"),
+            events,
+            _dir: dir,
+        }
+    }
+
+    /// Every event received so far, in order.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.events)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a JSON event"))
+            .collect()
+    }
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -533,30 +533,13 @@ async fn the_dashboard_shows_a_rollout_in_progress_in_a_real_browser() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_hears_every_step_of_a_rollout_despite_failures_and_a_dead_url() {
     let work = tempfile::tempdir().unwrap();
-    let (addr_file, events) = (work.path().join("hook.addr"), work.path().join("events"));
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/clients/webhook_receiver.py"
-    );
     // The receiver refuses its first two deliveries: they must be retried.
-    let mut receiver = std::process::Command::new("python3")
-        .args([
-            script,
-            addr_file.to_str().unwrap(),
-            events.to_str().unwrap(),
-            "2",
-        ])
-        .spawn()
-        .unwrap();
-    let hook = crate::harness::wait_for("the receiver", Duration::from_secs(30), || async {
-        std::fs::read_to_string(&addr_file).ok()
-    })
-    .await;
+    let hook = crate::harness::Webhook::start(2).await;
     // A URL nobody listens on: its failures must not hold anything up.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_url = format!("http://{}/hook", dead.local_addr().unwrap());
     drop(dead);
-    let url = format!("http://{hook}/hook");
+    let url = hook.url.clone();
     let v1 = work.path().join("v1");
     let v2 = work.path().join("v2");
     let h1 = crate::harness::make_release(&v1, &[]);
@@ -579,19 +562,13 @@ async fn a_webhook_hears_every_step_of_a_rollout_despite_failures_and_a_dead_url
 
     let received =
         crate::harness::wait_for("the completed event", Duration::from_secs(60), || async {
-            let text = std::fs::read_to_string(&events).unwrap_or_default();
-            let events: Vec<serde_json::Value> = text
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
+            let events = hook.events();
             events
                 .iter()
                 .any(|e| e["event"] == "completed")
                 .then_some(events)
         })
         .await;
-    let _ = receiver.kill();
-    let _ = receiver.wait();
     // At least once: a receiver drops repeats (a retried POST whose reply was lost) by id.
     let mut ids = std::collections::BTreeSet::new();
     let received: Vec<&serde_json::Value> = received
