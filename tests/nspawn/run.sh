@@ -357,7 +357,7 @@ undone_with_no_leader() {
   # Captured first: grep -q stopping early would fail the pipeline (pipefail, SIGPIPE).
   local journal
   journal=$(in_c "$updated" journalctl -u cluster --no-pager)
-  grep -qF "release $bad did not stay up for 3 starts" <<<"$journal" ||
+  grep -qF "release ${bad:0:12} did not stay up for 3 starts" <<<"$journal" ||
     fail "$name: node $updated's journal lacks the guard's restore"
   restarts_after=$(in_c "$updated" systemctl show -p NRestarts --value cluster)
   [ $((restarts_after - restarts_before)) -ge 4 ] ||
