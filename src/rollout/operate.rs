@@ -5,13 +5,13 @@ use super::cluster::{Cluster, Notes};
 use super::update::commit;
 use crate::api::{ApiError, Operated, Operation, RolloutView};
 use crate::clock::unix_ms;
-use crate::state::{Command, DeploymentState};
+use crate::state::{Command, Deployment, DeploymentState};
 
 /// The active deployment and the history as this node has applied them, and, when it
 /// leads, its notes.
 pub fn view<C: Cluster>(cluster: &C, notes: &Notes) -> RolloutView {
     let mut view = cluster.read(|s| RolloutView {
-        deployment: s.deployment.clone(),
+        deployment: s.deployment.as_ref().map(Deployment::without_manifest),
         history: s.history.clone(),
         fleet: s.fleet.clone(),
         notes: None,

@@ -440,6 +440,29 @@ impl HistoryEntry {
 
 impl Deployment {
     /// Checks that a deployment proposed by `BeginDeployment` is well-formed and fresh.
+    /// This deployment without its manifest, which the target hash names: what views and
+    /// clients get (a manifest can be megabytes, and a follower asks every 200 ms).
+    pub fn without_manifest(&self) -> Deployment {
+        Deployment {
+            generation: self.generation,
+            target_hash: self.target_hash.clone(),
+            previous_hash: self.previous_hash.clone(),
+            manifest: Manifest::default(),
+            strategy: self.strategy.clone(),
+            state: self.state,
+            order: self.order.clone(),
+            nodes: self.nodes.clone(),
+            started_by: self.started_by.clone(),
+            issued_by_term: self.issued_by_term,
+            started_ms: self.started_ms,
+            finished_ms: self.finished_ms,
+            reason: self.reason.clone(),
+            handoff: self.handoff.clone(),
+            trigger: self.trigger.clone(),
+            aborted: self.aborted,
+        }
+    }
+
     pub fn validate_new(&self) -> Result<(), String> {
         if self.target_hash.is_empty() {
             return Err("the deployment names no target build hash".into());
@@ -786,6 +809,36 @@ mod tests {
         assert_eq!(d.reason.as_deref(), Some("paused by alice"));
         d.set_state(DeploymentState::Running, None, 60).unwrap();
         assert_eq!(d.reason, None, "a resumed rollout is not paused by anyone");
+    }
+
+    #[test]
+    fn a_deployment_without_its_manifest_keeps_everything_else() {
+        let mut d = Deployment {
+            generation: 3,
+            target_hash: "new".into(),
+            previous_hash: "old".into(),
+            reason: Some("why".into()),
+            trigger: Some("because".into()),
+            aborted: true,
+            finished_ms: Some(9),
+            ..Deployment::default()
+        };
+        d.manifest.entries.push(crate::release::Entry {
+            path: "bin".into(),
+            kind: crate::release::EntryKind::Dir { mode: 0o755 },
+        });
+        d.nodes
+            .insert(2, NodeStep::pending(Role::Voter, "n2", "old"));
+        d.order = vec![2];
+        let light = d.without_manifest();
+        assert!(light.manifest.entries.is_empty());
+        assert_eq!(
+            Deployment {
+                manifest: d.manifest.clone(),
+                ..light
+            },
+            d
+        );
     }
 
     #[test]
