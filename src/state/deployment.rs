@@ -452,7 +452,7 @@ impl Deployment {
             state: self.state,
             order: self.order.clone(),
             nodes: self.nodes.clone(),
-            started_by: self.started_by.clone(),
+            started_by: self.started_by,
             issued_by_term: self.issued_by_term,
             started_ms: self.started_ms,
             finished_ms: self.finished_ms,
