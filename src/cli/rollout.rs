@@ -198,8 +198,20 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
     };
     let options = options_of(&args);
     let mut client = args.target.client()?.timeout(Duration::from_secs(60));
+    // Ctrl-C is handled from here on, so that what it interrupts is said exactly: before
+    // the leader is asked, nothing began; after, the rollout goes on without us.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let node = args.target.node.clone();
     if !args.dry_run {
-        let (leader, uploaded) = match upload_to_leader(&args.target, &dist).await? {
+        let uploading = upload_to_leader(&args.target, &dist);
+        let uploaded = tokio::select! {
+            uploaded = uploading => uploaded?,
+            _ = interrupt.recv() => {
+                eprintln!("\ninterrupted during the upload: no rollout was started");
+                return Ok(ExitCode::from(EXIT_INTERRUPTED));
+            }
+        };
+        let (leader, uploaded) = match uploaded {
             Ok(uploaded) => uploaded,
             Err(refused) => {
                 eprintln!("preflight failed: {refused}");
@@ -216,9 +228,16 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let outcome = client
-        .update(&dist.manifest, &options, args.dry_run)
-        .await?;
+    let outcome = tokio::select! {
+        outcome = client.update(&dist.manifest, &options, args.dry_run) => outcome?,
+        _ = interrupt.recv() => {
+            eprintln!(
+                "\ninterrupted while the leader was asked to start the rollout: `cluster \
+                 rollout status --node {node}` tells whether it began"
+            );
+            return Ok(ExitCode::from(EXIT_INTERRUPTED));
+        }
+    };
     if !args.json {
         print_report(&outcome.report)?;
         print_plan(&outcome)?;
@@ -256,14 +275,13 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
     }
     let finished = tokio::select! {
         finished = follow(&args.target, outcome.generation, !args.json) => finished?,
-        _ = tokio::signal::ctrl_c() => {
+        _ = interrupt.recv() => {
             // The rollout is the leader's: this client stopping changes nothing.
             eprintln!(
                 "\nstopped following; rollout {} goes on. Follow it with `cluster rollout \
                  status --watch --node {node}`, pause it with `cluster rollout pause --node \
                  {node}`, or stop it with `cluster rollout abort --revert --node {node}`",
                 outcome.generation,
-                node = args.target.node
             );
             return Ok(ExitCode::from(EXIT_INTERRUPTED));
         }
