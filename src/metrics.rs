@@ -230,18 +230,7 @@ impl Recorder {
                     .observe(seconds);
             }
         }
-        for record in records {
-            let Record::History(generation) = record else {
-                continue;
-            };
-            let Some(entry) = state
-                .history
-                .iter()
-                .rev()
-                .find(|e| e.generation == *generation)
-            else {
-                continue;
-            };
+        for entry in state.concluded(records) {
             if entry.finished_ms.unwrap_or(entry.started_ms) >= self.started_ms {
                 *self
                     .lock()

@@ -168,18 +168,7 @@ pub fn derive(
             }
         }
     }
-    for record in records {
-        let Record::History(generation) = record else {
-            continue;
-        };
-        let Some(entry) = state
-            .history
-            .iter()
-            .rev()
-            .find(|e| e.generation == *generation)
-        else {
-            continue;
-        };
+    for entry in state.concluded(records) {
         let hashes = (entry.target_hash.as_str(), entry.previous_hash.as_str());
         if let Some((_, _, phases)) = &before.deployment {
             for (id, step) in &entry.nodes {

@@ -415,6 +415,22 @@ impl State {
         }
     }
 
+    /// The history entries of the deployments that `records` (what one command changed)
+    /// say just finished.
+    pub fn concluded<'a>(
+        &'a self,
+        records: &'a [Record],
+    ) -> impl Iterator<Item = &'a HistoryEntry> {
+        records.iter().filter_map(|record| match record {
+            Record::History(generation) => self
+                .history
+                .iter()
+                .rev()
+                .find(|e| e.generation == *generation),
+            _ => None,
+        })
+    }
+
     /// What a finished deployment means for the cluster's target and rollback record.
     fn conclude(&mut self, entry: &HistoryEntry) {
         let committed = |s: &NodeStep| s.phase == Phase::Committed;
