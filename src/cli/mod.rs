@@ -165,6 +165,24 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Serve the dashboard on this machine's loopback, read with your credentials
+    #[command(
+        long_about = "Serve the read-only dashboard (members, leader, builds, \
+        acknowledgement ages, the active rollout's phases, history) on this machine's \
+        loopback, reading the cluster through --node with your credentials (--tls or \
+        CLUSTER_TLS; a viewer certificate is enough). Open the address it prints in a \
+        browser; Ctrl-C stops it.\n\n\
+        A node can serve the same page itself (node run --dashboard-listen), over HTTPS \
+        for clients with a viewer or operator certificate.\n\n\
+        Example:  cluster dashboard --node 10.0.0.1:7100 --listen 127.0.0.1:7180"
+    )]
+    Dashboard {
+        #[command(flatten)]
+        target: Target,
+        /// Where to serve the page: a loopback address (port 0 picks one)
+        #[arg(long, default_value = "127.0.0.1:7180")]
+        listen: std::net::SocketAddr,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     #[command(long_about = "Print a completion script for SHELL on stdout.\n\n\
         bash:  cluster completions bash > /etc/bash_completion.d/cluster\n\
@@ -542,6 +560,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             mcp::serve(target).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Dashboard { target, listen } => {
+            dashboard(target, listen).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Guard { data_dir } => match crate::agent::guard::before_start(&data_dir) {
             Ok(outcome) => {
                 outln!("{}", crate::agent::guard::describe(&outcome));
@@ -692,6 +714,48 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + S
             _ = int.recv() => tracing::info!("SIGINT received"),
         }
     })
+}
+
+/// `cluster dashboard`: the page on `listen` (loopback only: it reads with this
+/// command's credentials, which must not serve whoever reaches the address), its data
+/// read from the cluster through the Control API on every refresh.
+async fn dashboard(target: Target, listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    if !listen.ip().is_loopback() {
+        anyhow::bail!(
+            "--listen {listen} is not a loopback address: the page reads the cluster with \
+             your credentials, so serve it on 127.0.0.1 or [::1] (reach it from elsewhere \
+             with `ssh -L`), or let a node serve it over HTTPS (node run --dashboard-listen)"
+        );
+    }
+    let client = target.client()?;
+    // Asked once before serving: a wrong address or certificate is said at once.
+    client
+        .clone()
+        .status(false)
+        .await
+        .with_context(|| format!("cannot read the cluster through {}", target.node))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}: pick another --listen address"))?;
+    let bound = listener.local_addr()?;
+    outln!(
+        "serving the dashboard of {} at http://{bound}/ (Ctrl-C stops it)",
+        target.node
+    );
+    let app = crate::node::dashboard::app(move || {
+        let mut client = client.clone();
+        async move {
+            let status = client.status(false).await.map_err(|e| e.to_string())?;
+            let view = client.rollout().await.map_err(|e| e.to_string())?;
+            Ok(crate::node::dashboard::page_state(&status, &view))
+        }
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]

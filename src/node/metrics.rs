@@ -5,9 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-
 use super::handle::NodeHandle;
 use crate::metrics::{Exposition, Kind};
 use crate::raft::LeaderContact;
@@ -243,11 +240,11 @@ pub fn render(scrape: &Scrape) -> String {
     out.finish()
 }
 
-/// Serves `GET /metrics` on `listener` until `stop`.
-pub async fn serve(listener: TcpListener, scrape: Scrape, mut stop: watch::Receiver<bool>) {
+/// The `GET /metrics` app; `super::http::serve` serves it.
+pub fn app(scrape: Scrape) -> axum::Router {
     use axum::http::header::CONTENT_TYPE;
     let scrape = Arc::new(scrape);
-    let app = axum::Router::new()
+    axum::Router::new()
         .route(
             "/metrics",
             axum::routing::get(move || {
@@ -263,11 +260,5 @@ pub async fn serve(listener: TcpListener, scrape: Scrape, mut stop: watch::Recei
         .route(
             "/",
             axum::routing::get(|| async { "cluster node: metrics at /metrics\n" }),
-        );
-    let served = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = stop.wait_for(|stop| *stop).await;
-    });
-    if let Err(e) = served.await {
-        tracing::error!(error = %e, "the metrics listener failed");
-    }
+        )
 }

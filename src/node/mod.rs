@@ -5,9 +5,10 @@
 //! same code runs under systemd, under `cluster supervise`, and inside tests.
 
 mod cluster;
-mod dashboard;
+pub mod dashboard;
 mod handle;
 mod health;
+mod http;
 mod members;
 mod metrics;
 mod quorum;
@@ -107,6 +108,8 @@ pub enum NodeError {
     },
     #[error("listening on {0} needs --advertise <host:port>: the address other nodes can reach this one at")]
     NeedAdvertise(SocketAddr),
+    #[error(transparent)]
+    SideTls(#[from] http::SideTlsError),
     /// Recording the node's address (`node.addr`) in the data dir failed.
     #[error("data dir {path} is not usable: {source}: give the node a writable --data-dir")]
     RecordAddress {
@@ -202,6 +205,10 @@ pub async fn run(
     let dashboard_listener = match config.dashboard_listen {
         None => None,
         Some(addr) => Some(bind_http(&config.data_dir, SideListener::Dashboard, addr).await?),
+    };
+    let side_tls = match config.security.credentials() {
+        Some(credentials) => http::SideTls::mutual(credentials)?,
+        None => http::SideTls::plain(),
     };
 
     let channels = Channels::new(&config.security);
@@ -321,18 +328,33 @@ pub async fn run(
         serving_tx,
         stop_rx.clone(),
     ));
+    let scheme = side_tls.scheme();
     let metrics_server = metrics_listener.map(|(listener, bound)| {
-        tracing::info!(addr = %bound, "serving Prometheus metrics at /metrics");
+        tracing::info!(addr = %bound, "serving Prometheus metrics at {scheme}://{bound}/metrics");
         let scrape = metrics::Scrape {
             node: node.clone(),
             contact: contact.clone(),
             lease: config.timing.election_timeout * 2,
         };
-        tokio::spawn(metrics::serve(listener, scrape, stop_rx.clone()))
+        let app = metrics::app(scrape);
+        tokio::spawn(http::serve(
+            listener,
+            side_tls.clone(),
+            app,
+            "metrics",
+            stop_rx.clone(),
+        ))
     });
     let dashboard_server = dashboard_listener.map(|(listener, bound)| {
-        tracing::info!(addr = %bound, "serving the dashboard at http://{bound}/");
-        tokio::spawn(dashboard::serve(listener, node.clone(), stop_rx.clone()))
+        tracing::info!(addr = %bound, "serving the dashboard at {scheme}://{bound}/");
+        let app = dashboard::node_app(node.clone());
+        tokio::spawn(http::serve(
+            listener,
+            side_tls.clone(),
+            app,
+            "dashboard",
+            stop_rx.clone(),
+        ))
     });
     let notifier = (!config.notify_urls.is_empty()).then(|| {
         let raft = raft.clone();
@@ -513,7 +535,7 @@ impl crate::rpc::Membership for RaftMembership {
     }
 }
 
-/// The plain-HTTP listeners beside the node port.
+/// The HTTP listeners beside the node port.
 #[derive(Clone, Copy)]
 enum SideListener {
     Metrics,
@@ -540,9 +562,6 @@ async fn bind_http(
     };
     let listener = TcpListener::bind(addr).await.map_err(refused)?;
     let bound = listener.local_addr().map_err(refused)?;
-    if !bound.ip().is_loopback() {
-        tracing::warn!(%bound, "the {what} is served over plain HTTP beyond loopback: anyone who reaches {bound} reads it");
-    }
     crate::fs::write_atomically(data_dir, file, bound.to_string().as_bytes()).map_err(
         |source| NodeError::RecordAddress {
             path: data_dir.to_path_buf(),

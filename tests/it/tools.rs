@@ -240,6 +240,36 @@ fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     Ok((code, body.to_string()))
 }
 
+/// `GET path` from a node's HTTPS side listener at `addr` with curl, presenting the
+/// test CA's credentials `creds` (none for `None`): the status code and body, or curl's
+/// error when the handshake is refused.
+fn https_get(addr: &str, path: &str, creds: Option<&str>) -> Result<(u16, String), String> {
+    let port = addr.rsplit_once(':').unwrap().1;
+    let ca = crate::harness::creds("ca").join("ca.pem");
+    let mut command = std::process::Command::new("curl");
+    command
+        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+        .arg("--cacert")
+        .arg(&ca)
+        .args(["--resolve", &format!("cluster-node:{port}:127.0.0.1")]);
+    if let Some(name) = creds {
+        let dir = crate::harness::creds(name);
+        command
+            .arg("--cert")
+            .arg(dir.join("cert.pem"))
+            .arg("--key")
+            .arg(dir.join("key.pem"));
+    }
+    command.arg(format!("https://cluster-node:{port}{path}"));
+    let out = crate::harness::output_within(command, Duration::from_secs(30));
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    Ok((code.parse().unwrap(), body.to_string()))
+}
+
 fn url_encode(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
@@ -259,17 +289,24 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    /// Scrapes `targets` every 250 ms.
+    /// Scrapes `targets` every 250 ms over HTTPS with the test viewer's certificate.
     async fn start(targets: &[String]) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("prometheus.yml");
         let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let ca = crate::harness::creds("ca").join("ca.pem");
+        let viewer = crate::harness::creds("viewer");
         std::fs::write(
             &config,
             format!(
                 "global:\n  scrape_interval: 250ms\n  scrape_timeout: 200ms\n\
-                 scrape_configs:\n  - job_name: cluster\n    static_configs:\n      \
-                 - targets: [{}]\n",
+                 scrape_configs:\n  - job_name: cluster\n    scheme: https\n    \
+                 tls_config:\n      ca_file: {}\n      cert_file: {}\n      \
+                 key_file: {}\n      server_name: cluster-node\n    \
+                 static_configs:\n      - targets: [{}]\n",
+                ca.display(),
+                viewer.join("cert.pem").display(),
+                viewer.join("key.pem").display(),
                 list.join(", ")
             ),
         )
@@ -361,9 +398,14 @@ async fn prometheus_scrapes_every_node_and_sees_a_rollouts_phases() {
         })
         .collect();
 
-    // Each endpoint passes promtool's checks of the exposition format.
+    // Each endpoint passes promtool's checks of the exposition format. It is HTTPS for
+    // clients with a certificate of the cluster's CA only.
     for target in &targets {
-        let (code, text) = http_get(target, "/metrics").unwrap();
+        let refused = https_get(target, "/metrics", None);
+        assert!(refused.is_err(), "no certificate: {refused:?}");
+        let refused = https_get(target, "/metrics", Some("stranger"));
+        assert!(refused.is_err(), "another CA's certificate: {refused:?}");
+        let (code, text) = https_get(target, "/metrics", Some("viewer")).unwrap();
         assert_eq!(code, 200);
         assert!(text.contains("cluster_raft_term "), "{text}");
         let mut check = std::process::Command::new("promtool")
@@ -489,8 +531,47 @@ async fn the_dashboard_shows_a_rollout_in_progress_in_a_real_browser() {
             Some((stabilizing, watcher))
         })
         .await;
+    // The node serves the page over HTTPS to holders of a certificate of its CA only.
     let file = crate::harness::data_dir_of(&cluster, watcher).join("dashboard.addr");
-    let url = format!("http://{}/", std::fs::read_to_string(file).unwrap().trim());
+    let served = std::fs::read_to_string(file).unwrap().trim().to_string();
+    for creds in [None, Some("stranger")] {
+        let refused = https_get(&served, "/api/state", creds);
+        assert!(refused.is_err(), "{creds:?}: {refused:?}");
+    }
+    let (code, state) = https_get(&served, "/api/state", Some("viewer")).unwrap();
+    assert_eq!(code, 200, "{state}");
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(
+        state["status"]["nodes"].as_array().map(Vec::len),
+        Some(3),
+        "{state}"
+    );
+    let (code, page) = https_get(&served, "/", Some("viewer")).unwrap();
+    assert_eq!(code, 200);
+    assert!(page.contains("<html"), "{page}");
+
+    // The browser reads it through `cluster dashboard`, on loopback with a viewer's
+    // credentials.
+    let mut proxy = std::process::Command::new(BIN);
+    proxy
+        .args(["dashboard", "--listen", "127.0.0.1:0", "--node"])
+        .arg(cluster.addr(watcher))
+        .env("CLUSTER_TLS", crate::harness::creds("viewer"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
+    let mut proxy = KillOnDrop(proxy.spawn().expect("cluster dashboard starts"));
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(proxy.0.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let url = first
+        .split_whitespace()
+        .find(|word| word.starts_with("http://"))
+        .unwrap_or_else(|| panic!("an address: {first:?}"))
+        .to_string();
 
     let dom = chromium(&url, &["--dump-dom"]);
     assert!(dom.contains("stabilize"), "the page shows the phase: {dom}");
@@ -522,12 +603,38 @@ async fn the_dashboard_shows_a_rollout_in_progress_in_a_real_browser() {
         shot.display()
     );
 
+    drop(proxy);
+
     let out = update.join().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A child process killed (and reaped) when its test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn cluster_dashboard_refuses_to_serve_beyond_loopback() {
+    let out = cli(&[
+        "dashboard",
+        "--listen",
+        "0.0.0.0:0",
+        "--node",
+        "127.0.0.1:1",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a loopback address"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
