@@ -98,6 +98,43 @@ pub struct NodeStatus {
     /// The node runs with `--insecure` (plaintext, nobody authenticated).
     #[serde(default)]
     pub insecure: bool,
+    /// The operator's services the node runs, as it reports itself (empty for another
+    /// node's view, or a node without services).
+    #[serde(default)]
+    pub services: Vec<ServiceStatus>,
+}
+
+/// One of the operator's services on one node. Field names are the `--json` schema.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    /// The ingress the node holds for it.
+    pub listen: String,
+    /// "starting", "ready", "switched" (a new instance serves, the old one drains),
+    /// "rolling_back" (a candidate failed, the running instance keeps serving),
+    /// "failed" (none serves) or "stopping".
+    pub state: String,
+    /// The instance in front of the ingress.
+    pub active: Option<ServiceInstance>,
+    /// A new instance being checked before it takes over.
+    pub candidate: Option<ServiceInstance>,
+    /// Failed checks (or exits) in a row.
+    pub failure_streak: u32,
+    /// Why the service makes the node unhealthy, if it does.
+    pub problem: Option<String>,
+    /// Why the last candidate was not switched to, and when (unix ms).
+    pub last_rollback: Option<String>,
+    pub last_rollback_at_ms: Option<u64>,
+}
+
+/// One running instance of a service.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInstance {
+    /// The release it runs (build hash).
+    pub release: String,
+    pub pid: u32,
+    /// When it started (unix ms).
+    pub since_ms: u64,
 }
 
 /// The cluster as one member sees it (the leader's view unless the leader is unreachable).

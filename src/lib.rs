@@ -21,6 +21,8 @@
 //! - [`supervise`]: the restart loop for hosts without systemd (and for tests).
 //! - [`release`]: releases: manifest and build hash, directory scan, version.json, release
 //!   signatures and key files, the release store, staging and sync, with their errors.
+//! - [`service`]: the operator's own services: definitions (`service.toml`), the ingress
+//!   sockets a node holds across its restarts, instances, blue/green cutover.
 //! - [`rollout`]: the rolling update: its pure core (preflight, plan, engine, automatic
 //!   decisions: no I/O) and the runtime that carries it out through [`rollout::Cluster`].
 
@@ -40,6 +42,7 @@ pub mod raft_store;
 pub mod release;
 pub mod rollout;
 pub mod rpc;
+pub mod service;
 pub mod state;
 pub mod supervise;
 pub mod tls;

@@ -82,9 +82,13 @@ pub fn reexec(data_dir: &Path) -> String {
     }
     let binary = data_dir.join("current/bin/cluster");
     tracing::info!(binary = %binary.display(), "re-executing");
-    let error = std::process::Command::new(&binary)
-        .args(std::env::args_os().skip(1))
-        .exec();
+    let mut command = std::process::Command::new(&binary);
+    command.args(std::env::args_os().skip(1));
+    // The services' ingresses stay open across the exec.
+    if let Some(fds) = crate::service::sockets::pass_on_exec() {
+        command.env(crate::service::sockets::INHERITED_ENV, fds);
+    }
+    let error = command.exec();
     format!(
         "restart requested but {} cannot be executed ({error}): run the node under systemd or \
          `cluster supervise`, or install a release with `cluster dist install <dist> --data-dir {}`",
@@ -165,6 +169,33 @@ pub async fn run(data_dir: &Path, args: Vec<String>) -> Result<ExitStatus, Super
         path: data_dir.to_path_buf(),
         source,
     })?;
+    // The node's descriptor store, as systemd keeps one (`FDSTORE=1` on `NOTIFY_SOCKET`):
+    // its services' ingresses stay open across its restarts.
+    let store = std::sync::Arc::new(crate::service::sockets::FdStore::default());
+    let notify =
+        crate::service::sockets::NotifySocket::bind().map_err(|source| SuperviseError::Spawn {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+    let notify_address = notify.address.clone();
+    {
+        let store = store.clone();
+        std::thread::Builder::new()
+            .name("notify".into())
+            .spawn(move || loop {
+                match notify.receive() {
+                    Ok((text, fds)) => store.apply(&text, fds),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the notify socket failed: descriptors are no longer kept");
+                        return;
+                    }
+                }
+            })
+            .map_err(|source| SuperviseError::Spawn {
+                path: data_dir.to_path_buf(),
+                source,
+            })?;
+    }
     // Quick successive crashes back off up to 2 s; a run that lasted 10 s resets the delay.
     let mut delay = Duration::from_millis(100);
     loop {
@@ -192,20 +223,39 @@ pub async fn run(data_dir: &Path, args: Vec<String>) -> Result<ExitStatus, Super
         command
             .args(&args)
             .env(SUPERVISED_ENV, "1")
+            .env("NOTIFY_SOCKET", &notify_address)
+            .env_remove("LISTEN_PID")
             .kill_on_drop(true);
+        // What the store keeps goes to the node by socket activation (fds 3, 4, ...).
+        let kept = store.duplicates();
+        let raw: Vec<i32> = kept
+            .iter()
+            .map(|(_, fd)| std::os::fd::AsRawFd::as_raw_fd(fd))
+            .collect();
+        if kept.is_empty() {
+            command
+                .env_remove("LISTEN_FDS")
+                .env_remove("LISTEN_FDNAMES");
+        } else {
+            let names: Vec<&str> = kept.iter().map(|(name, _)| name.as_str()).collect();
+            command
+                .env("LISTEN_FDS", kept.len().to_string())
+                .env("LISTEN_FDNAMES", names.join(":"));
+        }
         // A node outliving its supervisor would be started a second time by the next
         // supervisor on the same data dir: stop it gracefully when the supervisor dies.
-        // SAFETY: prctl in the child before exec; async-signal-safe.
+        // SAFETY: prctl and dup2 in the child before exec; async-signal-safe.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
+                crate::service::sockets::move_to_listen_fds(&raw)
             });
         }
         let mut child = command.spawn().map_err(|source| SuperviseError::Spawn {
             path: binary.clone(),
             source,
         })?;
+        drop(kept);
         tracing::info!(pid = child.id(), binary = %binary.display(), "started node");
         let stop = tokio::select! {
             status = child.wait() => {

@@ -249,6 +249,18 @@ const LAYERS: &[(&str, &[&str])] = &[
         "src/agent/",
         &["node", "rollout", "raft", "raft_store", "cli"],
     ),
+    (
+        "src/service/",
+        &[
+            "node",
+            "rollout",
+            "rpc",
+            "agent",
+            "raft",
+            "raft_store",
+            "cli",
+        ],
+    ),
     ("src/raft/", &["node", "rollout", "agent", "cli"]),
     (
         "src/api",

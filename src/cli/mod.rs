@@ -129,6 +129,19 @@ enum Command {
         #[arg(long)]
         data_dir: std::path::PathBuf,
     },
+    /// The sample service the demo and the tests roll out (takes its sockets by LISTEN_FDS)
+    #[command(hide = true)]
+    SampleService {
+        /// What /version answers
+        #[arg(long, default_value = "v1")]
+        version_text: String,
+        /// /healthz answers 503 from the start
+        #[arg(long)]
+        fail_health: bool,
+        /// /healthz answers 200 for this long, then 503 (e.g. 3s)
+        #[arg(long, value_parser = humantime::parse_duration)]
+        healthy_for: Option<Duration>,
+    },
     /// Run a node and start it again whenever it exits (for hosts without systemd)
     #[command(
         long_about = "Run `<data-dir>/current/bin/cluster <ARGS>` and start it again \
@@ -422,6 +435,20 @@ pub fn run() -> anyhow::Result<ExitCode> {
         std::io::Write::write_all(&mut std::io::stdout().lock(), &out)?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::SampleService {
+        version_text,
+        fail_health,
+        healthy_for,
+    } = cli.command
+    {
+        crate::service::sample::run(crate::service::sample::SampleOptions {
+            version: version_text,
+            fail_health,
+            healthy_for,
+        })
+        .map_err(|e| anyhow::anyhow!(e))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Command::Man { out_dir } = &cli.command {
         manual(out_dir.as_deref())?;
         return Ok(ExitCode::SUCCESS);
@@ -583,6 +610,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Dist(DistAll::Local(_))
         | Command::Tls(_)
         | Command::Completions { .. }
+        | Command::SampleService { .. }
         | Command::Man { .. } => {
             unreachable!("handled before the runtime starts")
         }

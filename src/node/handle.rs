@@ -60,6 +60,8 @@ pub struct NodeHandle {
     pub(super) agent: Arc<Agent>,
     /// The latest result of this node's own health check.
     pub(super) health: super::HealthState,
+    /// The operator's services this node runs (their problems are health problems).
+    pub(super) services: Arc<crate::service::Services>,
     /// What this node, while it leads, knows about rollouts that is not replicated.
     pub(super) notes: Notes,
     /// While this node leads: joins beyond this many voters stay learners, and a removal
@@ -630,6 +632,8 @@ impl NodeHandle {
                     if let Some(me) = theirs.nodes.iter().find(|m| m.id == node.id) {
                         node.state = me.state.clone();
                         node.applied_index = me.applied_index;
+                        node.health_problem = me.health_problem.clone();
+                        node.services = me.services.clone();
                     }
                 }
                 _ => node.state = "unreachable".into(),
@@ -683,9 +687,14 @@ impl NodeHandle {
                     insecure: info.insecure,
                     // Only a node's own check is known here: others report theirs.
                     health_problem: if id == self.id {
-                        self.health.problem()
+                        self.health.problem().or_else(|| self.services.problem())
                     } else {
                         None
+                    },
+                    services: if id == self.id {
+                        self.services.statuses()
+                    } else {
+                        Vec::new()
                     },
                 }
             })

@@ -181,6 +181,9 @@ pub async fn run(
              port can run code on every node of the cluster"
         ),
     }
+    // Descriptors a supervisor kept for this node (its services' ingresses), before
+    // anything else opens a file.
+    crate::service::sockets::receive_at_start();
     prepare_data_dir(&config.data_dir)?;
     // The store first: "locked by another node" says more than the port that node holds.
     let (log_store, sm) = raft_store::open(&config.data_dir).await?;
@@ -276,6 +279,9 @@ pub async fn run(
         Some(_) => HealthState::pending(),
         None => HealthState::default(),
     };
+    // The operator's services of `current`: adopted if a previous process of this node
+    // left them running, started (or cut over) otherwise.
+    let services = Arc::new(crate::service::Services::start(&config.data_dir));
     let notes = crate::rollout::Notes::default();
     let node = Arc::new(NodeHandle {
         id: config.id,
@@ -296,6 +302,7 @@ pub async fn run(
         },
         agent: agent.clone(),
         health: health.clone(),
+        services: services.clone(),
         notes: notes.clone(),
         max_voters: config.max_voters,
         incarnation,
@@ -440,6 +447,14 @@ pub async fn run(
     };
 
     tracing::info!(id = config.id, "node shutting down");
+    // Instances outlive a restart (the next process adopts them); a final stop drains
+    // them first, within their own drain and kill timeouts.
+    services
+        .finish(match outcome {
+            Ok(Stopped::Shutdown) => crate::service::Ending::Final,
+            _ => crate::service::Ending::Restart,
+        })
+        .await;
     crate::supervise::arm_stop_deadline(
         crate::supervise::STOP_DEADLINE,
         match (&outcome, supervision) {

@@ -576,9 +576,54 @@ impl From<api::ClusterStatus> for pb::StatusReply {
                         at_ms: r.at_ms,
                     }),
                     insecure: n.insecure,
+                    services: n.services.into_iter().map(service_to_pb).collect(),
                 })
                 .collect(),
         }
+    }
+}
+
+fn instance_to_pb(i: api::ServiceInstance) -> pb::ServiceInstance {
+    pb::ServiceInstance {
+        release: i.release,
+        pid: i.pid,
+        since_ms: i.since_ms,
+    }
+}
+
+fn instance_from_pb(i: pb::ServiceInstance) -> api::ServiceInstance {
+    api::ServiceInstance {
+        release: i.release,
+        pid: i.pid,
+        since_ms: i.since_ms,
+    }
+}
+
+fn service_to_pb(s: api::ServiceStatus) -> pb::ServiceStatus {
+    pb::ServiceStatus {
+        name: s.name,
+        listen: s.listen,
+        state: s.state,
+        active: s.active.map(instance_to_pb),
+        candidate: s.candidate.map(instance_to_pb),
+        failure_streak: s.failure_streak,
+        problem: s.problem,
+        last_rollback: s.last_rollback,
+        last_rollback_at_ms: s.last_rollback_at_ms,
+    }
+}
+
+fn service_from_pb(s: pb::ServiceStatus) -> api::ServiceStatus {
+    api::ServiceStatus {
+        name: s.name,
+        listen: s.listen,
+        state: s.state,
+        active: s.active.map(instance_from_pb),
+        candidate: s.candidate.map(instance_from_pb),
+        failure_streak: s.failure_streak,
+        problem: s.problem,
+        last_rollback: s.last_rollback,
+        last_rollback_at_ms: s.last_rollback_at_ms,
     }
 }
 
@@ -616,6 +661,7 @@ impl From<pb::StatusReply> for api::ClusterStatus {
                         at_ms: r.at_ms,
                     }),
                     insecure: n.insecure,
+                    services: n.services.into_iter().map(service_from_pb).collect(),
                 })
                 .collect(),
         }

@@ -207,6 +207,7 @@ impl Cluster for Fake {
             supervision: "supervise".into(),
             last_auto_restore: None,
             insecure: false,
+            services: Vec::new(),
         })
     }
     async fn disk_needs(

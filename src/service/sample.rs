@@ -1,0 +1,312 @@
+//! The sample service (`cluster sample-service`, hidden): a small HTTP server the demo
+//! and the tests roll out. It takes its sockets by socket activation (`LISTEN_FDS`),
+//! serves `/version`, `/healthz`, `/slow?ms=N` and `/requests` (the count it keeps in its
+//! state directory), and on SIGTERM stops accepting, answers every request still in
+//! flight, and exits. Plain threads, no runtime: what an operator's small service is.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How the sample behaves (its arguments in a release's `service.toml`).
+#[derive(Clone, Debug, Default)]
+pub struct SampleOptions {
+    /// What `/version` answers.
+    pub version: String,
+    /// `/healthz` answers 503 from the start.
+    pub fail_health: bool,
+    /// `/healthz` answers 200 for this long after start, then 503.
+    pub healthy_for: Option<Duration>,
+}
+
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int) {
+    STOPPING.store(true, Ordering::SeqCst);
+}
+
+/// How long a kept-alive connection with no request in progress stays open once the
+/// service is stopping: its client's next request is still answered (with
+/// `Connection: close`), so no request races the close.
+const IDLE_GRACE: Duration = Duration::from_millis(1500);
+
+struct Shared {
+    options: SampleOptions,
+    started: Instant,
+    /// Requests this instance answered and has not yet added to the state directory's
+    /// count (instances of two releases add theirs to one file during a cutover).
+    unsaved: AtomicU64,
+    open: AtomicUsize,
+    counter_file: Option<PathBuf>,
+}
+
+/// Runs until SIGTERM or SIGINT, then drains.
+pub fn run(options: SampleOptions) -> Result<(), String> {
+    let listeners = listen_fds()?;
+    // SAFETY: installs a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
+    }
+    let counter_file =
+        std::env::var_os("STATE_DIRECTORY").map(|d| PathBuf::from(d).join("requests"));
+    let shared = Arc::new(Shared {
+        options,
+        started: Instant::now(),
+        unsaved: AtomicU64::new(0),
+        open: AtomicUsize::new(0),
+        counter_file,
+    });
+    eprintln!(
+        "sample-service {} (pid {}) serving on {} sockets",
+        shared.options.version,
+        std::process::id(),
+        listeners.len()
+    );
+    let mut polls: Vec<libc::pollfd> = listeners
+        .iter()
+        .map(|l| libc::pollfd {
+            fd: l.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let mut saved = Instant::now();
+    while !STOPPING.load(Ordering::SeqCst) {
+        // SAFETY: poll on descriptors we own, with the array's own length.
+        let ready = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, 50) };
+        if ready > 0 {
+            for (i, poll) in polls.iter().enumerate() {
+                if poll.revents & libc::POLLIN == 0 {
+                    continue;
+                }
+                // Another instance on the same socket may have taken it first.
+                if let Ok((stream, _)) = listeners[i].accept() {
+                    let shared = shared.clone();
+                    shared.open.fetch_add(1, Ordering::SeqCst);
+                    std::thread::spawn(move || {
+                        let _ = serve(stream, &shared);
+                        shared.open.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+            }
+        }
+        if saved.elapsed() > Duration::from_secs(1) {
+            let _ = save(&shared);
+            saved = Instant::now();
+        }
+    }
+    // Stop accepting: the socket stays open in the node and the next instance, which
+    // take every connection still queued.
+    drop(listeners);
+    eprintln!(
+        "sample-service {} stopping: draining {} connections",
+        shared.options.version,
+        shared.open.load(Ordering::SeqCst)
+    );
+    while shared.open.load(Ordering::SeqCst) > 0 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let count = save(&shared);
+    eprintln!(
+        "sample-service {} drained ({count} requests counted)",
+        shared.options.version
+    );
+    Ok(())
+}
+
+/// Adds the requests not yet counted to the state directory's count, under a lock the
+/// other instance of a cutover takes too. Returns the count.
+fn save(shared: &Shared) -> u64 {
+    let pending = shared.unsaved.swap(0, Ordering::SeqCst);
+    let Some(file) = &shared.counter_file else {
+        return pending;
+    };
+    let Ok(lock) = std::fs::File::create(file.with_extension("lock")) else {
+        shared.unsaved.fetch_add(pending, Ordering::SeqCst);
+        return pending;
+    };
+    // SAFETY: flock on a file we hold open; released when it closes.
+    unsafe {
+        libc::flock(lock.as_raw_fd(), libc::LOCK_EX);
+    }
+    let before: u64 = std::fs::read_to_string(file)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    let count = before + pending;
+    let temporary = file.with_extension("tmp");
+    let written = std::fs::write(&temporary, count.to_string())
+        .and_then(|()| std::fs::rename(&temporary, file));
+    if written.is_err() {
+        shared.unsaved.fetch_add(pending, Ordering::SeqCst);
+    }
+    count
+}
+
+/// The listening sockets passed by socket activation.
+fn listen_fds() -> Result<Vec<TcpListener>, String> {
+    let pid = std::env::var("LISTEN_PID").unwrap_or_default();
+    if !pid.is_empty() && pid != std::process::id().to_string() {
+        return Err(format!("LISTEN_PID {pid} is not this process"));
+    }
+    let count: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|n| *n > 0)
+        .ok_or("no sockets passed (LISTEN_FDS): run me as a service of a cluster node")?;
+    Ok((0..count)
+        .map(|i| {
+            // SAFETY: socket activation hands this process descriptors 3.. to own.
+            let listener = unsafe { TcpListener::from_raw_fd(3 + i) };
+            let _ = listener.set_nonblocking(true);
+            listener
+        })
+        .collect())
+}
+
+/// Serves one connection, kept alive until the client closes it or the service stops.
+fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut idle_since_stop: Option<Instant> = None;
+    loop {
+        let Some(end) = find(&buffer, b"\r\n\r\n") else {
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk) {
+                Ok(0) => return Ok(()),
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if STOPPING.load(Ordering::SeqCst) && buffer.is_empty() {
+                        let since = *idle_since_stop.get_or_insert_with(Instant::now);
+                        if since.elapsed() > IDLE_GRACE {
+                            return Ok(());
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            if buffer.len() > 64 * 1024 {
+                return Ok(());
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
+        buffer.drain(..end + 4);
+        let mut lines = head.lines();
+        let request_line = lines.next().unwrap_or("");
+        let mut parts = request_line.split_whitespace();
+        let (_method, target, version) = (
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or("/"),
+            parts.next().unwrap_or("HTTP/1.0"),
+        );
+        let mut close = version == "HTTP/1.0";
+        let mut body_len = 0usize;
+        for line in lines {
+            if let Some((name, value)) = line.split_once(':') {
+                let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
+                if name == "connection" {
+                    close = value.eq_ignore_ascii_case("close");
+                } else if name == "content-length" {
+                    body_len = value.parse().unwrap_or(0);
+                }
+            }
+        }
+        // A body is read and ignored.
+        while buffer.len() < body_len {
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk) {
+                Ok(0) => return Ok(()),
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buffer.drain(..body_len.min(buffer.len()));
+        let (status, body) = answer(target, shared);
+        shared.unsaved.fetch_add(1, Ordering::SeqCst);
+        // A stopping service closes each connection after its current request.
+        close |= STOPPING.load(Ordering::SeqCst);
+        let reason = match status {
+            200 => "OK",
+            404 => "Not Found",
+            _ => "Service Unavailable",
+        };
+        let reply = format!(
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+            body.len(),
+            if close { "close" } else { "keep-alive" }
+        );
+        stream.write_all(reply.as_bytes())?;
+        if close {
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            // Reads what the client still sends, so the close is not a reset.
+            let deadline = Instant::now() + Duration::from_millis(200);
+            let mut sink = [0u8; 1024];
+            while Instant::now() < deadline {
+                match stream.read(&mut sink) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => break,
+                }
+            }
+            return Ok(());
+        }
+    }
+}
+
+fn answer(target: &str, shared: &Shared) -> (u16, String) {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    match path {
+        "/version" => (200, format!("{}\n", shared.options.version)),
+        "/healthz" => {
+            let expired = shared
+                .options
+                .healthy_for
+                .is_some_and(|limit| shared.started.elapsed() > limit);
+            if shared.options.fail_health || expired {
+                (503, "unhealthy\n".into())
+            } else {
+                (200, "ok\n".into())
+            }
+        }
+        "/slow" => {
+            let ms: u64 = query
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("ms="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100)
+                .min(60_000);
+            std::thread::sleep(Duration::from_millis(ms));
+            (200, format!("slept {ms} ms ({})\n", shared.options.version))
+        }
+        "/requests" => (200, format!("{}\n", save(shared))),
+        "/" => (200, format!("sample-service {}\n", shared.options.version)),
+        _ => (404, "not found\n".into()),
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
