@@ -162,7 +162,15 @@ fn apply_mutation(
             }
             // No byte of a release runs before every byte of it is checked, held
             // releases included: synced and verified once is not proof it is intact now.
-            check_held(store, hash, limits)?
+            check_held(store, hash, limits)?;
+            // Nor does a release whose services cannot run (one held from before the
+            // check existed).
+            if let Err(e) = crate::service::definitions_of(&store.release_dir(hash)) {
+                return Err(AgentError::Services {
+                    hash: hash.clone(),
+                    reason: e.to_string(),
+                });
+            }
         }
         _ => {}
     }
@@ -317,6 +325,26 @@ impl Agent {
     }
 
     /// Runs release-store work off the async threads.
+    /// Refuses the release `hash` just installed if its services cannot run, removing it
+    /// again: a bad `service.toml` changes nothing on this node.
+    async fn admit_services(&self, hash: String) -> Result<String, AgentError> {
+        self.blocking(move |store| {
+            match crate::service::definitions_of(&store.release_dir(&hash)) {
+                Ok(_) => Ok(hash),
+                Err(e) => {
+                    if let Err(removed) = store.quarantine(&hash) {
+                        tracing::warn!(release = %hash, error = %Chain(&removed), "cannot remove a refused release");
+                    }
+                    Err(AgentError::Services {
+                        hash,
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        })
+        .await
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce(&ReleaseStore) -> Result<T, AgentError> + Send + 'static,
@@ -453,6 +481,7 @@ impl Agent {
             .into());
         }
         let hash = finish(staging).await?;
+        let hash = self.admit_services(hash).await?;
         let reused = total.saturating_sub(fetched_bytes);
         crate::metrics::recorder().fetched(fetched_bytes, fetched_chunks, reused);
         Ok(PrepareOutcome {
@@ -491,6 +520,7 @@ impl Agent {
             });
         }
         let hash = finish(fed.staging).await?;
+        let hash = self.admit_services(hash).await?;
         crate::metrics::recorder().fetched(fed.bytes, fed.chunks, total.saturating_sub(fed.bytes));
         Ok(PrepareOutcome {
             hash,

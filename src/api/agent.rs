@@ -200,6 +200,14 @@ pub enum AgentError {
         missing: usize,
     },
 
+    /// A release whose `service.toml` is invalid: refused, and not kept.
+    #[error("release {hash} is refused: {reason}: fix service.toml in the dist, stamp it and upload it again")]
+    Services {
+        hash: String,
+        /// The field at fault and why.
+        reason: String,
+    },
+
     /// Release-store work on a blocking thread panicked or was cancelled.
     #[error("a release store task on this node failed: see the node's log")]
     TaskFailed(#[source] tokio::task::JoinError),

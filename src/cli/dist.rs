@@ -1,6 +1,8 @@
 //! `cluster dist keygen|stamp|hash|verify|install`: the command line over [`crate::release`].
 
 use std::io::Write;
+
+use anyhow::Context;
 use std::path::PathBuf;
 
 use serde::Serialize;
@@ -164,6 +166,13 @@ pub fn run(command: DistCommand) -> anyhow::Result<i32> {
     execute(command, &mut std::io::stdout(), &mut std::io::stderr())
 }
 
+/// Refuses a dist whose `service.toml` no node would run, naming the field.
+fn check_services(dir: &std::path::Path) -> anyhow::Result<()> {
+    crate::service::definitions_of(dir)
+        .map(|_| ())
+        .with_context(|| format!("{} is not a valid release", dir.display()))
+}
+
 /// [`run`] with its output streams as arguments, so tests can read what it prints.
 fn execute(command: DistCommand, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<i32> {
     // The CLI has no flag for limits yet: the defaults are far above any real release.
@@ -187,6 +196,8 @@ fn execute(command: DistCommand, out: &mut dyn Write, err: &mut dyn Write) -> an
         } => {
             // The key first: a bad key file must not leave a fresh, unsigned version.json.
             let key = sign.as_deref().map(keys::read_signing_key).transpose()?;
+            // Nor may a service definition that no node would run.
+            check_services(&dir)?;
             let info = release::stamp_from(&dir, &limits, key.as_ref(), git_commit.as_deref())?;
             if json {
                 print_json(out, &info)?;
@@ -260,6 +271,7 @@ fn execute(command: DistCommand, out: &mut dyn Write, err: &mut dyn Write) -> an
                 // Before anything is copied: the check a node makes on what it installs.
                 release::signature::check(&trusted, &release::scan_signed(&dist, &limits)?)?;
             }
+            check_services(&dist)?;
             let store = ReleaseStore::open(&data_dir)?;
             let current_before = store.current()?;
             let build_hash = store.install_dir(&dist, &limits)?;

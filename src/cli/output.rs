@@ -100,6 +100,50 @@ pub fn render_status(status: &ClusterStatus) -> String {
         ]);
     }
     out.push_str(&table(&rows));
+    let services: Vec<_> = status
+        .nodes
+        .iter()
+        .flat_map(|node| node.services.iter().map(move |s| (node.id, s)))
+        .collect();
+    if !services.is_empty() {
+        let header = [
+            "NODE",
+            "SERVICE",
+            "INGRESS",
+            "STATE",
+            "ACTIVE",
+            "CANDIDATE",
+            "FAILS",
+        ];
+        let mut rows = vec![header.map(String::from).to_vec()];
+        let instance = |i: &Option<crate::api::ServiceInstance>| match i {
+            Some(i) => format!("{} pid {}", short_hash(&i.release), i.pid),
+            None => "-".into(),
+        };
+        for (id, service) in &services {
+            rows.push(vec![
+                id.to_string(),
+                service.name.clone(),
+                service.listen.clone(),
+                service.state.clone(),
+                instance(&service.active),
+                instance(&service.candidate),
+                service.failure_streak.to_string(),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&table(&rows));
+        for (id, service) in &services {
+            if let (Some(reason), Some(at)) = (&service.last_rollback, service.last_rollback_at_ms)
+            {
+                out.push_str(&format!(
+                    "node {id} service {}: last candidate not switched to ({}): {reason}\n",
+                    service.name,
+                    super::rollout::clock(at),
+                ));
+            }
+        }
+    }
     for node in &status.nodes {
         if node.insecure {
             out.push_str(&format!(

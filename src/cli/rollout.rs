@@ -694,7 +694,7 @@ pub fn print_status(view: &RolloutView, members: &[u64]) -> std::io::Result<()> 
 }
 
 /// A unix-ms time as UTC "2026-11-22 20:41:07".
-fn clock(unix_ms: u64) -> String {
+pub(crate) fn clock(unix_ms: u64) -> String {
     let secs = unix_ms / 1000;
     let (days, rest) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

@@ -243,6 +243,15 @@ impl Cluster for NodeHandle {
         Ok(said)
     }
 
+    async fn services_of(&self, hash: &str) -> Result<Vec<String>, String> {
+        let dir = self.agent.store().release_dir(hash);
+        tokio::task::spawn_blocking(move || crate::service::definitions_of(&dir))
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|defs| defs.into_iter().map(|d| d.name).collect())
+            .map_err(|e| e.to_string())
+    }
+
     async fn release_manifest(&self, hash: &str) -> Result<Manifest, String> {
         self.agent
             .manifest(hash)

@@ -117,6 +117,9 @@ pub trait Cluster: Send + Sync + 'static {
     /// Starts the held release `hash`'s binary with `--version` (time-limited) and
     /// returns the line it printed, or why it did not start.
     fn version_of(&self, hash: &str) -> impl Future<Output = Result<String, String>> + Send;
+    /// The names of the services release `hash` (held here) defines, or why its
+    /// `service.toml` cannot run.
+    fn services_of(&self, hash: &str) -> impl Future<Output = Result<Vec<String>, String>> + Send;
     /// The manifest of release `hash` on this node.
     fn release_manifest(&self, hash: &str)
         -> impl Future<Output = Result<Manifest, String>> + Send;

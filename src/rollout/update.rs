@@ -54,9 +54,16 @@ pub async fn survey<C: Cluster>(
         )),
         // The candidate starts here, on the leader, before any node is touched.
         Ok(()) if !dry_run => match cluster.version_of(&hash).await {
-            Ok(said) => super::preflight::judge_version(&said, &hash, crate::state::PROTOCOL)
-                .err()
-                .map(|why| format!("the release does not start: {why}")),
+            Ok(said) => match super::preflight::judge_version(&said, &hash, crate::state::PROTOCOL)
+            {
+                Err(why) => Some(format!("the release does not start: {why}")),
+                // Its services must be runnable too, or no node could cut over to them.
+                Ok(()) => cluster
+                    .services_of(&hash)
+                    .await
+                    .err()
+                    .map(|why| format!("the release's services cannot run: {why}")),
+            },
             Err(why) => Some(format!("the release does not start on the leader: {why}")),
         },
         Ok(()) => None,

@@ -165,7 +165,8 @@ impl WireCode for AgentError {
             | AgentError::UnknownMutation { .. }
             | AgentError::UploadWithoutManifest
             | AgentError::UploadPartWithoutChunk
-            | AgentError::UploadIncomplete { .. } => Code::InvalidArgument,
+            | AgentError::UploadIncomplete { .. }
+            | AgentError::Services { .. } => Code::InvalidArgument,
             AgentError::UploadBroke(_) => Code::Unavailable,
             AgentError::Guard(_) | AgentError::TaskFailed(_) => Code::Internal,
         }
@@ -453,6 +454,7 @@ mod tests {
             (agent(AgentError::UploadPartWithoutChunk), Code::InvalidArgument),
             (agent(AgentError::UploadBroke("reset".into())), Code::Unavailable),
             (agent(AgentError::UploadIncomplete { missing: 3 }), Code::InvalidArgument),
+            (agent(AgentError::Services { hash: s("a"), reason: s("bad listen") }), Code::InvalidArgument),
             (agent(AgentError::TaskFailed(join_error())), Code::Internal),
             // SignatureError, alone and as an agent answers it
             (Box::new(SignatureError::Unsigned { release: s("a"), trusted: s("k") }), Code::PermissionDenied),

@@ -315,6 +315,28 @@ pub fn write_record(
     crate::fs::write_atomically(&dir, &format!("{name}.json"), &json)
 }
 
+/// The last candidate of service `name` that was not switched to: why, and when (unix
+/// ms). Kept in `<data>/service-run/<name>.rollback.json` across node restarts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollback {
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+pub fn read_rollback(data_dir: &Path, name: &str) -> Option<Rollback> {
+    let text =
+        std::fs::read_to_string(run_dir(data_dir).join(format!("{name}.rollback.json"))).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+pub fn write_rollback(data_dir: &Path, name: &str, rollback: &Rollback) {
+    let dir = run_dir(data_dir);
+    let json = serde_json::to_vec_pretty(rollback).unwrap_or_default();
+    if let Err(e) = crate::fs::write_atomically(&dir, &format!("{name}.rollback.json"), &json) {
+        tracing::warn!(service = name, error = %e, "cannot record the rollback");
+    }
+}
+
 /// Forgets service `name`'s record.
 pub fn remove_record(data_dir: &Path, name: &str) {
     let _ = crate::fs::remove_file_durably(&run_dir(data_dir).join(format!("{name}.json")));

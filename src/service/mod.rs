@@ -160,10 +160,13 @@ impl Services {
         }
         for def in defs {
             let listen = recorded_port(data_dir, &def.name, def.listen);
+            let rollback = instance::read_rollback(data_dir, &def.name);
             let mut view = ServiceStatus {
                 name: def.name.clone(),
                 listen: def.listen.to_string(),
                 state: "starting".into(),
+                last_rollback: rollback.as_ref().map(|r| r.reason.clone()),
+                last_rollback_at_ms: rollback.map(|r| r.at_ms),
                 ..ServiceStatus::default()
             };
             let ingress = match sockets::ingress(&def.name, listen)
@@ -347,9 +350,25 @@ async fn run_one(ctx: Ctx, mut ending: watch::Receiver<Option<Ending>>) {
                         tracing::warn!(service = %def.name, streak, reason = %why, "check failed");
                         ctx.view(|v| v.failure_streak = streak);
                         if streak >= def.check.failure_threshold {
-                            ctx.view(|v| {
-                                v.problem = Some(format!("failed {streak} checks in a row: {why}"));
-                            });
+                            let problem = format!("failed {streak} checks in a row: {why}");
+                            if streak == def.check.failure_threshold {
+                                // The node is unhealthy from here: a rollout restores it,
+                                // and its next start switches back to the previous
+                                // release's instance. Recorded now, for that process.
+                                let rollback = instance::Rollback {
+                                    reason: format!(
+                                        "release {} {problem}",
+                                        short(&running.release)
+                                    ),
+                                    at_ms: crate::clock::unix_ms(),
+                                };
+                                instance::write_rollback(&ctx.data_dir, &def.name, &rollback);
+                                ctx.view(|v| {
+                                    v.last_rollback = Some(rollback.reason.clone());
+                                    v.last_rollback_at_ms = Some(rollback.at_ms);
+                                });
+                            }
+                            ctx.view(|v| v.problem = Some(problem));
                         }
                     }
                 }
@@ -420,9 +439,15 @@ async fn bring_up(
     )
     .map_err(|e| format!("cannot start {}: {e}", def.exec))?;
     tracing::info!(service = %def.name, pid = candidate.pid, release = %short(&ctx.hash), "started a candidate");
+    // Not healthy until the candidate passes: a rollout waits for it.
     ctx.view(|v| {
         v.candidate = Some(instance_view(&candidate));
         v.state = "starting".into();
+        v.problem = Some(format!(
+            "a new instance of release {} (pid {}) has not passed its check yet",
+            short(&ctx.hash),
+            candidate.pid
+        ));
     });
     let deadline = Instant::now() + def.start_grace;
     let mut last;
@@ -467,9 +492,14 @@ async fn cutover(
         Err(why) => {
             let at = crate::clock::unix_ms();
             tracing::warn!(service = %def.name, reason = %why, "the candidate failed: the running instance keeps serving");
+            let rollback = instance::Rollback {
+                reason: format!("release {}: {why}", short(&ctx.hash)),
+                at_ms: at,
+            };
+            instance::write_rollback(&ctx.data_dir, &def.name, &rollback);
             ctx.view(|v| {
                 v.state = "rolling_back".into();
-                v.last_rollback = Some(why.clone());
+                v.last_rollback = Some(rollback.reason.clone());
                 v.last_rollback_at_ms = Some(at);
             });
             return Err(why);

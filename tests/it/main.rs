@@ -10,6 +10,7 @@ mod operate;
 mod raft;
 mod releases;
 mod rollout;
+mod services;
 mod signing;
 mod systemd;
 mod tools;

@@ -286,6 +286,9 @@ impl Cluster for Fake {
             crate::state::PROTOCOL
         ))
     }
+    async fn services_of(&self, _hash: &str) -> Result<Vec<String>, String> {
+        Ok(Vec::new())
+    }
     async fn release_manifest(&self, hash: &str) -> Result<Manifest, String> {
         Err(format!("the fake holds no manifest for {hash}"))
     }

@@ -1,0 +1,468 @@
+//! The operator's own service, rolled out blue/green on every node behind an ingress the
+//! node holds, under a real HTTP load generator (Debian's `wrk`), directly and through a
+//! real load balancer (Debian's `haproxy`): no refused connection, no failed request.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::{cli, data_dir_of, Cluster};
+
+/// A release of the sample service: `bin/cluster` (which is also the service, as
+/// `cluster sample-service`) and a `service.toml` running it with `args`.
+fn service_release(dir: &Path, version: &str, args: &[&str], start_grace: &str) -> String {
+    let mut argv = vec![
+        "\"sample-service\"".to_string(),
+        "\"--version-text\"".into(),
+        format!("\"{version}\""),
+    ];
+    argv.extend(args.iter().map(|a| format!("\"{a}\"")));
+    let toml = format!(
+        "[[service]]\nname = \"web\"\nexec = \"bin/cluster\"\nargs = [{}]\n\
+         listen = \"127.0.0.1:0\"\nstart_grace = \"{start_grace}\"\ndrain_timeout = \"10s\"\n\
+         [service.check]\nhttp = \"/healthz\"\ninterval = \"200ms\"\ntimeout = \"1s\"\n\
+         failure_threshold = 3\n",
+        argv.join(", ")
+    );
+    crate::harness::make_release(dir, &[("service.toml", &toml)])
+}
+
+/// The ingress node `id` holds for the sample service.
+fn ingress(cluster: &Cluster, id: u64) -> String {
+    let file = data_dir_of(cluster, id).join("service-run/web.addr");
+    std::fs::read_to_string(file).unwrap().trim().to_string()
+}
+
+/// Node `id`'s own view of its service, from `cluster status --local --json`.
+fn service_view(cluster: &Cluster, id: u64) -> Option<serde_json::Value> {
+    let out = cli(&["status", "--local", "--json", "--node", &cluster.addr(id)]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let me = json["nodes"].as_array()?.iter().find(|n| n["id"] == id)?;
+    me["services"].as_array()?.first().cloned()
+}
+
+/// Waits until every node's service is ready on release `hash`.
+async fn wait_services_on(cluster: &Cluster, ids: &[u64], hash: &str) {
+    for &id in ids {
+        crate::harness::wait_for(
+            &format!("node {id}'s service ready on {}", &hash[..12]),
+            Duration::from_secs(60),
+            || async move {
+                let view = service_view(cluster, id)?;
+                (view["state"] == "ready" && view["active"]["release"] == hash).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+/// `GET path` over HTTP/1.1 (a fresh connection): status and body.
+fn get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, body.trim().to_string()))
+}
+
+fn have(tool: &str, version_flag: &str) -> bool {
+    Command::new(tool)
+        .arg(version_flag)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// `wrk` against one URL until stopped; what it counted.
+struct Load {
+    child: Option<Child>,
+    out: tempfile::NamedTempFile,
+    url: String,
+}
+
+/// What a `wrk` run reports.
+#[derive(Debug, Default)]
+struct LoadReport {
+    requests: u64,
+    /// connect + read + write + timeout errors.
+    socket_errors: u64,
+    non_2xx: u64,
+    max_latency: String,
+}
+
+impl Load {
+    fn start(url: &str) -> Load {
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new("wrk")
+            .args(["-t1", "-c4", "-d600s", "--timeout", "10s", url])
+            .stdout(out.reopen().unwrap())
+            .stderr(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("wrk starts");
+        Load {
+            child: Some(child),
+            out,
+            url: url.to_string(),
+        }
+    }
+
+    /// Stops wrk (SIGINT: it prints its summary) and reads what it counted.
+    fn stop(mut self) -> LoadReport {
+        let mut child = self.child.take().unwrap();
+        crate::harness::signal(child.id(), libc::SIGINT);
+        let _ = child.wait();
+        let text = std::fs::read_to_string(self.out.path()).unwrap();
+        let mut report = LoadReport::default();
+        for line in text.lines() {
+            let line = line.trim();
+            if let Some(n) = line
+                .split(" requests in")
+                .next()
+                .filter(|_| line.contains(" requests in"))
+            {
+                report.requests = n.trim().parse().unwrap_or(0);
+            } else if let Some(rest) = line.strip_prefix("Socket errors:") {
+                report.socket_errors = rest
+                    .split(',')
+                    .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
+                    .sum();
+            } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
+                report.non_2xx = rest.trim().parse().unwrap_or(0);
+            } else if let Some(rest) = line.strip_prefix("Latency") {
+                report.max_latency = rest.split_whitespace().nth(2).unwrap_or("").to_string();
+            }
+        }
+        assert!(
+            report.requests > 0,
+            "wrk against {} counted nothing: {text}",
+            self.url
+        );
+        report
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A real load balancer (Debian's haproxy) in front of `backends`, killed with its test.
+struct Haproxy {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    async fn start(backends: &[String]) -> Haproxy {
+        let dir = tempfile::tempdir().unwrap();
+        // A free port, taken back at once: haproxy cannot say which port 0 gave it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let servers: Vec<String> = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| format!("  server n{} {b}\n", i + 1))
+            .collect();
+        let config = dir.path().join("haproxy.cfg");
+        std::fs::write(
+            &config,
+            format!(
+                "global\n  maxconn 512\ndefaults\n  mode http\n  timeout connect 5s\n  \
+                 timeout client 60s\n  timeout server 60s\n  retries 3\n\
+                 frontend in\n  bind {addr}\n  default_backend nodes\n\
+                 backend nodes\n  balance roundrobin\n{}",
+                servers.concat()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy starts");
+        let proxy = Haproxy {
+            child,
+            addr,
+            _dir: dir,
+        };
+        crate::harness::wait_for("haproxy serving", Duration::from_secs(30), || async {
+            matches!(get(&proxy.addr, "/version"), Ok((200, _))).then_some(())
+        })
+        .await;
+        proxy
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Skips (outside CI) unless wrk and haproxy are installed.
+fn tools_missing() -> bool {
+    if have("wrk", "--version") && have("haproxy", "-v") {
+        return false;
+    }
+    crate::harness::skip_outside_ci("wrk or haproxy is not installed: apt-get install wrk haproxy");
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_rolls_out_blue_green_under_load_with_no_failed_request() {
+    if tools_missing() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (v1, v2) = (work.path().join("v1"), work.path().join("v2"));
+    let h1 = service_release(&v1, "v1", &[], "20s");
+    let h2 = service_release(&v2, "v2", &[], "20s");
+    let cluster = Cluster::start_supervised_with(3, &v1, &[]).await;
+    crate::harness::wait_all_on(&cluster, &h1).await;
+    wait_services_on(&cluster, &[1, 2, 3], &h1).await;
+    let ingresses: Vec<String> = (1..=3).map(|id| ingress(&cluster, id)).collect();
+    for addr in &ingresses {
+        assert_eq!(get(addr, "/version").unwrap(), (200, "v1".to_string()));
+    }
+    let counted_before: u64 = get(&ingresses[1], "/requests").unwrap().1.parse().unwrap();
+
+    let proxy = Haproxy::start(&ingresses).await;
+    let mut loads: Vec<Load> = ingresses
+        .iter()
+        .map(|addr| Load::start(&format!("http://{addr}/version")))
+        .collect();
+    loads.push(Load::start(&format!("http://{}/version", proxy.addr)));
+    // Slow requests, one after another, on node 2's ingress: some are in flight when
+    // node 2 switches instances, and must complete.
+    let slow_addr = ingresses[1].clone();
+    let stop_slow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let slow = {
+        let stop = stop_slow.clone();
+        std::thread::spawn(move || {
+            let mut answers = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let started = Instant::now();
+                let answer = get(&slow_addr, "/slow?ms=700");
+                answers.push((answer, started.elapsed()));
+            }
+            answers
+        })
+    };
+
+    let update = crate::harness::update_in_background(cluster.addr(1), v2, 1000, 30_000);
+    let out = update.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_services_on(&cluster, &[1, 2, 3], &h2).await;
+    stop_slow.store(true, std::sync::atomic::Ordering::SeqCst);
+    let slow = slow.join().unwrap();
+    let reports: Vec<LoadReport> = loads.into_iter().map(Load::stop).collect();
+
+    for (i, report) in reports.iter().enumerate() {
+        let target = if i < 3 {
+            format!("node {}", i + 1)
+        } else {
+            "haproxy".to_string()
+        };
+        println!(
+            "{target}: {} requests, {} socket errors, {} non-2xx, max latency {}",
+            report.requests, report.socket_errors, report.non_2xx, report.max_latency
+        );
+        assert_eq!(report.socket_errors, 0, "{target}: {report:?}");
+        assert_eq!(report.non_2xx, 0, "{target}: {report:?}");
+    }
+    let slowest = slow.iter().map(|(_, took)| *took).max().unwrap_or_default();
+    println!("slow requests: {} (longest {slowest:?})", slow.len());
+    let mut served_by = Vec::new();
+    for (answer, _) in &slow {
+        match answer {
+            Ok((200, body)) => served_by.push(body.contains("(v1)")),
+            other => panic!("a slow request failed: {other:?}"),
+        }
+    }
+    assert!(
+        served_by.first() == Some(&true) && served_by.last() == Some(&false),
+        "slow requests were served by v1, then v2: {served_by:?}"
+    );
+    for addr in &ingresses {
+        assert_eq!(get(addr, "/version").unwrap(), (200, "v2".to_string()));
+    }
+    // The state directory kept the count across the cutover: it only grew.
+    let counted_after: u64 = get(&ingresses[1], "/requests").unwrap().1.parse().unwrap();
+    assert!(
+        counted_after > counted_before + reports[1].requests / 2,
+        "requests counted in the state directory: {counted_before} -> {counted_after}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_that_fails_its_check_never_takes_over_and_the_rollout_reverts() {
+    if tools_missing() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (v1, bad) = (work.path().join("v1"), work.path().join("bad"));
+    let h1 = service_release(&v1, "v1", &[], "20s");
+    service_release(&bad, "bad", &["--fail-health"], "3s");
+    let cluster = Cluster::start_supervised_with(3, &v1, &[]).await;
+    crate::harness::wait_all_on(&cluster, &h1).await;
+    wait_services_on(&cluster, &[1, 2, 3], &h1).await;
+    let ingresses: Vec<String> = (1..=3).map(|id| ingress(&cluster, id)).collect();
+    let loads: Vec<Load> = ingresses
+        .iter()
+        .map(|addr| Load::start(&format!("http://{addr}/version")))
+        .collect();
+
+    let out = crate::harness::update_in_background(cluster.addr(1), bad, 1000, 10_000)
+        .join()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_services_on(&cluster, &[1, 2, 3], &h1).await;
+    let reports: Vec<LoadReport> = loads.into_iter().map(Load::stop).collect();
+    for (i, report) in reports.iter().enumerate() {
+        println!(
+            "node {}: {} requests, {} socket errors, {} non-2xx, max latency {}",
+            i + 1,
+            report.requests,
+            report.socket_errors,
+            report.non_2xx,
+            report.max_latency
+        );
+        assert_eq!(
+            report.socket_errors + report.non_2xx,
+            0,
+            "node {}: {report:?}",
+            i + 1
+        );
+    }
+    for addr in &ingresses {
+        assert_eq!(get(addr, "/version").unwrap(), (200, "v1".to_string()));
+    }
+    // The node that tried the candidate says why it was not switched to.
+    let tried = (1..=3)
+        .filter_map(|id| service_view(&cluster, id))
+        .filter_map(|view| view["last_rollback"].as_str().map(String::from))
+        .collect::<Vec<_>>();
+    assert!(
+        tried
+            .iter()
+            .any(|reason| reason.contains("did not pass its check") && reason.contains("503")),
+        "{tried:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_failing_after_the_switch_is_switched_back_without_a_refused_connection() {
+    if tools_missing() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (v1, flaky) = (work.path().join("v1"), work.path().join("flaky"));
+    let h1 = service_release(&v1, "v1", &[], "20s");
+    let h_flaky = service_release(&flaky, "flaky", &["--healthy-for", "3s"], "20s");
+    let cluster = Cluster::start_supervised_with(3, &v1, &[]).await;
+    crate::harness::wait_all_on(&cluster, &h1).await;
+    wait_services_on(&cluster, &[1, 2, 3], &h1).await;
+    let ingresses: Vec<String> = (1..=3).map(|id| ingress(&cluster, id)).collect();
+    let loads: Vec<Load> = ingresses
+        .iter()
+        .map(|addr| Load::start(&format!("http://{addr}/version")))
+        .collect();
+
+    // Stabilization outlasts the release's healthy spell: the first node updated fails
+    // its checks after the switch, and is switched back.
+    let update = crate::harness::update_in_background(cluster.addr(1), flaky, 10_000, 30_000);
+    let (node, switched) = crate::harness::wait_for(
+        "a node serving the flaky release",
+        Duration::from_secs(60),
+        || async {
+            (1..=3).find_map(|id| {
+                let view = service_view(&cluster, id)?;
+                (view["active"]["release"] == h_flaky).then_some((id, Instant::now()))
+            })
+        },
+    )
+    .await;
+    let back = crate::harness::wait_for("switched back to v1", Duration::from_secs(90), || async {
+        let (code, body) = get(&ingresses[node as usize - 1], "/version").ok()?;
+        (code == 200 && body == "v1" && service_view(&cluster, node)?["active"]["release"] == h1)
+            .then(Instant::now)
+    })
+    .await;
+    let out = update.join().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let view = service_view(&cluster, node).unwrap();
+    let reason = view["last_rollback"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.contains("failed 3 checks in a row"), "{view}");
+    let third_failure = view["last_rollback_at_ms"].as_u64().unwrap();
+    let reports: Vec<LoadReport> = loads.into_iter().map(Load::stop).collect();
+    for (i, report) in reports.iter().enumerate() {
+        println!(
+            "node {}: {} requests, {} socket errors, {} non-2xx, max latency {}",
+            i + 1,
+            report.requests,
+            report.socket_errors,
+            report.non_2xx,
+            report.max_latency
+        );
+        assert_eq!(
+            report.socket_errors + report.non_2xx,
+            0,
+            "node {}: {report:?}",
+            i + 1
+        );
+    }
+    let now_ms = cluster::clock::unix_ms();
+    let back_ms = now_ms - back.elapsed().as_millis() as u64;
+    println!(
+        "node {node}: switched to the flaky release, then {} ms from its third failed check \
+         to v1 serving again ({} s after the switch was seen)",
+        back_ms.saturating_sub(third_failure),
+        (back - switched).as_secs_f64()
+    );
+    for addr in &ingresses {
+        assert_eq!(get(addr, "/version").unwrap(), (200, "v1".to_string()));
+    }
+}
