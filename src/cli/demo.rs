@@ -272,6 +272,61 @@ async fn print_status(cluster: &LocalCluster, addr: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The sample service's definition in a demo release: `cluster sample-service` (this
+/// binary) answering `version` at `/version`, on an ingress each node picks.
+fn sample_service(version: &str) -> String {
+    format!(
+        "# The sample service: this release's own binary, serving HTTP on the ingress the\n\
+         # node holds for it (port 0: each node picks a port, kept across restarts).\n\
+         [[service]]\nname = \"web\"\nexec = \"bin/cluster\"\n\
+         args = [\"sample-service\", \"--version-text\", \"{version}\"]\n\
+         listen = \"127.0.0.1:0\"\nstart_grace = \"20s\"\ndrain_timeout = \"10s\"\n\
+         [service.check]\nhttp = \"/healthz\"\ninterval = \"200ms\"\n"
+    )
+}
+
+/// Waits until every node's sample service is ready on `hash`; each node's ingress.
+async fn service_ingresses(cluster: &LocalCluster, hash: &str) -> anyhow::Result<Vec<String>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut ready = Vec::new();
+        for addr in &cluster.addrs {
+            let Ok(status) = cluster
+                .client(addr)?
+                .timeout(Duration::from_secs(2))
+                .status(true)
+                .await
+            else {
+                break;
+            };
+            let service = status
+                .nodes
+                .iter()
+                .find(|n| &n.addr == addr)
+                .and_then(|n| n.services.first().cloned());
+            match service {
+                Some(s)
+                    if s.state == "ready"
+                        && s.active.as_ref().is_some_and(|a| a.release == hash) =>
+                {
+                    ready.push(s.listen)
+                }
+                _ => break,
+            }
+        }
+        if ready.len() == cluster.addrs.len() {
+            return Ok(ready);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the sample service was not ready on every node within 60 s; logs are in {}",
+                cluster.root.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// `cluster demo`: three supervised nodes, two releases, a rolling update, clean up.
 pub async fn demo() -> anyhow::Result<ExitCode> {
     let work = tempfile::Builder::new().prefix("cluster-demo-").tempdir()?;
@@ -282,11 +337,20 @@ pub async fn demo() -> anyhow::Result<ExitCode> {
         key.key_id,
         key.public_key.display()
     );
-    outln!("== building two releases from this binary, signed with it");
+    outln!("== building two releases from this binary, signed with it; each runs the sample service (service.toml)");
     let v1 = work.path().join("dist-v1");
     let v2 = work.path().join("dist-v2");
-    let h1 = make_dist(&v1, &[("share/motd", "release one\n")], &key)?;
-    let h2 = make_dist(&v2, &[("share/motd", "release two\n")], &key)?;
+    let (s1, s2) = (sample_service("v1"), sample_service("v2"));
+    let h1 = make_dist(
+        &v1,
+        &[("share/motd", "release one\n"), ("service.toml", &s1)],
+        &key,
+    )?;
+    let h2 = make_dist(
+        &v2,
+        &[("share/motd", "release two\n"), ("service.toml", &s2)],
+        &key,
+    )?;
     outln!("v1 {h1}\nv2 {h2}");
     outln!(
         "== starting 3 supervised nodes on v1, accepting only releases signed by key {}",
@@ -295,7 +359,13 @@ pub async fn demo() -> anyhow::Result<ExitCode> {
     let root = cluster_root(Some(work.path().join("nodes")))?;
     let cluster = start(3, root, &v1, &key).await?;
     let first = cluster.addrs[0].clone();
+    let ingresses = service_ingresses(&cluster, &h1).await?;
     print_status(&cluster, &first).await?;
+    outln!(
+        "== load: 4 keep-alive connections to each node's service ingress ({}), GET /version back to back",
+        ingresses.join(", ")
+    );
+    let load = super::load::Load::start(&ingresses, 4);
     outln!("== cluster update --dist {}", v2.display());
     let code = update(UpdateArgs {
         dist: v2,
@@ -316,6 +386,26 @@ pub async fn demo() -> anyhow::Result<ExitCode> {
         soak_ms: 2_000,
     })
     .await?;
+    // Every node serving v2, under load the whole time.
+    let on_v2 = service_ingresses(&cluster, &h2).await;
+    let tally = load.stop().await;
+    outln!(
+        "== load during the rollout: {} requests served, {} failed ({} connection errors, {} bad answers), slowest {} ms; answered by {}",
+        tally.served,
+        tally.failed(),
+        tally.connection_errors,
+        tally.bad_answers,
+        tally.slowest.as_millis(),
+        tally
+            .versions
+            .iter()
+            .map(|(version, count)| format!("{version} ({count})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for example in &tally.examples {
+        outln!("   failed: {example}");
+    }
     outln!("== final status");
     // Any node: the one asked first may have just restarted.
     for addr in &cluster.addrs {
@@ -324,6 +414,13 @@ pub async fn demo() -> anyhow::Result<ExitCode> {
         }
     }
     drop(cluster);
+    on_v2?;
+    if tally.failed() > 0 {
+        bail!(
+            "{} requests failed during the rollout: the cutover must lose none",
+            tally.failed()
+        );
+    }
     Ok(code)
 }
 

@@ -15,6 +15,7 @@ macro_rules! outln {
 mod config;
 mod demo;
 mod dist;
+mod load;
 mod mcp;
 mod member;
 mod output;

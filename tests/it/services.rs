@@ -466,3 +466,52 @@ async fn a_service_failing_after_the_switch_is_switched_back_without_a_refused_c
         assert_eq!(get(addr, "/version").unwrap(), (200, "v1".to_string()));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_service_definition_is_refused_by_stamp_and_by_the_node_with_the_field_named() {
+    let work = tempfile::tempdir().unwrap();
+    let v1 = work.path().join("v1");
+    let h1 = service_release(&v1, "v1", &[], "20s");
+    let bad = work.path().join("bad");
+    std::fs::create_dir_all(bad.join("bin")).unwrap();
+    std::fs::copy(crate::harness::BIN, bad.join("bin/cluster")).unwrap();
+    let toml = std::fs::read_to_string(v1.join("service.toml"))
+        .unwrap()
+        .replace("listen = \"127.0.0.1:0\"", "listen = \"everywhere:80\"");
+    std::fs::write(bad.join("service.toml"), toml).unwrap();
+
+    // Stamp refuses it, naming the field, and writes no version.json.
+    let out = cli(&["dist", "stamp", bad.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("service web: `listen`"), "{stderr}");
+    assert!(!bad.join("version.json").exists());
+
+    // A node refuses to take it (the upload of `cluster update`), and keeps nothing of it.
+    let cluster = Cluster::start_supervised_with(1, &v1, &[]).await;
+    crate::harness::wait_all_on(&cluster, &h1).await;
+    let out = cli(&[
+        "update",
+        "--dist",
+        bad.to_str().unwrap(),
+        "--node",
+        &cluster.addr(1),
+        "--allow-downtime",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("`listen`"), "{stderr}");
+    let releases: Vec<String> = std::fs::read_dir(data_dir_of(&cluster, 1).join("releases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        releases,
+        vec![h1.clone()],
+        "only the running release is held"
+    );
+    assert_eq!(
+        get(&ingress(&cluster, 1), "/version").unwrap(),
+        (200, "v1".into())
+    );
+}
