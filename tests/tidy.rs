@@ -251,15 +251,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "src/service/",
-        &[
-            "node",
-            "rollout",
-            "rpc",
-            "agent",
-            "raft",
-            "raft_store",
-            "cli",
-        ],
+        &["node", "rollout", "agent", "raft", "raft_store", "cli"],
     ),
     ("src/raft/", &["node", "rollout", "agent", "cli"]),
     (

@@ -34,6 +34,15 @@ const STATES: [DeploymentState; 8] = [
     DeploymentState::Aborted,
 ];
 
+const SERVICE_STATES: [&str; 6] = [
+    "starting",
+    "ready",
+    "switched",
+    "rolling_back",
+    "failed",
+    "stopping",
+];
+
 /// What a scrape reads besides the node.
 pub struct Scrape {
     pub node: Arc<NodeHandle>,
@@ -235,6 +244,70 @@ pub fn render(scrape: &Scrape) -> String {
             "On the leader, while a soak runs: its time left.",
             left as f64 / 1000.0,
         );
+    }
+    // The operator's services on this node.
+    let services = node.services.statuses();
+    if !services.is_empty() {
+        out.family(
+            "cluster_service_ready",
+            Kind::Gauge,
+            "1 while an instance of the current release serves the service and passes its checks.",
+        );
+        for service in &services {
+            let ready = service.state == "ready" && service.problem.is_none();
+            out.sample(
+                "cluster_service_ready",
+                &[("service", &service.name)],
+                f64::from(u8::from(ready)),
+            );
+        }
+        out.family(
+            "cluster_service_state",
+            Kind::Gauge,
+            "1 for each service's state: starting, ready, switched, rolling_back, failed, stopping.",
+        );
+        for service in &services {
+            for state in SERVICE_STATES {
+                out.sample(
+                    "cluster_service_state",
+                    &[("service", &service.name), ("state", state)],
+                    f64::from(u8::from(service.state == state)),
+                );
+            }
+        }
+        out.family(
+            "cluster_service_failure_streak",
+            Kind::Gauge,
+            "Failed checks (or exits) in a row of the service's instance.",
+        );
+        for service in &services {
+            out.sample(
+                "cluster_service_failure_streak",
+                &[("service", &service.name)],
+                f64::from(service.failure_streak),
+            );
+        }
+        out.family(
+            "cluster_service_info",
+            Kind::Gauge,
+            "Always 1: the release the service's active instance runs, and its ingress.",
+        );
+        for service in &services {
+            let release = service
+                .active
+                .as_ref()
+                .map(|a| a.release.as_str())
+                .unwrap_or("");
+            out.sample(
+                "cluster_service_info",
+                &[
+                    ("service", &service.name),
+                    ("release", release),
+                    ("listen", &service.listen),
+                ],
+                1.0,
+            );
+        }
     }
     crate::metrics::recorder().render(&mut out);
     out.finish()

@@ -6,6 +6,7 @@
 mod agent;
 pub mod auth;
 mod client;
+mod probe;
 mod server;
 mod status;
 mod transport;
@@ -13,6 +14,7 @@ mod transport;
 pub use agent::{AgentClient, AgentHandler, UploadChunks};
 pub use auth::{Caller, Membership};
 pub use client::ControlClient;
+pub use probe::grpc_health;
 pub use server::{serve, ControlHandler, RaftRpcHandler};
 pub use transport::{Channels, RaftPeer, RaftRpc, TransportError};
 

@@ -57,6 +57,9 @@ pub enum CheckKind {
     Http { path: String, expect_status: u16 },
     /// A TCP connection is accepted.
     Tcp,
+    /// The standard gRPC health protocol (plaintext) answers SERVING for `service`
+    /// ("" for the server as a whole).
+    Grpc { service: String },
     /// The command (relative to the release root, or absolute) exits 0; it gets the
     /// instance's check address in `CHECK_ADDR`.
     Command(Vec<String>),
@@ -108,6 +111,7 @@ struct RawCheck {
     http: Option<String>,
     expect_status: Option<u16>,
     tcp: Option<bool>,
+    grpc: Option<String>,
     command: Option<Vec<String>>,
     interval: Option<String>,
     timeout: Option<String>,
@@ -258,45 +262,52 @@ fn one(
     let kinds = [
         check.http.is_some(),
         check.tcp == Some(true),
+        check.grpc.is_some(),
         check.command.is_some(),
     ];
-    let kind = match (check.http, check.tcp.unwrap_or(false), check.command) {
-        _ if kinds.iter().filter(|k| **k).count() != 1 => {
+    if kinds.iter().filter(|k| **k).count() != 1 {
+        return Err(field(
+            "check",
+            "needs exactly one of http = \"/path\", tcp = true, grpc = \"<service>\", command = [...]"
+                .into(),
+        ));
+    }
+    let kind = if let Some(path) = check.http {
+        if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(field(
-                "check",
-                "needs exactly one of http = \"/path\", tcp = true, command = [...]".into(),
-            ))
+                "check.http",
+                format!("{path:?} must be a path starting with '/', without spaces"),
+            ));
         }
-        (Some(path), _, _) => {
-            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(field(
-                    "check.http",
-                    format!("{path:?} must be a path starting with '/', without spaces"),
-                ));
-            }
-            let expect_status = check.expect_status.unwrap_or(200);
-            if !(100..=599).contains(&expect_status) {
-                return Err(field(
-                    "check.expect_status",
-                    format!("{expect_status} is not an HTTP status"),
-                ));
-            }
-            CheckKind::Http {
-                path,
-                expect_status,
-            }
+        let expect_status = check.expect_status.unwrap_or(200);
+        if !(100..=599).contains(&expect_status) {
+            return Err(field(
+                "check.expect_status",
+                format!("{expect_status} is not an HTTP status"),
+            ));
         }
-        (None, true, None) => CheckKind::Tcp,
-        (None, _, Some(command)) => {
-            if command.is_empty() || command.iter().any(|a| a.contains('\0')) {
-                return Err(field(
-                    "check.command",
-                    "must be a non-empty list without NUL bytes".into(),
-                ));
-            }
-            CheckKind::Command(command)
+        CheckKind::Http {
+            path,
+            expect_status,
         }
-        (None, false, None) => unreachable!("exactly one kind is set"),
+    } else if let Some(service) = check.grpc {
+        if service.len() > 200 || service.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(field(
+                "check.grpc",
+                format!("{service:?} is not a gRPC service name (\"\" checks the whole server)"),
+            ));
+        }
+        CheckKind::Grpc { service }
+    } else if let Some(command) = check.command {
+        if command.is_empty() || command.iter().any(|a| a.contains('\0')) {
+            return Err(field(
+                "check.command",
+                "must be a non-empty list without NUL bytes".into(),
+            ));
+        }
+        CheckKind::Command(command)
+    } else {
+        CheckKind::Tcp
     };
     if check.expect_status.is_some() && !matches!(kind, CheckKind::Http { .. }) {
         return Err(field(
@@ -411,6 +422,13 @@ interval = "500ms"
         assert_eq!(web.check.interval, Duration::from_millis(500));
         assert_eq!(web.check.failure_threshold, 3);
         assert_eq!(parse("", exists).unwrap(), vec![]);
+        let grpc = GOOD.replace("http = \"/healthz\"", "grpc = \"\"");
+        assert_eq!(
+            parse(&grpc, exists).unwrap()[0].check.kind,
+            CheckKind::Grpc {
+                service: String::new()
+            }
+        );
     }
 
     #[test]

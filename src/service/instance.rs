@@ -237,6 +237,11 @@ impl Instance {
                     None => Some(format!("GET {path}: not an HTTP answer")),
                 }
             }
+            CheckKind::Grpc { service } => {
+                crate::rpc::grpc_health(self.check_addr, service, def.check.timeout)
+                    .await
+                    .err()
+            }
             CheckKind::Command(argv) => {
                 let program = if argv[0].starts_with('/') {
                     PathBuf::from(&argv[0])

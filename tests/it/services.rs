@@ -488,8 +488,23 @@ async fn a_bad_service_definition_is_refused_by_stamp_and_by_the_node_with_the_f
     assert!(!bad.join("version.json").exists());
 
     // A node refuses to take it (the upload of `cluster update`), and keeps nothing of it.
-    let cluster = Cluster::start_supervised_with(1, &v1, &[]).await;
+    let cluster =
+        Cluster::start_supervised_with(1, &v1, &["--metrics-listen", "127.0.0.1:0"]).await;
     crate::harness::wait_all_on(&cluster, &h1).await;
+    wait_services_on(&cluster, &[1], &h1).await;
+    // Its metrics show the service.
+    let metrics_addr =
+        std::fs::read_to_string(data_dir_of(&cluster, 1).join("metrics.addr")).unwrap();
+    let (_, metrics) =
+        crate::tools::https_get(metrics_addr.trim(), "/metrics", Some("viewer")).unwrap();
+    for line in [
+        "cluster_service_ready{service=\"web\"} 1",
+        "cluster_service_state{service=\"web\",state=\"ready\"} 1",
+        "cluster_service_failure_streak{service=\"web\"} 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
+    assert!(metrics.contains(&format!("release=\"{h1}\"")), "{metrics}");
     let out = cli(&[
         "update",
         "--dist",

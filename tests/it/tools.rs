@@ -243,7 +243,7 @@ fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
 /// `GET path` from a node's HTTPS side listener at `addr` with curl, presenting the
 /// test CA's credentials `creds` (none for `None`): the status code and body, or curl's
 /// error when the handshake is refused.
-fn https_get(addr: &str, path: &str, creds: Option<&str>) -> Result<(u16, String), String> {
+pub fn https_get(addr: &str, path: &str, creds: Option<&str>) -> Result<(u16, String), String> {
     let port = addr.rsplit_once(':').unwrap().1;
     let ca = crate::harness::creds("ca").join("ca.pem");
     let mut command = std::process::Command::new("curl");

@@ -32,8 +32,8 @@ missing_tool() {
   exit 1
 }
 [ "$(id -u)" = 0 ] || skip "needs root (systemd-nspawn boots containers)"
-for tool in systemd-nspawn debootstrap nsenter jq; do
-  command -v "$tool" >/dev/null || missing_tool "$tool is missing (apt-get install systemd-container debootstrap jq)"
+for tool in systemd-nspawn debootstrap nsenter jq wrk curl; do
+  command -v "$tool" >/dev/null || missing_tool "$tool is missing (apt-get install systemd-container debootstrap jq wrk curl)"
 done
 [ -d /sys/fs/cgroup ] || skip "no /sys/fs/cgroup"
 
@@ -431,6 +431,77 @@ SCRIPT
 chmod 0755 "$work/dists/crash-loops/bin/cluster"
 undone_with_no_leader crash-loops
 
+# The operator's service under systemd: two releases of the sample service (this build's
+# `cluster sample-service`) rolled out while wrk loads every node's ingress from the host.
+# Each node restarts (a new MainPID) while its service keeps serving: the new node
+# process adopts the running instance, then cuts over to the new release's.
+service_dist() {
+  local name=$1 version=$2
+  rm -rf "$work/dists/$name"
+  cp -r "$work/dists/cluster-dist-2" "$work/dists/$name"
+  rm -f "$work/dists/$name/version.json"
+  cat >"$work/dists/$name/service.toml" <<TOML
+[[service]]
+name = "web"
+exec = "bin/cluster"
+args = ["sample-service", "--version-text", "$version"]
+listen = "127.0.0.1:0"
+drain_timeout = "10s"
+[service.check]
+http = "/healthz"
+interval = "200ms"
+TOML
+  "$cli" dist stamp "$work/dists/$name"
+}
+wait_for_no_rollout
+svc1=$(service_dist svc-1 v1)
+svc2=$(service_dist svc-2 v2)
+"$cli" update --dist "$work/dists/svc-1" --node "127.0.0.1:${port[1]}" --soak-ms 0 \
+  >"$work/svc-1-update.log" 2>&1 || fail "rolling out svc-1: $(tail -20 "$work/svc-1-update.log")"
+declare -A ingress=() instance_before=() main_before=()
+for n in 1 2 3; do
+  for _ in $(seq 1 300); do
+    instance_before[$n]=$(jq -r --arg h "$svc1" 'select(.release == $h) | .pid' \
+      "$(c_path "$n" /var/lib/cluster/service-run/web.json)" 2>/dev/null || true)
+    [ -z "${instance_before[$n]}" ] || break
+    sleep 0.1
+  done
+  [ -n "${instance_before[$n]}" ] || fail "host $n runs no instance of ${svc1:0:12}: $(status_json)"
+  ingress[$n]=$(cat "$(c_path "$n" /var/lib/cluster/service-run/web.addr)")
+  [ "$(curl -fsS "http://${ingress[$n]}/version")" = v1 ] || fail "host $n: /version is not v1"
+  main_before[$n]=$(in_c "$n" systemctl show -p MainPID --value cluster)
+done
+log "services: v1 on every node (${ingress[1]} ${ingress[2]} ${ingress[3]}), rolling out v2 under wrk"
+declare -A wrk_pid=()
+for n in 1 2 3; do
+  wrk -t1 -c4 -d600s --timeout 10s "http://${ingress[$n]}/version" >"$work/wrk-$n.out" 2>&1 &
+  wrk_pid[$n]=$!
+done
+"$cli" update --dist "$work/dists/svc-2" --node "127.0.0.1:${port[1]}" --soak-ms 0 \
+  >"$work/svc-2-update.log" 2>&1 || fail "rolling out svc-2: $(tail -20 "$work/svc-2-update.log")"
+for n in 1 2 3; do
+  for _ in $(seq 1 300); do
+    [ "$(curl -fsS "http://${ingress[$n]}/version" 2>/dev/null)" = v2 ] && break
+    sleep 0.1
+  done
+done
+for n in 1 2 3; do kill -INT "${wrk_pid[$n]}"; wait "${wrk_pid[$n]}" || true; done
+for n in 1 2 3; do
+  out=$(cat "$work/wrk-$n.out")
+  requests=$(sed -n 's/^ *\([0-9]*\) requests in.*/\1/p' <<<"$out")
+  [ "${requests:-0}" -gt 0 ] || fail "host $n: wrk counted nothing: $out"
+  if grep -qE 'Socket errors|Non-2xx' <<<"$out"; then fail "host $n: requests failed during the rollout: $out"; fi
+  [ "$(curl -fsS "http://${ingress[$n]}/version")" = v2 ] || fail "host $n: /version is not v2"
+  main_after=$(in_c "$n" systemctl show -p MainPID --value cluster)
+  [ "$main_after" != "${main_before[$n]}" ] || fail "host $n: the node did not restart (MainPID $main_after)"
+  journal=$(in_c "$n" journalctl -u cluster --no-pager _PID="$main_after")
+  grep -qF "adopted the running instance service=web pid=${instance_before[$n]}" <<<"$journal" ||
+    fail "host $n: the restarted node (pid $main_after) did not adopt the v1 instance ${instance_before[$n]}"
+  grep -qF "switched: the old instance drains service=web" <<<"$journal" ||
+    fail "host $n: no switch in the journal of pid $main_after"
+  log "host $n: node restarted (MainPID ${main_before[$n]} -> $main_after), its v1 instance (pid ${instance_before[$n]}) served through it and was adopted; wrk: $requests requests, 0 failed, latency max $(awk '/Latency/ {print $4}' <<<"$out")"
+done
+
 # uninstall.sh keeps the node's data; --purge removes it.
 in_c 3 /opt/cluster/scripts/uninstall.sh >"$work/uninstall.out" 2>&1 || fail "uninstall.sh: $(cat "$work/uninstall.out")"
 [ ! -e "$(c_path 3 /etc/systemd/system/cluster.service)" ] && [ ! -e "$(c_path 3 /usr/local/bin/cluster)" ] &&
@@ -443,4 +514,4 @@ in_c 3 /opt/cluster/scripts/uninstall.sh --purge >"$work/uninstall.out" 2>&1 || 
   fail "uninstall.sh --purge: $(cat "$work/uninstall.out")"
 in_c 3 getent passwd cluster >/dev/null && fail "uninstall.sh --purge kept the user"
 log "uninstall.sh kept the data and credentials; --purge removed them"
-log "PASSED: README production install under systemd with mutual TLS, and the boot guard with no leader"
+log "PASSED: README production install under systemd with mutual TLS, the boot guard with no leader, and a service rolled out under load with its node restarting"
