@@ -68,8 +68,10 @@ pub struct Agent {
     term: TermSource,
     /// Notified by `Mutation::Restart`; the node shuts down gracefully and exits.
     restart: Arc<Notify>,
-    /// Build hash of the running binary ("dev" outside a release).
-    running_build: String,
+    /// Build hash of the release the node runs ("dev" outside a release). It changes
+    /// without a process restart when a release's `bin/cluster` is the running one's
+    /// (only its other files, services above all, changed): the node follows it.
+    running: Arc<tokio::sync::watch::Sender<String>>,
     /// Serializes mutations and guards the persisted highest generation.
     fence_lock: Arc<tokio::sync::Mutex<()>>,
     /// The keys releases must be signed with to be installed or activated here; empty:
@@ -121,8 +123,19 @@ fn check_held(store: &ReleaseStore, hash: &str, limits: &Limits) -> Result<(), S
     }
 }
 
+/// What a mutation asks of the node process once its disk work is done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Then {
+    Nothing,
+    /// Exit gracefully: the supervisor starts `current`.
+    RestartProcess,
+    /// `current` is now this release, whose `bin/cluster` is the one running: the node
+    /// takes it as its build without a restart (its services cut over).
+    RunInPlace(String),
+}
+
 /// The disk side of [`Agent::mutate`], on a blocking thread: check the fence and the
-/// request, then record the fence and act. Returns whether the node must restart.
+/// request, then record the fence and act. Returns what the node must do then.
 fn apply_mutation(
     store: &ReleaseStore,
     limits: &Limits,
@@ -131,7 +144,7 @@ fn apply_mutation(
     node_term: u64,
     running_build: &str,
     mutation: &Mutation,
-) -> Result<bool, AgentError> {
+) -> Result<Then, AgentError> {
     let data_dir = store.data_dir();
     let accepted = read_fence(data_dir).map_err(|source| AgentError::FenceUnreadable {
         mutation: format!("{mutation:?}"),
@@ -215,11 +228,28 @@ fn apply_mutation(
         }
         Mutation::Restart => {}
     }
-    Ok(match mutation {
-        Mutation::Restart => true,
-        Mutation::Restore(hash) => hash != running_build,
-        _ => false,
+    let into = match mutation {
+        Mutation::Restart => store.current()?,
+        Mutation::Restore(hash) if hash != running_build => Some(hash.clone()),
+        _ => return Ok(Then::Nothing),
+    };
+    Ok(match into {
+        Some(into) if into != running_build && same_binary(store, running_build, &into) => {
+            Then::RunInPlace(into)
+        }
+        _ => Then::RestartProcess,
     })
+}
+
+/// Whether releases `a` and `b` (both held) ship the same `bin/cluster`: then switching
+/// between them needs no new process.
+fn same_binary(store: &ReleaseStore, a: &str, b: &str) -> bool {
+    let binary = |hash: &str| {
+        let manifest = store.manifest(hash).ok()?;
+        let entry = manifest.get("bin/cluster")?;
+        Some(entry.summary())
+    };
+    matches!((binary(a), binary(b)), (Some(x), Some(y)) if x == y)
 }
 
 impl Agent {
@@ -239,7 +269,7 @@ impl Agent {
             limits: Limits::default(),
             term,
             restart,
-            running_build,
+            running: Arc::new(tokio::sync::watch::channel(running_build).0),
             fence_lock: Arc::default(),
             release_keys: Arc::new(release_keys),
         })
@@ -269,6 +299,11 @@ impl Agent {
         .await
     }
 
+    /// The build the node runs, as it changes (see `running`).
+    pub fn running_build(&self) -> tokio::sync::watch::Receiver<String> {
+        self.running.subscribe()
+    }
+
     /// Asks the node to exit gracefully so its supervisor starts it again.
     pub fn request_restart(&self) {
         self.restart.notify_one();
@@ -288,7 +323,7 @@ impl Agent {
         let node_term = (self.term)();
         let store = self.store.clone();
         let release_keys = self.release_keys.clone();
-        let running_build = self.running_build.clone();
+        let running = self.running.clone();
         let limits = self.limits;
         let restart = self.restart.clone();
         tokio::task::spawn_blocking(move || {
@@ -297,7 +332,8 @@ impl Agent {
             // this one is still changing the disk, or a restore could run before the
             // activation it undoes and leave `current` on the new release.
             let _serialized = serialized;
-            let must_restart = apply_mutation(
+            let running_build = running.borrow().clone();
+            let then = apply_mutation(
                 &store,
                 &limits,
                 &release_keys,
@@ -306,12 +342,23 @@ impl Agent {
                 &running_build,
                 &mutation,
             )?;
-            if must_restart {
-                tracing::info!(
-                    generation = fence.generation,
-                    "restart requested by the rollout"
-                );
-                restart.notify_one();
+            match then {
+                Then::Nothing => {}
+                Then::RestartProcess => {
+                    tracing::info!(
+                        generation = fence.generation,
+                        "restart requested by the rollout"
+                    );
+                    restart.notify_one();
+                }
+                Then::RunInPlace(hash) => {
+                    tracing::info!(
+                        generation = fence.generation,
+                        release = %hash,
+                        "the release ships the running bin/cluster: running it in place, no restart"
+                    );
+                    running.send_replace(hash);
+                }
             }
             Ok::<_, AgentError>(())
         })

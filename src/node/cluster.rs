@@ -54,7 +54,7 @@ impl Cluster for NodeHandle {
     }
 
     fn build_hash(&self) -> String {
-        self.info.build_hash.clone()
+        self.info().build_hash
     }
 
     fn release_keys(&self) -> Arc<crate::release::TrustedKeys> {

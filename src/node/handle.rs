@@ -54,8 +54,9 @@ pub struct NodeHandle {
     /// Shared with the Raft network: one connection per peer in the whole process.
     pub(super) channels: Channels,
     pub(super) timing: Timing,
-    /// What this node reports about itself (see `Command::RegisterNode`).
-    pub(super) info: NodeInfo,
+    /// What this node reports about itself (see `Command::RegisterNode`); its build
+    /// changes in place when a release ships the running `bin/cluster`.
+    pub(super) info: std::sync::RwLock<NodeInfo>,
     /// The releases on this node's disk.
     pub(super) agent: Arc<Agent>,
     /// The latest result of this node's own health check.
@@ -79,6 +80,19 @@ pub(super) enum Route {
 }
 
 impl NodeHandle {
+    /// What this node reports about itself now.
+    pub(super) fn info(&self) -> NodeInfo {
+        self.info.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The release this node runs changed without a restart.
+    pub(super) fn set_build(&self, build_hash: String) {
+        self.info
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .build_hash = build_hash;
+    }
+
     /// How long a request waits for a leader before giving up: several elections.
     pub(super) fn leader_wait(&self) -> Duration {
         (self.timing.election_timeout * 2 * 10).max(Duration::from_secs(5))
@@ -655,7 +669,7 @@ impl NodeHandle {
                 let id = member.id;
                 // This node's own report is live; the replicated one lags a restart.
                 let info = if id == self.id {
-                    self.info.clone()
+                    self.info()
                 } else {
                     reports.get(&id).cloned().unwrap_or_default()
                 };

@@ -66,7 +66,7 @@ pub fn render(scrape: &Scrape) -> String {
         "cluster_build_info",
         &[
             ("node", &id),
-            ("build", &node.info.build_hash),
+            ("build", &node.info().build_hash),
             ("protocol", &crate::state::PROTOCOL.to_string()),
         ],
         1.0,

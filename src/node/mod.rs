@@ -290,7 +290,7 @@ pub async fn run(
         sm: sm.clone(),
         channels,
         timing: config.timing,
-        info: NodeInfo {
+        info: std::sync::RwLock::new(NodeInfo {
             addr: addr.clone(),
             build_hash: running_build_hash(),
             protocol: PROTOCOL,
@@ -299,7 +299,7 @@ pub async fn run(
             supervision: supervision.name().to_string(),
             last_auto_restore,
             insecure: config.security.credentials().is_none(),
-        },
+        }),
         agent: agent.clone(),
         health: health.clone(),
         services: services.clone(),
@@ -310,7 +310,7 @@ pub async fn run(
     tracing::info!(
         id = config.id,
         %addr,
-        build = %node.info.build_hash,
+        build = %node.info().build_hash,
         supervision = %supervision.name(),
         "node starting"
     );
@@ -407,6 +407,11 @@ pub async fn run(
         _ = &mut shutdown => (Ok(()), true),
     };
     let reporter = tokio::spawn(report_self(node.clone(), stop_rx.clone()));
+    let follower = tokio::spawn(follow_build(
+        node.clone(),
+        agent.running_build(),
+        stop_rx.clone(),
+    ));
     let rollouts = tokio::spawn(crate::rollout::drive::drive(
         node.clone(),
         notes.clone(),
@@ -468,6 +473,7 @@ pub async fn run(
     );
     let _ = stop_tx.send(true);
     let _ = reporter.await;
+    let _ = follower.await;
     let _ = published.await;
     for task in [metrics_server, dashboard_server, notifier]
         .into_iter()
@@ -746,7 +752,7 @@ async fn report_self(node: Arc<NodeHandle>, mut stop: watch::Receiver<bool>) {
             }
             let report = Command::RegisterNode {
                 id: node.id,
-                info: node.info.clone(),
+                info: node.info(),
             };
             match node.write(report, 0).await {
                 Ok(_) => return,
@@ -760,6 +766,43 @@ async fn report_self(node: Arc<NodeHandle>, mut stop: watch::Receiver<bool>) {
     tokio::select! {
         _ = work => tracing::info!(id = node.id, "reported to the cluster"),
         _ = stop.wait_for(|stop| *stop) => {}
+    }
+}
+
+/// Follows the release this node runs when it changes without a restart (a release that
+/// ships the running `bin/cluster`): its services cut over first, then the node reports
+/// the new build, so a rollout's health poll sees it only with its services checked.
+async fn follow_build(
+    node: Arc<NodeHandle>,
+    mut running: watch::Receiver<String>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            changed = running.changed() => if changed.is_err() { return },
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        let hash = running.borrow_and_update().clone();
+        node.services.reload().await;
+        node.set_build(hash.clone());
+        tracing::info!(id = node.id, build = %hash, "running release in place: same bin/cluster, no restart");
+        loop {
+            let report = Command::RegisterNode {
+                id: node.id,
+                info: node.info(),
+            };
+            let reported = tokio::select! {
+                reported = node.write(report, 0) => reported,
+                _ = stop.wait_for(|stop| *stop) => return,
+            };
+            match reported {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reporting the new build: retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
     }
 }
 

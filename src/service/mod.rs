@@ -63,11 +63,18 @@ pub enum Ending {
 
 /// The services of one node: what runs, and what `cluster status` shows.
 pub struct Services {
+    data_dir: PathBuf,
     views: Arc<Mutex<BTreeMap<String, ServiceStatus>>>,
     /// Why no service could be set up at all (a bad `service.toml` in `current`).
-    setup_problem: Option<String>,
+    setup_problem: Mutex<Option<String>>,
+    /// The supervision of the release `current` pointed at when it began: how to end
+    /// it, and its tasks (one per service).
+    running: Mutex<Option<Supervision>>,
+}
+
+struct Supervision {
     ending: watch::Sender<Option<Ending>>,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// What one service's task works with.
@@ -104,22 +111,42 @@ fn short(hash: &str) -> &str {
 impl Services {
     /// No services (a node without releases).
     pub fn none() -> Services {
-        let (ending, _) = watch::channel(None);
         Services {
+            data_dir: PathBuf::new(),
             views: Default::default(),
-            setup_problem: None,
-            ending,
-            tasks: Mutex::new(Vec::new()),
+            setup_problem: Mutex::new(None),
+            running: Mutex::new(None),
         }
     }
 
     /// Starts supervising the services of `<data_dir>/current`: adopts the instances a
     /// previous process of this node left running, and starts or cuts over the others.
     pub fn start(data_dir: &Path) -> Services {
-        let mut services = Services::none();
+        let services = Services {
+            data_dir: data_dir.to_path_buf(),
+            ..Services::none()
+        };
+        services.launch();
+        services
+    }
+
+    /// Follows `current` after it changed with no restart of the node (a release that
+    /// ships the running `bin/cluster`): the running instances are handed over as to a
+    /// restarted node, which adopts them and cuts over to the new release.
+    pub async fn reload(&self) {
+        self.finish(Ending::Restart).await;
+        self.launch();
+    }
+
+    fn launch(&self) {
+        let data_dir = self.data_dir.as_path();
+        self.views.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        *self.setup_problem.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let (ending, _) = watch::channel(None);
+        let mut tasks = Vec::new();
         let current = data_dir.join("current");
         let Ok(target) = std::fs::read_link(&current) else {
-            return services;
+            return;
         };
         let hash = target
             .file_name()
@@ -129,11 +156,11 @@ impl Services {
         let defs = match definitions_of(&release_dir) {
             Ok(defs) => defs,
             Err(e) => {
-                services.setup_problem = Some(format!(
+                *self.setup_problem.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
                     "release {} defines no runnable service: {e}",
                     short(&hash)
                 ));
-                return services;
+                return;
             }
         };
         let defined: Vec<&str> = defs.iter().map(|d| d.name.as_str()).collect();
@@ -161,10 +188,16 @@ impl Services {
         for def in defs {
             let listen = recorded_port(data_dir, &def.name, def.listen);
             let rollback = instance::read_rollback(data_dir, &def.name);
+            // Unhealthy until an instance of this release passes a check: a rollout
+            // waits for that.
             let mut view = ServiceStatus {
                 name: def.name.clone(),
                 listen: def.listen.to_string(),
                 state: "starting".into(),
+                problem: Some(format!(
+                    "no instance of release {} has passed a check yet",
+                    short(&hash)
+                )),
                 last_rollback: rollback.as_ref().map(|r| r.reason.clone()),
                 last_rollback_at_ms: rollback.map(|r| r.at_ms),
                 ..ServiceStatus::default()
@@ -172,15 +205,14 @@ impl Services {
             let ingress = match sockets::ingress(&def.name, listen)
                 .or_else(|_| sockets::ingress(&def.name, def.listen))
             {
-                Ok((listener, _fresh)) => listener,
+                Ok(listener) => listener,
                 Err(e) => {
                     view.state = "failed".into();
                     view.problem = Some(format!(
                         "cannot listen on {}: {e}: free the address, or change `listen` in {SERVICE_FILE}",
                         def.listen
                     ));
-                    services
-                        .views
+                    self.views
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(def.name.clone(), view);
@@ -196,8 +228,7 @@ impl Services {
                     bound.to_string().as_bytes(),
                 );
             }
-            services
-                .views
+            self.views
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(def.name.clone(), view);
@@ -206,22 +237,18 @@ impl Services {
                 release_dir: release_dir.clone(),
                 hash: hash.clone(),
                 def,
-                ingress: Arc::new(ingress),
-                views: services.views.clone(),
+                ingress,
+                views: self.views.clone(),
             };
-            let task = tokio::spawn(run_one(ctx, services.ending.subscribe()));
-            services
-                .tasks
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(task);
+            tasks.push(tokio::spawn(run_one(ctx, ending.subscribe())));
         }
-        services
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Supervision { ending, tasks });
     }
 
     /// Why the node's services make it unhealthy, if they do.
     pub fn problem(&self) -> Option<String> {
-        if let Some(problem) = &self.setup_problem {
+        if let Some(problem) = &*self.setup_problem.lock().unwrap_or_else(|e| e.into_inner()) {
             return Some(problem.clone());
         }
         let views = self.views.lock().unwrap_or_else(|e| e.into_inner());
@@ -245,9 +272,16 @@ impl Services {
     /// Ends supervision: on a restart the instances keep serving; on a final stop each
     /// is stopped and drained first.
     pub async fn finish(&self, ending: Ending) {
-        let _ = self.ending.send(Some(ending));
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
-        for task in tasks {
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(running) = running else {
+            return;
+        };
+        let _ = running.ending.send(Some(ending));
+        for task in running.tasks {
             let _ = task.await;
         }
     }

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// The name prefix of a service's ingress in a descriptor store.
 pub const FD_PREFIX: &str = "svc-";
@@ -27,9 +27,9 @@ const LISTEN_FDS_START: RawFd = 3;
 /// Descriptors this process received at start, by name, until a service claims them.
 static RECEIVED: Mutex<Option<BTreeMap<String, OwnedFd>>> = Mutex::new(None);
 
-/// The ingresses this process holds, by name (raw descriptors of listeners the
-/// supervisor owns): what a re-exec passes on.
-static HELD: Mutex<BTreeMap<String, RawFd>> = Mutex::new(BTreeMap::new());
+/// The ingresses this process holds, by name: kept for the life of the process (a
+/// reload of the services finds them here), and what a re-exec passes on.
+static HELD: Mutex<BTreeMap<String, Arc<TcpListener>>> = Mutex::new(BTreeMap::new());
 
 /// Takes the descriptors passed to this process (socket activation, or a re-exec), once,
 /// at start: each is marked close-on-exec so no other child inherits it by accident.
@@ -76,11 +76,20 @@ fn claim(fd: RawFd) -> Option<OwnedFd> {
     }
 }
 
-/// The ingress of service `name` on `addr`: the listener this node's previous process
-/// held (same address; for port 0 the same IP), or a new one given to the supervisor's
-/// store. Returns the listener and whether it is new.
-pub fn ingress(name: &str, addr: SocketAddr) -> std::io::Result<(TcpListener, bool)> {
+/// The ingress of service `name` on `addr`: the one this process already holds, or the
+/// listener this node's previous process held (same address; for port 0 the same IP),
+/// or a new one given to the supervisor's store.
+pub fn ingress(name: &str, addr: SocketAddr) -> std::io::Result<Arc<TcpListener>> {
     let key = format!("{FD_PREFIX}{name}");
+    let matches = |listener: &TcpListener| {
+        listener
+            .local_addr()
+            .is_ok_and(|bound| bound == addr || (addr.port() == 0 && bound.ip() == addr.ip()))
+    };
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(listener) = held.get(&key).filter(|l| matches(l)) {
+        return Ok(listener.clone());
+    }
     let previous = RECEIVED
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -88,21 +97,19 @@ pub fn ingress(name: &str, addr: SocketAddr) -> std::io::Result<(TcpListener, bo
         .and_then(|received| received.remove(&key));
     if let Some(fd) = previous {
         let listener = TcpListener::from(fd);
-        let matches = listener
-            .local_addr()
-            .is_ok_and(|bound| bound == addr || (addr.port() == 0 && bound.ip() == addr.ip()));
-        if matches && is_listening(&listener) {
-            hold(&key, &listener);
-            return Ok((listener, false));
+        if matches(&listener) && is_listening(&listener) {
+            let listener = Arc::new(listener);
+            held.insert(key, listener.clone());
+            return Ok(listener);
         }
         tracing::info!(service = name, %addr, "the ingress kept from before listens elsewhere: binding anew");
     }
-    let listener = bind(addr)?;
-    hold(&key, &listener);
+    let listener = Arc::new(bind(addr)?);
     if let Err(e) = store(&key, listener.as_raw_fd()) {
         tracing::warn!(service = name, error = %e, "the supervisor does not keep the ingress: a restart of the node will close it for a moment");
     }
-    Ok((listener, true))
+    held.insert(key, listener.clone());
+    Ok(listener)
 }
 
 /// A listener on `addr` with a backlog deep enough for a burst during a cutover.
@@ -131,12 +138,6 @@ fn is_listening(listener: &TcpListener) -> bool {
     ok == 0 && value == 1
 }
 
-fn hold(key: &str, listener: &TcpListener) {
-    HELD.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key.to_string(), listener.as_raw_fd());
-}
-
 /// For a re-exec: the held ingresses made inheritable, as `CLUSTER_INHERITED_FDS`.
 pub fn pass_on_exec() -> Option<String> {
     let held = HELD.lock().unwrap_or_else(|e| e.into_inner());
@@ -144,7 +145,8 @@ pub fn pass_on_exec() -> Option<String> {
         return None;
     }
     let mut pairs = Vec::new();
-    for (name, fd) in held.iter() {
+    for (name, listener) in held.iter() {
+        let fd = &listener.as_raw_fd();
         // SAFETY: clears FD_CLOEXEC on a descriptor this process holds open.
         unsafe {
             let flags = libc::fcntl(*fd, libc::F_GETFD);

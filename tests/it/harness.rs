@@ -643,9 +643,32 @@ pub fn data_dir_of(cluster: &Cluster, id: u64) -> &Path {
     &cluster.nodes[&id].data_dir
 }
 
-/// A dist whose `bin/cluster` is the binary under test, plus `extra` files; stamped.
-/// Returns its build hash.
+/// A dist that runs the binary under test, plus `extra` files; stamped. Returns its
+/// build hash. Its `bin/cluster` is a script of its own (naming the dist) that runs the
+/// binary as `bin/cluster.real`: like two real builds, two such releases differ in
+/// `bin/cluster`, so a node restarts to switch between them.
 pub fn make_release(dir: &Path, extra: &[(&str, &str)]) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::copy(BIN, dir.join("bin/cluster.real")).unwrap();
+    let script = dir.join("bin/cluster");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n# build {}\nexec \"$(dirname \"$0\")/cluster.real\" \"$@\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    write_extra(dir, extra);
+    stamp(dir)
+}
+
+/// A dist whose `bin/cluster` is the binary under test itself, plus `extra` files:
+/// every such release ships the same `bin/cluster`, so a node switches between them in
+/// place, without a restart.
+pub fn make_release_same_binary(dir: &Path, extra: &[(&str, &str)]) -> String {
     std::fs::create_dir_all(dir.join("bin")).unwrap();
     std::fs::copy(BIN, dir.join("bin/cluster")).unwrap();
     write_extra(dir, extra);

@@ -11,20 +11,52 @@ use crate::harness::{cli, data_dir_of, Cluster};
 /// A release of the sample service: `bin/cluster` (which is also the service, as
 /// `cluster sample-service`) and a `service.toml` running it with `args`.
 fn service_release(dir: &Path, version: &str, args: &[&str], start_grace: &str) -> String {
+    crate::harness::make_release(
+        dir,
+        &[("service.toml", &service_toml(version, args, start_grace))],
+    )
+}
+
+fn service_toml(version: &str, args: &[&str], start_grace: &str) -> String {
     let mut argv = vec![
         "\"sample-service\"".to_string(),
         "\"--version-text\"".into(),
         format!("\"{version}\""),
     ];
     argv.extend(args.iter().map(|a| format!("\"{a}\"")));
-    let toml = format!(
+    format!(
         "[[service]]\nname = \"web\"\nexec = \"bin/cluster\"\nargs = [{}]\n\
          listen = \"127.0.0.1:0\"\nstart_grace = \"{start_grace}\"\ndrain_timeout = \"10s\"\n\
          [service.check]\nhttp = \"/healthz\"\ninterval = \"200ms\"\ntimeout = \"1s\"\n\
          failure_threshold = 3\n",
         argv.join(", ")
-    );
-    crate::harness::make_release(dir, &[("service.toml", &toml)])
+    )
+}
+
+/// Like [`service_release`], with a `bin/cluster` of its own (naming `build`) when
+/// `build` is given, so two releases differ in `bin/cluster` and a node must restart to
+/// switch between them; without, the binary under test itself (switched in place).
+fn service_release_with_binary(dir: &Path, build: Option<&str>, version: &str) -> String {
+    let toml = service_toml(version, &[], "20s");
+    match build {
+        Some(build) => {
+            crate::harness::make_release(dir, &[("service.toml", &toml), ("share/build", build)])
+        }
+        None => crate::harness::make_release_same_binary(dir, &[("service.toml", &toml)]),
+    }
+}
+
+/// When node `id`'s process started, as it reports itself.
+fn started_at(cluster: &Cluster, id: u64) -> u64 {
+    let out = cli(&["status", "--local", "--json", "--node", &cluster.addr(id)]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let me = json["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == id)
+        .unwrap();
+    me["started_at_ms"].as_u64().unwrap()
 }
 
 /// The ingress node `id` holds for the sample service.
@@ -240,9 +272,15 @@ async fn a_service_rolls_out_blue_green_under_load_with_no_failed_request() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let (v1, v2) = (work.path().join("v1"), work.path().join("v2"));
-    let h1 = service_release(&v1, "v1", &[], "20s");
-    let h2 = service_release(&v2, "v2", &[], "20s");
+    let (v1, v2, v3) = (
+        work.path().join("v1"),
+        work.path().join("v2"),
+        work.path().join("v3"),
+    );
+    // v1 -> v2 changes only the service; v2 -> v3 changes bin/cluster too.
+    let h1 = service_release_with_binary(&v1, None, "v1");
+    let h2 = service_release_with_binary(&v2, None, "v2");
+    let h3 = service_release_with_binary(&v3, Some("three"), "v3");
     let cluster = Cluster::start_supervised_with(3, &v1, &[]).await;
     crate::harness::wait_all_on(&cluster, &h1).await;
     wait_services_on(&cluster, &[1, 2, 3], &h1).await;
@@ -275,14 +313,48 @@ async fn a_service_rolls_out_blue_green_under_load_with_no_failed_request() {
         })
     };
 
-    let update = crate::harness::update_in_background(cluster.addr(1), v2, 1000, 30_000);
-    let out = update.join().unwrap();
+    // (a) Only the service changed: no node restarts, each cuts over in place.
+    let started: Vec<u64> = (1..=3).map(|id| started_at(&cluster, id)).collect();
+    let took = Instant::now();
+    let out = crate::harness::update_in_background(cluster.addr(1), v2, 1000, 30_000)
+        .join()
+        .unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     wait_services_on(&cluster, &[1, 2, 3], &h2).await;
+    println!("(a) service only: rollout took {:?}", took.elapsed());
+    for id in 1..=3 {
+        assert_eq!(
+            started_at(&cluster, id),
+            started[id as usize - 1],
+            "node {id} was not restarted for a release with its running bin/cluster"
+        );
+    }
+    // (b) bin/cluster changed too: every node restarts, its service serving throughout.
+    let took = Instant::now();
+    let out = crate::harness::update_in_background(cluster.addr(1), v3, 1000, 30_000)
+        .join()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_services_on(&cluster, &[1, 2, 3], &h3).await;
+    println!(
+        "(b) service and bin/cluster: rollout took {:?}",
+        took.elapsed()
+    );
+    for id in 1..=3 {
+        assert_ne!(
+            started_at(&cluster, id),
+            started[id as usize - 1],
+            "node {id} restarted"
+        );
+    }
     stop_slow.store(true, std::sync::atomic::Ordering::SeqCst);
     let slow = slow.join().unwrap();
     let reports: Vec<LoadReport> = loads.into_iter().map(Load::stop).collect();
@@ -305,18 +377,20 @@ async fn a_service_rolls_out_blue_green_under_load_with_no_failed_request() {
     let mut served_by = Vec::new();
     for (answer, _) in &slow {
         match answer {
-            Ok((200, body)) => served_by.push(body.contains("(v1)")),
+            Ok((200, body)) => served_by.push(body.rsplit('(').next().unwrap_or("").to_string()),
             other => panic!("a slow request failed: {other:?}"),
         }
     }
-    assert!(
-        served_by.first() == Some(&true) && served_by.last() == Some(&false),
-        "slow requests were served by v1, then v2: {served_by:?}"
+    served_by.dedup();
+    assert_eq!(
+        served_by,
+        ["v1)", "v2)", "v3)"],
+        "slow requests were served by v1, v2, v3 in turn"
     );
     for addr in &ingresses {
-        assert_eq!(get(addr, "/version").unwrap(), (200, "v2".to_string()));
+        assert_eq!(get(addr, "/version").unwrap(), (200, "v3".to_string()));
     }
-    // The state directory kept the count across the cutover: it only grew.
+    // The state directory kept the count across the cutovers: it only grew.
     let counted_after: u64 = get(&ingresses[1], "/requests").unwrap().1.parse().unwrap();
     assert!(
         counted_after > counted_before + reports[1].requests / 2,

@@ -220,6 +220,14 @@ while IFS= read -r line; do
       (cd "$repo" && CLUSTER_DIST_EXTRA=$extra bash -c "$line") </dev/null >"$work/build-$builds.log" 2>&1 &
       wait $! ||
         fail "$line: $(tail -20 "$work/build-$builds.log")"
+      if [ "$builds" -ge 2 ]; then
+        # A later checkout builds another binary; this one is the same source, so its
+        # bin/cluster gets bytes of its own (an ELF runs with trailing bytes), and the
+        # nodes restart into it as they would into a real new build.
+        dist=${line##* }
+        printf '\n# build %s\n' "$builds" >>"$dist/bin/cluster"
+        "$dist/bin/cluster" dist stamp "$dist" >/dev/null || fail "restamping $dist"
+      fi
       ;;
     any|[0-9])
       line=${line//\/tmp\/cluster-dist//opt/dists/cluster-dist}
