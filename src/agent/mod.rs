@@ -299,6 +299,15 @@ impl Agent {
         .await
     }
 
+    /// Whether release `hash` ships the `bin/cluster` this node runs (both held here).
+    pub async fn runs_binary_of(&self, hash: &str) -> bool {
+        let running = self.running.borrow().clone();
+        let hash = hash.to_string();
+        self.blocking(move |store| Ok(same_binary(store, &running, &hash)))
+            .await
+            .unwrap_or(false)
+    }
+
     /// The build the node runs, as it changes (see `running`).
     pub fn running_build(&self) -> tokio::sync::watch::Receiver<String> {
         self.running.subscribe()

@@ -243,6 +243,10 @@ impl Cluster for NodeHandle {
         Ok(said)
     }
 
+    async fn runs_binary_of(&self, hash: &str) -> bool {
+        self.agent.runs_binary_of(hash).await
+    }
+
     async fn services_of(&self, hash: &str) -> Result<Vec<String>, String> {
         let dir = self.agent.store().release_dir(hash);
         tokio::task::spawn_blocking(move || crate::service::definitions_of(&dir))

@@ -117,6 +117,9 @@ pub trait Cluster: Send + Sync + 'static {
     /// Starts the held release `hash`'s binary with `--version` (time-limited) and
     /// returns the line it printed, or why it did not start.
     fn version_of(&self, hash: &str) -> impl Future<Output = Result<String, String>> + Send;
+    /// Whether release `hash` (held here) ships the `bin/cluster` this node runs: then
+    /// switching to it needs no restart (and, for the leader, no hand-off).
+    fn runs_binary_of(&self, hash: &str) -> impl Future<Output = bool> + Send;
     /// The names of the services release `hash` (held here) defines, or why its
     /// `service.toml` cannot run.
     fn services_of(&self, hash: &str) -> impl Future<Output = Result<Vec<String>, String>> + Send;

@@ -77,6 +77,8 @@ async fn drive_term<C: Cluster>(
     // The deployment's manifest, read from the state once per generation: the engine
     // never needs it, and copying it every tick would copy megabytes for a large dist.
     let mut manifest: Option<(u64, Arc<Manifest>)> = None;
+    // Whether this leader runs the target's bin/cluster, per generation.
+    let mut in_place: Option<(u64, bool)> = None;
     let mut next_event = Event::Tick;
     loop {
         let view = cluster.raft_view();
@@ -91,6 +93,11 @@ async fn drive_term<C: Cluster>(
             unix_ms: unix_ms(),
         };
         engine.observe(liveness(cluster.as_ref()));
+        if in_place.is_none_or(|(generation, _)| generation != deployment.generation) {
+            let same = cluster.runs_binary_of(&deployment.target_hash).await;
+            in_place = Some((deployment.generation, same));
+        }
+        engine.update_in_place(in_place.is_some_and(|(_, same)| same));
         let actions = engine.step(&deployment, next_event, now);
         notes.update(|n| {
             n.waiting = engine.waiting().map(String::from);

@@ -299,6 +299,9 @@ pub struct Engine {
     requests: u64,
     /// Finished, restarting, or no longer leading: no more actions.
     done: bool,
+    /// This leader runs the target's `bin/cluster` already: its own update switches in
+    /// place without a restart, so it keeps leading and needs no hand-off.
+    in_place: bool,
 }
 
 /// What this leader is waiting for on one node. Lost on a leader change, by design:
@@ -410,7 +413,14 @@ impl Engine {
             waiting_since: None,
             requests: 0,
             done: false,
+            in_place: false,
         }
+    }
+
+    /// Tells the engine whether this leader's own update needs no restart (the runtime
+    /// compares the binaries; see `in_place`).
+    pub fn update_in_place(&mut self, in_place: bool) {
+        self.in_place = in_place;
     }
 
     /// The engine of this node's `incarnation`th process start. A leader restarted by its
@@ -824,9 +834,13 @@ impl Engine {
                     && cx.view.phase(*id) == Phase::Committed
             })
             .collect();
-        if candidates.is_empty() || cx.view.handoff_attempts(me) >= MAX_HANDOFF_ATTEMPTS {
+        if candidates.is_empty()
+            || cx.view.handoff_attempts(me) >= MAX_HANDOFF_ATTEMPTS
+            || self.in_place
+        {
             // No updated voter can lead meanwhile (or hand-offs keep failing): the restart
-            // in this node's own pipeline ends its leadership instead.
+            // in this node's own pipeline ends its leadership instead. A leader that
+            // switches in place (the same `bin/cluster`) keeps leading through it.
             if !self.may_start(&cx.view, me) {
                 return;
             }

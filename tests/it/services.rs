@@ -46,6 +46,16 @@ fn service_release_with_binary(dir: &Path, build: Option<&str>, version: &str) -
     }
 }
 
+/// The leader and the term, as node 1 sees them.
+fn leader_and_term(cluster: &Cluster) -> (u64, u64) {
+    let out = cli(&["status", "--json", "--node", &cluster.addr(1)]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (
+        json["leader"].as_u64().unwrap(),
+        json["term"].as_u64().unwrap(),
+    )
+}
+
 /// When node `id`'s process started, as it reports itself.
 fn started_at(cluster: &Cluster, id: u64) -> u64 {
     let out = cli(&["status", "--local", "--json", "--node", &cluster.addr(id)]);
@@ -313,8 +323,10 @@ async fn a_service_rolls_out_blue_green_under_load_with_no_failed_request() {
         })
     };
 
-    // (a) Only the service changed: no node restarts, each cuts over in place.
+    // (a) Only the service changed: no node restarts, each cuts over in place, and the
+    // leader keeps leading (no hand-off, no election: the term stays).
     let started: Vec<u64> = (1..=3).map(|id| started_at(&cluster, id)).collect();
+    let leadership = leader_and_term(&cluster);
     let took = Instant::now();
     let out = crate::harness::update_in_background(cluster.addr(1), v2, 1000, 30_000)
         .join()
@@ -326,6 +338,11 @@ async fn a_service_rolls_out_blue_green_under_load_with_no_failed_request() {
     );
     wait_services_on(&cluster, &[1, 2, 3], &h2).await;
     println!("(a) service only: rollout took {:?}", took.elapsed());
+    assert_eq!(
+        leader_and_term(&cluster),
+        leadership,
+        "the same leader in the same term"
+    );
     for id in 1..=3 {
         assert_eq!(
             started_at(&cluster, id),

@@ -444,10 +444,12 @@ undone_with_no_leader crash-loops
 # Each node restarts (a new MainPID) while its service keeps serving: the new node
 # process adopts the running instance, then cuts over to the new release's.
 service_dist() {
-  local name=$1 version=$2
+  local name=$1 version=$2 new_binary=${3:-}
   rm -rf "$work/dists/$name"
   cp -r "$work/dists/cluster-dist-2" "$work/dists/$name"
   rm -f "$work/dists/$name/version.json"
+  # A release with a bin/cluster of its own, as a new build would ship.
+  [ -z "$new_binary" ] || printf '\n# %s\n' "$name" >>"$work/dists/$name/bin/cluster"
   cat >"$work/dists/$name/service.toml" <<TOML
 [[service]]
 name = "web"
@@ -463,10 +465,16 @@ TOML
 }
 wait_for_no_rollout
 svc1=$(service_dist svc-1 v1)
-svc2=$(service_dist svc-2 v2)
+svc2=$(service_dist svc-2 v2 new-binary)
+declare -A ingress=() instance_before=() main_before=()
+# svc-1 ships the running bin/cluster: the nodes take it in place, none restarts.
+for n in 1 2 3; do main_before[$n]=$(in_c "$n" systemctl show -p MainPID --value cluster); done
 "$cli" update --dist "$work/dists/svc-1" --node "127.0.0.1:${port[1]}" --soak-ms 0 \
   >"$work/svc-1-update.log" 2>&1 || fail "rolling out svc-1: $(tail -20 "$work/svc-1-update.log")"
-declare -A ingress=() instance_before=() main_before=()
+for n in 1 2 3; do
+  [ "$(in_c "$n" systemctl show -p MainPID --value cluster)" = "${main_before[$n]}" ] ||
+    fail "host $n restarted for a release that ships its running bin/cluster"
+done
 for n in 1 2 3; do
   for _ in $(seq 1 300); do
     instance_before[$n]=$(jq -r --arg h "$svc1" 'select(.release == $h) | .pid' \
@@ -479,7 +487,7 @@ for n in 1 2 3; do
   [ "$(curl -fsS "http://${ingress[$n]}/version")" = v1 ] || fail "host $n: /version is not v1"
   main_before[$n]=$(in_c "$n" systemctl show -p MainPID --value cluster)
 done
-log "services: v1 on every node (${ingress[1]} ${ingress[2]} ${ingress[3]}), rolling out v2 under wrk"
+log "services: v1 on every node (${ingress[1]} ${ingress[2]} ${ingress[3]}), taken in place (MainPIDs unchanged); rolling out v2 with a new bin/cluster under wrk"
 declare -A wrk_pid=()
 for n in 1 2 3; do
   wrk -t1 -c4 -d600s --timeout 10s "http://${ingress[$n]}/version" >"$work/wrk-$n.out" 2>&1 &

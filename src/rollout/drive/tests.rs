@@ -286,6 +286,9 @@ impl Cluster for Fake {
             crate::state::PROTOCOL
         ))
     }
+    async fn runs_binary_of(&self, _hash: &str) -> bool {
+        false
+    }
     async fn services_of(&self, _hash: &str) -> Result<Vec<String>, String> {
         Ok(Vec::new())
     }

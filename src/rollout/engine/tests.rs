@@ -110,6 +110,8 @@ struct Sim {
     abort_due: bool,
     failing_ops: BTreeSet<(u64, OpKindKey)>,
     transfers_fail: bool,
+    /// Every release ships the running bin/cluster: `Restart` switches in place.
+    in_place: bool,
     // What happened, for assertions.
     started: Vec<u64>,
     restores: Vec<u64>,
@@ -166,6 +168,7 @@ impl Sim {
             abort_due: false,
             failing_ops: BTreeSet::new(),
             transfers_fail: false,
+            in_place: false,
             started: Vec::new(),
             restores: Vec::new(),
             transfers: Vec::new(),
@@ -205,6 +208,7 @@ impl Sim {
                 monotonic_ms: self.now,
                 unix_ms: 1_700_000_000_000 + self.now,
             };
+            self.engine.update_in_place(self.in_place);
             let actions = self.engine.step(&deployment, event, now);
             self.execute(actions)?;
             if self.state.deployment.is_none() {
@@ -416,7 +420,10 @@ impl Sim {
             }
             AgentOp::Restart => {
                 host.running = host.current.clone();
-                host.boot += 1;
+                // The same bin/cluster: the process goes on.
+                if !self.in_place {
+                    host.boot += 1;
+                }
             }
             AgentOp::Restore { hash } => {
                 if host.current != *hash && host.pinned.as_ref() != Some(hash) {
@@ -820,6 +827,18 @@ fn a_node_that_cannot_be_restored_fails_and_stops_voter_restores() {
     );
     assert!(reason.contains("within 1000 ms of its restore"), "{reason}");
     assert!(reason.ends_with("node 2"), "{reason}");
+}
+
+#[test]
+fn a_release_with_the_running_binary_updates_the_leader_with_no_hand_off() {
+    let mut sim = Sim::new(&[1, 2, 3], &[], strategy(1, OnFailure::Revert));
+    sim.in_place = true;
+    let entry = sim.run().unwrap();
+    assert_eq!(entry.outcome, DeploymentState::Completed);
+    assert_eq!(sim.started, vec![2, 3, 1]);
+    assert!(sim.transfers.is_empty(), "{:?}", sim.transfers);
+    assert_eq!((sim.leader, sim.term), (1, 1), "node 1 led throughout");
+    assert!(sim.hosts.values().all(|h| h.boot == 0), "nobody restarted");
 }
 
 #[test]
