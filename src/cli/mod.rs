@@ -142,6 +142,9 @@ enum Command {
         /// /healthz answers 200 for this long, then 503 (e.g. 3s)
         #[arg(long, value_parser = humantime::parse_duration)]
         healthy_for: Option<Duration>,
+        /// With no sockets passed, bind this address (not socket-activated)
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Run a node and start it again whenever it exits (for hosts without systemd)
     #[command(
@@ -440,12 +443,14 @@ pub fn run() -> anyhow::Result<ExitCode> {
         version_text,
         fail_health,
         healthy_for,
+        listen,
     } = cli.command
     {
         crate::service::sample::run(crate::service::sample::SampleOptions {
             version: version_text,
             fail_health,
             healthy_for,
+            listen,
         })
         .map_err(|e| anyhow::anyhow!(e))?;
         return Ok(ExitCode::SUCCESS);

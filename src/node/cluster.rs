@@ -252,7 +252,18 @@ impl Cluster for NodeHandle {
         tokio::task::spawn_blocking(move || crate::service::definitions_of(&dir))
             .await
             .map_err(|e| e.to_string())?
-            .map(|defs| defs.into_iter().map(|d| d.name).collect())
+            .map(|defs| {
+                defs.into_iter()
+                    .map(|d| match d.socket_activation {
+                        true => d.name,
+                        false => format!(
+                            "{} (binds {} itself, not socket-activated: its port refuses \
+                             connections while its instance is replaced)",
+                            d.name, d.listen
+                        ),
+                    })
+                    .collect()
+            })
             .map_err(|e| e.to_string())
     }
 

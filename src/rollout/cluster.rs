@@ -120,8 +120,8 @@ pub trait Cluster: Send + Sync + 'static {
     /// Whether release `hash` (held here) ships the `bin/cluster` this node runs: then
     /// switching to it needs no restart (and, for the leader, no hand-off).
     fn runs_binary_of(&self, hash: &str) -> impl Future<Output = bool> + Send;
-    /// The names of the services release `hash` (held here) defines, or why its
-    /// `service.toml` cannot run.
+    /// The services release `hash` (held here) defines, each named, with a note when
+    /// its cutover cannot be zero-downtime; or why its `service.toml` cannot run.
     fn services_of(&self, hash: &str) -> impl Future<Output = Result<Vec<String>, String>> + Send;
     /// The manifest of release `hash` on this node.
     fn release_manifest(&self, hash: &str)

@@ -97,6 +97,9 @@ pub struct TargetDist {
     pub error: Option<String>,
     /// The id of the key the release is signed with, when it is signed.
     pub signed_by: Option<String>,
+    /// The services the release defines (with a note for those that cannot be cut over
+    /// without refusing connections), when the leader could read them.
+    pub services: Vec<String>,
 }
 
 /// What the operator allows, from `cluster update` flags.
@@ -418,11 +421,15 @@ fn dist(snapshot: &Survey) -> Check {
         Some(key_id) => format!(", signed by key {key_id}"),
         None => String::new(),
     };
+    let services = match dist.services.as_slice() {
+        [] => String::new(),
+        list => format!("; services: {}", list.join(", ")),
+    };
     check(
         "dist",
         failures,
         format!(
-            "dist {} is build {}: {} files, {}{signed}",
+            "dist {} is build {}: {} files, {}{signed}{services}",
             dist.dir,
             short_hash(&dist.build_hash),
             dist.files,
@@ -513,6 +520,7 @@ pub(crate) mod tests {
                 total_bytes: 50 << 20,
                 error: None,
                 signed_by: None,
+                services: Vec::new(),
             },
         }
     }
@@ -554,6 +562,17 @@ pub(crate) mod tests {
         assert_eq!(
             report.checks[8].detail,
             "dist ./dist is build 222222222222: 3 files, 50.0 MiB, signed by key 0123456789abcdef"
+        );
+        let mut with_services = healthy(&[1, 2, 3], &[4], 1);
+        with_services.dist.services = vec!["web".into(), "legacy (binds ...)".into()];
+        let report = preflight(&with_services, &Options::default());
+        assert!(report.proceed);
+        assert!(
+            report.checks[8]
+                .detail
+                .ends_with("; services: web, legacy (binds ...)"),
+            "{}",
+            report.checks[8].detail
         );
     }
 

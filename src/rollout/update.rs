@@ -45,6 +45,7 @@ pub async fn survey<C: Cluster>(
         .and_then(|()| {
             signature::check(&cluster.release_keys(), manifest).map_err(|e| e.to_string())
         });
+    let mut services = Vec::new();
     let error = match admitted {
         Err(e) => Some(e),
         // A dry run uploads nothing: the leader fetching the release is part of the plan.
@@ -58,13 +59,23 @@ pub async fn survey<C: Cluster>(
             {
                 Err(why) => Some(format!("the release does not start: {why}")),
                 // Its services must be runnable too, or no node could cut over to them.
-                Ok(()) => cluster
-                    .services_of(&hash)
-                    .await
-                    .err()
-                    .map(|why| format!("the release's services cannot run: {why}")),
+                Ok(()) => match cluster.services_of(&hash).await {
+                    Ok(list) => {
+                        services = list;
+                        None
+                    }
+                    Err(why) => Some(format!("the release's services cannot run: {why}")),
+                },
             },
             Err(why) => Some(format!("the release does not start on the leader: {why}")),
+        },
+        // A dry run reads the services of a release the leader already holds.
+        Ok(()) if cluster.holds_release(&hash).await => match cluster.services_of(&hash).await {
+            Ok(list) => {
+                services = list;
+                None
+            }
+            Err(why) => Some(format!("the release's services cannot run: {why}")),
         },
         Ok(()) => None,
     };
@@ -90,6 +101,7 @@ pub async fn survey<C: Cluster>(
             total_bytes: manifest.total_bytes(),
             error,
             signed_by: manifest.signature.as_ref().map(|s| s.key_id.clone()),
+            services,
         },
     }
 }

@@ -28,6 +28,10 @@ pub struct ServiceDef {
     /// The ingress the node holds for the service, whatever instance serves it; port 0
     /// picks a free port once per node (kept across restarts).
     pub listen: SocketAddr,
+    /// The service takes its socket by descriptor (socket activation). `false`: it binds
+    /// `listen` itself, so one instance runs at a time and its port refuses connections
+    /// while instances change (no zero-downtime cutover; preflight says so).
+    pub socket_activation: bool,
     pub check: Check,
     /// How long a new instance may take to pass its first check.
     pub start_grace: Duration,
@@ -98,6 +102,7 @@ struct RawService {
     #[serde(default)]
     env: BTreeMap<String, String>,
     listen: String,
+    socket_activation: Option<bool>,
     check: RawCheck,
     start_grace: Option<String>,
     drain_timeout: Option<String>,
@@ -210,6 +215,14 @@ fn one(
             ),
         )
     })?;
+    let socket_activation = raw.socket_activation.unwrap_or(true);
+    if !socket_activation && listen.port() == 0 {
+        return Err(field(
+            "listen",
+            "needs a port of its own with socket_activation = false: the service binds it itself"
+                .into(),
+        ));
+    }
     let duration = |what: &'static str, text: Option<String>, default: Duration, max: Duration| {
         let Some(text) = text else { return Ok(default) };
         let parsed = humantime::parse_duration(&text).map_err(|e| {
@@ -335,6 +348,7 @@ fn one(
         args: raw.args,
         env: raw.env,
         listen,
+        socket_activation,
         check: Check {
             kind,
             interval,
@@ -504,6 +518,12 @@ interval = "500ms"
         let same_port = format!("{GOOD}\n{}", GOOD.replace("\"web\"\n", "\"api\"\n"));
         let error = parse(&same_port, exists).unwrap_err().to_string();
         assert!(error.contains("another service's ingress"), "{error}");
+        let bound_by_itself = GOOD.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:0\"\nsocket_activation = false",
+        );
+        let error = parse(&bound_by_itself, exists).unwrap_err().to_string();
+        assert!(error.contains("a port of its own"), "{error}");
         let any_port = GOOD.replace("127.0.0.1:8080", "127.0.0.1:0");
         let both = format!("{any_port}\n{}", any_port.replace("\"web\"\n", "\"api\"\n"));
         assert_eq!(parse(&both, exists).unwrap().len(), 2);

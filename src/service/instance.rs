@@ -40,17 +40,26 @@ pub fn state_dir(data_dir: &Path, name: &str) -> PathBuf {
     data_dir.join("services").join(name)
 }
 
-/// Starts an instance of `def` from `release_dir` (release `hash`) on `ingress`.
+/// Starts an instance of `def` from `release_dir` (release `hash`) on `ingress`, or,
+/// for a service that binds its port itself, with no socket.
 pub fn start(
     def: &ServiceDef,
     data_dir: &Path,
     release_dir: &Path,
     hash: &str,
-    ingress: &TcpListener,
+    ingress: Option<&TcpListener>,
 ) -> std::io::Result<Instance> {
     use std::os::unix::process::CommandExt;
-    let check = TcpListener::bind("127.0.0.1:0")?;
-    let check_addr = check.local_addr()?;
+    // Its own check socket, when it takes sockets; otherwise it is checked where it
+    // listens (only one instance runs at a time).
+    let check = match ingress {
+        Some(_) => Some(TcpListener::bind("127.0.0.1:0")?),
+        None => None,
+    };
+    let check_addr = match &check {
+        Some(check) => check.local_addr()?,
+        None => reachable(def.listen),
+    };
     let state = state_dir(data_dir, &def.name);
     std::fs::create_dir_all(&state)?;
     let run = run_dir(data_dir);
@@ -69,8 +78,11 @@ pub fn start(
         // SAFETY: just created.
         Ok(unsafe { OwnedFd::from_raw_fd(dup) })
     };
-    let fds = [high(ingress.as_raw_fd())?, high(check.as_raw_fd())?];
-    let raw = [fds[0].as_raw_fd(), fds[1].as_raw_fd()];
+    let fds = match (ingress, &check) {
+        (Some(ingress), Some(check)) => vec![high(ingress.as_raw_fd())?, high(check.as_raw_fd())?],
+        _ => Vec::new(),
+    };
+    let raw: Vec<i32> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let mut command = std::process::Command::new("/bin/sh");
     // The shell records its own pid, which the service keeps when the shell execs it:
     // socket activation's LISTEN_PID, which only the child can know.
@@ -81,21 +93,26 @@ pub fn start(
         .args(&def.args)
         .current_dir(release_dir)
         .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_FDNAMES")
         .env_remove("NOTIFY_SOCKET")
         .env_remove(super::sockets::INHERITED_ENV)
         .env_remove(crate::supervise::SUPERVISED_ENV)
         .envs(&def.env)
-        .env("LISTEN_FDS", "2")
-        .env("LISTEN_FDNAMES", format!("{}:check", def.name))
         .env("STATE_DIRECTORY", &state)
         .env("CLUSTER_SERVICE", &def.name)
         .env("CLUSTER_RELEASE", hash)
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    // SAFETY: only dup2 between fork and exec.
-    unsafe {
-        command.pre_exec(move || super::sockets::move_to_listen_fds(&raw));
+    if !raw.is_empty() {
+        command
+            .env("LISTEN_FDS", raw.len().to_string())
+            .env("LISTEN_FDNAMES", format!("{}:check", def.name));
+        // SAFETY: only dup2 between fork and exec.
+        unsafe {
+            command.pre_exec(move || super::sockets::move_to_listen_fds(&raw));
+        }
     }
     let child = command.spawn()?;
     let pid = child.id() as i32;
@@ -109,6 +126,17 @@ pub fn start(
         check_addr,
         since_ms: crate::clock::unix_ms(),
     })
+}
+
+/// Where to reach a service that listens on `listen` from this host: its own address, or
+/// loopback for a wildcard one.
+fn reachable(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
 }
 
 /// The start time of `pid` and whether it is a zombie, from `/proc/<pid>/stat`.

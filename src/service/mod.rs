@@ -83,7 +83,8 @@ struct Ctx {
     release_dir: PathBuf,
     hash: String,
     def: ServiceDef,
-    ingress: Arc<TcpListener>,
+    /// `None` for a service that binds its port itself (`socket_activation = false`).
+    ingress: Option<Arc<TcpListener>>,
     views: Arc<Mutex<BTreeMap<String, ServiceStatus>>>,
 }
 
@@ -202,9 +203,14 @@ impl Services {
                 last_rollback_at_ms: rollback.map(|r| r.at_ms),
                 ..ServiceStatus::default()
             };
-            let ingress = match sockets::ingress(&def.name, listen)
-                .or_else(|_| sockets::ingress(&def.name, def.listen))
-            {
+            let held = if def.socket_activation {
+                sockets::ingress(&def.name, listen)
+                    .or_else(|_| sockets::ingress(&def.name, def.listen))
+                    .map(Some)
+            } else {
+                Ok(None)
+            };
+            let ingress = match held {
                 Ok(listener) => listener,
                 Err(e) => {
                     view.state = "failed".into();
@@ -219,7 +225,11 @@ impl Services {
                     continue;
                 }
             };
-            if let Ok(bound) = ingress.local_addr() {
+            let bound = match &ingress {
+                Some(listener) => listener.local_addr(),
+                None => Ok(def.listen),
+            };
+            if let Ok(bound) = bound {
                 view.listen = bound.to_string();
                 let _ = std::fs::create_dir_all(instance::run_dir(data_dir));
                 let _ = crate::fs::write_atomically(
@@ -359,7 +369,13 @@ async fn run_one(ctx: Ctx, mut ending: watch::Receiver<Option<Ending>>) {
                                 short(&ctx.hash)
                             ));
                         });
-                        active = Some(running);
+                        // One that binds its own port was stopped for its candidate.
+                        if running.alive() {
+                            active = Some(running);
+                        } else {
+                            instance::remove_record(&ctx.data_dir, &def.name);
+                            ctx.view(|v| v.active = None);
+                        }
                         retry_at = Some(Instant::now() + backoff);
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
@@ -469,7 +485,7 @@ async fn bring_up(
         &ctx.data_dir,
         &ctx.release_dir,
         &ctx.hash,
-        &ctx.ingress,
+        ctx.ingress.as_deref(),
     )
     .map_err(|e| format!("cannot start {}: {e}", def.exec))?;
     tracing::info!(service = %def.name, pid = candidate.pid, release = %short(&ctx.hash), "started a candidate");
@@ -521,11 +537,18 @@ async fn cutover(
     ending: &mut watch::Receiver<Option<Ending>>,
 ) -> Result<Instance, String> {
     let def = &ctx.def;
+    if ctx.ingress.is_none() {
+        // It binds its port itself: the old instance must let go of it first, and the
+        // port refuses connections until the new one listens.
+        ctx.view(|v| v.state = "stopping".into());
+        tracing::info!(service = %def.name, pid = old.pid, "not socket-activated: stopping the old instance before the new one starts");
+        old.stop(def).await;
+    }
     let new = match bring_up(ctx, ending).await {
         Ok(new) => new,
         Err(why) => {
             let at = crate::clock::unix_ms();
-            tracing::warn!(service = %def.name, reason = %why, "the candidate failed: the running instance keeps serving");
+            tracing::warn!(service = %def.name, reason = %why, "the candidate failed: the running instance keeps serving, if any");
             let rollback = instance::Rollback {
                 reason: format!("release {}: {why}", short(&ctx.hash)),
                 at_ms: at,

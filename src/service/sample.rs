@@ -21,6 +21,9 @@ pub struct SampleOptions {
     pub fail_health: bool,
     /// `/healthz` answers 200 for this long after start, then 503.
     pub healthy_for: Option<Duration>,
+    /// Without sockets passed: bind this address itself (a service that is not
+    /// socket-activated).
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 static STOPPING: AtomicBool = AtomicBool::new(false);
@@ -46,7 +49,15 @@ struct Shared {
 
 /// Runs until SIGTERM or SIGINT, then drains.
 pub fn run(options: SampleOptions) -> Result<(), String> {
-    let listeners = listen_fds()?;
+    let listeners = match (std::env::var_os("LISTEN_FDS"), options.listen) {
+        (None, Some(addr)) => {
+            let listener =
+                TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            let _ = listener.set_nonblocking(true);
+            vec![listener]
+        }
+        _ => listen_fds()?,
+    };
     // SAFETY: installs a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGTERM, on_stop as *const () as libc::sighandler_t);

@@ -621,3 +621,77 @@ async fn a_bad_service_definition_is_refused_by_stamp_and_by_the_node_with_the_f
         (200, "v1".into())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_binds_its_own_port_is_replaced_stop_then_start_and_preflight_says_so() {
+    let work = tempfile::tempdir().unwrap();
+    // A port free now (the service binds it itself, so it must be fixed).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let toml = |version: &str| {
+        format!(
+            "[[service]]\nname = \"legacy\"\nexec = \"bin/cluster\"\n\
+             args = [\"sample-service\", \"--version-text\", \"{version}\", \"--listen\", \"{listen}\"]\n\
+             listen = \"{listen}\"\nsocket_activation = false\ndrain_timeout = \"5s\"\n\
+             [service.check]\nhttp = \"/healthz\"\ninterval = \"200ms\"\n"
+        )
+    };
+    let (v1, v2) = (work.path().join("v1"), work.path().join("v2"));
+    let h1 = crate::harness::make_release_same_binary(&v1, &[("service.toml", &toml("v1"))]);
+    let h2 = crate::harness::make_release_same_binary(&v2, &[("service.toml", &toml("v2"))]);
+    let cluster = Cluster::start_supervised_with(1, &v1, &[]).await;
+    crate::harness::wait_all_on(&cluster, &h1).await;
+    wait_services_on(&cluster, &[1], &h1).await;
+    assert_eq!(get(&listen, "/version").unwrap(), (200, "v1".to_string()));
+
+    // The leader holds the release (pushed to it), so a dry run reads its services.
+    let pushed = cli(&[
+        "dist",
+        "push",
+        v2.to_str().unwrap(),
+        "--node",
+        &cluster.addr(1),
+    ]);
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    let dry = cli(&[
+        "update",
+        "--dist",
+        v2.to_str().unwrap(),
+        "--node",
+        &cluster.addr(1),
+        "--allow-downtime",
+        "--dry-run",
+    ]);
+    let said = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        said.contains("legacy (binds") && said.contains("not socket-activated"),
+        "{said}"
+    );
+    let out = cli(&[
+        "update",
+        "--dist",
+        v2.to_str().unwrap(),
+        "--node",
+        &cluster.addr(1),
+        "--allow-downtime",
+        "--stabilize-ms",
+        "500",
+        "--soak-ms",
+        "0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_services_on(&cluster, &[1], &h2).await;
+    assert_eq!(get(&listen, "/version").unwrap(), (200, "v2".to_string()));
+}
