@@ -5,7 +5,7 @@
 #
 #   scripts/chaos.sh --trials 300            # a long pass (about 20 s per trial)
 #   scripts/chaos.sh --trials 20 --seed 7    # from a chosen first seed
-#   scripts/chaos.sh --seeds 105,212         # exactly these trials again
+#   scripts/chaos.sh --seeds 105:PauseUpdating,212   # exactly these trials again (S:Nemesis pins the fault)
 #   scripts/chaos.sh --out FILE              # write FILE instead of RELIABILITY.md
 #
 # Needs root for nothing; installs jq with apt-get when missing. Exits non-zero when any

@@ -189,16 +189,10 @@ fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let mut idle_since_stop: Option<Instant> = None;
     loop {
         let Some(end) = find(&buffer, b"\r\n\r\n") else {
-            let mut chunk = [0u8; 4096];
-            match stream.read(&mut chunk) {
-                Ok(0) => return Ok(()),
-                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
+            match read_more(&mut stream, &mut buffer)? {
+                Received::Closed => return Ok(()),
+                Received::Got => {}
+                Received::Nothing => {
                     if STOPPING.load(Ordering::SeqCst) && buffer.is_empty() {
                         let since = *idle_since_stop.get_or_insert_with(Instant::now);
                         if since.elapsed() > IDLE_GRACE {
@@ -206,7 +200,6 @@ fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                         }
                     }
                 }
-                Err(e) => return Err(e),
             }
             if buffer.len() > 64 * 1024 {
                 return Ok(());
@@ -237,16 +230,8 @@ fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         }
         // A body is read and ignored.
         while buffer.len() < body_len {
-            let mut chunk = [0u8; 4096];
-            match stream.read(&mut chunk) {
-                Ok(0) => return Ok(()),
-                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => return Err(e),
+            if read_more(&mut stream, &mut buffer)? == Received::Closed {
+                return Ok(());
             }
         }
         buffer.drain(..body_len.min(buffer.len()));
@@ -315,6 +300,36 @@ fn answer(target: &str, shared: &Shared) -> (u16, String) {
         "/requests" => (200, format!("{}\n", save(shared))),
         "/" => (200, format!("sample-service {}\n", shared.options.version)),
         _ => (404, "not found\n".into()),
+    }
+}
+
+/// What one read of a connection gave.
+#[derive(PartialEq, Eq)]
+enum Received {
+    Got,
+    /// The read timed out with nothing (the connection is idle).
+    Nothing,
+    Closed,
+}
+
+/// Reads what the client sent next into `buffer`.
+fn read_more(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> std::io::Result<Received> {
+    let mut chunk = [0u8; 4096];
+    match stream.read(&mut chunk) {
+        Ok(0) => Ok(Received::Closed),
+        Ok(n) => {
+            buffer.extend_from_slice(&chunk[..n]);
+            Ok(Received::Got)
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(Received::Nothing)
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -15,11 +15,12 @@
 //!
 //! - `CHAOS_TRIALS=N`: trials to run (default 2; `.ci/run` runs one per nemesis).
 //! - `CHAOS_SEED=S`: the first trial's seed (default: from the clock, printed).
-//! - `CHAOS_SEEDS=S,S,...`: exactly these seeds instead (a failure's seed, say).
+//! - `CHAOS_SEEDS=S,S:Nemesis,...`: exactly these seeds instead (a failure's seed, say);
+//!   `S:Nemesis` pins the nemesis, so a seed keeps its fault when nemeses are added.
 //! - `CHAOS_REPORT=FILE`: appends one JSON line per trial (`scripts/chaos.sh` reads them).
 //!
 //! Seeds that found a bug, each also pinned by a deterministic test where it was fixed:
-//! - 105 (SIGSTOP of the updating node): a cancelled activation ran after the restore
+//! - 105:PauseUpdating (SIGSTOP of the updating node): a cancelled activation ran after the restore
 //!   that undid it (`agent::tests::a_mutation_whose_caller_gave_up_...`).
 
 #[path = "../it/harness.rs"]
@@ -54,9 +55,12 @@ enum Nemesis {
     CorruptHeld,
     /// A second `cluster update` while one runs.
     ConcurrentUpdate,
+    /// kill -9 of the `cluster update` client that started the rollout: the rollout is
+    /// the cluster's, and goes on without it.
+    KillClient,
 }
 
-const NEMESES: [Nemesis; 10] = [
+const NEMESES: [Nemesis; 11] = [
     Nemesis::KillLeader,
     Nemesis::KillUpdating,
     Nemesis::KillSupervisor,
@@ -67,6 +71,7 @@ const NEMESES: [Nemesis; 10] = [
     Nemesis::AbortRevert,
     Nemesis::CorruptHeld,
     Nemesis::ConcurrentUpdate,
+    Nemesis::KillClient,
 ];
 
 /// SplitMix64: small, and the same sequence for a seed everywhere.
@@ -117,24 +122,22 @@ async fn rolling_updates_keep_their_promises_under_faults() {
             .unwrap()
             .as_secs(),
     };
-    let seeds: Vec<u64> = match std::env::var("CHAOS_SEEDS") {
+    let seeds: Vec<(u64, Nemesis)> = match std::env::var("CHAOS_SEEDS") {
         Ok(list) => list
             .split(',')
-            .map(|s| {
-                s.trim()
-                    .parse()
-                    .expect("CHAOS_SEEDS is a comma-separated list")
-            })
+            .map(|entry| parse_seed(entry.trim()))
             .collect(),
-        Err(_) => (first_seed..first_seed + trials).collect(),
+        Err(_) => (first_seed..first_seed + trials)
+            .map(|seed| (seed, nemesis_of(seed)))
+            .collect(),
     };
     println!("chaos: {} trials, seeds {seeds:?}", seeds.len());
     let mut failed = Vec::new();
-    for seed in seeds {
-        let outcome = trial(seed).await;
+    for (seed, nemesis) in seeds {
+        let outcome = trial(seed, nemesis).await;
         println!(
             "chaos: seed {seed}: {:?}: {}; rollout {}; {} writes acknowledged, {} lost{}",
-            nemesis_of(seed),
+            nemesis,
             outcome.fault,
             outcome.rollout,
             outcome.acked,
@@ -156,9 +159,9 @@ async fn rolling_updates_keep_their_promises_under_faults() {
         }
         if !outcome.violations.is_empty() {
             failed.push(format!(
-                "seed {seed} ({:?}): {}\n  rerun: CHAOS_SEED={seed} CHAOS_TRIALS=1 cargo test \
+                "seed {seed} ({:?}): {}\n  rerun: CHAOS_SEEDS={seed}:{nemesis:?} cargo test \
                  --test chaos -- --nocapture",
-                nemesis_of(seed),
+                nemesis,
                 outcome.violations.join("; ")
             ));
         }
@@ -170,14 +173,33 @@ async fn rolling_updates_keep_their_promises_under_faults() {
     );
 }
 
+/// `S` (the nemesis follows from the seed) or `S:Nemesis` (a seed pinned with the
+/// nemesis it found a bug under, whatever the list of nemeses has become since).
+fn parse_seed(entry: &str) -> (u64, Nemesis) {
+    let (seed, named) = match entry.split_once(':') {
+        Some((seed, name)) => (seed, Some(name)),
+        None => (entry, None),
+    };
+    let seed: u64 = seed
+        .parse()
+        .expect("CHAOS_SEEDS is a comma-separated list of S or S:Nemesis");
+    let nemesis = match named {
+        None => nemesis_of(seed),
+        Some(name) => *NEMESES
+            .iter()
+            .find(|n| format!("{n:?}") == name)
+            .unwrap_or_else(|| panic!("no nemesis {name}: one of {NEMESES:?}")),
+    };
+    (seed, nemesis)
+}
+
 fn nemesis_of(seed: u64) -> Nemesis {
     NEMESES[(seed % NEMESES.len() as u64) as usize]
 }
 
 /// One trial: a 3-node supervised cluster on v1, a rollout to v2 with the trial's fault,
 /// then every check.
-async fn trial(seed: u64) -> Outcome {
-    let nemesis = nemesis_of(seed);
+async fn trial(seed: u64, nemesis: Nemesis) -> Outcome {
     let mut rng = Rng(seed);
     let mut outcome = Outcome {
         seed,
@@ -367,6 +389,27 @@ async fn inject(
                 }
                 None => "no node held the target uncommitted: nothing flipped".into(),
             }
+        }
+        Nemesis::KillClient => {
+            // The client is the `cluster update --dist <this trial's v2>` process.
+            let wanted = dist.to_string_lossy().to_string();
+            let mut killed = Vec::new();
+            for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+                let args: Vec<String> = cmdline
+                    .split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                let is_client = args.iter().any(|a| a == "update") && args.contains(&wanted);
+                if is_client {
+                    harness::signal(pid, libc::SIGKILL);
+                    killed.push(pid);
+                }
+            }
+            format!("kill -9 of the update client {killed:?}")
         }
         Nemesis::ConcurrentUpdate => {
             let second = update_in_background(cluster.addr(any), dist.to_path_buf());

@@ -46,6 +46,11 @@ fn service_release_with_binary(dir: &Path, build: Option<&str>, version: &str) -
     }
 }
 
+/// The count the sample service keeps in its state directory, read through `addr`.
+fn requests_counted(addr: &str) -> u64 {
+    get(addr, "/requests").unwrap().1.parse().unwrap()
+}
+
 /// The leader and the term, as node 1 sees them.
 fn leader_and_term(cluster: &Cluster) -> (u64, u64) {
     let out = cli(&["status", "--json", "--node", &cluster.addr(1)]);
@@ -203,6 +208,25 @@ impl Drop for Load {
             let _ = child.wait();
         }
     }
+}
+
+/// Stops every load (one per node, in node order, then any through a load balancer),
+/// prints what each counted, and fails on any refused, broken or non-2xx request.
+fn stop_and_check(loads: Vec<Load>) -> Vec<LoadReport> {
+    let reports: Vec<LoadReport> = loads.into_iter().map(Load::stop).collect();
+    for (i, report) in reports.iter().enumerate() {
+        let target = match i {
+            0..=2 => format!("node {}", i + 1),
+            _ => "haproxy".to_string(),
+        };
+        println!(
+            "{target}: {} requests, {} socket errors, {} non-2xx, max latency {}",
+            report.requests, report.socket_errors, report.non_2xx, report.max_latency
+        );
+        assert_eq!(report.socket_errors, 0, "{target}: {report:?}");
+        assert_eq!(report.non_2xx, 0, "{target}: {report:?}");
+    }
+    reports
 }
 
 /// A real load balancer (Debian's haproxy) in front of `backends`, killed with its test.
@@ -374,21 +398,7 @@ async fn a_service_rolls_out_blue_green_under_load_with_no_failed_request() {
     }
     stop_slow.store(true, std::sync::atomic::Ordering::SeqCst);
     let slow = slow.join().unwrap();
-    let reports: Vec<LoadReport> = loads.into_iter().map(Load::stop).collect();
-
-    for (i, report) in reports.iter().enumerate() {
-        let target = if i < 3 {
-            format!("node {}", i + 1)
-        } else {
-            "haproxy".to_string()
-        };
-        println!(
-            "{target}: {} requests, {} socket errors, {} non-2xx, max latency {}",
-            report.requests, report.socket_errors, report.non_2xx, report.max_latency
-        );
-        assert_eq!(report.socket_errors, 0, "{target}: {report:?}");
-        assert_eq!(report.non_2xx, 0, "{target}: {report:?}");
-    }
+    let reports = stop_and_check(loads);
     let slowest = slow.iter().map(|(_, took)| *took).max().unwrap_or_default();
     println!("slow requests: {} (longest {slowest:?})", slow.len());
     let mut served_by = Vec::new();
@@ -428,6 +438,7 @@ async fn a_candidate_that_fails_its_check_never_takes_over_and_the_rollout_rever
     crate::harness::wait_all_on(&cluster, &h1).await;
     wait_services_on(&cluster, &[1, 2, 3], &h1).await;
     let ingresses: Vec<String> = (1..=3).map(|id| ingress(&cluster, id)).collect();
+    let counted: Vec<u64> = ingresses.iter().map(|a| requests_counted(a)).collect();
     let loads: Vec<Load> = ingresses
         .iter()
         .map(|addr| Load::start(&format!("http://{addr}/version")))
@@ -443,25 +454,17 @@ async fn a_candidate_that_fails_its_check_never_takes_over_and_the_rollout_rever
         String::from_utf8_lossy(&out.stderr)
     );
     wait_services_on(&cluster, &[1, 2, 3], &h1).await;
-    let reports: Vec<LoadReport> = loads.into_iter().map(Load::stop).collect();
-    for (i, report) in reports.iter().enumerate() {
-        println!(
-            "node {}: {} requests, {} socket errors, {} non-2xx, max latency {}",
-            i + 1,
-            report.requests,
-            report.socket_errors,
-            report.non_2xx,
-            report.max_latency
-        );
-        assert_eq!(
-            report.socket_errors + report.non_2xx,
-            0,
-            "node {}: {report:?}",
-            i + 1
-        );
-    }
-    for addr in &ingresses {
+    let reports = stop_and_check(loads);
+    for (i, addr) in ingresses.iter().enumerate() {
         assert_eq!(get(addr, "/version").unwrap(), (200, "v1".to_string()));
+        // The state directory kept its count across the revert.
+        let after = requests_counted(addr);
+        assert!(
+            after >= counted[i] + reports[i].requests / 2,
+            "node {}: requests counted {} -> {after}",
+            i + 1,
+            counted[i]
+        );
     }
     // The node that tried the candidate says why it was not switched to.
     let tried = (1..=3)
@@ -528,23 +531,7 @@ async fn a_service_failing_after_the_switch_is_switched_back_without_a_refused_c
         .to_string();
     assert!(reason.contains("failed 3 checks in a row"), "{view}");
     let third_failure = view["last_rollback_at_ms"].as_u64().unwrap();
-    let reports: Vec<LoadReport> = loads.into_iter().map(Load::stop).collect();
-    for (i, report) in reports.iter().enumerate() {
-        println!(
-            "node {}: {} requests, {} socket errors, {} non-2xx, max latency {}",
-            i + 1,
-            report.requests,
-            report.socket_errors,
-            report.non_2xx,
-            report.max_latency
-        );
-        assert_eq!(
-            report.socket_errors + report.non_2xx,
-            0,
-            "node {}: {report:?}",
-            i + 1
-        );
-    }
+    stop_and_check(loads);
     let now_ms = cluster::clock::unix_ms();
     let back_ms = now_ms - back.elapsed().as_millis() as u64;
     println!(
@@ -694,4 +681,43 @@ async fn a_service_that_binds_its_own_port_is_replaced_stop_then_start_and_prefl
     );
     wait_services_on(&cluster, &[1], &h2).await;
     assert_eq!(get(&listen, "/version").unwrap(), (200, "v2".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_instance_is_started_again_behind_the_open_ingress() {
+    let work = tempfile::tempdir().unwrap();
+    let v1 = work.path().join("v1");
+    let h1 = service_release(&v1, "v1", &[], "20s");
+    let cluster = Cluster::start_supervised_with(1, &v1, &[]).await;
+    crate::harness::wait_all_on(&cluster, &h1).await;
+    wait_services_on(&cluster, &[1], &h1).await;
+    let addr = ingress(&cluster, 1);
+    let before = service_view(&cluster, 1).unwrap();
+    let pid = before["active"]["pid"].as_u64().unwrap() as u32;
+    crate::harness::signal(pid, libc::SIGKILL);
+    crate::harness::wait_for("the instance dead", Duration::from_secs(10), || async {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|rest| rest.chars().next());
+        matches!(state, None | Some('Z') | Some('X')).then_some(())
+    })
+    .await;
+    // Meanwhile the ingress stays open: a connection waits in its queue for the next
+    // instance instead of being refused.
+    let answered = get(&addr, "/version").unwrap();
+    assert_eq!(answered, (200, "v1".to_string()));
+    let after = crate::harness::wait_for("another instance", Duration::from_secs(30), || async {
+        let view = service_view(&cluster, 1)?;
+        let new_pid = view["active"]["pid"].as_u64()? as u32;
+        (new_pid != pid && view["state"] == "ready").then_some(view)
+    })
+    .await;
+    assert_eq!(after["active"]["release"], h1.as_str());
+    let log = std::fs::read_to_string(&cluster.nodes[&1].log).unwrap();
+    assert!(
+        log.contains("the instance exited: starting another"),
+        "{log}"
+    );
 }
