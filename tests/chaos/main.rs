@@ -9,6 +9,11 @@
 //! - nodes on different builds only after a rollout that ended failed or aborted;
 //! - no panic in any node's log.
 //!
+//! Nemeses: kill -9 of the leader, of the node being updated, of a supervisor; SIGSTOP of
+//! the leader, a follower, the node being updated; `rollout abort` (and `--revert`); a
+//! byte flipped in a held release; a concurrent update; kill -9 of the update client; a
+//! jump of one node's wall clock (libfaketime).
+//!
 //! Everything about a trial follows from its seed: the nemesis (`seed % NEMESES.len()`,
 //! so consecutive seeds cover every nemesis), its target and its moment. A failure prints
 //! the seed and the command that runs that trial again.
@@ -58,9 +63,12 @@ enum Nemesis {
     /// kill -9 of the `cluster update` client that started the rollout: the rollout is
     /// the cluster's, and goes on without it.
     KillClient,
+    /// The wall clock of one node jumps (Debian's libfaketime, forward or back by up to
+    /// 50 minutes; its monotonic clock runs on): nothing may compare wall clocks.
+    ClockJump,
 }
 
-const NEMESES: [Nemesis; 11] = [
+const NEMESES: [Nemesis; 12] = [
     Nemesis::KillLeader,
     Nemesis::KillUpdating,
     Nemesis::KillSupervisor,
@@ -72,7 +80,11 @@ const NEMESES: [Nemesis; 11] = [
     Nemesis::CorruptHeld,
     Nemesis::ConcurrentUpdate,
     Nemesis::KillClient,
+    Nemesis::ClockJump,
 ];
+
+/// Where Debian's libfaketime puts the library that fakes a process's clocks.
+const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 /// SplitMix64: small, and the same sequence for a seed everywhere.
 struct Rng(u64);
@@ -210,7 +222,31 @@ async fn trial(seed: u64, nemesis: Nemesis) -> Outcome {
     let (v1, v2) = (work.path().join("v1"), work.path().join("v2"));
     let h1 = make_release(&v1, &[("share/motd", "one")]);
     let h2 = make_release(&v2, &[("share/motd", &format!("two {seed}"))]);
-    let mut cluster = Cluster::start_supervised(3, &v1).await;
+    let mut cluster = Cluster::new();
+    cluster.supervised = Some(v1.clone());
+    if nemesis == Nemesis::ClockJump {
+        if !Path::new(FAKETIME_LIB).exists() {
+            harness::skip_outside_ci("libfaketime is not installed: apt-get install libfaketime");
+            outcome.fault = "no libfaketime: no clock jumped".into();
+            return outcome;
+        }
+        // Every node's wall clock is faked from a file of its own, read at most once a
+        // second; its monotonic clock is left alone.
+        for id in 1..=3 {
+            let file = work.path().join(format!("faketime-{id}"));
+            std::fs::write(&file, "+0").unwrap();
+            cluster.node_env.insert(
+                id,
+                vec![
+                    ("LD_PRELOAD".into(), FAKETIME_LIB.into()),
+                    ("FAKETIME_TIMESTAMP_FILE".into(), file.display().to_string()),
+                    ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+                    ("DONT_FAKE_MONOTONIC".into(), "1".into()),
+                ],
+            );
+        }
+    }
+    cluster.form(3).await;
     harness::wait_all_on(&cluster, &h1).await;
     let writer = Writer::start(cluster.addrs(), &format!("chaos-{seed}"));
 
@@ -389,6 +425,22 @@ async fn inject(
                 }
                 None => "no node held the target uncommitted: nothing flipped".into(),
             }
+        }
+        Nemesis::ClockJump => {
+            let id = rng.between(1, 4);
+            let minutes = rng.between(5, 51) as i64;
+            let jump = if rng.between(0, 2) == 0 {
+                -minutes
+            } else {
+                minutes
+            };
+            let faketime = cluster.node_env[&id]
+                .iter()
+                .find(|(k, _)| k == "FAKETIME_TIMESTAMP_FILE")
+                .map(|(_, v)| v.clone())
+                .expect("a faked clock");
+            std::fs::write(&faketime, format!("{jump:+}m")).unwrap();
+            format!("node {id}'s wall clock jumped {jump:+} minutes")
         }
         Nemesis::KillClient => {
             // The client is the `cluster update --dist <this trial's v2>` process.
