@@ -12,7 +12,7 @@
 //! Nemeses: kill -9 of the leader, of the node being updated, of a supervisor; SIGSTOP of
 //! the leader, a follower, the node being updated; `rollout abort` (and `--revert`); a
 //! byte flipped in a held release; a concurrent update; kill -9 of the update client; a
-//! jump of one node's wall clock (libfaketime).
+//! jump of one node's wall clock (libfaketime); one node's disk full for a while.
 //!
 //! Everything about a trial follows from its seed: the nemesis (`seed % NEMESES.len()`,
 //! so consecutive seeds cover every nemesis), its target and its moment. A failure prints
@@ -66,9 +66,12 @@ enum Nemesis {
     /// The wall clock of one node jumps (Debian's libfaketime, forward or back by up to
     /// 50 minutes; its monotonic clock runs on): nothing may compare wall clocks.
     ClockJump,
+    /// One node's data dir (a tmpfs of its own) filled to its last byte for a while,
+    /// then freed.
+    FullDisk,
 }
 
-const NEMESES: [Nemesis; 12] = [
+const NEMESES: [Nemesis; 13] = [
     Nemesis::KillLeader,
     Nemesis::KillUpdating,
     Nemesis::KillSupervisor,
@@ -81,6 +84,7 @@ const NEMESES: [Nemesis; 12] = [
     Nemesis::ConcurrentUpdate,
     Nemesis::KillClient,
     Nemesis::ClockJump,
+    Nemesis::FullDisk,
 ];
 
 /// Where Debian's libfaketime puts the library that fakes a process's clocks.
@@ -246,6 +250,22 @@ async fn trial(seed: u64, nemesis: Nemesis) -> Outcome {
             );
         }
     }
+    // Each node's data dir on a tmpfs of its own, for a disk that can fill up. Declared
+    // after the cluster, so unmounted (lazily) before its processes are killed.
+    let mut disks = Vec::new();
+    if nemesis == Nemesis::FullDisk {
+        for id in 1..=3 {
+            let dir = cluster.dir.path().join(format!("n{id}"));
+            match harness::SmallDisk::mount(&dir, "1g") {
+                Some(disk) => disks.push(disk),
+                None => {
+                    harness::skip_outside_ci("mounting a tmpfs needs root (mount -t tmpfs)");
+                    outcome.fault = "no tmpfs: no disk filled".into();
+                    return outcome;
+                }
+            }
+        }
+    }
     cluster.form(3).await;
     harness::wait_all_on(&cluster, &h1).await;
     let writer = Writer::start(cluster.addrs(), &format!("chaos-{seed}"));
@@ -264,7 +284,7 @@ async fn trial(seed: u64, nemesis: Nemesis) -> Outcome {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(rng.between(0, 4000))).await;
-    outcome.fault = inject(nemesis, &mut cluster, &mut rng, &h2, &v2).await;
+    outcome.fault = inject(nemesis, &mut cluster, &disks, &mut rng, &h2, &v2).await;
     outcome.fault = format!("{} at {} ms", outcome.fault, began.elapsed().as_millis());
 
     // The update client ends however the rollout does (its exit status is not a promise).
@@ -318,6 +338,7 @@ async fn leader(cluster: &Cluster) -> u64 {
 async fn inject(
     nemesis: Nemesis,
     cluster: &mut Cluster,
+    disks: &[harness::SmallDisk],
     rng: &mut Rng,
     target: &str,
     dist: &Path,
@@ -425,6 +446,14 @@ async fn inject(
                 }
                 None => "no node held the target uncommitted: nothing flipped".into(),
             }
+        }
+        Nemesis::FullDisk => {
+            let id = rng.between(1, 4);
+            let disk = &disks[id as usize - 1];
+            disk.fill();
+            tokio::time::sleep(pause).await;
+            disk.free();
+            format!("node {id}'s disk full for {} ms", pause.as_millis())
         }
         Nemesis::ClockJump => {
             let id = rng.between(1, 4);

@@ -2,46 +2,11 @@
 //! a full disk under the Raft log, a restart once the node it joined through has stopped
 //! leading, a host whose CPUs are saturated.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{cli, make_release, signal, skip_outside_ci, wait_for, Cluster, Start};
-
-/// A tmpfs of `size` mounted on `dir` for as long as it lives; unmounted on drop.
-struct SmallDisk {
-    dir: PathBuf,
-}
-
-impl SmallDisk {
-    fn mount(dir: &Path, size: &str) -> Option<SmallDisk> {
-        std::fs::create_dir_all(dir).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .ok()?;
-        status.success().then(|| SmallDisk {
-            dir: dir.to_path_buf(),
-        })
-    }
-
-    /// Fills the filesystem up to its last byte.
-    fn fill(&self) {
-        use std::io::Write;
-        let mut file = std::fs::File::create(self.dir.join("filler")).unwrap();
-        let block = vec![0xa5u8; 64 << 10];
-        while file.write_all(&block).is_ok() {}
-        let byte = [0u8; 1];
-        while file.write_all(&byte).is_ok() {}
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-    }
-}
+use crate::harness::{
+    cli, make_release, signal, skip_outside_ci, wait_for, Cluster, SmallDisk, Start,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_disk_fills_up_exits_instead_of_answering_as_a_member() {
@@ -81,7 +46,7 @@ async fn a_node_whose_disk_fills_up_exits_instead_of_answering_as_a_member() {
     assert!(put.is_ok(), "{put:?}");
 
     // With space again, the node starts and catches up from its log.
-    std::fs::remove_file(disk.dir.join("filler")).unwrap();
+    disk.free();
     cluster.spawn(3, Start::Restart).await;
     cluster.wait_voters(3).await;
     // Unmounted first (the nodes may still hold it: lazily), then the cluster's dir goes.
