@@ -1,4 +1,4 @@
-//! The seeded chaos suite: rolling updates of supervised 3-node clusters, each trial with
+//! The seeded chaos suite: rolling updates of supervised 3-node (or `CHAOS_NODES`) clusters, each trial with
 //! one fault (a "nemesis") injected at a random moment of the rollout while a kv writer
 //! runs throughout; after every trial the product's promises are checked:
 //!
@@ -22,6 +22,7 @@
 //! - `CHAOS_SEED=S`: the first trial's seed (default: from the clock, printed).
 //! - `CHAOS_SEEDS=S,S:Nemesis,...`: exactly these seeds instead (a failure's seed, say);
 //!   `S:Nemesis` pins the nemesis, so a seed keeps its fault when nemeses are added.
+//! - `CHAOS_NODES=N`: the cluster size of every trial (default 3).
 //! - `CHAOS_REPORT=FILE`: appends one JSON line per trial (`scripts/chaos.sh` reads them).
 //!
 //! Seeds that found a bug, each also pinned by a deterministic test where it was fixed:
@@ -147,10 +148,21 @@ async fn rolling_updates_keep_their_promises_under_faults() {
             .map(|seed| (seed, nemesis_of(seed)))
             .collect(),
     };
-    println!("chaos: {} trials, seeds {seeds:?}", seeds.len());
+    // Cluster size for every trial of this run (`CHAOS_NODES`, 3 or more; default 3).
+    let nodes: u64 = std::env::var("CHAOS_NODES")
+        .map(|n| n.parse().expect("CHAOS_NODES is a number"))
+        .unwrap_or(3);
+    assert!(
+        nodes >= 3,
+        "CHAOS_NODES must be at least 3: a voter must be losable"
+    );
+    println!(
+        "chaos: {} trials on {nodes} nodes, seeds {seeds:?}",
+        seeds.len()
+    );
     let mut failed = Vec::new();
     for (seed, nemesis) in seeds {
-        let outcome = trial(seed, nemesis).await;
+        let outcome = trial(seed, nemesis, nodes).await;
         println!(
             "chaos: seed {seed}: {:?}: {}; rollout {}; {} writes acknowledged, {} lost{}",
             nemesis,
@@ -215,7 +227,7 @@ fn nemesis_of(seed: u64) -> Nemesis {
 
 /// One trial: a 3-node supervised cluster on v1, a rollout to v2 with the trial's fault,
 /// then every check.
-async fn trial(seed: u64, nemesis: Nemesis) -> Outcome {
+async fn trial(seed: u64, nemesis: Nemesis, nodes: u64) -> Outcome {
     let mut rng = Rng(seed);
     let mut outcome = Outcome {
         seed,
@@ -236,7 +248,7 @@ async fn trial(seed: u64, nemesis: Nemesis) -> Outcome {
         }
         // Every node's wall clock is faked from a file of its own, read at most once a
         // second; its monotonic clock is left alone.
-        for id in 1..=3 {
+        for id in 1..=nodes {
             let file = work.path().join(format!("faketime-{id}"));
             std::fs::write(&file, "+0").unwrap();
             cluster.node_env.insert(
@@ -254,7 +266,7 @@ async fn trial(seed: u64, nemesis: Nemesis) -> Outcome {
     // after the cluster, so unmounted (lazily) before its processes are killed.
     let mut disks = Vec::new();
     if nemesis == Nemesis::FullDisk {
-        for id in 1..=3 {
+        for id in 1..=nodes {
             let dir = cluster.dir.path().join(format!("n{id}"));
             match harness::SmallDisk::mount(&dir, "1g") {
                 Some(disk) => disks.push(disk),
@@ -266,11 +278,11 @@ async fn trial(seed: u64, nemesis: Nemesis) -> Outcome {
             }
         }
     }
-    cluster.form(3).await;
+    cluster.form(nodes).await;
     harness::wait_all_on(&cluster, &h1).await;
     let writer = Writer::start(cluster.addrs(), &format!("chaos-{seed}"));
 
-    let asked = cluster.addr(rng.between(1, 4));
+    let asked = cluster.addr(rng.between(1, nodes + 1));
     let update = update_in_background(asked.clone(), v2.clone());
     let began = Instant::now();
     // The fault's moment: a random time once some node has left `pending`.
@@ -344,7 +356,8 @@ async fn inject(
     dist: &Path,
 ) -> String {
     let pause = Duration::from_millis(rng.between(500, 4000));
-    let any = rng.between(1, 4);
+    let size = cluster.nodes.len() as u64;
+    let any = rng.between(1, size + 1);
     match nemesis {
         Nemesis::KillLeader | Nemesis::KillUpdating => {
             let id = match nemesis {
@@ -372,7 +385,7 @@ async fn inject(
             let leader = leader(cluster).await;
             let id = match nemesis {
                 Nemesis::PauseLeader => leader,
-                Nemesis::PauseFollower => (1..=3).find(|id| *id != leader).unwrap(),
+                Nemesis::PauseFollower => (1..=size).find(|id| *id != leader).unwrap(),
                 _ => updating(cluster).unwrap_or(any),
             };
             let Some(pid) = cluster.node_pid(id) else {
@@ -415,7 +428,7 @@ async fn inject(
                     )
                 })
                 .unwrap_or_default();
-            let holders: Vec<u64> = (1..=3)
+            let holders: Vec<u64> = (1..=size)
                 .filter(|id| {
                     let data = harness::data_dir_of(cluster, *id);
                     let runs_it = current_of(data).as_deref() == Some(target);
@@ -448,7 +461,7 @@ async fn inject(
             }
         }
         Nemesis::FullDisk => {
-            let id = rng.between(1, 4);
+            let id = rng.between(1, size + 1);
             let disk = &disks[id as usize - 1];
             disk.fill();
             tokio::time::sleep(pause).await;
@@ -456,7 +469,7 @@ async fn inject(
             format!("node {id}'s disk full for {} ms", pause.as_millis())
         }
         Nemesis::ClockJump => {
-            let id = rng.between(1, 4);
+            let id = rng.between(1, size + 1);
             let minutes = rng.between(5, 51) as i64;
             let jump = if rng.between(0, 2) == 0 {
                 -minutes
@@ -550,7 +563,7 @@ async fn check(cluster: &mut Cluster, writer: Writer, outcome: &mut Outcome) {
     // Every node runs, on the release `current` points at, and it verifies.
     let settled = wait_for_ok(Duration::from_secs(120), || async {
         let status = cluster.status().await?;
-        let all_up = status.nodes.len() == 3
+        let all_up = status.nodes.len() == cluster.nodes.len()
             && status
                 .nodes
                 .iter()
@@ -589,7 +602,7 @@ async fn check(cluster: &mut Cluster, writer: Writer, outcome: &mut Outcome) {
             Default::default()
         }
     };
-    for id in 1..=3 {
+    for id in 1..=cluster.nodes.len() as u64 {
         let current = harness::data_dir_of(cluster, id).join("current");
         let out = cli(&["dist", "verify", current.to_str().unwrap()]);
         if !out.status.success() {
