@@ -224,6 +224,27 @@ pub fn random_name(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
 }
 
+/// Port 0 means "any free port" the first time; on a restart the same port again, as
+/// recorded in `<data-dir>/<file>` on the same IP (`node.addr`: a node's address is part
+/// of the membership; `metrics.addr`: a scraper's target stays valid; a service's
+/// ingress). An unreadable record is no record.
+pub fn reuse_recorded_port(
+    data_dir: &Path,
+    file: &str,
+    listen: std::net::SocketAddr,
+) -> std::net::SocketAddr {
+    if listen.port() != 0 {
+        return listen;
+    }
+    let recorded = std::fs::read_to_string(data_dir.join(file))
+        .ok()
+        .and_then(|text| text.trim().parse::<std::net::SocketAddr>().ok());
+    match recorded {
+        Some(addr) if addr.ip() == listen.ip() => addr,
+        _ => listen,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -244,12 +244,7 @@ fn apply_mutation(
 /// Whether releases `a` and `b` (both held) ship the same `bin/cluster`: then switching
 /// between them needs no new process.
 fn same_binary(store: &ReleaseStore, a: &str, b: &str) -> bool {
-    let binary = |hash: &str| {
-        let manifest = store.manifest(hash).ok()?;
-        let entry = manifest.get("bin/cluster")?;
-        Some(entry.summary())
-    };
-    matches!((binary(a), binary(b)), (Some(x), Some(y)) if x == y)
+    store.same_entry(a, b, "bin/cluster")
 }
 
 impl Agent {

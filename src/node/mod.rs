@@ -188,7 +188,7 @@ pub async fn run(
     // The store first: "locked by another node" says more than the port that node holds.
     let (log_store, sm) = raft_store::open(&config.data_dir).await?;
     let incarnation = next_incarnation(&config.data_dir)?;
-    let listen = reuse_recorded_port(&config.data_dir, "node.addr", config.listen);
+    let listen = crate::fs::reuse_recorded_port(&config.data_dir, "node.addr", config.listen);
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| NodeError::Listen {
@@ -574,7 +574,7 @@ async fn bind_http(
         SideListener::Metrics => ("Prometheus metrics", "metrics-listen", "metrics.addr"),
         SideListener::Dashboard => ("dashboard", "dashboard-listen", "dashboard.addr"),
     };
-    let addr = reuse_recorded_port(data_dir, file, addr);
+    let addr = crate::fs::reuse_recorded_port(data_dir, file, addr);
     let refused = |source| NodeError::SideListen {
         what,
         flag,
@@ -590,22 +590,6 @@ async fn bind_http(
         },
     )?;
     Ok((listener, bound))
-}
-
-/// Port 0 means "any free port" the first time; on a restart the node takes the port it
-/// recorded in `<data-dir>/<file>` (`node.addr`: its address is part of the membership;
-/// `metrics.addr`: a scraper's target stays valid).
-fn reuse_recorded_port(data_dir: &Path, file: &str, listen: SocketAddr) -> SocketAddr {
-    if listen.port() != 0 {
-        return listen;
-    }
-    let recorded = std::fs::read_to_string(data_dir.join(file))
-        .ok()
-        .and_then(|text| text.trim().parse::<SocketAddr>().ok());
-    match recorded {
-        Some(addr) if addr.ip() == listen.ip() => addr,
-        _ => listen,
-    }
 }
 
 /// Where a node counts its process starts, in the data dir.
@@ -786,23 +770,7 @@ async fn follow_build(
         node.services.reload().await;
         node.set_build(hash.clone());
         tracing::info!(id = node.id, build = %hash, "running release in place: same bin/cluster, no restart");
-        loop {
-            let report = Command::RegisterNode {
-                id: node.id,
-                info: node.info(),
-            };
-            let reported = tokio::select! {
-                reported = node.write(report, 0) => reported,
-                _ = stop.wait_for(|stop| *stop) => return,
-            };
-            match reported {
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::debug!(error = %e, "reporting the new build: retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
+        report_self(node.clone(), stop.clone()).await;
     }
 }
 

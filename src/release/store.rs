@@ -340,6 +340,16 @@ impl ReleaseStore {
         Ok(())
     }
 
+    /// Whether releases `a` and `b` (both held) have the same entry at `path` (kind,
+    /// mode, size and content hash), read from the cached manifests without copying them.
+    pub fn same_entry(&self, a: &str, b: &str, path: &str) -> bool {
+        let entry = |hash: &str| {
+            let manifest = self.manifest_shared(hash).ok()?;
+            manifest.get(path).map(|entry| entry.summary())
+        };
+        matches!((entry(a), entry(b)), (Some(x), Some(y)) if x == y)
+    }
+
     pub(super) fn manifest_shared(&self, hash: &str) -> Result<Arc<Manifest>, StoreError> {
         self.require_release(hash)?;
         if let Some(manifest) = self.cache().get(hash) {

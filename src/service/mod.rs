@@ -18,7 +18,7 @@ pub mod sample;
 pub mod sockets;
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,6 +29,7 @@ pub use definition::{DefinitionError, ServiceDef, SERVICE_FILE};
 use instance::Instance;
 
 use crate::api::{ServiceInstance, ServiceStatus};
+use crate::state::deployment::short_hash;
 
 /// Reads and validates the service definitions of the release in `release_dir` (none
 /// when it has no `service.toml`).
@@ -105,10 +106,6 @@ fn instance_view(instance: &Instance) -> ServiceInstance {
     }
 }
 
-fn short(hash: &str) -> &str {
-    &hash[..hash.len().min(12)]
-}
-
 impl Services {
     /// No services (a node without releases).
     pub fn none() -> Services {
@@ -159,7 +156,7 @@ impl Services {
             Err(e) => {
                 *self.setup_problem.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
                     "release {} defines no runnable service: {e}",
-                    short(&hash)
+                    short_hash(&hash)
                 ));
                 return;
             }
@@ -187,7 +184,11 @@ impl Services {
             }
         }
         for def in defs {
-            let listen = recorded_port(data_dir, &def.name, def.listen);
+            let listen = crate::fs::reuse_recorded_port(
+                &instance::run_dir(data_dir),
+                &format!("{}.addr", def.name),
+                def.listen,
+            );
             let rollback = instance::read_rollback(data_dir, &def.name);
             // Unhealthy until an instance of this release passes a check: a rollout
             // waits for that.
@@ -197,7 +198,7 @@ impl Services {
                 state: "starting".into(),
                 problem: Some(format!(
                     "no instance of release {} has passed a check yet",
-                    short(&hash)
+                    short_hash(&hash)
                 )),
                 last_rollback: rollback.as_ref().map(|r| r.reason.clone()),
                 last_rollback_at_ms: rollback.map(|r| r.at_ms),
@@ -297,22 +298,6 @@ impl Services {
     }
 }
 
-/// For an ingress on port 0: the port this node's service had before, if it recorded one
-/// on the same IP.
-fn recorded_port(data_dir: &Path, name: &str, listen: SocketAddr) -> SocketAddr {
-    if listen.port() != 0 {
-        return listen;
-    }
-    let file = instance::run_dir(data_dir).join(format!("{name}.addr"));
-    let recorded = std::fs::read_to_string(file)
-        .ok()
-        .and_then(|t| t.trim().parse::<SocketAddr>().ok());
-    match recorded {
-        Some(addr) if addr.ip() == listen.ip() => addr,
-        _ => listen,
-    }
-}
-
 /// The longest pause between attempts to start a service that keeps failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -325,7 +310,7 @@ async fn run_one(ctx: Ctx, mut ending: watch::Receiver<Option<Ending>>) {
     let mut retry_at: Option<Instant> = None;
     let mut backoff = Duration::from_secs(1);
     if let Some(adopted) = instance::read_record(&ctx.data_dir, &def.name).filter(Instance::alive) {
-        tracing::info!(service = %def.name, pid = adopted.pid, release = %short(&adopted.release), "adopted the running instance");
+        tracing::info!(service = %def.name, pid = adopted.pid, release = %short_hash(&adopted.release), "adopted the running instance");
         ctx.view(|v| v.active = Some(instance_view(&adopted)));
         if adopted.release == ctx.hash {
             ctx.view(|v| v.state = "ready".into());
@@ -365,8 +350,8 @@ async fn run_one(ctx: Ctx, mut ending: watch::Receiver<Option<Ending>>) {
                         ctx.view(|v| {
                             v.problem = Some(format!(
                                 "runs release {} instead of the current {}: its candidate {why}",
-                                short(&running.release),
-                                short(&ctx.hash)
+                                short_hash(&running.release),
+                                short_hash(&ctx.hash)
                             ));
                         });
                         // One that binds its own port was stopped for its candidate.
@@ -408,7 +393,7 @@ async fn run_one(ctx: Ctx, mut ending: watch::Receiver<Option<Ending>>) {
                                 let rollback = instance::Rollback {
                                     reason: format!(
                                         "release {} {problem}",
-                                        short(&running.release)
+                                        short_hash(&running.release)
                                     ),
                                     at_ms: crate::clock::unix_ms(),
                                 };
@@ -435,7 +420,7 @@ async fn run_one(ctx: Ctx, mut ending: watch::Receiver<Option<Ending>>) {
                         v.state = "ready".into();
                         v.problem = None;
                     });
-                    tracing::info!(service = %def.name, pid = new.pid, release = %short(&new.release), "instance serving");
+                    tracing::info!(service = %def.name, pid = new.pid, release = %short_hash(&new.release), "instance serving");
                     active = Some(new);
                     backoff = Duration::from_secs(1);
                     streak = 0;
@@ -488,14 +473,14 @@ async fn bring_up(
         ctx.ingress.as_deref(),
     )
     .map_err(|e| format!("cannot start {}: {e}", def.exec))?;
-    tracing::info!(service = %def.name, pid = candidate.pid, release = %short(&ctx.hash), "started a candidate");
+    tracing::info!(service = %def.name, pid = candidate.pid, release = %short_hash(&ctx.hash), "started a candidate");
     // Not healthy until the candidate passes: a rollout waits for it.
     ctx.view(|v| {
         v.candidate = Some(instance_view(&candidate));
         v.state = "starting".into();
         v.problem = Some(format!(
             "a new instance of release {} (pid {}) has not passed its check yet",
-            short(&ctx.hash),
+            short_hash(&ctx.hash),
             candidate.pid
         ));
     });
@@ -550,7 +535,7 @@ async fn cutover(
             let at = crate::clock::unix_ms();
             tracing::warn!(service = %def.name, reason = %why, "the candidate failed: the running instance keeps serving, if any");
             let rollback = instance::Rollback {
-                reason: format!("release {}: {why}", short(&ctx.hash)),
+                reason: format!("release {}: {why}", short_hash(&ctx.hash)),
                 at_ms: at,
             };
             instance::write_rollback(&ctx.data_dir, &def.name, &rollback);
@@ -574,7 +559,7 @@ async fn cutover(
         v.problem = None;
         v.failure_streak = 0;
     });
-    tracing::info!(service = %def.name, new = new.pid, old = old.pid, release = %short(&ctx.hash), "switched: the old instance drains");
+    tracing::info!(service = %def.name, new = new.pid, old = old.pid, release = %short_hash(&ctx.hash), "switched: the old instance drains");
     let stopped = old.stop(def).await;
     tracing::info!(service = %def.name, pid = old.pid, ?stopped, "the old instance is gone");
     ctx.view(|v| v.state = "ready".into());
