@@ -178,13 +178,24 @@ pub async fn run(data_dir: &Path, args: Vec<String>) -> Result<ExitStatus, Super
             source,
         })?;
     let notify_address = notify.address.clone();
+    // Only the node this supervisor runs may store descriptors: any local process can
+    // reach an abstract socket.
+    let node_pid = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     {
         let store = store.clone();
+        let node_pid = node_pid.clone();
         std::thread::Builder::new()
             .name("notify".into())
             .spawn(move || loop {
                 match notify.receive() {
-                    Ok((text, fds)) => store.apply(&text, fds),
+                    Ok((text, fds, sender)) => {
+                        let node = node_pid.load(std::sync::atomic::Ordering::SeqCst);
+                        if node != 0 && sender == Some(node) {
+                            store.apply(&text, fds);
+                        } else {
+                            tracing::warn!(?sender, node, "ignored a notify message from a process other than the node");
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "the notify socket failed: descriptors are no longer kept");
                         return;
@@ -256,6 +267,7 @@ pub async fn run(data_dir: &Path, args: Vec<String>) -> Result<ExitStatus, Super
             source,
         })?;
         drop(kept);
+        node_pid.store(child.id().unwrap_or(0), std::sync::atomic::Ordering::SeqCst);
         tracing::info!(pid = child.id(), binary = %binary.display(), "started node");
         let stop = tokio::select! {
             status = child.wait() => {

@@ -15,6 +15,10 @@ use crate::tls::{Credentials, Role};
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connections served at once; beyond, new ones are closed at once, so clients that
+/// never finish a handshake cannot pile up tasks.
+const MAX_CONNECTIONS: usize = 64;
+
 /// The RPC whose roles a side listener's reader needs: whoever may read the cluster's
 /// status may read its metrics and its dashboard.
 const READ_RPC: &str = "/cluster.v1.Control/Status";
@@ -123,6 +127,11 @@ pub async fn serve(
             }
         };
         while connections.try_join_next().is_some() {}
+        if connections.len() >= MAX_CONNECTIONS {
+            tracing::debug!(%peer, "the {what} listener is at {MAX_CONNECTIONS} connections: closing a new one");
+            drop(stream);
+            continue;
+        }
         let acceptor = acceptor.clone();
         let app = app.clone();
         connections.spawn(async move {

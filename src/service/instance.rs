@@ -28,6 +28,21 @@ pub struct Instance {
     pub check_addr: SocketAddr,
     /// When it started (unix ms).
     pub since_ms: u64,
+    /// The kernel's boot id when it started: after a reboot a record names nothing, even
+    /// if another process now has its pid and start time.
+    #[serde(default)]
+    pub boot_id: String,
+}
+
+/// This boot of the host (`/proc/sys/kernel/random/boot_id`), read once.
+fn boot_id() -> String {
+    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|id| id.trim().to_string())
+            .unwrap_or_default()
+    })
+    .clone()
 }
 
 /// Where a node keeps its instances' records and logs.
@@ -125,6 +140,7 @@ pub fn start(
         release: hash.to_string(),
         check_addr,
         since_ms: crate::clock::unix_ms(),
+        boot_id: boot_id(),
     })
 }
 
@@ -159,6 +175,9 @@ impl Instance {
     /// Whether the process still runs (a zombie does not; one that is this process's
     /// child is reaped here).
     pub fn alive(&self) -> bool {
+        if self.boot_id != boot_id() || self.boot_id.is_empty() {
+            return false;
+        }
         match stat(self.pid) {
             Some((state, ticks)) if ticks == self.start_ticks => {
                 if state == 'Z' || state == 'X' {
@@ -398,7 +417,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn this_process_is_alive_and_a_changed_start_time_is_not() {
+    fn this_process_is_alive_and_a_changed_start_time_or_boot_is_not() {
         let pid = std::process::id() as i32;
         let ticks = start_ticks(pid).expect("our own stat");
         let me = Instance {
@@ -407,8 +426,17 @@ mod tests {
             release: "r".into(),
             check_addr: "127.0.0.1:1".parse().unwrap(),
             since_ms: 0,
+            boot_id: boot_id(),
         };
         assert!(me.alive());
+        let another_boot = Instance {
+            boot_id: "0".into(),
+            ..me.clone()
+        };
+        assert!(
+            !another_boot.alive(),
+            "a record from another boot names nothing"
+        );
         let reused = Instance {
             start_ticks: ticks + 1,
             ..me

@@ -62,8 +62,12 @@ pub fn receive_at_start() {
     *RECEIVED.lock().unwrap_or_else(|e| e.into_inner()) = Some(received);
 }
 
-/// `fd` as an owned descriptor if it is open, marked close-on-exec.
+/// `fd` as an owned descriptor if it is open, marked close-on-exec. Standard input,
+/// output and error are never taken, whatever a variable names.
 fn claim(fd: RawFd) -> Option<OwnedFd> {
+    if fd < LISTEN_FDS_START {
+        return None;
+    }
     // SAFETY: fcntl on a descriptor number; F_GETFD fails harmlessly if it is not open.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
     if flags < 0 {
@@ -247,7 +251,9 @@ pub struct NotifySocket {
 }
 
 impl NotifySocket {
-    /// A new socket under a name unique to this process.
+    /// A new socket under a name unique to this process. The abstract namespace has no
+    /// permissions: every message carries its sender's credentials (`SO_PASSCRED`), so
+    /// the supervisor keeps descriptors only from its own node.
     pub fn bind() -> std::io::Result<NotifySocket> {
         let address = format!(
             "@cluster-supervise-{}-{}",
@@ -265,12 +271,24 @@ impl NotifySocket {
             if libc::bind(raw, (&addr as *const libc::sockaddr_un).cast(), len) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            let on: libc::c_int = 1;
+            let set = libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_PASSCRED,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            if set < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(NotifySocket { socket, address })
         }
     }
 
-    /// Blocks for the next message; returns its text and the descriptors it carried.
-    pub fn receive(&self) -> std::io::Result<(String, Vec<OwnedFd>)> {
+    /// Blocks for the next message; returns its text, the descriptors it carried and
+    /// the sender's pid (as the kernel vouches for it).
+    pub fn receive(&self) -> std::io::Result<(String, Vec<OwnedFd>, Option<u32>)> {
         let mut buffer = vec![0u8; 4096];
         let mut control = vec![0u8; 4096];
         let mut iov = libc::iovec {
@@ -289,8 +307,16 @@ impl NotifySocket {
                 return Err(std::io::Error::last_os_error());
             }
             let mut fds = Vec::new();
+            let mut sender = None;
             let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
             while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET
+                    && (*cmsg).cmsg_type == libc::SCM_CREDENTIALS
+                {
+                    let creds: libc::ucred =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::ucred>());
+                    sender = u32::try_from(creds.pid).ok();
+                }
                 if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
                     let data = libc::CMSG_DATA(cmsg);
                     let bytes = (*cmsg).cmsg_len as usize - (data as usize - cmsg as usize);
@@ -302,7 +328,7 @@ impl NotifySocket {
                 cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
             }
             let text = String::from_utf8_lossy(&buffer[..read as usize]).into_owned();
-            Ok((text, fds))
+            Ok((text, fds, sender))
         }
     }
 }
@@ -374,7 +400,12 @@ mod tests {
         )
         .unwrap();
         drop(listener);
-        let (text, fds) = socket.receive().unwrap();
+        let (text, fds, sender) = socket.receive().unwrap();
+        assert_eq!(
+            sender,
+            Some(std::process::id()),
+            "the kernel names the sender"
+        );
         let store = FdStore::default();
         store.apply(&text, fds);
         // A message without FDSTORE=1 keeps nothing.
