@@ -88,6 +88,16 @@ fn service_view(cluster: &Cluster, id: u64) -> Option<serde_json::Value> {
     me["services"].as_array()?.first().cloned()
 }
 
+/// Three supervised nodes on release `v1` (build `h1`), each with its sample service
+/// ready; the cluster and each node's ingress, in node order.
+async fn three_serving(v1: &Path, h1: &str) -> (Cluster, Vec<String>) {
+    let cluster = Cluster::start_supervised_with(3, v1, &[]).await;
+    crate::harness::wait_all_on(&cluster, h1).await;
+    wait_services_on(&cluster, &[1, 2, 3], h1).await;
+    let ingresses = (1..=3).map(|id| ingress(&cluster, id)).collect();
+    (cluster, ingresses)
+}
+
 /// Waits until every node's service is ready on release `hash`.
 async fn wait_services_on(cluster: &Cluster, ids: &[u64], hash: &str) {
     for &id in ids {
@@ -315,10 +325,7 @@ async fn a_service_rolls_out_blue_green_under_load_with_no_failed_request() {
     let h1 = service_release_with_binary(&v1, None, "v1");
     let h2 = service_release_with_binary(&v2, None, "v2");
     let h3 = service_release_with_binary(&v3, Some("three"), "v3");
-    let cluster = Cluster::start_supervised_with(3, &v1, &[]).await;
-    crate::harness::wait_all_on(&cluster, &h1).await;
-    wait_services_on(&cluster, &[1, 2, 3], &h1).await;
-    let ingresses: Vec<String> = (1..=3).map(|id| ingress(&cluster, id)).collect();
+    let (cluster, ingresses) = three_serving(&v1, &h1).await;
     for addr in &ingresses {
         assert_eq!(get(addr, "/version").unwrap(), (200, "v1".to_string()));
     }
@@ -434,10 +441,7 @@ async fn a_candidate_that_fails_its_check_never_takes_over_and_the_rollout_rever
     let (v1, bad) = (work.path().join("v1"), work.path().join("bad"));
     let h1 = service_release(&v1, "v1", &[], "20s");
     service_release(&bad, "bad", &["--fail-health"], "3s");
-    let cluster = Cluster::start_supervised_with(3, &v1, &[]).await;
-    crate::harness::wait_all_on(&cluster, &h1).await;
-    wait_services_on(&cluster, &[1, 2, 3], &h1).await;
-    let ingresses: Vec<String> = (1..=3).map(|id| ingress(&cluster, id)).collect();
+    let (cluster, ingresses) = three_serving(&v1, &h1).await;
     let counted: Vec<u64> = ingresses.iter().map(|a| requests_counted(a)).collect();
     let loads: Vec<Load> = ingresses
         .iter()
@@ -488,10 +492,7 @@ async fn a_service_failing_after_the_switch_is_switched_back_without_a_refused_c
     let (v1, flaky) = (work.path().join("v1"), work.path().join("flaky"));
     let h1 = service_release(&v1, "v1", &[], "20s");
     let h_flaky = service_release(&flaky, "flaky", &["--healthy-for", "3s"], "20s");
-    let cluster = Cluster::start_supervised_with(3, &v1, &[]).await;
-    crate::harness::wait_all_on(&cluster, &h1).await;
-    wait_services_on(&cluster, &[1, 2, 3], &h1).await;
-    let ingresses: Vec<String> = (1..=3).map(|id| ingress(&cluster, id)).collect();
+    let (cluster, ingresses) = three_serving(&v1, &h1).await;
     let loads: Vec<Load> = ingresses
         .iter()
         .map(|addr| Load::start(&format!("http://{addr}/version")))
