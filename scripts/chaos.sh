@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Runs the seeded chaos suite (tests/chaos/main.rs) and writes RELIABILITY.md from its
-# report: trials, acknowledged writes, lost writes, stuck rollouts, unbootable nodes,
-# silent mixed versions and panics, per nemesis.
+# report: trials, acknowledged writes, lost writes, concurrent kv operations and whether
+# their history was linearizable, stuck rollouts, unbootable nodes, silent mixed versions
+# and panics, per nemesis.
 #
 #   scripts/chaos.sh --trials 300            # a long pass (about 20 s per trial)
 #   scripts/chaos.sh --trials 20 --seed 7    # from a chosen first seed
 #   scripts/chaos.sh --seeds 105:PauseUpdating,212   # exactly these trials again (S:Nemesis pins the fault)
 #   scripts/chaos.sh --out FILE              # write FILE instead of RELIABILITY.md
 #
-# Needs root for nothing; installs jq with apt-get when missing. Exits non-zero when any
-# trial broke a promise, after writing the report (each failure names its seed).
+# Needs root (network namespaces for partitions, tmpfs for a full disk); installs jq and
+# faketime with apt-get when missing. Exits non-zero when any trial broke a promise, after
+# writing the report (each failure names its seed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,9 +29,12 @@ done
 [[ "$trials" =~ ^[1-9][0-9]*$ ]] || { echo "--trials must be a positive number" >&2; exit 2; }
 [ -z "$seed" ] || [[ "$seed" =~ ^[0-9]+$ ]] || { echo "--seed must be a number" >&2; exit 2; }
 
-if ! command -v jq >/dev/null; then
-  [ "$(id -u)" = 0 ] || { echo "jq is missing (apt-get install jq)" >&2; exit 2; }
-  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q jq </dev/null
+missing=()
+command -v jq >/dev/null || missing+=(jq)
+command -v faketime >/dev/null || missing+=(faketime)
+if [ ${#missing[@]} -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || { echo "${missing[*]} missing (apt-get install ${missing[*]})" >&2; exit 2; }
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" </dev/null
 fi
 : "${seed:=$(date +%s)}"
 report=$(mktemp)
@@ -38,7 +43,7 @@ trap 'rm -f "$report" "$log"' EXIT
 started=$(date +%s)
 status=0
 env CHAOS_TRIALS="$trials" CHAOS_SEED="$seed" ${seeds:+CHAOS_SEEDS="$seeds"} CHAOS_REPORT="$report" \
-  cargo test --locked --test chaos -- --nocapture 2>&1 | tee "$log" | grep -E '^chaos:|rerun:' || true
+  cargo test --locked --features crash-points --test chaos -- --nocapture 2>&1 | tee "$log" | grep -E '^chaos:|rerun:' || true
 grep -q 'test result: ok' "$log" || status=1
 elapsed=$(( $(date +%s) - started ))
 [ -s "$report" ] || { echo "no trial ran; the test's output:" >&2; tail -50 "$log" >&2; exit 1; }
@@ -49,12 +54,15 @@ elapsed=$(( $(date +%s) - started ))
   echo "Written by \`scripts/chaos.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC') ($elapsed s) from"
   echo "$(jq -s length "$report") trials of \`tests/chaos/main.rs\` (seeds $(jq -s 'map(.seed) | min' "$report")"
   echo "to $(jq -s 'map(.seed) | max' "$report"); cluster $(git rev-parse --short HEAD), debug build, 2 cores)."
-  echo "Each trial: 3 supervised nodes, a rolling update with a 1.5 s stabilization window, a"
-  echo "sequential kv writer throughout, one fault at a random moment; then every check of the"
-  echo "suite. Rerun one: \`CHAOS_SEEDS=<seed> cargo test --test chaos -- --nocapture\`."
+  echo "Each trial: ${CHAOS_NODES:-3} supervised nodes, a rolling update with a 1.5 s stabilization"
+  echo "window, a sequential kv writer and $(grep -oP 'CLIENTS: u64 = \K[0-9]+' tests/chaos/history.rs) concurrent kv clients throughout, one fault at"
+  echo "a random moment; then every check of the suite. \"writes acknowledged\" are the sequential"
+  echo "writer's, each read back; \"concurrent ops\" are the operations of the concurrent clients"
+  echo "that returned, whose history stateright's linearizability checker decides. Rerun one:"
+  echo "\`CHAOS_SEEDS=<seed>:<nemesis> cargo test --features crash-points --test chaos -- --nocapture\`."
   echo
-  echo "| nemesis | trials | completed | reverted | failed | aborted | writes acknowledged | lost | stuck | unbootable | silent mixed | panics | violations |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| nemesis | trials | completed | reverted | failed | aborted | writes acknowledged | lost | concurrent ops | not linearizable | stuck | unbootable | silent mixed | panics | violations |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   jq -rs 'group_by(.nemesis)[] | [
       .[0].nemesis, length,
       (map(select(.rollout == "completed")) | length),
@@ -62,6 +70,7 @@ elapsed=$(( $(date +%s) - started ))
       (map(select(.rollout == "failed")) | length),
       (map(select(.rollout == "aborted")) | length),
       (map(.acked) | add), (map(.lost) | add),
+      (map(.ops) | add), (map(select(.ops > 0 and (.linearizable | not))) | length),
       (map(select(.stuck)) | length), (map(.unbootable) | add),
       (map(select(.silent_mixed)) | length), (map(.panics) | add),
       (map(select(.violations | length > 0)) | length)
@@ -69,6 +78,7 @@ elapsed=$(( $(date +%s) - started ))
   jq -rs '[length, (map(select(.rollout == "completed")) | length),
       (map(select(.rollout == "reverted")) | length), (map(select(.rollout == "failed")) | length),
       (map(select(.rollout == "aborted")) | length), (map(.acked) | add), (map(.lost) | add),
+      (map(.ops) | add), (map(select(.ops > 0 and (.linearizable | not))) | length),
       (map(select(.stuck)) | length), (map(.unbootable) | add),
       (map(select(.silent_mixed)) | length), (map(.panics) | add),
       (map(select(.violations | length > 0)) | length)]

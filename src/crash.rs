@@ -4,6 +4,11 @@
 //! file does not crash, so the node its supervisor starts again goes on. Without the
 //! feature, `point` is nothing. Tests in `tests/crash/` crash at each point and check
 //! that the node and the rollout recover.
+//!
+//! The same feature has one fault that is not a crash: `corrupt_served` damages the
+//! chunks a node serves to its peers while the file `CLUSTER_CORRUPT_SERVED` names
+//! exists (the chaos suite's "chunk corrupted in flight"; the receiver must notice). A
+//! number in that file is how many more chunks to damage; an empty file, all of them.
 
 /// Every crash point, in the order a rollout passes them on a node.
 pub const POINTS: &[&str] = &[
@@ -47,3 +52,34 @@ pub fn point(name: &str) {
 #[cfg(not(feature = "crash-points"))]
 #[inline(always)]
 pub fn point(_name: &str) {}
+
+/// Flips one byte of a chunk this node is about to serve, while the file that
+/// `CLUSTER_CORRUPT_SERVED` names exists (see the module). Says whether it did.
+#[cfg(feature = "crash-points")]
+pub fn corrupt_served(data: &mut [u8]) -> bool {
+    let Some(switch) = std::env::var_os("CLUSTER_CORRUPT_SERVED") else {
+        return false;
+    };
+    let Ok(left) = std::fs::read_to_string(&switch) else {
+        return false;
+    };
+    if let Ok(left) = left.trim().parse::<u64>() {
+        if left == 0 {
+            return false;
+        }
+        let _ = std::fs::write(&switch, (left - 1).to_string());
+    }
+    let Some(middle) = data.get_mut(data.len() / 2) else {
+        return false;
+    };
+    *middle ^= 0x01;
+    tracing::error!("fault point: serving a chunk with one byte flipped");
+    true
+}
+
+/// Without the `crash-points` feature: nothing.
+#[cfg(not(feature = "crash-points"))]
+#[inline(always)]
+pub fn corrupt_served(_data: &mut [u8]) -> bool {
+    false
+}

@@ -12,7 +12,7 @@ pub mod upload;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use tokio::sync::Notify;
@@ -88,6 +88,12 @@ fn guard_error(e: guard::GuardError) -> AgentError {
         other => AgentError::Guard(Box::new(other)),
     }
 }
+
+/// Rounds of asking the peers for the chunks a sync still lacks (a damaged chunk is
+/// refused and asked for again in the next round), and the pause before the second
+/// (the third waits twice as long).
+const SYNC_ROUNDS: u32 = 3;
+const SYNC_ROUND_PAUSE: Duration = Duration::from_millis(300);
 
 /// Where the agent persists the newest fence it obeyed, in the data dir.
 const FENCE_FILE: &str = "agent-fence.json";
@@ -494,32 +500,47 @@ impl Agent {
             .await?;
         let mut fetched_bytes = 0;
         let mut fetched_chunks = 0;
-        for peer in &peers {
-            let wanted: Vec<String> = staging.missing().iter().map(|c| c.sha256.clone()).collect();
-            if wanted.is_empty() {
-                break;
+        // A chunk can arrive damaged (a bad link, a bad copy on one peer): it is refused,
+        // the peer's stream ends, and the next peer is asked. Whatever is still missing
+        // after a round is asked for again, after a pause, up to `SYNC_ROUNDS` times.
+        let mut last = None;
+        let mut round = 0;
+        while !staging.missing().is_empty() && round < SYNC_ROUNDS {
+            if round > 0 {
+                tokio::time::sleep(SYNC_ROUND_PAUSE * round).await;
             }
-            let unreachable = |source: ApiError| SyncError::PeerUnreachable {
-                peer: peer.clone(),
-                source: Box::new(source),
-            };
-            let mut client =
-                AgentClient::with_channels(&self.channels, peer).map_err(unreachable)?;
-            let chunks = match client.read_chunks(wanted).await {
-                Ok(chunks) => chunks
-                    .map(move |item| item.map_err(|source| AgentError::Sync(unreachable(source)))),
-                Err(e) => {
-                    let e = unreachable(e);
-                    tracing::warn!(error = %Chain(&e), "fetching chunks failed; trying the next peer");
-                    continue;
+            round += 1;
+            for peer in &peers {
+                let wanted: Vec<String> =
+                    staging.missing().iter().map(|c| c.sha256.clone()).collect();
+                if wanted.is_empty() {
+                    break;
                 }
-            };
-            let fed = feed(staging, chunks).await;
-            staging = fed.staging;
-            fetched_bytes += fed.bytes;
-            fetched_chunks += fed.chunks;
-            if let Some(e) = fed.error {
-                tracing::warn!(%peer, error = %Chain(&e), "a peer's chunk stream broke; trying the next peer");
+                let unreachable = |source: ApiError| SyncError::PeerUnreachable {
+                    peer: peer.clone(),
+                    source: Box::new(source),
+                };
+                let mut client =
+                    AgentClient::with_channels(&self.channels, peer).map_err(unreachable)?;
+                let chunks = match client.read_chunks(wanted).await {
+                    Ok(chunks) => chunks.map(move |item| {
+                        item.map_err(|source| AgentError::Sync(unreachable(source)))
+                    }),
+                    Err(e) => {
+                        let e = unreachable(e);
+                        tracing::warn!(error = %Chain(&e), "fetching chunks failed; trying the next peer");
+                        last = Some(Chain(&e).to_string());
+                        continue;
+                    }
+                };
+                let fed = feed(staging, chunks).await;
+                staging = fed.staging;
+                fetched_bytes += fed.bytes;
+                fetched_chunks += fed.chunks;
+                if let Some(e) = fed.error {
+                    tracing::warn!(%peer, error = %Chain(&e), "a peer's chunk stream broke; trying the next peer");
+                    last = Some(format!("{peer}: {}", Chain(&e)));
+                }
             }
         }
         if !staging.missing().is_empty() {
@@ -528,6 +549,8 @@ impl Agent {
                 count: staging.missing().len(),
                 bytes: staging.missing().iter().map(|c| c.size).sum(),
                 peers,
+                rounds: round,
+                last: last.unwrap_or_else(|| "none of them held the chunks".into()),
             }
             .into());
         }

@@ -545,8 +545,9 @@ pub enum SyncError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
-    /// Chunks of the release that none of the peers asked could send.
-    #[error("release {release}: {count} chunks ({bytes} bytes) are held by none of the peers {peers:?}: upload the dist to one of them first")]
+    /// Chunks of the release that none of the peers asked could send intact, after
+    /// every round of asking.
+    #[error("release {release}: {count} chunks ({bytes} bytes) could not be fetched intact from any of the peers {peers:?} in {rounds} rounds (last: {last}): upload the dist to one of them, or repair the copy they hold")]
     NotHeldByPeers {
         /// The release being synced.
         release: String,
@@ -556,6 +557,10 @@ pub enum SyncError {
         bytes: u64,
         /// The peers that were asked.
         peers: Vec<String>,
+        /// How many times each peer was asked.
+        rounds: u32,
+        /// What went wrong last ("none of them held the chunks" if nothing did).
+        last: String,
     },
 }
 

@@ -180,10 +180,11 @@ impl<A: AgentHandler> AgentRpc for AgentService<A> {
         let stream = futures::stream::iter(wanted).then(move |sha256| {
             let agent = agent.clone();
             async move {
-                let data = agent
+                let mut data = agent
                     .read_chunk(sha256.clone())
                     .await
                     .map_err(agent_status)?;
+                crate::crash::corrupt_served(&mut data);
                 Ok(ChunkData { sha256, data })
             }
         });

@@ -435,7 +435,7 @@ mod tests {
             (sync(SyncError::FileMismatch { path: s("f") }), Code::FailedPrecondition),
             (sync(SyncError::BadOrigin { field: "builtAt", value: s("x") }), Code::InvalidArgument),
             (sync(SyncError::PeerUnreachable { peer: s("127.0.0.1:1"), source: "refused".into() }), Code::Unavailable),
-            (sync(SyncError::NotHeldByPeers { release: s("r"), count: 1, bytes: 1, peers: vec![] }), Code::Unavailable),
+            (sync(SyncError::NotHeldByPeers { release: s("r"), count: 1, bytes: 1, peers: vec![], rounds: 1, last: s("none") }), Code::Unavailable),
             // FenceRefusal and AgentError
             (Box::new(stale_term.clone()), Code::Aborted),
             (Box::new(FenceRefusal::StaleGeneration { generation: 1, accepted: 2 }), Code::Aborted),

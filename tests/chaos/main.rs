@@ -3,6 +3,8 @@
 //! runs throughout; after every trial the product's promises are checked:
 //!
 //! - every acknowledged write is readable;
+//! - the kv history of several concurrent clients is linearizable (stateright's checker,
+//!   `history.rs`);
 //! - a leader accepts writes;
 //! - no rollout is left active (none stalls);
 //! - every node runs, on the release its `current` points at, and that release verifies;
@@ -11,8 +13,13 @@
 //!
 //! Nemeses: kill -9 of the leader, of the node being updated, of a supervisor; SIGSTOP of
 //! the leader, a follower, the node being updated; `rollout abort` (and `--revert`); a
-//! byte flipped in a held release; a concurrent update; kill -9 of the update client; a
-//! jump of one node's wall clock (libfaketime); one node's disk full for a while.
+//! byte flipped in a held release; chunks damaged in flight (served with a byte flipped);
+//! a concurrent update; kill -9 of the update client; a jump of one node's wall clock
+//! (libfaketime); one node's disk full for a while; a partition of the leader or of the
+//! node being updated (every node in a network namespace of its own, its link cut).
+//!
+//! Needs the `crash-points` feature (its chunk-damaging fault point) and root (tmpfs,
+//! network namespaces): `cargo test --features crash-points --test chaos`.
 //!
 //! Everything about a trial follows from its seed: the nemesis (`seed % NEMESES.len()`,
 //! so consecutive seeds cover every nemesis), its target and its moment. A failure prints
@@ -32,6 +39,8 @@
 #[path = "../it/harness.rs"]
 #[allow(dead_code)]
 mod harness;
+mod history;
+mod net;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -70,9 +79,17 @@ enum Nemesis {
     /// One node's data dir (a tmpfs of its own) filled to its last byte for a while,
     /// then freed.
     FullDisk,
+    /// The leader cut off from every other node and client for a while (its network
+    /// namespace's link down), then healed.
+    PartitionLeader,
+    /// The node being updated cut off for a while.
+    PartitionUpdating,
+    /// For a while, one node that holds the target serves its chunks to peers with a byte
+    /// flipped (as a bad link or bad memory would), which every receiver must catch.
+    CorruptInFlight,
 }
 
-const NEMESES: [Nemesis; 13] = [
+const NEMESES: [Nemesis; 16] = [
     Nemesis::KillLeader,
     Nemesis::KillUpdating,
     Nemesis::KillSupervisor,
@@ -86,6 +103,9 @@ const NEMESES: [Nemesis; 13] = [
     Nemesis::KillClient,
     Nemesis::ClockJump,
     Nemesis::FullDisk,
+    Nemesis::PartitionLeader,
+    Nemesis::PartitionUpdating,
+    Nemesis::CorruptInFlight,
 ];
 
 /// Where Debian's libfaketime puts the library that fakes a process's clocks.
@@ -119,6 +139,11 @@ struct Outcome {
     rollout: String,
     acked: usize,
     lost: usize,
+    /// Operations of the concurrent history that returned, and puts left undecided.
+    ops: usize,
+    undecided: usize,
+    /// Whether that history is linearizable.
+    linearizable: bool,
     stuck: bool,
     unbootable: usize,
     silent_mixed: bool,
@@ -164,12 +189,20 @@ async fn rolling_updates_keep_their_promises_under_faults() {
     for (seed, nemesis) in seeds {
         let outcome = trial(seed, nemesis, nodes).await;
         println!(
-            "chaos: seed {seed}: {:?}: {}; rollout {}; {} writes acknowledged, {} lost{}",
+            "chaos: seed {seed}: {:?}: {}; rollout {}; {} writes acknowledged, {} lost; \
+             {} concurrent operations ({} undecided), {}{}",
             nemesis,
             outcome.fault,
             outcome.rollout,
             outcome.acked,
             outcome.lost,
+            outcome.ops,
+            outcome.undecided,
+            if outcome.linearizable {
+                "linearizable"
+            } else {
+                "NOT linearizable"
+            },
             if outcome.violations.is_empty() {
                 String::new()
             } else {
@@ -188,7 +221,7 @@ async fn rolling_updates_keep_their_promises_under_faults() {
         if !outcome.violations.is_empty() {
             failed.push(format!(
                 "seed {seed} ({:?}): {}\n  rerun: CHAOS_SEEDS={seed}:{nemesis:?} cargo test \
-                 --test chaos -- --nocapture",
+                 --features crash-points --test chaos -- --nocapture",
                 nemesis,
                 outcome.violations.join("; ")
             ));
@@ -238,8 +271,28 @@ async fn trial(seed: u64, nemesis: Nemesis, nodes: u64) -> Outcome {
     let (v1, v2) = (work.path().join("v1"), work.path().join("v2"));
     let h1 = make_release(&v1, &[("share/motd", "one")]);
     let h2 = make_release(&v2, &[("share/motd", &format!("two {seed}"))]);
+    // Each node in a network namespace of its own, for a link that can be cut. Declared
+    // before the cluster, so removed after its processes are killed.
+    let partition = matches!(
+        nemesis,
+        Nemesis::PartitionLeader | Nemesis::PartitionUpdating
+    );
+    let network = match partition.then(|| net::Network::create(nodes)) {
+        None => None,
+        Some(Ok(network)) => Some(network),
+        Some(Err(why)) => {
+            harness::skip_outside_ci(&format!("no network namespaces: {why}"));
+            outcome.fault = "no network namespaces: no partition".into();
+            return outcome;
+        }
+    };
     let mut cluster = Cluster::new();
     cluster.supervised = Some(v1.clone());
+    if let Some(network) = &network {
+        for id in 1..=nodes {
+            cluster.node_wrap.insert(id, network.wrap(id));
+        }
+    }
     if nemesis == Nemesis::ClockJump {
         if !Path::new(FAKETIME_LIB).exists() {
             harness::skip_outside_ci("libfaketime is not installed: apt-get install libfaketime");
@@ -278,10 +331,30 @@ async fn trial(seed: u64, nemesis: Nemesis, nodes: u64) -> Outcome {
             }
         }
     }
+    if nemesis == Nemesis::CorruptInFlight {
+        for id in 1..=nodes {
+            let switch = work.path().join(format!("corrupt-served-{id}"));
+            cluster.node_env.entry(id).or_default().push((
+                "CLUSTER_CORRUPT_SERVED".into(),
+                switch.display().to_string(),
+            ));
+        }
+    }
     cluster.form(nodes).await;
     harness::wait_all_on(&cluster, &h1).await;
     let writer = Writer::start(cluster.addrs(), &format!("chaos-{seed}"));
+    let clients = history::Clients::start(cluster.addrs(), &format!("lin-{seed}"), seed);
 
+    // Chunks are damaged in flight from the start of the rollout, by the leader (which
+    // every node may fetch from) or by another node (which serves once it is updated).
+    let corrupting = match (nemesis, rng.between(0, 2)) {
+        (Nemesis::CorruptInFlight, 0) => Some(rng.between(1, nodes + 1)),
+        (Nemesis::CorruptInFlight, _) => Some(leader(&cluster).await),
+        _ => None,
+    };
+    if let Some(id) = corrupting {
+        std::fs::write(work.path().join(format!("corrupt-served-{id}")), "").unwrap();
+    }
     let asked = cluster.addr(rng.between(1, nodes + 1));
     let update = update_in_background(asked.clone(), v2.clone());
     let began = Instant::now();
@@ -296,15 +369,30 @@ async fn trial(seed: u64, nemesis: Nemesis, nodes: u64) -> Outcome {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(rng.between(0, 4000))).await;
-    outcome.fault = inject(nemesis, &mut cluster, &disks, &mut rng, &h2, &v2).await;
+    let faults = Faults {
+        corrupting,
+        disks: &disks,
+        network: network.as_ref(),
+        work: work.path(),
+    };
+    outcome.fault = inject(nemesis, &mut cluster, &faults, &mut rng, &h2, &v2).await;
     outcome.fault = format!("{} at {} ms", outcome.fault, began.elapsed().as_millis());
 
     // The update client ends however the rollout does (its exit status is not a promise).
     tokio::task::spawn_blocking(move || update.join().unwrap())
         .await
         .unwrap();
-    check(&mut cluster, writer, &mut outcome).await;
+    check(&mut cluster, writer, clients, &mut outcome).await;
     outcome
+}
+
+/// What some nemeses act through.
+struct Faults<'a> {
+    /// The node serving damaged chunks since the rollout began.
+    corrupting: Option<u64>,
+    disks: &'a [harness::SmallDisk],
+    network: Option<&'a net::Network>,
+    work: &'a Path,
 }
 
 /// `cluster update` of `dist` through `addr` on a thread of its own.
@@ -350,7 +438,7 @@ async fn leader(cluster: &Cluster) -> u64 {
 async fn inject(
     nemesis: Nemesis,
     cluster: &mut Cluster,
-    disks: &[harness::SmallDisk],
+    faults: &Faults<'_>,
     rng: &mut Rng,
     target: &str,
     dist: &Path,
@@ -462,11 +550,30 @@ async fn inject(
         }
         Nemesis::FullDisk => {
             let id = rng.between(1, size + 1);
-            let disk = &disks[id as usize - 1];
+            let disk = &faults.disks[id as usize - 1];
             disk.fill();
             tokio::time::sleep(pause).await;
             disk.free();
             format!("node {id}'s disk full for {} ms", pause.as_millis())
+        }
+        Nemesis::PartitionLeader | Nemesis::PartitionUpdating => {
+            let id = match nemesis {
+                Nemesis::PartitionLeader => leader(cluster).await,
+                _ => updating(cluster).unwrap_or(any),
+            };
+            let network = faults.network.expect("a partition trial has its network");
+            let pause = Duration::from_millis(rng.between(1000, 8000));
+            network.cut(id);
+            tokio::time::sleep(pause).await;
+            network.heal(id);
+            format!("node {id} partitioned for {} ms", pause.as_millis())
+        }
+        Nemesis::CorruptInFlight => {
+            let id = faults.corrupting.expect("a node damages chunks");
+            std::fs::remove_file(faults.work.join(format!("corrupt-served-{id}"))).unwrap();
+            let log = std::fs::read_to_string(&cluster.nodes[&id].log).unwrap_or_default();
+            let served = log.matches("serving a chunk with one byte flipped").count();
+            format!("node {id} served {served} chunks damaged until now")
         }
         Nemesis::ClockJump => {
             let id = rng.between(1, size + 1);
@@ -521,7 +628,12 @@ async fn inject(
 }
 
 /// Every promise, checked after the trial's rollout has ended; violations go in `outcome`.
-async fn check(cluster: &mut Cluster, writer: Writer, outcome: &mut Outcome) {
+async fn check(
+    cluster: &mut Cluster,
+    writer: Writer,
+    clients: history::Clients,
+    outcome: &mut Outcome,
+) {
     let violations = &mut outcome.violations;
     // No rollout stalls.
     let ended = wait_for_ok(Duration::from_secs(180), || async {
@@ -545,6 +657,13 @@ async fn check(cluster: &mut Cluster, writer: Writer, outcome: &mut Outcome) {
     .await;
     if accepted.is_none() {
         violations.push("no leader accepted a write within 60 s".into());
+    }
+    let history = clients.stop().await;
+    outcome.ops = history.completed();
+    outcome.undecided = history.indeterminate();
+    match history.check(Duration::from_secs(120)) {
+        Ok(()) => outcome.linearizable = true,
+        Err(why) => violations.push(why),
     }
     let report = writer.stop().await;
     outcome.acked = report.acked.len();

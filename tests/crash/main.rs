@@ -103,3 +103,55 @@ async fn crash_at(point: &str, node: u64) {
         report.acked.len()
     );
 }
+
+/// A chunk damaged on its way from the only peer that holds it (the fault point flips a
+/// byte of the first chunk node 1 serves) is refused by the receiver, which asks again
+/// and gets it intact: the sync succeeds, and what it wrote verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_damaged_in_flight_is_refused_and_fetched_again() {
+    use cluster::agent::upload::{push, LocalDist};
+    use cluster::release::Limits;
+
+    let work = tempfile::tempdir().unwrap();
+    let dist = work.path().join("v1");
+    let hash = make_release(&dist, &[("share/motd", "fetched twice")]);
+    let switch = work.path().join("corrupt-served");
+    std::fs::write(&switch, "1").unwrap();
+    let mut cluster = Cluster::new();
+    cluster.node_env.insert(
+        1,
+        vec![(
+            "CLUSTER_CORRUPT_SERVED".into(),
+            switch.display().to_string(),
+        )],
+    );
+    cluster.form(2).await;
+    let local = std::sync::Arc::new(LocalDist::scan(&dist, &Limits::default()).unwrap());
+    push(&mut harness::agent(&cluster.addr(1)), &local)
+        .await
+        .expect("upload to node 1");
+    let synced = harness::agent(&cluster.addr(2))
+        .prepare(&local.manifest, vec![cluster.addr(1)])
+        .await
+        .expect("node 2 syncs from node 1 although one chunk arrived damaged");
+    assert_eq!(synced.hash, hash);
+    assert_eq!(
+        std::fs::read_to_string(&switch).unwrap(),
+        "0",
+        "node 1 damaged the one chunk it was asked to"
+    );
+    let held = harness::data_dir_of(&cluster, 2)
+        .join("releases")
+        .join(&hash);
+    let out = cli(&["dist", "verify", held.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "the synced release verifies: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(&cluster.nodes[&2].log).unwrap();
+    assert!(
+        log.contains("a peer's chunk stream broke"),
+        "node 2 saw the damaged chunk:\n{log}"
+    );
+}

@@ -147,6 +147,9 @@ pub struct Cluster {
     /// With `supervised`: run `<data>/current/bin/cluster` directly, with no supervisor
     /// (the node re-executes itself to restart).
     pub unsupervised: bool,
+    /// A command that runs one node's command line (e.g. `ip netns exec NS`), and the
+    /// address that node listens on (default 127.0.0.1).
+    pub node_wrap: BTreeMap<u64, (Vec<String>, String)>,
 }
 
 impl Cluster {
@@ -161,6 +164,7 @@ impl Cluster {
             node_env: BTreeMap::new(),
             supervised: None,
             unsupervised: false,
+            node_wrap: BTreeMap::new(),
         }
     }
 
@@ -248,8 +252,21 @@ impl Cluster {
             addr: None,
             child: None,
         });
-        let listen = node.addr.clone().unwrap_or_else(|| "127.0.0.1:0".into());
-        let mut command = Command::new(BIN);
+        let (wrap, host) = self
+            .node_wrap
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| (Vec::new(), "127.0.0.1".into()));
+        let listen = node.addr.clone().unwrap_or_else(|| format!("{host}:0"));
+        let wrapped = |program: &Path| match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut command = Command::new(first);
+                command.args(rest).arg(program);
+                command
+            }
+            None => Command::new(program),
+        };
+        let mut command = wrapped(Path::new(BIN));
         if let Some(dist) = &self.supervised {
             let binary = data_dir.join("current/bin/cluster");
             if !data_dir.join("current").exists() {
@@ -267,7 +284,7 @@ impl Cluster {
                 );
             }
             if self.unsupervised {
-                command = Command::new(binary);
+                command = wrapped(&binary);
             } else {
                 command
                     .arg("supervise")
