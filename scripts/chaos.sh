@@ -8,6 +8,7 @@
 #   scripts/chaos.sh --trials 20 --seed 7    # from a chosen first seed
 #   scripts/chaos.sh --seeds 105:PauseUpdating,212   # exactly these trials again (S:Nemesis pins the fault)
 #   scripts/chaos.sh --out FILE              # write FILE instead of RELIABILITY.md
+#   scripts/chaos.sh --trials 300 --jobs 2   # two test processes at once, half the trials each
 #
 # Needs root (network namespaces for partitions, tmpfs for a full disk); installs jq and
 # faketime with apt-get when missing. Exits non-zero when any trial broke a promise, after
@@ -15,19 +16,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-trials=20 seed='' seeds='' out=RELIABILITY.md
+trials=20 seed='' seeds='' out=RELIABILITY.md jobs=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --trials) trials=${2:?--trials needs a number}; shift 2 ;;
     --seed) seed=${2:?--seed needs a number}; shift 2 ;;
     --seeds) seeds=${2:?--seeds needs a list}; shift 2 ;;
     --out) out=${2:?--out needs a file}; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --jobs) jobs=${2:?--jobs needs a number}; shift 2 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 [[ "$trials" =~ ^[1-9][0-9]*$ ]] || { echo "--trials must be a positive number" >&2; exit 2; }
 [ -z "$seed" ] || [[ "$seed" =~ ^[0-9]+$ ]] || { echo "--seed must be a number" >&2; exit 2; }
+[[ "$jobs" =~ ^[1-9][0-9]*$ ]] || { echo "--jobs must be a positive number" >&2; exit 2; }
+[ -z "$seeds" ] || [ "$jobs" = 1 ] || { echo "--seeds runs in one job: drop --jobs" >&2; exit 2; }
 
 missing=()
 command -v jq >/dev/null || missing+=(jq)
@@ -38,13 +42,28 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 : "${seed:=$(date +%s)}"
 report=$(mktemp)
-log=$(mktemp)
-trap 'rm -f "$report" "$log"' EXIT
+logs=$(mktemp -d)
+trap 'rm -rf "$report" "$logs"' EXIT
 started=$(date +%s)
 status=0
-env CHAOS_TRIALS="$trials" CHAOS_SEED="$seed" ${seeds:+CHAOS_SEEDS="$seeds"} CHAOS_REPORT="$report" \
-  cargo test --locked --features crash-points --test chaos -- --nocapture 2>&1 | tee "$log" | grep -E '^chaos:|rerun:' || true
-grep -q 'test result: ok' "$log" || status=1
+cargo build --locked --features crash-points --tests --quiet
+# Job j runs trials seed + j*per ... of its own; every job appends to one report (a line
+# per trial, written whole).
+per=$(( (trials + jobs - 1) / jobs ))
+for ((j = 0; j < jobs; j++)); do
+  count=$(( trials - j * per < per ? trials - j * per : per ))
+  [ "$count" -gt 0 ] || break
+  env CHAOS_TRIALS="$count" CHAOS_SEED=$(( seed + j * per )) ${seeds:+CHAOS_SEEDS="$seeds"} \
+    CHAOS_REPORT="$report" cargo test --locked --features crash-points --test chaos -- --nocapture \
+    >"$logs/$j" 2>&1 &
+done
+tail -q -n +1 -f "$logs"/* --pid=$$ 2>/dev/null | grep --line-buffered -E '^chaos:|rerun:' &
+wait $(jobs -p | head -n -1) || true
+for log in "$logs"/*; do
+  grep -q 'test result: ok' "$log" || { status=1; grep -A3 'VIOLATED\|panicked' "$log" | head -40 >&2; }
+done
+# A failed trial's node logs, kept for a look.
+[ "$status" = 0 ] || { mkdir -p target/chaos-logs; cp "$logs"/* target/chaos-logs/; echo "full output: target/chaos-logs/" >&2; }
 elapsed=$(( $(date +%s) - started ))
 [ -s "$report" ] || { echo "no trial ran; the test's output:" >&2; tail -50 "$log" >&2; exit 1; }
 
@@ -53,7 +72,7 @@ elapsed=$(( $(date +%s) - started ))
   echo
   echo "Written by \`scripts/chaos.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC') ($elapsed s) from"
   echo "$(jq -s length "$report") trials of \`tests/chaos/main.rs\` (seeds $(jq -s 'map(.seed) | min' "$report")"
-  echo "to $(jq -s 'map(.seed) | max' "$report"); cluster $(git rev-parse --short HEAD), debug build, 2 cores)."
+  echo "to $(jq -s 'map(.seed) | max' "$report"); cluster $(git rev-parse --short HEAD), debug build, 2 cores, $jobs test process(es) at once)."
   echo "Each trial: ${CHAOS_NODES:-3} supervised nodes, a rolling update with a 1.5 s stabilization"
   echo "window, a sequential kv writer and $(grep -oP 'CLIENTS: u64 = \K[0-9]+' tests/chaos/history.rs) concurrent kv clients throughout, one fault at"
   echo "a random moment; then every check of the suite. \"writes acknowledged\" are the sequential"

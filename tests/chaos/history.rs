@@ -6,6 +6,8 @@
 //! effect: it stays invoked and never returns, and its client goes on as a new thread of
 //! the history. A get that failed constrains nothing and is left out.
 //!
+//! The clients stop after `MAX_OPS` operations, or when the trial ends.
+//!
 //! The check is stateright's `LinearizabilityTester` with a register per key (a key's
 //! value, `None` before its first put): linearizability is local, so a history is
 //! linearizable exactly when each key's sub-history is, and checking key by key keeps
@@ -25,6 +27,10 @@ use crate::harness::{control, WRITER_TIMEOUT};
 pub const CLIENTS: u64 = 3;
 /// The keys they share.
 pub const KEYS: usize = 6;
+/// Operations after which the clients stop: enough to span a rollout and its fault, few
+/// enough for the checker (its search copies what remains of a key's history at every
+/// step: quadratic in the history's length).
+pub const MAX_OPS: usize = 3000;
 
 type Op = RegisterOp<Option<String>>;
 type Ret = RegisterRet<Option<String>>;
@@ -53,8 +59,10 @@ impl Clients {
     /// next one after an error; their choices follow from `seed`.
     pub fn start(addrs: Vec<String>, prefix: &str, seed: u64) -> Self {
         let (stop, stopped) = watch::channel(false);
+        let issued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let tasks = (0..CLIENTS)
             .map(|client| {
+                let issued = issued.clone();
                 let addrs = addrs.clone();
                 let prefix = prefix.to_string();
                 let mut stopped = stopped.clone();
@@ -64,7 +72,9 @@ impl Clients {
                     let mut thread = client * 1_000_000;
                     let mut entries = Vec::new();
                     let mut n = 0u64;
-                    while !*stopped.borrow_and_update() {
+                    while !*stopped.borrow_and_update()
+                        && issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < MAX_OPS
+                    {
                         let key = rng.between(0, KEYS as u64) as usize;
                         let name = format!("{prefix}-{key}");
                         let node = control(&addrs[target % addrs.len()]).timeout(WRITER_TIMEOUT);
