@@ -145,6 +145,12 @@ enum Command {
         /// With no sockets passed, bind this address (not socket-activated)
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// This share of requests to / answers 500 (0.05: every 20th)
+        #[arg(long, default_value_t = 0.0)]
+        error_rate: f64,
+        /// Every request to / takes this much longer (e.g. 700ms)
+        #[arg(long, value_parser = humantime::parse_duration)]
+        latency: Option<Duration>,
     },
     /// Run a node and start it again whenever it exits (for hosts without systemd)
     #[command(
@@ -444,13 +450,20 @@ pub fn run() -> anyhow::Result<ExitCode> {
         fail_health,
         healthy_for,
         listen,
+        error_rate,
+        latency,
     } = cli.command
     {
+        if !(0.0..=1.0).contains(&error_rate) {
+            anyhow::bail!("--error-rate {error_rate} is not a share between 0 and 1");
+        }
         crate::service::sample::run(crate::service::sample::SampleOptions {
             version: version_text,
             fail_health,
             healthy_for,
             listen,
+            error_rate,
+            latency,
         })
         .map_err(|e| anyhow::anyhow!(e))?;
         return Ok(ExitCode::SUCCESS);

@@ -1,8 +1,11 @@
 //! The sample service (`cluster sample-service`, hidden): a small HTTP server the demo
 //! and the tests roll out. It takes its sockets by socket activation (`LISTEN_FDS`),
-//! serves `/version`, `/healthz`, `/slow?ms=N` and `/requests` (the count it keeps in its
-//! state directory), and on SIGTERM stops accepting, answers every request still in
-//! flight, and exits. Plain threads, no runtime: what an operator's small service is.
+//! serves `/`, `/version`, `/healthz`, `/slow?ms=N`, `/requests` (the count it keeps in
+//! its state directory) and `/metrics` (Prometheus text: `http_requests_total` by path and
+//! status, and the `http_request_duration_seconds` histogram), and on SIGTERM stops
+//! accepting, answers every request still in flight, and exits. It can be told to fail a
+//! share of its requests or to answer slowly: the bad releases a canary's metric gates
+//! must stop. Plain threads, no runtime: what an operator's small service is.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -24,6 +27,71 @@ pub struct SampleOptions {
     /// Without sockets passed: bind this address itself (a service that is not
     /// socket-activated).
     pub listen: Option<std::net::SocketAddr>,
+    /// This share of requests to `/` answers 500 (spread evenly: 0.05 fails every 20th).
+    pub error_rate: f64,
+    /// Every request to `/` takes this much longer.
+    pub latency: Option<Duration>,
+}
+
+/// Upper bounds (seconds) of the request duration histogram's buckets.
+const BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Requests by path and status, and their durations: what `/metrics` shows.
+#[derive(Default)]
+struct Metrics {
+    requests: std::collections::BTreeMap<(String, u16), u64>,
+    /// Cumulative: requests that took at most `BUCKETS[i]`.
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum_seconds: f64,
+}
+
+impl Metrics {
+    fn observe(&mut self, path: &str, status: u16, took: Duration) {
+        // Paths outside the service's own are counted as one, so a scan cannot grow this.
+        let path = match path {
+            "/" | "/version" | "/healthz" | "/slow" | "/requests" => path,
+            _ => "other",
+        };
+        *self.requests.entry((path.to_string(), status)).or_default() += 1;
+        let seconds = took.as_secs_f64();
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if seconds <= *bound {
+                self.buckets[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum_seconds += seconds;
+    }
+
+    fn render(&self, version: &str) -> String {
+        let mut out = String::from(
+            "# HELP http_requests_total Requests answered, by path and status.\n\
+             # TYPE http_requests_total counter\n",
+        );
+        for ((path, status), n) in &self.requests {
+            out += &format!(
+                "http_requests_total{{path=\"{path}\",status=\"{status}\",version=\"{version}\"}} {n}\n"
+            );
+        }
+        out += "# HELP http_request_duration_seconds Time to answer a request.\n\
+                # TYPE http_request_duration_seconds histogram\n";
+        for (bound, n) in BUCKETS.iter().zip(self.buckets) {
+            out += &format!(
+                "http_request_duration_seconds_bucket{{le=\"{bound}\",version=\"{version}\"}} {n}\n"
+            );
+        }
+        out += &format!(
+            "http_request_duration_seconds_bucket{{le=\"+Inf\",version=\"{version}\"}} {count}\n\
+             http_request_duration_seconds_sum{{version=\"{version}\"}} {sum}\n\
+             http_request_duration_seconds_count{{version=\"{version}\"}} {count}\n",
+            count = self.count,
+            sum = self.sum_seconds
+        );
+        out
+    }
 }
 
 static STOPPING: AtomicBool = AtomicBool::new(false);
@@ -45,6 +113,9 @@ struct Shared {
     unsaved: AtomicU64,
     open: AtomicUsize,
     counter_file: Option<PathBuf>,
+    /// Requests to `/` so far (which of them fail follows from `error_rate`).
+    served_root: AtomicU64,
+    metrics: std::sync::Mutex<Metrics>,
 }
 
 /// Runs until SIGTERM or SIGINT, then drains.
@@ -71,6 +142,8 @@ pub fn run(options: SampleOptions) -> Result<(), String> {
         unsaved: AtomicU64::new(0),
         open: AtomicUsize::new(0),
         counter_file,
+        served_root: AtomicU64::new(0),
+        metrics: Default::default(),
     });
     eprintln!(
         "sample-service {} (pid {}) serving on {} sockets",
@@ -235,13 +308,23 @@ fn serve(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             }
         }
         buffer.drain(..body_len.min(buffer.len()));
+        let began = Instant::now();
         let (status, body) = answer(target, shared);
         shared.unsaved.fetch_add(1, Ordering::SeqCst);
+        let path = target.split('?').next().unwrap_or(target);
+        if path != "/metrics" {
+            shared
+                .metrics
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .observe(path, status, began.elapsed());
+        }
         // A stopping service closes each connection after its current request.
         close |= STOPPING.load(Ordering::SeqCst);
         let reason = match status {
             200 => "OK",
             404 => "Not Found",
+            500 => "Internal Server Error",
             _ => "Service Unavailable",
         };
         let reply = format!(
@@ -298,9 +381,36 @@ fn answer(target: &str, shared: &Shared) -> (u16, String) {
             (200, format!("slept {ms} ms ({})\n", shared.options.version))
         }
         "/requests" => (200, format!("{}\n", save(shared))),
-        "/" => (200, format!("sample-service {}\n", shared.options.version)),
+        "/metrics" => (
+            200,
+            shared
+                .metrics
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .render(&shared.options.version),
+        ),
+        "/" => {
+            if let Some(latency) = shared.options.latency {
+                std::thread::sleep(latency);
+            }
+            let n = shared.served_root.fetch_add(1, Ordering::SeqCst) + 1;
+            if fails(n, shared.options.error_rate) {
+                (
+                    500,
+                    format!("sample-service {} failed\n", shared.options.version),
+                )
+            } else {
+                (200, format!("sample-service {}\n", shared.options.version))
+            }
+        }
         _ => (404, "not found\n".into()),
     }
+}
+
+/// Whether request `n` (from 1) of a service failing `rate` of its requests fails: the
+/// failures are spread evenly, so any window of requests fails close to `rate` of them.
+fn fails(n: u64, rate: f64) -> bool {
+    rate > 0.0 && (n as f64 * rate).floor() > ((n - 1) as f64 * rate).floor()
 }
 
 /// What one read of a connection gave.
@@ -335,4 +445,46 @@ fn read_more(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> std::io::Result<Re
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_the_share_asked_for_spread_evenly() {
+        for (rate, window, expected) in [(0.05, 100, 5), (0.0, 100, 0), (1.0, 10, 10), (0.5, 10, 5)]
+        {
+            let failed = (1..=window).filter(|n| fails(*n, rate)).count();
+            assert_eq!(failed, expected, "rate {rate} over {window}");
+        }
+        // Any 20 consecutive requests at 5% hold exactly one failure.
+        for start in 1..200 {
+            assert_eq!((start..start + 20).filter(|n| fails(*n, 0.05)).count(), 1);
+        }
+    }
+
+    #[test]
+    fn metrics_are_prometheus_text_with_a_cumulative_histogram() {
+        let mut metrics = Metrics::default();
+        metrics.observe("/", 200, Duration::from_millis(3));
+        metrics.observe("/", 500, Duration::from_millis(300));
+        metrics.observe("/../etc", 404, Duration::from_millis(1));
+        let text = metrics.render("v2");
+        for line in [
+            "http_requests_total{path=\"/\",status=\"200\",version=\"v2\"} 1",
+            "http_requests_total{path=\"/\",status=\"500\",version=\"v2\"} 1",
+            "http_requests_total{path=\"other\",status=\"404\",version=\"v2\"} 1",
+            "http_request_duration_seconds_bucket{le=\"0.005\",version=\"v2\"} 2",
+            "http_request_duration_seconds_bucket{le=\"0.25\",version=\"v2\"} 2",
+            "http_request_duration_seconds_bucket{le=\"0.5\",version=\"v2\"} 3",
+            "http_request_duration_seconds_bucket{le=\"+Inf\",version=\"v2\"} 3",
+            "http_request_duration_seconds_count{version=\"v2\"} 3",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
+    }
 }
