@@ -384,6 +384,7 @@ pub async fn demo() -> anyhow::Result<ExitCode> {
         stabilize_ms: 2_000,
         stale_ack_ms: None,
         soak_ms: 2_000,
+        analysis: Vec::new(),
     })
     .await?;
     // Every node serving v2, under load the whole time.

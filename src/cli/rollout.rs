@@ -75,6 +75,13 @@ pub struct UpdateArgs {
     /// failed checks in a row on any node revert the whole rollout (0: no soak)
     #[arg(long, default_value_t = DEFAULT_SOAK_MS, value_name = "DURATION", value_parser = super::millis, visible_alias = "soak")]
     pub soak_ms: u64,
+    /// A metric gate, evaluated by the leader while any node serves the new release:
+    /// `name=N,prometheus=http://HOST:PORT,max=X|min=X[,interval=10s][,failure-limit=1]
+    /// [,inconclusive=fail|pause],query=PROMQL` (query last; it may hold commas).
+    /// failure-limit failed evaluations in a row stop the rollout like a failed node
+    /// (see --on-failure); repeat for more gates
+    #[arg(long, value_name = "SPEC", value_parser = crate::rollout::analysis::Analysis::parse)]
+    pub analysis: Vec<crate::rollout::analysis::Analysis>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -173,6 +180,7 @@ pub fn options_of(args: &UpdateArgs) -> UpdateOptions {
             poll_interval_ms: args.poll_interval_ms.max(10),
             stabilize_ms: args.stabilize_ms,
             soak_ms: args.soak_ms,
+            analyses: args.analysis.clone(),
             ..Strategy::default()
         },
         allow_downtime: args.allow_downtime,

@@ -417,6 +417,10 @@ pub async fn run(
         notes.clone(),
         stop_rx.clone(),
     ));
+    let gates = tokio::spawn(crate::rollout::analyze::analyze(
+        node.clone(),
+        stop_rx.clone(),
+    ));
     let automatic = tokio::spawn(crate::rollout::watch::run(
         node.clone(),
         notes.clone(),
@@ -482,6 +486,7 @@ pub async fn run(
         let _ = task.await;
     }
     let _ = rollouts.await;
+    let _ = gates.await;
     let _ = automatic.await;
     if let Some(task) = health_check {
         let _ = task.await;

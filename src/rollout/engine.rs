@@ -1366,24 +1366,7 @@ fn nodes_where(view: &Deployment, wanted: impl Fn(Phase) -> bool) -> Vec<u64> {
 
 /// A copy without the manifest: the engine never reads it, and it can be megabytes.
 pub(super) fn without_manifest(deployment: &Deployment) -> Deployment {
-    Deployment {
-        generation: deployment.generation,
-        target_hash: deployment.target_hash.clone(),
-        previous_hash: deployment.previous_hash.clone(),
-        manifest: Default::default(),
-        strategy: deployment.strategy.clone(),
-        state: deployment.state,
-        order: deployment.order.clone(),
-        nodes: deployment.nodes.clone(),
-        started_by: deployment.started_by,
-        issued_by_term: deployment.issued_by_term,
-        started_ms: deployment.started_ms,
-        finished_ms: deployment.finished_ms,
-        reason: deployment.reason.clone(),
-        handoff: deployment.handoff.clone(),
-        trigger: deployment.trigger.clone(),
-        aborted: deployment.aborted,
-    }
+    deployment.without_manifest()
 }
 
 #[cfg(test)]

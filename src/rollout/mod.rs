@@ -1,7 +1,7 @@
 //! The rolling update: its pure core (preflight, plan, engine, automatic decisions) and
 //! the runtime that carries it out on the leader.
 //!
-//! Architecture invariant: `preflight`, `plan`, `engine` and `auto` do no I/O. They take
+//! Architecture invariant: `preflight`, `plan`, `engine`, `analysis` and `auto` do no I/O. They take
 //! plain data (a survey the leader gathered, the replicated `Deployment`, an event, the
 //! time) and return plain data (a report, a plan, actions), and are tested with tables and
 //! proptest, without processes. The runtime modules (`update`, `drive`, `operate`,
@@ -11,6 +11,8 @@
 //! - [`preflight`]: may a rollout start? Every check, with the node and figure that failed.
 //! - [`plan`](mod@plan): learners in batches, voter followers one at a time, leader last.
 //! - [`engine`]: the state machine that drives a deployment: events in, actions out.
+//! - [`analysis`]: metric gates: the spec, Prometheus's answer, verdicts, decisions.
+//! - [`analyze`](mod@analyze): evaluate the active deployment's metric gates on the leader.
 //! - [`auto`]: what a leader starts by itself (a new watched build, a node to catch up).
 //! - [`cluster`]: the seam: what the runtime may ask of the node it runs on.
 //! - [`update`](mod@update): survey, preflight, plan and begin a deployment.
@@ -18,6 +20,8 @@
 //! - [`operate`](mod@operate): operators' commands and the rollout view.
 //! - [`watch`]: the automatic-rollout loop (watched directory, catch-ups).
 
+pub mod analysis;
+pub mod analyze;
 pub mod auto;
 pub mod cluster;
 pub mod drive;

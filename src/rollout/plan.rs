@@ -126,6 +126,17 @@ impl Plan {
                 reason: "--max-parallel must be at least 1".into(),
             });
         }
+        let mut names = std::collections::BTreeSet::new();
+        for analysis in &start.strategy.analyses {
+            analysis
+                .check()
+                .map_err(|reason| RolloutError::InvalidStrategy { reason })?;
+            if !names.insert(analysis.name.as_str()) {
+                return Err(RolloutError::InvalidStrategy {
+                    reason: format!("two analyses are named {}: name each once", analysis.name),
+                });
+            }
+        }
         let manifest_hash = start.manifest.build_hash();
         if manifest_hash != self.target_hash {
             return Err(RolloutError::ManifestMismatch {
@@ -160,6 +171,7 @@ impl Plan {
             handoff: None,
             trigger: start.trigger,
             aborted: false,
+            evaluations: Vec::new(),
         })
     }
 

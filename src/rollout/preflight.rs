@@ -111,6 +111,9 @@ pub struct Options {
     /// Acknowledgement age above which a member counts as stale; `None`: 2 x heartbeat.
     pub stale_ack_ms: Option<u64>,
     pub max_log_lag: u64,
+    /// The protocol every member must speak: the rollout commands', or higher when the
+    /// rollout uses a command a later protocol added (metric gates).
+    pub min_protocol: u32,
 }
 
 impl Default for Options {
@@ -119,6 +122,7 @@ impl Default for Options {
             allow_downtime: false,
             stale_ack_ms: None,
             max_log_lag: DEFAULT_MAX_LOG_LAG,
+            min_protocol: ROLLOUT_PROTOCOL,
         }
     }
 }
@@ -179,10 +183,16 @@ pub fn preflight(snapshot: &Survey, options: &Options) -> Report {
             })
         }),
         per_reachable_node(snapshot, "protocol", "speaking the rollout protocol", |m| {
-            (m.protocol < ROLLOUT_PROTOCOL).then(|| {
+            let needed = options.min_protocol.max(ROLLOUT_PROTOCOL);
+            (m.protocol < needed).then(|| {
+                let what = if needed > ROLLOUT_PROTOCOL {
+                    "this rollout's commands (metric gates)"
+                } else {
+                    "rollout commands"
+                };
                 format!(
-                    "{} speaks protocol {}; rollout commands need {ROLLOUT_PROTOCOL}: \
-                     install a newer release on it by hand first",
+                    "{} speaks protocol {}; {what} need {needed}: install a newer release \
+                     on it first (a rollout without --analysis can do that)",
                     name(m),
                     m.protocol
                 )

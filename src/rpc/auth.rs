@@ -253,6 +253,7 @@ pub fn check_write(caller: &Caller, command: &Command) -> Result<(), Refusal> {
         Command::SetAutoRollout { .. } => Err(Refusal::InternalCommand("set_auto_rollout")),
         Command::AbortDeployment { .. } => Err(Refusal::InternalCommand("abort_deployment")),
         Command::ForgetNode { .. } => Err(Refusal::InternalCommand("forget_node")),
+        Command::RecordEvaluation { .. } => Err(Refusal::InternalCommand("record_evaluation")),
     }
 }
 

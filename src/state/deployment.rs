@@ -13,6 +13,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::release::Manifest;
+use crate::rollout::analysis::{Analysis, Evaluation, EVALUATIONS_KEPT};
 
 /// How many finished deployments `State::history` keeps; older ones are dropped.
 pub const HISTORY_LIMIT: usize = 50;
@@ -62,6 +63,9 @@ pub struct Deployment {
     /// An operator aborted it (`cluster rollout abort`): it ends `aborted`, or `reverted`
     /// when the abort asked for a revert.
     pub aborted: bool,
+    /// Every evaluation of the strategy's analyses (metric gates), oldest first; the
+    /// newest `EVALUATIONS_KEPT`.
+    pub evaluations: Vec<Evaluation>,
 }
 
 /// How a deployment proceeds and when it gives up.
@@ -91,6 +95,8 @@ pub struct Strategy {
     /// stabilization window that fail it: one late acknowledgement on a loaded host is
     /// not a failure.
     pub soak_strikes: u32,
+    /// Metric gates evaluated while the deployment runs (`--analysis`).
+    pub analyses: Vec<Analysis>,
 }
 
 impl Default for Strategy {
@@ -107,6 +113,7 @@ impl Default for Strategy {
             // Records written before the soak existed decode as "no soak".
             soak_ms: 0,
             soak_strikes: DEFAULT_SOAK_STRIKES,
+            analyses: Vec::new(),
         }
     }
 }
@@ -395,6 +402,9 @@ pub struct HistoryEntry {
     pub trigger: Option<String>,
     /// An operator aborted it.
     pub aborted: bool,
+    /// Its analyses' evaluations (see [`Deployment::evaluations`]).
+    #[serde(default)]
+    pub evaluations: Vec<Evaluation>,
 }
 
 impl HistoryEntry {
@@ -415,6 +425,7 @@ impl HistoryEntry {
             nodes: deployment.nodes.clone(),
             trigger: deployment.trigger.clone(),
             aborted: deployment.aborted,
+            evaluations: deployment.evaluations.clone(),
         }
     }
 
@@ -460,6 +471,7 @@ impl Deployment {
             handoff: self.handoff.clone(),
             trigger: self.trigger.clone(),
             aborted: self.aborted,
+            evaluations: self.evaluations.clone(),
         }
     }
 
@@ -641,6 +653,28 @@ impl Deployment {
 
     /// Records attempt `attempt` of `from` handing leadership to `to`. Older attempts are
     /// duplicates and change nothing.
+    /// Records an evaluation of one of the strategy's analyses (the newest
+    /// `EVALUATIONS_KEPT` are kept). Refused for an analysis the strategy does not have.
+    pub fn record_evaluation(&mut self, evaluation: &Evaluation) -> Result<bool, String> {
+        if !self
+            .strategy
+            .analyses
+            .iter()
+            .any(|a| a.name == evaluation.name)
+        {
+            return Err(format!(
+                "rollout generation {} has no analysis named {:?}",
+                self.generation, evaluation.name
+            ));
+        }
+        self.evaluations.push(evaluation.clone());
+        if self.evaluations.len() > EVALUATIONS_KEPT {
+            let drop = self.evaluations.len() - EVALUATIONS_KEPT;
+            self.evaluations.drain(..drop);
+        }
+        Ok(true)
+    }
+
     pub fn record_handoff(
         &mut self,
         from: u64,

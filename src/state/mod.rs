@@ -30,7 +30,8 @@ pub use deployment::{
 ///   so they are proposed only once every member reports 2 or more.
 /// - 3: adds the operator's `SetAutoRollout` and `AbortDeployment`.
 /// - 4: adds `ForgetNode`, which the leader proposes after removing a member.
-pub const PROTOCOL: u32 = 4;
+/// - 5: adds `RecordEvaluation` (a metric gate's evaluation, in the deployment).
+pub const PROTOCOL: u32 = 5;
 
 /// The protocol that introduced the rollout commands.
 pub const ROLLOUT_PROTOCOL: u32 = 2;
@@ -40,6 +41,9 @@ pub const OPERATE_PROTOCOL: u32 = 3;
 
 /// The protocol that introduced forgetting a removed member's report.
 pub const MEMBERS_PROTOCOL: u32 = 4;
+
+/// The protocol that introduced metric gates (`RecordEvaluation`).
+pub const ANALYSIS_PROTOCOL: u32 = 5;
 
 /// Cluster-wide rollout settings and the build the cluster is meant to run.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
@@ -194,6 +198,12 @@ pub enum Command {
     ForgetNode {
         id: u64,
     },
+    /// One evaluation of a metric gate of the active deployment (protocol 5). Proposed by
+    /// the leader; what it decides (stop, pause) is a separate `SetDeploymentState`.
+    RecordEvaluation {
+        generation: u64,
+        evaluation: crate::rollout::analysis::Evaluation,
+    },
 }
 
 /// The longest kv key a client may write, in bytes.
@@ -241,6 +251,7 @@ impl Command {
             | Command::RecordHandoff { .. } => ROLLOUT_PROTOCOL,
             Command::SetAutoRollout { .. } | Command::AbortDeployment { .. } => OPERATE_PROTOCOL,
             Command::ForgetNode { .. } => MEMBERS_PROTOCOL,
+            Command::RecordEvaluation { .. } => ANALYSIS_PROTOCOL,
         }
     }
 }
@@ -291,6 +302,14 @@ impl fmt::Display for Command {
                 if *revert { " --revert" } else { "" }
             ),
             Command::ForgetNode { id } => write!(f, "forget-node {id}"),
+            Command::RecordEvaluation {
+                generation,
+                evaluation,
+            } => write!(
+                f,
+                "record-evaluation {generation} {} {}",
+                evaluation.name, evaluation.verdict
+            ),
         }
     }
 }
@@ -406,6 +425,10 @@ impl State {
                 reason,
                 at_ms,
             } => self.on_active(*generation, |d| d.abort(*revert, reason, *at_ms)),
+            Command::RecordEvaluation {
+                generation,
+                evaluation,
+            } => self.on_active(*generation, |d| d.record_evaluation(evaluation)),
             Command::ForgetNode { id } => {
                 if self.nodes.remove(id).is_none() {
                     return (Response::Ok, vec![]);
@@ -757,6 +780,61 @@ mod tests {
             deployment.nodes.insert(*id, step);
         }
         deployment
+    }
+
+    #[test]
+    fn evaluations_of_a_metric_gate_are_recorded_kept_bounded_and_go_to_history() {
+        use crate::rollout::analysis::{Analysis, EVALUATIONS_KEPT};
+        let gate =
+            Analysis::parse("name=errors,prometheus=http://p:9090,max=0.001,query=up").unwrap();
+        let mut d = deployment(4, &[(1, Phase::Stabilize), (2, Phase::Pending)]);
+        d.strategy.analyses = vec![gate.clone()];
+        let mut state = active(d);
+        let record = |generation, evaluation| Command::RecordEvaluation {
+            generation,
+            evaluation,
+        };
+        assert_eq!(
+            state.apply(&record(4, gate.judge(Ok(0.05), 10))).0,
+            Response::Ok
+        );
+        let stale = state.apply(&record(3, gate.judge(Ok(0.0), 11))).0;
+        assert!(matches!(stale, Response::Rejected { .. }), "{stale:?}");
+        let mut other = gate.clone();
+        other.name = "p99".into();
+        let unknown = state.apply(&record(4, other.judge(Ok(0.0), 12))).0;
+        assert!(matches!(unknown, Response::Rejected { .. }), "{unknown:?}");
+        for at in 0..EVALUATIONS_KEPT as u64 + 5 {
+            state.apply(&record(4, gate.judge(Ok(0.0), 100 + at)));
+        }
+        let kept = &state.deployment.as_ref().unwrap().evaluations;
+        assert_eq!(kept.len(), EVALUATIONS_KEPT);
+        assert_eq!(
+            kept.last().unwrap().at_ms,
+            100 + EVALUATIONS_KEPT as u64 + 4
+        );
+        assert_eq!(
+            record(4, gate.judge(Ok(0.0), 1)).required_protocol(),
+            ANALYSIS_PROTOCOL
+        );
+        let _ = state.apply(&Command::SetDeploymentState {
+            generation: 4,
+            state: DeploymentState::Reverting,
+            reason: Some("analysis errors failed".into()),
+            at_ms: 20,
+        });
+        for phase in [Phase::Restoring, Phase::Restored] {
+            assert_eq!(state.apply(&set_phase(4, 1, phase)).0, Response::Ok);
+        }
+        let ended = state.apply(&Command::SetDeploymentState {
+            generation: 4,
+            state: DeploymentState::Reverted,
+            reason: None,
+            at_ms: 21,
+        });
+        assert_eq!(ended.0, Response::Ok);
+        let entry = state.history.last().expect("in history");
+        assert_eq!(entry.evaluations.len(), EVALUATIONS_KEPT);
     }
 
     fn active(deployment: Deployment) -> State {

@@ -31,6 +31,7 @@ fn strategy(max_parallel: usize, on_failure: OnFailure) -> Strategy {
         allow_downtime: true,
         soak_ms: 0,
         soak_strikes: 3,
+        analyses: Vec::new(),
     }
 }
 
