@@ -485,7 +485,10 @@ mod tests {
         assert_eq!(fail.verdict, Verdict::Fail);
         assert_eq!(pass.verdict, Verdict::Pass);
         assert_eq!(unknown.verdict, Verdict::Inconclusive);
-        assert_eq!(decide(&analyses, &[fail.clone()]), Decision::Continue);
+        assert_eq!(
+            decide(&analyses, std::slice::from_ref(&fail)),
+            Decision::Continue
+        );
         assert_eq!(
             decide(&analyses, &[fail.clone(), pass.clone(), fail.clone()]),
             Decision::Continue
@@ -510,7 +513,7 @@ mod tests {
     fn an_inconclusive_evaluation_pauses_an_analysis_that_says_so() {
         let p99 = Analysis::parse(P99).unwrap();
         let unknown = evaluation(&p99, Err("NaN (no traffic in the window?)".into()));
-        let Decision::Pause(why) = decide(&[p99.clone()], &[unknown]) else {
+        let Decision::Pause(why) = decide(std::slice::from_ref(&p99), &[unknown]) else {
             panic!("pauses");
         };
         assert!(why.contains("NaN"), "{why}");

@@ -88,7 +88,7 @@ pub async fn analyze<C: Cluster>(cluster: Arc<C>, mut stop: watch::Receiver<bool
             let recorded = cluster
                 .propose(Command::RecordEvaluation {
                     generation,
-                    evaluation,
+                    evaluation: Box::new(evaluation),
                 })
                 .await;
             match recorded {

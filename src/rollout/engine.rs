@@ -197,6 +197,8 @@ impl fmt::Display for OpKind {
 }
 
 /// What the runtime must do next.
+// A few actions live for one step at a time: a command inline costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Replicate this command and wait until it is committed.

@@ -202,7 +202,7 @@ pub enum Command {
     /// the leader; what it decides (stop, pause) is a separate `SetDeploymentState`.
     RecordEvaluation {
         generation: u64,
-        evaluation: crate::rollout::analysis::Evaluation,
+        evaluation: Box<crate::rollout::analysis::Evaluation>,
     },
 }
 
@@ -792,7 +792,7 @@ mod tests {
         let mut state = active(d);
         let record = |generation, evaluation| Command::RecordEvaluation {
             generation,
-            evaluation,
+            evaluation: Box::new(evaluation),
         };
         assert_eq!(
             state.apply(&record(4, gate.judge(Ok(0.05), 10))).0,
