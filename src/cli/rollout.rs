@@ -578,6 +578,7 @@ pub fn print_active(d: &Deployment, notes: Option<&LeaderNotes>) -> std::io::Res
         outln!("  reason: {reason}");
     }
     print_steps(&d.order, &d.nodes, d.reason.as_deref())?;
+    print_gates(&d.strategy.analyses, &d.evaluations)?;
     if let Some(notes) = notes {
         if let Some(waiting) = &notes.waiting {
             outln!("  {waiting}");
@@ -753,6 +754,42 @@ fn print_summary(entry: &HistoryEntry) -> std::io::Result<()> {
         outln!("  why: {trigger}");
     }
     print_steps(&entry.order, &entry.nodes, entry.reason.as_deref())?;
+    print_gates(&entry.strategy.analyses, &entry.evaluations)?;
+    Ok(())
+}
+
+/// Each metric gate: its query and threshold, how many evaluations it had, and the
+/// newest (value, verdict, time). `--json` has every evaluation.
+fn print_gates(
+    analyses: &[crate::rollout::analysis::Analysis],
+    evaluations: &[crate::rollout::analysis::Evaluation],
+) -> std::io::Result<()> {
+    for analysis in analyses {
+        let mine: Vec<_> = evaluations
+            .iter()
+            .filter(|e| e.name == analysis.name)
+            .collect();
+        let newest = match mine.last() {
+            None => "not evaluated yet".to_string(),
+            Some(e) => format!(
+                "{} evaluations, newest {} at {}: {}",
+                mine.len(),
+                match (e.value, &e.detail) {
+                    (Some(v), _) => format!("{v}"),
+                    (None, Some(why)) => format!("no value ({why})"),
+                    (None, None) => "no value".into(),
+                },
+                clock(e.at_ms),
+                e.verdict
+            ),
+        };
+        outln!(
+            "  gate {}: `{}` must be {} ({newest})",
+            analysis.name,
+            analysis.query,
+            analysis.threshold()
+        );
+    }
     Ok(())
 }
 

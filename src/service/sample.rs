@@ -49,6 +49,16 @@ struct Metrics {
 }
 
 impl Metrics {
+    /// With the series an error-rate query divides already at 0 (as a well-instrumented
+    /// service exports them): a release with no errors yet has a rate of 0, not no data.
+    fn started() -> Self {
+        let mut metrics = Self::default();
+        for status in [200, 500] {
+            metrics.requests.insert(("/".to_string(), status), 0);
+        }
+        metrics
+    }
+
     fn observe(&mut self, path: &str, status: u16, took: Duration) {
         // Paths outside the service's own are counted as one, so a scan cannot grow this.
         let path = match path {
@@ -143,7 +153,7 @@ pub fn run(options: SampleOptions) -> Result<(), String> {
         open: AtomicUsize::new(0),
         counter_file,
         served_root: AtomicU64::new(0),
-        metrics: Default::default(),
+        metrics: std::sync::Mutex::new(Metrics::started()),
     });
     eprintln!(
         "sample-service {} (pid {}) serving on {} sockets",
@@ -466,7 +476,10 @@ mod tests {
 
     #[test]
     fn metrics_are_prometheus_text_with_a_cumulative_histogram() {
-        let mut metrics = Metrics::default();
+        let mut metrics = Metrics::started();
+        assert!(metrics
+            .render("v1")
+            .contains("http_requests_total{path=\"/\",status=\"500\",version=\"v1\"} 0"));
         metrics.observe("/", 200, Duration::from_millis(3));
         metrics.observe("/", 500, Duration::from_millis(300));
         metrics.observe("/../etc", 404, Duration::from_millis(1));

@@ -4,6 +4,7 @@ mod attacks;
 mod boot_guard;
 mod errors;
 mod faults;
+mod gates;
 mod harness;
 mod members;
 mod operate;

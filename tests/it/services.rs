@@ -10,7 +10,12 @@ use crate::harness::{cli, data_dir_of, Cluster};
 
 /// A release of the sample service: `bin/cluster` (which is also the service, as
 /// `cluster sample-service`) and a `service.toml` running it with `args`.
-fn service_release(dir: &Path, version: &str, args: &[&str], start_grace: &str) -> String {
+pub(crate) fn service_release(
+    dir: &Path,
+    version: &str,
+    args: &[&str],
+    start_grace: &str,
+) -> String {
     crate::harness::make_release(
         dir,
         &[("service.toml", &service_toml(version, args, start_grace))],
@@ -90,7 +95,7 @@ fn service_view(cluster: &Cluster, id: u64) -> Option<serde_json::Value> {
 
 /// Three supervised nodes on release `v1` (build `h1`), each with its sample service
 /// ready; the cluster and each node's ingress, in node order.
-async fn three_serving(v1: &Path, h1: &str) -> (Cluster, Vec<String>) {
+pub(crate) async fn three_serving(v1: &Path, h1: &str) -> (Cluster, Vec<String>) {
     let cluster = Cluster::start_supervised_with(3, v1, &[]).await;
     crate::harness::wait_all_on(&cluster, h1).await;
     wait_services_on(&cluster, &[1, 2, 3], h1).await;
@@ -99,7 +104,7 @@ async fn three_serving(v1: &Path, h1: &str) -> (Cluster, Vec<String>) {
 }
 
 /// Waits until every node's service is ready on release `hash`.
-async fn wait_services_on(cluster: &Cluster, ids: &[u64], hash: &str) {
+pub(crate) async fn wait_services_on(cluster: &Cluster, ids: &[u64], hash: &str) {
     for &id in ids {
         crate::harness::wait_for(
             &format!("node {id}'s service ready on {}", &hash[..12]),
@@ -114,7 +119,7 @@ async fn wait_services_on(cluster: &Cluster, ids: &[u64], hash: &str) {
 }
 
 /// `GET path` over HTTP/1.1 (a fresh connection): status and body.
-fn get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+pub(crate) fn get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;

@@ -282,32 +282,67 @@ fn url_encode(text: &str) -> String {
 }
 
 /// A Prometheus server from Debian's package, killed with its test.
-struct Prometheus {
+pub(crate) struct Prometheus {
     child: std::process::Child,
-    addr: String,
+    pub(crate) addr: String,
     _dir: tempfile::TempDir,
+}
+
+/// Whether Debian's `prometheus` (server and promtool) is here; when not, the test skips
+/// (fails under CI=true, where `.ci/run` installs it).
+pub(crate) fn have_prometheus() -> bool {
+    let tools = ["prometheus", "promtool"].iter().all(|tool| {
+        std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !tools {
+        crate::harness::skip_outside_ci(
+            "Prometheus is not installed: apt-get install prometheus (server and promtool)",
+        );
+    }
+    tools
 }
 
 impl Prometheus {
     /// Scrapes `targets` every 250 ms over HTTPS with the test viewer's certificate.
     async fn start(targets: &[String]) -> Prometheus {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("prometheus.yml");
         let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
         let ca = crate::harness::creds("ca").join("ca.pem");
         let viewer = crate::harness::creds("viewer");
+        Self::start_with(&format!(
+            "  - job_name: cluster\n    scheme: https\n    \
+             tls_config:\n      ca_file: {}\n      cert_file: {}\n      \
+             key_file: {}\n      server_name: cluster-node\n    \
+             static_configs:\n      - targets: [{}]\n",
+            ca.display(),
+            viewer.join("cert.pem").display(),
+            viewer.join("key.pem").display(),
+            list.join(", ")
+        ))
+        .await
+    }
+
+    /// Scrapes `/metrics` of the plain HTTP `targets` (services) every 250 ms.
+    pub(crate) async fn start_plain(targets: &[String]) -> Prometheus {
+        let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        Self::start_with(&format!(
+            "  - job_name: service\n    static_configs:\n      - targets: [{}]\n",
+            list.join(", ")
+        ))
+        .await
+    }
+
+    /// Runs with these scrape configs (YAML list items), every 250 ms.
+    async fn start_with(scrape_configs: &str) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
         std::fs::write(
             &config,
             format!(
                 "global:\n  scrape_interval: 250ms\n  scrape_timeout: 200ms\n\
-                 scrape_configs:\n  - job_name: cluster\n    scheme: https\n    \
-                 tls_config:\n      ca_file: {}\n      cert_file: {}\n      \
-                 key_file: {}\n      server_name: cluster-node\n    \
-                 static_configs:\n      - targets: [{}]\n",
-                ca.display(),
-                viewer.join("cert.pem").display(),
-                viewer.join("key.pem").display(),
-                list.join(", ")
+                 scrape_configs:\n{scrape_configs}"
             ),
         )
         .unwrap();
@@ -343,7 +378,7 @@ impl Prometheus {
     }
 
     /// The result vector of PromQL `query`, as `(labels, value)`.
-    fn query(&self, query: &str) -> Vec<(serde_json::Value, f64)> {
+    pub(crate) fn query(&self, query: &str) -> Vec<(serde_json::Value, f64)> {
         let path = format!("/api/v1/query?query={}", url_encode(query));
         let (code, body) = http_get(&self.addr, &path).unwrap();
         assert_eq!(code, 200, "{query}: {body}");
@@ -369,16 +404,8 @@ impl Drop for Prometheus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_every_node_and_sees_a_rollouts_phases() {
-    let tools = ["prometheus", "promtool"].iter().all(|tool| {
-        std::process::Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !tools {
-        return crate::harness::skip_outside_ci(
-            "Prometheus is not installed: apt-get install prometheus (server and promtool)",
-        );
+    if !have_prometheus() {
+        return;
     }
     let work = tempfile::tempdir().unwrap();
     let (v1, v2) = (work.path().join("v1"), work.path().join("v2"));

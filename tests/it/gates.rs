@@ -1,0 +1,256 @@
+//! Metric gates (`cluster update --analysis`) against a real Prometheus server (Debian's
+//! package) scraping the sample service on three nodes under load: a release that fails
+//! 5% of its requests is stopped by the error-rate gate and reverted, one that answers
+//! slowly by the p99 gate; a good release passes both gates to completion.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::harness::{cli, Cluster};
+use crate::services::{get, service_release, three_serving, wait_services_on};
+use crate::tools::{have_prometheus, Prometheus};
+
+/// The error-rate gate as an operator writes it (over a short window: the test's
+/// rollout is minutes long, not hours).
+fn error_gate(prometheus: &str) -> String {
+    format!(
+        "name=errors,prometheus=http://{prometheus},max=0.001,interval=1s,failure-limit=2,\
+         query=sum(rate(http_requests_total{{path=\"/\",status=~\"5..\"}}[5s])) \
+         / sum(rate(http_requests_total{{path=\"/\"}}[5s]))"
+    )
+}
+
+/// The p99 latency gate: the slowest instance's 99th percentile, in seconds.
+fn p99_gate(prometheus: &str) -> String {
+    format!(
+        "name=p99,prometheus=http://{prometheus},max=0.5,interval=1s,failure-limit=2,\
+         query=max(histogram_quantile(0.99, rate(http_request_duration_seconds_bucket[5s])))"
+    )
+}
+
+/// Requests to `/` on every ingress until stopped; remembers when it first saw a 500.
+struct Load {
+    stop: Arc<AtomicBool>,
+    first_error_ms: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<(u64, u64)>>,
+}
+
+impl Load {
+    fn start(ingresses: &[String]) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let first_error_ms = Arc::new(AtomicU64::new(0));
+        let threads = ingresses
+            .iter()
+            .map(|addr| {
+                let (addr, stop, first) = (addr.clone(), stop.clone(), first_error_ms.clone());
+                std::thread::spawn(move || {
+                    let (mut ok, mut failed) = (0, 0);
+                    while !stop.load(Ordering::Relaxed) {
+                        match get(&addr, "/") {
+                            Ok((200, _)) => ok += 1,
+                            Ok((500, _)) => {
+                                failed += 1;
+                                let now = cluster::clock::unix_ms();
+                                let _ = first.compare_exchange(
+                                    0,
+                                    now,
+                                    Ordering::SeqCst,
+                                    Ordering::SeqCst,
+                                );
+                            }
+                            _ => failed += 1,
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            first_error_ms,
+            threads,
+        }
+    }
+
+    /// Requests answered 200, and the others.
+    fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+    }
+}
+
+/// `cluster update` of `dist` with the gates, through node 1; its history entry.
+fn update_gated(cluster: &Cluster, dist: &std::path::Path, gates: &[String]) -> serde_json::Value {
+    let addr = cluster.addr(1);
+    let mut args = vec![
+        "update",
+        "--dist",
+        dist.to_str().unwrap(),
+        "--node",
+        &addr,
+        "--stabilize",
+        "8s",
+        "--soak",
+        "0",
+        "--stale-ack",
+        "2s",
+        "--json",
+    ];
+    for gate in gates {
+        args.extend(["--analysis", gate]);
+    }
+    let out = cli(&args);
+    let history = cli(&["rollout", "history", "--json", "--node", &addr]);
+    let history: serde_json::Value = serde_json::from_slice(&history.stdout).unwrap();
+    let last = history.as_array().unwrap().last().cloned().unwrap();
+    println!(
+        "update exit {:?}; rollout {} {}: {}",
+        out.status.code(),
+        last["generation"],
+        last["outcome"],
+        last["reason"]
+    );
+    last
+}
+
+/// When the first node began restoring (the revert's start), from the history.
+fn revert_started_ms(entry: &serde_json::Value) -> u64 {
+    entry["nodes"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|step| step["trail"].as_array().cloned().unwrap_or_default())
+        .filter(|t| t[0] == "restoring")
+        .filter_map(|t| t[1].as_u64())
+        .min()
+        .expect("a node was restored")
+}
+
+async fn gated_cluster() -> Option<(tempfile::TempDir, Cluster, Vec<String>, Prometheus, String)> {
+    if !have_prometheus() {
+        return None;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let v1 = work.path().join("v1");
+    let h1 = service_release(&v1, "v1", &[], "20s");
+    let (cluster, ingresses) = three_serving(&v1, &h1).await;
+    let prometheus = Prometheus::start_plain(&ingresses).await;
+    crate::harness::wait_for(
+        "Prometheus scraping the services",
+        Duration::from_secs(60),
+        || async {
+            let up = prometheus.query("sum(up{job=\"service\"})");
+            (up.first().map(|(_, v)| *v) == Some(3.0)).then_some(())
+        },
+    )
+    .await;
+    Some((work, cluster, ingresses, prometheus, h1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_error_rate_gate_reverts_a_failing_release_and_a_good_one_completes() {
+    let Some((work, cluster, ingresses, prometheus, h1)) = gated_cluster().await else {
+        return;
+    };
+    let gates = [error_gate(&prometheus.addr), p99_gate(&prometheus.addr)];
+    let load = Load::start(&ingresses);
+    let bad = work.path().join("bad");
+    service_release(&bad, "v2-errors", &["--error-rate", "0.05"], "20s");
+    let entry = update_gated(&cluster, &bad, &gates);
+    let first_error = load.first_error_ms.load(Ordering::SeqCst);
+    assert_eq!(entry["outcome"], "reverted", "{entry:#}");
+    let reason = entry["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("analysis errors failed") && reason.contains("must be <= 0.001"),
+        "the reason names the gate, its query's value and the threshold: {reason}"
+    );
+    let failed: Vec<f64> = entry["evaluations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == "errors" && e["verdict"] == "fail")
+        .filter_map(|e| e["value"].as_f64())
+        .collect();
+    assert!(
+        failed.len() >= 2 && failed.iter().all(|v| *v > 0.001),
+        "failed evaluations with their values recorded: {failed:?}"
+    );
+    assert!(first_error > 0, "the load saw the bad release's errors");
+    let revert = revert_started_ms(&entry);
+    println!(
+        "error-rate gate: first 500 at {first_error}, revert began at {revert}: {} ms later \
+         ({} failed evaluations; values {failed:?})",
+        revert.saturating_sub(first_error),
+        failed.len()
+    );
+    crate::harness::wait_all_on(&cluster, &h1).await;
+    wait_services_on(&cluster, &[1, 2, 3], &h1).await;
+
+    // A good release passes both gates, every evaluation recorded. It starts once the
+    // bad release's errors have left the gate's window, as an operator would.
+    crate::harness::wait_for(
+        "the errors out of the window",
+        Duration::from_secs(60),
+        || async {
+            let ratio = prometheus.query(
+                "sum(rate(http_requests_total{path=\"/\",status=~\"5..\"}[5s])) \
+             / sum(rate(http_requests_total{path=\"/\"}[5s]))",
+            );
+            (ratio.first().map(|(_, v)| *v) == Some(0.0)).then_some(())
+        },
+    )
+    .await;
+    let good = work.path().join("good");
+    let h3 = service_release(&good, "v3", &[], "20s");
+    let entry = update_gated(&cluster, &good, &gates);
+    let (ok, failed) = load.stop();
+    assert_eq!(entry["outcome"], "completed", "{entry:#}");
+    let evaluations = entry["evaluations"].as_array().unwrap();
+    for name in ["errors", "p99"] {
+        let mine: Vec<_> = evaluations.iter().filter(|e| e["name"] == name).collect();
+        assert!(!mine.is_empty(), "gate {name} was evaluated");
+        assert!(
+            mine.iter().all(|e| e["verdict"] == "pass"),
+            "every evaluation of {name} passed: {mine:?}"
+        );
+    }
+    wait_services_on(&cluster, &[1, 2, 3], &h3).await;
+    println!("load: {ok} requests answered 200, {failed} not (the bad release's 500s)");
+    let status = cli(&["rollout", "history", "--node", &cluster.addr(1)]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("gate errors:") && text.contains("gate p99:"),
+        "history shows the gates:\n{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_p99_gate_reverts_a_slow_release() {
+    let Some((work, cluster, ingresses, prometheus, h1)) = gated_cluster().await else {
+        return;
+    };
+    let gates = [error_gate(&prometheus.addr), p99_gate(&prometheus.addr)];
+    let load = Load::start(&ingresses);
+    let slow = work.path().join("slow");
+    service_release(&slow, "v2-slow", &["--latency", "700ms"], "20s");
+    let began = Instant::now();
+    let entry = update_gated(&cluster, &slow, &gates);
+    load.stop();
+    assert_eq!(entry["outcome"], "reverted", "{entry:#}");
+    let reason = entry["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("analysis p99 failed") && reason.contains("must be <= 0.5"),
+        "{reason}"
+    );
+    println!(
+        "p99 gate: rollout reverted after {} ms: {reason}",
+        began.elapsed().as_millis()
+    );
+    crate::harness::wait_all_on(&cluster, &h1).await;
+    wait_services_on(&cluster, &[1, 2, 3], &h1).await;
+}
