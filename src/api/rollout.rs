@@ -146,6 +146,8 @@ pub enum Operation {
     Abort { revert: bool },
     /// Switch automatic rollouts on or off, cluster-wide.
     Auto { enabled: bool },
+    /// Begin the next canary step now, whatever the current one still holds for.
+    Promote,
 }
 
 /// What an operation did.
@@ -200,6 +202,17 @@ pub fn status_json(view: &RolloutView, members: &[u64]) -> serde_json::Value {
             "phases": phases,
             "nodes": nodes,
             "soaking": d.soak_started_ms().is_some(),
+            "step": (!d.strategy.steps.is_empty()).then(|| {
+                let targets = d.step_targets();
+                serde_json::json!({
+                    "index": d.step,
+                    "of": targets.len(),
+                    "targets": targets,
+                    "pause_ms": d.strategy.step_pause_ms,
+                })
+            }),
+            "analyses": d.strategy.analyses,
+            "evaluations": d.evaluations,
             "waiting": view.notes.as_ref().and_then(|n| n.waiting.clone()),
             "soak_left_ms": view.notes.as_ref().and_then(|n| n.soak_left_ms),
         })

@@ -385,6 +385,8 @@ pub async fn demo() -> anyhow::Result<ExitCode> {
         stale_ack_ms: None,
         soak_ms: 2_000,
         analysis: Vec::new(),
+        steps: None,
+        step_pause: None,
     })
     .await?;
     // Every node serving v2, under load the whole time.

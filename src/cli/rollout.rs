@@ -82,6 +82,16 @@ pub struct UpdateArgs {
     /// (see --on-failure); repeat for more gates
     #[arg(long, value_name = "SPEC", value_parser = crate::rollout::analysis::Analysis::parse)]
     pub analysis: Vec<crate::rollout::analysis::Analysis>,
+    /// Canary steps: how many nodes (3) or what share of them (25%, rounded up) run the
+    /// new release at the end of each step, e.g. 1,25%,100%. Each step holds once its
+    /// nodes committed, for --step-pause or until `cluster rollout promote`; the metric
+    /// gates keep watching. Voters still go one at a time, the leader last
+    #[arg(long, value_name = "LIST", value_parser = parse_steps)]
+    pub steps: Option<StepList>,
+    /// How long each step holds before the next begins [default: until `cluster rollout
+    /// promote`]
+    #[arg(long, value_name = "DURATION", value_parser = super::millis, requires = "steps")]
+    pub step_pause: Option<u64>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -135,6 +145,15 @@ pub enum RolloutCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Begin the next canary step now (`cluster update --steps`): a step that holds until
+    /// promoted goes on, one that holds for a pause stops holding
+    Promote {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON: {message, generation}
+        #[arg(long)]
+        json: bool,
+    },
     /// Resume a paused rollout
     Resume {
         #[command(flatten)]
@@ -168,6 +187,14 @@ pub enum RolloutCommand {
     },
 }
 
+/// `--steps`: one value that is a list (clap would take a `Vec` for many values).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepList(pub Vec<crate::state::deployment::Step>);
+
+fn parse_steps(text: &str) -> Result<StepList, String> {
+    crate::state::deployment::Step::parse_list(text).map(StepList)
+}
+
 pub fn options_of(args: &UpdateArgs) -> UpdateOptions {
     UpdateOptions {
         strategy: Strategy {
@@ -181,6 +208,8 @@ pub fn options_of(args: &UpdateArgs) -> UpdateOptions {
             stabilize_ms: args.stabilize_ms,
             soak_ms: args.soak_ms,
             analyses: args.analysis.clone(),
+            steps: args.steps.clone().map(|s| s.0).unwrap_or_default(),
+            step_pause_ms: args.step_pause,
             ..Strategy::default()
         },
         allow_downtime: args.allow_downtime,
@@ -577,6 +606,32 @@ pub fn print_active(d: &Deployment, notes: Option<&LeaderNotes>) -> std::io::Res
     if let Some(reason) = &d.reason {
         outln!("  reason: {reason}");
     }
+    if !d.strategy.steps.is_empty() {
+        let targets = d.step_targets();
+        let step = d.step.min(targets.len() - 1);
+        outln!(
+            "  canary step {}/{}: {} of {} nodes on the new release at its end ({}; steps {}{})",
+            step + 1,
+            targets.len(),
+            targets[step],
+            d.nodes.len(),
+            targets
+                .iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(" -> "),
+            d.strategy
+                .steps
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            match d.strategy.step_pause_ms {
+                Some(pause) => format!(", each holding {}", ms(pause)),
+                None => ", each holding until `cluster rollout promote`".into(),
+            }
+        );
+    }
     print_steps(&d.order, &d.nodes, d.reason.as_deref())?;
     print_gates(&d.strategy.analyses, &d.evaluations)?;
     if let Some(notes) = notes {
@@ -831,6 +886,7 @@ pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
         }
         RolloutCommand::Pause { target, json } => (target, Operation::Pause, json),
         RolloutCommand::Resume { target, json } => (target, Operation::Resume, json),
+        RolloutCommand::Promote { target, json } => (target, Operation::Promote, json),
         RolloutCommand::Abort {
             target,
             revert,

@@ -304,6 +304,9 @@ pub struct Engine {
     /// This leader runs the target's `bin/cluster` already: its own update switches in
     /// place without a restart, so it keeps leading and needs no hand-off.
     in_place: bool,
+    /// The canary step this leader watches hold (its nodes all committed), and since
+    /// when (this leader's clock: a new leader starts the pause again).
+    step_hold: Option<(usize, u64)>,
 }
 
 /// What this leader is waiting for on one node. Lost on a leader change, by design:
@@ -416,6 +419,7 @@ impl Engine {
             requests: 0,
             done: false,
             in_place: false,
+            step_hold: None,
         }
     }
 
@@ -443,6 +447,7 @@ impl Engine {
         self.handoff = HandoffTrack::default();
         // Strikes are kept: losing them would forgive a node that keeps failing.
         self.soak.since_ms = None;
+        self.step_hold = None;
         self.done = false;
     }
 
@@ -771,6 +776,29 @@ impl Engine {
         if cx.view.nodes.values().all(|s| s.phase == Phase::Committed) {
             return self.soak(cx);
         }
+        // Canary steps: no node starts beyond the step's quota; a step whose nodes all
+        // committed holds for its pause (or an operator's promote), then the next begins.
+        let targets = cx.view.step_targets();
+        let step = cx.view.step.min(targets.len() - 1);
+        let quota = targets[step];
+        let mut started = cx
+            .view
+            .nodes
+            .values()
+            .filter(|s| s.phase != Phase::Pending)
+            .count();
+        if started >= quota {
+            let committed = cx
+                .view
+                .nodes
+                .values()
+                .filter(|s| s.phase == Phase::Committed)
+                .count();
+            if committed >= quota && step + 1 < targets.len() {
+                self.hold_step(cx, step, quota, targets.len());
+            }
+            return;
+        }
         let order = self.effective_order(&cx.view);
         let roles: Vec<(u64, Role)> = order
             .iter()
@@ -790,11 +818,59 @@ impl Engine {
             if cx.view.phase(node) != Phase::Pending || !self.may_start(&cx.view, node) {
                 continue;
             }
+            if started >= quota {
+                break;
+            }
             if self.live_enough(cx, node) {
+                started += 1;
                 self.set_phase(cx, node, Phase::Backup, None);
                 self.advance(cx, node);
             } else if cx.view.state.is_stopping() {
                 return self.drive_stopping(cx);
+            }
+        }
+    }
+
+    /// Step `step` (of `steps`) has its `quota` of nodes committed: hold it for the
+    /// strategy's step pause, then promote it; with no pause, wait for an operator's
+    /// promote. Nodes already updated stay under the metric gates meanwhile.
+    fn hold_step(&mut self, cx: &mut Cx, step: usize, quota: usize, steps: usize) {
+        let now = cx.now.monotonic_ms;
+        let since = match self.step_hold {
+            Some((held, since)) if held == step => since,
+            _ => {
+                self.step_hold = Some((step, now));
+                now
+            }
+        };
+        let of = cx.view.nodes.len();
+        match cx.view.strategy.step_pause_ms {
+            Some(pause) if now.saturating_sub(since) >= pause => {
+                let command = Command::PromoteStep {
+                    generation: cx.view.generation,
+                    from: step,
+                    at_ms: cx.now.unix_ms,
+                };
+                if self.project(cx, command) {
+                    self.step_hold = None;
+                }
+            }
+            Some(pause) => {
+                self.waiting = Some(format!(
+                    "step {}/{steps} ({quota} of {of} nodes) holds for {} more before the next \
+                     (or `cluster rollout promote`)",
+                    step + 1,
+                    humantime::format_duration(std::time::Duration::from_millis(
+                        pause.saturating_sub(now.saturating_sub(since)) / 1000 * 1000
+                    ))
+                ));
+            }
+            None => {
+                self.waiting = Some(format!(
+                    "step {}/{steps} ({quota} of {of} nodes) holds until `cluster rollout \
+                     promote`",
+                    step + 1
+                ));
             }
         }
     }
@@ -1136,6 +1212,7 @@ impl Engine {
                 at_ms,
                 ..
             } => view.record_handoff(*from, *to, *attempt, *at_ms),
+            Command::PromoteStep { from, .. } => view.promote(*from),
             _ => Err(format!("the engine does not propose {command}")),
         };
         debug_assert!(

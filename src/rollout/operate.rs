@@ -1,4 +1,4 @@
-//! Operators' commands on rollouts (pause, resume, abort, automatic rollouts on/off),
+//! Operators' commands on rollouts (pause, resume, promote, abort, automatic rollouts on/off),
 //! each one replicated command, and the rollout view `cluster rollout` and `status` show.
 
 use super::cluster::{Cluster, Notes};
@@ -47,13 +47,41 @@ pub async fn operate<C: Cluster>(cluster: &C, operation: Operation) -> Result<Op
             generation: 0,
         });
     }
-    let Some((generation, state)) =
-        cluster.read(|s| s.deployment.as_ref().map(|d| (d.generation, d.state)))
-    else {
+    let Some((generation, state, step, targets)) = cluster.read(|s| {
+        s.deployment
+            .as_ref()
+            .map(|d| (d.generation, d.state, d.step, d.step_targets()))
+    }) else {
         return Err(ApiError::precondition(
-            "no rollout is active: nothing to pause, resume or abort",
+            "no rollout is active: nothing to pause, resume, promote or abort",
         ));
     };
+    if operation == Operation::Promote {
+        if step + 1 >= targets.len() {
+            return Err(ApiError::precondition(format!(
+                "rollout {generation} is on its last step ({} of {} nodes): nothing to promote",
+                targets.last().copied().unwrap_or(0),
+                targets.last().copied().unwrap_or(0)
+            )));
+        }
+        let command = Command::PromoteStep {
+            generation,
+            from: step,
+            at_ms: now,
+        };
+        commit(cluster, command).await?;
+        return Ok(Operated {
+            message: format!(
+                "rollout {generation} promoted: step {}/{} begins ({} of {} nodes on the new \
+                 release)",
+                step + 2,
+                targets.len(),
+                targets[step + 1],
+                targets.last().copied().unwrap_or(0)
+            ),
+            generation,
+        });
+    }
     let (command, message) = match operation {
         Operation::Pause => (
             Command::SetDeploymentState {
@@ -102,7 +130,7 @@ pub async fn operate<C: Cluster>(cluster: &C, operation: Operation) -> Result<Op
                 },
             )
         }
-        Operation::Auto { .. } => unreachable!("handled above"),
+        Operation::Auto { .. } | Operation::Promote => unreachable!("handled above"),
     };
     if operation == Operation::Resume && state != DeploymentState::Paused {
         return Err(ApiError::precondition(format!(

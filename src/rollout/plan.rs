@@ -172,6 +172,7 @@ impl Plan {
             trigger: start.trigger,
             aborted: false,
             evaluations: Vec::new(),
+            step: 0,
         })
     }
 

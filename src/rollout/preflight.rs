@@ -186,13 +186,13 @@ pub fn preflight(snapshot: &Survey, options: &Options) -> Report {
             let needed = options.min_protocol.max(ROLLOUT_PROTOCOL);
             (m.protocol < needed).then(|| {
                 let what = if needed > ROLLOUT_PROTOCOL {
-                    "this rollout's commands (metric gates)"
+                    "this rollout's commands (metric gates, canary steps)"
                 } else {
                     "rollout commands"
                 };
                 format!(
                     "{} speaks protocol {}; {what} need {needed}: install a newer release \
-                     on it first (a rollout without --analysis can do that)",
+                     on it first (a rollout without --analysis or --steps can do that)",
                     name(m),
                     m.protocol
                 )

@@ -144,7 +144,7 @@ pub async fn update<C: Cluster>(
     let preflight_options = Options {
         allow_downtime: options.allow_downtime,
         stale_ack_ms: options.stale_ack_ms,
-        min_protocol: if options.strategy.analyses.is_empty() {
+        min_protocol: if options.strategy.analyses.is_empty() && options.strategy.steps.is_empty() {
             crate::state::ROLLOUT_PROTOCOL
         } else {
             crate::state::ANALYSIS_PROTOCOL

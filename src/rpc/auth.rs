@@ -254,6 +254,7 @@ pub fn check_write(caller: &Caller, command: &Command) -> Result<(), Refusal> {
         Command::AbortDeployment { .. } => Err(Refusal::InternalCommand("abort_deployment")),
         Command::ForgetNode { .. } => Err(Refusal::InternalCommand("forget_node")),
         Command::RecordEvaluation { .. } => Err(Refusal::InternalCommand("record_evaluation")),
+        Command::PromoteStep { .. } => Err(Refusal::InternalCommand("promote_step")),
     }
 }
 

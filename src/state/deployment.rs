@@ -66,6 +66,8 @@ pub struct Deployment {
     /// Every evaluation of the strategy's analyses (metric gates), oldest first; the
     /// newest `EVALUATIONS_KEPT`.
     pub evaluations: Vec<Evaluation>,
+    /// The canary step under way (an index into [`Deployment::step_targets`]).
+    pub step: usize,
 }
 
 /// How a deployment proceeds and when it gives up.
@@ -97,6 +99,82 @@ pub struct Strategy {
     pub soak_strikes: u32,
     /// Metric gates evaluated while the deployment runs (`--analysis`).
     pub analyses: Vec<Analysis>,
+    /// Canary steps (`--steps 1,25%,100%`): how many nodes run the new release at the end
+    /// of each; empty: one step of every node.
+    pub steps: Vec<Step>,
+    /// How long a step that reached its nodes holds before the next begins; `None`: until
+    /// an operator runs `cluster rollout promote`.
+    pub step_pause_ms: Option<u64>,
+}
+
+/// One canary step: a number of nodes, or a share of them (rounded up).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Nodes(u32),
+    Percent(u32),
+}
+
+impl Step {
+    /// `3` or `25%`.
+    pub fn parse_list(text: &str) -> Result<Vec<Step>, String> {
+        let steps = text
+            .split(',')
+            .map(|part| {
+                let part = part.trim();
+                let step = match part.strip_suffix('%') {
+                    Some(share) => match share.parse::<u32>() {
+                        Ok(p) if (1..=100).contains(&p) => Step::Percent(p),
+                        _ => return Err(format!("step {part:?}: a share is 1% to 100%")),
+                    },
+                    None => match part.parse::<u32>() {
+                        Ok(n) if n >= 1 => Step::Nodes(n),
+                        _ => {
+                            return Err(format!(
+                                "step {part:?}: a number of nodes (at least 1) or a share (25%)"
+                            ))
+                        }
+                    },
+                };
+                Ok(step)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        if steps.is_empty() {
+            return Err("--steps needs at least one step".into());
+        }
+        Ok(steps)
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Nodes(n) => write!(f, "{n}"),
+            Step::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// How many of `nodes` run the new release at the end of each step: each step at least
+/// one more than the one before, the last one every node (a list that stops short gets
+/// a final step of every node).
+pub fn step_targets(steps: &[Step], nodes: usize) -> Vec<usize> {
+    let mut targets: Vec<usize> = Vec::new();
+    for step in steps {
+        let wanted = match *step {
+            Step::Nodes(n) => n as usize,
+            Step::Percent(p) => (nodes * p as usize).div_ceil(100),
+        };
+        let floor = targets.last().map_or(1, |last| last + 1);
+        let target = wanted.max(floor).min(nodes);
+        if targets.last() != Some(&target) {
+            targets.push(target);
+        }
+    }
+    if targets.last() != Some(&nodes) {
+        targets.push(nodes);
+    }
+    targets
 }
 
 impl Default for Strategy {
@@ -114,6 +192,8 @@ impl Default for Strategy {
             soak_ms: 0,
             soak_strikes: DEFAULT_SOAK_STRIKES,
             analyses: Vec::new(),
+            steps: Vec::new(),
+            step_pause_ms: None,
         }
     }
 }
@@ -472,7 +552,29 @@ impl Deployment {
             trigger: self.trigger.clone(),
             aborted: self.aborted,
             evaluations: self.evaluations.clone(),
+            step: self.step,
         }
+    }
+
+    /// How many nodes run the new release at the end of each step.
+    pub fn step_targets(&self) -> Vec<usize> {
+        step_targets(&self.strategy.steps, self.nodes.len())
+    }
+
+    /// Begins the step after `from` (an operator's `promote`, or a step's pause over).
+    /// Promoting a step already left changes nothing.
+    pub fn promote(&mut self, from: usize) -> Result<bool, String> {
+        if self.step != from {
+            return Ok(false);
+        }
+        if from + 1 >= self.step_targets().len() {
+            return Err(format!(
+                "rollout generation {} is on its last step: nothing to promote",
+                self.generation
+            ));
+        }
+        self.step = from + 1;
+        Ok(true)
     }
 
     pub fn validate_new(&self) -> Result<(), String> {

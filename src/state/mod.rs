@@ -30,7 +30,8 @@ pub use deployment::{
 ///   so they are proposed only once every member reports 2 or more.
 /// - 3: adds the operator's `SetAutoRollout` and `AbortDeployment`.
 /// - 4: adds `ForgetNode`, which the leader proposes after removing a member.
-/// - 5: adds `RecordEvaluation` (a metric gate's evaluation, in the deployment).
+/// - 5: adds `RecordEvaluation` (a metric gate's evaluation, in the deployment) and
+///   `PromoteStep` (canary steps).
 pub const PROTOCOL: u32 = 5;
 
 /// The protocol that introduced the rollout commands.
@@ -42,7 +43,8 @@ pub const OPERATE_PROTOCOL: u32 = 3;
 /// The protocol that introduced forgetting a removed member's report.
 pub const MEMBERS_PROTOCOL: u32 = 4;
 
-/// The protocol that introduced metric gates (`RecordEvaluation`).
+/// The protocol that introduced metric gates and canary steps (`RecordEvaluation`,
+/// `PromoteStep`).
 pub const ANALYSIS_PROTOCOL: u32 = 5;
 
 /// Cluster-wide rollout settings and the build the cluster is meant to run.
@@ -204,6 +206,15 @@ pub enum Command {
         generation: u64,
         evaluation: Box<crate::rollout::analysis::Evaluation>,
     },
+    /// Begins the canary step after `from` (protocol 5): `cluster rollout promote`, or the
+    /// leader once a step's pause is over. A compare-and-set on the step, so two promotes
+    /// of one step move it once.
+    PromoteStep {
+        generation: u64,
+        from: usize,
+        #[serde(default)]
+        at_ms: u64,
+    },
 }
 
 /// The longest kv key a client may write, in bytes.
@@ -251,7 +262,7 @@ impl Command {
             | Command::RecordHandoff { .. } => ROLLOUT_PROTOCOL,
             Command::SetAutoRollout { .. } | Command::AbortDeployment { .. } => OPERATE_PROTOCOL,
             Command::ForgetNode { .. } => MEMBERS_PROTOCOL,
-            Command::RecordEvaluation { .. } => ANALYSIS_PROTOCOL,
+            Command::RecordEvaluation { .. } | Command::PromoteStep { .. } => ANALYSIS_PROTOCOL,
         }
     }
 }
@@ -302,6 +313,9 @@ impl fmt::Display for Command {
                 if *revert { " --revert" } else { "" }
             ),
             Command::ForgetNode { id } => write!(f, "forget-node {id}"),
+            Command::PromoteStep {
+                generation, from, ..
+            } => write!(f, "promote-step {generation} {from}"),
             Command::RecordEvaluation {
                 generation,
                 evaluation,
@@ -429,6 +443,9 @@ impl State {
                 generation,
                 evaluation,
             } => self.on_active(*generation, |d| d.record_evaluation(evaluation)),
+            Command::PromoteStep {
+                generation, from, ..
+            } => self.on_active(*generation, |d| d.promote(*from)),
             Command::ForgetNode { id } => {
                 if self.nodes.remove(id).is_none() {
                     return (Response::Ok, vec![]);

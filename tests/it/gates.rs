@@ -59,7 +59,12 @@ impl Load {
                                     Ordering::SeqCst,
                                 );
                             }
-                            _ => failed += 1,
+                            other => {
+                                if failed < 3 {
+                                    eprintln!("load on {addr}: {other:?}");
+                                }
+                                failed += 1;
+                            }
                         }
                         std::thread::sleep(Duration::from_millis(10));
                     }
@@ -253,4 +258,116 @@ async fn the_p99_gate_reverts_a_slow_release() {
     );
     crate::harness::wait_all_on(&cluster, &h1).await;
     wait_services_on(&cluster, &[1, 2, 3], &h1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_step_holds_under_its_gates_until_promoted() {
+    let Some((work, cluster, ingresses, prometheus, _h1)) = gated_cluster().await else {
+        return;
+    };
+    let load = Load::start(&ingresses);
+    let next = work.path().join("v2");
+    let h2 = service_release(&next, "v2", &[], "20s");
+    let addr = cluster.addr(1);
+    let (errors, p99) = (error_gate(&prometheus.addr), p99_gate(&prometheus.addr));
+    let out = cli(&[
+        "update",
+        "--dist",
+        next.to_str().unwrap(),
+        "--node",
+        &addr,
+        "--stabilize",
+        "3s",
+        "--soak",
+        "0",
+        "--stale-ack",
+        "2s",
+        "--steps",
+        "1,100%",
+        "--analysis",
+        &errors,
+        "--analysis",
+        &p99,
+        "--detach",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The first step: one node updated and committed, the others left alone, held.
+    let held = crate::harness::wait_for("the first step to hold", Duration::from_secs(120), || {
+        let addr = addr.clone();
+        async move {
+            let out = cli(&["rollout", "status", "--node", &addr]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.contains("holds until `cluster rollout promote`")
+                .then_some(text)
+        }
+    })
+    .await;
+    assert!(held.contains("canary step 1/2: 1 of 3 nodes"), "{held}");
+    let status = cli(&["rollout", "status", "--json", "--node", &addr]);
+    let active: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let phases: Vec<&str> = active["nodes"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|s| s["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases.iter().filter(|p| **p == "committed").count(),
+        1,
+        "one node committed: {phases:?}"
+    );
+    assert_eq!(
+        phases.iter().filter(|p| **p == "pending").count(),
+        2,
+        "{phases:?}"
+    );
+    // The gates keep watching the canary while it holds.
+    let watched = crate::harness::wait_for(
+        "gates evaluated while held",
+        Duration::from_secs(60),
+        || {
+            let addr = addr.clone();
+            async move {
+                let out = cli(&["rollout", "status", "--json", "--node", &addr]);
+                let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+                let n = json["evaluations"].as_array()?.len();
+                (n >= 4).then_some(n)
+            }
+        },
+    )
+    .await;
+    let promoted = cli(&["rollout", "promote", "--node", &addr]);
+    assert!(
+        promoted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&promoted.stderr)
+    );
+    let said = String::from_utf8_lossy(&promoted.stdout);
+    assert!(said.contains("step 2/2 begins (3 of 3 nodes"), "{said}");
+    let watch = cli(&[
+        "rollout",
+        "status",
+        "--watch",
+        "--timeout",
+        "3m",
+        "--node",
+        &addr,
+    ]);
+    assert!(
+        watch.status.success(),
+        "{}",
+        String::from_utf8_lossy(&watch.stdout)
+    );
+    let again = cli(&["rollout", "promote", "--node", &addr]);
+    assert!(!again.status.success(), "nothing left to promote");
+    let (ok, failed) = load.stop();
+    wait_services_on(&cluster, &[1, 2, 3], &h2).await;
+    println!(
+        "canary: {watched} evaluations while the first step held; load {ok} ok, {failed} failed"
+    );
+    assert_eq!(failed, 0, "no request failed during the canary");
 }

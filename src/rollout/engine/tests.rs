@@ -32,6 +32,8 @@ fn strategy(max_parallel: usize, on_failure: OnFailure) -> Strategy {
         soak_ms: 0,
         soak_strikes: 3,
         analyses: Vec::new(),
+        steps: Vec::new(),
+        step_pause_ms: None,
     }
 }
 
@@ -113,6 +115,9 @@ struct Sim {
     transfers_fail: bool,
     /// Every release ships the running bin/cluster: `Restart` switches in place.
     in_place: bool,
+    /// An operator runs `cluster rollout promote` whenever a step holds for one.
+    operator_promotes: bool,
+    promotions: usize,
     // What happened, for assertions.
     started: Vec<u64>,
     restores: Vec<u64>,
@@ -170,6 +175,8 @@ impl Sim {
             failing_ops: BTreeSet::new(),
             transfers_fail: false,
             in_place: false,
+            operator_promotes: false,
+            promotions: 0,
             started: Vec::new(),
             restores: Vec::new(),
             transfers: Vec::new(),
@@ -343,6 +350,21 @@ impl Sim {
         }
         if std::mem::take(&mut self.fresh) {
             return Event::Tick;
+        }
+        let holds = self
+            .engine
+            .waiting()
+            .is_some_and(|w| w.contains("holds until `cluster rollout promote`"));
+        if self.operator_promotes && holds {
+            let from = self.state.deployment.as_ref().map_or(0, |d| d.step);
+            self.trace.push(format!("  operator promotes step {from}"));
+            let (response, _) = self.state.apply(&Command::PromoteStep {
+                generation: 1,
+                from,
+                at_ms: 0,
+            });
+            assert_eq!(response, Response::Ok);
+            self.promotions += 1;
         }
         if self.pending.is_empty() {
             self.now += 100;
@@ -1303,5 +1325,101 @@ proptest! {
         let result = sim.run();
         prop_assert!(result.is_ok(), "{}", result.unwrap_err());
         prop_assert!(sim.max_learners_unsettled <= max_parallel);
+    }
+}
+
+/// When node `id` entered `phase`, from its trail.
+fn entered(entry: &HistoryEntry, id: u64, phase: Phase) -> u64 {
+    entry.nodes[&id]
+        .trail
+        .iter()
+        .find(|(p, _)| *p == phase)
+        .map(|(_, at)| *at)
+        .unwrap_or_else(|| panic!("node {id} never entered {phase}"))
+}
+
+#[test]
+fn canary_steps_hold_for_their_pause_and_never_start_past_their_quota() {
+    // 1 node, then 50% (3 of 5), then every node; 5 s between steps.
+    let mut strategy = strategy(1, OnFailure::Revert);
+    strategy.steps = crate::state::deployment::Step::parse_list("1,50%,100%").unwrap();
+    strategy.step_pause_ms = Some(5_000);
+    let mut sim = Sim::new(&[1, 2, 3, 4, 5], &[], strategy);
+    let entry = sim.run().unwrap();
+    assert_eq!(entry.outcome, DeploymentState::Completed);
+    let order = &entry.order;
+    let commit = |i: usize| entered(&entry, order[i], Phase::Committed);
+    let start = |i: usize| entered(&entry, order[i], Phase::Backup);
+    // Step 1: the first node alone; step 2 begins 5 s after it committed.
+    assert!(
+        start(1) >= commit(0) + 5_000,
+        "{} vs {}",
+        start(1),
+        commit(0)
+    );
+    // Step 2 brings nodes 2 and 3 (3 of 5); step 3 begins 5 s after the third committed.
+    assert!(start(2) < start(3));
+    assert!(
+        start(3) >= commit(2) + 5_000,
+        "{} vs {}",
+        start(3),
+        commit(2)
+    );
+    assert_eq!(sim.state.history.last().unwrap().generation, 1);
+}
+
+#[test]
+fn a_step_with_no_pause_waits_for_the_operators_promote() {
+    let mut strategy = strategy(1, OnFailure::Revert);
+    strategy.steps = crate::state::deployment::Step::parse_list("1,100%").unwrap();
+    let mut sim = Sim::new(&[1, 2, 3], &[], strategy.clone());
+    let stuck = sim.run().unwrap_err();
+    assert!(stuck.contains("did not finish"), "{stuck}");
+    assert_eq!(sim.started.len(), 1, "only the first step's node started");
+    assert!(
+        sim.engine
+            .waiting()
+            .unwrap()
+            .contains("step 1/2 (1 of 3 nodes) holds until"),
+        "{:?}",
+        sim.engine.waiting()
+    );
+    let mut sim = Sim::new(&[1, 2, 3], &[], strategy);
+    sim.operator_promotes = true;
+    let entry = sim
+        .run()
+        .map_err(|e| {
+            format!(
+                "{} promotions; waiting {:?}; {e:.600}",
+                sim.promotions,
+                sim.engine.waiting()
+            )
+        })
+        .unwrap();
+    assert_eq!(entry.outcome, DeploymentState::Completed);
+    assert_eq!(sim.promotions, 1);
+}
+
+#[test]
+fn step_targets_round_up_and_always_move_forward() {
+    use crate::state::deployment::{step_targets, Step};
+    let steps = |text: &str| Step::parse_list(text).unwrap();
+    assert_eq!(step_targets(&steps("10%,50%,100%"), 10), vec![1, 5, 10]);
+    assert_eq!(step_targets(&steps("10%,50%,100%"), 3), vec![1, 2, 3]);
+    assert_eq!(step_targets(&steps("1,25%,100%"), 3), vec![1, 2, 3]);
+    assert_eq!(
+        step_targets(&steps("1"), 4),
+        vec![1, 4],
+        "a last step of every node"
+    );
+    assert_eq!(
+        step_targets(&steps("5,2"), 8),
+        vec![5, 6, 8],
+        "each at least one more"
+    );
+    assert_eq!(step_targets(&[], 3), vec![3]);
+    assert_eq!(step_targets(&steps("50%"), 1), vec![1]);
+    for bad in ["0", "0%", "101%", "", "x", "1,,2"] {
+        assert!(Step::parse_list(bad).is_err(), "{bad}");
     }
 }
