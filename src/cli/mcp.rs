@@ -71,6 +71,11 @@ fn tools() -> Value {
             "inputSchema": none,
         },
         {
+            "name": "rollout_promote",
+            "description": "Begin the next canary step of the active rollout now (a rollout started with steps).",
+            "inputSchema": none,
+        },
+        {
             "name": "rollout_abort",
             "description": "Stop the active rollout: nodes caught mid-update are restored; updated nodes stay on the new build unless revert.",
             "inputSchema": {
@@ -196,10 +201,11 @@ async fn call(target: &Target, name: &str, arguments: &Value) -> Result<Called, 
             let view = client.rollout().await?;
             json!({"rollouts": crate::api::rollout::history_json(&view.history, limit)})
         }
-        "rollout_pause" | "rollout_resume" | "rollout_abort" => {
+        "rollout_pause" | "rollout_resume" | "rollout_promote" | "rollout_abort" => {
             let operation = match name {
                 "rollout_pause" => Operation::Pause,
                 "rollout_resume" => Operation::Resume,
+                "rollout_promote" => Operation::Promote,
                 _ => Operation::Abort {
                     revert: arguments["revert"].as_bool().unwrap_or(false),
                 },

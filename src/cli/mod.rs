@@ -179,7 +179,7 @@ enum Command {
         assistant or automation host. Tools (each with a JSON schema): cluster_status, \
         initiate_rolling_update (dist, dryRun, maxParallel, onFailure, stabilizeMs, \
         healthDeadlineMs, soakMs), rollout_status, rollout_history, rollout_pause, \
-        rollout_resume, rollout_abort. They act with this command's credentials (--tls or \
+        rollout_resume, rollout_promote, rollout_abort. They act with this command's credentials (--tls or \
         CLUSTER_TLS): a viewer certificate reads, an operator's also acts.\n\n\
         In an MCP client's configuration:\n  \
         {\"command\": \"cluster\", \"args\": [\"mcp\", \"--node\", \"10.0.0.1:7100\", \"--tls\", \"/etc/cluster/operator\"]}"

@@ -777,6 +777,7 @@ async fn an_mcp_client_lists_the_tools_dry_runs_and_runs_an_update() {
         "rollout_history",
         "rollout_pause",
         "rollout_resume",
+        "rollout_promote",
         "rollout_abort",
     ] {
         assert_eq!(tools[tool]["type"], "object", "{tool} has a JSON schema");
