@@ -212,6 +212,7 @@ pub fn status_json(view: &RolloutView, members: &[u64]) -> serde_json::Value {
                 })
             }),
             "analyses": d.strategy.analyses,
+            "state_since_ms": d.state_since_ms,
             "evaluations": d.evaluations,
             "waiting": view.notes.as_ref().and_then(|n| n.waiting.clone()),
             "soak_left_ms": view.notes.as_ref().and_then(|n| n.soak_left_ms),

@@ -387,6 +387,7 @@ pub async fn demo() -> anyhow::Result<ExitCode> {
         analysis: Vec::new(),
         steps: None,
         step_pause: None,
+        progress_deadline: None,
     })
     .await?;
     // Every node serving v2, under load the whole time.

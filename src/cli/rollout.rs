@@ -92,6 +92,10 @@ pub struct UpdateArgs {
     /// promote`]
     #[arg(long, value_name = "DURATION", value_parser = super::millis, requires = "steps")]
     pub step_pause: Option<u64>,
+    /// Stop the rollout (as --on-failure says) when no node commits and no step is
+    /// promoted for this long, e.g. 15m; a pause or a step's hold does not count
+    #[arg(long, value_name = "DURATION", value_parser = super::millis)]
+    pub progress_deadline: Option<u64>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -210,6 +214,7 @@ pub fn options_of(args: &UpdateArgs) -> UpdateOptions {
             analyses: args.analysis.clone(),
             steps: args.steps.clone().map(|s| s.0).unwrap_or_default(),
             step_pause_ms: args.step_pause,
+            progress_deadline_ms: args.progress_deadline,
             ..Strategy::default()
         },
         allow_downtime: args.allow_downtime,
@@ -605,6 +610,13 @@ pub fn print_active(d: &Deployment, notes: Option<&LeaderNotes>) -> std::io::Res
     }
     if let Some(reason) = &d.reason {
         outln!("  reason: {reason}");
+    }
+    if d.state == DeploymentState::Paused && d.state_since_ms > 0 {
+        outln!(
+            "  paused for {} (since {}): `cluster rollout resume` goes on",
+            ms(crate::clock::unix_ms().saturating_sub(d.state_since_ms) / 1000 * 1000),
+            clock(d.state_since_ms)
+        );
     }
     if !d.strategy.steps.is_empty() {
         let targets = d.step_targets();

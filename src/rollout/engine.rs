@@ -307,6 +307,9 @@ pub struct Engine {
     /// The canary step this leader watches hold (its nodes all committed), and since
     /// when (this leader's clock: a new leader starts the pause again).
     step_hold: Option<(usize, u64)>,
+    /// Progress last seen (nodes committed, step) and since when (this leader's clock),
+    /// for `--progress-deadline`.
+    progress: Option<((usize, usize), u64)>,
 }
 
 /// What this leader is waiting for on one node. Lost on a leader change, by design:
@@ -420,6 +423,7 @@ impl Engine {
             done: false,
             in_place: false,
             step_hold: None,
+            progress: None,
         }
     }
 
@@ -448,6 +452,7 @@ impl Engine {
         // Strikes are kept: losing them would forgive a node that keeps failing.
         self.soak.since_ms = None;
         self.step_hold = None;
+        self.progress = None;
         self.done = false;
     }
 
@@ -771,7 +776,13 @@ impl Engine {
             }
         }
         if cx.view.state != DeploymentState::Running {
+            // A pause is not a lack of progress: the deadline starts again on resume.
+            self.progress = None;
             return;
+        }
+        if let Some(reason) = self.out_of_time(cx) {
+            self.stop(cx, reason);
+            return self.drive_stopping(cx);
         }
         if cx.view.nodes.values().all(|s| s.phase == Phase::Committed) {
             return self.soak(cx);
@@ -831,11 +842,58 @@ impl Engine {
         }
     }
 
+    /// `--progress-deadline`: why the rollout must stop, when no node committed and no
+    /// step was promoted for that long (counted on this leader's clock while the rollout
+    /// runs; a pause, a step's hold and a new leader start it again).
+    fn out_of_time(&mut self, cx: &Cx) -> Option<String> {
+        let deadline = cx.view.strategy.progress_deadline_ms?;
+        let committed = cx
+            .view
+            .nodes
+            .values()
+            .filter(|s| s.phase == Phase::Committed)
+            .count();
+        let mark = (committed, cx.view.step);
+        let now = cx.now.monotonic_ms;
+        match self.progress {
+            Some((seen, since)) if seen == mark => {
+                let stalled = now.saturating_sub(since);
+                (stalled >= deadline).then(|| {
+                    let behind = cx
+                        .view
+                        .nodes
+                        .iter()
+                        .filter(|(_, s)| s.phase.is_updating())
+                        .map(|(id, s)| format!("{} ({})", cx.view.describe(*id), s.phase))
+                        .collect::<Vec<_>>();
+                    format!(
+                        "no progress for {} (--progress-deadline): no node committed and no \
+                         step promoted{}",
+                        humantime::format_duration(std::time::Duration::from_millis(
+                            stalled / 1000 * 1000
+                        )),
+                        if behind.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; stuck: {}", behind.join(", "))
+                        }
+                    )
+                })
+            }
+            _ => {
+                self.progress = Some((mark, now));
+                None
+            }
+        }
+    }
+
     /// Step `step` (of `steps`) has its `quota` of nodes committed: hold it for the
     /// strategy's step pause, then promote it; with no pause, wait for an operator's
     /// promote. Nodes already updated stay under the metric gates meanwhile.
     fn hold_step(&mut self, cx: &mut Cx, step: usize, quota: usize, steps: usize) {
         let now = cx.now.monotonic_ms;
+        // Holding is not stalling: the progress deadline counts from the step's end.
+        self.progress = None;
         let since = match self.step_hold {
             Some((held, since)) if held == step => since,
             _ => {

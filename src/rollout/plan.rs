@@ -126,6 +126,11 @@ impl Plan {
                 reason: "--max-parallel must be at least 1".into(),
             });
         }
+        if start.strategy.progress_deadline_ms == Some(0) {
+            return Err(RolloutError::InvalidStrategy {
+                reason: "--progress-deadline must be longer than 0 (e.g. 15m)".into(),
+            });
+        }
         let mut names = std::collections::BTreeSet::new();
         for analysis in &start.strategy.analyses {
             analysis
@@ -173,6 +178,7 @@ impl Plan {
             aborted: false,
             evaluations: Vec::new(),
             step: 0,
+            state_since_ms: start.now_ms,
         })
     }
 

@@ -68,6 +68,9 @@ pub struct Deployment {
     pub evaluations: Vec<Evaluation>,
     /// The canary step under way (an index into [`Deployment::step_targets`]).
     pub step: usize,
+    /// When the deployment entered its state (wall clock of the leader that recorded it;
+    /// shown as "paused for ...", never compared across machines for a decision).
+    pub state_since_ms: u64,
 }
 
 /// How a deployment proceeds and when it gives up.
@@ -105,6 +108,9 @@ pub struct Strategy {
     /// How long a step that reached its nodes holds before the next begins; `None`: until
     /// an operator runs `cluster rollout promote`.
     pub step_pause_ms: Option<u64>,
+    /// A rollout with no node committed and no step promoted for this long stops (as
+    /// `on_failure` says); `None`: no deadline.
+    pub progress_deadline_ms: Option<u64>,
 }
 
 /// One canary step: a number of nodes, or a share of them (rounded up).
@@ -194,6 +200,7 @@ impl Default for Strategy {
             analyses: Vec::new(),
             steps: Vec::new(),
             step_pause_ms: None,
+            progress_deadline_ms: None,
         }
     }
 }
@@ -553,6 +560,7 @@ impl Deployment {
             aborted: self.aborted,
             evaluations: self.evaluations.clone(),
             step: self.step,
+            state_since_ms: self.state_since_ms,
         }
     }
 
@@ -712,6 +720,7 @@ impl Deployment {
             self.reason = None;
         }
         self.state = state;
+        self.state_since_ms = at_ms;
         if let Some(reason) = reason {
             self.reason = Some(reason.to_string());
         }

@@ -34,6 +34,7 @@ fn strategy(max_parallel: usize, on_failure: OnFailure) -> Strategy {
         analyses: Vec::new(),
         steps: Vec::new(),
         step_pause_ms: None,
+        progress_deadline_ms: None,
     }
 }
 
@@ -1422,4 +1423,34 @@ fn step_targets_round_up_and_always_move_forward() {
     for bad in ["0", "0%", "101%", "", "x", "1,,2"] {
         assert!(Step::parse_list(bad).is_err(), "{bad}");
     }
+}
+
+#[test]
+fn a_rollout_stuck_past_its_progress_deadline_stops_and_says_where() {
+    // Node 3 never becomes healthy on the target; its own health deadline is far off.
+    let mut strategy = strategy(1, OnFailure::Revert);
+    strategy.health_deadline_ms = 600_000;
+    strategy.progress_deadline_ms = Some(20_000);
+    let mut sim = Sim::new(&[1, 2, 3], &[], strategy.clone());
+    sim.unhealthy_on.insert((3, target()));
+    let entry = sim.run().unwrap();
+    assert_eq!(entry.outcome, DeploymentState::Reverted);
+    let reason = entry.reason.clone().unwrap();
+    assert!(
+        reason.contains("no progress for 20s (--progress-deadline)") && reason.contains("node 3"),
+        "{reason}"
+    );
+    // Under halt, the stuck node is restored and committed nodes stay.
+    strategy.on_failure = OnFailure::Halt;
+    let mut sim = Sim::new(&[1, 2, 3], &[], strategy);
+    sim.unhealthy_on.insert((3, target()));
+    let entry = sim.run().unwrap();
+    assert_eq!(entry.outcome, DeploymentState::Failed);
+    // A step that holds for its promote is not stuck.
+    let mut canary = self::strategy(1, OnFailure::Revert);
+    canary.progress_deadline_ms = Some(1_000);
+    canary.steps = crate::state::deployment::Step::parse_list("1,100%").unwrap();
+    let mut sim = Sim::new(&[1, 2, 3], &[], canary);
+    let held = sim.run().unwrap_err();
+    assert!(held.contains("did not finish"), "held, not stopped: {held}");
 }

@@ -1,7 +1,9 @@
-//! Metric gates (`cluster update --analysis`) against a real Prometheus server (Debian's
-//! package) scraping the sample service on three nodes under load: a release that fails
-//! 5% of its requests is stopped by the error-rate gate and reverted, one that answers
-//! slowly by the p99 gate; a good release passes both gates to completion.
+//! Progressive delivery. Metric gates (`cluster update --analysis`) against a real
+//! Prometheus server (Debian's package) scraping the sample service on three nodes under
+//! load: a release that fails 5% of its requests is stopped by the error-rate gate and
+//! reverted, one that answers slowly by the p99 gate; a good release passes both gates to
+//! completion; a canary step holds under its gates until promoted. And a rollout stuck
+//! behind a node that never becomes healthy, stopped by its progress deadline.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -295,36 +297,30 @@ async fn a_canary_step_holds_under_its_gates_until_promoted() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The first step: one node updated and committed, the others left alone, held.
+    // The first step: one node updated and committed, the others left alone, held (the
+    // leader's note and the replicated phases are read apart: wait for both).
     let held = crate::harness::wait_for("the first step to hold", Duration::from_secs(120), || {
         let addr = addr.clone();
         async move {
             let out = cli(&["rollout", "status", "--node", &addr]);
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            text.contains("holds until `cluster rollout promote`")
+            let status = cli(&["rollout", "status", "--json", "--node", &addr]);
+            let active: serde_json::Value = serde_json::from_slice(&status.stdout).ok()?;
+            let phases: Vec<String> = active["nodes"]
+                .as_object()?
+                .values()
+                .filter_map(|s| s["phase"].as_str().map(String::from))
+                .collect();
+            let committed = phases.iter().filter(|p| *p == "committed").count();
+            let pending = phases.iter().filter(|p| *p == "pending").count();
+            (text.contains("holds until `cluster rollout promote`")
+                && committed == 1
+                && pending == 2)
                 .then_some(text)
         }
     })
     .await;
     assert!(held.contains("canary step 1/2: 1 of 3 nodes"), "{held}");
-    let status = cli(&["rollout", "status", "--json", "--node", &addr]);
-    let active: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    let phases: Vec<&str> = active["nodes"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|s| s["phase"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        phases.iter().filter(|p| **p == "committed").count(),
-        1,
-        "one node committed: {phases:?}"
-    );
-    assert_eq!(
-        phases.iter().filter(|p| **p == "pending").count(),
-        2,
-        "{phases:?}"
-    );
     // The gates keep watching the canary while it holds.
     let watched = crate::harness::wait_for(
         "gates evaluated while held",
@@ -340,6 +336,16 @@ async fn a_canary_step_holds_under_its_gates_until_promoted() {
         },
     )
     .await;
+    // Still held after those evaluations: no other node starts while nobody promotes.
+    let status = cli(&["rollout", "status", "--json", "--node", &addr]);
+    let active: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let pending = active["nodes"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|s| s["phase"] == "pending")
+        .count();
+    assert_eq!(pending, 2, "still held: {active:#}");
     let promoted = cli(&["rollout", "promote", "--node", &addr]);
     assert!(
         promoted.status.success(),
@@ -370,4 +376,50 @@ async fn a_canary_step_holds_under_its_gates_until_promoted() {
         "canary: {watched} evaluations while the first step held; load {ok} ok, {failed} failed"
     );
     assert_eq!(failed, 0, "no request failed during the canary");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_stuck_past_its_progress_deadline_is_reverted_with_the_reason() {
+    let work = tempfile::tempdir().unwrap();
+    let v1 = work.path().join("v1");
+    let h1 = service_release(&v1, "v1", &[], "20s");
+    let (cluster, _ingresses) = three_serving(&v1, &h1).await;
+    // A release whose service never passes its check: without the deadline, the node
+    // would have its full 10 minutes to become healthy.
+    let stuck = work.path().join("stuck");
+    service_release(&stuck, "v2-sick", &["--fail-health"], "10m");
+    let began = Instant::now();
+    let addr = cluster.addr(1);
+    let out = cli(&[
+        "update",
+        "--dist",
+        stuck.to_str().unwrap(),
+        "--node",
+        &addr,
+        "--health-deadline",
+        "10m",
+        "--progress-deadline",
+        "15s",
+        "--stale-ack",
+        "2s",
+        "--json",
+    ]);
+    let took = began.elapsed();
+    assert!(!out.status.success(), "the rollout did not complete");
+    let history = cli(&["rollout", "history", "--json", "--node", &addr]);
+    let history: serde_json::Value = serde_json::from_slice(&history.stdout).unwrap();
+    let last = history.as_array().unwrap().last().unwrap();
+    assert_eq!(last["outcome"], "reverted", "{last:#}");
+    let reason = last["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("no progress for") && reason.contains("(--progress-deadline)"),
+        "{reason}"
+    );
+    assert!(
+        took < Duration::from_secs(120),
+        "stopped by the 15 s deadline, not the 10 min health deadline: {took:?}"
+    );
+    println!("progress deadline: reverted after {took:?}: {reason}");
+    crate::harness::wait_all_on(&cluster, &h1).await;
+    wait_services_on(&cluster, &[1, 2, 3], &h1).await;
 }
