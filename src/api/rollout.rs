@@ -135,7 +135,7 @@ pub struct AutoStatus {
 }
 
 /// An operator's command on rollouts (`cluster rollout pause|resume|abort|auto`).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Operation {
     /// Start no further node; the node in flight finishes its step.
@@ -148,6 +148,10 @@ pub enum Operation {
     Auto { enabled: bool },
     /// Begin the next canary step now, whatever the current one still holds for.
     Promote,
+    /// Roll back through the normal pipeline: to the build the newest completed rollout
+    /// replaced, or to what generation `N` rolled out, or to a build named by (a prefix
+    /// of) its hash.
+    Undo { to: Option<String> },
 }
 
 /// What an operation did.

@@ -158,6 +158,32 @@ pub enum RolloutCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Roll back through the normal pipeline (preflight, the undone rollout's strategy):
+    /// to the build the newest completed rollout replaced, or --to a rollout's
+    /// generation (its build) or a build hash the nodes still hold
+    #[command(
+        long_about = "Roll back through the normal pipeline: a new rollout, checked by \
+        preflight and following the strategy (steps, gates, pace) of the rollout it undoes, \
+        of a build the leader still holds.\n\n\
+        Without --to: the build the newest completed rollout replaced. --to N: the build \
+        rollout N rolled out. --to HASH: that build (8 hex characters or more of its hash, \
+        as `cluster rollout history` shows them). History records which rollout the undo \
+        undid.\n\n\
+        Examples:\n  cluster rollout undo\n  cluster rollout undo --to 4 --detach"
+    )]
+    Undo {
+        #[command(flatten)]
+        target: Target,
+        /// A rollout's generation, or a build hash (prefix of 8+ hex characters)
+        #[arg(long)]
+        to: Option<String>,
+        /// Start the undo and return (follow it with `cluster rollout status --watch`)
+        #[arg(long)]
+        detach: bool,
+        /// Print JSON: {message, generation} (and, unless --detach, the outcome)
+        #[arg(long)]
+        json: bool,
+    },
     /// Resume a paused rollout
     Resume {
         #[command(flatten)]
@@ -899,6 +925,12 @@ pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
         RolloutCommand::Pause { target, json } => (target, Operation::Pause, json),
         RolloutCommand::Resume { target, json } => (target, Operation::Resume, json),
         RolloutCommand::Promote { target, json } => (target, Operation::Promote, json),
+        RolloutCommand::Undo {
+            target,
+            to,
+            detach,
+            json,
+        } => return undo(&target, to, detach, json).await,
         RolloutCommand::Abort {
             target,
             revert,
@@ -927,6 +959,47 @@ pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
         outln!("{}", done.message);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `cluster rollout undo`: starts the undo on the leader, then follows it like `update`.
+async fn undo(
+    target: &Target,
+    to: Option<String>,
+    detach: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    // The leader runs preflight (it probes every member) before answering.
+    let done = target
+        .client()?
+        .timeout(Duration::from_secs(90))
+        .operate(Operation::Undo { to })
+        .await?;
+    if detach {
+        if json {
+            print_json(&done)?;
+        } else {
+            outln!("{}", done.message);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !json {
+        outln!("{}", done.message);
+    }
+    let finished = follow(target, done.generation, !json).await?;
+    if json {
+        print_json(&serde_json::json!({
+            "message": done.message,
+            "generation": done.generation,
+            "outcome": finished,
+        }))?;
+    } else {
+        print_summary(&finished)?;
+    }
+    Ok(if finished.outcome == DeploymentState::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(super::EXIT_FAILURE)
+    })
 }
 
 /// The rollout view from the leader (with its notes) when it answers, else from the

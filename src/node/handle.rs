@@ -577,18 +577,25 @@ impl NodeHandle {
         rollout::operate::view(self, &self.notes)
     }
 
-    /// Pause, resume, abort or switch automatic rollouts, on the leader.
+    /// Pause, resume, promote, undo, abort or switch automatic rollouts, on the leader.
     pub async fn operate(&self, operation: Operation, hops: u32) -> Result<Operated, ApiError> {
+        let forwarded = operation.clone();
         self.on_leader(
             hops,
             "rollout operation",
-            || async {
-                if !self.raft.is_leader() {
-                    return Ok(None);
+            || {
+                let operation = operation.clone();
+                async move {
+                    if !self.raft.is_leader() {
+                        return Ok(None);
+                    }
+                    rollout::operate::operate(self, operation).await.map(Some)
                 }
-                rollout::operate::operate(self, operation).await.map(Some)
             },
-            |mut client| async move { client.operate(operation).await },
+            |mut client| {
+                let operation = forwarded.clone();
+                async move { client.operate(operation).await }
+            },
         )
         .await
     }

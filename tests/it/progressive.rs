@@ -423,3 +423,83 @@ async fn a_rollout_stuck_past_its_progress_deadline_is_reverted_with_the_reason(
     crate::harness::wait_all_on(&cluster, &h1).await;
     wait_services_on(&cluster, &[1, 2, 3], &h1).await;
 }
+
+/// `cluster update` of `dist` through `addr`, quick: the history entry it ended as.
+fn update_quick(addr: &str, dist: &std::path::Path) -> serde_json::Value {
+    let out = cli(&[
+        "update",
+        "--dist",
+        dist.to_str().unwrap(),
+        "--node",
+        addr,
+        "--stabilize",
+        "1s",
+        "--soak",
+        "0",
+        "--stale-ack",
+        "2s",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    json["outcome"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undo_rolls_back_through_the_pipeline_to_the_previous_or_a_chosen_build() {
+    let work = tempfile::tempdir().unwrap();
+    let dist = |name: &str| work.path().join(name);
+    let h1 = crate::harness::make_release(&dist("v1"), &[("share/motd", "one")]);
+    let h2 = crate::harness::make_release(&dist("v2"), &[("share/motd", "two")]);
+    let h3 = crate::harness::make_release(&dist("v3"), &[("share/motd", "three")]);
+    let cluster = Cluster::start_supervised(3, &dist("v1")).await;
+    crate::harness::wait_all_on(&cluster, &h1).await;
+    let addr = cluster.addr(1);
+    assert_eq!(update_quick(&addr, &dist("v2"))["outcome"], "completed");
+    assert_eq!(update_quick(&addr, &dist("v3"))["outcome"], "completed");
+
+    // Undo the newest rollout (2: v2 -> v3): a rollout of v2, with its own generation.
+    let out = cli(&["rollout", "undo", "--json", "--node", &addr]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let undone: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(undone["generation"], 3);
+    assert_eq!(undone["outcome"]["outcome"], "completed", "{undone:#}");
+    assert_eq!(undone["outcome"]["target_hash"], h2.as_str());
+    let trigger = undone["outcome"]["trigger"].as_str().unwrap();
+    assert!(trigger.contains("undoes rollout 2"), "{trigger}");
+    crate::harness::wait_all_on(&cluster, &h2).await;
+
+    // Back to what rollout 2 rolled out, through the same pipeline.
+    let out = cli(&["rollout", "undo", "--to", "2", "--node", &addr]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("returns to the build of rollout 2"), "{said}");
+    crate::harness::wait_all_on(&cluster, &h3).await;
+
+    // Refusals change nothing: a generation that is not there, the build already running.
+    for (to, says) in [("99", "no rollout 99"), (&h3[..12], "already runs")] {
+        let out = cli(&["rollout", "undo", "--to", to, "--node", &addr]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "--to {to}: {err}");
+    }
+    let history = cli(&["rollout", "history", "--json", "--node", &addr]);
+    let history: serde_json::Value = serde_json::from_slice(&history.stdout).unwrap();
+    assert_eq!(
+        history.as_array().unwrap().len(),
+        4,
+        "no rollout started by a refusal"
+    );
+}
