@@ -667,17 +667,37 @@ async fn check(
     }
     let report = writer.stop().await;
     outcome.acked = report.acked.len();
+    // A write is lost when a read answers without it; a read that never answers (through
+    // any node, for 30 s) is a separate violation: the cluster did not serve.
+    let mut unreadable = Vec::new();
     for (key, value) in &report.acked {
         let read = wait_for_ok(Duration::from_secs(30), || async {
-            cluster.client(1).kv_get(key).await.ok()
+            for addr in cluster.addrs() {
+                if let Ok(read) = harness::control(&addr).kv_get(key).await {
+                    return Some(read);
+                }
+            }
+            None
         })
         .await;
-        if read.flatten().as_deref() != Some(value.as_str()) {
-            outcome.lost += 1;
+        match read {
+            Some(read) if read.as_deref() == Some(value.as_str()) => {}
+            Some(read) => {
+                outcome.lost += 1;
+                eprintln!("chaos: acknowledged {key}={value} reads as {read:?}");
+            }
+            None => unreadable.push(key.clone()),
         }
     }
     if outcome.lost > 0 {
         violations.push(format!("{} acknowledged writes lost", outcome.lost));
+    }
+    if !unreadable.is_empty() {
+        violations.push(format!(
+            "{} acknowledged writes unreadable through any node for 30 s (first: {})",
+            unreadable.len(),
+            unreadable[0]
+        ));
     }
     // Every node runs, on the release `current` points at, and it verifies.
     let settled = wait_for_ok(Duration::from_secs(120), || async {
