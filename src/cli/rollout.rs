@@ -364,11 +364,7 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
     } else {
         print_summary(&finished)?;
     }
-    Ok(if finished.outcome == DeploymentState::Completed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(super::EXIT_FAILURE)
-    })
+    Ok(exit_of(&finished))
 }
 
 /// Uploads `dist` to the leader: its id and what moved, or (inner `Err`) why the leader
@@ -440,11 +436,7 @@ async fn watch(target: &Target, json: bool, timeout: Option<Duration>) -> anyhow
     } else {
         print_summary(&finished)?;
     }
-    Ok(if finished.outcome == DeploymentState::Completed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(super::EXIT_FAILURE)
-    })
+    Ok(exit_of(&finished))
 }
 
 fn print_report(report: &Report) -> std::io::Result<()> {
@@ -961,6 +953,15 @@ pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// How a followed rollout ended, as an exit status: 0 completed, 1 otherwise.
+fn exit_of(finished: &HistoryEntry) -> ExitCode {
+    if finished.outcome == DeploymentState::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(super::EXIT_FAILURE)
+    }
+}
+
 /// `cluster rollout undo`: starts the undo on the leader, then follows it like `update`.
 async fn undo(
     target: &Target,
@@ -995,11 +996,7 @@ async fn undo(
     } else {
         print_summary(&finished)?;
     }
-    Ok(if finished.outcome == DeploymentState::Completed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(super::EXIT_FAILURE)
-    })
+    Ok(exit_of(&finished))
 }
 
 /// The rollout view from the leader (with its notes) when it answers, else from the

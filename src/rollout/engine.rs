@@ -792,19 +792,9 @@ impl Engine {
         let targets = cx.view.step_targets();
         let step = cx.view.step.min(targets.len() - 1);
         let quota = targets[step];
-        let mut started = cx
-            .view
-            .nodes
-            .values()
-            .filter(|s| s.phase != Phase::Pending)
-            .count();
+        let mut started = cx.view.nodes.len() - count_in(&cx.view, Phase::Pending);
         if started >= quota {
-            let committed = cx
-                .view
-                .nodes
-                .values()
-                .filter(|s| s.phase == Phase::Committed)
-                .count();
+            let committed = count_in(&cx.view, Phase::Committed);
             if committed >= quota && step + 1 < targets.len() {
                 self.hold_step(cx, step, quota, targets.len());
             }
@@ -847,13 +837,7 @@ impl Engine {
     /// runs; a pause, a step's hold and a new leader start it again).
     fn out_of_time(&mut self, cx: &Cx) -> Option<String> {
         let deadline = cx.view.strategy.progress_deadline_ms?;
-        let committed = cx
-            .view
-            .nodes
-            .values()
-            .filter(|s| s.phase == Phase::Committed)
-            .count();
-        let mark = (committed, cx.view.step);
+        let mark = (count_in(&cx.view, Phase::Committed), cx.view.step);
         let now = cx.now.monotonic_ms;
         match self.progress {
             Some((seen, since)) if seen == mark => {
@@ -1493,6 +1477,11 @@ fn judge(
 }
 
 /// Nodes whose phase satisfies `wanted`, by id.
+/// How many of the deployment's nodes are in `phase`.
+fn count_in(view: &Deployment, phase: Phase) -> usize {
+    view.nodes.values().filter(|s| s.phase == phase).count()
+}
+
 fn nodes_where(view: &Deployment, wanted: impl Fn(Phase) -> bool) -> Vec<u64> {
     view.nodes
         .iter()
