@@ -31,6 +31,7 @@
 //!   `S:Nemesis` pins the nemesis, so a seed keeps its fault when nemeses are added.
 //! - `CHAOS_NODES=N`: the cluster size of every trial (default 3).
 //! - `CHAOS_REPORT=FILE`: appends one JSON line per trial (`scripts/chaos.sh` reads them).
+//! - `CHAOS_KEEP=1`: a trial that breaks a promise keeps its nodes' data dirs and logs.
 //!
 //! Seeds that found a bug, each also pinned by a deterministic test where it was fixed:
 //! - 105:PauseUpdating (SIGSTOP of the updating node): a cancelled activation ran after the restore
@@ -781,6 +782,11 @@ async fn check(
     }
     if !outcome.violations.is_empty() {
         eprintln!("{}", cluster.logs());
+        // `CHAOS_KEEP=1`: keep the failed trial's data dirs and full node logs.
+        if std::env::var_os("CHAOS_KEEP").is_some() {
+            let dir = std::mem::replace(&mut cluster.dir, tempfile::tempdir().unwrap());
+            eprintln!("chaos: the trial's nodes are kept in {}", dir.keep().display());
+        }
     }
 }
 
