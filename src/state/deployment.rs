@@ -12,8 +12,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use super::analysis::{Analysis, Evaluation, EVALUATIONS_KEPT};
 use crate::release::Manifest;
-use crate::rollout::analysis::{Analysis, Evaluation, EVALUATIONS_KEPT};
 
 /// How many finished deployments `State::history` keeps; older ones are dropped.
 pub const HISTORY_LIMIT: usize = 50;

@@ -10,6 +10,7 @@
 //!
 //! - [`deployment`]: the rollout's replicated record (deployment, history) and its rules.
 
+pub mod analysis;
 pub mod deployment;
 
 use std::collections::BTreeMap;
@@ -204,7 +205,7 @@ pub enum Command {
     /// the leader; what it decides (stop, pause) is a separate `SetDeploymentState`.
     RecordEvaluation {
         generation: u64,
-        evaluation: Box<crate::rollout::analysis::Evaluation>,
+        evaluation: Box<analysis::Evaluation>,
     },
     /// Begins the canary step after `from` (protocol 5): `cluster rollout promote`, or the
     /// leader once a step's pause is over. A compare-and-set on the step, so two promotes

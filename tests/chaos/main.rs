@@ -785,7 +785,10 @@ async fn check(
         // `CHAOS_KEEP=1`: keep the failed trial's data dirs and full node logs.
         if std::env::var_os("CHAOS_KEEP").is_some() {
             let dir = std::mem::replace(&mut cluster.dir, tempfile::tempdir().unwrap());
-            eprintln!("chaos: the trial's nodes are kept in {}", dir.keep().display());
+            eprintln!(
+                "chaos: the trial's nodes are kept in {}",
+                dir.keep().display()
+            );
         }
     }
 }
