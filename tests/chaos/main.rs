@@ -36,6 +36,9 @@
 //! Seeds that found a bug, each also pinned by a deterministic test where it was fixed:
 //! - 105:PauseUpdating (SIGSTOP of the updating node): a cancelled activation ran after the restore
 //!   that undid it (`agent::tests::a_mutation_whose_caller_gave_up_...`).
+//! - 24:FullDisk: a node its supervisor restarted while its disk was still full opened its
+//!   store, which sled damaged for good; it never started again (the store now refuses to
+//!   open with less than 8 MiB free: `faults::a_node_whose_disk_fills_up_...`).
 
 #[path = "../it/harness.rs"]
 #[allow(dead_code)]

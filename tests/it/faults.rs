@@ -45,6 +45,17 @@ async fn a_node_whose_disk_fills_up_exits_instead_of_answering_as_a_member() {
     let put = cluster.client(1).kv_put("after", "full disk").await;
     assert!(put.is_ok(), "{put:?}");
 
+    // Started again while the disk is still full (as a supervisor would), it refuses to
+    // open its store, which a half-done write on open would damage for good.
+    let refused =
+        crate::harness::output_within(cluster.command(3, Start::Restart), Duration::from_secs(60));
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("not opening the Raft store") && said.contains("free space"),
+        "{said}"
+    );
+
     // With space again, the node starts and catches up from its log.
     disk.free();
     cluster.spawn(3, Start::Restart).await;
