@@ -354,17 +354,14 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_INTERRUPTED));
         }
     };
-    if args.json {
-        print_json(&serde_json::json!({
+    let json = args.json.then(|| {
+        serde_json::json!({
             "report": outcome.report,
             "plan": outcome.plan,
             "generation": outcome.generation,
-            "outcome": finished,
-        }))?;
-    } else {
-        print_summary(&finished)?;
-    }
-    Ok(exit_of(&finished))
+        })
+    });
+    report_finished(finished, json)
 }
 
 /// Uploads `dist` to the leader: its id and what moved, or (inner `Err`) why the leader
@@ -953,6 +950,22 @@ pub async fn rollout(command: RolloutCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Prints how a followed rollout ended (with `json`: those fields and `outcome`, else its
+/// summary) and returns its exit status.
+fn report_finished(
+    finished: HistoryEntry,
+    json: Option<serde_json::Value>,
+) -> anyhow::Result<ExitCode> {
+    match json {
+        Some(mut fields) => {
+            fields["outcome"] = serde_json::to_value(&finished)?;
+            print_json(&fields)?;
+        }
+        None => print_summary(&finished)?,
+    }
+    Ok(exit_of(&finished))
+}
+
 /// How a followed rollout ended, as an exit status: 0 completed, 1 otherwise.
 fn exit_of(finished: &HistoryEntry) -> ExitCode {
     if finished.outcome == DeploymentState::Completed {
@@ -987,16 +1000,9 @@ async fn undo(
         outln!("{}", done.message);
     }
     let finished = follow(target, done.generation, !json).await?;
-    if json {
-        print_json(&serde_json::json!({
-            "message": done.message,
-            "generation": done.generation,
-            "outcome": finished,
-        }))?;
-    } else {
-        print_summary(&finished)?;
-    }
-    Ok(exit_of(&finished))
+    let json =
+        json.then(|| serde_json::json!({"message": done.message, "generation": done.generation}));
+    report_finished(finished, json)
 }
 
 /// The rollout view from the leader (with its notes) when it answers, else from the

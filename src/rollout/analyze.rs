@@ -50,23 +50,21 @@ pub async fn analyze<C: Cluster>(cluster: Arc<C>, mut stop: watch::Receiver<bool
             next.clear();
             continue;
         }
-        let Some((generation, analyses, on_failure, due)) = cluster.read(|s| {
+        // The gates are copied only while they are due (most ticks find none).
+        let Some((generation, due)) = cluster.read(|s| {
             s.deployment.as_ref().map(|d| {
-                (
-                    d.generation,
-                    d.strategy.analyses.clone(),
-                    d.strategy.on_failure,
-                    analysis::due(d),
-                )
+                let due =
+                    analysis::due(d).then(|| (d.strategy.analyses.clone(), d.strategy.on_failure));
+                (d.generation, due)
             })
         }) else {
             next.clear();
             continue;
         };
         next.retain(|(g, _), _| *g == generation);
-        if !due {
+        let Some((analyses, on_failure)) = due else {
             continue;
-        }
+        };
         for spec in &analyses {
             let key = (generation, spec.name.clone());
             let now = Instant::now();

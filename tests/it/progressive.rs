@@ -91,28 +91,24 @@ impl Load {
     }
 }
 
-/// `cluster update` of `dist` with the gates, through node 1; its history entry.
-fn update_gated(cluster: &Cluster, dist: &std::path::Path, gates: &[String]) -> serde_json::Value {
-    let addr = cluster.addr(1);
+/// `cluster update` of `dist` through `addr` with no soak and a tolerant staleness limit,
+/// plus `extra` flags; the history entry the rollout ended as.
+fn update_with(addr: &str, dist: &std::path::Path, extra: &[&str]) -> serde_json::Value {
     let mut args = vec![
         "update",
         "--dist",
         dist.to_str().unwrap(),
         "--node",
-        &addr,
-        "--stabilize",
-        "8s",
+        addr,
         "--soak",
         "0",
         "--stale-ack",
         "2s",
         "--json",
     ];
-    for gate in gates {
-        args.extend(["--analysis", gate]);
-    }
+    args.extend(extra);
     let out = cli(&args);
-    let history = cli(&["rollout", "history", "--json", "--node", &addr]);
+    let history = cli(&["rollout", "history", "--json", "--node", addr]);
     let history: serde_json::Value = serde_json::from_slice(&history.stdout).unwrap();
     let last = history.as_array().unwrap().last().cloned().unwrap();
     println!(
@@ -123,6 +119,15 @@ fn update_gated(cluster: &Cluster, dist: &std::path::Path, gates: &[String]) -> 
         last["reason"]
     );
     last
+}
+
+/// `update_with` through node 1, an 8 s stabilization window and these gates.
+fn update_gated(cluster: &Cluster, dist: &std::path::Path, gates: &[String]) -> serde_json::Value {
+    let mut extra = vec!["--stabilize", "8s"];
+    for gate in gates {
+        extra.extend(["--analysis", gate.as_str()]);
+    }
+    update_with(&cluster.addr(1), dist, &extra)
 }
 
 /// When the first node began restoring (the revert's start), from the history.
@@ -424,31 +429,6 @@ async fn a_rollout_stuck_past_its_progress_deadline_is_reverted_with_the_reason(
     wait_services_on(&cluster, &[1, 2, 3], &h1).await;
 }
 
-/// `cluster update` of `dist` through `addr`, quick: the history entry it ended as.
-fn update_quick(addr: &str, dist: &std::path::Path) -> serde_json::Value {
-    let out = cli(&[
-        "update",
-        "--dist",
-        dist.to_str().unwrap(),
-        "--node",
-        addr,
-        "--stabilize",
-        "1s",
-        "--soak",
-        "0",
-        "--stale-ack",
-        "2s",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    json["outcome"].clone()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undo_rolls_back_through_the_pipeline_to_the_previous_or_a_chosen_build() {
     let work = tempfile::tempdir().unwrap();
@@ -459,8 +439,10 @@ async fn undo_rolls_back_through_the_pipeline_to_the_previous_or_a_chosen_build(
     let cluster = Cluster::start_supervised(3, &dist("v1")).await;
     crate::harness::wait_all_on(&cluster, &h1).await;
     let addr = cluster.addr(1);
-    assert_eq!(update_quick(&addr, &dist("v2"))["outcome"], "completed");
-    assert_eq!(update_quick(&addr, &dist("v3"))["outcome"], "completed");
+    for next in ["v2", "v3"] {
+        let entry = update_with(&addr, &dist(next), &["--stabilize", "1s"]);
+        assert_eq!(entry["outcome"], "completed", "{entry:#}");
+    }
 
     // Undo the newest rollout (2: v2 -> v3): a rollout of v2, with its own generation.
     let out = cli(&["rollout", "undo", "--json", "--node", &addr]);
