@@ -151,7 +151,14 @@ pub enum Operation {
     /// Roll back through the normal pipeline: to the build the newest completed rollout
     /// replaced, or to what generation `N` rolled out, or to a build named by (a prefix
     /// of) its hash.
-    Undo { to: Option<String> },
+    Undo {
+        to: Option<String>,
+        /// The operator asking, for history: set by the node that received the request
+        /// from the operator's certificate (`auth::vouch_for_operation`), never taken
+        /// from a person's request.
+        #[serde(default)]
+        by: Option<String>,
+    },
 }
 
 /// What an operation did.

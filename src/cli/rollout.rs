@@ -986,7 +986,7 @@ async fn undo(
     let done = target
         .client()?
         .timeout(Duration::from_secs(90))
-        .operate(Operation::Undo { to })
+        .operate(Operation::Undo { to, by: None })
         .await?;
     if detach {
         if json {

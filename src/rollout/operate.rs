@@ -27,8 +27,8 @@ pub fn view<C: Cluster>(cluster: &C, notes: &Notes) -> RolloutView {
 /// Carries out `operation` on the leader: one replicated command.
 pub async fn operate<C: Cluster>(cluster: &C, operation: Operation) -> Result<Operated, ApiError> {
     let now = unix_ms();
-    if let Operation::Undo { to } = &operation {
-        return undo(cluster, to.as_deref()).await;
+    if let Operation::Undo { to, by } = &operation {
+        return undo(cluster, to.as_deref(), by.as_deref()).await;
     }
     // The proposal gate refuses a command some member's protocol cannot apply; pause and
     // resume use commands every rollout-capable member knows, so a rollout can always
@@ -258,7 +258,11 @@ pub fn undo_target(
 
 /// `cluster rollout undo`: a new rollout, through preflight and the undone rollout's
 /// strategy, of a build the leader still holds.
-async fn undo<C: Cluster>(cluster: &C, to: Option<&str>) -> Result<Operated, ApiError> {
+async fn undo<C: Cluster>(
+    cluster: &C,
+    to: Option<&str>,
+    by: Option<&str>,
+) -> Result<Operated, ApiError> {
     use crate::state::deployment::short_hash;
     let (history, running, active) = cluster.read(|s| {
         (
@@ -288,11 +292,12 @@ async fn undo<C: Cluster>(cluster: &C, to: Option<&str>) -> Result<Operated, Api
         started_by: crate::state::Starter::Operator,
         dist_label: String::new(),
         trigger: Some(format!(
-            "an operator ran `cluster rollout undo`: it {}",
+            "{} ran `cluster rollout undo`: it {}",
+            by.map_or("an operator".to_string(), |name| format!("operator {name}")),
             target.why
         )),
         skip: Vec::new(),
-        operator: None,
+        operator: by.map(String::from),
     };
     let outcome = super::update::update(cluster, manifest, options, false).await?;
     if outcome.generation == 0 {

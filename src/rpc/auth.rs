@@ -18,7 +18,7 @@ use tonic::codegen::{http, Service};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower_layer::Layer;
 
-use crate::api::UpdateOptions;
+use crate::api::{Operation, UpdateOptions};
 use crate::state::{Command, Starter};
 use crate::tls::{Identity, Role, TlsError};
 
@@ -234,6 +234,18 @@ pub fn vouch_for_options(caller: &Caller, mut options: UpdateOptions) -> UpdateO
         options.operator = Some(name.clone());
     }
     options
+}
+
+/// A rollout operation as the leader may trust it: like [`vouch_for_options`], the
+/// operator an undo names is the one the caller's certificate names (a forwarding member
+/// passes on what its own caller's certificate said).
+pub fn vouch_for_operation(caller: &Caller, mut operation: Operation) -> Operation {
+    if let (Some(Identity::Operator(name) | Identity::Viewer(name)), Operation::Undo { by, .. }) =
+        (&caller.identity, &mut operation)
+    {
+        *by = Some(name.clone());
+    }
+    operation
 }
 
 /// Refuses a replicated command a client may not propose: only kv commands come from the
@@ -700,5 +712,31 @@ mod tests {
         // A member forwarding a request, and anyone on an insecure node, pass it as sent.
         assert_eq!(as_caller(Some(Identity::Node(2))), forged);
         assert_eq!(as_caller(None), forged);
+    }
+
+    #[test]
+    fn who_asked_for_an_undo_comes_from_the_certificate_not_the_request() {
+        let forged = Operation::Undo {
+            to: Some("4".into()),
+            by: Some("mallory".into()),
+        };
+        let as_caller = |identity| vouch_for_operation(&Caller { identity }, forged.clone());
+        assert_eq!(
+            as_caller(Some(Identity::Operator("alice".into()))),
+            Operation::Undo {
+                to: Some("4".into()),
+                by: Some("alice".into())
+            }
+        );
+        assert_eq!(as_caller(Some(Identity::Node(2))), forged);
+        assert_eq!(
+            vouch_for_operation(
+                &Caller {
+                    identity: Some(Identity::Operator("alice".into()))
+                },
+                Operation::Pause
+            ),
+            Operation::Pause
+        );
     }
 }

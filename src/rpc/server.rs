@@ -324,7 +324,11 @@ impl<C: ControlHandler> Control for ControlService<C> {
         request: Request<pb::OperateRequest>,
     ) -> Result<Response<pb::OperateReply>, Status> {
         let hops = hops(&request);
-        let operation = from_json(&request.into_inner().operation, "rollout operation")?;
+        let caller = caller_of(&request)?;
+        let operation = auth::vouch_for_operation(
+            &caller,
+            from_json(&request.into_inner().operation, "rollout operation")?,
+        );
         let done = self
             .node
             .operate(operation, hops)
