@@ -102,6 +102,9 @@ pub struct NodeStatus {
     /// node's view, or a node without services).
     #[serde(default)]
     pub services: Vec<ServiceStatus>,
+    /// The operator's labels for the node (node.toml `labels`), as it reported them.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// One of the operator's services on one node. Field names are the `--json` schema.

@@ -81,6 +81,9 @@ pub struct Plan {
     pub nodes: BTreeMap<u64, PlannedNode>,
     /// Members that already run the target: nothing to do on them.
     pub already_current: Vec<u64>,
+    /// Members the rollout's selector (`--nodes`) leaves out.
+    #[serde(default)]
+    pub not_targeted: Vec<u64>,
 }
 
 /// One node of the plan.
@@ -92,6 +95,9 @@ pub struct PlannedNode {
     pub from_hash: String,
     /// Bytes it must fetch (chunks no local release holds).
     pub fetch_bytes: u64,
+    /// Its labels (node.toml `labels`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// The active deployment and the history, as `cluster rollout status|history` show them.
@@ -223,6 +229,14 @@ pub fn status_json(view: &RolloutView, members: &[u64]) -> serde_json::Value {
                 })
             }),
             "analyses": d.strategy.analyses,
+            "selector": d.strategy.selector.as_ref().map(|s| s.to_string()),
+            "untargeted": d.untargeted,
+            "order_by": d.strategy.order_by,
+            "failure_budget": d.strategy.max_failures.map(|budget| serde_json::json!({
+                "max_failures": budget.to_string(),
+                "tolerates": d.failure_budget(),
+                "failed": d.failed_nodes(),
+            })),
             "state_since_ms": d.state_since_ms,
             "evaluations": d.evaluations,
             "waiting": view.notes.as_ref().and_then(|n| n.waiting.clone()),
@@ -246,6 +260,7 @@ pub fn status_json(view: &RolloutView, members: &[u64]) -> serde_json::Value {
         "state": view.deployment.as_ref().map(|d| d.state.as_str())
             .unwrap_or("idle"),
         "active_hash": fleet.target,
+        "staged_hash": fleet.staged,
         "candidate_hash": view.deployment.as_ref().map(|d| d.target_hash.clone()),
         "previous_hash": view.deployment.as_ref().map(|d| d.previous_hash.clone())
             .or_else(|| view.history.last().map(|h| h.previous_hash.clone())),

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::node::NodeConfig;
 use crate::raft::Timing;
 use crate::rollout::AutoConfig;
+use crate::state::deployment::valid_label;
 
 #[derive(Args, Debug, Default)]
 pub struct RunArgs {
@@ -121,6 +122,12 @@ pub struct RunArgs {
     /// the file's list
     #[arg(long = "notify-url", value_name = "URL")]
     pub notify_urls: Vec<crate::notify::NotifyUrl>,
+    /// A label for this node, e.g. zone=a; repeat for several. `cluster update --nodes
+    /// zone=a` rolls out to matching nodes only, `--order-by zone` one zone after the
+    /// other; `cluster status` shows them. In the TOML file: labels = { zone = "a",
+    /// rack = "r1" }; a flag overrides the file's value of its key
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
 }
 
 /// The TOML form of `RunArgs`. Unknown keys are errors: a typo must not be ignored.
@@ -151,6 +158,7 @@ struct FileConfig {
     metrics_listen: Option<SocketAddr>,
     dashboard_listen: Option<SocketAddr>,
     notify_urls: Option<Vec<String>>,
+    labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -303,7 +311,26 @@ pub fn resolve(args: RunArgs) -> anyhow::Result<NodeConfig> {
             .map_err(|e| anyhow::anyhow!("notify_urls in the config file: {e}"))?,
         _ => Vec::new(),
     };
+    let mut labels = file.labels.unwrap_or_default();
+    for flag in &args.labels {
+        match flag.split_once('=') {
+            Some((key, value)) => {
+                labels.insert(key.trim().to_string(), value.trim().to_string());
+            }
+            None => bail!("--label {flag:?} must be key=value, e.g. --label zone=a"),
+        }
+    }
+    if let Some((key, value)) = labels
+        .iter()
+        .find(|(k, v)| !valid_label(k) || !valid_label(v))
+    {
+        bail!(
+            "label {key}={value:?}: keys and values are 1 to 63 letters, digits, '-', '_' or \
+             '.' (e.g. zone = \"eu-1a\")"
+        );
+    }
     Ok(NodeConfig {
+        labels,
         log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         metrics_listen: args.metrics_listen.or(file.metrics_listen),
         dashboard_listen: args.dashboard_listen.or(file.dashboard_listen),
@@ -413,6 +440,7 @@ mod tests {
             let flag = match key.as_str() {
                 "release_keys" => "--release-key".to_string(),
                 "notify_urls" => "--notify-url".to_string(),
+                "labels" => "--label".to_string(),
                 other => format!("--{}", other.replace('_', "-")),
             };
             assert!(
@@ -442,6 +470,37 @@ mod tests {
         let (_dir, typo) = file(&format!("{base}log_format = \"xml\"\n"));
         let err = resolve(args(&typo)).unwrap_err().to_string();
         assert!(err.contains("log_format") && err.contains("xml"), "{err}");
+    }
+
+    #[test]
+    fn labels_come_from_the_file_and_flags_override_their_keys() {
+        let base = "id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/tmp/a\"\n";
+        let (_dir, path) = file(&format!(
+            "{base}labels = {{ zone = \"a\", rack = \"r1\" }}\n"
+        ));
+        let args = |labels: &[&str]| RunArgs {
+            config: Some(path.clone()),
+            insecure: true,
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+            ..RunArgs::default()
+        };
+        let labels = resolve(args(&[])).unwrap().labels;
+        assert_eq!(
+            crate::state::deployment::describe_labels(&labels),
+            "rack=r1, zone=a"
+        );
+        let labels = resolve(args(&["zone=b", "tier=web"])).unwrap().labels;
+        assert_eq!(
+            crate::state::deployment::describe_labels(&labels),
+            "rack=r1, tier=web, zone=b"
+        );
+        let err = resolve(args(&["zone"])).unwrap_err().to_string();
+        assert!(err.contains("--label \"zone\" must be key=value"), "{err}");
+        let err = resolve(args(&["zone=a b"])).unwrap_err().to_string();
+        assert!(
+            err.contains("label zone=\"a b\": keys and values are"),
+            "{err}"
+        );
     }
 
     #[test]

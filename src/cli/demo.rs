@@ -388,6 +388,9 @@ pub async fn demo() -> anyhow::Result<ExitCode> {
         steps: None,
         step_pause: None,
         progress_deadline: None,
+        max_failures: None,
+        selector: None,
+        order_by: None,
     })
     .await?;
     // Every node serving v2, under load the whole time.

@@ -99,6 +99,13 @@ pub fn render_status(status: &ClusterStatus) -> String {
             or_dash(node.applied_index, ""),
         ]);
     }
+    // Labels only when some node has any: most clusters have none.
+    if status.nodes.iter().any(|n| !n.labels.is_empty()) {
+        for (row, node) in rows.iter_mut().skip(1).zip(&status.nodes) {
+            row.push(crate::state::deployment::describe_labels(&node.labels));
+        }
+        rows[0].push("LABELS".into());
+    }
     out.push_str(&table(&rows));
     let services: Vec<_> = status
         .nodes

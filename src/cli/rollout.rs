@@ -96,6 +96,21 @@ pub struct UpdateArgs {
     /// promoted for this long, e.g. 15m; a pause or a step's hold does not count
     #[arg(long, value_name = "DURATION", value_parser = super::millis)]
     pub progress_deadline: Option<u64>,
+    /// Learner failures to tolerate: a number (2) or a share of the rollout's learners
+    /// (25%, rounded down). Each failed learner is restored to its build and the rollout
+    /// goes on; one failure more stops it (see --on-failure). A voter's failure always
+    /// stops it
+    #[arg(long, value_name = "N|P%", value_parser = crate::state::deployment::FailureBudget::parse)]
+    pub max_failures: Option<crate::state::deployment::FailureBudget>,
+    /// Roll out only to members with these labels (node.toml `labels`), e.g. zone=a or
+    /// zone=a,rack=r1 (all must match). The others are listed as not targeted, and the
+    /// cluster's target build moves only once every member runs the release
+    #[arg(long = "nodes", value_name = "KEY=VALUE,...", value_parser = crate::state::deployment::Selector::parse)]
+    pub selector: Option<crate::state::deployment::Selector>,
+    /// Group nodes by this label and finish one group before the next, e.g. zone: every
+    /// node of one zone is committed before the next zone starts (the leader's zone last)
+    #[arg(long, value_name = "LABEL")]
+    pub order_by: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -241,6 +256,9 @@ pub fn options_of(args: &UpdateArgs) -> UpdateOptions {
             steps: args.steps.clone().map(|s| s.0).unwrap_or_default(),
             step_pause_ms: args.step_pause,
             progress_deadline_ms: args.progress_deadline,
+            max_failures: args.max_failures,
+            selector: args.selector.clone(),
+            order_by: args.order_by.clone(),
             ..Strategy::default()
         },
         allow_downtime: args.allow_downtime,
@@ -462,10 +480,14 @@ fn print_plan(outcome: &UpdateOutcome) -> std::io::Result<()> {
             .iter()
             .map(|id| match plan.nodes.get(id) {
                 Some(n) => format!(
-                    "node {id} ({}, {}, fetch {} bytes)",
+                    "node {id} ({}, {}, fetch {} bytes{})",
                     n.addr,
                     format!("{:?}", n.role).to_lowercase(),
-                    n.fetch_bytes
+                    n.fetch_bytes,
+                    match crate::state::deployment::describe_labels(&n.labels) {
+                        labels if labels.is_empty() => labels,
+                        labels => format!(", {labels}"),
+                    }
                 ),
                 None => format!("node {id}"),
             })
@@ -474,6 +496,9 @@ fn print_plan(outcome: &UpdateOutcome) -> std::io::Result<()> {
     }
     if !plan.already_current.is_empty() {
         outln!("  already on the target: {:?}", plan.already_current);
+    }
+    if !plan.not_targeted.is_empty() {
+        outln!("  not targeted (--nodes): {:?}", plan.not_targeted);
     }
     Ok(())
 }
@@ -659,6 +684,30 @@ pub fn print_active(d: &Deployment, notes: Option<&LeaderNotes>) -> std::io::Res
             }
         );
     }
+    if let Some(selector) = &d.strategy.selector {
+        outln!(
+            "  only nodes with {selector} (--nodes); not targeted: {}",
+            if d.untargeted.is_empty() {
+                "none".to_string()
+            } else {
+                d.untargeted
+                    .iter()
+                    .map(|id| format!("node {id}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        );
+    }
+    if let Some(key) = &d.strategy.order_by {
+        outln!("  one {key} after another (--order-by {key}), the leader's last");
+    }
+    if let Some(budget) = d.strategy.max_failures {
+        outln!(
+            "  failure budget: {} of {} learner failures used (--max-failures {budget})",
+            d.failed_nodes().len(),
+            d.failure_budget()
+        );
+    }
     print_steps(&d.order, &d.nodes, d.reason.as_deref())?;
     print_gates(&d.strategy.analyses, &d.evaluations)?;
     if let Some(notes) = notes {
@@ -675,8 +724,7 @@ pub fn print_active(d: &Deployment, notes: Option<&LeaderNotes>) -> std::io::Res
     Ok(())
 }
 
-/// Every node's phase, error and time taken, in rollout order.
-/// Every node's phase and timing; a node's error is shown unless it is `said` (the
+/// Every node's phase and timing, in rollout order; a node's error is shown unless it is `said` (the
 /// rollout's own reason, already printed).
 fn print_steps(
     order: &[u64],
@@ -731,6 +779,13 @@ pub fn print_status(view: &RolloutView, members: &[u64]) -> std::io::Result<()> 
         None => "none yet (set by the first completed rollout)".into(),
     };
     outln!("target: {target}");
+    if let Some(staged) = &fleet.staged {
+        outln!(
+            "staged: build {} on the nodes a rollout with --nodes reached; it becomes the \
+             target once every node runs it",
+            short_hash(staged)
+        );
+    }
     let auto = if fleet.auto_disabled { "off" } else { "on" };
     match view.notes.as_ref().map(|n| &n.auto) {
         // The leader's loop has not looked again since the rollout ended.

@@ -706,6 +706,7 @@ impl NodeHandle {
                     supervision: info.supervision,
                     last_auto_restore: info.last_auto_restore,
                     insecure: info.insecure,
+                    labels: info.labels,
                     // Only a node's own check is known here: others report theirs.
                     health_problem: if id == self.id {
                         self.health.problem().or_else(|| self.services.problem())

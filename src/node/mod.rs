@@ -78,6 +78,8 @@ pub struct NodeConfig {
     pub dashboard_listen: Option<SocketAddr>,
     /// Where the leader POSTs rollout notifications (`--notify-url`).
     pub notify_urls: Vec<crate::notify::NotifyUrl>,
+    /// The operator's labels for this node (`labels` in node.toml, `--label`).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// The default of `--max-voters`: five voters lose two and keep a quorum; more make every
@@ -299,6 +301,7 @@ pub async fn run(
             supervision: supervision.name().to_string(),
             last_auto_restore,
             insecure: config.security.credentials().is_none(),
+            labels: config.labels.clone(),
         }),
         agent: agent.clone(),
         health: health.clone(),

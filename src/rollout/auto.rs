@@ -105,7 +105,9 @@ pub fn decide(
             .iter()
             .filter_map(|id| {
                 let build = state.nodes.get(id)?.build_hash.as_str();
-                (!build.is_empty() && build != target).then_some((*id, build))
+                // A build a limited rollout (`--nodes`) staged is the operator's choice.
+                let staged = state.fleet.staged.as_deref() == Some(build);
+                (!build.is_empty() && build != target && !staged).then_some((*id, build))
             })
             .collect();
         let (failed, eligible): (Vec<_>, Vec<_>) = behind

@@ -64,7 +64,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::plan::waves;
+use super::plan::{group_of, waves};
 use crate::state::deployment::{short_hash, MAX_HANDOFF_ATTEMPTS};
 use crate::state::{Command, Deployment, DeploymentState, HistoryEntry, OnFailure, Phase, Role};
 
@@ -753,27 +753,25 @@ impl Engine {
     }
 
     fn drive_forward(&mut self, cx: &mut Cx) {
-        // A leader that recorded a node's failure but died before stopping the deployment.
-        let failed = cx.view.nodes.iter().find(|(_, step)| {
-            matches!(
-                step.phase,
-                Phase::Restoring | Phase::Restored | Phase::Failed
-            )
-        });
-        if let Some((id, step)) = failed {
-            let reason = format!(
-                "{} failed: {}",
-                cx.view.describe(*id),
-                step.error.as_deref().unwrap_or("no reason recorded")
-            );
+        // A leader that recorded a node's failure but died before stopping the deployment
+        // (failures within `--max-failures` let it go on).
+        if !cx.view.within_failure_budget() {
+            let reason = self.over_budget(&cx.view);
             self.stop(cx, reason);
             return self.drive_stopping(cx);
         }
-        for node in nodes_where(&cx.view, Phase::is_updating) {
+        // Tolerated learner failures are restored while the rollout goes on.
+        for node in nodes_where(&cx.view, |p| p.is_updating() || p == Phase::Restoring) {
             self.advance(cx, node);
             if cx.view.state.is_stopping() {
                 return self.drive_stopping(cx);
             }
+        }
+        if !cx.view.within_failure_budget() {
+            // A tolerated learner's restore failed: it is no longer a tolerated failure.
+            let reason = self.over_budget(&cx.view);
+            self.stop(cx, reason);
+            return self.drive_stopping(cx);
         }
         if cx.view.state != DeploymentState::Running {
             // A pause is not a lack of progress: the deadline starts again on resume.
@@ -784,7 +782,7 @@ impl Engine {
             self.stop(cx, reason);
             return self.drive_stopping(cx);
         }
-        if cx.view.nodes.values().all(|s| s.phase == Phase::Committed) {
+        if cx.view.nodes.values().all(|s| is_done(s.phase)) {
             return self.soak(cx);
         }
         // Canary steps: no node starts beyond the step's quota; a step whose nodes all
@@ -794,21 +792,24 @@ impl Engine {
         let quota = targets[step];
         let mut started = cx.view.nodes.len() - count_in(&cx.view, Phase::Pending);
         if started >= quota {
-            let committed = count_in(&cx.view, Phase::Committed);
-            if committed >= quota && step + 1 < targets.len() {
+            let done = nodes_where(&cx.view, is_done).len();
+            if done >= quota && step + 1 < targets.len() {
                 self.hold_step(cx, step, quota, targets.len());
             }
             return;
         }
         let order = self.effective_order(&cx.view);
-        let roles: Vec<(u64, Role)> = order
+        let roles: Vec<(u64, Role, &str)> = order
             .iter()
-            .map(|id| (*id, cx.view.nodes[id].role))
+            .map(|id| {
+                let step = &cx.view.nodes[id];
+                (*id, step.role, group_of(&step.labels, &cx.view.strategy))
+            })
             .collect();
         let waves = waves(&roles, cx.view.strategy.max_parallel);
         let Some(wave) = waves
             .into_iter()
-            .find(|wave| wave.iter().any(|id| cx.view.phase(*id) != Phase::Committed))
+            .find(|wave| wave.iter().any(|id| !is_done(cx.view.phase(*id))))
         else {
             return;
         };
@@ -837,7 +838,7 @@ impl Engine {
     /// runs; a pause, a step's hold and a new leader start it again).
     fn out_of_time(&mut self, cx: &Cx) -> Option<String> {
         let deadline = cx.view.strategy.progress_deadline_ms?;
-        let mark = (count_in(&cx.view, Phase::Committed), cx.view.step);
+        let mark = (nodes_where(&cx.view, is_done).len(), cx.view.step);
         let now = cx.now.monotonic_ms;
         match self.progress {
             Some((seen, since)) if seen == mark => {
@@ -923,11 +924,37 @@ impl Engine {
         let window = cx.view.strategy.soak_ms;
         let since = *self.soak.since_ms.get_or_insert(now);
         if now.saturating_sub(since) >= window {
-            self.set_state(cx, DeploymentState::Completed, None);
+            let restored = nodes_where(&cx.view, |p| p == Phase::Restored);
+            let reason = (!restored.is_empty()).then(|| {
+                let names: Vec<String> = restored
+                    .iter()
+                    .map(|id| {
+                        let step = &cx.view.nodes[id];
+                        format!(
+                            "{} stayed on build {} ({})",
+                            cx.view.describe(*id),
+                            short_hash(&step.from_hash),
+                            step.error.as_deref().unwrap_or("failed")
+                        )
+                    })
+                    .collect();
+                format!(
+                    "completed with {} of {} tolerated learner failures (--max-failures {}): {}",
+                    restored.len(),
+                    cx.view.failure_budget(),
+                    cx.view
+                        .strategy
+                        .max_failures
+                        .map(|b| b.to_string())
+                        .unwrap_or_default(),
+                    names.join("; ")
+                )
+            });
+            self.set_state(cx, DeploymentState::Completed, reason);
             return;
         }
         let interval = cx.view.strategy.poll_interval_ms;
-        for node in cx.view.order.clone() {
+        for node in nodes_where(&cx.view, |p| p == Phase::Committed) {
             let track = self.track(node);
             if track.poll.is_some() || now < track.next_poll_ms {
                 continue;
@@ -1176,7 +1203,8 @@ impl Engine {
 
     // ---- helpers ------------------------------------------------------------------
 
-    /// A failed node is restored and the deployment stops.
+    /// A failed node is restored and the deployment stops, unless the node is a learner
+    /// within the failure budget (`--max-failures`): then the rollout goes on without it.
     fn fail(&mut self, cx: &mut Cx, node: u64, why: String) {
         let reason = format!(
             "{} failed in {}: {why}",
@@ -1184,7 +1212,50 @@ impl Engine {
             cx.view.phase(node)
         );
         self.set_phase(cx, node, Phase::Restoring, Some(why));
+        let going = matches!(
+            cx.view.state,
+            DeploymentState::Running | DeploymentState::Paused
+        );
+        if going && cx.view.within_failure_budget() {
+            return;
+        }
+        let reason = match cx.view.strategy.max_failures {
+            Some(budget) if cx.view.nodes[&node].role == Role::Learner => format!(
+                "{reason}; {} learners failed, more than --max-failures {budget} tolerates ({})",
+                cx.view.failed_nodes().len(),
+                cx.view.failure_budget()
+            ),
+            _ => reason,
+        };
         self.stop(cx, reason);
+    }
+
+    /// Why failures recorded in a running deployment stop it: the first failed node that
+    /// the budget does not cover, and the count when a budget was set.
+    fn over_budget(&self, view: &Deployment) -> String {
+        let failed = view.failed_nodes();
+        let first = failed
+            .iter()
+            .find(|id| view.nodes[*id].role == Role::Voter || view.phase(**id) == Phase::Failed)
+            .or(failed.last())
+            .copied()
+            .unwrap_or(self.me);
+        let mut reason = format!(
+            "{} failed: {}",
+            view.describe(first),
+            view.nodes
+                .get(&first)
+                .and_then(|s| s.error.as_deref())
+                .unwrap_or("no reason recorded")
+        );
+        if let Some(budget) = view.strategy.max_failures {
+            reason.push_str(&format!(
+                "; {} failed, --max-failures {budget} tolerates {} learners",
+                failed.len(),
+                view.failure_budget()
+            ));
+        }
+        reason
     }
 
     /// Stops a running or paused deployment as its failure policy says.
@@ -1476,12 +1547,18 @@ fn judge(
     Ok(health.boot_id.clone())
 }
 
-/// Nodes whose phase satisfies `wanted`, by id.
 /// How many of the deployment's nodes are in `phase`.
 fn count_in(view: &Deployment, phase: Phase) -> usize {
     view.nodes.values().filter(|s| s.phase == phase).count()
 }
 
+/// Nothing more happens to the node in a running deployment: committed, or restored
+/// after a failure the budget tolerates.
+fn is_done(phase: Phase) -> bool {
+    matches!(phase, Phase::Committed | Phase::Restored)
+}
+
+/// Nodes whose phase satisfies `wanted`, by id.
 fn nodes_where(view: &Deployment, wanted: impl Fn(Phase) -> bool) -> Vec<u64> {
     view.nodes
         .iter()

@@ -71,6 +71,8 @@ pub struct Member {
     pub free_bytes: u64,
     /// Bytes the node must fetch for the target release: chunks no local release holds.
     pub needed_bytes: u64,
+    /// The labels the member reported (node.toml `labels`), from the replicated state.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// The active rollout, as the replicated state records it.
@@ -185,14 +187,18 @@ pub fn preflight(snapshot: &Survey, options: &Options) -> Report {
         per_reachable_node(snapshot, "protocol", "speaking the rollout protocol", |m| {
             let needed = options.min_protocol.max(ROLLOUT_PROTOCOL);
             (m.protocol < needed).then(|| {
-                let what = if needed > ROLLOUT_PROTOCOL {
-                    "this rollout's commands (metric gates, canary steps)"
+                let (what, how) = if needed > ROLLOUT_PROTOCOL {
+                    (
+                        "this rollout's strategy (metric gates, canary steps, failure \
+                         budgets, --nodes, --order-by) needs",
+                        " (a rollout without those options can do that)",
+                    )
                 } else {
-                    "rollout commands"
+                    ("rollout commands need", "")
                 };
                 format!(
-                    "{} speaks protocol {}; {what} need {needed}: install a newer release \
-                     on it first (a rollout without --analysis or --steps can do that)",
+                    "{} speaks protocol {}; {what} {needed}: install a newer release on it \
+                     first{how}",
                     name(m),
                     m.protocol
                 )
@@ -504,6 +510,7 @@ pub(crate) mod tests {
             applied_index: Some(120),
             free_bytes: 10 << 30,
             needed_bytes: 48 << 20,
+            labels: Default::default(),
         }
     }
 

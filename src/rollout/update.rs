@@ -30,6 +30,12 @@ pub async fn survey<C: Cluster>(
             role: m.role,
             last_ack_ms: m.last_ack_ms,
             matched_index: m.matched_index,
+            labels: cluster.read(|s| {
+                s.nodes
+                    .get(&m.id)
+                    .map(|info| info.labels.clone())
+                    .unwrap_or_default()
+            }),
             ..Member::default()
         };
         probe_member(cluster, &mut member, manifest).await;
@@ -144,17 +150,13 @@ pub async fn update<C: Cluster>(
     let preflight_options = Options {
         allow_downtime: options.allow_downtime,
         stale_ack_ms: options.stale_ack_ms,
-        min_protocol: if options.strategy.analyses.is_empty() && options.strategy.steps.is_empty() {
-            crate::state::ROLLOUT_PROTOCOL
-        } else {
-            crate::state::ANALYSIS_PROTOCOL
-        },
+        min_protocol: options.strategy.min_protocol(),
         ..Options::default()
     };
     let report = preflight(&survey, &preflight_options);
     let mut planned = survey.clone();
     planned.members.retain(|m| !options.skip.contains(&m.id));
-    let plan = plan(&planned, options.strategy.max_parallel.max(1));
+    let plan = plan(&planned, &options.strategy);
     if dry_run || !report.proceed {
         return Ok(UpdateOutcome {
             report,

@@ -581,6 +581,7 @@ impl From<api::ClusterStatus> for pb::StatusReply {
                     }),
                     insecure: n.insecure,
                     services: n.services.into_iter().map(service_to_pb).collect(),
+                    labels: n.labels.into_iter().collect(),
                 })
                 .collect(),
         }
@@ -666,6 +667,7 @@ impl From<pb::StatusReply> for api::ClusterStatus {
                     }),
                     insecure: n.insecure,
                     services: n.services.into_iter().map(service_from_pb).collect(),
+                    labels: n.labels.into_iter().collect(),
                 })
                 .collect(),
         }

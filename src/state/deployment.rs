@@ -71,6 +71,8 @@ pub struct Deployment {
     /// When the deployment entered its state (wall clock of the leader that recorded it;
     /// shown as "paused for ...", never compared across machines for a decision).
     pub state_since_ms: u64,
+    /// Members the strategy's selector (`--nodes`) left out of the rollout.
+    pub untargeted: Vec<u64>,
 }
 
 /// How a deployment proceeds and when it gives up.
@@ -111,6 +113,120 @@ pub struct Strategy {
     /// A rollout with no node committed and no step promoted for this long stops (as
     /// `on_failure` says); `None`: no deadline.
     pub progress_deadline_ms: Option<u64>,
+    /// Learner failures the rollout tolerates (`--max-failures`): each such learner is
+    /// restored and the rollout goes on; one more stops it as `on_failure` says. Voters
+    /// never use it. `None`: the first failure stops it.
+    pub max_failures: Option<FailureBudget>,
+    /// Only members whose labels match take part (`--nodes zone=a`); the others are
+    /// listed as not targeted. `None`: every member.
+    pub selector: Option<Selector>,
+    /// A label whose value groups the nodes (`--order-by zone`): every node of one group
+    /// is committed before the next group starts, the leader's group last.
+    pub order_by: Option<String>,
+}
+
+/// `--nodes`: labels a member must carry to take part in a rollout, `key=value` pairs
+/// separated by commas, all of which must match.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Selector(pub Vec<(String, String)>);
+
+impl Selector {
+    /// `zone=a` or `zone=a,rack=r1`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let pairs = text
+            .split(',')
+            .map(|part| {
+                let part = part.trim();
+                match part.split_once('=') {
+                    Some((key, value)) if valid_label(key) && valid_label(value) => {
+                        Ok((key.to_string(), value.to_string()))
+                    }
+                    _ => Err(format!(
+                        "--nodes {text:?}: {part:?} is not key=value (letters, digits, '-', \
+                         '_', '.'; e.g. zone=a or zone=a,rack=r1)"
+                    )),
+                }
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Self(pairs))
+    }
+
+    /// Whether a member with `labels` takes part.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.0
+            .iter()
+            .all(|(key, value)| labels.get(key) == Some(value))
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pairs: Vec<String> = self.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        f.write_str(&pairs.join(","))
+    }
+}
+
+/// A label key or value: 1 to 63 letters, digits, '-', '_' or '.'.
+pub fn valid_label(text: &str) -> bool {
+    (1..=63).contains(&text.len())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// `labels` as `zone=a, rack=r1` (empty when there are none).
+pub fn describe_labels(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `--max-failures`: a number of learners, or a share of the rollout's learners
+/// (rounded down: 50% of 3 learners tolerates 1).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureBudget {
+    Nodes(u32),
+    Percent(u32),
+}
+
+impl FailureBudget {
+    /// `2` or `25%`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        match text.strip_suffix('%') {
+            Some(share) => match share.parse::<u32>() {
+                Ok(p) if p <= 100 => Ok(Self::Percent(p)),
+                _ => Err(format!(
+                    "--max-failures {text:?}: a share is 0% to 100% of the learners"
+                )),
+            },
+            None => text.parse::<u32>().map(Self::Nodes).map_err(|_| {
+                format!(
+                    "--max-failures {text:?}: a number of learners (2) or a share of them (25%)"
+                )
+            }),
+        }
+    }
+
+    /// How many failed learners this budget tolerates among `learners`.
+    pub fn resolve(self, learners: usize) -> usize {
+        match self {
+            Self::Nodes(n) => (n as usize).min(learners),
+            Self::Percent(p) => learners * p as usize / 100,
+        }
+    }
+}
+
+impl fmt::Display for FailureBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Nodes(n) => write!(f, "{n}"),
+            Self::Percent(p) => write!(f, "{p}%"),
+        }
+    }
 }
 
 /// One canary step: a number of nodes, or a share of them (rounded up).
@@ -201,6 +317,9 @@ impl Default for Strategy {
             steps: Vec::new(),
             step_pause_ms: None,
             progress_deadline_ms: None,
+            max_failures: None,
+            selector: None,
+            order_by: None,
         }
     }
 }
@@ -437,6 +556,8 @@ pub struct NodeStep {
     /// Every phase the node entered, with when, oldest first (at most [`TRAIL_LIMIT`]):
     /// what a follower prints, so that no phase is skipped between two polls.
     pub trail: Vec<(Phase, u64)>,
+    /// The node's labels at plan time (node.toml `labels`): `--order-by` groups by them.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Phases a node's trail keeps (a few attempts' worth).
@@ -492,6 +613,9 @@ pub struct HistoryEntry {
     /// Its analyses' evaluations (see [`Deployment::evaluations`]).
     #[serde(default)]
     pub evaluations: Vec<Evaluation>,
+    /// Members its selector left out (see [`Deployment::untargeted`]).
+    #[serde(default)]
+    pub untargeted: Vec<u64>,
 }
 
 impl HistoryEntry {
@@ -513,6 +637,7 @@ impl HistoryEntry {
             trigger: deployment.trigger.clone(),
             aborted: deployment.aborted,
             evaluations: deployment.evaluations.clone(),
+            untargeted: deployment.untargeted.clone(),
         }
     }
 
@@ -537,7 +662,6 @@ impl HistoryEntry {
 }
 
 impl Deployment {
-    /// Checks that a deployment proposed by `BeginDeployment` is well-formed and fresh.
     /// This deployment without its manifest, which the target hash names: what views and
     /// clients get (a manifest can be megabytes, and a follower asks every 200 ms).
     pub fn without_manifest(&self) -> Deployment {
@@ -561,12 +685,47 @@ impl Deployment {
             evaluations: self.evaluations.clone(),
             step: self.step,
             state_since_ms: self.state_since_ms,
+            untargeted: self.untargeted.clone(),
         }
     }
 
     /// How many nodes run the new release at the end of each step.
     pub fn step_targets(&self) -> Vec<usize> {
         step_targets(&self.strategy.steps, self.nodes.len())
+    }
+
+    /// How many failed learners `--max-failures` tolerates in this deployment.
+    pub fn failure_budget(&self) -> usize {
+        let learners = self
+            .nodes
+            .values()
+            .filter(|s| s.role == Role::Learner)
+            .count();
+        self.strategy
+            .max_failures
+            .map_or(0, |budget| budget.resolve(learners))
+    }
+
+    /// Nodes that failed (restoring, restored or not restorable), by id. While the
+    /// deployment runs, only a node's own failure puts it there.
+    pub fn failed_nodes(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|(_, s)| matches!(s.phase, Phase::Restoring | Phase::Restored | Phase::Failed))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Whether the rollout may go on despite its failures: every failed node is a
+    /// learner being (or already) restored, and they are no more than the failure
+    /// budget. True with no failure.
+    pub fn within_failure_budget(&self) -> bool {
+        let failed = self.failed_nodes();
+        failed.len() <= self.failure_budget()
+            && failed.iter().all(|id| {
+                let step = &self.nodes[id];
+                step.role == Role::Learner && step.phase != Phase::Failed
+            })
     }
 
     /// Begins the step after `from` (an operator's `promote`, or a step's pause over).
@@ -585,6 +744,7 @@ impl Deployment {
         Ok(true)
     }
 
+    /// Checks that a deployment proposed by `BeginDeployment` is well-formed and fresh.
     pub fn validate_new(&self) -> Result<(), String> {
         if self.target_hash.is_empty() {
             return Err("the deployment names no target build hash".into());
@@ -705,6 +865,10 @@ impl Deployment {
                 .map(|(id, step)| (*id, step.phase))
         };
         let blocker = match state {
+            // Learners restored within the failure budget are part of a completion.
+            DeploymentState::Completed if self.within_failure_budget() => {
+                not_in(&[Phase::Committed, Phase::Restored])
+            }
             DeploymentState::Completed => not_in(&[Phase::Committed]),
             DeploymentState::Reverted => not_in(&[Phase::Pending, Phase::Restored]),
             _ => None,

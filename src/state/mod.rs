@@ -33,7 +33,11 @@ pub use deployment::{
 /// - 4: adds `ForgetNode`, which the leader proposes after removing a member.
 /// - 5: adds `RecordEvaluation` (a metric gate's evaluation, in the deployment) and
 ///   `PromoteStep` (canary steps).
-pub const PROTOCOL: u32 = 5;
+/// - 6: failure budgets and topology: a deployment's `max_failures`, `selector` and
+///   `order_by`, and node labels. A binary speaking 5 would drop them and decide
+///   differently (stop at a tolerated failure, move the cluster's target after a limited
+///   rollout), so a rollout that uses them needs every member on 6.
+pub const PROTOCOL: u32 = 6;
 
 /// The protocol that introduced the rollout commands.
 pub const ROLLOUT_PROTOCOL: u32 = 2;
@@ -47,6 +51,22 @@ pub const MEMBERS_PROTOCOL: u32 = 4;
 /// The protocol that introduced metric gates and canary steps (`RecordEvaluation`,
 /// `PromoteStep`).
 pub const ANALYSIS_PROTOCOL: u32 = 5;
+
+/// The protocol that introduced failure budgets, node labels, `--nodes` and `--order-by`.
+pub const TOPOLOGY_PROTOCOL: u32 = 6;
+
+impl Strategy {
+    /// The protocol every member must speak for a rollout with this strategy.
+    pub fn min_protocol(&self) -> u32 {
+        if self.max_failures.is_some() || self.selector.is_some() || self.order_by.is_some() {
+            TOPOLOGY_PROTOCOL
+        } else if !self.analyses.is_empty() || !self.steps.is_empty() {
+            ANALYSIS_PROTOCOL
+        } else {
+            ROLLOUT_PROTOCOL
+        }
+    }
+}
 
 /// Cluster-wide rollout settings and the build the cluster is meant to run.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
@@ -63,6 +83,10 @@ pub struct Fleet {
     pub target: Option<String>,
     /// The deployment that set (or cleared) `target`.
     pub target_generation: u64,
+    /// A build a rollout limited by `--nodes` brought its nodes to, while other members
+    /// still run another: `target` moves to it once every member runs it, and catch-up
+    /// leaves the nodes on it alone meanwhile.
+    pub staged: Option<String>,
     /// The most recent deployment that restored nodes to their previous build.
     pub last_rollback: Option<Rollback>,
 }
@@ -101,6 +125,9 @@ pub struct NodeInfo {
     pub last_auto_restore: Option<GuardRestore>,
     /// The node runs with `--insecure`: plaintext, nobody authenticated.
     pub insecure: bool,
+    /// The operator's labels for the node (node.toml `labels`, `--label`): what
+    /// `--nodes` selects and `--order-by` groups by.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A release the boot guard gave up on, as the node reports it (written by the guard to
@@ -475,9 +502,20 @@ impl State {
     /// What a finished deployment means for the cluster's target and rollback record.
     fn conclude(&mut self, entry: &HistoryEntry) {
         let committed = |s: &NodeStep| s.phase == Phase::Committed;
-        if entry.nodes.values().all(committed) {
+        // A limited rollout (`--nodes`) moves the target only once the members it left
+        // out run the build too (a later rollout to them); until then the build is staged.
+        let others_on_it = self
+            .nodes
+            .iter()
+            .filter(|(id, _)| !entry.nodes.contains_key(id))
+            .all(|(_, info)| info.build_hash == entry.target_hash);
+        let limited = entry.strategy.selector.is_some() && !others_on_it;
+        if entry.nodes.values().all(committed) && limited {
+            self.fleet.staged = Some(entry.target_hash.clone());
+        } else if entry.nodes.values().all(committed) {
             self.fleet.target = Some(entry.target_hash.clone());
             self.fleet.target_generation = entry.generation;
+            self.fleet.staged = None;
         } else if entry.nodes.values().any(committed) {
             self.fleet.target = None;
             self.fleet.target_generation = entry.generation;
@@ -1426,6 +1464,77 @@ mod tests {
             DeploymentState::Reverting
         );
         assert_eq!(state.apply(&abort(true)), (Response::Ok, vec![]));
+    }
+
+    #[test]
+    fn a_rollout_limited_by_nodes_stages_its_build_until_every_member_runs_it() {
+        let mut state = State::default();
+        state.fleet.target = Some("old".into());
+        for id in [1, 2, 3] {
+            state.apply(&Command::RegisterNode {
+                id,
+                info: NodeInfo {
+                    build_hash: "old".into(),
+                    ..info(&format!("127.0.0.1:710{id}"))
+                },
+            });
+        }
+        let complete = |state: &mut State, generation: u64, nodes: &[u64]| {
+            let steps: Vec<(u64, Phase)> = nodes.iter().map(|id| (*id, Phase::Pending)).collect();
+            let mut deployment = deployment(generation, &steps);
+            deployment.strategy.selector =
+                Some(crate::state::deployment::Selector::parse("zone=a").unwrap());
+            let (response, _) = state.apply(&Command::BeginDeployment { deployment });
+            assert_eq!(response, Response::Ok);
+            for id in nodes {
+                for phase in [
+                    Phase::Backup,
+                    Phase::Sync,
+                    Phase::Activate,
+                    Phase::Health,
+                    Phase::Stabilize,
+                    Phase::Committed,
+                ] {
+                    let command = Command::SetNodePhase {
+                        generation,
+                        node: *id,
+                        phase,
+                        error: None,
+                        at_ms: 1,
+                    };
+                    assert_eq!(state.apply(&command).0, Response::Ok, "{phase}");
+                }
+                // The node restarted on the new build and reported it.
+                state.apply(&Command::RegisterNode {
+                    id: *id,
+                    info: NodeInfo {
+                        build_hash: "ab".repeat(32),
+                        ..info(&format!("127.0.0.1:710{id}"))
+                    },
+                });
+            }
+            let command = Command::SetDeploymentState {
+                generation,
+                state: DeploymentState::Completed,
+                reason: None,
+                at_ms: 2,
+            };
+            assert_eq!(state.apply(&command).0, Response::Ok);
+        };
+        complete(&mut state, 1, &[1, 2]);
+        assert_eq!(
+            state.fleet.target.as_deref(),
+            Some("old"),
+            "node 3 still runs it"
+        );
+        assert_eq!(state.fleet.staged, Some("ab".repeat(32)));
+        complete(&mut state, 2, &[3]);
+        assert_eq!(
+            state.fleet.target,
+            Some("ab".repeat(32)),
+            "every member runs it"
+        );
+        assert_eq!(state.fleet.staged, None);
     }
 
     #[test]

@@ -208,6 +208,7 @@ impl Cluster for Fake {
             last_auto_restore: None,
             insecure: false,
             services: Vec::new(),
+            labels: Default::default(),
         })
     }
     async fn disk_needs(

@@ -14,6 +14,7 @@ use super::*;
 use crate::release::Manifest;
 use crate::rollout::plan::{plan, Start};
 use crate::rollout::preflight::tests::{healthy, OLD};
+use crate::state::deployment::FailureBudget;
 use crate::state::{Response, Starter, State, Strategy};
 
 fn target() -> String {
@@ -35,6 +36,9 @@ fn strategy(max_parallel: usize, on_failure: OnFailure) -> Strategy {
         steps: Vec::new(),
         step_pause_ms: None,
         progress_deadline_ms: None,
+        max_failures: None,
+        selector: None,
+        order_by: None,
     }
 }
 
@@ -42,7 +46,7 @@ fn strategy(max_parallel: usize, on_failure: OnFailure) -> Strategy {
 fn deployment(voters: &[u64], learners: &[u64], strategy: Strategy) -> Deployment {
     let mut snapshot = healthy(voters, learners, voters[0]);
     snapshot.dist.build_hash = target();
-    plan(&snapshot, strategy.max_parallel)
+    plan(&snapshot, &strategy)
         .deployment(Start {
             generation: 1,
             manifest: Manifest::default(),
@@ -281,7 +285,13 @@ impl Sim {
                 let waiting: Vec<u64> = deployment
                     .nodes
                     .iter()
-                    .filter(|(id, s)| **id != *node && s.phase != Phase::Committed)
+                    .filter(|(id, s)| {
+                        // A learner restored within the failure budget is done too.
+                        let tolerated = s.phase == Phase::Restored
+                            && s.role == Role::Learner
+                            && deployment.within_failure_budget();
+                        **id != *node && s.phase != Phase::Committed && !tolerated
+                    })
                     .map(|(id, _)| *id)
                     .collect();
                 if !waiting.is_empty() {
@@ -537,6 +547,10 @@ impl Sim {
     }
 
     /// The finished deployment matches what the hosts run.
+    fn learner_count(&self) -> usize {
+        self.hosts.values().filter(|h| !h.voter).count()
+    }
+
     fn check_finished(&self) -> Result<HistoryEntry, String> {
         let entry = self.state.history.last().cloned().ok_or("no history")?;
         for (id, step) in &entry.nodes {
@@ -550,6 +564,19 @@ impl Sim {
                 {
                     return Err(format!("node {id} is {} but runs {host:?}", step.phase))
                 }
+                // A completed rollout may leave learners restored within its budget,
+                // never a voter, and never more of them than the budget.
+                (DeploymentState::Completed, Phase::Restored)
+                    if step.role == Role::Learner
+                        && entry
+                            .nodes
+                            .values()
+                            .filter(|s| s.phase == Phase::Restored)
+                            .count()
+                            <= entry
+                                .strategy
+                                .max_failures
+                                .map_or(0, |b| b.resolve(self.learner_count())) => {}
                 (DeploymentState::Completed, phase) if phase != Phase::Committed => {
                     return Err(format!("completed with node {id} {phase}"))
                 }
@@ -803,6 +830,79 @@ fn a_failed_node_is_restored_and_updated_nodes_revert_newest_first() {
         summary.restored[2].reason.is_some(),
         "the failed node keeps its reason"
     );
+}
+
+#[test]
+fn a_learner_failure_within_the_budget_is_restored_and_the_rollout_completes() {
+    let mut strategy = strategy(2, OnFailure::Revert);
+    strategy.max_failures = Some(FailureBudget::Nodes(1));
+    let mut sim = Sim::new(&[1, 2, 3], &[4, 5, 6], strategy);
+    sim.unhealthy_on.insert((5, target()));
+    let entry = sim.run().unwrap();
+    assert_eq!(entry.outcome, DeploymentState::Completed);
+    assert_eq!(sim.restores, vec![5], "only the failed learner is restored");
+    assert_eq!(
+        phases(&entry),
+        vec![
+            (1, Phase::Committed),
+            (2, Phase::Committed),
+            (3, Phase::Committed),
+            (4, Phase::Committed),
+            (5, Phase::Restored),
+            (6, Phase::Committed)
+        ]
+    );
+    let reason = entry.reason.clone().unwrap();
+    assert!(
+        reason.starts_with(
+            "completed with 1 of 1 tolerated learner failures (--max-failures 1): node 5"
+        ),
+        "{reason}"
+    );
+    // The voters began only after the failed learner was back on its build.
+    assert!(entered(&entry, 2, Phase::Backup) >= entered(&entry, 5, Phase::Restored));
+}
+
+#[test]
+fn learner_failures_beyond_the_budget_revert_every_node() {
+    let mut strategy = strategy(1, OnFailure::Revert);
+    strategy.max_failures = Some(FailureBudget::Nodes(1));
+    let mut sim = Sim::new(&[1, 2, 3], &[4, 5, 6], strategy);
+    sim.unhealthy_on.insert((4, target()));
+    sim.unhealthy_on.insert((6, target()));
+    let entry = sim.run().unwrap();
+    assert_eq!(entry.outcome, DeploymentState::Reverted);
+    assert_eq!(sim.started, vec![4, 5, 6], "no voter was touched");
+    assert_eq!(sim.restores, vec![4, 6, 5]);
+    let reason = entry.reason.unwrap();
+    assert!(
+        reason.contains("2 learners failed, more than --max-failures 1 tolerates (1)"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_voter_failure_never_uses_the_budget() {
+    let mut strategy = strategy(1, OnFailure::Revert);
+    strategy.max_failures = Some(FailureBudget::Percent(100));
+    let mut sim = Sim::new(&[1, 2, 3], &[4], strategy);
+    sim.unhealthy_on.insert((2, target()));
+    let entry = sim.run().unwrap();
+    assert_eq!(entry.outcome, DeploymentState::Reverted);
+    assert_eq!(sim.restores, vec![2, 4]);
+}
+
+#[test]
+fn a_failure_budget_counts_learners_rounded_down() {
+    assert_eq!(FailureBudget::parse("50%").unwrap().resolve(3), 1);
+    assert_eq!(FailureBudget::parse("2").unwrap().resolve(5), 2);
+    assert_eq!(FailureBudget::parse("2").unwrap().resolve(1), 1);
+    assert_eq!(FailureBudget::parse("10%").unwrap().resolve(5), 0);
+    assert!(FailureBudget::parse("101%").is_err());
+    assert!(FailureBudget::parse("-1").is_err());
+    assert!(FailureBudget::parse("two")
+        .unwrap_err()
+        .contains("a number of learners"));
 }
 
 #[test]
@@ -1316,12 +1416,15 @@ proptest! {
         learners in 0usize..=3,
         max_parallel in 1usize..=3,
         revert in any::<bool>(),
+        max_failures in proptest::option::of(0u32..=2),
         choices in choices(),
     ) {
         let voter_ids: Vec<u64> = (1..=voters as u64).collect();
         let learner_ids: Vec<u64> = (11..11 + learners as u64).collect();
         let on_failure = if revert { OnFailure::Revert } else { OnFailure::Halt };
-        let mut sim = Sim::new(&voter_ids, &learner_ids, strategy(max_parallel, on_failure));
+        let mut strategy = strategy(max_parallel, on_failure);
+        strategy.max_failures = max_failures.map(FailureBudget::Nodes);
+        let mut sim = Sim::new(&voter_ids, &learner_ids, strategy);
         sim.choices = choices;
         let result = sim.run();
         prop_assert!(result.is_ok(), "{}", result.unwrap_err());
