@@ -161,3 +161,69 @@ impl RaftPeer {
         Ok(reply.payload)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    /// A gRPC server on `addr` in a runtime of its own: shutting the runtime down drops
+    /// every connection at once, as a killed process would.
+    fn serve(addr: SocketAddr) -> tokio::runtime::Runtime {
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let (reporter, service) = tonic_health::server::health_reporter();
+                reporter
+                    .set_service_status("", tonic_health::ServingStatus::Serving)
+                    .await;
+                let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+                tokio::spawn(
+                    tonic::transport::Server::builder()
+                        .add_service(service)
+                        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+                );
+            });
+            runtime
+        })
+        .join()
+        .unwrap()
+    }
+
+    async fn check(channels: &Channels, addr: SocketAddr) -> Result<(), String> {
+        let channel = channels.get(&addr.to_string()).unwrap();
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .map(|_| ())
+            .map_err(|status| status.message().to_string())
+    }
+
+    /// A node's peers restart on the same address; the pooled channel must reach the
+    /// new process on the first request after it listens, failed requests or none between.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pooled_channel_reaches_a_peer_restarted_on_the_same_address() {
+        let channels = Channels::new(&Security::Insecure);
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = free.local_addr().unwrap();
+        drop(free);
+        let server = serve(addr);
+        assert_eq!(check(&channels, addr).await, Ok(()));
+        server.shutdown_background();
+        assert!(check(&channels, addr).await.is_err(), "nobody listens");
+        let server = serve(addr);
+        assert_eq!(check(&channels, addr).await, Ok(()));
+        server.shutdown_background();
+        let server = serve(addr);
+        assert_eq!(
+            check(&channels, addr).await,
+            Ok(()),
+            "restarted with no request between"
+        );
+        server.shutdown_background();
+    }
+}

@@ -77,20 +77,26 @@ pub fn channels_as(name: &str) -> Channels {
     Channels::new(&Security::load(&creds(name)).expect("test credentials"))
 }
 
-/// The operator's channels, shared by every client of the test process.
-pub fn operator_channels() -> &'static Channels {
-    static CHANNELS: std::sync::OnceLock<Channels> = std::sync::OnceLock::new();
-    CHANNELS.get_or_init(|| channels_as("operator"))
+/// The operator's channels, shared by the clients of one thread. Not by the whole
+/// process: a channel's connection task runs on the runtime that made it, and each test
+/// has a runtime of its own, so a channel kept past its test fails every later request
+/// with "Service was not ready" once the OS gives another test's node the same port.
+/// A test's threads (its own and its runtime's workers) end with it.
+pub fn operator_channels() -> Channels {
+    thread_local! {
+        static CHANNELS: Channels = channels_as("operator");
+    }
+    CHANNELS.with(Channels::clone)
 }
 
 /// A Control client for `addr` with the operator's credentials.
 pub fn control(addr: &str) -> ControlClient {
-    ControlClient::with_channels(operator_channels(), addr).expect("client")
+    ControlClient::with_channels(&operator_channels(), addr).expect("client")
 }
 
 /// An Agent client for `addr` with the operator's credentials.
 pub fn agent(addr: &str) -> AgentClient {
-    AgentClient::with_channels(operator_channels(), addr).expect("agent client")
+    AgentClient::with_channels(&operator_channels(), addr).expect("agent client")
 }
 
 /// Waits until `check` returns `Some`, polling every 20 ms; panics naming `what` at the deadline.
@@ -141,6 +147,8 @@ pub struct Cluster {
     pub flags: Vec<String>,
     /// Extra environment of one node's processes (its supervisor's too).
     pub node_env: BTreeMap<u64, Vec<(String, String)>>,
+    /// Extra `node run` flags of one node (e.g. its labels).
+    pub node_flags: BTreeMap<u64, Vec<String>>,
     /// Run nodes under `cluster supervise` from `<data>/current/bin/cluster`, with this
     /// dist installed as their first release.
     pub supervised: Option<PathBuf>,
@@ -162,6 +170,7 @@ impl Cluster {
             nodes: BTreeMap::new(),
             flags: Vec::new(),
             node_env: BTreeMap::new(),
+            node_flags: BTreeMap::new(),
             supervised: None,
             unsupervised: false,
             node_wrap: BTreeMap::new(),
@@ -298,6 +307,7 @@ impl Cluster {
             .arg("--data-dir")
             .arg(&data_dir)
             .args(&self.flags)
+            .args(self.node_flags.get(&id).cloned().unwrap_or_default())
             .env("RUST_LOG", "info,openraft=warn")
             .envs(self.node_env.get(&id).cloned().unwrap_or_default())
             .env_remove("CLUSTER_TLS")
