@@ -795,7 +795,10 @@ pub async fn wait_all_on(cluster: &Cluster, hash: &str) {
             status
                 .nodes
                 .iter()
-                .all(|n| n.build_hash == hash && (n.state == "leader" || n.state == "follower"))
+                .all(|n| {
+                    n.build_hash == hash
+                        && ["leader", "follower", "learner"].contains(&n.state.as_str())
+                })
                 .then_some(())
         },
     )

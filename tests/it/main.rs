@@ -15,3 +15,4 @@ mod services;
 mod signing;
 mod systemd;
 mod tools;
+mod topology;

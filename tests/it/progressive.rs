@@ -93,7 +93,7 @@ impl Load {
 
 /// `cluster update` of `dist` through `addr` with no soak and a tolerant staleness limit,
 /// plus `extra` flags; the history entry the rollout ended as.
-fn update_with(addr: &str, dist: &std::path::Path, extra: &[&str]) -> serde_json::Value {
+pub(crate) fn update_with(addr: &str, dist: &std::path::Path, extra: &[&str]) -> serde_json::Value {
     let mut args = vec![
         "update",
         "--dist",
