@@ -41,6 +41,13 @@ fn tools() -> Value {
                     "stabilizeMs": {"type": "integer", "minimum": 0, "description": "How long a node must stay healthy before it is committed"},
                     "healthDeadlineMs": {"type": "integer", "minimum": 1, "description": "How long a restarted node may take to report healthy"},
                     "soakMs": {"type": "integer", "minimum": 0, "description": "How long health is watched after the last commit"},
+                    "steps": {"type": "string", "description": "Canary steps: nodes or shares at the end of each step, e.g. 10%,50%,100%"},
+                    "stepPause": {"type": "string", "description": "How long each step holds, e.g. 10m (default: until promoted)"},
+                    "analysis": {"type": "array", "items": {"type": "string"}, "description": "Metric gates, each `name=...,prometheus=http://...,max=...,query=PROMQL` as `cluster update --analysis`"},
+                    "progressDeadline": {"type": "string", "description": "Stop a rollout that makes no progress for this long, e.g. 15m"},
+                    "maxFailures": {"type": "string", "description": "Learner failures tolerated: a number (2) or a share of the learners (10%)"},
+                    "nodes": {"type": "string", "description": "Only members with these labels, e.g. zone=a,rack=r1"},
+                    "orderBy": {"type": "string", "description": "A label: finish every node of one value before the next, e.g. zone"},
                 },
                 "required": ["dist"],
                 "additionalProperties": false,
@@ -248,8 +255,34 @@ async fn update(target: &Target, arguments: &Value) -> Result<Called, ToolError>
             }
         }
     }
-    if let Some(mode) = arguments["onFailure"].as_str() {
-        argv.extend(["--on-failure".into(), mode.into()]);
+    for (key, flag) in [
+        ("onFailure", "--on-failure"),
+        ("steps", "--steps"),
+        ("stepPause", "--step-pause"),
+        ("progressDeadline", "--progress-deadline"),
+        ("maxFailures", "--max-failures"),
+        ("nodes", "--nodes"),
+        ("orderBy", "--order-by"),
+    ] {
+        match &arguments[key] {
+            Value::Null => {}
+            Value::String(value) => argv.extend([flag.into(), value.clone()]),
+            other => return Err(anyhow::anyhow!("{key} must be a string, not {other}").into()),
+        }
+    }
+    match &arguments["analysis"] {
+        Value::Null => {}
+        Value::Array(gates) => {
+            for gate in gates {
+                let gate = gate.as_str().ok_or_else(|| {
+                    anyhow::anyhow!("analysis must be a list of strings, not {gate}")
+                })?;
+                argv.extend(["--analysis".into(), gate.into()]);
+            }
+        }
+        other => {
+            return Err(anyhow::anyhow!("analysis must be a list of strings, not {other}").into())
+        }
     }
     let mut args = Update::try_parse_from(&argv)
         .map_err(|e| anyhow::anyhow!("{}", e.render().to_string().trim()))?

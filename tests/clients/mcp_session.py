@@ -37,6 +37,18 @@ async def main():
             out["dry_run"] = payload(
                 await session.call_tool("initiate_rolling_update", {"dist": dist, "dryRun": True})
             )
+            out["canary_dry_run"] = payload(
+                await session.call_tool(
+                    "initiate_rolling_update",
+                    {"dist": dist, "dryRun": True, "steps": "1,100%", "stepPause": "1m",
+                     "maxFailures": "10%", "orderBy": "zone"},
+                )
+            )
+            out["bad_budget"] = payload(
+                await session.call_tool(
+                    "initiate_rolling_update", {"dist": dist, "dryRun": True, "maxFailures": "lots"}
+                )
+            )
             out["update"] = payload(
                 await session.call_tool(
                     "initiate_rolling_update",

@@ -809,6 +809,16 @@ async fn an_mcp_client_lists_the_tools_dry_runs_and_runs_an_update() {
         dry["value"]["generation"].is_null(),
         "a dry run starts nothing: {dry}"
     );
+    // The progressive-delivery arguments are `cluster update`'s flags, checked the same way.
+    let canary = &session["canary_dry_run"];
+    assert_eq!(canary["value"]["proceed"], true, "{canary}");
+    let bad = &session["bad_budget"];
+    assert_eq!(bad["is_error"], true, "{bad}");
+    let error = bad["value"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("--max-failures") && error.contains("lots"),
+        "{error}"
+    );
     let update = &session["update"];
     assert_eq!(update["value"]["generation"], 1, "{update}");
     println!("phases seen: {}", session["phases_seen"]);
