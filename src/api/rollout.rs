@@ -63,7 +63,7 @@ impl Report {
 pub struct Check {
     /// Stable identifier (part of the `--json` schema): `leadership`, `quorum`,
     /// `reachable`, `serving`, `healthy`, `acks`, `caught_up`, `no_active_rollout`,
-    /// `dist`, `disk`, `protocol`, `release`.
+    /// `dist`, `disk`, `protocol`, `release`, and with `--nodes` `targets`.
     pub name: String,
     pub passed: bool,
     /// Why it passed, or every node that failed it with the figure and a fix.

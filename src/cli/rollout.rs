@@ -470,10 +470,14 @@ fn print_report(report: &Report) -> std::io::Result<()> {
 
 fn print_plan(outcome: &UpdateOutcome) -> std::io::Result<()> {
     let plan = &outcome.plan;
+    let leader = if plan.not_targeted.contains(&plan.leader) {
+        format!("leader {} not targeted", plan.leader)
+    } else {
+        format!("leader {} last", plan.leader)
+    };
     outln!(
-        "plan: roll out {} (leader {} last)",
-        short_hash(&plan.target_hash),
-        plan.leader
+        "plan: roll out {} ({leader})",
+        short_hash(&plan.target_hash)
     );
     for (index, wave) in plan.waves.iter().enumerate() {
         let nodes: Vec<String> = wave
@@ -494,11 +498,17 @@ fn print_plan(outcome: &UpdateOutcome) -> std::io::Result<()> {
             .collect();
         outln!("  {}. {}", index + 1, nodes.join(", "));
     }
+    let list = |ids: &[u64]| {
+        ids.iter()
+            .map(|id| format!("node {id}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     if !plan.already_current.is_empty() {
-        outln!("  already on the target: {:?}", plan.already_current);
+        outln!("  already on the target: {}", list(&plan.already_current));
     }
     if !plan.not_targeted.is_empty() {
-        outln!("  not targeted (--nodes): {:?}", plan.not_targeted);
+        outln!("  not targeted (--nodes): {}", list(&plan.not_targeted));
     }
     Ok(())
 }

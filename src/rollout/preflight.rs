@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::format_bytes;
 pub use crate::api::rollout::{Check, Report};
-use crate::state::deployment::short_hash;
+use crate::state::deployment::{describe_labels, short_hash, Selector};
 use crate::state::{DeploymentState, Role, ROLLOUT_PROTOCOL};
 
 /// How far behind the leader's log a node may be and still count as caught up. Not zero:
@@ -116,6 +116,8 @@ pub struct Options {
     /// The protocol every member must speak: the rollout commands', or higher when the
     /// rollout uses a command a later protocol added (metric gates).
     pub min_protocol: u32,
+    /// `--nodes`: at least one member must match it.
+    pub selector: Option<Selector>,
 }
 
 impl Default for Options {
@@ -125,6 +127,7 @@ impl Default for Options {
             stale_ack_ms: None,
             max_log_lag: DEFAULT_MAX_LOG_LAG,
             min_protocol: ROLLOUT_PROTOCOL,
+            selector: None,
         }
     }
 }
@@ -220,6 +223,13 @@ pub fn preflight(snapshot: &Survey, options: &Options) -> Report {
             },
         ),
     ];
+    let mut checks = checks;
+    checks.extend(
+        options
+            .selector
+            .as_ref()
+            .map(|selector| targets(snapshot, selector)),
+    );
     let proceed = checks.iter().all(|check| check.passed);
     Report {
         checks,
@@ -228,6 +238,40 @@ pub fn preflight(snapshot: &Survey, options: &Options) -> Report {
         can_lose,
         proceed,
     }
+}
+
+/// `--nodes`: a selector no member matches would start a rollout of nothing.
+fn targets(snapshot: &Survey, selector: &Selector) -> Check {
+    let matching = snapshot
+        .members
+        .iter()
+        .filter(|m| selector.matches(&m.labels))
+        .count();
+    let failures = if matching == 0 {
+        let labels: Vec<String> = snapshot
+            .members
+            .iter()
+            .map(|m| match describe_labels(&m.labels) {
+                labels if labels.is_empty() => format!("node {}: no labels", m.id),
+                labels => format!("node {}: {labels}", m.id),
+            })
+            .collect();
+        vec![format!(
+            "--nodes {selector} matches no member ({}): give nodes labels in node.toml \
+             (labels = {{ zone = \"a\" }}) or with `node run --label`",
+            labels.join("; ")
+        )]
+    } else {
+        vec![]
+    };
+    check(
+        "targets",
+        failures,
+        format!(
+            "{matching} of {} members match --nodes {selector}",
+            snapshot.members.len()
+        ),
+    )
 }
 
 fn name(member: &Member) -> String {
@@ -544,6 +588,45 @@ pub(crate) mod tests {
 
     fn node(snapshot: &mut Survey, id: u64) -> &mut Member {
         snapshot.members.iter_mut().find(|m| m.id == id).unwrap()
+    }
+
+    #[test]
+    fn a_selector_that_matches_no_member_is_refused_naming_the_labels_there_are() {
+        let mut snapshot = healthy(&[1, 2, 3], &[], 1);
+        node(&mut snapshot, 2)
+            .labels
+            .insert("zone".into(), "b".into());
+        let options = |text: &str| Options {
+            selector: Some(Selector::parse(text).unwrap()),
+            ..Options::default()
+        };
+        let report = preflight(&snapshot, &options("zone=b"));
+        assert!(report.proceed, "{report:#?}");
+        let targets = report.checks.last().unwrap();
+        assert_eq!(
+            (targets.name.as_str(), targets.detail.as_str()),
+            ("targets", "1 of 3 members match --nodes zone=b")
+        );
+
+        let report = preflight(&snapshot, &options("zone=q"));
+        assert!(!report.proceed);
+        let failed = report.failed().next().unwrap();
+        assert_eq!(failed.name, "targets");
+        assert!(
+            failed.detail.starts_with(
+                "--nodes zone=q matches no member (node 1: no labels; node 2: zone=b; node 3: \
+                 no labels)"
+            ),
+            "{}",
+            failed.detail
+        );
+        // Without --nodes there is no such check.
+        let names: Vec<String> = preflight(&snapshot, &Options::default())
+            .checks
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert!(!names.contains(&"targets".to_string()));
     }
 
     #[test]

@@ -151,6 +151,7 @@ pub async fn update<C: Cluster>(
         allow_downtime: options.allow_downtime,
         stale_ack_ms: options.stale_ack_ms,
         min_protocol: options.strategy.min_protocol(),
+        selector: options.strategy.selector.clone(),
         ..Options::default()
     };
     let report = preflight(&survey, &preflight_options);
