@@ -31,10 +31,12 @@ fn p99_gate(prometheus: &str) -> String {
     )
 }
 
-/// Requests to `/` on every ingress until stopped; remembers when it first saw a 500.
+/// Requests to `/` on every ingress until stopped; remembers when it first saw a 500,
+/// and when a request first stayed unanswered past the p99 gate's 0.5 s.
 struct Load {
     stop: Arc<AtomicBool>,
     first_error_ms: Arc<AtomicU64>,
+    first_slow_ms: Arc<AtomicU64>,
     threads: Vec<std::thread::JoinHandle<(u64, u64)>>,
 }
 
@@ -42,14 +44,26 @@ impl Load {
     fn start(ingresses: &[String]) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let first_error_ms = Arc::new(AtomicU64::new(0));
+        let first_slow_ms = Arc::new(AtomicU64::new(0));
         let threads = ingresses
             .iter()
             .map(|addr| {
                 let (addr, stop, first) = (addr.clone(), stop.clone(), first_error_ms.clone());
+                let first_slow = first_slow_ms.clone();
                 std::thread::spawn(move || {
                     let (mut ok, mut failed) = (0, 0);
                     while !stop.load(Ordering::Relaxed) {
-                        match get(&addr, "/") {
+                        let sent = cluster::clock::unix_ms();
+                        let answer = get(&addr, "/");
+                        if cluster::clock::unix_ms() - sent > 500 {
+                            let _ = first_slow.compare_exchange(
+                                0,
+                                sent + 500,
+                                Ordering::SeqCst,
+                                Ordering::SeqCst,
+                            );
+                        }
+                        match answer {
                             Ok((200, _)) => ok += 1,
                             Ok((500, _)) => {
                                 failed += 1;
@@ -77,6 +91,7 @@ impl Load {
         Load {
             stop,
             first_error_ms,
+            first_slow_ms,
             threads,
         }
     }
@@ -252,6 +267,7 @@ async fn the_p99_gate_reverts_a_slow_release() {
     service_release(&slow, "v2-slow", &["--latency", "700ms"], "20s");
     let began = Instant::now();
     let entry = update_gated(&cluster, &slow, &gates);
+    let first_slow = load.first_slow_ms.load(Ordering::SeqCst);
     load.stop();
     assert_eq!(entry["outcome"], "reverted", "{entry:#}");
     let reason = entry["reason"].as_str().unwrap();
@@ -259,8 +275,12 @@ async fn the_p99_gate_reverts_a_slow_release() {
         reason.contains("analysis p99 failed") && reason.contains("must be <= 0.5"),
         "{reason}"
     );
+    assert!(first_slow > 0, "the load saw the slow release's answers");
+    let revert = revert_started_ms(&entry);
     println!(
-        "p99 gate: rollout reverted after {} ms: {reason}",
+        "p99 gate: a request first unanswered for 0.5 s at {first_slow}, revert began at \
+         {revert}: {} ms later (rollout {} ms in all): {reason}",
+        revert.saturating_sub(first_slow),
         began.elapsed().as_millis()
     );
     crate::harness::wait_all_on(&cluster, &h1).await;
