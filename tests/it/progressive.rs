@@ -136,13 +136,50 @@ pub(crate) fn update_with(addr: &str, dist: &std::path::Path, extra: &[&str]) ->
     last
 }
 
-/// `update_with` through node 1, an 8 s stabilization window and these gates.
+/// `update_with` through node 1 in three canary steps of one node each, each holding
+/// 3 s, with an 8 s stabilization window and these gates.
 fn update_gated(cluster: &Cluster, dist: &std::path::Path, gates: &[String]) -> serde_json::Value {
-    let mut extra = vec!["--stabilize", "8s"];
+    let mut extra = vec![
+        "--stabilize",
+        "8s",
+        "--steps",
+        "1,2,100%",
+        "--step-pause",
+        "3s",
+    ];
     for gate in gates {
         extra.extend(["--analysis", gate.as_str()]);
     }
     update_with(&cluster.addr(1), dist, &extra)
+}
+
+/// Asserts that a reverted rollout stopped in its first step: the nodes after the first
+/// in its order were never started.
+fn assert_stopped_in_the_first_step(entry: &serde_json::Value) {
+    let order: Vec<u64> = entry["order"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_u64().unwrap())
+        .collect();
+    for id in &order[1..] {
+        assert_eq!(
+            entry["nodes"][id.to_string()]["phase"],
+            "pending",
+            "node {id} is of a later step: {entry:#}"
+        );
+    }
+}
+
+/// When node `id` entered `phase`, from the entry's trail.
+pub(crate) fn entered(entry: &serde_json::Value, id: u64, phase: &str) -> u64 {
+    entry["nodes"][id.to_string()]["trail"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t[0] == phase)
+        .and_then(|t| t[1].as_u64())
+        .unwrap_or_else(|| panic!("node {id} never entered {phase}: {entry:#}"))
 }
 
 /// When the first node began restoring (the revert's start), from the history.
@@ -191,6 +228,7 @@ async fn the_error_rate_gate_reverts_a_failing_release_and_a_good_one_completes(
     let entry = update_gated(&cluster, &bad, &gates);
     let first_error = load.first_error_ms.load(Ordering::SeqCst);
     assert_eq!(entry["outcome"], "reverted", "{entry:#}");
+    assert_stopped_in_the_first_step(&entry);
     let reason = entry["reason"].as_str().unwrap();
     assert!(
         reason.contains("analysis errors failed") && reason.contains("must be <= 0.001"),
@@ -237,6 +275,25 @@ async fn the_error_rate_gate_reverts_a_failing_release_and_a_good_one_completes(
     let entry = update_gated(&cluster, &good, &gates);
     let (ok, failed) = load.stop();
     assert_eq!(entry["outcome"], "completed", "{entry:#}");
+    // Through every step: each node began only after the one before it committed and its
+    // step held for its pause.
+    let order: Vec<u64> = entry["order"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_u64().unwrap())
+        .collect();
+    for pair in order.windows(2) {
+        let held_from = entered(&entry, pair[0], "committed");
+        let began = entered(&entry, pair[1], "backup");
+        assert!(
+            began >= held_from + 3_000,
+            "node {} began {} ms after node {} committed: {entry:#}",
+            pair[1],
+            began.saturating_sub(held_from),
+            pair[0]
+        );
+    }
     let evaluations = entry["evaluations"].as_array().unwrap();
     for name in ["errors", "p99"] {
         let mine: Vec<_> = evaluations.iter().filter(|e| e["name"] == name).collect();
@@ -270,6 +327,7 @@ async fn the_p99_gate_reverts_a_slow_release() {
     let first_slow = load.first_slow_ms.load(Ordering::SeqCst);
     load.stop();
     assert_eq!(entry["outcome"], "reverted", "{entry:#}");
+    assert_stopped_in_the_first_step(&entry);
     let reason = entry["reason"].as_str().unwrap();
     assert!(
         reason.contains("analysis p99 failed") && reason.contains("must be <= 0.5"),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::harness::{
     cli, data_dir_of, make_crash_loop_release, make_release, wait_all_on, wait_for, Cluster, Start,
 };
-use crate::progressive::update_with;
+use crate::progressive::{entered, update_with};
 
 /// Starts `n` supervised nodes on `dist`, joining one at a time (so with `--max-voters
 /// 3`, nodes 4 and up are the learners), and waits until every one is a member.
@@ -37,17 +37,6 @@ fn phase(entry: &serde_json::Value, id: u64) -> String {
         .as_str()
         .unwrap_or("?")
         .to_string()
-}
-
-/// When node `id` entered `phase`, from the entry's recorded trail.
-fn entered(entry: &serde_json::Value, id: u64, phase: &str) -> u64 {
-    entry["nodes"][id.to_string()]["trail"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t[0] == phase)
-        .and_then(|t| t[1].as_u64())
-        .unwrap_or_else(|| panic!("node {id} never entered {phase}: {entry:#}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
