@@ -63,7 +63,7 @@ impl Report {
 pub struct Check {
     /// Stable identifier (part of the `--json` schema): `leadership`, `quorum`,
     /// `reachable`, `serving`, `healthy`, `acks`, `caught_up`, `no_active_rollout`,
-    /// `dist`, `disk`, `protocol`, `release`, and with `--nodes` `targets`.
+    /// `dist`, `disk`, `protocol`, `release`, with `--nodes` `targets`, with `--order-by` `order_by`.
     pub name: String,
     pub passed: bool,
     /// Why it passed, or every node that failed it with the figure and a fix.
@@ -235,7 +235,7 @@ pub fn status_json(view: &RolloutView, members: &[u64]) -> serde_json::Value {
             "failure_budget": d.strategy.max_failures.map(|budget| serde_json::json!({
                 "max_failures": budget.to_string(),
                 "tolerates": d.failure_budget(),
-                "failed": d.failed_nodes(),
+                "failed": d.own_failures(),
             })),
             "state_since_ms": d.state_since_ms,
             "evaluations": d.evaluations,

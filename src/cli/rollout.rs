@@ -714,7 +714,7 @@ pub fn print_active(d: &Deployment, notes: Option<&LeaderNotes>) -> std::io::Res
     if let Some(budget) = d.strategy.max_failures {
         outln!(
             "  failure budget: {} of {} learner failures used (--max-failures {budget})",
-            d.failed_nodes().len(),
+            d.own_failures().len(),
             d.failure_budget()
         );
     }
@@ -899,6 +899,17 @@ fn print_summary(entry: &HistoryEntry) -> std::io::Result<()> {
     );
     if let Some(trigger) = &entry.trigger {
         outln!("  why: {trigger}");
+    }
+    if let (Some(selector), false) = (&entry.strategy.selector, entry.untargeted.is_empty()) {
+        let others: Vec<String> = entry
+            .untargeted
+            .iter()
+            .map(|id| format!("node {id}"))
+            .collect();
+        outln!(
+            "  only nodes with {selector} (--nodes); not targeted, left on their builds: {}",
+            others.join(", ")
+        );
     }
     print_steps(&entry.order, &entry.nodes, entry.reason.as_deref())?;
     print_gates(&entry.strategy.analyses, &entry.evaluations)?;

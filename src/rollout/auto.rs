@@ -67,7 +67,9 @@ pub fn decide(
     let mut blocked = None;
     if let Some(watched) = watched {
         let current = target.unwrap_or(leader_build);
-        if watched.hash != current {
+        // A build a limited rollout staged went where the operator wanted it.
+        let staged = state.fleet.staged.as_deref() == Some(watched.hash.as_str());
+        if watched.hash != current && !staged {
             let failed = state.history.iter().rev().find(|h| {
                 h.target_hash == watched.hash
                     && h.started_by == Starter::Automatic
@@ -101,13 +103,23 @@ pub fn decide(
         }
     }
     if let Some(target) = target {
+        // Nodes on a build a limited rollout (`--nodes`) staged are the operator's choice:
+        // a catch-up neither starts for them nor takes them back to the target.
+        let on_staged: Vec<u64> = members
+            .iter()
+            .filter(|id| {
+                state.nodes.get(id).is_some_and(|info| {
+                    state.fleet.staged.as_deref() == Some(info.build_hash.as_str())
+                })
+            })
+            .copied()
+            .collect();
         let behind: Vec<(u64, &str)> = members
             .iter()
+            .filter(|id| !on_staged.contains(id))
             .filter_map(|id| {
                 let build = state.nodes.get(id)?.build_hash.as_str();
-                // A build a limited rollout (`--nodes`) staged is the operator's choice.
-                let staged = state.fleet.staged.as_deref() == Some(build);
-                (!build.is_empty() && build != target && !staged).then_some((*id, build))
+                (!build.is_empty() && build != target).then_some((*id, build))
             })
             .collect();
         let (failed, eligible): (Vec<_>, Vec<_>) = behind
@@ -125,7 +137,11 @@ pub fn decide(
                     names.join(", "),
                     short_hash(target)
                 ),
-                skip: failed.iter().map(|(id, _)| *id).collect(),
+                skip: failed
+                    .iter()
+                    .map(|(id, _)| *id)
+                    .chain(on_staged.iter().copied())
+                    .collect(),
                 from_watch: false,
             };
         }
@@ -266,6 +282,31 @@ mod tests {
             decide(&s, &[1], "aaa", Some(&watched("bbb"))),
             Decision::Roll { .. }
         ));
+    }
+
+    #[test]
+    fn a_staged_build_is_left_alone_by_catch_up_and_by_the_watched_directory() {
+        // Target aaa; a --nodes rollout staged bbb on nodes 1 and 2; node 3 fell back to
+        // an older build.
+        let mut s = state(
+            Some("aaa"),
+            &[(1, "bbb"), (2, "bbb"), (3, "old"), (4, "aaa")],
+        );
+        s.fleet.staged = Some("bbb".into());
+        match decide(&s, &[1, 2, 3, 4], "bbb", None) {
+            Decision::Roll { hash, skip, .. } => {
+                assert_eq!(hash, "aaa");
+                assert_eq!(skip, vec![1, 2], "the staged nodes stay on bbb");
+            }
+            other => panic!("{other:?}"),
+        }
+        s.nodes.get_mut(&3).unwrap().build_hash = "aaa".into();
+        assert_eq!(decide(&s, &[1, 2, 3, 4], "bbb", None), Decision::Idle);
+        assert_eq!(
+            decide(&s, &[1, 2, 3, 4], "bbb", Some(&watched("bbb"))),
+            Decision::Idle,
+            "the watched build is the staged one"
+        );
     }
 
     #[test]

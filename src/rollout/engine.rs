@@ -790,9 +790,13 @@ impl Engine {
         let targets = cx.view.step_targets();
         let step = cx.view.step.min(targets.len() - 1);
         let quota = targets[step];
-        let mut started = cx.view.nodes.len() - count_in(&cx.view, Phase::Pending);
+        // A learner restored within the failure budget does not count toward a step: the
+        // step brings another node in its place, and holds only once its quota committed.
+        let mut started = cx.view.nodes.len()
+            - count_in(&cx.view, Phase::Pending)
+            - count_in(&cx.view, Phase::Restored);
         if started >= quota {
-            let done = nodes_where(&cx.view, is_done).len();
+            let done = count_in(&cx.view, Phase::Committed);
             if done >= quota && step + 1 < targets.len() {
                 self.hold_step(cx, step, quota, targets.len());
             }

@@ -264,10 +264,11 @@ async fn undo<C: Cluster>(
     by: Option<&str>,
 ) -> Result<Operated, ApiError> {
     use crate::state::deployment::short_hash;
+    // A build a limited rollout staged is what its nodes run, and what an undo leaves.
     let (history, running, active) = cluster.read(|s| {
         (
             s.history.clone(),
-            s.fleet.target.clone(),
+            s.fleet.staged.clone().or_else(|| s.fleet.target.clone()),
             s.deployment.as_ref().map(|d| d.generation),
         )
     });

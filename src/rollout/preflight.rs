@@ -118,6 +118,8 @@ pub struct Options {
     pub min_protocol: u32,
     /// `--nodes`: at least one member must match it.
     pub selector: Option<Selector>,
+    /// `--order-by`: at least one member must have the label.
+    pub order_by: Option<String>,
 }
 
 impl Default for Options {
@@ -128,6 +130,7 @@ impl Default for Options {
             max_log_lag: DEFAULT_MAX_LOG_LAG,
             min_protocol: ROLLOUT_PROTOCOL,
             selector: None,
+            order_by: None,
         }
     }
 }
@@ -230,6 +233,12 @@ pub fn preflight(snapshot: &Survey, options: &Options) -> Report {
             .as_ref()
             .map(|selector| targets(snapshot, selector)),
     );
+    checks.extend(
+        options
+            .order_by
+            .as_deref()
+            .map(|key| order_by(snapshot, key)),
+    );
     let proceed = checks.iter().all(|check| check.passed);
     Report {
         checks,
@@ -271,6 +280,41 @@ fn targets(snapshot: &Survey, selector: &Selector) -> Check {
             "{matching} of {} members match --nodes {selector}",
             snapshot.members.len()
         ),
+    )
+}
+
+/// `--order-by`: a label no member has would order nothing (a misspelt key, say).
+fn order_by(snapshot: &Survey, key: &str) -> Check {
+    let mut groups: Vec<&str> = snapshot
+        .members
+        .iter()
+        .filter_map(|m| m.labels.get(key).map(String::as_str))
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    let failures = if groups.is_empty() {
+        let mut keys: Vec<&str> = snapshot
+            .members
+            .iter()
+            .flat_map(|m| m.labels.keys().map(String::as_str))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        vec![format!(
+            "--order-by {key}: no member has the label {key} (labels in the cluster: {})",
+            if keys.is_empty() {
+                "none".to_string()
+            } else {
+                keys.join(", ")
+            }
+        )]
+    } else {
+        vec![]
+    };
+    check(
+        "order_by",
+        failures,
+        format!("{} groups by {key}: {}", groups.len(), groups.join(", ")),
     )
 }
 
@@ -591,7 +635,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_selector_that_matches_no_member_is_refused_naming_the_labels_there_are() {
+    fn a_selector_or_order_that_matches_no_member_is_refused_naming_the_labels_there_are() {
         let mut snapshot = healthy(&[1, 2, 3], &[], 1);
         node(&mut snapshot, 2)
             .labels
@@ -620,6 +664,29 @@ pub(crate) mod tests {
             "{}",
             failed.detail
         );
+        let report = preflight(
+            &snapshot,
+            &Options {
+                order_by: Some("zon".into()),
+                ..Options::default()
+            },
+        );
+        let failed = report.failed().next().unwrap();
+        assert_eq!(
+            (failed.name.as_str(), failed.detail.as_str()),
+            (
+                "order_by",
+                "--order-by zon: no member has the label zon (labels in the cluster: zone)"
+            )
+        );
+        let report = preflight(
+            &snapshot,
+            &Options {
+                order_by: Some("zone".into()),
+                ..Options::default()
+            },
+        );
+        assert!(report.proceed, "{report:#?}");
         // Without --nodes there is no such check.
         let names: Vec<String> = preflight(&snapshot, &Options::default())
             .checks

@@ -152,6 +152,7 @@ pub async fn update<C: Cluster>(
         stale_ack_ms: options.stale_ack_ms,
         min_protocol: options.strategy.min_protocol(),
         selector: options.strategy.selector.clone(),
+        order_by: options.strategy.order_by.clone(),
         ..Options::default()
     };
     let report = preflight(&survey, &preflight_options);

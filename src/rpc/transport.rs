@@ -181,7 +181,17 @@ mod tests {
                 reporter
                     .set_service_status("", tonic_health::ServingStatus::Serving)
                     .await;
-                let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+                // The previous server's runtime closes its listener in the background.
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                let listener = loop {
+                    match tokio::net::TcpListener::bind(addr).await {
+                        Ok(listener) => break listener,
+                        Err(_) if std::time::Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        Err(e) => panic!("{addr} stays in use: {e}"),
+                    }
+                };
                 tokio::spawn(
                     tonic::transport::Server::builder()
                         .add_service(service)

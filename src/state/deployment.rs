@@ -716,6 +716,15 @@ impl Deployment {
             .collect()
     }
 
+    /// Nodes that failed on their own (not those a revert brought back), by id: what a
+    /// failure budget has used, for status.
+    pub fn own_failures(&self) -> Vec<u64> {
+        self.failed_nodes()
+            .into_iter()
+            .filter(|id| self.nodes[id].error.is_some())
+            .collect()
+    }
+
     /// Whether the rollout may go on despite its failures: every failed node is a
     /// learner being (or already) restored, and they are no more than the failure
     /// budget. True with no failure.

@@ -510,9 +510,13 @@ impl State {
             .filter(|(id, _)| !entry.nodes.contains_key(id))
             .all(|(_, info)| info.build_hash == entry.target_hash);
         let limited = entry.strategy.selector.is_some() && !others_on_it;
-        if entry.nodes.values().all(committed) && limited {
+        // Completed: every node committed, or the learners that did not were restored
+        // within the rollout's failure budget (catch-up then reports them as blocked).
+        let landed =
+            entry.outcome == DeploymentState::Completed || entry.nodes.values().all(committed);
+        if landed && limited {
             self.fleet.staged = Some(entry.target_hash.clone());
-        } else if entry.nodes.values().all(committed) {
+        } else if landed {
             self.fleet.target = Some(entry.target_hash.clone());
             self.fleet.target_generation = entry.generation;
             self.fleet.staged = None;
@@ -1535,6 +1539,62 @@ mod tests {
             "every member runs it"
         );
         assert_eq!(state.fleet.staged, None);
+    }
+
+    #[test]
+    fn a_rollout_completed_within_its_failure_budget_sets_the_target() {
+        let mut state = State::default();
+        state.fleet.target = Some("old".into());
+        let mut deployment = deployment(1, &[(1, Phase::Pending), (4, Phase::Pending)]);
+        deployment.nodes.get_mut(&4).unwrap().role = Role::Learner;
+        deployment.strategy.max_failures = Some(crate::state::deployment::FailureBudget::Nodes(1));
+        state.apply(&Command::BeginDeployment { deployment });
+        let mut set = |node: u64, phases: &[Phase]| {
+            for phase in phases {
+                let command = Command::SetNodePhase {
+                    generation: 1,
+                    node,
+                    phase: *phase,
+                    error: None,
+                    at_ms: 1,
+                };
+                assert_eq!(state.apply(&command).0, Response::Ok, "{phase}");
+            }
+        };
+        set(
+            4,
+            &[
+                Phase::Backup,
+                Phase::Sync,
+                Phase::Activate,
+                Phase::Health,
+                Phase::Restoring,
+                Phase::Restored,
+            ],
+        );
+        set(
+            1,
+            &[
+                Phase::Backup,
+                Phase::Sync,
+                Phase::Activate,
+                Phase::Health,
+                Phase::Stabilize,
+                Phase::Committed,
+            ],
+        );
+        let command = Command::SetDeploymentState {
+            generation: 1,
+            state: DeploymentState::Completed,
+            reason: Some("completed with 1 of 1 tolerated learner failures".into()),
+            at_ms: 2,
+        };
+        assert_eq!(state.apply(&command).0, Response::Ok);
+        assert_eq!(
+            state.fleet.target,
+            Some("ab".repeat(32)),
+            "the restored learner is behind the target, not the target gone"
+        );
     }
 
     #[test]

@@ -1473,6 +1473,30 @@ fn canary_steps_hold_for_their_pause_and_never_start_past_their_quota() {
 }
 
 #[test]
+fn a_tolerated_failure_in_a_step_is_replaced_by_another_node_before_the_step_holds() {
+    // 2 learners of 4 in the first step; learner 4 fails and is restored within the budget,
+    // so learner 6 runs in its place and the step holds only once two learners committed.
+    let mut strategy = strategy(1, OnFailure::Revert);
+    strategy.max_failures = Some(FailureBudget::Nodes(1));
+    strategy.steps = crate::state::deployment::Step::parse_list("2,100%").unwrap();
+    strategy.step_pause_ms = Some(5_000);
+    let mut sim = Sim::new(&[1, 2, 3], &[4, 5, 6, 7], strategy);
+    sim.unhealthy_on.insert((4, target()));
+    let entry = sim.run().unwrap();
+    assert_eq!(entry.outcome, DeploymentState::Completed);
+    assert_eq!(&sim.started[..3], &[4, 5, 6], "{:?}", sim.started);
+    let second_commit =
+        entered(&entry, 5, Phase::Committed).max(entered(&entry, 6, Phase::Committed));
+    for later in [7, 2, 3] {
+        assert!(
+            entered(&entry, later, Phase::Backup) >= second_commit + 5_000,
+            "node {later} began before the first step's two nodes committed and held"
+        );
+    }
+    assert_eq!(phases(&entry)[3], (4, Phase::Restored));
+}
+
+#[test]
 fn a_step_with_no_pause_waits_for_the_operators_promote() {
     let mut strategy = strategy(1, OnFailure::Revert);
     strategy.steps = crate::state::deployment::Step::parse_list("1,100%").unwrap();
