@@ -47,6 +47,12 @@ pub fn config(timing: Timing) -> Result<Arc<Config>, openraft::ConfigError> {
         election_timeout_max: election_ms * 2,
         // A follower that was paused or partitioned must not depose a healthy leader.
         enable_pre_vote: Some(true),
+        // A leader that restarts wins a new election before it leads again. Resuming its
+        // old term (openraft's default) is safe only with the commit index and the state
+        // machine flushed before each answer; this store flushes neither (the log is
+        // durable and replayed), so a resumed leader could serve a linearizable read from
+        // a state machine missing writes it had acknowledged.
+        enable_leader_restore: Some(false),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(10_000),
         max_in_snapshot_log_to_keep: 1_000,
         // Sized so a payload fits the Raft message limit: 32 entries of a kv value at its

@@ -434,8 +434,9 @@ impl Engine {
     }
 
     /// The engine of this node's `incarnation`th process start. A leader restarted by its
-    /// supervisor may lead again in the same term (openraft restores its vote), and its
-    /// new engine must not reuse the request numbers its previous process already sent:
+    /// supervisor could lead again in the same term where openraft restores its vote
+    /// (`raft::config` turns that off; the fence does not rely on it), and its new engine
+    /// must not reuse the request numbers its previous process already sent:
     /// each incarnation counts from `incarnation << 32`, above every request of the ones
     /// before it (an incarnation sends far fewer than 2^32 requests).
     pub fn for_incarnation(mut self, incarnation: u64) -> Self {

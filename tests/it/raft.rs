@@ -199,6 +199,45 @@ async fn a_restarted_node_rejoins_and_catches_up() {
     assert!(data_dir_of(&cluster, victim).join("raft").exists());
 }
 
+/// A leader killed and started again at once must win a new election before it leads:
+/// its store does not flush the commit index or the state machine before answering, so a
+/// leader that resumed its old term could answer a read from a state machine missing
+/// writes it had acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_restarted_at_once_leads_only_after_a_new_election() {
+    let mut cluster = Cluster::start(3).await;
+    let before = cluster.leader_status().await;
+    let leader = before.leader.unwrap();
+    let written = cluster
+        .client(leader)
+        .kv_put("last-before-the-crash", "1")
+        .await
+        .expect("write");
+    cluster.kill(leader);
+    cluster.spawn(leader, Start::Restart).await;
+    let after = wait_for(
+        "a leader after the restart",
+        Duration::from_secs(60),
+        || async {
+            let status = cluster.client(leader).status(false).await.ok()?;
+            (status.leader.is_some() && status.commit_index >= Some(written.log_index))
+                .then_some(status)
+        },
+    )
+    .await;
+    assert!(
+        after.term > before.term,
+        "node {leader} was restarted as leader of term {} without an election: {after:?}",
+        before.term
+    );
+    let value = cluster
+        .client(leader)
+        .kv_get("last-before-the-crash")
+        .await
+        .expect("read");
+    assert_eq!(value.as_deref(), Some("1"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_tolerate_two_dead_voters() {
     let mut cluster = Cluster::start(5).await;

@@ -359,9 +359,10 @@ impl Harness {
         }
     }
 
-    /// The leader's process dies and its supervisor starts it again at once: it leads
-    /// again in the same term (openraft restores its vote), with a fresh `drive` in its
-    /// next incarnation.
+    /// The leader's process dies and its supervisor starts it again at once, and it leads
+    /// again in the same term (as where openraft restores its vote; `raft::config` turns
+    /// that off, and the fence must hold either way), with a fresh `drive` in its next
+    /// incarnation.
     fn restart_leader_in_the_same_term(&mut self) {
         let id = {
             let mut world = self.world.lock().unwrap();
