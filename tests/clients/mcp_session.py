@@ -41,7 +41,7 @@ async def main():
                 await session.call_tool(
                     "initiate_rolling_update",
                     {"dist": dist, "dryRun": True, "steps": "1,100%", "stepPause": "1m",
-                     "maxFailures": "10%", "orderBy": "zone"},
+                     "maxFailures": "10%"},
                 )
             )
             out["bad_budget"] = payload(
