@@ -153,15 +153,20 @@ fn update_gated(cluster: &Cluster, dist: &std::path::Path, gates: &[String]) -> 
     update_with(&cluster.addr(1), dist, &extra)
 }
 
+/// The node ids of a history entry's list `key` (`order`, `untargeted`).
+pub(crate) fn ids(entry: &serde_json::Value, key: &str) -> Vec<u64> {
+    entry[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no list {key}: {entry:#}"))
+        .iter()
+        .map(|id| id.as_u64().unwrap())
+        .collect()
+}
+
 /// Asserts that a reverted rollout stopped in its first step: the nodes after the first
 /// in its order were never started.
 fn assert_stopped_in_the_first_step(entry: &serde_json::Value) {
-    let order: Vec<u64> = entry["order"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|id| id.as_u64().unwrap())
-        .collect();
+    let order = ids(entry, "order");
     for id in &order[1..] {
         assert_eq!(
             entry["nodes"][id.to_string()]["phase"],
@@ -277,12 +282,7 @@ async fn the_error_rate_gate_reverts_a_failing_release_and_a_good_one_completes(
     assert_eq!(entry["outcome"], "completed", "{entry:#}");
     // Through every step: each node began only after the one before it committed and its
     // step held for its pause.
-    let order: Vec<u64> = entry["order"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|id| id.as_u64().unwrap())
-        .collect();
+    let order = ids(&entry, "order");
     for pair in order.windows(2) {
         let held_from = entered(&entry, pair[0], "committed");
         let began = entered(&entry, pair[1], "backup");

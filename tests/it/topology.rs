@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::harness::{
     cli, data_dir_of, make_crash_loop_release, make_release, wait_all_on, wait_for, Cluster, Start,
 };
-use crate::progressive::{entered, update_with};
+use crate::progressive::{entered, ids, update_with};
 
 /// Starts `n` supervised nodes on `dist`, joining one at a time (so with `--max-voters
 /// 3`, nodes 4 and up are the learners), and waits until every one is a member.
@@ -231,13 +231,7 @@ async fn order_by_zone_finishes_a_zone_first_and_nodes_limits_a_rollout() {
         &["--stabilize", "1s", "--nodes", selector],
     );
     assert_eq!(entry["outcome"], "completed", "{entry:#}");
-    let untargeted: Vec<u64> = entry["untargeted"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
-    assert_eq!(untargeted, second, "{entry:#}");
+    assert_eq!(ids(&entry, "untargeted"), second, "{entry:#}");
     let status = cli(&["status", "--node", &addr]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(
