@@ -643,12 +643,22 @@ fn prepare_data_dir(dir: &Path) -> Result<(), NodeError> {
 
 /// Asks the member at `via` to admit this node, unless it already is a member.
 async fn join_cluster(node: &NodeHandle, via: &str) -> Result<(), NodeError> {
-    let is_member = crate::raft::metrics(&node.raft)
+    // This node, at this address, a voter in the membership it holds: a leader admitted
+    // it and replicated that to it. (A learner is not done: its join promotes it.)
+    let is_voter = || {
+        let metrics = crate::raft::metrics(&node.raft);
+        let membership = metrics.membership_config.membership();
+        membership.voter_ids().any(|id| id == node.id)
+            && membership
+                .get_node(&node.id)
+                .is_some_and(|member| member.addr == node.addr)
+    };
+    if crate::raft::metrics(&node.raft)
         .membership_config
         .membership()
         .get_node(&node.id)
-        .is_some();
-    if is_member {
+        .is_some()
+    {
         tracing::info!(id = node.id, "already a member; rejoining with local state");
         return Ok(());
     }
@@ -689,6 +699,18 @@ async fn join_cluster(node: &NodeHandle, via: &str) -> Result<(), NodeError> {
             .timeout(Duration::from_secs(90))
             .join(&request)
             .await;
+        if let Err(e) = &answer {
+            // The leader may have admitted this node and then failed to answer (it died,
+            // or the connection broke): the membership this node now holds says so.
+            if is_voter() {
+                tracing::info!(
+                    id = node.id,
+                    error = %e,
+                    "joined the cluster as a voter: the leader admitted this node, though its answer was lost"
+                );
+                return Ok(());
+            }
+        }
         let retry = match &answer {
             Err(e) if e.kind == ErrorKind::Unavailable => true,
             Err(e) if e.message.contains(NOT_THE_LEADER) => clients.len() > 1,

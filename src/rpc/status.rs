@@ -319,6 +319,12 @@ fn is_transport(status: &Status) -> bool {
 /// Whether a connection failed in the TLS handshake (rather than to connect at all).
 fn is_tls(reason: &str) -> bool {
     let reason = reason.to_ascii_lowercase();
+    // An established session the peer dropped (it died or closed the connection): a
+    // broken link, not a credential problem, whatever the words around it say. A peer
+    // that refuses credentials sends an alert.
+    if reason.contains("close_notify") {
+        return false;
+    }
     ["certificate", "alert", "handshake", "tls", "invalid peer"]
         .iter()
         .any(|word| reason.contains(word))
@@ -533,5 +539,17 @@ mod tests {
         ] {
             assert_eq!(kind_of(kind.code()), kind);
         }
+    }
+
+    #[test]
+    fn a_dropped_tls_session_is_a_broken_link_and_a_refused_certificate_is_not() {
+        let dropped = "peer closed connection without sending TLS close_notify: \
+                       https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof";
+        assert!(
+            !is_tls(dropped),
+            "retryable: the peer died or closed the link"
+        );
+        assert!(is_tls("received fatal alert: UnknownCA"));
+        assert!(is_tls("invalid peer certificate: UnknownIssuer"));
     }
 }

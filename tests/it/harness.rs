@@ -125,6 +125,9 @@ pub struct NodeProc {
     /// Known after the first start; reused on restart so the membership stays valid.
     pub addr: Option<String>,
     child: Option<Child>,
+    /// How the last process ended, when the harness saw it end: "killed by the test",
+    /// or the exit status it found (shown when a test fails).
+    ended: Option<String>,
 }
 
 impl NodeProc {
@@ -205,10 +208,17 @@ impl Cluster {
 
     /// The process id of node `id` (its supervisor's, when supervised).
     pub fn pid(&mut self, id: u64) -> Option<u32> {
-        let child = self.nodes.get_mut(&id)?.child.as_mut()?;
-        match child.try_wait() {
-            Ok(None) => Some(child.id()),
-            _ => None,
+        let node = self.nodes.get_mut(&id)?;
+        match node.child.as_mut()?.try_wait() {
+            Ok(None) => node.child.as_ref().map(Child::id),
+            Ok(Some(status)) => {
+                // Reaped: its pid may now be anyone's, so the handle must go (a later
+                // kill would signal whatever process got the number).
+                node.child = None;
+                node.ended = Some(format!("exited by itself: {status}"));
+                None
+            }
+            Err(_) => None,
         }
     }
 
@@ -236,6 +246,13 @@ impl Cluster {
             self.spawn(id, Start::Join(&first)).await;
         }
         self.wait_voters(n as usize).await;
+        for id in 1..=n {
+            assert!(
+                self.pid(id).is_some(),
+                "node {id} ended while the cluster formed:\n{}",
+                self.logs()
+            );
+        }
     }
 
     pub fn addr(&self, id: u64) -> String {
@@ -260,6 +277,7 @@ impl Cluster {
             log: log.clone(),
             addr: None,
             child: None,
+            ended: None,
         });
         let (wrap, host) = self
             .node_wrap
@@ -351,6 +369,7 @@ impl Cluster {
         let addr_file = node.data_dir.join("node.addr");
         let _ = std::fs::remove_file(&addr_file);
         node.child = Some(command.spawn().expect("spawn cluster binary"));
+        node.ended = None;
         let addr = wait_for(
             &format!("node {id} to listen"),
             Duration::from_secs(60),
@@ -368,6 +387,7 @@ impl Cluster {
         let node = self.nodes.get_mut(&id).unwrap();
         if let Some(mut child) = node.child.take() {
             kill_group(&mut child);
+            node.ended = Some("killed by the test".into());
         }
     }
 
@@ -380,6 +400,7 @@ impl Cluster {
             let child = node.child.as_mut().expect("node is running");
             if let Some(status) = child.try_wait().expect("wait") {
                 node.child = None;
+                node.ended = Some(format!("exited by itself: {status}"));
                 return Some(status);
             }
             if Instant::now() >= deadline {
@@ -393,6 +414,7 @@ impl Cluster {
     pub fn terminate(&mut self, id: u64) -> ExitStatus {
         let node = self.nodes.get_mut(&id).unwrap();
         let mut child = node.child.take().expect("node is running");
+        node.ended = Some("stopped by the test (SIGTERM)".into());
         signal(child.id(), libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -474,8 +496,28 @@ impl Cluster {
     }
 
     /// The last lines of every node's log, for failure messages.
-    pub fn logs(&self) -> String {
-        let mut out = String::new();
+    /// Each node's state (running, or how it ended) on one line, then the tail of every
+    /// node's log.
+    pub fn logs(&mut self) -> String {
+        let states: Vec<String> = self
+            .nodes
+            .values_mut()
+            .map(|node| {
+                let state = match node.child.as_mut().map(Child::try_wait) {
+                    Some(Ok(None)) => "running".to_string(),
+                    Some(Ok(Some(status))) => {
+                        node.child = None;
+                        let ended = format!("exited by itself: {status}");
+                        node.ended = Some(ended.clone());
+                        ended
+                    }
+                    Some(Err(e)) => format!("unknown: {e}"),
+                    None => node.ended.clone().unwrap_or_else(|| "never started".into()),
+                };
+                format!("node {}: {state}", node.id)
+            })
+            .collect();
+        let mut out = format!("--- nodes: {} ---\n", states.join("; "));
         for node in self.nodes.values() {
             let text = std::fs::read_to_string(&node.log).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(30).collect();
@@ -506,8 +548,11 @@ impl Drop for Cluster {
     }
 }
 
+/// SIGKILL to the process group of `child`, which must not have been reaped yet: until
+/// `wait` below reaps it, its pid (the group's id) cannot be given to another process.
+/// Every `try_wait` that sees a node end drops its handle for this reason.
 fn kill_group(child: &mut Child) {
-    // SAFETY: killpg(2) on a process group we created.
+    // SAFETY: killpg(2) on a process group we created, whose leader is not reaped.
     unsafe {
         libc::killpg(child.id() as i32, libc::SIGKILL);
     }
