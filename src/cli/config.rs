@@ -43,7 +43,9 @@ pub struct RunArgs {
     /// Leader heartbeat period in milliseconds [default: 100]
     #[arg(long, value_name = "DURATION", value_parser = super::millis, visible_alias = "heartbeat")]
     pub heartbeat_ms: Option<u64>,
-    /// Minimum election timeout in milliseconds; the maximum is twice this [default: 300]
+    /// Election timeout in milliseconds: a follower that hears nothing from its leader for
+    /// this long (up to 1.2 x this, randomized) starts an election. At least 3 x the
+    /// heartbeat [default: 300]
     #[arg(long, value_name = "DURATION", value_parser = super::millis, visible_alias = "election-timeout")]
     pub election_timeout_ms: Option<u64>,
     /// The node's own health check: run every second with `sh -c` in the data dir; exit 0
@@ -213,10 +215,13 @@ pub fn resolve(args: RunArgs) -> anyhow::Result<NodeConfig> {
     if heartbeat_ms == 0 {
         bail!("--heartbeat-ms must be at least 1");
     }
-    if election_ms < heartbeat_ms * 2 {
+    let least = Timing::least_election_timeout(Duration::from_millis(heartbeat_ms));
+    if Duration::from_millis(election_ms) < least {
         bail!(
-            "--election-timeout-ms ({election_ms}) must be at least twice --heartbeat-ms \
-             ({heartbeat_ms}), or followers start elections between heartbeats"
+            "--election-timeout-ms ({election_ms}) must be at least 3 x --heartbeat-ms \
+             ({heartbeat_ms}), {} here: a follower must be able to miss a heartbeat or two \
+             before it starts an election",
+            least.as_millis()
         );
     }
     if let Some(advertise) = &args.advertise.as_ref().or(file.advertise.as_ref()) {
@@ -728,11 +733,11 @@ mod tests {
                     listen: Some("127.0.0.1:1".parse().unwrap()),
                     data_dir: Some("/tmp/x".into()),
                     heartbeat_ms: Some(100),
-                    election_timeout_ms: Some(150),
+                    election_timeout_ms: Some(250),
                     insecure: true,
                     ..RunArgs::default()
                 },
-                "at least twice",
+                "must be at least 3 x --heartbeat-ms (100), 300 here",
             ),
         ];
         for (name, args, expected) in cases {

@@ -19,9 +19,33 @@ pub use typ::{Raft, TypeConfig};
 pub struct Timing {
     /// Leader heartbeat period.
     pub heartbeat: Duration,
-    /// Minimum election timeout; the maximum is twice this. Failover after a leader crash
-    /// takes about the maximum (the followers' lease) plus one random timeout.
+    /// How long a follower hears nothing from its leader before it campaigns: at least
+    /// this, at most 1.2 x this (randomized, so two followers rarely campaign together).
+    /// See [`config`] for how it maps onto openraft's lease and timeouts.
     pub election_timeout: Duration,
+}
+
+impl Timing {
+    /// openraft's `(election_timeout_min, election_timeout_max)` in ms for this timing.
+    ///
+    /// An openraft follower campaigns once `now > last contact + lease + t`, where the lease
+    /// (during which it also refuses to vote for anyone else) is `election_timeout_max` and
+    /// `t` is drawn from `[min, max)`. Taking min = 2/5 and max = 3/5 of the election timeout
+    /// `T` puts the campaign in `[T, 1.2 T)` after the last contact, and the lease at 0.6 T.
+    /// (etcd, with the same `--election-timeout`, campaigns in `[T, 2 T)`.)
+    pub fn openraft_timeouts(&self) -> (u64, u64) {
+        let t = self.election_timeout.as_millis() as u64;
+        // Rounding aside (a few ms), openraft needs min above the heartbeat, and max above min.
+        let min = (t * 2 / 5).max(self.heartbeat.as_millis() as u64 + 1);
+        (min, (t * 3 / 5).max(min + 1))
+    }
+
+    /// The least election timeout for `heartbeat`: openraft needs its minimum (2/5 of the
+    /// election timeout) above the heartbeat period, and a follower must hear a few
+    /// heartbeats before it gives up on its leader.
+    pub fn least_election_timeout(heartbeat: Duration) -> Duration {
+        heartbeat * 3
+    }
 }
 
 impl Default for Timing {
@@ -39,12 +63,12 @@ pub const MAX_PAYLOAD_ENTRIES: u64 = 32;
 /// Builds and validates openraft's configuration for `timing`.
 pub fn config(timing: Timing) -> Result<Arc<Config>, openraft::ConfigError> {
     let heartbeat_ms = timing.heartbeat.as_millis() as u64;
-    let election_ms = timing.election_timeout.as_millis() as u64;
+    let (election_min, election_max) = timing.openraft_timeouts();
     let config = Config {
         cluster_name: "cluster".to_string(),
         heartbeat_interval: heartbeat_ms,
-        election_timeout_min: election_ms,
-        election_timeout_max: election_ms * 2,
+        election_timeout_min: election_min,
+        election_timeout_max: election_max,
         // A follower that was paused or partitioned must not depose a healthy leader.
         enable_pre_vote: Some(true),
         // A leader that restarts wins a new election before it leads again. Resuming its
@@ -193,4 +217,35 @@ pub fn has_live_leader(
 /// A copy of the current metrics (the watch guard is not `Send`; never hold it across awaits).
 pub fn metrics(raft: &Raft) -> typ::RaftMetrics {
     raft.metrics().borrow_watched().clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_follower_campaigns_within_one_to_one_point_two_election_timeouts() {
+        let timing = Timing::default();
+        assert_eq!(timing.openraft_timeouts(), (120, 180));
+        // Campaign after lease (max) + t, t in [min, max): [300, 360) ms.
+        let (min, max) = timing.openraft_timeouts();
+        assert_eq!(max + min, 300);
+        assert_eq!(max + max, 360);
+        config(timing).expect("the defaults are a valid openraft configuration");
+    }
+
+    #[test]
+    fn every_timing_the_cli_accepts_is_a_valid_openraft_configuration() {
+        for heartbeat in [1u64, 2, 5, 10, 50, 100, 333, 1000] {
+            let heartbeat = Duration::from_millis(heartbeat);
+            let least = Timing::least_election_timeout(heartbeat);
+            for election in [least, least + Duration::from_millis(1), least * 10] {
+                let timing = Timing {
+                    heartbeat,
+                    election_timeout: election,
+                };
+                config(timing).unwrap_or_else(|e| panic!("{timing:?}: {e}"));
+            }
+        }
+    }
 }
