@@ -67,7 +67,7 @@ trap 'exit 143' TERM
 load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- tools and build ------------------------------------------------------------------------
-install_missing jq=jq rsync=rsync openssl=openssl
+install_missing jq=jq rsync=rsync openssl=openssl stress-ng=stress-ng
 say "building the release binary and the benchmark clients (cargo build --release)"
 release_build "$root" --bin cluster --example kv_writer --example rollout_timeline
 bin="$target_dir/release/cluster"
@@ -282,7 +282,13 @@ bench_gaps() {
 
     for variant in "${kill_variants[@]}"; do
       local on=${variant%/*}; gap_timeout_ms=${variant#*/}
-      addrs=$(current_addrs "$dir" 3); leader=$(our_leader); pid=$(node_pid "$group" "$leader")
+      # The leader and its process (a status read can miss a leader for a moment).
+      local deadline=$(( $(date +%s) + 30 ))
+      until addrs=$(current_addrs "$dir" 3) && leader=$(our_leader) && [ -n "$leader" ] &&
+          pid=$(node_pid "$group" "$leader") && [ -n "$pid" ]; do
+        [ "$(date +%s)" -lt "$deadline" ] || { echo "gaps: no leader process found within 30 s" >&2; exit 1; }
+        sleep 0.1
+      done
       local first=$leader; [ "$on" = follower ] && first=$(( leader % 3 + 1 ))
       # Its supervisor is stopped meanwhile, so the node stays down as the etcd member does
       # (restarted at once, a node comes back as leader of its term, a smaller gap).
@@ -384,6 +390,71 @@ bench_gaps() {
     row "2 latency" "write latency $q" "$ours ms" "etcd $theirs ms" "$(ratio "$ours" "$theirs")" "(none)" "-"
   done
   tls_cost "$(median ${g[etcd/transfer]})"
+  elections_under_load
+}
+
+# elections_under_load: what a short election timeout costs on a busy host. 3 members under
+# `stress-ng` (every core busy twice over, and a disk writer that makes fsync slow) with one
+# sequential writer, for the same time each: cluster nodes at --election-timeout-ms 300 (the
+# default: a follower campaigns 300-360 ms after it last heard from its leader) and 900 (the
+# campaign window the earlier mapping gave 300: 900-1200 ms), and etcd at 300 ms (campaign
+# 300-600 ms). Elections: how far the term rose (each election raises it; pre-votes do not).
+elections_under_load() {
+  local secs setting dir term0 term1 writer_pid load_pid
+  if [ "$quick" = 1 ]; then secs=15; else secs=60; fi
+  declare -gA elections=() load_gap=()
+  loaded() { # loaded SECONDS: stress-ng in its own group for SECONDS
+    spawn "$work/stress.log" stress-ng --cpu $(( 2 * $(nproc) )) --hdd 1 --hdd-bytes 64M \
+      --temp-path "$work" --timeout "${1}s"
+    load_pid=$spawned_pid
+  }
+  for setting in 300 900; do
+    dir="$work/elections-$setting"
+    say "gaps: elections under load: 3 nodes, --election-timeout-ms $setting, $secs s"
+    nodes_up "$dir" 3 tls --election-timeout-ms "$setting"
+    term0=$(cluster_status "$addrs" | jq -r .term)
+    "$writer" gap cluster "$addrs" "$work/acked-load" 2000 >"$work/gap-load.json" &
+    writer_pid=$!; pids+=("$writer_pid")
+    loaded "$secs"
+    sleep "$secs"
+    stop_group "$load_pid"
+    kill -TERM "$writer_pid"; wait "$writer_pid" || true
+    term1=$(cluster_status "$addrs" | jq -r .term)
+    elections[cluster/$setting]=$(( term1 - term0 ))
+    load_gap[cluster/$setting]=$(jq .max_gap_ms "$work/gap-load.json")
+    for group in "${up_groups[@]}"; do stop_group "$group"; done
+  done
+  say "gaps: elections under load: 3 etcd members, --election-timeout 300, $secs s"
+  etcd_up "$work/etcd-load"
+  etcd_term() { etcd_status | awk -F', ' '{ if ($7 > t) t = $7 } END { print t + 0 }'; }
+  term0=$(etcd_term)
+  "$writer" gap etcd "$etcd_endpoints" "$work/acked-load-etcd" 2000 >"$work/gap-load.json" &
+  writer_pid=$!; pids+=("$writer_pid")
+  loaded "$secs"
+  sleep "$secs"
+  stop_group "$load_pid"
+  kill -TERM "$writer_pid"; wait "$writer_pid" || true
+  term1=$(etcd_term)
+  elections[etcd/300]=$(( term1 - term0 ))
+  load_gap[etcd/300]=$(jq .max_gap_ms "$work/gap-load.json")
+  for i in 1 2 3; do stop_group "${etcd_pids[$i]}"; done
+  {
+    echo
+    echo "Elections on a loaded host: 3 members, one sequential writer, ${secs} s under"
+    echo "\`stress-ng --cpu $(( 2 * $(nproc) )) --hdd 1\` (every core busy twice over; a disk writer slows"
+    echo "every fsync). An election timeout of T: a cluster follower campaigns T to 1.2 T after it"
+    echo "last heard from its leader, an etcd follower T to 2 T. 900 ms is the campaign window"
+    echo "cluster's 300 ms default gave before the timeout meant the whole wait."
+    echo
+    echo "| members | election timeout | elections in ${secs} s | longest write gap |"
+    echo "|---|---:|---:|---:|"
+    echo "| cluster | 300 ms | ${elections[cluster/300]} | ${load_gap[cluster/300]} ms |"
+    echo "| cluster | 900 ms | ${elections[cluster/900]} | ${load_gap[cluster/900]} ms |"
+    echo "| etcd | 300 ms | ${elections[etcd/300]} | ${load_gap[etcd/300]} ms |"
+  } | detail gaps
+  row "2 leader change" "elections in ${secs} s on a loaded host, election timeout 300 ms" \
+    "${elections[cluster/300]}" "etcd ${elections[etcd/300]}" "-" "<= etcd" \
+    "$(met "${elections[cluster/300]}" "${elections[etcd/300]}")"
 }
 
 # tls_cost ETCD_TRANSFER_MS: write latency and the leader-transfer write gap of two 3-node
@@ -548,6 +619,10 @@ bench_footprint() {
     echo "| etcd follower, idle | $ef_cpu % | $ef_rss MiB |"
     echo "| etcd leader, idle | $el_cpu % | $el_rss MiB |"
   } | detail footprint
+  local worst_rss; worst_rss=$(printf '%s\n' "$f_rss" "$l_rss" | sort -g | tail -1)
+  row "6 footprint" "idle node RSS (the larger of follower and leader)" "$worst_rss MiB" \
+    "etcd $(printf '%s\n' "$ef_rss" "$el_rss" | sort -g | tail -1) MiB" "-" "< 30 MiB" \
+    "$(awk -v v="$worst_rss" 'BEGIN { print (v < 30 ? "met" : "**not met**") }')"
   row "6 footprint" "idle leader: CPU, RSS" "$l_cpu %, $l_rss MiB" "etcd $el_cpu %, $el_rss MiB" "-" "(none)" "-"
   row "6 footprint" "leader during a rollout: CPU, max RSS" "$r_cpu %, $r_rss MiB" "-" "-" "(none)" "-"
 }

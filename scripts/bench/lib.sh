@@ -125,14 +125,16 @@ local_up() {
   use_client "$dir"
 }
 
-# nodes_up DIR N SECURITY: starts N unsupervised nodes (`cluster node run`: node 1
-# bootstraps, the others join it; default timing) with data under DIR. SECURITY tls: a CA
+# nodes_up DIR N SECURITY [FLAG...]: starts N unsupervised nodes (`cluster node run`: node 1
+# bootstraps, the others join it; default timing unless FLAGs say otherwise, which every
+# node gets) with data under DIR. SECURITY tls: a CA
 # of its own under DIR/tls, a certificate per node (`--tls`) and an operator's for the
 # clients; insecure: `--insecure` nodes, plaintext clients. Waits until N voters follow one
 # leader; sets addrs and up_groups (the nodes' process groups) and makes it the clients'
 # cluster (use_client).
 nodes_up() {
   local dir=$1 n=$2 security=$3 id first='' flags deadline
+  shift 3
   mkdir -p "$dir"
   up_groups=()
   if [ "$security" = tls ]; then
@@ -145,7 +147,7 @@ nodes_up() {
   for id in $(seq 1 "$n"); do
     if [ "$security" = tls ]; then flags=(--tls "$dir/tls/n$id"); else flags=(--insecure); fi
     if [ -z "$first" ]; then flags+=(--bootstrap); else flags+=(--join "$first"); fi
-    spawn "$dir/n$id.log" "$bin" node run --id "$id" --listen 127.0.0.1:0 --data-dir "$dir/n$id" "${flags[@]}"
+    spawn "$dir/n$id.log" "$bin" node run --id "$id" --listen 127.0.0.1:0 --data-dir "$dir/n$id" "${flags[@]}" "$@"
     up_groups+=("$spawned_pid")
     deadline=$(( $(date +%s) + 30 ))
     until [ -s "$dir/n$id/node.addr" ]; do

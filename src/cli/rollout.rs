@@ -517,8 +517,11 @@ fn print_plan(outcome: &UpdateOutcome) -> std::io::Result<()> {
 /// Any member can answer; when the one asked is restarting, the others in the rollout's
 /// own record are asked instead.
 async fn follow(target: &Target, generation: u64, print: bool) -> anyhow::Result<HistoryEntry> {
-    /// Consecutive unanswered polls (200 ms apart) before giving up: about 2 minutes.
-    const MAX_FAILURES: u32 = 600;
+    /// How often the rollout is read: the command ends within this of the rollout's end.
+    /// (The rollout view carries no manifest: a small read.)
+    const EVERY: Duration = Duration::from_millis(50);
+    /// Unanswered polls in a row before giving up: about 2 minutes.
+    const MAX_FAILURES: u32 = 2400;
     let node = &target.node;
     let channels = target.auth.channels()?;
     let mut seen: std::collections::BTreeMap<u64, String> = Default::default();
@@ -543,7 +546,7 @@ async fn follow(target: &Target, generation: u64, print: bool) -> anyhow::Result
                     anyhow::bail!("lost track of rollout {generation}: {e}");
                 }
                 next += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(EVERY).await;
                 continue;
             }
         };
@@ -567,7 +570,7 @@ async fn follow(target: &Target, generation: u64, print: bool) -> anyhow::Result
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(EVERY).await;
     }
 }
 

@@ -21,8 +21,14 @@ use crate::release::Manifest;
 use crate::state::deployment::short_hash;
 use crate::state::{Deployment, GuardRestore, Response};
 
-/// How often the loop looks for a deployment to drive while it has none.
-const IDLE_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the loop looks for a deployment to drive while it has none (a read of the
+/// local state): a new deployment starts within this.
+const IDLE_INTERVAL: Duration = Duration::from_millis(20);
+
+/// The longest the engine goes without a step while driving. Polls, deadlines and window
+/// ends fall due between answers; a short tick meets them on time instead of up to a poll
+/// interval late. A step is a read of the local state and a pure decision.
+const MAX_TICK: Duration = Duration::from_millis(20);
 
 /// Drives active deployments whenever this node leads, until `stop`.
 pub async fn drive<C: Cluster>(cluster: Arc<C>, notes: Notes, mut stop: watch::Receiver<bool>) {
@@ -216,7 +222,7 @@ async fn drive_term<C: Cluster>(
             next_event = Event::Tick;
             continue;
         }
-        let tick = Duration::from_millis(deployment.strategy.poll_interval_ms.clamp(20, 200));
+        let tick = Duration::from_millis(deployment.strategy.poll_interval_ms).min(MAX_TICK);
         next_event = tokio::select! {
             Some(event) = events_rx.recv() => event,
             _ = tokio::time::sleep(tick) => Event::Tick,

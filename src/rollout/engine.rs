@@ -339,7 +339,7 @@ struct Track {
 }
 
 impl Track {
-    fn reset(&mut self, phase: Phase, now_ms: u64, poll_interval_ms: u64) {
+    fn reset(&mut self, phase: Phase, now_ms: u64, poll_interval_ms: u64, stabilize_ms: u64) {
         self.phase = phase;
         self.next_op = match phase {
             Phase::Backup => Some(OpKind::PinPrevious),
@@ -350,7 +350,7 @@ impl Track {
         self.not_before_ms = now_ms;
         // The node was just seen healthy when it enters the window: look again later.
         self.next_poll_ms = if phase == Phase::Stabilize {
-            now_ms + poll_interval_ms
+            now_ms + poll_interval_ms.min(stabilize_ms)
         } else {
             now_ms
         };
@@ -511,10 +511,11 @@ impl Engine {
     fn sync_tracks(&mut self, cx: &Cx) {
         let now = cx.now.monotonic_ms;
         let interval = cx.view.strategy.poll_interval_ms;
+        let window = cx.view.strategy.stabilize_ms;
         for (id, step) in &cx.view.nodes {
             let track = self.tracks.entry(*id).or_default();
             if track.phase != step.phase {
-                track.reset(step.phase, now, interval);
+                track.reset(step.phase, now, interval, window);
             }
         }
     }
@@ -651,8 +652,13 @@ impl Engine {
                         track.boot_id = Some(boot_id);
                         track.strikes = 0;
                         track.last_problem = None;
-                        if now.saturating_sub(track.since_ms) >= strategy.stabilize_ms {
+                        let ends_ms = track.since_ms + strategy.stabilize_ms;
+                        if now >= ends_ms {
                             track.next_op = Some(OpKind::Commit);
+                        } else {
+                            // The window ends on its timer, with one last check then, not
+                            // at whichever poll comes after it.
+                            track.next_poll_ms = track.next_poll_ms.min(ends_ms);
                         }
                     }
                 },
@@ -1286,8 +1292,10 @@ impl Engine {
             at_ms: cx.now.unix_ms,
         };
         if self.project(cx, command) {
-            let (now, interval) = (cx.now.monotonic_ms, cx.view.strategy.poll_interval_ms);
-            self.track(node).reset(phase, now, interval);
+            let strategy = &cx.view.strategy;
+            let (now, interval) = (cx.now.monotonic_ms, strategy.poll_interval_ms);
+            let window = strategy.stabilize_ms;
+            self.track(node).reset(phase, now, interval, window);
         }
     }
 

@@ -1055,6 +1055,49 @@ fn a_new_boot_while_stabilizing_fails_the_node() {
 }
 
 #[test]
+fn the_stabilization_window_ends_on_its_timer_not_at_the_next_poll() {
+    // A 300 ms window polled every 200 ms: the last check is at 300 ms, not 400.
+    let mut strategy = strategy(1, OnFailure::Revert);
+    strategy.poll_interval_ms = 200;
+    strategy.stabilize_ms = 300;
+    let (view, mut engine, at) = node_2_stabilizing(strategy);
+    assert!(engine.step(&view, Event::Tick, at(0)).is_empty());
+    let healthy = |seq| Event::HealthObserved {
+        node: 2,
+        id: RequestId { term: 2, seq },
+        health: Ok(Health {
+            serving: true,
+            build_hash: target(),
+            boot_id: "a".into(),
+            caught_up: true,
+            last_ack_ms: Some(5),
+            problem: None,
+            guard_restored: None,
+        }),
+    };
+    let poll = |seq| Action::PollHealth {
+        node: 2,
+        id: RequestId { term: 2, seq },
+    };
+    assert_eq!(engine.step(&view, Event::Tick, at(200)), vec![poll(1)]);
+    assert!(engine.step(&view, healthy(1), at(205)).is_empty());
+    assert!(engine.step(&view, Event::Tick, at(299)).is_empty());
+    assert_eq!(engine.step(&view, Event::Tick, at(300)), vec![poll(2)]);
+    let actions = engine.step(&view, healthy(2), at(302));
+    assert!(
+        matches!(
+            actions[..],
+            [Action::Agent {
+                node: 2,
+                op: AgentOp::Commit { .. },
+                ..
+            }]
+        ),
+        "healthy at the window's end: commit at once: {actions:?}"
+    );
+}
+
+#[test]
 fn one_late_acknowledgement_while_stabilizing_is_forgiven_three_in_a_row_fail_the_node() {
     let mut strategy = strategy(1, OnFailure::Revert);
     strategy.stabilize_ms = 60_000;
