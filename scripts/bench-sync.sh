@@ -18,17 +18,20 @@
 #   rsync -a --delete --stats rsync://127.0.0.1:PORT/<case>/ DEST/
 # updates a fresh copy of the base ("Total bytes received"/"sent", wall time). Unchanged
 # files keep the base's mtimes, so rsync's quick check skips them, as in a real update.
-# Every figure is the median of RUNS runs (default 3). rsync bytes are what its client
-# received plus sent; cluster bytes are the chunk bytes node B fetched (fetched_bytes), and
-# "manifest" is the size of the release's manifest (JSON with every chunk's hash), which
-# crosses the network besides the chunks.
+# Every figure is the median of RUNS runs (default 3). Bytes are counted on the wire, the
+# same way for both: every IP packet to or from node A's port (cluster) or the rsync
+# daemon's port (rsync) during the timed step, by iptables counters on loopback (a chain of
+# this script's own, removed on exit), so the manifest, TLS, HTTP/2 and TCP/IP headers all
+# count. Beside them, what each side says it moved: the chunk bytes node B fetched
+# (fetched_bytes) and the manifest's size as node A stores it; rsync's "Total bytes
+# received" plus "sent".
 #
 #   scripts/bench-sync.sh
 #   CLUSTER_BIN=path/to/cluster RUNS=5 scripts/bench-sync.sh
 #
 # Builds the release cluster binary unless CLUSTER_BIN is set. Binds only to 127.0.0.1 on
-# OS-assigned or checked-free ports; stops every process and removes every file it
-# created on exit.
+# OS-assigned or checked-free ports; stops every process and removes every file and
+# iptables rule it created on exit. Needs root (iptables; installed if missing).
 set -euo pipefail
 
 case "${1:-}" in
@@ -40,7 +43,7 @@ runs=${RUNS:-3}
 root=$(cd "$(dirname "$0")/.." && pwd)
 
 source "$root/scripts/bench/lib.sh"
-install_missing rsync=rsync openssl=openssl
+install_missing rsync=rsync openssl=openssl iptables=iptables
 if [ -n "${CLUSTER_BIN:-}" ]; then
   bin=$CLUSTER_BIN
 else
@@ -51,13 +54,30 @@ fi
 
 work=$(mktemp -d -t cluster-bench-sync-XXXXXX)
 pids=()
+# Wire bytes: a chain of counters (no verdicts) that every packet leaving on loopback passes.
+chain="cluster-bench-sync-$$"
 cleanup() {
   local pid
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  iptables -D OUTPUT -o lo -j "$chain" 2>/dev/null || true
+  iptables -F "$chain" 2>/dev/null || true
+  iptables -X "$chain" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
+iptables -N "$chain" && iptables -I OUTPUT -o lo -j "$chain" ||
+  { echo "cannot add iptables counters (root needed): bytes on the wire are not measurable" >&2; exit 1; }
+# count_port PORT: counts packets from and to PORT from now on.
+count_port() {
+  iptables -A "$chain" -p tcp --sport "$1"
+  iptables -A "$chain" -p tcp --dport "$1"
+}
+# wire_bytes PORT: bytes of the packets from and to PORT since the last zero_counters.
+wire_bytes() {
+  iptables -L "$chain" -v -x -n | awk -v p="$1" '$0 ~ ("[sd]pt:" p "( |$)") { s += $2 } END { print s + 0 }'
+}
+zero_counters() { iptables -Z "$chain"; }
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -160,6 +180,8 @@ stop_node() {
 
 start_node a
 a_addr=$node_addr
+a_port=${a_addr##*:}
+count_port "$a_port"
 echo "node A at $a_addr"
 declare -A hash
 "$bin" dist push "$base" --node "$a_addr" --json >"$work/push-base.json"
@@ -196,20 +218,23 @@ for _ in $(seq 1 20); do
   wait "$rsync_pid" 2>/dev/null || true
 done
 [ -n "$rsync_port" ] || { echo "rsync daemon did not start:" >&2; cat "$work/rsyncd.log" >&2; exit 1; }
+count_port "$rsync_port"
 echo "rsync daemon at 127.0.0.1:$rsync_port"
 
 # --- the runs -----------------------------------------------------------------------------
 declare -A out
 for c in "${cases[@]}"; do
-  c_bytes=() c_ms=() r_recv=() r_sent=() r_ms=()
+  c_bytes=() c_ms=() c_wire=() r_recv=() r_sent=() r_ms=() r_wire=()
   for run in $(seq 1 "$runs"); do
     start_node "b-$c-$run"
     b_pid=$node_pid b_addr=$node_addr
     "$bin" dist fetch "$base_hash" --from "$a_addr" --node "$b_addr" --json >/dev/null
+    zero_counters
     t0=$(now_ns)
     "$bin" dist fetch "${hash[$c]}" --from "$a_addr" --node "$b_addr" --json \
       >"$work/fetch-$c-$run.json"
     c_ms+=("$(ms_since "$t0")")
+    c_wire+=("$(wire_bytes "$a_port")")
     c_bytes+=("$(json_num fetched_bytes "$work/fetch-$c-$run.json")")
     c_node_ms=$(json_num elapsed_ms "$work/fetch-$c-$run.json")
     got=$(json_str hash "$work/fetch-$c-$run.json")
@@ -220,19 +245,22 @@ for c in "${cases[@]}"; do
     dest="$work/dest"
     rm -rf "$dest"
     cp -a "$base" "$dest"
+    zero_counters
     t0=$(now_ns)
     rsync -a --delete --stats "rsync://127.0.0.1:$rsync_port/$c/" "$dest/" >"$work/rsync-$c-$run.txt"
     r_ms+=("$(ms_since "$t0")")
+    r_wire+=("$(wire_bytes "$rsync_port")")
     r_recv+=("$(sed -n 's/^Total bytes received: \([0-9,]*\).*/\1/p' "$work/rsync-$c-$run.txt" | tr -d ,)")
     r_sent+=("$(sed -n 's/^Total bytes sent: \([0-9,]*\).*/\1/p' "$work/rsync-$c-$run.txt" | tr -d ,)")
     if [ "$run" = 1 ] && ! diff -r "$work/var-$c" "$dest" >/dev/null; then
       echo "case $c: rsync's copy differs from the variant" >&2; exit 1
     fi
-    echo "  case $c run $run: cluster ${c_bytes[-1]} B in ${c_ms[-1]} ms (${c_node_ms} ms on node B);" \
-      "rsync ${r_recv[-1]} B received + ${r_sent[-1]} B sent in ${r_ms[-1]} ms" >&2
+    echo "  case $c run $run: cluster ${c_wire[-1]} B on the wire (${c_bytes[-1]} B of chunks)" \
+      "in ${c_ms[-1]} ms (${c_node_ms} ms on node B); rsync ${r_wire[-1]} B on the wire" \
+      "(${r_recv[-1]} B received + ${r_sent[-1]} B sent) in ${r_ms[-1]} ms" >&2
   done
   manifest=$(stat -c %s "$work/a/manifests/${hash[$c]}.json")
-  out[$c]="$(median "${c_bytes[@]}") $(median "${c_ms[@]}") $(median "${r_recv[@]}") $(median "${r_sent[@]}") $(median "${r_ms[@]}") $manifest"
+  out[$c]="$(median "${c_bytes[@]}") $(median "${c_ms[@]}") $(median "${r_recv[@]}") $(median "${r_sent[@]}") $(median "${r_ms[@]}") $manifest $(median "${c_wire[@]}") $(median "${r_wire[@]}")"
 done
 
 # --- the table ------------------------------------------------------------------------------
@@ -240,16 +268,18 @@ mb() { awk -v b="$1" 'BEGIN { printf (b >= 1e6 ? "%.1f MB" : "%.3f MB"), b / 1e6
 echo
 echo "Release sync over loopback, $(nproc) cores, median of $runs runs:"
 echo
-echo "| case | release size | cluster bytes | cluster ms | rsync bytes | rsync ms | ratio | rsync received + sent | manifest |"
+echo "| case | release size | cluster on the wire | cluster ms | rsync on the wire | rsync ms | ratio | cluster: chunks + manifest | rsync: received + sent |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 for c in "${cases[@]}"; do
-  read -r cb cms rr rs rms man <<<"${out[$c]}"
-  ratio=$(awk -v a="$cb" -v b="$(( rr + rs ))" 'BEGIN { printf "%.2f", a / b }')
-  echo "| ${label[$c]} | $(mb "$release_bytes") | $(mb "$cb") | $cms | $(mb $(( rr + rs ))) | $rms |" \
-    "$ratio | $(mb "$rr") + $(mb "$rs") | $(mb "$man") |"
+  read -r cb cms rr rs rms man cw rw <<<"${out[$c]}"
+  ratio=$(awk -v a="$cw" -v b="$rw" 'BEGIN { printf "%.2f", a / b }')
+  echo "| ${label[$c]} | $(mb "$release_bytes") | $(mb "$cw") | $cms | $(mb "$rw") | $rms |" \
+    "$ratio | $(mb "$cb") + $(mb "$man") | $(mb "$rr") + $(mb "$rs") |"
 done
 echo
-echo "cluster bytes: chunk bytes node B fetched (fetched_bytes); rsync bytes: Total bytes"
-echo "received + sent by the rsync client; ratio: cluster bytes / rsync bytes; manifest: the"
-echo "release's manifest as node A stores it (JSON), which also crosses the network, not counted"
-echo "in cluster bytes."
+echo "on the wire: every IP packet to or from node A's port (cluster) or the rsync daemon's"
+echo "(rsync) during the step, counted by iptables on loopback: manifest, TLS, HTTP/2 and TCP/IP"
+echo "headers included; ratio: cluster / rsync on the wire. Beside them what each says it"
+echo "moved: the chunk bytes node B fetched plus the manifest as node A stores it (JSON); rsync's"
+echo "Total bytes received + sent. cluster ms includes verifying every byte of the release on"
+echo "node B; rsync verifies nothing end to end."

@@ -60,14 +60,15 @@ kill_events=(kill-leader-2000 kill-follower-2000 kill-leader-500 kill-follower-5
 work=$(mktemp -d -t cluster-bench-XXXXXX)
 source "$root/scripts/bench/lib.sh"
 source "$root/scripts/bench/etcd.sh"
-trap 'bench_cleanup; rm -rf "$work"' EXIT
+fleet_chain=
+trap 'bench_cleanup; [ -z "$fleet_chain" ] || { iptables -D OUTPUT -o lo -j "$fleet_chain"; iptables -F "$fleet_chain"; iptables -X "$fleet_chain"; } 2>/dev/null; rm -rf "$work"' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
 load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- tools and build ------------------------------------------------------------------------
-install_missing jq=jq rsync=rsync openssl=openssl stress-ng=stress-ng
+install_missing jq=jq rsync=rsync openssl=openssl stress-ng=stress-ng iptables=iptables
 say "building the release binary and the benchmark clients (cargo build --release)"
 release_build "$root" --bin cluster --example kv_writer --example rollout_timeline
 bin="$target_dir/release/cluster"
@@ -177,7 +178,7 @@ bench_rollout() {
       "${ansible:+$ansible ms} | ${ansible:+$(ratio "$ansible" "$waits")} |" | detail rollout
     row "1 overhead" "$n nodes, stabilize $s ms, poll $poll ms: wall / (N x stabilize)" "$ours" \
       "${ansible:+Ansible-style $(ratio "$ansible" "$waits")}" \
-      "${ansible:+$(ratio "$ours" "$(ratio "$ansible" "$waits")")}" "<= 1.10" "$(met "$ours" 1.10)"
+      "${ansible:+$(ratio "$ours" "$(ratio "$ansible" "$waits")")}" "<= 1.05" "$(met "$ours" 1.05)"
   done
   if [ -s "$work/timeline-3.txt" ]; then
     {
@@ -200,9 +201,9 @@ bench_scale() {
     [ -n "${rollout_wall[$n/$stabilize_ms]:-}" ] || measure_rollouts "$n" "$stabilize_ms" "$poll_ms" "$runs"
   done
   {
-    echo "Rollout wall time by cluster size (stabilize $stabilize_ms ms, poll $poll_ms ms, every"
-    echo "node a voter: \`node run --join\` promotes every joiner, so \`--max-parallel\` for"
-    echo "learners cannot be exercised on a local cluster and is not measured)."
+    echo "Rollout wall time by cluster size (stabilize $stabilize_ms ms, poll $poll_ms ms; up to 5"
+    echo "voters, the nodes' default \`--max-voters\`, and learners beyond, updated one at a"
+    echo "time, the default \`--max-parallel\`), then a fleet of learners updated in parallel."
     echo
     echo "| nodes | cluster update | waits | ratio | per-node overhead |"
     echo "|---:|---:|---:|---:|---:|"
@@ -215,6 +216,7 @@ bench_scale() {
   done
   row "5 scale" "9 nodes: wall / (N x stabilize)" "$(ratio "${rollout_wall[9/$stabilize_ms]}" $(( 9 * stabilize_ms )))" \
     "3 nodes: $(ratio "${rollout_wall[3/$stabilize_ms]}" $(( 3 * stabilize_ms )))" "" "(none)" "-"
+  bench_fleet
 }
 
 # --- 2: leader changes and write latency ---------------------------------------------------------
@@ -521,6 +523,75 @@ tls_cost() {
     "$([ "${lost_by[tls]}${lost_by[insecure]}" = 00 ] && echo met || echo '**not met**')"
 }
 
+# bench_fleet: a large cluster on this machine: 50 supervised nodes, 5 voters (`--max-voters
+# 5`) and 45 learners, rolled out with `--max-parallel 8` to a release with 20 MiB of new
+# content. Wall time against the waits the configuration imposes (one window per wave of
+# learners and per voter), bytes sent from the leader's port (iptables counters on loopback)
+# against the release's size, and the peak of all its processes' RSS together.
+bench_fleet() {
+  local n=50 voters=5 parallel=8 mib=20 dir="$work/fleet" group leader leader_port
+  [ "$quick" = 1 ] && n=12 voters=3 parallel=4 mib=5
+  say "fleet: $n supervised nodes ($voters voters), --max-parallel $parallel, $mib MiB of new content"
+  local_up "$dir" "$n" --max-voters "$voters"
+  group=$up_pid
+  addrs=$(current_addrs "$dir" "$n")
+  leader=$(cluster_status "$addrs" | jq -r .leader)
+  leader_port=$(cluster_status "$addrs" | jq -r --argjson l "$leader" '.nodes[] | select(.id == $l) | .addr' | sed 's/.*://')
+  dist_seq=$(( dist_seq + 1 )); dist_dir="$work/dist-$dist_seq"
+  dist_hash=$(make_dist "$dist_dir" "release $dist_seq" "$mib")
+  local release_bytes; release_bytes=$(find "$dist_dir" -type f -printf '%s\n' | awk '{ s += $1 } END { print s }')
+  fleet_chain="cluster-bench-$$"
+  iptables -N "$fleet_chain" && iptables -I OUTPUT -o lo -j "$fleet_chain" &&
+    iptables -A "$fleet_chain" -p tcp --sport "$leader_port" ||
+    { echo "fleet: cannot add iptables counters (root needed)" >&2; exit 1; }
+  # Peak RSS of every process of the cluster together, sampled every 0.5 s.
+  ( peak=0
+    while kill -0 "$group" 2>/dev/null; do
+      total=$(for p in $(pgrep -g "$group"); do awk '/^VmRSS:/ { print $2 }' "/proc/$p/status" 2>/dev/null; done |
+        awk '{ s += $1 } END { print s + 0 }')
+      [ "$total" -gt "$peak" ] && peak=$total && echo "$peak" >"$work/fleet-peak"
+      sleep 0.5
+    done ) &
+  local sampler=$!
+  pids+=("$sampler")
+  update_timed "$addrs" "$dist_dir" "$stabilize_ms" "$poll_ms" --max-parallel "$parallel"
+  local leader_bytes; leader_bytes=$(iptables -L "$fleet_chain" -v -x -n | awk '/spt:/ { s += $2 } END { print s + 0 }')
+  local peak_kib; peak_kib=$(cat "$work/fleet-peak")
+  local waits=$(( ( (n - voters + parallel - 1) / parallel + voters ) * stabilize_ms ))
+  local updated; updated=$(jq '[.outcome.nodes[] | select(.phase == "committed")] | length' "$work/update.json")
+  stop_group "$group"
+  kill "$sampler" 2>/dev/null || true
+  iptables -D OUTPUT -o lo -j "$fleet_chain"; iptables -F "$fleet_chain"; iptables -X "$fleet_chain"; fleet_chain=
+  local left; left=$(pgrep -g "$group" | wc -l || true)
+  local ratio_wall; ratio_wall=$(ratio "$wall_ms" "$waits")
+  local ratio_bytes; ratio_bytes=$(ratio "$leader_bytes" "$release_bytes")
+  say "fleet: $wall_ms ms (waits $waits ms), leader sent $leader_bytes B for a $release_bytes B release, peak RSS $(( peak_kib / 1024 )) MiB, $left processes left"
+  {
+    echo
+    echo "$n nodes on this machine: \`cluster local up -n $n --max-voters $voters\` ($voters voters, $(( n - voters ))"
+    echo "learners, each node under its own supervisor), then \`cluster update --max-parallel $parallel\` to a"
+    echo "release with $mib MiB of new content (stabilize $stabilize_ms ms, poll $poll_ms ms). Waits: one"
+    echo "window per wave of learners ($(( (n - voters + parallel - 1) / parallel )) waves of at most $parallel) and per voter ($voters)."
+    echo "Leader bytes: every byte sent from the leader's port during the rollout (iptables"
+    echo "counters on loopback: chunks, manifests, Raft, TLS and TCP/IP headers)."
+    echo
+    echo "| figure | value |"
+    echo "|---|---:|"
+    echo "| nodes updated | $updated of $n |"
+    echo "| cluster update | $wall_ms ms |"
+    echo "| waits | $waits ms |"
+    echo "| wall / waits | $ratio_wall |"
+    echo "| release size | $(awk -v b="$release_bytes" 'BEGIN { printf "%.1f MB", b / 1e6 }') |"
+    echo "| sent by the leader | $(awk -v b="$leader_bytes" 'BEGIN { printf "%.1f MB", b / 1e6 }') |"
+    echo "| leader bytes / release size | $ratio_bytes |"
+    echo "| peak RSS, all $(( 2 * n )) processes (nodes and supervisors) | $(( peak_kib / 1024 )) MiB |"
+    echo "| processes left after stopping it | $left |"
+  } | detail scale
+  row "5 scale" "$n nodes ($voters voters), --max-parallel $parallel: wall / waits" "$ratio_wall" "-" "-" "<= 1.10" "$(met "$ratio_wall" 1.10)"
+  row "5 scale" "$n nodes: bytes sent by the leader / release size" "$ratio_bytes" "-" "-" "<= 2.00" "$(met "$ratio_bytes" 2.00)"
+  row "5 scale" "$n nodes: peak RSS of all processes" "$(( peak_kib / 1024 )) MiB" "-" "-" "(stated)" "-"
+}
+
 # --- 3: sync, 4: hash (the standalone scripts, parsed) -----------------------------------------
 bench_sync() {
   say "sync: scripts/bench-sync.sh (RUNS=$runs)"
@@ -531,8 +602,8 @@ bench_sync() {
   grep '^| (' "$work/sync.txt" | while IFS='|' read -r _ label _ cb cms rb rms r _; do
     label=$(echo "$label" | sed 's/^ *//; s/ *$//'); r=$(echo "$r" | tr -d ' ')
     cms=$(echo "$cms" | tr -d ' '); rms=$(echo "$rms" | tr -d ' ')
-    row "3 transfer" "$label: bytes" "$(echo "$cb" | xargs)" "rsync $(echo "$rb" | xargs)" "$r" "<= 2.00" "$(met "$r" 2.00)"
-    row "3 transfer" "$label: time" "$cms ms" "rsync $rms ms" "$(ratio "$cms" "$rms")" "<= 1.00" "$(met "$(ratio "$cms" "$rms")" 1.00)"
+    row "3 transfer" "$label: bytes on the wire" "$(echo "$cb" | xargs)" "rsync $(echo "$rb" | xargs)" "$r" "<= 2.00" "$(met "$r" 2.00)"
+    row "3 transfer" "$label: time, every byte verified" "$cms ms" "rsync $rms ms" "$(ratio "$cms" "$rms")" "<= 1.05" "$(met "$(ratio "$cms" "$rms")" 1.05)"
   done
 }
 

@@ -79,11 +79,12 @@ free_port() {
 # make_dist DIR LABEL: a dist with this `cluster` binary and a label file, signed with the
 # clients' cluster's release key when it has one (its nodes accept nothing else); prints
 # its hash.
-make_dist() {
+make_dist() { # make_dist DIR LABEL [MIB]: MIB of fresh random bytes in share/payload too
   mkdir -p "$1/bin" "$1/share"
   cp "$bin" "$1/bin/cluster"
   chmod 755 "$1/bin/cluster"
   echo "$2" >"$1/share/label"
+  [ -z "${3:-}" ] || head -c $(( $3 * 1024 * 1024 )) /dev/urandom >"$1/share/payload"
   "$bin" dist stamp "$1" ${sign_key:+--sign "$sign_key"} | tail -n 1
 }
 
@@ -106,14 +107,15 @@ use_client() {
   fi
 }
 
-# local_up DIR N: starts N supervised nodes (`cluster local up`, mutual TLS with a CA of
-# its own under DIR/tls) with data under DIR; waits until they form a cluster; sets up_pid
-# and addrs (comma-separated) and makes it the clients' cluster (use_client).
+# local_up DIR N [ARG...]: starts N supervised nodes (`cluster local up ARG...`, mutual TLS
+# with a CA of its own under DIR/tls) with data under DIR; waits until they form a cluster;
+# sets up_pid and addrs (comma-separated) and makes it the clients' cluster (use_client).
 local_up() {
-  local dir=$1 n=$2 deadline=$(( $(date +%s) + 120 ))
+  local dir=$1 n=$2 deadline=$(( $(date +%s) + 120 + $2 ))
+  shift 2
   mkdir -p "$dir"
   : >"$dir.log"
-  spawn "$dir.log" "$bin" local up -n "$n" --dir "$dir"
+  spawn "$dir.log" "$bin" local up -n "$n" --dir "$dir" "$@"
   up_pid=$spawned_pid
   until grep -q '^export CLUSTER_NODE=' "$dir.log"; do
     if ! kill -0 "$up_pid" 2>/dev/null || [ "$(date +%s)" -ge "$deadline" ]; then
@@ -187,12 +189,14 @@ cluster_status() {
   return 1
 }
 
-# wait_healthy ADDRS N HASH: until a leader and N voters, every one on HASH and following.
+# wait_healthy ADDRS N HASH: until a leader and N members (voters and learners), every one
+# on HASH and following it.
 wait_healthy() {
   local deadline=$(( $(date +%s) + 60 ))
   until cluster_status "$1" | jq -e --argjson n "$2" --arg h "$3" \
-      '.leader != null and ([.nodes[] | select(.role == "voter" and .build_hash == $h
-        and (.state == "leader" or .state == "follower"))] | length) == $n' >/dev/null 2>&1; do
+      '.leader != null and ([.nodes[] | select(.build_hash == $h and
+        ((.role == "voter" and (.state == "leader" or .state == "follower"))
+         or (.role == "learner" and .state == "learner")))] | length) == $n' >/dev/null 2>&1; do
     if [ "$(date +%s)" -ge "$deadline" ]; then
       echo "cluster not healthy on $3 within 60 s:" >&2; cluster_status "$1" >&2 || true; exit 1
     fi

@@ -26,6 +26,10 @@ pub struct LocalArgs {
     /// Directory for the nodes' data dirs and logs [default: a new temp dir, removed on exit]
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Voters at most (each node's `--max-voters`): the nodes beyond join as learners, as
+    /// in a large fleet [default: the nodes' own default, 5]
+    #[arg(long, value_name = "N")]
+    pub max_voters: Option<u64>,
 }
 
 /// Supervisor processes of a local cluster; stopped (SIGTERM, then wait) on drop.
@@ -182,6 +186,7 @@ async fn start(
     (root, owned): (PathBuf, bool),
     dist: &Path,
     key: &ReleaseKey,
+    max_voters: Option<u64>,
 ) -> anyhow::Result<LocalCluster> {
     let tls = make_credentials(&root, nodes)?;
     let mut cluster = LocalCluster {
@@ -221,6 +226,9 @@ async fn start(
             "--release-key".into(),
             key.public_key.display().to_string(),
         ];
+        if let Some(max) = max_voters {
+            args.extend(["--max-voters".into(), max.to_string()]);
+        }
         match cluster.addrs.first() {
             None => args.push("--bootstrap".into()),
             Some(first) => args.extend(["--join".into(), first.clone()]),
@@ -241,7 +249,8 @@ async fn start(
         cluster.addrs.push(addr);
     }
     let client = cluster.client(&cluster.addrs[0])?;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let limit = Duration::from_secs(60 + nodes);
+    let deadline = Instant::now() + limit;
     loop {
         if let Ok(status) = client
             .clone()
@@ -250,14 +259,18 @@ async fn start(
             .await
         {
             let voters = status.nodes.iter().filter(|n| n.role == "voter").count() as u64;
+            let members = status.nodes.len() as u64;
             let reported = status.nodes.iter().all(|n| !n.build_hash.is_empty());
-            if status.leader.is_some() && voters == nodes && reported {
+            let max = max_voters.unwrap_or(crate::node::DEFAULT_MAX_VOTERS as u64);
+            let want_voters = max.min(nodes);
+            if status.leader.is_some() && voters == want_voters && members == nodes && reported {
                 break;
             }
         }
         if Instant::now() > deadline {
             bail!(
-                "the cluster did not form within 60 s; logs are in {}",
+                "the cluster did not form within {} s; logs are in {}",
+                limit.as_secs(),
                 root.display()
             );
         }
@@ -357,7 +370,7 @@ pub async fn demo() -> anyhow::Result<ExitCode> {
         key.key_id
     );
     let root = cluster_root(Some(work.path().join("nodes")))?;
-    let cluster = start(3, root, &v1, &key).await?;
+    let cluster = start(3, root, &v1, &key, None).await?;
     let first = cluster.addrs[0].clone();
     let ingresses = service_ingresses(&cluster, &h1).await?;
     print_status(&cluster, &first).await?;
@@ -436,6 +449,9 @@ pub async fn local_up(args: LocalArgs) -> anyhow::Result<ExitCode> {
     if args.nodes == 0 {
         bail!("-n must be at least 1");
     }
+    if args.max_voters == Some(0) {
+        bail!("--max-voters must be at least 1");
+    }
     let dists = tempfile::Builder::new().prefix("cluster-dist-").tempdir()?;
     let root = cluster_root(args.dir)?;
     // Kept with the nodes: a cluster started again in the same --dir trusts the same key.
@@ -443,7 +459,7 @@ pub async fn local_up(args: LocalArgs) -> anyhow::Result<ExitCode> {
     let dist = dists.path().join("dist");
     let hash = make_dist(&dist, &[], &key)?;
     outln!("release {hash}, signed by key {}", key.key_id);
-    let cluster = start(args.nodes, root, &dist, &key).await?;
+    let cluster = start(args.nodes, root, &dist, &key, args.max_voters).await?;
     print_status(&cluster, &cluster.addrs[0]).await?;
     let operator = cluster.operator.tls.clone().unwrap_or_default();
     outln!(

@@ -62,7 +62,8 @@ pub struct UpdateArgs {
     /// How long a restarted node may take to report healthy on the new build
     #[arg(long, default_value_t = 60_000, value_name = "DURATION", value_parser = super::millis, visible_alias = "health-deadline")]
     pub health_deadline_ms: u64,
-    /// Pause between health polls of a node
+    /// Pause between health polls of a node (a node coming back from its restart is
+    /// polled every 25 ms, or this if shorter, until it is healthy)
     #[arg(long, default_value_t = 500, value_name = "DURATION", value_parser = super::millis, visible_alias = "poll-interval")]
     pub poll_interval_ms: u64,
     /// How long a healthy node must stay healthy, on one boot, before it is committed

@@ -68,6 +68,11 @@ use super::plan::{group_of, waves};
 use crate::state::deployment::{short_hash, MAX_HANDOFF_ATTEMPTS};
 use crate::state::{Command, Deployment, DeploymentState, HistoryEntry, OnFailure, Phase, Role};
 
+/// How often a node that was told to restart is polled until it is healthy on the target
+/// build (or `poll_interval_ms`, if shorter): its restart is overhead, not a wait anyone
+/// asked for.
+pub const RESTART_POLL_MS: u64 = 25;
+
 /// The time of a step: one clock for decisions, one for display.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Now {
@@ -589,7 +594,13 @@ impl Engine {
             _ => return,
         };
         track.poll = None;
-        track.next_poll_ms = now + strategy.poll_interval_ms;
+        track.next_poll_ms = now
+            + match phase {
+                // Waiting for a restarted node to come back is no check of its health:
+                // look often (a node still down refuses the connection at once).
+                Phase::Health => strategy.poll_interval_ms.min(RESTART_POLL_MS),
+                _ => strategy.poll_interval_ms,
+            };
         if polled_in != phase {
             return;
         }
