@@ -6,12 +6,11 @@
 #   (a) one of the 1,000 files rewritten (same size, new content)
 #   (b) 1 KiB overwritten in the middle of bin/cluster
 #   (c) bin/cluster replaced by different random content
-# Two real nodes run from the release build (two single-node clusters: the agent does not
-# care), with mutual TLS as in production: a CA made for the run, one node certificate
-# (both are node 1 of their cluster, so each admits the other as a member) and an
-# operator's for the commands. Node A holds the base and every variant (`cluster dist
-# push`). For each case and each run, a fresh node B fetches the base from A, then the
-# timed step runs:
+# Real nodes run from the release build, with mutual TLS as in production: a CA made for
+# the run, a certificate per node and an operator's for the commands. Node A bootstraps a
+# cluster and holds the base and every variant (`cluster dist push`). For each case and
+# each run, a fresh node B joins A's cluster (a node fetches releases only from members),
+# fetches the base from A, then the timed step runs:
 #   cluster dist fetch <variant hash> --from A --node B --json    -> fetched_bytes, wall time
 # rsync (from Debian's package; installed if missing) does the same job: a daemon on a free
 # loopback port exports the variant read-only and
@@ -31,7 +30,8 @@
 #
 # Builds the release cluster binary unless CLUSTER_BIN is set. Binds only to 127.0.0.1 on
 # OS-assigned or checked-free ports; stops every process and removes every file and
-# iptables rule it created on exit. Needs root (iptables; installed if missing).
+# iptables rule it created on exit. Needs root (iptables; installed if missing). After each
+# run node B leaves the cluster (`cluster member remove`) before it stops.
 set -euo pipefail
 
 case "${1:-}" in
@@ -43,7 +43,7 @@ runs=${RUNS:-3}
 root=$(cd "$(dirname "$0")/.." && pwd)
 
 source "$root/scripts/bench/lib.sh"
-install_missing rsync=rsync openssl=openssl iptables=iptables
+install_missing rsync=rsync openssl=openssl iptables=iptables jq=jq
 if [ -n "${CLUSTER_BIN:-}" ]; then
   bin=$CLUSTER_BIN
 else
@@ -144,15 +144,17 @@ echo "base: $(find "$base" -type f | wc -l) files, $release_bytes bytes"
 
 # --- nodes ------------------------------------------------------------------------------
 "$bin" tls init "$work/tls/ca" >/dev/null
-"$bin" tls issue "$work/tls/n1" --ca "$work/tls/ca" --node 1 >/dev/null
 "$bin" tls issue "$work/tls/operator" --ca "$work/tls/ca" --operator bench >/dev/null
 export CLUSTER_TLS=$work/tls/operator
 
-# start_node NAME: starts a single-node cluster in $work/NAME; sets node_pid and node_addr.
+# start_node NAME ID [FLAG...]: starts node ID (a certificate of its own) in $work/NAME;
+# sets node_pid and node_addr.
 start_node() {
-  local dir="$work/$1" deadline=$(( $(date +%s) + 30 ))
-  "$bin" node run --id 1 --listen 127.0.0.1:0 --data-dir "$dir" --bootstrap \
-    --tls "$work/tls/n1" >"$dir.log" 2>&1 &
+  local dir="$work/$1" id=$2 deadline=$(( $(date +%s) + 30 ))
+  shift 2
+  "$bin" tls issue "$work/tls/n$id" --ca "$work/tls/ca" --node "$id" >/dev/null
+  "$bin" node run --id "$id" --listen 127.0.0.1:0 --data-dir "$dir" --tls "$work/tls/n$id" \
+    "$@" >"$dir.log" 2>&1 &
   node_pid=$!
   pids+=("$node_pid")
   until [ -s "$dir/node.addr" ]; do
@@ -162,6 +164,16 @@ start_node() {
     sleep 0.05
   done
   node_addr=$(cat "$dir/node.addr")
+}
+
+# wait_member ID: until node A's leader view lists node ID following it.
+wait_member() {
+  local deadline=$(( $(date +%s) + 60 ))
+  until "$bin" status --json --node "$a_addr" 2>/dev/null | jq -e --argjson id "$1" \
+      '.nodes[] | select(.id == $id and (.state == "follower" or .state == "learner"))' >/dev/null; do
+    [ "$(date +%s)" -lt "$deadline" ] || { echo "node $1 did not join within 60 s" >&2; exit 1; }
+    sleep 0.1
+  done
 }
 
 # stop_node PID: SIGTERM, then wait up to 30 s for the graceful exit.
@@ -178,7 +190,7 @@ stop_node() {
   pids=("${kept[@]}")
 }
 
-start_node a
+start_node a 1 --bootstrap
 a_addr=$node_addr
 a_port=${a_addr##*:}
 count_port "$a_port"
@@ -223,22 +235,28 @@ echo "rsync daemon at 127.0.0.1:$rsync_port"
 
 # --- the runs -----------------------------------------------------------------------------
 declare -A out
+b_id=1
 for c in "${cases[@]}"; do
   c_bytes=() c_ms=() c_wire=() r_recv=() r_sent=() r_ms=() r_wire=()
   for run in $(seq 1 "$runs"); do
-    start_node "b-$c-$run"
+    b_id=$(( b_id + 1 ))
+    start_node "b-$c-$run" "$b_id" --join "$a_addr"
     b_pid=$node_pid b_addr=$node_addr
-    "$bin" dist fetch "$base_hash" --from "$a_addr" --node "$b_addr" --json >/dev/null
+    wait_member "$b_id"
+    "$bin" dist fetch "$base_hash" --from "$a_addr" --node "$b_addr" --json >"$work/fetch-base.json" ||
+      { echo "node B could not fetch the base:" >&2; cat "$work/fetch-base.json" >&2; exit 1; }
     zero_counters
     t0=$(now_ns)
     "$bin" dist fetch "${hash[$c]}" --from "$a_addr" --node "$b_addr" --json \
-      >"$work/fetch-$c-$run.json"
+      >"$work/fetch-$c-$run.json" ||
+      { echo "case $c: node B could not fetch:" >&2; cat "$work/fetch-$c-$run.json" >&2; exit 1; }
     c_ms+=("$(ms_since "$t0")")
     c_wire+=("$(wire_bytes "$a_port")")
     c_bytes+=("$(json_num fetched_bytes "$work/fetch-$c-$run.json")")
     c_node_ms=$(json_num elapsed_ms "$work/fetch-$c-$run.json")
     got=$(json_str hash "$work/fetch-$c-$run.json")
     [ "$got" = "${hash[$c]}" ] || { echo "case $c: node B holds $got, not ${hash[$c]}" >&2; exit 1; }
+    "$bin" member remove "$b_id" --node "$a_addr" >/dev/null
     stop_node "$b_pid"
     rm -rf "$work/b-$c-$run"
 

@@ -389,7 +389,7 @@ bench_gaps() {
     "$([ "${l[cluster]}" = 0 ] && echo met || echo '**not met**')"
   for q in p50 p99; do
     ours=$(jq ".${q}_ms" "$work/lat-cluster.json"); theirs=$(jq ".${q}_ms" "$work/lat-etcd.json")
-    row "2 latency" "write latency $q" "$ours ms" "etcd $theirs ms" "$(ratio "$ours" "$theirs")" "(none)" "-"
+    row "2 latency" "write latency $q" "$ours ms" "etcd $theirs ms" "$(ratio "$ours" "$theirs")" "<= etcd" "$(met "$ours" "$theirs")"
   done
   tls_cost "$(median ${g[etcd/transfer]})"
   elections_under_load
