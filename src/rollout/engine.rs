@@ -1154,6 +1154,25 @@ impl Engine {
         self.set_state(cx, outcome, Some(reason));
     }
 
+    /// Whether `node`'s fetch should wait for a seed: while no other node holds the
+    /// verified release (only this leader does) and another node is on its way to holding
+    /// it (fetching, activating, or coming back healthy), the rest of a wave waits for that
+    /// one and then fetches from it, instead of each fetching from the leader. A seed that
+    /// fails stops being one, and the next node fetches from the leader.
+    fn waits_for_a_seed(&self, cx: &Cx, node: u64) -> bool {
+        let others = || cx.view.nodes.keys().copied().filter(move |id| *id != node);
+        let holders = others().any(|id| holds_target(cx.view.phase(id)));
+        let seeding = others().any(|id| match cx.view.phase(id) {
+            Phase::Activate | Phase::Health => true,
+            Phase::Sync => self
+                .tracks
+                .get(&id)
+                .is_some_and(|t| matches!(t.op, Some((_, OpKind::Prepare)))),
+            _ => false,
+        });
+        !holders && seeding
+    }
+
     /// Sends a node's next operation or poll, or fails it at its deadline.
     fn advance(&mut self, cx: &mut Cx, node: u64) {
         let now = cx.now.monotonic_ms;
@@ -1165,7 +1184,10 @@ impl Engine {
         }
         if let Some(kind) = track.next_op {
             if now >= track.not_before_ms {
-                track.next_op = None;
+                if kind == OpKind::Prepare && self.waits_for_a_seed(cx, node) {
+                    return;
+                }
+                self.track(node).next_op = None;
                 let id = self.next_request();
                 self.track(node).op = Some((id, kind));
                 cx.out.push(Action::Agent {
@@ -1519,19 +1541,32 @@ fn agent_op(view: &Deployment, node: u64, kind: OpKind) -> AgentOp {
         OpKind::PinPrevious => AgentOp::PinPrevious { hash: from },
         OpKind::Prepare => AgentOp::Prepare {
             hash: target,
-            // Committed nodes hold the verified release: fetching from them spreads load.
-            sources: view
-                .order
-                .iter()
-                .copied()
-                .filter(|id| *id != node && view.phase(*id) == Phase::Committed)
-                .collect(),
+            // Nodes that run the verified release and serve: fetching from them spreads the
+            // load, each node starting at another one of them.
+            sources: {
+                let mut holders: Vec<u64> = view
+                    .order
+                    .iter()
+                    .copied()
+                    .filter(|id| *id != node && holds_target(view.phase(*id)))
+                    .collect();
+                if !holders.is_empty() {
+                    let start = node as usize % holders.len();
+                    holders.rotate_left(start);
+                }
+                holders
+            },
         },
         OpKind::Activate => AgentOp::Activate { hash: target },
         OpKind::Restart => AgentOp::Restart,
         OpKind::Restore => AgentOp::Restore { hash: from },
         OpKind::Commit => AgentOp::Commit { hash: target },
     }
+}
+
+/// A node in `phase` holds the target release, verified, and is up to serve it.
+fn holds_target(phase: Phase) -> bool {
+    matches!(phase, Phase::Stabilize | Phase::Committed)
 }
 
 /// Healthy on build `expected`: serving it, caught up and acking. Returns the boot id.

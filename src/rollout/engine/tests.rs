@@ -129,6 +129,8 @@ struct Sim {
     transfers: Vec<u64>,
     restarts_self: usize,
     max_learners_unsettled: usize,
+    /// Each Prepare sent: the node and the peers it was told to fetch from.
+    fetches: Vec<(u64, Vec<u64>)>,
     summary: Option<Summary>,
     trace: Vec<String>,
 }
@@ -187,6 +189,7 @@ impl Sim {
             transfers: Vec::new(),
             restarts_self: 0,
             max_learners_unsettled: 0,
+            fetches: Vec::new(),
             summary: None,
             trace: Vec::new(),
         }
@@ -430,6 +433,9 @@ impl Sim {
 
     fn run_op(&mut self, node: u64, id: RequestId, op: &AgentOp) -> Result<(), String> {
         let kind = op.kind();
+        if let AgentOp::Prepare { sources, .. } = op {
+            self.fetches.push((node, sources.clone()));
+        }
         let injected = self.failing_ops.contains(&(node, kind.to_string())) || self.choose() >= 235;
         let host = self.hosts.get_mut(&node).unwrap();
         if id < host.last_request {
@@ -1052,6 +1058,29 @@ fn a_new_boot_while_stabilizing_fails_the_node() {
             ..
         })
     ));
+}
+
+#[test]
+fn one_learner_of_a_wave_fetches_from_the_leader_and_the_rest_from_holders_in_turn() {
+    // One voter (the leader) and a wave of 6 learners: only the first fetch finds no
+    // holder; every later one is told to fetch from nodes that hold the release, each
+    // list starting at another holder once there are several.
+    let mut sim = Sim::new(&[1], &[2, 3, 4, 5, 6, 7], strategy(6, OnFailure::Revert));
+    let entry = sim.run().expect("the rollout ends");
+    assert_eq!(entry.outcome, DeploymentState::Completed, "{:?}", sim.trace);
+    let from_leader_only: Vec<u64> = sim
+        .fetches
+        .iter()
+        .filter(|(_, sources)| sources.is_empty())
+        .map(|(node, _)| *node)
+        .collect();
+    assert_eq!(from_leader_only.len(), 1, "{:?}", sim.fetches);
+    let firsts: BTreeSet<u64> = sim
+        .fetches
+        .iter()
+        .filter_map(|(_, sources)| sources.first().copied())
+        .collect();
+    assert!(firsts.len() > 1, "the load is spread: {:?}", sim.fetches);
 }
 
 #[test]
