@@ -44,7 +44,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", value_parser = super::millis, visible_alias = "heartbeat")]
     pub heartbeat_ms: Option<u64>,
     /// Election timeout in milliseconds: a follower that hears nothing from its leader for
-    /// this long (up to 1.2 x this, randomized) starts an election. At least 3 x the
+    /// this long (up to 1.2 x this, randomized) starts an election. At least 2 x the
     /// heartbeat [default: 300]
     #[arg(long, value_name = "DURATION", value_parser = super::millis, visible_alias = "election-timeout")]
     pub election_timeout_ms: Option<u64>,
@@ -218,8 +218,8 @@ pub fn resolve(args: RunArgs) -> anyhow::Result<NodeConfig> {
     let least = Timing::least_election_timeout(Duration::from_millis(heartbeat_ms));
     if Duration::from_millis(election_ms) < least {
         bail!(
-            "--election-timeout-ms ({election_ms}) must be at least 3 x --heartbeat-ms \
-             ({heartbeat_ms}), {} here: a follower must be able to miss a heartbeat or two \
+            "--election-timeout-ms ({election_ms}) must be at least 2 x --heartbeat-ms \
+             ({heartbeat_ms}), {} here: a follower must be able to miss a heartbeat \
              before it starts an election",
             least.as_millis()
         );
@@ -733,11 +733,11 @@ mod tests {
                     listen: Some("127.0.0.1:1".parse().unwrap()),
                     data_dir: Some("/tmp/x".into()),
                     heartbeat_ms: Some(100),
-                    election_timeout_ms: Some(250),
+                    election_timeout_ms: Some(150),
                     insecure: true,
                     ..RunArgs::default()
                 },
-                "must be at least 3 x --heartbeat-ms (100), 300 here",
+                "must be at least 2 x --heartbeat-ms (100), 200 here",
             ),
         ];
         for (name, args, expected) in cases {

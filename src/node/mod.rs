@@ -643,11 +643,12 @@ fn prepare_data_dir(dir: &Path) -> Result<(), NodeError> {
 
 /// Asks the member at `via` to admit this node, unless it already is a member.
 async fn join_cluster(node: &NodeHandle, via: &str) -> Result<(), NodeError> {
-    // This node, at this address, a voter in the membership it holds: a leader admitted
-    // it and replicated that to it. (A learner is not done: its join promotes it.)
+    // This node, at this address, a voter in the membership it has applied: committed, so
+    // no later leader can take it back (an entry merely received could be truncated). A
+    // learner is not done: its join promotes it.
     let is_voter = || {
-        let metrics = crate::raft::metrics(&node.raft);
-        let membership = metrics.membership_config.membership();
+        let applied = node.sm.applied_membership();
+        let membership = applied.membership();
         membership.voter_ids().any(|id| id == node.id)
             && membership
                 .get_node(&node.id)
@@ -844,13 +845,14 @@ mod tests {
 
     #[test]
     fn node_errors_keep_their_cause() {
-        let timing = Timing {
-            heartbeat: Duration::from_millis(500),
-            election_timeout: Duration::from_millis(100),
+        // Every timing the CLI accepts makes a valid configuration; an invalid one made by
+        // hand shows the error keeps openraft's cause.
+        let invalid = openraft::Config {
+            election_timeout_min: 5,
+            election_timeout_max: 1,
+            ..Default::default()
         };
-        let timing = crate::raft::config(timing)
-            .map_err(NodeError::Timing)
-            .unwrap_err();
+        let timing = invalid.validate().map_err(NodeError::Timing).unwrap_err();
         let cause = std::error::Error::source(&timing).expect("the config error");
         assert!(cause.is::<openraft::ConfigError>(), "{cause:?}");
 

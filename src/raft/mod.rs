@@ -35,16 +35,18 @@ impl Timing {
     /// (etcd, with the same `--election-timeout`, campaigns in `[T, 2 T)`.)
     pub fn openraft_timeouts(&self) -> (u64, u64) {
         let t = self.election_timeout.as_millis() as u64;
-        // Rounding aside (a few ms), openraft needs min above the heartbeat, and max above min.
+        // openraft needs min above the heartbeat (not so below 2.5 heartbeats, or by rounding)
+        // and max above min: raising them only lengthens the wait.
         let min = (t * 2 / 5).max(self.heartbeat.as_millis() as u64 + 1);
         (min, (t * 3 / 5).max(min + 1))
     }
 
-    /// The least election timeout for `heartbeat`: openraft needs its minimum (2/5 of the
-    /// election timeout) above the heartbeat period, and a follower must hear a few
-    /// heartbeats before it gives up on its leader.
+    /// The least election timeout for `heartbeat`: a follower must be able to miss a
+    /// heartbeat before it gives up on its leader. (Below 2.5 heartbeats openraft's minimum
+    /// would not exceed the heartbeat; [`Self::openraft_timeouts`] raises it, which only
+    /// makes the wait longer.)
     pub fn least_election_timeout(heartbeat: Duration) -> Duration {
-        heartbeat * 3
+        heartbeat * 2
     }
 }
 

@@ -165,6 +165,12 @@ impl StateMachineStore {
         self.inner.applied.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The last membership this node applied: committed, unlike the effective one in
+    /// openraft's metrics, which may be an entry a new leader will truncate.
+    pub fn applied_membership(&self) -> StoredMembership {
+        self.lock().last_membership.clone()
+    }
+
     /// Reads part of the state without copying all of it.
     pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         f(&self.lock().state)
