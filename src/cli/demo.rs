@@ -249,6 +249,8 @@ async fn start(
         cluster.addrs.push(addr);
     }
     let client = cluster.client(&cluster.addrs[0])?;
+    let max = max_voters.unwrap_or(crate::node::DEFAULT_MAX_VOTERS as u64);
+    let want_voters = max.min(nodes);
     let limit = Duration::from_secs(60 + nodes);
     let deadline = Instant::now() + limit;
     loop {
@@ -261,8 +263,6 @@ async fn start(
             let voters = status.nodes.iter().filter(|n| n.role == "voter").count() as u64;
             let members = status.nodes.len() as u64;
             let reported = status.nodes.iter().all(|n| !n.build_hash.is_empty());
-            let max = max_voters.unwrap_or(crate::node::DEFAULT_MAX_VOTERS as u64);
-            let want_voters = max.min(nodes);
             if status.leader.is_some() && voters == want_voters && members == nodes && reported {
                 break;
             }
@@ -452,6 +452,9 @@ pub async fn local_up(args: LocalArgs) -> anyhow::Result<ExitCode> {
     if args.max_voters == Some(0) {
         bail!("--max-voters must be at least 1");
     }
+    // Installed before any node starts: SIGTERM, like Ctrl-C, stops every node (it used to
+    // end this process alone and leave the supervisors and their nodes running).
+    let stop = super::shutdown_signal()?;
     let dists = tempfile::Builder::new().prefix("cluster-dist-").tempdir()?;
     let root = cluster_root(args.dir)?;
     // Kept with the nodes: a cluster started again in the same --dir trusts the same key.
@@ -472,7 +475,7 @@ pub async fn local_up(args: LocalArgs) -> anyhow::Result<ExitCode> {
         addr = cluster.addrs[0],
         operator = operator.display()
     );
-    let _ = tokio::signal::ctrl_c().await;
+    stop.await;
     drop(cluster);
     Ok(ExitCode::SUCCESS)
 }
