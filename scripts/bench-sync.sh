@@ -22,8 +22,9 @@
 # daemon's port (rsync) during the timed step, by iptables counters on loopback (a chain of
 # this script's own, removed on exit), so the manifest, TLS, HTTP/2 and TCP/IP headers all
 # count. Beside them, what each side says it moved: the chunk bytes node B fetched
-# (fetched_bytes) and the manifest's size as node A stores it; rsync's "Total bytes
-# received" plus "sent".
+# (fetched_bytes) and the manifest bytes it fetched (manifest_bytes: a delta against the
+# base it holds), beside the whole manifest's size as node A stores it; rsync's "Total
+# bytes received" plus "sent".
 #
 #   scripts/bench-sync.sh
 #   CLUSTER_BIN=path/to/cluster RUNS=5 scripts/bench-sync.sh
@@ -237,7 +238,7 @@ echo "rsync daemon at 127.0.0.1:$rsync_port"
 declare -A out
 b_id=1
 for c in "${cases[@]}"; do
-  c_bytes=() c_ms=() c_wire=() r_recv=() r_sent=() r_ms=() r_wire=()
+  c_bytes=() c_man=() c_ms=() c_wire=() r_recv=() r_sent=() r_ms=() r_wire=()
   for run in $(seq 1 "$runs"); do
     b_id=$(( b_id + 1 ))
     start_node "b-$c-$run" "$b_id" --join "$a_addr"
@@ -253,6 +254,7 @@ for c in "${cases[@]}"; do
     c_ms+=("$(ms_since "$t0")")
     c_wire+=("$(wire_bytes "$a_port")")
     c_bytes+=("$(json_num fetched_bytes "$work/fetch-$c-$run.json")")
+    c_man+=("$(json_num manifest_bytes "$work/fetch-$c-$run.json")")
     c_node_ms=$(json_num elapsed_ms "$work/fetch-$c-$run.json")
     got=$(json_str hash "$work/fetch-$c-$run.json")
     [ "$got" = "${hash[$c]}" ] || { echo "case $c: node B holds $got, not ${hash[$c]}" >&2; exit 1; }
@@ -277,8 +279,8 @@ for c in "${cases[@]}"; do
       "in ${c_ms[-1]} ms (${c_node_ms} ms on node B); rsync ${r_wire[-1]} B on the wire" \
       "(${r_recv[-1]} B received + ${r_sent[-1]} B sent) in ${r_ms[-1]} ms" >&2
   done
-  manifest=$(stat -c %s "$work/a/manifests/${hash[$c]}.json")
-  out[$c]="$(median "${c_bytes[@]}") $(median "${c_ms[@]}") $(median "${r_recv[@]}") $(median "${r_sent[@]}") $(median "${r_ms[@]}") $manifest $(median "${c_wire[@]}") $(median "${r_wire[@]}")"
+  whole=$(stat -c %s "$work/a/manifests/${hash[$c]}.json")
+  out[$c]="$(median "${c_bytes[@]}") $(median "${c_ms[@]}") $(median "${r_recv[@]}") $(median "${r_sent[@]}") $(median "${r_ms[@]}") $(median "${c_man[@]}") $(median "${c_wire[@]}") $(median "${r_wire[@]}") $whole"
 done
 
 # --- the table ------------------------------------------------------------------------------
@@ -286,18 +288,19 @@ mb() { awk -v b="$1" 'BEGIN { printf (b >= 1e6 ? "%.1f MB" : "%.3f MB"), b / 1e6
 echo
 echo "Release sync over loopback, $(nproc) cores, median of $runs runs:"
 echo
-echo "| case | release size | cluster on the wire | cluster ms | rsync on the wire | rsync ms | ratio | cluster: chunks + manifest | rsync: received + sent |"
+echo "| case | release size | cluster on the wire | cluster ms | rsync on the wire | rsync ms | ratio | cluster: chunks + manifest (whole) | rsync: received + sent |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 for c in "${cases[@]}"; do
-  read -r cb cms rr rs rms man cw rw <<<"${out[$c]}"
+  read -r cb cms rr rs rms man cw rw whole <<<"${out[$c]}"
   ratio=$(awk -v a="$cw" -v b="$rw" 'BEGIN { printf "%.2f", a / b }')
   echo "| ${label[$c]} | $(mb "$release_bytes") | $(mb "$cw") | $cms | $(mb "$rw") | $rms |" \
-    "$ratio | $(mb "$cb") + $(mb "$man") | $(mb "$rr") + $(mb "$rs") |"
+    "$ratio | $(mb "$cb") + $(mb "$man") ($(mb "$whole")) | $(mb "$rr") + $(mb "$rs") |"
 done
 echo
 echo "on the wire: every IP packet to or from node A's port (cluster) or the rsync daemon's"
 echo "(rsync) during the step, counted by iptables on loopback: manifest, TLS, HTTP/2 and TCP/IP"
 echo "headers included; ratio: cluster / rsync on the wire. Beside them what each says it"
-echo "moved: the chunk bytes node B fetched plus the manifest as node A stores it (JSON); rsync's"
+echo "moved: the chunk bytes node B fetched plus the manifest bytes it fetched, a delta against"
+echo "the base it holds (in brackets: the whole manifest as node A stores it, JSON); rsync's"
 echo "Total bytes received + sent. cluster ms includes verifying every byte of the release on"
 echo "node B; rsync verifies nothing end to end."

@@ -21,7 +21,9 @@ use crate::api::agent::{AgentError, FenceRefusal, PrepareOutcome, ReleasesView};
 pub use crate::api::agent::{Fence, FenceError, Mutation};
 use crate::api::ApiError;
 use crate::error::Chain;
-use crate::release::{signature, Chunk, Limits, Manifest, StoreError, SyncError, TrustedKeys};
+use crate::release::{
+    signature, Chunk, Limits, Manifest, ManifestAnswer, StoreError, SyncError, TrustedKeys,
+};
 use crate::release::{ReleaseStore, Staging};
 use crate::rpc::{AgentClient, AgentHandler, Channels, UploadChunks};
 
@@ -420,6 +422,7 @@ impl Agent {
                 current: store.current()?,
                 previous: store.previous()?,
                 free_bytes: free_bytes(&data_dir).unwrap_or(0),
+                fetches_manifests: true,
             })
         })
         .await
@@ -454,6 +457,107 @@ impl Agent {
     pub async fn manifest(&self, hash: &str) -> Result<Manifest, AgentError> {
         let hash = hash.to_string();
         self.blocking(move |store| Ok(store.manifest(&hash)?)).await
+    }
+
+    /// Release `hash`'s manifest for a node that holds `held`: a delta against one of them
+    /// this node holds too, else whole.
+    pub async fn manifest_for(
+        &self,
+        hash: &str,
+        held: Vec<String>,
+    ) -> Result<ManifestAnswer, AgentError> {
+        let hash = hash.to_string();
+        self.blocking(move |store| Ok(store.manifest_for(&hash, &held)?))
+            .await
+    }
+
+    /// The manifest of release `hash` and the bytes fetched for it: this node's own copy,
+    /// else the first of `peers` that sends one that rebuilds to `hash`, asked for as a
+    /// delta against the releases held here (current first: the likeliest base).
+    async fn fetch_manifest(
+        &self,
+        hash: &str,
+        peers: &[String],
+    ) -> Result<(Manifest, u64), AgentError> {
+        if self.has(hash).await? {
+            return Ok((self.manifest(hash).await?, 0));
+        }
+        let view = self.releases().await?;
+        let mut held: Vec<String> = view.current.into_iter().chain(view.previous).collect();
+        for h in view.hashes {
+            if !held.contains(&h) {
+                held.push(h);
+            }
+        }
+        let mut last = String::from("no peer was named");
+        for peer in peers {
+            match self.manifest_from(peer, hash, &held).await {
+                Ok(found) => return Ok(found),
+                Err(e) => {
+                    tracing::warn!(%peer, release = %hash, error = %e, "fetching the manifest failed; trying the next peer");
+                    last = format!("{peer}: {e}");
+                }
+            }
+        }
+        Err(SyncError::ManifestNotFetched {
+            release: hash.to_string(),
+            peers: peers.to_vec(),
+            last,
+        }
+        .into())
+    }
+
+    /// One peer's answer for [`Agent::fetch_manifest`], rebuilt and checked; the error in
+    /// words, for the next peer's turn.
+    async fn manifest_from(
+        &self,
+        peer: &str,
+        hash: &str,
+        held: &[String],
+    ) -> Result<(Manifest, u64), String> {
+        let mut client =
+            AgentClient::with_channels(&self.channels, peer).map_err(|e| Chain(&e).to_string())?;
+        let (answer, bytes) = client
+            .manifest_for(hash, held.to_vec())
+            .await
+            .map_err(|e| Chain(&e).to_string())?;
+        let manifest = match answer {
+            ManifestAnswer::Whole(manifest) => manifest,
+            ManifestAnswer::Delta { base, delta } => {
+                if !held.contains(&base) {
+                    return Err(format!(
+                        "sent a delta against release {base}, which this node did not name"
+                    ));
+                }
+                let base = self
+                    .manifest(&base)
+                    .await
+                    .map_err(|e| Chain(&e).to_string())?;
+                delta.apply(&base).map_err(|e| e.to_string())?
+            }
+        };
+        let rebuilt = manifest.build_hash();
+        if rebuilt != hash {
+            return Err(format!(
+                "sent the manifest of release {rebuilt}, not of {hash}"
+            ));
+        }
+        Ok((manifest, bytes))
+    }
+
+    /// Materializes release `hash`, whose manifest is held here or fetched from `peers`
+    /// (see [`Agent::fetch_manifest`]), as [`Agent::prepare`] does.
+    pub async fn prepare_release(
+        &self,
+        hash: String,
+        peers: Vec<String>,
+    ) -> Result<PrepareOutcome, AgentError> {
+        let started = Instant::now();
+        let (manifest, manifest_bytes) = self.fetch_manifest(&hash, &peers).await?;
+        let mut outcome = self.prepare(manifest, peers).await?;
+        outcome.manifest_bytes = manifest_bytes;
+        outcome.elapsed_ms = started.elapsed().as_millis() as u64;
+        Ok(outcome)
     }
 
     /// The chunks of `manifest` this node would have to fetch, and their total size.
@@ -493,6 +597,7 @@ impl Agent {
                 fetched_chunks: 0,
                 reused_bytes: total,
                 elapsed_ms: started.elapsed().as_millis() as u64,
+                manifest_bytes: 0,
             });
         }
         let mut staging = self
@@ -564,6 +669,7 @@ impl Agent {
             fetched_chunks,
             reused_bytes: total.saturating_sub(fetched_bytes),
             elapsed_ms: started.elapsed().as_millis() as u64,
+            manifest_bytes: 0,
         })
     }
 
@@ -602,6 +708,7 @@ impl Agent {
             fetched_chunks: fed.chunks,
             reused_bytes: total.saturating_sub(fed.bytes),
             elapsed_ms: started.elapsed().as_millis() as u64,
+            manifest_bytes: 0,
         })
     }
 }
@@ -678,8 +785,12 @@ impl AgentHandler for Agent {
         Agent::releases(self).await
     }
 
-    async fn manifest(&self, hash: String) -> Result<Manifest, AgentError> {
-        Agent::manifest(self, &hash).await
+    async fn manifest(
+        &self,
+        hash: String,
+        held: Vec<String>,
+    ) -> Result<ManifestAnswer, AgentError> {
+        Agent::manifest_for(self, &hash, held).await
     }
 
     async fn missing(&self, manifest: Manifest) -> Result<(Vec<Chunk>, u64), AgentError> {
@@ -704,6 +815,14 @@ impl AgentHandler for Agent {
         peers: Vec<String>,
     ) -> Result<PrepareOutcome, AgentError> {
         Agent::prepare(self, manifest, peers).await
+    }
+
+    async fn prepare_release(
+        &self,
+        hash: String,
+        peers: Vec<String>,
+    ) -> Result<PrepareOutcome, AgentError> {
+        Agent::prepare_release(self, hash, peers).await
     }
 }
 

@@ -44,6 +44,10 @@ pub struct ReleasesView {
     pub previous: Option<String>,
     /// Free bytes on the node's data dir filesystem.
     pub free_bytes: u64,
+    /// The node takes a prepare by build hash and fetches the manifest itself (false
+    /// from nodes of an older build).
+    #[serde(default)]
+    pub fetches_manifests: bool,
 }
 
 /// What materializing a release cost.
@@ -56,6 +60,10 @@ pub struct PrepareOutcome {
     /// Bytes of the release taken from content the node already held.
     pub reused_bytes: u64,
     pub elapsed_ms: u64,
+    /// Bytes of manifest (whole, or a delta against a release held) the node fetched; 0
+    /// when it was sent the manifest or held it.
+    #[serde(default)]
+    pub manifest_bytes: u64,
 }
 
 /// Why an agent refuses a fenced mutation: it is older than what the agent already obeys.

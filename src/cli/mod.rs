@@ -253,15 +253,17 @@ enum DistAll {
         dir: std::path::PathBuf,
         #[command(flatten)]
         target: Target,
-        /// Print JSON: {hash, fetched_bytes, fetched_chunks, reused_bytes, elapsed_ms}
+        /// Print JSON: {hash, fetched_bytes, fetched_chunks, reused_bytes, elapsed_ms,
+        /// manifest_bytes}
         #[arg(long)]
         json: bool,
     },
     /// Have a node fetch a release from a peer, moving only the chunks it lacks
     #[command(
         long_about = "Have the node at --node materialize release <HASH>, which the peer \
-        at --from holds. The manifest is read from the peer; the node then fetches from the \
-        peer only the content chunks it holds in none of its releases, verifies every byte, \
+        at --from holds. The node reads the manifest from the peer, as its difference from a \
+        release the node holds when it holds one, and checks that it rebuilds to <HASH>; it \
+        then fetches from the peer only the content chunks it holds in none of its releases, verifies every byte, \
         and keeps the result as a release (and serves it to other nodes). Nothing is \
         activated. A release the node already holds is not fetched again. The release's \
         signature comes with its manifest: a node started with --release-key refuses one \
@@ -668,23 +670,31 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }) => {
             let channels = auth.channels()?;
             let agent = |addr: &str| crate::rpc::AgentClient::with_channels(&channels, addr);
-            let manifest = agent(&from)?.manifest(&hash).await?;
-            if manifest.build_hash() != hash {
-                anyhow::bail!(
-                    "{from} answered with the manifest of release {}, not {hash}: \
-                     check the hash and that --from is a node of this cluster",
-                    manifest.build_hash()
-                );
-            }
-            let outcome = agent(&node)?.prepare(&manifest, vec![from.clone()]).await?;
+            let mut target = agent(&node)?;
+            let outcome = if target.releases().await?.fetches_manifests {
+                // The node fetches the manifest from --from itself, as a delta against a
+                // release it holds, and checks that it rebuilds to `hash`.
+                target.prepare_release(&hash, vec![from.clone()]).await?
+            } else {
+                let manifest = agent(&from)?.manifest(&hash).await?;
+                if manifest.build_hash() != hash {
+                    anyhow::bail!(
+                        "{from} answered with the manifest of release {}, not {hash}: \
+                         check the hash and that --from is a node of this cluster",
+                        manifest.build_hash()
+                    );
+                }
+                target.prepare(&manifest, vec![from.clone()]).await?
+            };
             if json {
                 output::print_json(&outcome)?;
             } else {
                 outln!(
-                    "release {} held by {node} (fetched {} bytes in {} chunks from {from}, reused {} bytes, {} ms)",
+                    "release {} held by {node} (fetched {} bytes in {} chunks and {} bytes of manifest from {from}, reused {} bytes, {} ms)",
                     outcome.hash,
                     outcome.fetched_bytes,
                     outcome.fetched_chunks,
+                    outcome.manifest_bytes,
                     outcome.reused_bytes,
                     outcome.elapsed_ms
                 );

@@ -160,9 +160,14 @@ impl Cluster for NodeHandle {
                 .prepare(Manifest::clone(&manifest), peers)
                 .await?;
         } else {
-            AgentClient::with_channels(&self.channels, addr)?
-                .prepare(&manifest, peers)
-                .await?;
+            // A node of this build fetches the manifest itself, as a delta against the
+            // release it runs, from the same peers as the chunks: the leader sends none.
+            let mut agent = AgentClient::with_channels(&self.channels, addr)?;
+            if agent.releases().await?.fetches_manifests {
+                agent.prepare_release(&manifest.build_hash(), peers).await?;
+            } else {
+                agent.prepare(&manifest, peers).await?;
+            }
         }
         Ok(())
     }

@@ -7,6 +7,8 @@
 //!
 //! - [`manifest`]: the pure core. The [`Manifest`] type, its build hash, and
 //!   [`Manifest::validate`], the sanitizer for manifests that arrive over the network.
+//! - [`delta`]: a manifest sent as its difference from a release the receiver holds
+//!   ([`ManifestDelta`]); pure, and trusted only through the build hash it rebuilds.
 //! - [`scan`](mod@scan): the filesystem edge that walks a directory into a manifest, hashing
 //!   and content-defined chunking files on every core.
 //! - [`version`]: `version.json`, written by `cluster dist stamp` and checked by `verify`.
@@ -33,6 +35,7 @@
 //! first; a node that trusts release keys runs no release that [`signature::check`]
 //! refuses.
 
+pub mod delta;
 pub mod keys;
 mod local;
 pub mod manifest;
@@ -46,6 +49,7 @@ pub mod version;
 
 use std::path::PathBuf;
 
+pub use delta::{DeltaError, ManifestAnswer, ManifestDelta};
 pub use keys::KeyError;
 pub use manifest::{
     build_hash_of, chunk_offsets, Chunk, Entry, EntryKind, EntrySummary, Limits, Manifest,

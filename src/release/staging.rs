@@ -562,6 +562,18 @@ pub enum SyncError {
         /// What went wrong last ("none of them held the chunks" if nothing did).
         last: String,
     },
+
+    /// A prepare by build hash: neither this node nor any peer asked could give the
+    /// release's manifest (one that rebuilds to that build hash).
+    #[error("release {release}: no manifest could be had from this node or any of the peers {peers:?} (last: {last}): check the build hash, and upload the dist to one of them")]
+    ManifestNotFetched {
+        /// The build hash asked for.
+        release: String,
+        /// The peers that were asked.
+        peers: Vec<String>,
+        /// What went wrong last.
+        last: String,
+    },
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use super::delta::ManifestAnswer;
 use super::manifest::{build_hash_of, is_sha256_hex, Limits, Manifest};
 use super::signature::Signature;
 use super::DistError;
@@ -52,6 +53,11 @@ use crate::fs::{
 /// How many releases besides `current` a [`ReleaseStore::commit`] keeps by default: enough
 /// to restore by hand after a commit, few enough that disks do not fill up.
 pub const DEFAULT_KEEP_OLD: usize = 2;
+
+/// How many of the releases an asker names [`ReleaseStore::manifest_for`] looks at: a node
+/// keeps a few (current, previous, [`DEFAULT_KEEP_OLD`] more), and a longer list is
+/// someone else's problem, not a reason to stat the disk for each.
+const MAX_BASES_CONSIDERED: usize = 8;
 
 pub(super) const RELEASES: &str = "releases";
 pub(super) const MANIFESTS: &str = "manifests";
@@ -170,6 +176,22 @@ impl ReleaseStore {
     /// The full manifest (with chunk lists) of a held release.
     pub fn manifest(&self, hash: &str) -> Result<Manifest, StoreError> {
         Ok(self.manifest_shared(hash)?.as_ref().clone())
+    }
+
+    /// Release `hash`'s manifest for a node that holds the releases `held` (likeliest base
+    /// first): a delta against the first of them held here too, else the whole manifest.
+    pub fn manifest_for(&self, hash: &str, held: &[String]) -> Result<ManifestAnswer, StoreError> {
+        let target = self.manifest_shared(hash)?;
+        for base in held.iter().take(MAX_BASES_CONSIDERED) {
+            if base != hash && self.has(base) {
+                let delta = target.delta_from(&*self.manifest_shared(base)?);
+                return Ok(ManifestAnswer::Delta {
+                    base: base.clone(),
+                    delta,
+                });
+            }
+        }
+        Ok(ManifestAnswer::Whole(target.as_ref().clone()))
     }
 
     /// True when the release `hash` is held complete. False for anything that is not a

@@ -16,7 +16,7 @@ use super::status::{agent_status, from_status, refusal_status};
 use super::{Channels, MAX_MESSAGE_BYTES};
 use crate::api::agent::{AgentError, Fence, Mutation, PrepareOutcome, ReleasesView};
 use crate::api::ApiError;
-use crate::release::{Chunk, Manifest};
+use crate::release::{Chunk, Manifest, ManifestAnswer};
 
 /// The chunks of an upload, in the order the client sent them: (SHA-256, bytes).
 pub type UploadChunks = Pin<Box<dyn Stream<Item = Result<(String, Vec<u8>), AgentError>> + Send>>;
@@ -32,8 +32,13 @@ pub trait AgentHandler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<ReleasesView, AgentError>> + Send;
     /// The releases the node holds.
     fn releases(&self) -> impl Future<Output = Result<ReleasesView, AgentError>> + Send;
-    /// The manifest of a release the node holds.
-    fn manifest(&self, hash: String) -> impl Future<Output = Result<Manifest, AgentError>> + Send;
+    /// The manifest of a release the node holds, for a node that holds `held`: whole, or
+    /// a delta against one of them.
+    fn manifest(
+        &self,
+        hash: String,
+        held: Vec<String>,
+    ) -> impl Future<Output = Result<ManifestAnswer, AgentError>> + Send;
     /// The chunks of `manifest` the node holds in no release, and their bytes.
     fn missing(
         &self,
@@ -56,6 +61,12 @@ pub trait AgentHandler: Send + Sync + 'static {
         manifest: Manifest,
         peers: Vec<String>,
     ) -> impl Future<Output = Result<PrepareOutcome, AgentError>> + Send;
+    /// Materializes release `hash`, its manifest held or fetched from `peers` too.
+    fn prepare_release(
+        &self,
+        hash: String,
+        peers: Vec<String>,
+    ) -> impl Future<Output = Result<PrepareOutcome, AgentError>> + Send;
 }
 
 fn decode_manifest(bytes: &[u8]) -> Result<Manifest, AgentError> {
@@ -73,6 +84,7 @@ fn prepare_reply(outcome: PrepareOutcome) -> pb::PrepareReply {
         fetched_chunks: outcome.fetched_chunks,
         reused_bytes: outcome.reused_bytes,
         elapsed_ms: outcome.elapsed_ms,
+        manifest_bytes: outcome.manifest_bytes,
     }
 }
 
@@ -83,6 +95,7 @@ fn prepare_outcome(reply: pb::PrepareReply) -> PrepareOutcome {
         fetched_chunks: reply.fetched_chunks,
         reused_bytes: reply.reused_bytes,
         elapsed_ms: reply.elapsed_ms,
+        manifest_bytes: reply.manifest_bytes,
     }
 }
 
@@ -140,6 +153,7 @@ impl<A: AgentHandler> AgentRpc for AgentService<A> {
             current: view.current.unwrap_or_default(),
             previous: view.previous.unwrap_or_default(),
             free_bytes: view.free_bytes,
+            fetches_manifests: view.fetches_manifests,
         }))
     }
 
@@ -147,13 +161,22 @@ impl<A: AgentHandler> AgentRpc for AgentService<A> {
         &self,
         request: Request<pb::ManifestRequest>,
     ) -> Result<Response<pb::ManifestReply>, Status> {
-        let manifest = self
+        let request = request.into_inner();
+        let answer = self
             .agent
-            .manifest(request.into_inner().hash)
+            .manifest(request.hash, request.held)
             .await
             .map_err(agent_status)?;
-        Ok(Response::new(pb::ManifestReply {
-            manifest: encode_manifest(&manifest),
+        Ok(Response::new(match answer {
+            ManifestAnswer::Whole(manifest) => pb::ManifestReply {
+                manifest: encode_manifest(&manifest),
+                ..Default::default()
+            },
+            ManifestAnswer::Delta { base, delta } => pb::ManifestReply {
+                base,
+                delta: serde_json::to_vec(&delta).expect("deltas always serialize"),
+                ..Default::default()
+            },
         }))
     }
 
@@ -223,12 +246,15 @@ impl<A: AgentHandler> AgentRpc for AgentService<A> {
     ) -> Result<Response<pb::PrepareReply>, Status> {
         let request = request.into_inner();
         check_peers(&request.peers, self.membership.as_deref()).map_err(|r| refusal_status(&r))?;
-        let manifest = decode_manifest(&request.manifest).map_err(agent_status)?;
-        let outcome = self
-            .agent
-            .prepare(manifest, request.peers)
-            .await
-            .map_err(agent_status)?;
+        let outcome = if request.manifest.is_empty() && !request.hash.is_empty() {
+            self.agent
+                .prepare_release(request.hash, request.peers)
+                .await
+        } else {
+            let manifest = decode_manifest(&request.manifest).map_err(agent_status)?;
+            self.agent.prepare(manifest, request.peers).await
+        }
+        .map_err(agent_status)?;
         Ok(Response::new(prepare_reply(outcome)))
     }
 }
@@ -299,19 +325,53 @@ impl AgentClient {
             current: some(reply.current),
             previous: some(reply.previous),
             free_bytes: reply.free_bytes,
+            fetches_manifests: reply.fetches_manifests,
         })
     }
 
+    /// The whole manifest of a release the node holds.
     pub async fn manifest(&mut self, hash: &str) -> Result<Manifest, ApiError> {
+        match self.manifest_for(hash, Vec::new()).await? {
+            (ManifestAnswer::Whole(manifest), _) => Ok(manifest),
+            (ManifestAnswer::Delta { base, .. }, _) => Err(ApiError::internal(format!(
+                "{} answered with a delta against {base}, which was not asked for",
+                self.addr
+            ))),
+        }
+    }
+
+    /// The manifest of release `hash` for a node that holds `held`, whole or as a delta
+    /// against one of them (not yet applied), and the bytes it took. A node of an older
+    /// build always answers whole.
+    pub async fn manifest_for(
+        &mut self,
+        hash: &str,
+        held: Vec<String>,
+    ) -> Result<(ManifestAnswer, u64), ApiError> {
         let reply = self
             .client
             .manifest(pb::ManifestRequest {
                 hash: hash.to_string(),
+                held,
             })
             .await
             .map_err(|s| self.error(s))?
             .into_inner();
-        Ok(decode_manifest(&reply.manifest)?)
+        if reply.base.is_empty() {
+            let bytes = reply.manifest.len() as u64;
+            return Ok((
+                ManifestAnswer::Whole(decode_manifest(&reply.manifest)?),
+                bytes,
+            ));
+        }
+        let delta = serde_json::from_slice(&reply.delta).map_err(AgentError::BadManifest)?;
+        Ok((
+            ManifestAnswer::Delta {
+                base: reply.base,
+                delta,
+            },
+            reply.delta.len() as u64,
+        ))
     }
 
     /// The chunk hashes of `manifest` the node lacks, and their total size.
@@ -395,6 +455,28 @@ impl AgentClient {
             .prepare(pb::PrepareRequest {
                 manifest: encode_manifest(manifest),
                 peers,
+                hash: String::new(),
+            })
+            .await
+            .map_err(|s| self.error(s))?
+            .into_inner();
+        Ok(prepare_outcome(reply))
+    }
+
+    /// Asks the node to materialize release `hash`, taking the manifest from its own
+    /// releases or from `peers` (as a delta when it can), and missing chunks from `peers`.
+    /// Only for nodes whose [`ReleasesView::fetches_manifests`] is true.
+    pub async fn prepare_release(
+        &mut self,
+        hash: &str,
+        peers: Vec<String>,
+    ) -> Result<PrepareOutcome, ApiError> {
+        let reply = self
+            .client
+            .prepare(pb::PrepareRequest {
+                manifest: Vec::new(),
+                peers,
+                hash: hash.to_string(),
             })
             .await
             .map_err(|s| self.error(s))?

@@ -115,9 +115,9 @@ impl WireCode for SyncError {
             }
             // A source changed while the release was assembled: trying again can succeed.
             SyncError::StagedMismatch { .. } => Code::Aborted,
-            SyncError::PeerUnreachable { .. } | SyncError::NotHeldByPeers { .. } => {
-                Code::Unavailable
-            }
+            SyncError::PeerUnreachable { .. }
+            | SyncError::NotHeldByPeers { .. }
+            | SyncError::ManifestNotFetched { .. } => Code::Unavailable,
         }
     }
 }
@@ -442,6 +442,7 @@ mod tests {
             (sync(SyncError::BadOrigin { field: "builtAt", value: s("x") }), Code::InvalidArgument),
             (sync(SyncError::PeerUnreachable { peer: s("127.0.0.1:1"), source: "refused".into() }), Code::Unavailable),
             (sync(SyncError::NotHeldByPeers { release: s("r"), count: 1, bytes: 1, peers: vec![], rounds: 1, last: s("none") }), Code::Unavailable),
+            (sync(SyncError::ManifestNotFetched { release: s("r"), peers: vec![], last: s("none") }), Code::Unavailable),
             // FenceRefusal and AgentError
             (Box::new(stale_term.clone()), Code::Aborted),
             (Box::new(FenceRefusal::StaleGeneration { generation: 1, accepted: 2 }), Code::Aborted),

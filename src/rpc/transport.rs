@@ -168,7 +168,7 @@ mod tests {
     use std::net::SocketAddr;
 
     /// A gRPC server on `addr` in a runtime of its own: shutting the runtime down drops
-    /// every connection at once, as a killed process would.
+    /// every connection at once, as a killed process would (see [`stop`]).
     fn serve(addr: SocketAddr) -> tokio::runtime::Runtime {
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -223,17 +223,26 @@ mod tests {
         drop(free);
         let server = serve(addr);
         assert_eq!(check(&channels, addr).await, Ok(()));
-        server.shutdown_background();
+        stop(server).await;
         assert!(check(&channels, addr).await.is_err(), "nobody listens");
         let server = serve(addr);
         assert_eq!(check(&channels, addr).await, Ok(()));
-        server.shutdown_background();
+        stop(server).await;
         let server = serve(addr);
         assert_eq!(
             check(&channels, addr).await,
             Ok(()),
             "restarted with no request between"
         );
-        server.shutdown_background();
+        stop(server).await;
+    }
+
+    /// Stops a server as a killed process stops: every socket closed before anything
+    /// else can start. (In the background, a new server could bind while the old one's
+    /// connections were still open, and a request would reach the dying process.)
+    async fn stop(server: tokio::runtime::Runtime) {
+        tokio::task::spawn_blocking(move || server.shutdown_timeout(Duration::from_secs(10)))
+            .await
+            .unwrap();
     }
 }

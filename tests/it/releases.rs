@@ -84,10 +84,18 @@ async fn a_release_syncs_between_nodes_moving_only_missing_chunks() {
     assert!(synced_v1.fetched_bytes > 0);
 
     let up_v2 = push(&mut node1, &local_v2).await.expect("upload v2");
+    // By build hash alone: node 2 fetches the manifest itself, as a delta against v1.
+    assert!(node2.releases().await.unwrap().fetches_manifests);
+    let whole = serde_json::to_vec(&local_v2.manifest).unwrap().len() as u64;
     let synced_v2 = node2
-        .prepare(&local_v2.manifest, vec![cluster.addr(1)])
+        .prepare_release(&local_v2.manifest.build_hash(), vec![cluster.addr(1)])
         .await
         .expect("node 2 syncs v2 from node 1");
+    assert!(
+        synced_v2.manifest_bytes > 0 && synced_v2.manifest_bytes * 2 < whole,
+        "the manifest came as a delta: {} of {whole} bytes",
+        synced_v2.manifest_bytes
+    );
     println!(
         "delta sync of a {} KiB release (1 KiB changed in a 4 MiB binary, one 3 KB file rewritten): \
          upload {} bytes, node-to-node {} bytes in {} chunks, {} ms",
@@ -107,6 +115,16 @@ async fn a_release_syncs_between_nodes_moving_only_missing_chunks() {
 
     let held = node2.releases().await.unwrap();
     assert!(held.hashes.contains(&first.hash) && held.hashes.contains(&synced_v2.hash));
+
+    // A build hash no peer holds: refused after asking, and nothing changes.
+    let tree_before = tree(&cluster.nodes[&2].data_dir);
+    let err = node2
+        .prepare_release(&"ab".repeat(32), vec![cluster.addr(1)])
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("no manifest could be had"), "{err}");
+    assert_eq!(tree(&cluster.nodes[&2].data_dir), tree_before);
+    assert_eq!(node2.releases().await.unwrap().hashes, held.hashes);
     // The materialized release verifies on disk like any stamped dist.
     let on_disk = cluster.nodes[&2]
         .data_dir
