@@ -131,7 +131,7 @@ impl LocalContent {
 
     /// A held file with this content and mode, whose inode may be shared: on disk it must
     /// still be a regular file of that size and mode.
-    fn linkable(&self, sha256: &str, mode: u32, size: u64) -> Option<PathBuf> {
+    pub(super) fn linkable(&self, sha256: &str, mode: u32, size: u64) -> Option<PathBuf> {
         self.files
             .get(sha256)?
             .iter()

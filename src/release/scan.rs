@@ -7,9 +7,10 @@
 //! for what the build hash covers only: no chunks, so every byte is hashed once, not twice.
 
 use std::cmp::Reverse;
+use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -42,7 +43,7 @@ const READ_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 /// than `limits` allow. Reads only; never writes.
 pub fn scan(dir: &Path, limits: &Limits) -> Result<Manifest, DistError> {
     check_root(dir)?;
-    scan_contents(dir, limits, Digests::ContentAndChunks).map_err(|error| error.in_dist(dir))
+    scan_contents(dir, limits, Digests::ContentAndChunks, None).map_err(|error| error.in_dist(dir))
 }
 
 /// The rows of the dist's manifest that the build hash covers ([`Manifest::summary`]), with
@@ -50,8 +51,18 @@ pub fn scan(dir: &Path, limits: &Limits) -> Result<Manifest, DistError> {
 /// hashes: what `dist stamp`, `dist hash` and `dist verify` need. Moving a release needs
 /// the chunks, so it uses [`scan`].
 pub fn scan_summary(dir: &Path, limits: &Limits) -> Result<Vec<EntrySummary>, DistError> {
+    scan_summary_knowing(dir, limits, None)
+}
+
+/// [`scan_summary`], taking the content hash of a file whose identity `known` maps
+/// (content read whole earlier in the same staging) instead of reading it again.
+pub(super) fn scan_summary_knowing(
+    dir: &Path,
+    limits: &Limits,
+    known: Option<&Verified>,
+) -> Result<Vec<EntrySummary>, DistError> {
     check_root(dir)?;
-    scan_contents(dir, limits, Digests::ContentOnly)
+    scan_contents(dir, limits, Digests::ContentOnly, known)
         .map(|manifest| manifest.summary())
         .map_err(|error| error.in_dist(dir))
 }
@@ -105,7 +116,12 @@ struct FileDigest {
     bytes_read: u64,
 }
 
-fn scan_contents(dir: &Path, limits: &Limits, digests: Digests) -> Result<Manifest, DistError> {
+fn scan_contents(
+    dir: &Path,
+    limits: &Limits,
+    digests: Digests,
+    known: Option<&Verified>,
+) -> Result<Manifest, DistError> {
     let listing = list(dir, limits)?;
 
     // Validate the shape (paths, modes, symlinks, bin/cluster) before reading gigabytes:
@@ -137,7 +153,7 @@ fn scan_contents(dir: &Path, limits: &Limits, digests: Digests) -> Result<Manife
         .filter(|entry| matches!(entry.listed, Listed::File { .. }))
         .collect();
     let mode = digests;
-    let mut digests = digest_files(&files, mode)?.into_iter();
+    let mut digests = digest_files(&files, mode, known)?.into_iter();
 
     let entries = listing
         .iter()
@@ -273,52 +289,30 @@ fn list(dir: &Path, limits: &Limits) -> Result<Vec<ListedEntry>, DistError> {
 /// Workers take the next file from a shared index over the files sorted largest first, so
 /// the cores stay busy until the end. After a failure, workers stop taking new files; the
 /// error reported is the one for the first failing path, so it does not depend on timing.
-fn digest_files(files: &[&ListedEntry], mode: Digests) -> Result<Vec<FileDigest>, DistError> {
-    let size_of = |entry: &ListedEntry| match entry.listed {
+fn digest_files(
+    files: &[&ListedEntry],
+    mode: Digests,
+    known: Option<&Verified>,
+) -> Result<Vec<FileDigest>, DistError> {
+    let size_of = |index: usize| match files[index].listed {
         Listed::File { size, .. } => size,
         _ => 0,
     };
-    let mut largest_first: Vec<usize> = (0..files.len()).collect();
-    largest_first.sort_by_key(|&index| Reverse(size_of(files[index])));
-
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |cores| cores.get())
-        .min(files.len())
-        .max(1);
-    let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
-
-    let worker = || {
-        let mut buffer = vec![0u8; READ_BUFFER_BYTES];
-        let mut done = Vec::new();
-        while !failed.load(Ordering::Relaxed) {
-            let Some(&index) = largest_first.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                break;
-            };
-            let entry = files[index];
-            let result = digest_file(
-                &entry.path,
-                &entry.full_path,
-                size_of(entry),
-                mode,
-                &mut buffer,
-            );
-            if result.is_err() {
-                failed.store(true, Ordering::Relaxed);
-            }
-            done.push((index, result));
+    let finished = on_every_core(files.len(), size_of, &failed, |index, buffer| {
+        let entry = files[index];
+        let result = digest_file(
+            &entry.path,
+            &entry.full_path,
+            size_of(index),
+            mode,
+            known,
+            buffer,
+        );
+        if result.is_err() {
+            failed.store(true, Ordering::Relaxed);
         }
-        done
-    };
-    let finished: Vec<(usize, Result<FileDigest, DistError>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers).map(|_| scope.spawn(worker)).collect();
-        handles
-            .into_iter()
-            .flat_map(|handle| match handle.join() {
-                Ok(done) => done,
-                Err(panic) => std::panic::resume_unwind(panic),
-            })
-            .collect()
+        result
     });
 
     let mut digests: Vec<Option<FileDigest>> = vec![None; files.len()];
@@ -342,12 +336,103 @@ fn digest_files(files: &[&ListedEntry], mode: Digests) -> Result<Vec<FileDigest>
         .collect())
 }
 
+/// Runs `work` on items `0..count`, largest first, on every core, each worker with its own
+/// read buffer, until done or `stop` is set; returns (index, result) in no order.
+fn on_every_core<T: Send>(
+    count: usize,
+    size_of: impl Fn(usize) -> u64,
+    stop: &AtomicBool,
+    work: impl Fn(usize, &mut [u8]) -> T + Sync,
+) -> Vec<(usize, T)> {
+    let mut largest_first: Vec<usize> = (0..count).collect();
+    largest_first.sort_by_key(|&index| Reverse(size_of(index)));
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |cores| cores.get())
+        .min(count)
+        .max(1);
+    let next = AtomicUsize::new(0);
+    let worker = || {
+        let mut buffer = vec![0u8; READ_BUFFER_BYTES];
+        let mut done = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let Some(&index) = largest_first.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                break;
+            };
+            done.push((index, work(index, &mut buffer)));
+        }
+        done
+    };
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers).map(|_| scope.spawn(worker)).collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| match handle.join() {
+                Ok(done) => done,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    })
+}
+
+/// Which content a regular file holds, as far as its metadata tells: writing to a file
+/// changes its mtime (or size); linking it elsewhere keeps all four. Good for as long as
+/// one staging takes, not as a record kept on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+}
+
+impl FileIdentity {
+    pub(super) fn of(metadata: &fs::Metadata) -> FileIdentity {
+        FileIdentity {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+            size: metadata.len(),
+            mtime: (metadata.mtime(), metadata.mtime_nsec()),
+        }
+    }
+}
+
+/// Content hashes of files read whole in this staging, by identity: a scan takes these
+/// instead of reading the file again.
+pub(super) type Verified = HashMap<FileIdentity, String>;
+
+/// Hashes each file of `files` (path, expected SHA-256) on every core, until done or
+/// `stop` is set; the identities of those that hash as expected and did not change while
+/// read. A file that does not is left out, so a later scan reads it and finds the damage.
+pub(super) fn verify_files(files: &[(PathBuf, String)], stop: &AtomicBool) -> Verified {
+    let size_of = |index: usize| fs::symlink_metadata(&files[index].0).map_or(0, |m| m.len());
+    on_every_core(files.len(), size_of, stop, |index, buffer| {
+        let (path, expected) = &files[index];
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .ok()?;
+        let before = file.metadata().ok().filter(fs::Metadata::is_file)?;
+        let digest = digest_content(&file, buffer).ok()?;
+        let after = file.metadata().ok()?;
+        let identity = FileIdentity::of(&before);
+        (identity == FileIdentity::of(&after)
+            && digest.bytes_read == before.len()
+            && &digest.sha256 == expected)
+            .then_some((identity, digest.sha256))
+    })
+    .into_iter()
+    .filter_map(|(_, verified)| verified)
+    .collect()
+}
+
 /// Hashes one regular file, checking that it is still the file that was listed.
 fn digest_file(
     path: &str,
     full_path: &Path,
     expected_size: u64,
     mode: Digests,
+    known: Option<&Verified>,
     buffer: &mut [u8],
 ) -> Result<FileDigest, DistError> {
     let io_error =
@@ -365,6 +450,15 @@ fn digest_file(
             path: path.to_owned(),
             change: "it is no longer a regular file".to_owned(),
         });
+    }
+    if mode == Digests::ContentOnly && metadata.len() == expected_size {
+        if let Some(sha256) = known.and_then(|known| known.get(&FileIdentity::of(&metadata))) {
+            return Ok(FileDigest {
+                sha256: sha256.clone(),
+                chunks: Vec::new(),
+                bytes_read: expected_size,
+            });
+        }
     }
     // Reading one byte past the listed size is enough to tell that the file grew.
     let reader = (&file).take(expected_size.saturating_add(1));

@@ -13,6 +13,8 @@ use std::fs::{self, DirBuilder};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{symlink, DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
@@ -20,7 +22,7 @@ use sha2::{Digest, Sha256};
 use super::local::{read_verified_chunk, LocalContent};
 use super::manifest::ManifestError;
 use super::manifest::{build_hash_of, Chunk, EntryKind, Limits, Manifest, VERSION_FILE};
-use super::scan::{scan, scan_summary};
+use super::scan::{scan, scan_summary_knowing, verify_files, FileIdentity, Verified};
 use super::store::StoreError;
 use super::store::{ReleaseStore, STAGING};
 use super::version::{recorded_version, VersionInfo, VersionSignature};
@@ -60,6 +62,43 @@ pub struct Staging {
     dist_dir: Option<PathBuf>,
     /// `builtAt` and `gitCommit` for version.json, when known.
     origin: Option<(String, String)>,
+    /// The held files this release will link, being hashed meanwhile.
+    prehash: Option<Prehash>,
+}
+
+/// Hashing the held files a staging will link, on other threads, while its chunks arrive
+/// and its tree is assembled: the final scan then reads none of them again. Every byte of
+/// the release is still hashed during the staging; only when changes.
+#[derive(Debug)]
+struct Prehash {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Verified>>,
+}
+
+impl Prehash {
+    fn start(files: Vec<(PathBuf, String)>) -> Prehash {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        // Without a thread, the final scan reads these files itself.
+        let handle = std::thread::Builder::new()
+            .name("verify-held".into())
+            .spawn(move || verify_files(&files, &stopping))
+            .ok();
+        Prehash { stop, handle }
+    }
+
+    fn wait(mut self) -> Verified {
+        self.handle
+            .take()
+            .and_then(|handle| handle.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Prehash {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Staging {
@@ -129,7 +168,7 @@ impl Staging {
     /// symlinks and modes follow the manifest, version.json is written, everything is
     /// synced, and the whole tree must scan to the manifest's build hash before it is
     /// published. On error the staged work is discarded and the store is unchanged.
-    pub fn finish(self) -> Result<String, SyncError> {
+    pub fn finish(mut self) -> Result<String, SyncError> {
         if self.store.has(&self.hash) {
             return Ok(self.hash.clone());
         }
@@ -140,10 +179,13 @@ impl Staging {
             });
         }
         let tree = self.dir.join("tree");
-        self.assemble(&tree)?;
+        let written = self.assemble(&tree)?;
         // Content hashes only: the chunks were checked as they arrived, and the build
-        // hash covers every byte of every file.
-        let actual = build_hash_of(&scan_summary(&tree, &self.limits)?);
+        // hash covers every byte of every file. Files hashed whole during this staging
+        // (written here, or held and linked) are not read again.
+        let mut known = self.prehash.take().map(Prehash::wait).unwrap_or_default();
+        known.extend(written);
+        let actual = build_hash_of(&scan_summary_knowing(&tree, &self.limits, Some(&known))?);
         if actual != self.hash {
             return Err(SyncError::StagedMismatch {
                 expected: self.hash.clone(),
@@ -154,8 +196,10 @@ impl Staging {
         Ok(self.hash.clone())
     }
 
-    /// Builds the release's tree at `tree` (which must not exist).
-    fn assemble(&self, tree: &Path) -> Result<(), SyncError> {
+    /// Builds the release's tree at `tree` (which must not exist); the files it wrote,
+    /// hashed as they were.
+    fn assemble(&self, tree: &Path) -> Result<Verified, SyncError> {
+        let mut written = Verified::new();
         // Directories stay owner-writable while they fill; their modes are set last.
         DirBuilder::new()
             .mode(0o700)
@@ -182,7 +226,7 @@ impl Staging {
                         sha256,
                         chunks,
                     };
-                    self.write_file(&spec, &path, &mut buffer)?
+                    written.extend(self.write_file(&spec, &path, &mut buffer)?);
                 }
                 EntryKind::Symlink { target } => {
                     symlink(target, &path).map_err(io_error("create the symlink", &path))?
@@ -215,11 +259,12 @@ impl Staging {
                 ed25519: record.ed25519.clone(),
             });
         let version_path = tree.join(VERSION_FILE);
-        let written = create_new(&version_path, 0o644).and_then(|mut file| {
-            file.write_all(info.to_file_text().as_bytes())?;
-            file.sync_all()
-        });
-        written.map_err(io_error("write", &version_path))?;
+        create_new(&version_path, 0o644)
+            .and_then(|mut file| {
+                file.write_all(info.to_file_text().as_bytes())?;
+                file.sync_all()
+            })
+            .map_err(io_error("write", &version_path))?;
 
         // Children sort after their parent, so in reverse every directory comes after its
         // contents: a directory made read-only here has nothing left to receive.
@@ -239,11 +284,17 @@ impl Staging {
             .and_then(|()| root.set_modified(SystemTime::now()))
             .and_then(|()| root.sync_all())
             .map_err(io_error("set the mode and mtime of", tree))?;
-        Ok(())
+        Ok(written)
     }
 
-    /// Creates the regular file `path` with the content and mode `spec` gives.
-    fn write_file(&self, spec: &FileSpec, path: &Path, buffer: &mut [u8]) -> Result<(), SyncError> {
+    /// Creates the regular file `path` with the content and mode `spec` gives; its
+    /// identity and content hash when it wrote the file (not when it linked one).
+    fn write_file(
+        &self,
+        spec: &FileSpec,
+        path: &Path,
+        buffer: &mut [u8],
+    ) -> Result<Option<(FileIdentity, String)>, SyncError> {
         let &FileSpec {
             relative,
             mode,
@@ -252,7 +303,7 @@ impl Staging {
             chunks,
         } = spec;
         if self.local.hard_link(sha256, mode, size, path) {
-            return Ok(());
+            return Ok(None);
         }
         let mut file = create_new(path, 0o600).map_err(io_error("create", path))?;
         let mut hasher = Sha256::new();
@@ -301,7 +352,10 @@ impl Staging {
         file.set_permissions(fs::Permissions::from_mode(mode))
             .and_then(|()| file.sync_all())
             .map_err(io_error("sync", path))?;
-        Ok(())
+        let metadata = file
+            .metadata()
+            .map_err(io_error("read metadata of", path))?;
+        Ok(Some((FileIdentity::of(&metadata), sha256.to_owned())))
     }
 
     /// One chunk's bytes: received, or read (and checked) from a held release.
@@ -410,6 +464,20 @@ impl ReleaseStore {
             .create(&dir)
             .map_err(io_error("create", &dir))?;
         let chunks_dir = dir.join("chunks");
+        let mut linked: Vec<(PathBuf, String)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for entry in &manifest.entries {
+            if let EntryKind::File {
+                mode, size, sha256, ..
+            } = &entry.kind
+            {
+                if let Some(source) = local.linkable(sha256, *mode, *size) {
+                    if seen.insert(source.clone()) {
+                        linked.push((source, sha256.clone()));
+                    }
+                }
+            }
+        }
         let staging = Staging {
             store: self.clone(),
             hash: manifest.build_hash(),
@@ -422,6 +490,7 @@ impl ReleaseStore {
             local,
             dist_dir,
             origin: None,
+            prehash: Some(Prehash::start(linked)),
         };
         // The Staging exists now, so its Drop removes the directory if this fails.
         DirBuilder::new()
@@ -763,6 +832,48 @@ mod tests {
         let synced = data_b.path().join("releases").join(&v2);
         assert_eq!(verify(&synced, &limits()).unwrap().build_hash, v2);
         assert_eq!(fs::read(synced.join("bin/cluster")).unwrap(), binary);
+        assert!(staging_is_empty(&store_b));
+    }
+
+    #[test]
+    fn a_held_file_damaged_on_disk_is_found_although_it_is_hashed_while_chunks_arrive() {
+        let (data_a, data_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (store_a, store_b) = (open(&data_a), open(&data_b));
+        let dist = sample_dist(&noise(1024 * 1024, 12));
+        let v1 = store_a.install_dir(dist.path(), &limits()).unwrap();
+        assert_eq!(store_b.install_dir(dist.path(), &limits()).unwrap(), v1);
+        fs::write(dist.path().join("etc/config.toml"), "answer = 44\n").unwrap();
+        let v2 = store_a.install_dir(dist.path(), &limits()).unwrap();
+
+        // On node B, v1's copy of a file v2 links is damaged in place: same size, and its
+        // mtime put back, so nothing in its metadata tells.
+        let held = data_b
+            .path()
+            .join("releases")
+            .join(&v1)
+            .join("share/data.bin");
+        let mtime = fs::metadata(&held).unwrap().modified().unwrap();
+        let mut bytes = fs::read(&held).unwrap();
+        bytes[1000] ^= 0xff;
+        fs::set_permissions(&held, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&held, &bytes).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&held)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+
+        let manifest = store_a.manifest(&v2).unwrap();
+        let mut staging = store_b.begin(&manifest, &limits()).unwrap();
+        for chunk in staging.missing().to_vec() {
+            staging
+                .put_chunk(&chunk.sha256, &store_a.read_chunk(&chunk.sha256).unwrap())
+                .unwrap();
+        }
+        let err = staging.finish().unwrap_err();
+        assert!(matches!(err, SyncError::StagedMismatch { .. }), "{err}");
+        assert!(!store_b.has(&v2));
         assert!(staging_is_empty(&store_b));
     }
 
