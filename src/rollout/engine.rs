@@ -566,7 +566,14 @@ impl Engine {
         }
         match (kind, result) {
             (OpKind::PinPrevious, Ok(())) => self.set_phase(cx, node, Phase::Sync, None),
-            (OpKind::Prepare, Ok(())) => self.set_phase(cx, node, Phase::Activate, None),
+            (OpKind::Prepare, Ok(())) => {
+                self.set_phase(cx, node, Phase::Activate, None);
+                // It just answered and holds the release: activate at once. (A leader that
+                // finds a node in Activate polls it first: it may already run the target.)
+                if cx.view.phase(node) == Phase::Activate {
+                    self.track(node).next_op = Some(OpKind::Activate);
+                }
+            }
             (OpKind::Activate, Ok(())) => track.next_op = Some(OpKind::Restart),
             (OpKind::Restart, result) => {
                 // The process may exit before it answers: whether the restart happened

@@ -1653,3 +1653,59 @@ fn a_rollout_stuck_past_its_progress_deadline_stops_and_says_where() {
     let held = sim.run().unwrap_err();
     assert!(held.contains("did not finish"), "held, not stopped: {held}");
 }
+
+#[test]
+fn a_node_that_just_prepared_is_activated_at_once_without_a_poll_first() {
+    let mut view = deployment(&[1, 2, 3], &[], strategy(1, OnFailure::Revert));
+    for phase in [Phase::Backup, Phase::Sync] {
+        view.set_node_phase(2, phase, None, 0).unwrap();
+    }
+    let at = |ms| Now {
+        monotonic_ms: ms,
+        unix_ms: ms,
+    };
+    let mut engine = Engine::new(1, 2);
+    let actions = engine.step(&view, Event::Tick, at(0));
+    let [Action::Agent {
+        node: 2,
+        id,
+        op: AgentOp::Prepare { .. },
+        ..
+    }] = actions[..]
+    else {
+        panic!("prepares node 2 first: {actions:?}");
+    };
+    let done = Event::StepDone {
+        node: 2,
+        id,
+        result: Ok(()),
+    };
+    let actions = engine.step(&view, done, at(5));
+    assert!(
+        matches!(
+            actions[..],
+            [
+                Action::Propose(Command::SetNodePhase {
+                    node: 2,
+                    phase: Phase::Activate,
+                    ..
+                }),
+                Action::Agent {
+                    node: 2,
+                    op: AgentOp::Activate { .. },
+                    ..
+                }
+            ]
+        ),
+        "{actions:?}"
+    );
+
+    // A leader that finds a node in Activate asks it first: it may run the target already.
+    view.set_node_phase(2, Phase::Activate, None, 5).unwrap();
+    let mut successor = Engine::new(1, 3);
+    let actions = successor.step(&view, Event::Tick, at(10));
+    assert!(
+        matches!(actions[..], [Action::PollHealth { node: 2, .. }]),
+        "{actions:?}"
+    );
+}
