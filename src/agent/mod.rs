@@ -22,7 +22,8 @@ pub use crate::api::agent::{Fence, FenceError, Mutation};
 use crate::api::ApiError;
 use crate::error::Chain;
 use crate::release::{
-    signature, Chunk, Limits, Manifest, ManifestAnswer, StoreError, SyncError, TrustedKeys,
+    signature, Chunk, Limits, Manifest, ManifestAnswer, ManifestDelta, StoreError, SyncError,
+    TrustedKeys,
 };
 use crate::release::{ReleaseStore, Staging};
 use crate::rpc::{AgentClient, AgentHandler, Channels, UploadChunks};
@@ -459,6 +460,29 @@ impl Agent {
         self.blocking(move |store| Ok(store.manifest(&hash)?)).await
     }
 
+    /// The manifest of release `hash` rebuilt from release `base`, held here, and `delta`;
+    /// refused unless it has that build hash.
+    pub async fn rebuild_manifest(
+        &self,
+        base: &str,
+        delta: ManifestDelta,
+        hash: &str,
+    ) -> Result<Manifest, AgentError> {
+        let bad = |problem: String| AgentError::BadDelta {
+            base: base.to_string(),
+            hash: hash.to_string(),
+            problem,
+        };
+        let manifest = delta
+            .apply(&self.manifest(base).await?)
+            .map_err(|e| bad(e.to_string()))?;
+        let rebuilt = manifest.build_hash();
+        if rebuilt != hash {
+            return Err(bad(format!("it rebuilds to {rebuilt}")));
+        }
+        Ok(manifest)
+    }
+
     /// Release `hash`'s manifest for a node that holds `held`: a delta against one of them
     /// this node holds too, else whole.
     pub async fn manifest_for(
@@ -529,11 +553,9 @@ impl Agent {
                         "sent a delta against release {base}, which this node did not name"
                     ));
                 }
-                let base = self
-                    .manifest(&base)
+                self.rebuild_manifest(&base, delta, hash)
                     .await
-                    .map_err(|e| Chain(&e).to_string())?;
-                delta.apply(&base).map_err(|e| e.to_string())?
+                    .map_err(|e| Chain(&e).to_string())?
             }
         };
         let rebuilt = manifest.build_hash();
@@ -791,6 +813,15 @@ impl AgentHandler for Agent {
         held: Vec<String>,
     ) -> Result<ManifestAnswer, AgentError> {
         Agent::manifest_for(self, &hash, held).await
+    }
+
+    async fn rebuild_manifest(
+        &self,
+        base: String,
+        delta: ManifestDelta,
+        hash: String,
+    ) -> Result<Manifest, AgentError> {
+        Agent::rebuild_manifest(self, &base, delta, &hash).await
     }
 
     async fn missing(&self, manifest: Manifest) -> Result<(Vec<Chunk>, u64), AgentError> {

@@ -178,6 +178,15 @@ pub enum AgentError {
     #[error(transparent)]
     Signature(#[from] SignatureError),
 
+    /// A manifest sent as a delta against a release this node holds does not rebuild to
+    /// the build hash it was sent for.
+    #[error("the manifest sent as a delta against release {base} does not rebuild to release {hash}: {problem}")]
+    BadDelta {
+        base: String,
+        hash: String,
+        problem: String,
+    },
+
     /// A manifest in a request is not the JSON a scan produces.
     #[error("the manifest sent cannot be decoded: send a manifest as `cluster dist` scans it")]
     BadManifest(#[source] serde_json::Error),

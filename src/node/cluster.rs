@@ -141,7 +141,23 @@ impl Cluster for NodeHandle {
         }
         let mut agent = AgentClient::with_channels(&self.channels, addr)?;
         let view = agent.releases().await?;
-        let (_, needed_bytes) = agent.missing(manifest).await?;
+        // A node of this build takes the manifest as a delta against the release it runs,
+        // when this node holds that one too.
+        let base = match &view.current {
+            Some(current) if view.fetches_manifests && self.agent.has(current).await? => {
+                Some((current.clone(), self.agent.manifest(current).await?))
+            }
+            _ => None,
+        };
+        let (_, needed_bytes) = match base {
+            Some((hash, base)) => {
+                let delta = manifest.delta_from(&base);
+                agent
+                    .missing_by_delta(&manifest.build_hash(), &hash, &delta)
+                    .await?
+            }
+            None => agent.missing(manifest).await?,
+        };
         Ok(DiskNeeds {
             free_bytes: view.free_bytes,
             needed_bytes,

@@ -16,7 +16,7 @@ use super::status::{agent_status, from_status, refusal_status};
 use super::{Channels, MAX_MESSAGE_BYTES};
 use crate::api::agent::{AgentError, Fence, Mutation, PrepareOutcome, ReleasesView};
 use crate::api::ApiError;
-use crate::release::{Chunk, Manifest, ManifestAnswer};
+use crate::release::{Chunk, Manifest, ManifestAnswer, ManifestDelta};
 
 /// The chunks of an upload, in the order the client sent them: (SHA-256, bytes).
 pub type UploadChunks = Pin<Box<dyn Stream<Item = Result<(String, Vec<u8>), AgentError>> + Send>>;
@@ -39,6 +39,13 @@ pub trait AgentHandler: Send + Sync + 'static {
         hash: String,
         held: Vec<String>,
     ) -> impl Future<Output = Result<ManifestAnswer, AgentError>> + Send;
+    /// The manifest of release `hash`, rebuilt from the held release `base` and `delta`.
+    fn rebuild_manifest(
+        &self,
+        base: String,
+        delta: ManifestDelta,
+        hash: String,
+    ) -> impl Future<Output = Result<Manifest, AgentError>> + Send;
     /// The chunks of `manifest` the node holds in no release, and their bytes.
     fn missing(
         &self,
@@ -184,7 +191,17 @@ impl<A: AgentHandler> AgentRpc for AgentService<A> {
         &self,
         request: Request<pb::MissingRequest>,
     ) -> Result<Response<pb::MissingReply>, Status> {
-        let manifest = decode_manifest(&request.into_inner().manifest).map_err(agent_status)?;
+        let request = request.into_inner();
+        let manifest = if request.base.is_empty() {
+            decode_manifest(&request.manifest).map_err(agent_status)?
+        } else {
+            let delta = serde_json::from_slice(&request.delta)
+                .map_err(|e| agent_status(AgentError::BadManifest(e)))?;
+            self.agent
+                .rebuild_manifest(request.base, delta, request.hash)
+                .await
+                .map_err(agent_status)?
+        };
         let (chunks, bytes) = self.agent.missing(manifest).await.map_err(agent_status)?;
         Ok(Response::new(pb::MissingReply {
             chunks: chunks.into_iter().map(|c| c.sha256).collect(),
@@ -380,6 +397,30 @@ impl AgentClient {
             .client
             .missing(pb::MissingRequest {
                 manifest: encode_manifest(manifest),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| self.error(s))?
+            .into_inner();
+        Ok((reply.chunks, reply.bytes))
+    }
+
+    /// [`AgentClient::missing`] for release `hash` whose manifest is sent as `delta`
+    /// against `base`, a release the node holds. Only for nodes whose
+    /// [`ReleasesView::fetches_manifests`] is true.
+    pub async fn missing_by_delta(
+        &mut self,
+        hash: &str,
+        base: &str,
+        delta: &ManifestDelta,
+    ) -> Result<(Vec<String>, u64), ApiError> {
+        let reply = self
+            .client
+            .missing(pb::MissingRequest {
+                manifest: Vec::new(),
+                base: base.to_string(),
+                delta: serde_json::to_vec(delta).expect("deltas always serialize"),
+                hash: hash.to_string(),
             })
             .await
             .map_err(|s| self.error(s))?

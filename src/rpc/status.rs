@@ -162,6 +162,7 @@ impl WireCode for AgentError {
                 Code::FailedPrecondition
             }
             AgentError::BadManifest(_)
+            | AgentError::BadDelta { .. }
             | AgentError::UnknownMutation { .. }
             | AgentError::UploadWithoutManifest
             | AgentError::UploadPartWithoutChunk
@@ -456,6 +457,7 @@ mod tests {
             (agent(AgentError::Store(StoreError::ChunkNotHeld { sha256: s("c"), data_dir: path() })), Code::NotFound),
             (agent(AgentError::Sync(SyncError::UnknownChunk { sha256: s("c"), release: s("r") })), Code::InvalidArgument),
             (agent(AgentError::BadManifest(parse_error())), Code::InvalidArgument),
+            (agent(AgentError::BadDelta { base: s("a"), hash: s("b"), problem: s("c") }), Code::InvalidArgument),
             (agent(AgentError::UnknownMutation { op: 99 }), Code::InvalidArgument),
             (agent(AgentError::UploadWithoutManifest), Code::InvalidArgument),
             (agent(AgentError::UploadPartWithoutChunk), Code::InvalidArgument),

@@ -84,6 +84,24 @@ async fn a_release_syncs_between_nodes_moving_only_missing_chunks() {
     assert!(synced_v1.fetched_bytes > 0);
 
     let up_v2 = push(&mut node1, &local_v2).await.expect("upload v2");
+    // What node 2 lacks of v2, asked with the manifest whole or as a delta against v1.
+    let v2_hash = local_v2.manifest.build_hash();
+    let delta = local_v2.manifest.delta_from(&local_v1.manifest);
+    let whole_missing = node2.missing(&local_v2.manifest).await.unwrap();
+    assert!(whole_missing.1 > 0);
+    assert_eq!(
+        node2
+            .missing_by_delta(&v2_hash, &first.hash, &delta)
+            .await
+            .unwrap(),
+        whole_missing
+    );
+    let err = node2
+        .missing_by_delta(&first.hash, &first.hash, &delta)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::InvalidArgument, "{err}");
+    assert!(err.message.contains("does not rebuild"), "{err}");
     // By build hash alone: node 2 fetches the manifest itself, as a delta against v1.
     assert!(node2.releases().await.unwrap().fetches_manifests);
     let whole = serde_json::to_vec(&local_v2.manifest).unwrap().len() as u64;
