@@ -41,7 +41,7 @@ for id in $(seq 1 "$nodes"); do
 
   deadline=$(( $(date +%s) + 60 ))
   until "$bin" status --json --node "$(cat "$data/node.addr")" 2>/dev/null |
-    jq -e --argjson id "$id" --arg hash "$hash" '.nodes[] | select(.id == $id) |
+    jq -e --argjson id "$id" --arg hash "$hash" '(.nodes // [])[] | select(.id == $id) |
       .build_hash == $hash and (.state == "leader" or .state == "follower")' >/dev/null; do
     [ "$(date +%s)" -lt "$deadline" ] || { echo "node $id not healthy within 60 s" >&2; exit 1; }
     sleep "$(awk -v ms="$poll_ms" 'BEGIN { print ms / 1000 }')"

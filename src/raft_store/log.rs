@@ -3,9 +3,11 @@
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, OnceLock};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
+use tokio::sync::mpsc;
 
 use super::io_err;
 use crate::raft::typ::{Entry, LogId, TypeConfig, Vote};
@@ -22,6 +24,41 @@ pub struct LogStore {
     logs: sled::Tree,
     /// vote, committed log id, last purged log id.
     meta: sled::Tree,
+    /// Appends waiting for their flush, in order (see [`Flusher`]); started by the first.
+    flusher: Arc<OnceLock<Flusher>>,
+}
+
+/// Flushes appended entries off openraft's path. openraft replicates an entry once
+/// `append` returns and counts it toward a quorum (on the leader) or answers the leader
+/// (on a follower) only once its callback fires; so `append` returns as soon as the entries
+/// are readable, and this task fires the callbacks after the flush that makes them durable.
+/// The leader's own flush then runs while followers receive and flush the entry, not
+/// before. One task, in order: every callback waiting when a flush starts is completed by
+/// it (a flush makes everything written before it durable), oldest first.
+struct Flusher {
+    queue: mpsc::UnboundedSender<IOFlushed<TypeConfig>>,
+}
+
+impl Flusher {
+    fn start(db: sled::Db) -> Flusher {
+        let (queue, mut waiting) = mpsc::unbounded_channel::<IOFlushed<TypeConfig>>();
+        tokio::spawn(async move {
+            while let Some(first) = waiting.recv().await {
+                let mut batch = vec![first];
+                while let Ok(next) = waiting.try_recv() {
+                    batch.push(next);
+                }
+                let flushed = db.flush_async().await;
+                for callback in batch {
+                    callback.io_completed(match &flushed {
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(io::Error::other(format!("flushing the Raft log: {e}"))),
+                    });
+                }
+            }
+        });
+        Flusher { queue }
+    }
 }
 
 impl LogStore {
@@ -30,6 +67,7 @@ impl LogStore {
             db: db.clone(),
             logs: db.open_tree("logs")?,
             meta: db.open_tree("log_meta")?,
+            flusher: Arc::new(OnceLock::new()),
         })
     }
 
@@ -140,18 +178,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.insert(&key(entry.log_id.index), bytes);
         }
         self.logs.apply_batch(batch).map_err(io_err)?;
-        // Acknowledge only what is on disk: openraft counts this node toward a quorum once
-        // the callback fires.
-        match self.flush().await {
-            Ok(()) => {
-                callback.io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
-                Err(e)
-            }
+        // Readable now, which is all replication needs. Acknowledge only what is on disk:
+        // the callback fires after the flush (see `Flusher`).
+        let flusher = self
+            .flusher
+            .get_or_init(|| Flusher::start(self.db.clone()));
+        if let Err(unsent) = flusher.queue.send(callback) {
+            // The flusher is gone (the runtime is shutting down): flush here.
+            let flushed = self.flush().await;
+            let result = match &flushed {
+                Ok(()) => Ok(()),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            };
+            unsent.0.io_completed(result);
+            return flushed;
         }
+        Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {

@@ -4,7 +4,10 @@
 //!
 //! Durability: sled flushes every 500 ms on its own, so every write that openraft
 //! treats as persisted (an appended entry, a vote) is followed by `flush_async`
-//! before it is acknowledged. State-machine changes of one `apply` call are one
+//! before it is acknowledged: a vote before `save_vote` returns, an appended entry before
+//! its `IOFlushed` callback fires (a task of its own flushes, so that `append` returns
+//! once the entry is readable and replication need not wait for the leader's disk).
+//! State-machine changes of one `apply` call are one
 //! atomic sled batch; they need no flush of their own because the log they come
 //! from is durable and is replayed from the persisted applied index after a crash.
 
