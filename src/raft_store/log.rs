@@ -180,9 +180,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.logs.apply_batch(batch).map_err(io_err)?;
         // Readable now, which is all replication needs. Acknowledge only what is on disk:
         // the callback fires after the flush (see `Flusher`).
-        let flusher = self
-            .flusher
-            .get_or_init(|| Flusher::start(self.db.clone()));
+        let flusher = self.flusher.get_or_init(|| Flusher::start(self.db.clone()));
         if let Err(unsent) = flusher.queue.send(callback) {
             // The flusher is gone (the runtime is shutting down): flush here.
             let flushed = self.flush().await;

@@ -393,16 +393,11 @@ impl AgentClient {
 
     /// The chunk hashes of `manifest` the node lacks, and their total size.
     pub async fn missing(&mut self, manifest: &Manifest) -> Result<(Vec<String>, u64), ApiError> {
-        let reply = self
-            .client
-            .missing(pb::MissingRequest {
-                manifest: encode_manifest(manifest),
-                ..Default::default()
-            })
-            .await
-            .map_err(|s| self.error(s))?
-            .into_inner();
-        Ok((reply.chunks, reply.bytes))
+        self.ask_missing(pb::MissingRequest {
+            manifest: encode_manifest(manifest),
+            ..Default::default()
+        })
+        .await
     }
 
     /// [`AgentClient::missing`] for release `hash` whose manifest is sent as `delta`
@@ -414,14 +409,22 @@ impl AgentClient {
         base: &str,
         delta: &ManifestDelta,
     ) -> Result<(Vec<String>, u64), ApiError> {
+        self.ask_missing(pb::MissingRequest {
+            manifest: Vec::new(),
+            base: base.to_string(),
+            delta: serde_json::to_vec(delta).expect("deltas always serialize"),
+            hash: hash.to_string(),
+        })
+        .await
+    }
+
+    async fn ask_missing(
+        &mut self,
+        request: pb::MissingRequest,
+    ) -> Result<(Vec<String>, u64), ApiError> {
         let reply = self
             .client
-            .missing(pb::MissingRequest {
-                manifest: Vec::new(),
-                base: base.to_string(),
-                delta: serde_json::to_vec(delta).expect("deltas always serialize"),
-                hash: hash.to_string(),
-            })
+            .missing(request)
             .await
             .map_err(|s| self.error(s))?
             .into_inner();
@@ -491,17 +494,12 @@ impl AgentClient {
         manifest: &Manifest,
         peers: Vec<String>,
     ) -> Result<PrepareOutcome, ApiError> {
-        let reply = self
-            .client
-            .prepare(pb::PrepareRequest {
-                manifest: encode_manifest(manifest),
-                peers,
-                hash: String::new(),
-            })
-            .await
-            .map_err(|s| self.error(s))?
-            .into_inner();
-        Ok(prepare_outcome(reply))
+        self.ask_prepare(pb::PrepareRequest {
+            manifest: encode_manifest(manifest),
+            peers,
+            hash: String::new(),
+        })
+        .await
     }
 
     /// Asks the node to materialize release `hash`, taking the manifest from its own
@@ -512,13 +510,21 @@ impl AgentClient {
         hash: &str,
         peers: Vec<String>,
     ) -> Result<PrepareOutcome, ApiError> {
+        self.ask_prepare(pb::PrepareRequest {
+            manifest: Vec::new(),
+            peers,
+            hash: hash.to_string(),
+        })
+        .await
+    }
+
+    async fn ask_prepare(
+        &mut self,
+        request: pb::PrepareRequest,
+    ) -> Result<PrepareOutcome, ApiError> {
         let reply = self
             .client
-            .prepare(pb::PrepareRequest {
-                manifest: Vec::new(),
-                peers,
-                hash: hash.to_string(),
-            })
+            .prepare(request)
             .await
             .map_err(|s| self.error(s))?
             .into_inner();
