@@ -168,6 +168,7 @@ fn is_pure_core(path: &str) -> bool {
         || path.starts_with("src/rollout/engine/")
         || [
             "src/release/manifest.rs",
+            "src/release/delta.rs",
             "src/release/signature.rs",
             "src/rollout/preflight.rs",
             "src/rollout/plan.rs",

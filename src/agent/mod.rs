@@ -504,7 +504,12 @@ impl Agent {
         peers: &[String],
     ) -> Result<(Manifest, u64), AgentError> {
         if self.has(hash).await? {
-            return Ok((self.manifest(hash).await?, 0));
+            let local = self.manifest(hash).await?;
+            // A copy held unsigned, from before this node trusted keys, takes a peer's
+            // signed manifest (which `admit` then records).
+            if signature::check(&self.release_keys, &local).is_ok() {
+                return Ok((local, 0));
+            }
         }
         let view = self.releases().await?;
         let mut held: Vec<String> = view.current.into_iter().chain(view.previous).collect();
@@ -514,12 +519,18 @@ impl Agent {
             }
         }
         let mut last = String::from("no peer was named");
-        for peer in peers {
-            match self.manifest_from(peer, hash, &held).await {
-                Ok(found) => return Ok(found),
-                Err(e) => {
-                    tracing::warn!(%peer, release = %hash, error = %e, "fetching the manifest failed; trying the next peer");
-                    last = format!("{peer}: {e}");
+        // As for chunks: every peer in turn, and again after a pause, `SYNC_ROUNDS` times.
+        for round in 0..SYNC_ROUNDS {
+            if round > 0 {
+                tokio::time::sleep(SYNC_ROUND_PAUSE * round).await;
+            }
+            for peer in peers {
+                match self.manifest_from(peer, hash, &held).await {
+                    Ok(found) => return Ok(found),
+                    Err(e) => {
+                        tracing::warn!(%peer, release = %hash, error = %e, "fetching the manifest failed; trying the next peer");
+                        last = format!("{peer}: {e}");
+                    }
                 }
             }
         }
@@ -564,6 +575,9 @@ impl Agent {
                 "sent the manifest of release {rebuilt}, not of {hash}"
             ));
         }
+        // The signature is outside the build hash: a peer holding the release unsigned
+        // (it trusts no keys) is passed over for one whose copy this node can admit.
+        signature::check(&self.release_keys, &manifest).map_err(|e| e.to_string())?;
         Ok((manifest, bytes))
     }
 

@@ -345,7 +345,7 @@ fn on_every_core<T: Send>(
     work: impl Fn(usize, &mut [u8]) -> T + Sync,
 ) -> Vec<(usize, T)> {
     let mut largest_first: Vec<usize> = (0..count).collect();
-    largest_first.sort_by_key(|&index| Reverse(size_of(index)));
+    largest_first.sort_by_cached_key(|&index| Reverse(size_of(index)));
     let workers = std::thread::available_parallelism()
         .map_or(1, |cores| cores.get())
         .min(count)

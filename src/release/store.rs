@@ -183,11 +183,14 @@ impl ReleaseStore {
     pub fn manifest_for(&self, hash: &str, held: &[String]) -> Result<ManifestAnswer, StoreError> {
         let target = self.manifest_shared(hash)?;
         for base in held.iter().take(MAX_BASES_CONSIDERED) {
-            if base != hash && self.has(base) {
-                let delta = target.delta_from(&*self.manifest_shared(base)?);
+            if base == hash || !self.has(base) {
+                continue;
+            }
+            // A base that cannot be read now (removed meanwhile) is passed over.
+            if let Ok(base_manifest) = self.manifest_shared(base) {
                 return Ok(ManifestAnswer::Delta {
                     base: base.clone(),
-                    delta,
+                    delta: target.delta_from(&base_manifest),
                 });
             }
         }

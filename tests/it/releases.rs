@@ -222,3 +222,68 @@ fn version_names_the_build_a_binary_runs_from() {
         "{said}"
     );
 }
+
+/// The signature is outside the build hash, so peers can hold one release signed and
+/// unsigned: a node that trusts a key passes over a peer whose copy lacks the signature
+/// and takes the manifest from one that has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_trusts_a_key_passes_over_a_peers_unsigned_copy() {
+    let keys = tempfile::tempdir().unwrap();
+    let out = cli(&["dist", "keygen", keys.path().to_str().unwrap(), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (private, public) = (
+        key["privateKey"].as_str().unwrap().to_owned(),
+        key["publicKey"].as_str().unwrap().to_owned(),
+    );
+    let mut cluster = Cluster::new();
+    cluster
+        .node_flags
+        .insert(3, vec!["--release-key".into(), public]);
+    cluster.form(3).await;
+
+    let dist = cluster.dir.path().join("dist");
+    make_dist(&dist);
+    let limits = Limits::default();
+    let unsigned = LocalDist::scan(&dist, &limits).unwrap();
+    let out = cli(&["dist", "stamp", dist.to_str().unwrap(), "--sign", &private]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let signed = LocalDist::scan(&dist, &limits).unwrap();
+    let hash = signed.manifest.build_hash();
+    assert_eq!(unsigned.manifest.build_hash(), hash);
+    assert!(unsigned.manifest.signature.is_none() && signed.manifest.signature.is_some());
+    // Nodes 1 and 2 trust no key: node 1 keeps the release unsigned, node 2 signed.
+    push(
+        &mut crate::harness::agent(&cluster.addr(1)),
+        &Arc::new(unsigned),
+    )
+    .await
+    .unwrap();
+    push(
+        &mut crate::harness::agent(&cluster.addr(2)),
+        &Arc::new(signed),
+    )
+    .await
+    .unwrap();
+
+    let mut node3 = crate::harness::agent(&cluster.addr(3));
+    let err = node3
+        .prepare_release(&hash, vec![cluster.addr(1)])
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("signed"), "{err}");
+    assert!(node3.releases().await.unwrap().hashes.is_empty());
+    let outcome = node3
+        .prepare_release(&hash, vec![cluster.addr(1), cluster.addr(2)])
+        .await
+        .expect("node 3 takes node 2's signed manifest");
+    assert_eq!(outcome.hash, hash);
+}
