@@ -30,12 +30,6 @@ const IDLE_INTERVAL: Duration = Duration::from_millis(20);
 /// interval late. A step is a read of the local state and a pure decision.
 const MAX_TICK: Duration = Duration::from_millis(20);
 
-/// How many steps in a row the engine takes without waiting, each right after a proposal
-/// of the one before was committed: a committed phase change is what the next decision
-/// depends on, so it comes at once, not at the next tick. Bounded, so that an engine that
-/// proposed on every step would still pause every few commits.
-const MAX_STEPS_WITHOUT_WAITING: u32 = 8;
-
 /// Drives active deployments whenever this node leads, until `stop`.
 pub async fn drive<C: Cluster>(cluster: Arc<C>, notes: Notes, mut stop: watch::Receiver<bool>) {
     // One engine per term: its request numbers must keep increasing within the term, or
@@ -92,7 +86,6 @@ async fn drive_term<C: Cluster>(
     // Whether this leader runs the target's bin/cluster, per generation.
     let mut in_place: Option<(u64, bool)> = None;
     let mut next_event = Event::Tick;
-    let mut steps_without_waiting = 0;
     loop {
         let view = cluster.raft_view();
         if !view.leading || view.term != term {
@@ -117,7 +110,6 @@ async fn drive_term<C: Cluster>(
             n.soak_left_ms = engine.soak_left_ms(&deployment, now.monotonic_ms);
         });
         let mut refused = false;
-        let mut committed = false;
         for action in actions {
             if refused {
                 break;
@@ -131,10 +123,7 @@ async fn drive_term<C: Cluster>(
                         engine.resync();
                         refused = true;
                     }
-                    Ok(Response::Ok) => {
-                        crate::crash::point("leader-proposed");
-                        committed = true;
-                    }
+                    Ok(Response::Ok) => crate::crash::point("leader-proposed"),
                     Err(e) => {
                         tracing::warn!(error = %e, "rollout proposal failed; will retry while leading");
                         return;
@@ -233,12 +222,6 @@ async fn drive_term<C: Cluster>(
             next_event = Event::Tick;
             continue;
         }
-        if committed && steps_without_waiting < MAX_STEPS_WITHOUT_WAITING {
-            steps_without_waiting += 1;
-            next_event = events_rx.try_recv().unwrap_or(Event::Tick);
-            continue;
-        }
-        steps_without_waiting = 0;
         let tick = Duration::from_millis(deployment.strategy.poll_interval_ms).min(MAX_TICK);
         next_event = tokio::select! {
             Some(event) = events_rx.recv() => event,
