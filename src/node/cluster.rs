@@ -92,8 +92,17 @@ impl Cluster for NodeHandle {
             .map_err(|e| e.to_string())
     }
 
+    /// The leader's own commands are proposed here or not at all: another node's Write
+    /// RPC refuses them (they are the leader's to write), and a node that no longer
+    /// leads must not act as if it did.
     async fn propose(&self, command: Command) -> Result<Response, ApiError> {
-        Ok(self.write(command, 0).await?.response)
+        match self.write_here(command).await? {
+            Some(outcome) => Ok(outcome.response),
+            None => Err(ApiError::unavailable(format!(
+                "node {} no longer leads: nothing was proposed; ask the new leader",
+                self.id
+            ))),
+        }
     }
 
     async fn transfer_leader(&self, to: u64) -> Result<(), ApiError> {

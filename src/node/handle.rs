@@ -204,26 +204,33 @@ impl NodeHandle {
         self.on_leader(
             hops,
             "write",
-            || async {
-                self.sm.read(|s| admit(s, &self.members_ids(), &command))?;
-                match self.raft.client_write(command.clone()).await {
-                    Ok(reply) => Ok(Some(WriteOutcome {
-                        response: reply.data,
-                        log_index: reply.log_id.index,
-                    })),
-                    Err(e) if e.forward_to_leader().is_some() => Ok(None),
-                    Err(e) => Err(ApiError::unavailable(format!(
-                        "node {}: write failed: {e}",
-                        self.id
-                    ))),
-                }
-            },
+            || self.write_here(command.clone()),
             |mut client| {
                 let command = command.clone();
                 async move { client.write(&command).await }
             },
         )
         .await
+    }
+
+    /// Commits `command` if this node leads, and returns once it is applied here; `None`
+    /// when it does not lead (nothing was proposed).
+    pub(super) async fn write_here(
+        &self,
+        command: Command,
+    ) -> Result<Option<WriteOutcome>, ApiError> {
+        self.sm.read(|s| admit(s, &self.members_ids(), &command))?;
+        match self.raft.client_write(command).await {
+            Ok(reply) => Ok(Some(WriteOutcome {
+                response: reply.data,
+                log_index: reply.log_id.index,
+            })),
+            Err(e) if e.forward_to_leader().is_some() => Ok(None),
+            Err(e) => Err(ApiError::unavailable(format!(
+                "node {}: write failed: {e}",
+                self.id
+            ))),
+        }
     }
 
     /// A linearizable read of one key (the leader confirms its leadership with a quorum).
@@ -558,9 +565,17 @@ impl NodeHandle {
                 if !self.raft.is_leader() {
                     return Ok(None);
                 }
-                rollout::update::update(self, manifest.clone(), options.clone(), dry_run)
+                match rollout::update::update(self, manifest.clone(), options.clone(), dry_run)
                     .await
-                    .map(Some)
+                {
+                    // Leadership moved before the deployment was proposed: nothing
+                    // began, and the new leader runs the update from the start.
+                    Err(e) if !self.raft.is_leader() && e.kind == ErrorKind::Unavailable => {
+                        tracing::info!(error = %e, "leadership moved during an update; handing it to the new leader");
+                        Ok(None)
+                    }
+                    result => result.map(Some),
+                }
             },
             |mut client| {
                 let manifest = manifest.clone();
