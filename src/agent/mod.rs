@@ -588,6 +588,10 @@ impl Agent {
         hash: String,
         peers: Vec<String>,
     ) -> Result<PrepareOutcome, AgentError> {
+        // Refused before any peer is asked (three rounds would only delay the answer).
+        if !crate::release::manifest::is_sha256_hex(&hash) {
+            return Err(StoreError::NotABuildHash { hash }.into());
+        }
         let started = Instant::now();
         let (manifest, manifest_bytes) = self.fetch_manifest(&hash, &peers).await?;
         let mut outcome = self.prepare(manifest, peers).await?;

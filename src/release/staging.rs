@@ -490,7 +490,8 @@ impl ReleaseStore {
             local,
             dist_dir,
             origin: None,
-            prehash: Some(Prehash::start(linked)),
+            // Nothing to link: no thread.
+            prehash: (!linked.is_empty()).then(|| Prehash::start(linked)),
         };
         // The Staging exists now, so its Drop removes the directory if this fails.
         DirBuilder::new()

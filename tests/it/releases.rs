@@ -143,6 +143,13 @@ async fn a_release_syncs_between_nodes_moving_only_missing_chunks() {
     assert!(err.message.contains("no manifest could be had"), "{err}");
     assert_eq!(tree(&cluster.nodes[&2].data_dir), tree_before);
     assert_eq!(node2.releases().await.unwrap().hashes, held.hashes);
+    // Something that is no build hash at all: refused at once, naming the format.
+    let err = node2
+        .prepare_release("../../etc", vec![cluster.addr(1)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::InvalidArgument, "{err}");
+    assert!(err.message.contains("is not a build hash"), "{err}");
     // The materialized release verifies on disk like any stamped dist.
     let on_disk = cluster.nodes[&2]
         .data_dir
